@@ -1,0 +1,40 @@
+"""Thin Lightning adapters over pgolf: challenge clock, LR schedule, compile warm-up, export, progress.
+
+`build_callbacks` orders them so that everything that changes the weights at the end of training runs
+before the export callback (Lightning calls callbacks in list order)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.export import QuantizeExport
+from callbacks.progress import make_progress_bar
+from callbacks.schedule import LRSchedule
+from callbacks.wallclock import ChallengeClock
+from callbacks.warmup import CompileWarmup
+from pgolf.export import ExportConfig
+
+
+def build_callbacks(cfg: DictConfig, run_dir: str | Path, meta: dict) -> list:
+    t, o, c = cfg.train, cfg.optim, cfg.callbacks
+    cbs = [
+        CompileWarmup(steps=t.warmup_steps),
+        ChallengeClock(t.max_wallclock_seconds, t.iterations, t.log_every),
+        LRSchedule(
+            t.iterations,
+            t.warmdown_iters,
+            t.max_wallclock_seconds,
+            o.momentum_start,
+            o.muon_momentum,
+            o.momentum_warmup_steps,
+        ),
+    ]
+    bar = make_progress_bar(c.progress, c.progress_every_seconds, t.iterations, t.max_wallclock_seconds)
+    if bar is not None:
+        cbs.append(bar)
+    export_cfg = ExportConfig.from_dict(OmegaConf.to_container(cfg.export, resolve=True))
+    eval_cfg = OmegaConf.to_container(cfg.final_eval, resolve=True)
+    cbs.append(QuantizeExport(export_cfg, run_dir, meta, eval_cfg))  # last: sees the final (averaged) weights
+    return cbs

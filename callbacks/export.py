@@ -1,0 +1,65 @@
+"""Quantize-and-export at the end of training, then the round trip (SPEC §8, STYLE 8).
+
+At `on_train_end` (after any weight-averaging callback listed before it has swapped in its weights):
+evaluate the float model (`DIAGNOSTIC pre_quant`), quantize the weights with the configured scheme, pack
+and compress them with the model config, tokenizer identity and provenance, write the artifact atomically
+(rank 0), re-read it from disk on every rank, de-quantize into a fresh model, re-evaluate, and print the
+reference's size and round-trip lines. The results also go to `results.json` in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from pgolf.export import ExportConfig, export_model, roundtrip_evaluate
+from pgolf.io import atomic_write_bytes
+
+
+class QuantizeExport(L.Callback):
+    def __init__(self, cfg: ExportConfig, run_dir: str | Path, meta: dict, eval_cfg: dict):
+        self.cfg, self.run_dir, self.meta, self.eval_cfg = cfg, Path(run_dir), meta, eval_cfg
+        if "sliding" in eval_cfg.get("modes", []) and not 0 < eval_cfg["stride"] <= eval_cfg["seq_len"]:
+            raise ValueError(
+                f"final_eval.stride={eval_cfg['stride']} must be in 1..{eval_cfg['seq_len']} (the eval sequence length)"
+            )
+        self.results: dict = {}
+
+    def on_train_end(self, trainer, pl_module):
+        if not self.cfg.enabled:
+            return
+        dm = trainer.datamodule
+        clock_ms = getattr(pl_module, "train_time_ms", 0.0)
+        meta = {**self.meta, "training": {"steps": trainer.global_step, "train_time_ms": round(clock_ms, 1)}}
+        device = pl_module.device
+        autocast = torch.bfloat16 if device.type == "cuda" else None
+        t0 = time.perf_counter()
+        report = export_model(
+            pl_module.gpt,
+            self.cfg,
+            self.run_dir,
+            meta,
+            rank=trainer.global_rank,
+            val=dict(
+                tokens=dm.val_tokens, luts=pl_module.luts, device=device, autocast_dtype=autocast, **self.eval_cfg
+            ),
+        )
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        results = roundtrip_evaluate(
+            report,
+            device=device,
+            autocast_dtype=autocast,
+            tokens=dm.val_tokens,
+            luts=pl_module.luts,
+            compile_model=pl_module.compile,
+            **self.eval_cfg,
+        )
+        self.results = {"export": report.to_dict(), "export_seconds": round(time.perf_counter() - t0, 2), **results}
+        if trainer.global_rank == 0:
+            atomic_write_bytes(self.run_dir / "results.json", (json.dumps(self.results, indent=2) + "\n").encode())

@@ -1,0 +1,18 @@
+"""Prints the reference's start-of-run lines once the data and world size are known (SPEC §10)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+
+from pgolf.runlog import log0
+
+
+class RunHeader(L.Callback):
+    def __init__(self, lines: Callable[[L.Trainer, L.LightningModule], list[str]]):
+        self.lines = lines
+
+    def on_fit_start(self, trainer, pl_module):
+        for line in self.lines(trainer, pl_module):
+            log0(line)

@@ -1,0 +1,123 @@
+"""The challenge clock (SPEC §7.2, STYLE 6): training time only, device-synchronised, one stop step for all.
+
+Not Lightning's Timer: the clock starts after the compile warm-up, pauses during validation, synchronises
+the device at every optimizer-step boundary, and the stop decision is reduced across ranks (any rank over
+the cap stops everyone on the same step). It also prints the reference's step lines and checks the
+training loss of every step: a non-finite loss stops the run with an error before anything is saved.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+
+from pgolf.runlog import log0
+
+
+def device_sync(pl_module) -> None:
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
+
+
+class ChallengeClock(L.Callback):
+    def __init__(
+        self, max_wallclock_seconds: float = 600.0, iterations: int = 20000, log_every: int = 200, log_first: int = 10
+    ):
+        self.cap_ms = 1000.0 * float(max_wallclock_seconds or 0)
+        self.iterations = int(iterations)
+        self.log_every, self.log_first = int(log_every), int(log_first)
+        self.offset_ms = 0.0  # training time carried over from before a resume
+        self._acc_ms = 0.0
+        self._t0: float | None = None
+        self._last_step = -1
+        self.stopped_early = False
+
+    # ---- time ------------------------------------------------------------------------------------------
+    def elapsed_ms(self) -> float:
+        run = 1000.0 * (time.perf_counter() - self._t0) if self._t0 is not None else 0.0
+        return self.offset_ms + self._acc_ms + run
+
+    def _pause(self, pl_module) -> None:
+        if self._t0 is not None:
+            device_sync(pl_module)
+            self._acc_ms += 1000.0 * (time.perf_counter() - self._t0)
+            self._t0 = None
+
+    def _resume(self, pl_module) -> None:
+        if self._t0 is None:
+            device_sync(pl_module)
+            self._t0 = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module):
+        self._last_step = trainer.global_step
+        self._resume(pl_module)
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.training:
+            self._pause(pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.training or trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        v = getattr(pl_module, "last_val", None)
+        if v is not None:
+            t = self.elapsed_ms()
+            log0(
+                f"step:{step}/{self.iterations} val_loss:{v['val_loss']:.4f} val_bpb:{v['val_bpb']:.4f} "
+                f"train_time:{t:.0f}ms step_avg:{t / max(step, 1):.2f}ms"
+            )
+        self._resume(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._pause(pl_module)
+        if pl_module.device.type == "cuda":
+            log0(
+                f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB"
+            )
+
+    # ---- per optimizer step ----------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step == self._last_step:  # inside gradient accumulation
+            return
+        self._last_step = step
+        device_sync(pl_module)
+        elapsed = self.elapsed_ms()
+        loss = pl_module.pop_step_loss()
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss}) at step {step}: stopping without writing a checkpoint or "
+                "artifact (lower the learning rates, enable clipping, or check the data)"
+            )
+        pl_module.train_time_ms = elapsed
+        if step <= self.log_first or step % self.log_every == 0:
+            log0(
+                f"step:{step}/{self.iterations} train_loss:{loss:.4f} train_time:{elapsed:.0f}ms "
+                f"step_avg:{elapsed / max(step, 1):.2f}ms"
+            )
+            if trainer.logger is not None:
+                metrics = {
+                    "train_loss": loss,
+                    "train_time_ms": elapsed,
+                    "lr_scale": getattr(pl_module, "lr_scale", 1.0),
+                }
+                trainer.logger.log_metrics(metrics, step=step)
+        reached = self.cap_ms > 0 and elapsed >= self.cap_ms
+        reached = trainer.strategy.reduce_boolean_decision(reached, all=False)
+        if reached and not trainer.should_stop:
+            self.stopped_early = True
+            log0(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{self.iterations}")
+            trainer.should_stop = True
+
+    # ---- exact resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"elapsed_ms": self.elapsed_ms()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.offset_ms = float(state.get("elapsed_ms", 0.0))
+        self._acc_ms, self._t0 = 0.0, None

@@ -1,0 +1,47 @@
+"""Compile-priming warm-up (SPEC §7.1): run N real training steps to trigger compilation, then restore the
+initial weights, optimizer state, RNG state and data stream (the warm-up reads a separate copy of the
+stream from micro-step 0, so the real stream is untouched). Runs before the challenge clock starts."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+
+from pgolf.runlog import log0
+
+
+class CompileWarmup(L.Callback):
+    def __init__(self, steps: int = 20, only_when_compiled: bool = True):
+        self.steps, self.only_when_compiled = int(steps), only_when_compiled
+        self.ran = 0
+
+    def on_train_start(self, trainer, pl_module):
+        if self.steps <= 0 or (self.only_when_compiled and not pl_module.compile) or trainer.global_step > 0:
+            return
+        opt = trainer.optimizers[0]
+        model_state = copy.deepcopy(pl_module.gpt.state_dict())
+        opt_state = copy.deepcopy(opt.state_dict())
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        dm = trainer.datamodule
+        stream = dm.train_stream(start_micro_step=0)
+        accum = dm.layout.grad_accum
+        strategy = trainer.strategy
+        pl_module.train()
+        for k in range(self.steps):
+            for m in range(accum):
+                x, y = (t.to(pl_module.device) for t in stream.batch(k * accum + m))
+                loss = strategy.training_step((x, y), k * accum + m)
+                strategy.backward(loss / accum, opt)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            log0(f"warmup_step:{k + 1}/{self.steps}")
+        pl_module.gpt.load_state_dict(model_state)
+        opt.load_state_dict(opt_state)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        pl_module.step_loss, pl_module.step_micro = None, 0
+        self.ran = self.steps

@@ -1,0 +1,38 @@
+"""Evaluate an artifact: `python eval.py artifact=PATH [eval=sliding] [eval=[standard,sliding]]` (Hydra).
+
+Loads only the artifact (weights, model config and tokenizer identity inside it), refuses a tokenizer
+whose hash or vocab size differs, runs the selected modes on the validation split, and writes
+`eval_result.json` (and with `audit=true` the per-target NLL/bytes in `audit.npz`). Under torchrun the
+windows are split across processes and the sums reduced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from pgolf.evalrun import evaluate_artifact
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> float:
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    result = evaluate_artifact(
+        artifact=cfg.artifact,
+        modes=OmegaConf.to_container(cfg.eval, resolve=True),
+        data=OmegaConf.to_container(cfg.data, resolve=True),
+        accelerator=cfg.trainer.accelerator,
+        batch_windows=cfg.batch_windows,
+        seq_len=cfg.seq_len,
+        budget_seconds=cfg.budget_seconds,
+        audit=cfg.audit,
+        out_dir=out_dir,
+    )
+    return result["val_bpb"]
+
+
+if __name__ == "__main__":
+    main()

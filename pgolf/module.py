@@ -1,0 +1,79 @@
+"""The LightningModule around the GPT: loss, sum-reduced validation metrics, the one optimizer.
+
+Validation accumulates float64 loss/token/byte sums over this rank's windows and reduces them across
+ranks at the end of the epoch (never a mean of means, never a padded sampler), so `val_bpb` is exact.
+`torch.compile` wraps the inner GPT only (compiling the LightningModule breaks `self.log`, Lightning
+#21836); `self.gpt` stays the uncompiled module that owns the weights.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from pgolf.model import GPT, GPTConfig
+from pgolf.optim import build_optimizer
+from pgolf.tokenizer import ByteLUTs, bpb
+
+
+class GolfModule(L.LightningModule):
+    def __init__(self, model: dict, optim: dict, compile: bool = False, compile_mode: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg = GPTConfig.from_dict(dict(model))
+        self.optim_cfg = dict(optim)
+        self.gpt = GPT(self.model_cfg)
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self._fwd = self.gpt
+        self.luts: ByteLUTs | None = None  # set by the training script from the tokenizer
+        self.step_loss: torch.Tensor | None = None
+        self.step_micro = 0
+        self._val_sums: torch.Tensor | None = None
+
+    def configure_model(self) -> None:
+        if self.compile and self._fwd is self.gpt:
+            self._fwd = torch.compile(self.gpt, dynamic=False, fullgraph=True, mode=self.compile_mode)
+
+    def forward(self, idx, targets=None):
+        return self._fwd(idx, targets)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self._fwd(x, y)
+        # Summed on the device without a sync; the clock callback reads it once per optimizer step.
+        self.step_loss = loss.detach() if self.step_loss is None else self.step_loss + loss.detach()
+        self.step_micro += 1
+        return loss
+
+    def pop_step_loss(self) -> float | None:
+        """Mean training loss of the micro-batches since the last call (one host sync)."""
+        if self.step_loss is None:
+            return None
+        v = self.step_loss.item() / max(self.step_micro, 1)
+        self.step_loss, self.step_micro = None, 0
+        return v
+
+    # ---- validation: float64 sums, reduced across ranks ------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        if self.luts is not None and self.luts.base_bytes.device != self.device:
+            self.luts = self.luts.to(self.device)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        nll = self._fwd(x, y, reduction="none")
+        nb = self.luts.target_bytes(x, y)
+        self._val_sums += torch.stack(
+            (nll.double().sum(), torch.tensor(float(y.numel()), dtype=torch.float64, device=self.device), nb.sum())
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        loss_sum, n, nbytes = (float(v) for v in sums.cpu())
+        val_loss, val_bpb = bpb(loss_sum, n, nbytes)
+        self.last_val = {"val_loss": val_loss, "val_bpb": val_bpb, "val_tokens": n}
+        self.log_dict({"val_loss": val_loss, "val_bpb": val_bpb}, rank_zero_only=True, sync_dist=False)
+
+    def configure_optimizers(self):
+        return build_optimizer(self.gpt, self.optim_cfg)

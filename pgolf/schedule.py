@@ -1,0 +1,31 @@
+"""Pure schedule functions (SPEC §6.1, §7.2); callbacks only apply them."""
+
+from __future__ import annotations
+
+
+def lr_scale(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: int, max_wallclock_ms: float) -> float:
+    """LR multiplier in [0, 1]; no warm-up.
+
+    With a wall-clock cap: the warmdown lasts `warmdown_iters` steps at the current average step time and
+    ends exactly at the cap, `scale = remaining / warmdown_ms` once the remaining time is shorter than it.
+    Without a cap: linear decay over the last `warmdown_iters` of `iterations` steps.
+    """
+    if warmdown_iters <= 0:
+        return 1.0
+    if max_wallclock_ms > 0:
+        step_ms = elapsed_ms / max(step, 1)
+        warmdown_ms = warmdown_iters * step_ms
+        remaining = max(max_wallclock_ms - elapsed_ms, 0.0)
+        return 1.0 if remaining > warmdown_ms else remaining / max(warmdown_ms, 1e-9)
+    start = iterations - warmdown_iters
+    if step < start:
+        return 1.0
+    return max((iterations - step) / warmdown_iters, 0.0)
+
+
+def muon_momentum(step: int, *, start: float, end: float, warmup_steps: int) -> float:
+    """Linear warm-up of the Muon momentum from `start` to `end` over `warmup_steps` steps."""
+    if warmup_steps <= 0:
+        return end
+    f = min(step / warmup_steps, 1.0)
+    return (1 - f) * start + f * end

@@ -1,0 +1,46 @@
+"""Shared fixtures: paths to ../shared data (tests skip cleanly without it), a tiny synthetic corpus."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+SP1024 = SHARED / "tokenizers" / "fineweb_1024_bpe.model"
+SP8192 = SHARED / "tokenizers" / "fineweb_8192_bpe.model"
+FINEWEB_SAMPLE = SHARED / "fineweb" / "fineweb10BT_legalprefilter_2800docs.jsonl"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path.name} not present (../shared/data is absent)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sp1024_path() -> Path:
+    return need(SP1024)
+
+
+@pytest.fixture(scope="session")
+def fineweb_sample() -> Path:
+    return need(FINEWEB_SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A tiny generated corpus with its own vocab-256 tokenizer, prepared once per session."""
+    from pgolf.synthetic import ensure_synthetic
+
+    return ensure_synthetic(tmp_path_factory.mktemp("synth"))
+
+
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,132 @@
+"""Artifact packing (no pickle), compressors, safety checks on load, size accounting."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+from pgolf import ARTIFACT_LIMIT_BYTES
+from pgolf.artifact import (
+    PREFIX,
+    ArtifactError,
+    SizeReport,
+    code_files,
+    compress,
+    decode_artifact,
+    encode_artifact,
+    inspect,
+    pack,
+    read_artifact,
+    unpack,
+    write_artifact,
+)
+from pgolf.export import BASELINE_RULES
+from pgolf.model import GPT, GPTConfig
+from pgolf.quant import dequantize_state, quantize_state, rules_from_config
+
+
+@pytest.fixture(scope="module")
+def entries():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=128, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2))
+    sd = m.state_dict()
+    sd["blocks.0.mlp.fc.weight"] = torch.randn(300, 256)  # large enough (> 65,536) to be int8
+    sd["extra_int"] = torch.arange(10, dtype=torch.int64)
+    sd["extra_bf16"] = torch.randn(3, 4).bfloat16()
+    return quantize_state(sd, rules_from_config(BASELINE_RULES))
+
+
+@pytest.mark.parametrize("codec", ["zlib", "zstd", "lzma"])
+def test_roundtrip_is_exact(tmp_path, entries, codec):
+    meta = {"model": {"x": 1}, "tokenizer": {"sha256": "ab"}}
+    n = write_artifact(tmp_path / "a.ptz", entries, meta, codec)
+    assert n == (tmp_path / "a.ptz").stat().st_size
+    got, meta2 = read_artifact(tmp_path / "a.ptz")
+    assert meta2 == meta and list(got) == list(entries)
+    a, b = dequantize_state(entries), dequantize_state(got)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_no_pickle_in_the_payload(entries):
+    raw = pack(entries, {})
+    assert b"\x80\x02" not in raw[:2] and b"torch._utils" not in raw and b"PK\x03\x04" not in raw
+    hlen = struct.unpack_from("<I", raw)[0]
+    assert raw[4 : 4 + hlen].startswith(b"{")  # a JSON header, then plain bytes
+
+
+def test_tampered_or_truncated_artifacts_are_rejected(tmp_path, entries):
+    data = encode_artifact(pack(entries, {}), "zlib")
+    with pytest.raises(ArtifactError, match="checksum"):
+        decode_artifact(data[:-5])
+    flipped = bytearray(data)
+    flipped[-10] ^= 0xFF
+    with pytest.raises(ArtifactError, match="checksum"):
+        decode_artifact(bytes(flipped))
+    with pytest.raises(ArtifactError, match="too short"):
+        decode_artifact(data[:20])
+    with pytest.raises(ArtifactError, match="bad magic"):
+        decode_artifact(b"X" + data[1:])
+    (tmp_path / "t.ptz").write_bytes(data[:-5])
+    with pytest.raises(ArtifactError, match=r"t\.ptz: checksum"):
+        read_artifact(tmp_path / "t.ptz")
+
+
+def _forge(raw: bytes, declared_len: int, codec="zlib") -> bytes:
+    """A well-formed file (valid checksum) whose declared length lies about the payload."""
+    from pgolf.artifact import CODECS, MAGIC, VERSION, _digest
+
+    payload = compress(raw, codec)
+    cid = CODECS[codec]
+    return PREFIX.pack(MAGIC, VERSION, cid, 9, declared_len, _digest(VERSION, cid, 9, declared_len, payload)) + payload
+
+
+def test_decompression_bomb_and_oversized_header(entries):
+    bomb = b"\0" * (8 << 20)  # 8 MiB of zeros compresses to a few KB
+    with pytest.raises(ArtifactError, match="more bytes than the declared"):
+        decode_artifact(_forge(bomb, 1000))
+    with pytest.raises(ArtifactError, match="exceeds the .* limit"):
+        decode_artifact(_forge(b"x", 1 << 40))
+    raw = struct.pack("<I", 1 << 30) + b"{}"
+    with pytest.raises(ArtifactError, match="header length .* oversized"):
+        unpack(raw)
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        unpack(struct.pack("<I", 3) + b"{x}")
+
+
+def test_missing_codec_is_an_error_not_a_fallback(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_zstd(name, *a, **k):
+        if name == "zstandard":
+            raise ImportError("no zstandard")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_zstd)
+    with pytest.raises(ArtifactError, match="zstandard"):
+        compress(b"abc", "zstd")
+    with pytest.raises(ArtifactError, match="unknown codec"):
+        compress(b"abc", "brotli")
+
+
+def test_size_report_is_decimal_and_flags_over_budget():
+    assert ARTIFACT_LIMIT_BYTES == 16_000_000
+    ok = SizeReport(15_900_000, 100_000)
+    assert ok.ok and ok.margin == 0 and "OK" in ok.lines()[-1]
+    bad = SizeReport(15_900_001, 100_000)
+    assert not bad.ok and "FAIL" in bad.lines()[-1] and "by 1 bytes" in bad.lines()[-1]
+
+
+def test_code_files_cover_the_package():
+    names = {p.name for p in code_files()}
+    assert {"train.py", "eval.py", "model.py", "artifact.py", "wallclock.py"} <= names
+
+
+def test_inspect_prints_tensors_and_margin(tmp_path, entries):
+    write_artifact(tmp_path / "a.ptz", entries, {"model": {"num_layers": 2}, "code_bytes": 1000}, "lzma")
+    out = inspect(tmp_path / "a.ptz")
+    assert "blocks.0.mlp.fc.weight" in out and "int8" in out and "margin" in out and "lzma-9" in out

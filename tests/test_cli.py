@@ -1,0 +1,183 @@
+"""End to end through the entry points: configs compose, train.py -> artifact -> eval.py, multirun seeds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pgolf.model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+
+def experiments() -> list[str]:
+    return sorted(
+        str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml")
+    )
+
+
+@pytest.mark.parametrize("exp", experiments())
+def test_every_experiment_composes_and_instantiates(exp):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={exp}"], return_hydra_config=True)
+    from omegaconf import OmegaConf
+
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    GPTConfig.from_dict(m)
+    assert cfg.name and cfg.train.batch_tokens > 0
+
+
+@pytest.mark.parametrize("group", ["model", "data", "optim", "trainer", "logger", "export", "eval"])
+def test_every_group_option_composes(group):
+    root = "eval" if group == "eval" else "train"
+    for p in sorted((CONF / group).glob("*.yaml")):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            overrides = [f"{group}={p.stem}"] + (["artifact=x"] if root == "eval" else [])
+            cfg = compose(config_name=root, overrides=overrides, return_hydra_config=True)
+        if group == "model":
+            from omegaconf import OmegaConf
+
+            GPT(GPTConfig.from_dict({**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": 64}))
+
+
+def test_typo_override_fails():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with pytest.raises(Exception, match="nm_layers"):
+            compose(config_name="train", overrides=["model.nm_layers=3"])
+
+
+def run(args: list[str], cwd=ROOT, check=True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+TINY = [
+    "model=tiny",
+    "data=synthetic",
+    "train.seq_len=32",
+    "train.batch_tokens=1024",
+    "train.iterations=6",
+    "train.max_wallclock_seconds=0",
+    "train.warmdown_iters=3",
+    "train.log_every=2",
+    "final_eval.batch_windows=8",
+    "final_eval.stride=16",
+    "callbacks.progress=line",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_dir):
+    d = tmp_path_factory.mktemp("run")
+    r = run(["train.py", *TINY, f"data.root={synth_dir.parent}", f"hydra.run.dir={d}", "seed=0"])
+    return d, r.stdout
+
+
+def test_train_writes_artifact_logs_and_results(trained):
+    d, out = trained
+    for line in [
+        "model_params:",
+        "step:6/6 train_loss:",
+        "DIAGNOSTIC pre_quant",
+        "Serialized model int8+zlib:",
+        "Code size:",
+        "Total submission size int8+zlib:",
+        "final_int8_zlib_roundtrip_exact val_loss:",
+        "final_int8_zlib_sliding_window_exact",
+        "seed:0",
+    ]:
+        assert line in out, line
+    res = json.loads((d / "results.json").read_text())
+    assert res["size_ok"] and res["export"]["model_bytes"] == (d / "final_model.int8_zlib.ptz").stat().st_size
+    assert (d / "train.log").read_text().count("step:") >= 3
+    assert (d / ".hydra" / "config.yaml").is_file() and (d / "csv" / "metrics.csv").is_file()
+
+
+def test_eval_reproduces_the_roundtrip(trained, synth_dir, tmp_path):
+    d, _ = trained
+    res = json.loads((d / "results.json").read_text())["roundtrip"]
+    run(
+        [
+            "eval.py",
+            f"artifact={d / 'final_model.int8_zlib.ptz'}",
+            "data=synthetic",
+            f"data.root={synth_dir.parent}",
+            "eval=[standard,sliding]",
+            "eval.sliding.stride=16",
+            "batch_windows=8",
+            f"out_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path}/h",
+            "audit=true",
+        ]
+    )
+    ev = json.loads((tmp_path / "eval_result.json").read_text())
+    for mode in ("standard", "sliding"):
+        assert abs(ev["results"][mode]["val_bpb"] - res[mode]["val_bpb"]) < 1e-6
+        assert ev["results"][mode]["tokens"] == res[mode]["tokens"]
+        assert ev["results"][mode]["compliant"] is True
+    assert ev["mode"] == "standard" and {"val_loss", "val_bpb", "tokens", "bytes", "seconds"} <= set(ev)
+    import numpy as np
+
+    a = np.load(tmp_path / "audit.npz")
+    assert a["sliding.nll"].size == ev["results"]["sliding"]["tokens"]
+
+
+def test_eval_refuses_a_different_tokenizer(trained, tmp_path, sp1024_path):
+    d, _ = trained
+    r = run(
+        [
+            "eval.py",
+            f"artifact={d / 'final_model.int8_zlib.ptz'}",
+            "data=fineweb_sp1024",
+            f"data.tokenizer_path={sp1024_path}",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        check=False,
+    )
+    assert r.returncode != 0
+    assert "vocab size 1024" in r.stderr and "differs" in r.stderr
+
+
+def test_over_budget_is_a_failure(tmp_path, synth_dir):
+    r = run(
+        [
+            "train.py",
+            *TINY,
+            "train.iterations=2",
+            f"data.root={synth_dir.parent}",
+            f"hydra.run.dir={tmp_path}",
+            "export.limit_bytes=1000",
+            "final_eval.modes=[standard]",
+        ],
+        check=False,
+    )
+    assert r.returncode == 3
+    assert "FAIL" in r.stdout and "over the size limit" in r.stdout
+
+
+def test_multirun_gives_one_dir_per_seed_and_honours_seed_0(tmp_path, synth_dir):
+    run(
+        [
+            "train.py",
+            "-m",
+            *TINY,
+            "train.iterations=3",
+            f"data.root={synth_dir.parent}",
+            "seed=0,1,0",
+            f"hydra.sweep.dir={tmp_path}",
+            "final_eval.modes=[standard]",
+        ]
+    )
+    dirs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [p.name for p in dirs] == ["0_seed0", "1_seed1", "2_seed0"]
+    bpb = [json.loads((p / "results.json").read_text())["roundtrip"]["standard"]["val_bpb"] for p in dirs]
+    assert bpb[0] == bpb[2] != bpb[1]  # seed 0 reproduces itself and differs from seed 1
+    assert "seed:0" in (dirs[0] / "train.log").read_text()

@@ -1,0 +1,80 @@
+"""Quantization rules and per-row integer quantizers (SPEC §8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pgolf.export import BASELINE_RULES
+from pgolf.model import fake_quant_rows
+from pgolf.quant import (
+    QuantRule,
+    clip_search_rows,
+    dequantize_int,
+    pick_rule,
+    quantize_rows,
+    quantize_state,
+    rules_from_config,
+)
+
+
+def test_baseline_rules_classify_like_the_reference():
+    rules = rules_from_config(BASELINE_RULES)
+    cases = {
+        ("blocks.0.attn.c_q.weight", (512, 512), torch.float32): "matrix",
+        ("tok_emb.weight", (1024, 512), torch.float32): "matrix",
+        ("blocks.0.attn_scale", (512,), torch.float32): "small_control",
+        ("blocks.0.resid_mix", (2, 512), torch.float32): "small_control",
+        ("skip_weights", (4, 512), torch.float32): "small_control",
+        ("bigram.proj.weight", (512, 128), torch.float32): "small",
+        ("some.conv", (300, 20, 20), torch.float32): "other",
+        ("steps", (3,), torch.int64): "non_float",
+    }
+    for (name, shape, dt), want in cases.items():
+        assert pick_rule(name, torch.zeros(shape, dtype=dt), rules).name == want, name
+
+
+def test_int8_rows_error_is_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 3
+    q, s = quantize_rows(w, 8, clip=1.0)
+    assert q.dtype == torch.int8 and s.dtype == torch.float16 and q.abs().max() <= 127
+    err = (dequantize_int(q, s) - w).abs()
+    assert (err <= s.float()[:, None] / 2 + 1e-6).all()
+
+
+def test_scale_floor_matches_reference_and_can_be_disabled():
+    w = torch.full((2, 8), 0.05)
+    _, s = quantize_rows(w, 6, clip=1.0, floor=True)
+    assert torch.allclose(s.float(), torch.full((2,), 1 / 31), rtol=1e-3)  # floored: 0.05/31 < 1/31
+    _, s2 = quantize_rows(w, 6, clip=1.0, floor=False)
+    assert torch.allclose(s2.float(), torch.full((2,), 0.05 / 31), rtol=1e-3)
+
+
+def test_fake_quant_equals_export_dequantization():
+    torch.manual_seed(1)
+    w = torch.randn(32, 64)
+    q, s = quantize_rows(w, 6, clip=1.0)
+    assert torch.equal(fake_quant_rows(w, 6), dequantize_int(q, s))
+
+
+def test_gptq_lite_never_worse_than_any_single_clip():
+    torch.manual_seed(0)
+    w = torch.randn(128, 256)
+    w[0, 0] = 40.0  # an outlier makes clipping worthwhile
+    q, s, chosen = clip_search_rows(w, 6, floor=False)
+    best = ((dequantize_int(q, s) - w) ** 2).mean()
+    for c in (0.999, 0.9995, 0.9999, 0.99999, 1.0):
+        qc, sc = quantize_rows(w, 6, c, floor=False)
+        assert best <= ((dequantize_int(qc, sc) - w) ** 2).mean() + 1e-12
+    qr, sr, _ = clip_search_rows(w, 6, floor=False, per_row=True)
+    assert ((dequantize_int(qr, sr) - w) ** 2).mean() <= best + 1e-12  # per-row choice is at least as good
+
+
+def test_rule_validation():
+    with pytest.raises(ValueError, match="store"):
+        QuantRule(store="int4")
+    with pytest.raises(ValueError, match="bits"):
+        QuantRule(store="int", bits=12)
+    with pytest.raises(ValueError, match="no quantization rule matches"):
+        quantize_state({"x": torch.zeros(3)}, [QuantRule(store="fp16", ndim=2)])

@@ -1,0 +1,50 @@
+"""Train a Parameter Golf model: `python train.py [experiment=NAME] [key=value ...]` (Hydra).
+
+compose config -> seed -> data, module, callbacks, trainer -> fit (training, export, round trip) -> metric.
+With no arguments it trains the demo model on the Shakespeare demo corpus (prepared on first use).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks import build_callbacks
+from callbacks.header import RunHeader
+from pgolf.run import build_datamodule, build_logger, build_module, build_trainer, log_header, run_meta
+from pgolf.runlog import log0, set_log_file
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    set_log_file(run_dir / "train.log")
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    module, tokenizer = build_module(cfg, cfg.data.tokenizer_path)
+    meta = run_meta(cfg, tokenizer)
+    logger = build_logger(cfg, run_dir)
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    header = RunHeader(lambda tr, pl: log_header(cfg, pl, tr.datamodule, tokenizer, tr.world_size))
+    trainer = build_trainer(cfg, [header, *build_callbacks(cfg, run_dir, meta)], logger)
+    trainer.fit(module, datamodule=dm)
+
+    export = next((cb for cb in trainer.callbacks if cb.__class__.__name__ == "QuantizeExport"), None)
+    results = export.results if export is not None else {}
+    if results and not results.get("size_ok", True) and cfg.export.fail_over_limit:
+        log0("error: the artifact is over the size limit (export.fail_over_limit=true)")
+        sys.exit(3)
+    final = results.get("roundtrip", {}).get("standard")
+    return final["val_bpb"] if final else None
+
+
+if __name__ == "__main__":
+    main()
