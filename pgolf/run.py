@@ -56,6 +56,7 @@ def build_module(cfg: DictConfig, tokenizer_path: str) -> tuple[GolfModule, Toke
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         compile=bool(cfg.train.compile),
+        compile_backend=cfg.train.get("compile_backend", "inductor"),
     )
     module.luts = build_byte_luts(sp, cfg.model.vocab_size)
     return module, info
@@ -74,6 +75,13 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
         return make_wandb_logger(cfg, run_dir)
     raise ValueError(f"unknown logger.kind {lg.kind!r} (csv | wandb | none)")
+
+
+def finish_logger(logger, results: dict) -> None:
+    if logger and logger.__class__.__name__ == "WandbLogger":
+        from pgolf.wandb_logger import finish_wandb
+
+        finish_wandb(logger, results)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
