@@ -43,7 +43,10 @@ def main(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     header = RunHeader(lambda tr, pl: log_header(cfg, pl, tr.datamodule, tokenizer, tr.world_size))
     trainer = build_trainer(cfg, [header, *build_callbacks(cfg, run_dir, meta)], logger)
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume)
+    if module.preempted:
+        log0("exiting cleanly after preemption (no export)")
+        return None
 
     export = next((cb for cb in trainer.callbacks if cb.__class__.__name__ == "QuantizeExport"), None)
     results = export.results if export is not None else {}

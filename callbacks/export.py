@@ -31,7 +31,7 @@ class QuantizeExport(L.Callback):
         self.results: dict = {}
 
     def on_train_end(self, trainer, pl_module):
-        if not self.cfg.enabled:
+        if not self.cfg.enabled or getattr(pl_module, "preempted", False):
             return
         dm = trainer.datamodule
         clock_ms = getattr(pl_module, "train_time_ms", 0.0)

@@ -88,7 +88,9 @@ class ChallengeClock(L.Callback):
         self._last_step = step
         device_sync(pl_module)
         elapsed = self.elapsed_ms()
-        loss = pl_module.pop_step_loss()
+        loss_t = pl_module.pop_step_loss()
+        # the mean over all ranks' micro-batches (rank 0 alone saw only its share of the step's tokens)
+        loss = float(trainer.strategy.reduce(loss_t, reduce_op="mean")) if loss_t is not None else None
         if loss is not None and not math.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss}) at step {step}: stopping without writing a checkpoint or "

@@ -8,7 +8,10 @@ ranks at the end of the epoch (never a mean of means, never a padded sampler), s
 
 from __future__ import annotations
 
+import random
+
 import lightning as L
+import numpy as np
 import torch
 
 from pgolf.model import GPT, GPTConfig
@@ -37,6 +40,7 @@ class GolfModule(L.LightningModule):
         self.luts: ByteLUTs | None = None  # set by the training script from the tokenizer
         self.step_loss: torch.Tensor | None = None
         self.step_micro = 0
+        self.preempted = False
         self._val_sums: torch.Tensor | None = None
 
     def configure_model(self) -> None:
@@ -61,11 +65,11 @@ class GolfModule(L.LightningModule):
         self.step_micro += 1
         return loss
 
-    def pop_step_loss(self) -> float | None:
-        """Mean training loss of the micro-batches since the last call (one host sync)."""
+    def pop_step_loss(self) -> torch.Tensor | None:
+        """Mean training loss of this rank's micro-batches since the last call (a device tensor, no sync)."""
         if self.step_loss is None:
             return None
-        v = self.step_loss.item() / max(self.step_micro, 1)
+        v = self.step_loss / max(self.step_micro, 1)
         self.step_loss, self.step_micro = None, 0
         return v
 
@@ -89,6 +93,29 @@ class GolfModule(L.LightningModule):
         val_loss, val_bpb = bpb(loss_sum, n, nbytes)
         self.last_val = {"val_loss": val_loss, "val_bpb": val_bpb, "val_tokens": n}
         self.log_dict({"val_loss": val_loss, "val_bpb": val_bpb}, rank_zero_only=True, sync_dist=False)
+
+    # ---- checkpoints carry the RNG states (Lightning's do not), as tensors and plain types so that
+    # ---- Lightning's weights-only loading accepts them ---------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, pstate, pgauss = random.getstate()
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, torch.tensor(pstate, dtype=torch.int64), pgauss],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            version, pstate, pgauss = rng["python"]
+            random.setstate((version, tuple(int(v) for v in pstate.tolist()), pgauss))
 
     def configure_optimizers(self):
         return build_optimizer(self.gpt, self.optim_cfg)

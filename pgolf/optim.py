@@ -90,6 +90,7 @@ class MuonAdam(torch.optim.Optimizer):
             g.setdefault("lr", g["base_lr"])
         super().__init__(param_groups, defaults)
         self.ns_dtype = ns_dtype
+        self._owner_cache: dict = {}
         for g in self.param_groups:
             if g["kind"] == "muon":
                 bad = [tuple(p.shape) for p in g["params"] if p.ndim != 2]
@@ -151,17 +152,27 @@ class MuonAdam(torch.optim.Optimizer):
         mu, lr, wd = g["momentum"], g["lr"], g["weight_decay"]
         dev = params[0].device
         ns_dtype = self.ns_dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        # Momentum for every matrix on every rank (cheap, elementwise; gradients are already averaged), so each
+        # rank's optimizer state is complete and a rank-0 checkpoint resumes exactly. Only Newton-Schulz, the
+        # expensive part, is split across ranks.
+        live = [p for p in params if p.grad is not None]
+        bufs = []
+        for p in live:
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p.grad)
+            bufs.append(st["momentum_buffer"])
+        if live:
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, [p.grad for p in live])
+        owners = self._owners(g, world)
         sizes = [p.numel() for p in params]
         flat = torch.zeros(sum(sizes), device=dev, dtype=ns_dtype) if world > 1 else None
         updates: list[torch.Tensor | None] = [None] * len(params)
         offset = 0
         for i, p in enumerate(params):
-            if i % world == rank and p.grad is not None:
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = st["momentum_buffer"]
-                buf.mul_(mu).add_(p.grad)
+            if owners[i] == rank and p.grad is not None:
+                buf = self.state[p]["momentum_buffer"]
                 u = p.grad.add(buf, alpha=mu) if g["nesterov"] else buf
                 if g["row_norm"]:
                     u = row_normalize(u)
@@ -173,16 +184,39 @@ class MuonAdam(torch.optim.Optimizer):
                     updates[i] = o
             offset += sizes[i]
         if flat is not None:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # each slice is written by exactly one rank: exact
         offset = 0
         for i, p in enumerate(params):
             o = flat[offset : offset + sizes[i]].view_as(p) if flat is not None else updates[i]
             offset += sizes[i]
-            if o is None:
+            if o is None or p.grad is None:
                 continue
             if wd != 0:
-                p.mul_(1 - lr * wd)
+                p.mul_(1 - lr * wd)  # decoupled weight decay with the scheduled lr (SPEC §6.1 step 5)
             p.add_(o.to(p.dtype), alpha=-lr)
+
+    def _owners(self, g: dict, world: int) -> list[int]:
+        shapes = [tuple(p.shape) for p in g["params"]]
+        key = (tuple(shapes), world)
+        if key not in self._owner_cache:
+            self._owner_cache[key] = balanced_owners(shapes, world)
+        return self._owner_cache[key]
+
+
+def balanced_owners(shapes: list[tuple[int, int]], world: int) -> list[int]:
+    """Assign each matrix's Newton-Schulz to a rank: largest cost first, to the least-loaded rank.
+
+    Cost ~ m·n·min(m, n) per iteration. Plain round-robin (BASE: i mod world) leaves ranks unbalanced when
+    matrix sizes differ (an MLP matrix costs 3x an attention one); the greedy split is deterministic, so every
+    rank computes the same assignment without communicating."""
+    cost = [m * n * min(m, n) for m, n in shapes]
+    load = [0] * world
+    owners = [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: (-cost[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += cost[i]
+    return owners
 
 
 # ---- parameter partition ---------------------------------------------------------------------------

@@ -7,12 +7,22 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from pgolf.data import GolfDataModule, default_grad_accum
 from pgolf.export import provenance
+from pgolf.io import atomic_path
 from pgolf.module import GolfModule
 from pgolf.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file, fsync'ed and renamed: a crash never leaves a torn file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 def world_size_of(trainer_cfg: DictConfig) -> int:
@@ -114,6 +124,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
         logger=logger,
         callbacks=callbacks,
         default_root_dir=None,
+        plugins=[AtomicCheckpointIO()],
     )
 
 

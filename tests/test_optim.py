@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -142,10 +143,54 @@ def _train_steps(rank: int, world: int, port: int, out: dict | None, steps: int 
         return m.state_dict()
 
 
-def test_distributed_muon_matches_single_process(tmp_path):
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_muon_matches_single_process(tmp_path, world):
+    """4 optimizer steps of a 3-layer model (18 Muon matrices split over the ranks by balanced_owners)."""
     single = _train_steps(0, 1, 0, None)
     out = str(tmp_path / "dist.pt")
-    mp.spawn(_train_steps, args=(2, 29533, out), nprocs=2, join=True)
+    mp.spawn(_train_steps, args=(world, 29533 + world, out), nprocs=world, join=True)
     multi = torch.load(out)
     for k in single:
         assert torch.equal(single[k], multi[k]), k
+
+
+def test_balanced_owners_split_the_work():
+    from pgolf.optim import balanced_owners
+
+    shapes = [(512, 512), (256, 512), (256, 512), (512, 512), (1536, 512), (512, 1536)] * 11
+    owners = balanced_owners(shapes, 8)
+    load = [0] * 8
+    for (m, n), r in zip(shapes, owners):
+        load[r] += m * n * min(m, n)
+    assert set(owners) == set(range(8)) and max(load) / min(load) < 1.2
+    assert balanced_owners(shapes, 1) == [0] * len(shapes)
+
+
+def test_muoneq_r_normalises_rows_before_newton_schulz(monkeypatch):
+    import pgolf.optim as optim
+
+    seen = []
+    real = optim.newton_schulz
+    monkeypatch.setattr(optim, "newton_schulz", lambda u, *a, **k: seen.append(u.clone()) or real(u, *a, **k))
+    p = torch.nn.Parameter(torch.randn(32, 16))
+    opt = MuonAdam(
+        [
+            dict(
+                kind="muon",
+                params=[p],
+                lr=0.02,
+                momentum=0.95,
+                ns_steps=5,
+                ns_kind="polar_express",
+                row_norm=True,
+                weight_decay=0.04,
+            )
+        ]
+    )
+    p.grad = torch.randn(32, 16) * torch.rand(32, 1) * 5
+    before = p.detach().clone()
+    opt.step()
+    assert torch.allclose(seen[0].norm(dim=1), torch.ones(32), atol=1e-5)
+    # decoupled weight decay with the scheduled lr, then the orthogonalized step
+    o = real(seen[0], ns_coefficients("polar_express", 5), dtype=torch.float32) * math.sqrt(2.0)
+    assert torch.allclose(p.detach(), before * (1 - 0.02 * 0.04) - 0.02 * o, atol=1e-6)

@@ -1,0 +1,61 @@
+"""Forward+backward time per token: `python bench/model_bench.py [--models baseline,pr1263] [--batch 4]
+[--seq 256] [--steps 5]`.
+
+Random tokens, fp32 on CPU (bf16 autocast on a GPU), the full model including the loss; prints ms per
+forward+backward, microseconds per token, tokens/s and model FLOPs per token for each model config.
+Prints figures; it is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import torch
+from common import compose, flops_per_token, model_from_cfg, sync
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="baseline,pr1263")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    out = {"device": str(device), "threads": torch.get_num_threads(), "batch": a.batch, "seq": a.seq, "models": {}}
+    for name in a.models.split(","):
+        model = model_from_cfg(compose("train", [f"model={name}"])).to(device).train()
+        x = torch.randint(0, model.cfg.vocab_size, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(0)).to(
+            device
+        )
+        times = []
+        for i in range(a.steps + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            with amp:
+                loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            sync(device)
+            if i > 0:
+                times.append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+        t = statistics.median(times)
+        n = a.batch * a.seq
+        fig = {"params": sum(p.numel() for p in model.parameters()), "ms_per_fwd_bwd": round(1000 * t, 1),
+               "us_per_token": round(1e6 * t / n, 1), "tokens_per_s": round(n / t),
+               "model_flops_per_token": flops_per_token(model, a.seq)}  # fmt: skip
+        out["models"][name] = fig
+        print(f"{name}: " + " ".join(f"{k}:{v}" for k, v in fig.items()))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Training dynamics through the real Lightning stack (in-process, tiny synthetic runs): weight averaging
+applied before export, late QAT, exact resume, preemption, compile warm-up restore, DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from callbacks import build_callbacks
+from pgolf.artifact import read_artifact
+from pgolf.model import GPT, GPTConfig, fake_quant_rows
+from pgolf.quant import dequantize_state
+from pgolf.run import build_datamodule, build_module, build_trainer, run_meta
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+FP32_EXPORT = ["export.rules=[{name: all, store: fp32}]", "export.label=fp32"]  # exact weights in the artifact
+TINY = [
+    "model=tiny",
+    "data=synthetic",
+    "train.seq_len=32",
+    "train.batch_tokens=1024",
+    "train.grad_accum=auto",
+    "train.max_wallclock_seconds=0",
+    "train.log_every=1",
+    "final_eval.modes=[standard]",
+    "final_eval.batch_windows=8",
+    "callbacks.progress=none",
+    "logger=csv",
+]
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+class Recorder(L.Callback):
+    """Weights after every optimizer step, and the weights the export sees at the end."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+        self.lr_scales: list[float] = []
+        self._last = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.initial = {k: v.detach().clone() for k, v in pl_module.gpt.state_dict().items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self._last:
+            self._last = trainer.global_step
+            self.steps.append({k: v.detach().clone() for k, v in pl_module.gpt.state_dict().items()})
+            self.lr_scales.append(pl_module.lr_scale)
+
+
+def fit(tmp_path, overrides, extra_callbacks=()):
+    cfg = compose_cfg([*TINY, f"data.root={tmp_path / 'synthetic'}", *FP32_EXPORT, *overrides])
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    module, tok = build_module(cfg, cfg.data.tokenizer_path)
+    cbs = build_callbacks(cfg, tmp_path / "run", run_meta(cfg, tok))
+    cbs = [*cbs[:-2], *extra_callbacks, *cbs[-2:]] if extra_callbacks else cbs  # before checkpoint + export
+    L.seed_everything(int(cfg.seed), verbose=False)
+    trainer = build_trainer(cfg, cbs, False)
+    trainer.fit(module, datamodule=dm)
+    entries, meta = read_artifact(tmp_path / "run" / "final_model.fp32.ptz")
+    return module, dequantize_state(entries), trainer
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory, synth_dir):
+    return synth_dir.parent
+
+
+def test_ema_weights_are_what_gets_exported(tmp_path, synth_root):
+    (tmp_path / "synthetic").symlink_to(synth_root)
+    rec = Recorder()
+    _, exported, _ = fit(
+        tmp_path, ["train.iterations=6", "callbacks.averaging.kind=ema", "callbacks.averaging.ema_decay=0.9"], [rec]
+    )
+    ema = {k: v.clone() for k, v in rec.initial.items()}
+    for w in rec.steps:  # from step 1, starting at the initial weights (SPEC §7.4)
+        for k in ema:
+            ema[k] = 0.9 * ema[k] + 0.1 * w[k]
+    final = rec.steps[-1]
+    for k in ema:
+        if torch.is_floating_point(ema[k]) and "qat_alpha" not in k:
+            assert torch.allclose(exported[k], ema[k], atol=1e-6), k
+    assert any(not torch.allclose(exported[k], final[k]) for k in ema if "weight" in k)  # not the raw weights
+
+
+def test_swa_is_really_applied(tmp_path, synth_root):
+    (tmp_path / "synthetic").symlink_to(synth_root)
+    rec = Recorder()
+    _, exported, _ = fit(
+        tmp_path,
+        [
+            "train.iterations=8",
+            "train.warmdown_iters=8",
+            "callbacks.averaging.kind=swa",
+            "callbacks.averaging.swa_every=2",
+            "callbacks.averaging.swa_threshold=0.6",
+        ],
+        [rec],
+    )
+    # iteration warmdown: the scale before step s (1-based) is (8-(s-1))/8; < 0.6 from step 5 on; every 2: 6, 8
+    picked = [rec.steps[s - 1] for s in (6, 8)]
+    for k, v in exported.items():
+        if "weight" in k:
+            assert torch.allclose(v, (picked[0][k] + picked[1][k]) / 2, atol=1e-6), k
+
+
+def test_late_qat_switches_on_below_threshold(tmp_path, synth_root, capsys):
+    (tmp_path / "synthetic").symlink_to(synth_root)
+    module, _, trainer = fit(
+        tmp_path,
+        ["train.iterations=10", "train.warmdown_iters=10", "model.qat=late", "callbacks.late_qat_threshold=0.35"],
+    )
+    qat = next(cb for cb in trainer.callbacks if cb.__class__.__name__ == "LateQAT")
+    assert qat.enabled_at == 7  # scale before step 8 is (10-7)/10 = 0.3 < 0.35
+    assert all(m.qat_alpha.item() == 1.0 for m in module.gpt.quantized_linears())
+    assert "late_qat:enabled step:7 scale:0.3000" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["late", "always"])
+def test_qat_forward_uses_quantized_weights_and_gradients_reach_full_precision(mode):
+    """Under torch.compile (fullgraph, aot_eager on CPU): the training forward equals a model whose weights
+    were quantized by hand, and the gradient w.r.t. the full-precision weights is the STE gradient."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, qat=mode, qat_bits=4)
+    m = GPT(cfg).train()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    hand = GPT(GPTConfig(**{**cfg.to_dict(), "qat": "off"})).train()
+    hand.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        for lin in hand.quantized_linears():
+            lin.weight.copy_(fake_quant_rows(lin.weight, 4))
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    cm = torch.compile(m, fullgraph=True, dynamic=False, backend="aot_eager")
+    if mode == "late":
+        plain = GPT(GPTConfig(**{**cfg.to_dict(), "qat": "off"})).train()
+        plain.load_state_dict(m.state_dict())
+        assert torch.allclose(cm(x, x), plain(x, x), atol=1e-6)  # inactive before the switch
+        m.set_qat("late", alpha=1.0)  # a buffer write: no recompilation, no constant folding
+    loss = cm(x, x)
+    ref = hand(x, x)
+    assert torch.allclose(loss, ref, atol=1e-5)
+    loss.backward()
+    ref.backward()
+    for a, b in zip(m.quantized_linears(), hand.quantized_linears()):
+        assert a.weight.grad is not None and torch.allclose(a.weight.grad, b.weight.grad, atol=1e-5)
+
+
+def run_cli(args, **kw):
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, **kw
+    )
+
+
+def step_lines(out: str) -> list[str]:
+    return [
+        " ".join(w for w in line.split() if not w.startswith(("train_time", "step_avg")))
+        for line in out.splitlines()
+        if line.startswith("step:") and "train_loss" in line
+    ]
+
+
+def test_resume_is_bit_identical(tmp_path, synth_root):
+    """8 steps straight vs 4 steps + resume from the step-4 checkpoint (EMA, late QAT switching at step 6,
+    Muon momentum and Adam moments, data position): identical losses and identical final weights."""
+    common = [
+        *TINY,
+        f"data.root={synth_root}",
+        *FP32_EXPORT,
+        "train.iterations=8",
+        "train.warmdown_iters=8",
+        "callbacks.averaging.kind=ema",
+        "model.qat=late",
+        "callbacks.late_qat_threshold=0.5",
+    ]
+    a = run_cli(
+        [
+            *common,
+            f"hydra.run.dir={tmp_path / 'a'}",
+            "callbacks.checkpoint.every_steps=4",
+            "callbacks.checkpoint.keep=0",
+        ]
+    )
+    assert a.returncode == 0, a.stderr[-3000:]
+    ck = tmp_path / "a" / "checkpoints" / "step000004.ckpt"
+    assert ck.is_file() and (tmp_path / "a" / "checkpoints" / "last.ckpt").is_file()
+    b = run_cli([*common, f"hydra.run.dir={tmp_path / 'b'}", f"resume={ck}"])
+    assert b.returncode == 0, b.stderr[-3000:]
+    sa, sb = step_lines(a.stdout), step_lines(b.stdout)
+    assert len(sa) == 8 and sb == sa[4:]
+    wa = dequantize_state(read_artifact(tmp_path / "a" / "final_model.fp32.ptz")[0])
+    wb = dequantize_state(read_artifact(tmp_path / "b" / "final_model.fp32.ptz")[0])
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    ra = json.loads((tmp_path / "a" / "results.json").read_text())["roundtrip"]["standard"]["val_bpb"]
+    rb = json.loads((tmp_path / "b" / "results.json").read_text())["roundtrip"]["standard"]["val_bpb"]
+    assert ra == rb
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, synth_root):
+    args = [*TINY, f"data.root={synth_root}", "train.iterations=100000", f"hydra.run.dir={tmp_path}"]
+    p = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if line.startswith("step:3/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    rest, err = p.communicate(timeout=120)
+    out = "".join(out) + rest
+    assert p.returncode == 0, err[-2000:]
+    assert "preempted: SIGTERM received" in out and "exiting cleanly" in out
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert not list(tmp_path.glob("*.ptz"))  # no artifact from an unfinished run
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (
+        ck["global_step"] >= 3 and "rng" in ck and ck["optimizer_states"] and "ChallengeClock" in str(ck["callbacks"])
+    )
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, synth_root):
+    r = run_cli(
+        [
+            *TINY,
+            f"data.root={synth_root}",
+            "train.iterations=50",
+            f"hydra.run.dir={tmp_path}",
+            "optim.embed_lr=1e38",
+            "optim.scalar_lr=1e38",
+            "model.logit_softcap=0",
+            "callbacks.checkpoint.every_steps=1",
+        ]
+    )
+    assert r.returncode != 0
+    assert "non-finite training loss" in r.stderr
+    bad = int(r.stderr.split("non-finite training loss")[1].split("at step ")[1].split(":")[0])
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step*.ckpt"))
+    assert all(int(n[4:10]) < bad for n in saved)  # the bad step was never checkpointed
+    assert not list(tmp_path.glob("*.ptz"))
+
+
+def test_compile_warmup_restores_everything(tmp_path, synth_root):
+    """With compile on (eager backend, so the numerics are the eager ones) the 3 warm-up steps must leave
+    no trace: weights, optimizer state, data position and RNG are restored before the clock starts."""
+    base = [*TINY, f"data.root={synth_root}", "train.iterations=4", "final_eval.modes=[standard]"]
+    plain = run_cli([*base, f"hydra.run.dir={tmp_path / 'p'}"])
+    comp = run_cli(
+        [
+            *base,
+            f"hydra.run.dir={tmp_path / 'c'}",
+            "train.compile=true",
+            "train.compile_backend=eager",
+            "train.warmup_steps=3",
+        ]
+    )
+    assert plain.returncode == 0 and comp.returncode == 0, comp.stderr[-2000:]
+    assert "warmup_step:3/3" in comp.stdout
+    assert step_lines(plain.stdout) == step_lines(comp.stdout)
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, synth_root):
+    """trainer=ddp_cpu: 2 gloo ranks, grad accumulation 4 each (8/world), the reference's rank slicing:
+    the same tokens per step as 1 process with accumulation 8, so the losses agree to float rounding."""
+    base = [
+        *TINY,
+        f"data.root={synth_root}",
+        "train.iterations=3",
+        "final_eval.modes=[standard,sliding]",
+        "final_eval.stride=16",
+    ]
+    one = run_cli([*base, f"hydra.run.dir={tmp_path / 'one'}"])
+    two = run_cli([*base, f"hydra.run.dir={tmp_path / 'two'}", "trainer=ddp_cpu"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "world_size:2 grad_accum_steps:4" in two.stdout
+    l1 = [float(s.split("train_loss:")[1].split()[0]) for s in step_lines(one.stdout)]
+    l2 = [float(s.split("train_loss:")[1].split()[0]) for s in step_lines(two.stdout)]
+    assert l1 == pytest.approx(l2, abs=2e-4)
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())["roundtrip"]
+    r2 = json.loads((tmp_path / "two" / "results.json").read_text())["roundtrip"]
+    for mode in ("standard", "sliding"):
+        assert r1[mode]["tokens"] == r2[mode]["tokens"]
+        assert r1[mode]["val_bpb"] == pytest.approx(r2[mode]["val_bpb"], abs=1e-3)
