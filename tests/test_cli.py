@@ -71,6 +71,7 @@ TINY = [
     "final_eval.batch_windows=8",
     "final_eval.stride=16",
     "callbacks.progress=line",
+    "callbacks.progress_every_seconds=0",
 ]
 
 
@@ -93,6 +94,7 @@ def test_train_writes_artifact_logs_and_results(trained):
         "final_int8_zlib_roundtrip_exact val_loss:",
         "final_int8_zlib_sliding_window_exact",
         "seed:0",
+        "progress: step 6/6 (100.0%)",
     ]:
         assert line in out, line
     res = json.loads((d / "results.json").read_text())
