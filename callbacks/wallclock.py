@@ -100,13 +100,14 @@ class ChallengeClock(L.Callback):
                 f"step:{step}/{self.iterations} train_loss:{loss:.4f} train_time:{elapsed:.0f}ms "
                 f"step_avg:{elapsed / max(step, 1):.2f}ms"
             )
-            if trainer.logger is not None:
+            if trainer.loggers:
                 metrics = {
                     "train_loss": loss,
                     "train_time_ms": elapsed,
                     "lr_scale": getattr(pl_module, "lr_scale", 1.0),
                 }
-                trainer.logger.log_metrics(metrics, step=step)
+                for lg in trainer.loggers:  # CSV and W&B alike (logger=wandb keeps csv/metrics.csv)
+                    lg.log_metrics(metrics, step=step)
         reached = self.cap_ms > 0 and elapsed >= self.cap_ms
         reached = trainer.strategy.reduce_boolean_decision(reached, all=False)
         if reached and not trainer.should_stop:
