@@ -18,6 +18,7 @@ Printed and written (`compare.md`, `compare.json`, plots from `pgolf.plots`):
 
 Nats are val_loss, the mean NLL per scored token; on one validation set val_loss = val_bpb · ln 2 ·
 bytes/tokens, so Δnats = Δbpb · ln 2 · bytes/tokens (the factor is printed) and both tests give the same p.
+The statistics are in `pgolf.stats`, the plots in `pgolf.plots`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from pgolf.io import atomic_write_bytes
+from pgolf.stats import Welch, mean_std, welch_greater
 from pgolf.sweep import RunIdentity, identity_of_dir
 
 MARGIN_NATS = 0.005  # SPEC §1
@@ -93,7 +95,8 @@ class Run:
 
 
 def is_run_dir(p: Path) -> bool:
-    return (p / ".hydra" / "config.yaml").is_file()
+    """A training job's directory (eval.py's output directories have `.hydra/` too, but no train.log)."""
+    return (p / ".hydra" / "config.yaml").is_file() and ((p / "train.log").is_file() or (p / "results.json").is_file())
 
 
 def find_runs(paths: list[str | Path], max_depth: int = 4) -> list[Path]:
@@ -113,7 +116,7 @@ def find_runs(paths: list[str | Path], max_depth: int = 4) -> list[Path]:
                     (hits if is_run_dir(c) else nxt).append(c)
             level = nxt
         if not hits:
-            raise CompareError(f"{p}: no run directories (with .hydra/config.yaml) in it or below it")
+            raise CompareError(f"{p}: no training run directories (.hydra/config.yaml + train.log) in it or below it")
         found += hits
     out, seen = [], set()
     for p in found:
@@ -250,83 +253,6 @@ def mixed_config_notes(runs: list[Run]) -> list[str]:
                 "(name the variants with variant=..., or group with --by KEY)"
             )
     return notes
-
-
-# ---- statistics --------------------------------------------------------------------------------------------
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    n = len(xs)
-    m = math.fsum(xs) / n
-    s = math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
-    return m, s
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny, eps = 1e-300, 1e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(lbt) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(lbt) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with `df` (real) degrees of freedom."""
-    if math.isinf(t):
-        return 0.0 if t > 0 else 1.0
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return tail if t > 0 else 1.0 - tail
-
-
-@dataclass
-class Welch:
-    t: float
-    df: float
-    p: float  # one-sided: H1 mean(a) - mean(b) > margin
-
-
-def welch_greater(a: list[float], b: list[float], margin: float = 0.0) -> Welch:
-    """Welch's unequal-variance t-test, one-sided: H1 is mean(a) − mean(b) > margin."""
-    if len(a) < 2 or len(b) < 2:
-        return Welch(float("nan"), float("nan"), float("nan"))
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    va, vb = sa * sa / len(a), sb * sb / len(b)
-    se2 = va + vb
-    diff = ma - mb - margin
-    if se2 == 0.0:  # no spread at all (identical reruns): the sign alone decides
-        return Welch(math.copysign(math.inf, diff) if diff else 0.0, float("nan"), 0.0 if diff > 0 else 1.0)
-    t = diff / math.sqrt(se2)
-    df = se2 * se2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
-    return Welch(t, df, t_sf(t, df))
 
 
 # ---- groups and the comparison ---------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from pgolf import compare
-from pgolf.compare import build_report, load_runs, t_sf, welch_greater
+from pgolf.compare import build_report, load_runs
+from pgolf.stats import t_sf, welch_greater
 from pgolf.submission import find_machine_paths, scrub_paths
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -194,6 +195,10 @@ def test_unfinished_duplicate_and_mixed_runs_are_reported(tmp_path):
     make_run(sweep, "2_seed1", 1, {"standard": 1.29}, config={"train": {"iterations": 99}})
     bad = make_run(sweep, "3_seed2", 2, {"standard": 1.3})
     (bad / "results.json").unlink()
+    ev = sweep / "eval_out"  # an eval.py output directory (Hydra's .hydra/ but no train.log): not a run
+    (ev / ".hydra").mkdir(parents=True)
+    (ev / ".hydra" / "config.yaml").write_text("name: eval\n")
+    (ev / "eval_result.json").write_text(json.dumps({"results": {"standard": eval_result(1.2, "standard")}}))
     runs, notes = load_runs([sweep])
     assert [r.path.name for r in runs] == ["0_seed0", "2_seed1"]
     text = "\n".join(notes)
