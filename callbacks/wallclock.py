@@ -13,6 +13,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from pgolf.runlog import log0
 
@@ -55,12 +56,18 @@ class ChallengeClock(L.Callback):
         self._last_step = trainer.global_step
         self._resume(pl_module)
 
+    @staticmethod
+    def _in_fit(trainer) -> bool:
+        # Validation inside fit: the stage is VALIDATING there, so `trainer.training` is False (it would
+        # neither pause the clock nor print the val line); the function being run is still FITTING.
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
     def on_validation_start(self, trainer, pl_module):
-        if trainer.training:
+        if self._in_fit(trainer):
             self._pause(pl_module)
 
     def on_validation_end(self, trainer, pl_module):
-        if not trainer.training or trainer.sanity_checking:
+        if not self._in_fit(trainer):
             return
         step = trainer.global_step
         v = getattr(pl_module, "last_val", None)

@@ -106,7 +106,7 @@ def sweep(tmp_path_factory, synth_dir):
     pytest.importorskip("wandb")
     d = tmp_path_factory.mktemp("sweep")
     args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, f"data.root={synth_dir.parent}"]
-    args += ["logger=wandb", "seed=0,1", "model.mlp_act=relu2,leaky_relu2", f"hydra.sweep.dir={d}"]
+    args += ["train.val_every=2", "logger=wandb", "seed=0,1", "model.mlp_act=relu2,leaky_relu2", f"hydra.sweep.dir={d}"]
     train(args, offline_env(d))
     return d
 
@@ -121,6 +121,8 @@ def test_sweep_jobs_hold_config_logs_metrics_artifact_results(sweep):
         resolved = OmegaConf.load(j / ".hydra" / "resolved.yaml")
         assert resolved.model.vocab_size == 256  # interpolations resolved
         assert "train_loss" in (j / "csv" / "metrics.csv").read_text().splitlines()[0]
+        # the periodic validation's line (the clock pauses for it and prints it inside fit)
+        assert "step:2/3 val_loss:" in (j / "train.log").read_text()
     assert [identity_of_dir(j).group for j in jobs] == [
         "demo[model.mlp_act=relu2]",
         "demo[model.mlp_act=leaky_relu2]",
@@ -140,6 +142,7 @@ def test_wandb_offline_run_per_job_with_identity_curves_and_results(sweep):
         assert w["config"]["seed"] == ident.seed and w["config"]["model"]["vocab_size"] == 256  # resolved config
         steps = [h["trainer/global_step"] for h in w["history"] if "train_loss" in h]
         assert steps == [1, 2, 3]
+        assert any("val_bpb" in h for h in w["history"])  # the validation curve
         s = w["summary"]
         assert s["roundtrip/standard/val_bpb"] == pytest.approx(res["roundtrip"]["standard"]["val_bpb"])
         assert s["roundtrip/standard/compliant"] is True
@@ -158,6 +161,8 @@ def test_compare_on_the_sweep(sweep, tmp_path, capsys):
     assert c["baseline"] == "demo[model.mlp_act=relu2]" and c["rule_met"] is False  # 3 steps prove nothing
     for png in ("curves.png", "final_bpb.png"):
         assert (out / png).stat().st_size > 10_000
+    runs, _ = compare.load_runs([sweep])
+    assert all(r.val_curve and r.val_curve[0][0] == 2 and len(r.train_curve) == 3 for r in runs)
 
 
 def test_submission_folder_from_one_group(sweep, tmp_path):
