@@ -29,12 +29,13 @@ def _colours(groups: list[str]) -> dict[str, str]:
     return {g: COLOURS[i % len(COLOURS)] for i, g in enumerate(groups)}
 
 
-def _robust_ylim(ax, values: list[float], pad: float = 0.05) -> None:
-    """Fit the y-axis to the bulk of the curve, not the first steps (where the loss starts near ln V)."""
+def _robust_ylim(ax, values: list[float], pad: float = 0.05, top: float = 0.9) -> None:
+    """Fit the y-axis to the values up to the `top` quantile: the train loss starts near ln V, far above the
+    part worth reading; the final val_bpb markers (top=1) must all stay visible."""
     vals = sorted(v for v in values if math.isfinite(v))
     if len(vals) < 2:
         return
-    lo, hi = vals[0], vals[int(0.9 * (len(vals) - 1))]
+    lo, hi = vals[0], vals[int(top * (len(vals) - 1))]
     if hi <= lo:
         hi = vals[-1]
     span = (hi - lo) or abs(hi) * 0.01 or 1.0
@@ -59,7 +60,7 @@ def plot_curves(rep, path: str | Path) -> Path:
     colours = _colours(rep.groups)
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     fmode = final_mode(rep)
-    train_vals, val_vals = [], []
+    train_vals, val_vals, final_vals = [], [], []
     for run in rep.runs:
         c = colours[run.identity.group]
         if run.train_curve:
@@ -78,15 +79,19 @@ def plot_curves(rep, path: str | Path) -> Path:
             axes[1, 0].plot([run.steps], [final["val_bpb"]], color=c, marker="x", ms=8, mew=2, ls="none")
             if run.train_time_ms is not None:
                 axes[1, 1].plot([run.train_time_ms / 1000], [final["val_bpb"]], color=c, marker="x", ms=8, mew=2)
-            val_vals.append(final["val_bpb"])
+            final_vals.append(final["val_bpb"])
     for ax in axes[0]:
         ax.set_ylabel("train loss (nats/token)")
         _robust_ylim(ax, train_vals)
     for ax in axes[1]:
         ax.set_ylabel("val_bpb")
-        _robust_ylim(ax, val_vals, pad=0.15)
+        # every final marker, and the validation curve without its first (highest) points
+        _robust_ylim(ax, final_vals + sorted(val_vals)[: max(1, int(0.75 * len(val_vals)))], pad=0.1, top=1.0)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes[:, 0]:
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[:, 1]:
         ax.set_xlabel("training time (s, challenge clock)")
     for ax in axes.flat:
