@@ -60,8 +60,7 @@ def main(cfg: DictConfig) -> float | None:
 
     export = next((cb for cb in trainer.callbacks if cb.__class__.__name__ == "QuantizeExport"), None)
     results = export.results if export is not None else {}
-    steps = {"steps": trainer.global_step, "train_time_ms": round(getattr(module, "train_time_ms", 0.0), 1)}
-    finish_logger(loggers, {**results, "train": steps} if results else results)
+    finish_logger(loggers, results)
     if results and not results.get("size_ok", True) and cfg.export.fail_over_limit:
         log0("error: the artifact is over the size limit (export.fail_over_limit=true)")
         sys.exit(3)

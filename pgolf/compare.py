@@ -46,6 +46,7 @@ MODE_ORDER = ("pre_quant", "standard", "sliding")
 
 TRAIN_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:([\d.]+)ms")
 VAL_LINE = re.compile(r"^step:(\d+)/\d+ val_loss:(\S+) val_bpb:(\S+) train_time:([\d.]+)ms")
+STOP_LINE = re.compile(r"^stopping_early: wallclock_cap train_time:([\d.]+)ms step:(\d+)/")
 
 
 class CompareError(ValueError):
@@ -63,6 +64,7 @@ class Run:
     sources: dict[str, str] = field(default_factory=dict)  # mode -> where it was read
     train_curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, time ms)
     val_curve: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, loss, bpb, ms)
+    stopped: tuple[int, float] | None = None  # (step, ms) of a `stopping_early: wallclock_cap` line
 
     @property
     def seed(self) -> int:
@@ -83,15 +85,24 @@ class Run:
 
     @property
     def steps(self) -> int | None:
-        if self.train_curve:
-            return self.train_curve[-1][0]
-        return self.results.get("train", {}).get("steps")
+        """Optimizer steps: results.json's `training`, else the last step the log shows."""
+        if "steps" in self.results.get("training", {}):
+            return self.results["training"]["steps"]
+        return self.last_logged[0]
 
     @property
     def train_time_ms(self) -> float | None:
-        if self.train_curve:
-            return self.train_curve[-1][2]
-        return self.results.get("train", {}).get("train_time_ms")
+        """Training time on the challenge clock, at the end of training."""
+        if "train_time_ms" in self.results.get("training", {}):
+            return self.results["training"]["train_time_ms"]
+        return self.last_logged[1]
+
+    @property
+    def last_logged(self) -> tuple[int | None, float | None]:
+        points = [(s, t) for s, _, t in self.train_curve] + [(s, t) for s, _, _, t in self.val_curve]
+        if self.stopped is not None:
+            points.append(self.stopped)
+        return max(points) if points else (None, None)
 
 
 def is_run_dir(p: Path) -> bool:
@@ -135,14 +146,17 @@ def _config(run_dir: Path) -> dict:
         return OmegaConf.to_container(cfg, resolve=False)
 
 
-def parse_train_log(text: str) -> tuple[list, list]:
-    train, val = [], []
+def parse_train_log(text: str) -> tuple[list, list, tuple[int, float] | None]:
+    """The reference's lines: train curve, validation curve, and where a wall-clock stop happened."""
+    train, val, stop = [], [], None
     for line in text.splitlines():
         if m := TRAIN_LINE.match(line):
             train.append((int(m[1]), float(m[2]), float(m[3])))
         elif m := VAL_LINE.match(line):
             val.append((int(m[1]), float(m[2]), float(m[3]), float(m[4])))
-    return train, val
+        elif m := STOP_LINE.match(line):
+            stop = (int(m[2]), float(m[1]))
+    return train, val, stop
 
 
 def parse_metrics_csv(text: str) -> list:
@@ -180,7 +194,7 @@ def load_run(run_dir: str | Path) -> Run:
             run.modes[mode], run.sources[mode] = r, rel
     log = run_dir / "train.log"
     if log.is_file():
-        run.train_curve, run.val_curve = parse_train_log(log.read_text(errors="replace"))
+        run.train_curve, run.val_curve, run.stopped = parse_train_log(log.read_text(errors="replace"))
     elif (run_dir / "csv" / "metrics.csv").is_file():
         run.train_curve = parse_metrics_csv((run_dir / "csv" / "metrics.csv").read_text())
     return run

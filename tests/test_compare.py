@@ -205,6 +205,21 @@ def test_unfinished_duplicate_and_mixed_runs_are_reported(tmp_path):
     assert "3_seed2: no results" in text and "seed 1 2 times" in text and "differ in train.iterations" in text
 
 
+def test_steps_and_time_come_from_results_or_the_last_log_line(tmp_path):
+    d = make_run(tmp_path / "s", "0_seed0", 0, {"standard": 1.3}, steps=10)
+    (run,) = load_runs([tmp_path / "s"])[0]
+    assert (run.steps, run.train_time_ms, len(run.train_curve), len(run.val_curve)) == (10, 1000.0, 10, 1)
+    with open(d / "train.log", "a") as f:
+        f.write("step:11/20 train_loss:4.0 train_time:1100ms step_avg:100.00ms\n")
+        f.write("stopping_early: wallclock_cap train_time:1234ms step:12/20\n")
+    (run,) = load_runs([tmp_path / "s"])[0]
+    assert (run.steps, run.train_time_ms) == (12, 1234.0)
+    res = json.loads((d / "results.json").read_text())
+    (d / "results.json").write_text(json.dumps({**res, "training": {"steps": 13, "train_time_ms": 1300.5}}))
+    (run,) = load_runs([tmp_path / "s"])[0]
+    assert (run.steps, run.train_time_ms) == (13, 1300.5)
+
+
 def test_group_by_config_keys(two_groups):
     runs, _ = load_runs([two_groups], by=["model.mlp_act"])
     assert {r.identity.group for r in runs} == {"demo[model.mlp_act=relu2]", "demo[model.mlp_act=leaky_relu2]"}

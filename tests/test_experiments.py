@@ -148,7 +148,7 @@ def test_wandb_offline_run_per_job_with_identity_curves_and_results(sweep):
         assert s["roundtrip/standard/compliant"] is True
         assert s["export/model_bytes"] == res["export"]["model_bytes"] and s["export/total_bytes"] > 0
         assert s["export/path"] == "final_model.int8_zlib.ptz"  # no machine path in the summary
-        assert s["train/steps"] == 3
+        assert s["training/steps"] == 3 == res["training"]["steps"] and s["training/train_time_ms"] > 0
 
 
 def test_compare_on_the_sweep(sweep, tmp_path, capsys):
