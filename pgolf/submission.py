@@ -205,13 +205,22 @@ def build(runs, baseline_runs, *, name, github_id, author, blurb, mode, date, tr
     return sub, readme(sub, stats, runs, mode)
 
 
+def fmt_int(n: int | None) -> str:
+    return "–" if n is None else f"{n:,}"
+
+
+def fmt_p(p: float | None) -> str:
+    return "–" if p is None else (f"{p:.2e}" if p < 1e-3 else f"{p:.4f}")
+
+
 def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str) -> str:
     modes = list(stats)
     lines = [f"# {sub['name']}", "", sub["blurb"], ""]
     lines += [
         f"**val_bpb {sub['val_bpb']:.8f}** (mean of {len(sub['seeds'])} seeds, `{mode}` eval of the round-tripped "
         f"artifact; std {sub['val_bpb_std'] if sub['val_bpb_std'] is not None else '–'}), val_loss "
-        f"{sub['val_loss']:.8f} nats. Largest artifact: {sub['bytes_total']:,} bytes (code {sub['bytes_code']:,}); "
+        f"{sub['val_loss']:.8f} nats. Largest artifact: {fmt_int(sub['bytes_total'])} bytes "
+        f"(code {fmt_int(sub['bytes_code'])}); "
         f"limit 16,000,000: {'OK' if sub['size_ok'] else 'OVER THE LIMIT'}.",
         "",
         "## Results",
@@ -221,7 +230,8 @@ def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for seed in sub["seeds"]:
         v = sub["seed_results"][str(seed)]
-        cells = [str(seed), str(v["steps"]), str(v["step_avg_ms"]), f"{v['artifact_bytes']:,}", f"{v['val_loss']:.8f}"]
+        cells = [str(seed), str(v["steps"]), str(v["step_avg_ms"]), fmt_int(v["artifact_bytes"])]
+        cells += [f"{v['val_loss']:.8f}"]
         cells += [f"{sub['eval_modes'][m]['val_bpb'].get(str(seed), float('nan')):.8f}" for m in modes]
         lines.append("| " + " | ".join(cells) + " |")
     mean = ["mean ± std", "", "", "", f"{sub['val_loss']:.8f}"]
@@ -243,7 +253,7 @@ def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str) -> str:
             f"Against `{c['baseline_group']}` (seeds {c['baseline_seeds']}, val_loss {c['baseline_val_loss']:.8f}): "
             f"Δ val_loss {c['delta_nats']:+.8f} nats, Δ val_bpb {c['delta_bpb']:+.8f}. One-sided Welch t-test on "
             f"the per-seed val_loss, H1: gain > {c['margin_nats']} nats: t = {c['t_statistic']}, "
-            f"df = {c['welch_df']}, p = {c['p_gain_over_margin']}; p(gain > 0) = {c['p_gain']}. "
+            f"df = {c['welch_df']}, p = {fmt_p(c['p_gain_over_margin'])}; p(gain > 0) = {fmt_p(c['p_gain'])}. "
             f"Challenge rule (≥ 0.005 nats at p < 0.01): {'met' if c['rule_met'] else 'not met (' + c['rule'] + ')'}.",
         ]
     cmds = run_commands(runs)
