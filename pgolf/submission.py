@@ -274,9 +274,8 @@ def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str) -> str:
         f"- PyTorch {sub['pytorch_version']}; code at git {sub['git_sha']}"
         + (" (uncommitted changes)" if sub["git_dirty"] else ""),
         "- requirements: `requirements.txt`; train logs: " + ", ".join(f"`train_seed{s}.log`" for s in sub["seeds"]),
-        "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def assemble(
