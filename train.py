@@ -2,6 +2,8 @@
 
 compose config -> seed -> data, module, callbacks, trainer -> fit (training, export, round trip) -> metric.
 With no arguments it trains the demo model on the Shakespeare demo corpus (prepared on first use).
+`python train.py -m seed=1,2,3 ...` runs a sweep (one directory per job); a multirun job that needs several
+local processes runs as its own torchrun (pgolf/sweep.py).
 """
 
 from __future__ import annotations
@@ -24,33 +26,45 @@ from pgolf.run import (
     finish_logger,
     log_header,
     run_meta,
+    save_resolved_config,
 )
 from pgolf.runlog import log0, set_log_file
+from pgolf.sweep import relaunch_command, run_relaunched
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    relaunch = relaunch_command(cfg, hc, __file__)
+    if relaunch is not None:
+        return run_relaunched(relaunch, run_dir, hc.runtime.cwd)
     set_log_file(run_dir / "train.log")
+    save_resolved_config(cfg, run_dir, hc.output_subdir)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     dm = build_datamodule(cfg)
     dm.prepare_data()
     module, tokenizer = build_module(cfg, cfg.data.tokenizer_path)
     meta = run_meta(cfg, tokenizer)
-    logger = build_logger(cfg, run_dir)
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    loggers = build_logger(cfg, run_dir)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     header = RunHeader(lambda tr, pl: log_header(cfg, pl, tr.datamodule, tokenizer, tr.world_size))
-    trainer = build_trainer(cfg, [header, *build_callbacks(cfg, run_dir, meta)], logger)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume)
+    trainer = build_trainer(cfg, [header, *build_callbacks(cfg, run_dir, meta)], loggers)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume)
+    except BaseException:
+        finish_logger(loggers, {}, exit_code=1)  # one finished run per job, also when it fails
+        raise
     if module.preempted:
+        finish_logger(loggers, {"preempted": True})
         log0("exiting cleanly after preemption (no export)")
         return None
 
     export = next((cb for cb in trainer.callbacks if cb.__class__.__name__ == "QuantizeExport"), None)
     results = export.results if export is not None else {}
-    finish_logger(logger, results)
+    finish_logger(loggers, results)
     if results and not results.get("size_ok", True) and cfg.export.fail_over_limit:
         log0("error: the artifact is over the size limit (export.fail_over_limit=true)")
         sys.exit(3)

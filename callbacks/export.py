@@ -60,6 +60,11 @@ class QuantizeExport(L.Callback):
             compile_model=pl_module.compile,
             **self.eval_cfg,
         )
-        self.results = {"export": report.to_dict(), "export_seconds": round(time.perf_counter() - t0, 2), **results}
+        self.results = {
+            "export": report.to_dict(),
+            "export_seconds": round(time.perf_counter() - t0, 2),
+            "training": meta["training"],  # steps and challenge-clock time, for compare/submission
+            **results,
+        }
         if trainer.global_rank == 0:
             atomic_write_bytes(self.run_dir / "results.json", (json.dumps(self.results, indent=2) + "\n").encode())

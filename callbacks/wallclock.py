@@ -13,6 +13,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from pgolf.runlog import log0
 
@@ -55,12 +56,18 @@ class ChallengeClock(L.Callback):
         self._last_step = trainer.global_step
         self._resume(pl_module)
 
+    @staticmethod
+    def _in_fit(trainer) -> bool:
+        # Validation inside fit: the stage is VALIDATING there, so `trainer.training` is False (it would
+        # neither pause the clock nor print the val line); the function being run is still FITTING.
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
     def on_validation_start(self, trainer, pl_module):
-        if trainer.training:
+        if self._in_fit(trainer):
             self._pause(pl_module)
 
     def on_validation_end(self, trainer, pl_module):
-        if not trainer.training or trainer.sanity_checking:
+        if not self._in_fit(trainer):
             return
         step = trainer.global_step
         v = getattr(pl_module, "last_val", None)
@@ -102,13 +109,14 @@ class ChallengeClock(L.Callback):
                 f"step:{step}/{self.iterations} train_loss:{loss:.4f} train_time:{elapsed:.0f}ms "
                 f"step_avg:{elapsed / max(step, 1):.2f}ms"
             )
-            if trainer.logger is not None:
+            if trainer.loggers:
                 metrics = {
                     "train_loss": loss,
                     "train_time_ms": elapsed,
                     "lr_scale": getattr(pl_module, "lr_scale", 1.0),
                 }
-                trainer.logger.log_metrics(metrics, step=step)
+                for lg in trainer.loggers:  # CSV and W&B alike (logger=wandb keeps csv/metrics.csv)
+                    lg.log_metrics(metrics, step=step)
         reached = self.cap_ms > 0 and elapsed >= self.cap_ms
         reached = trainer.strategy.reduce_boolean_decision(reached, all=False)
         if reached and not trainer.should_stop:

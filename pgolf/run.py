@@ -72,26 +72,43 @@ def build_module(cfg: DictConfig, tokenizer_path: str) -> tuple[GolfModule, Toke
     return module, info
 
 
-def build_logger(cfg: DictConfig, run_dir: Path):
+def build_logger(cfg: DictConfig, run_dir: Path) -> list:
+    """The job's loggers: the CSV metrics file always (`csv/metrics.csv`, what the run directory keeps),
+    plus W&B with `logger=wandb`; an empty list with `logger.kind=none`."""
+    from lightning.pytorch.loggers import CSVLogger
+
     lg = cfg.logger
     if lg.kind == "none":
-        return False
+        return []
+    csv = CSVLogger(save_dir=str(run_dir), name="csv", version="")
     if lg.kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+        return [csv]
     if lg.kind == "wandb":
         from pgolf.wandb_logger import make_wandb_logger
 
-        return make_wandb_logger(cfg, run_dir)
+        return [csv, make_wandb_logger(cfg, run_dir)]
     raise ValueError(f"unknown logger.kind {lg.kind!r} (csv | wandb | none)")
 
 
-def finish_logger(logger, results: dict) -> None:
-    if logger and logger.__class__.__name__ == "WandbLogger":
-        from pgolf.wandb_logger import finish_wandb
+def finish_logger(loggers: list, results: dict, exit_code: int = 0) -> None:
+    """End the job's logger runs: W&B gets the results in its summary and is finished (also on failure)."""
+    for lg in loggers or []:
+        if lg.__class__.__name__ == "WandbLogger":
+            from pgolf.wandb_logger import finish_wandb
 
-        finish_wandb(logger, results)
+            finish_wandb(lg, results, exit_code)
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: Path, subdir: str | None = ".hydra") -> Path | None:
+    """Write the fully resolved config next to Hydra's (which keeps `${...}` interpolations); rank 0."""
+    from pgolf.io import atomic_write_bytes
+    from pgolf.runlog import global_rank
+
+    if global_rank() != 0:
+        return None
+    path = Path(run_dir) / (subdir or ".hydra") / "resolved.yaml"
+    atomic_write_bytes(path, OmegaConf.to_yaml(cfg, resolve=True).encode())
+    return path
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
@@ -121,7 +138,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
         enable_model_summary=False,
         enable_progress_bar=has_bar,
         use_distributed_sampler=False,
-        logger=logger,
+        logger=logger or False,
         callbacks=callbacks,
         default_root_dir=None,
         plugins=[AtomicCheckpointIO()],

@@ -14,7 +14,10 @@ def global_rank() -> int:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    # Before the process group exists: torchrun's RANK, Lightning's LOCAL_RANK for the processes it starts,
+    # SLURM's task id for `srun` tasks (hydra/launcher=slurm), as Lightning's rank_zero_only does.
+    env = os.environ
+    return int(env.get("RANK", env.get("LOCAL_RANK", env.get("SLURM_PROCID", 0))))
 
 
 def set_log_file(path: str | os.PathLike | None) -> None:

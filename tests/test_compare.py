@@ -1,0 +1,253 @@
+"""pgolf.compare on hand-made run directories: statistics against scipy, grouping, eval results, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pgolf import compare
+from pgolf.compare import build_report, load_runs
+from pgolf.stats import t_sf, welch_greater
+from pgolf.submission import find_machine_paths, scrub_paths
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+TOKENS, BYTES = 1000, 4200.0
+NATS_PER_BPB = math.log(2) * BYTES / TOKENS
+
+
+def eval_result(bpb: float, mode: str, compliant: bool = True, tokens: int = TOKENS, nbytes: float = BYTES) -> dict:
+    loss = bpb * math.log(2) * nbytes / tokens
+    return {
+        "mode": mode,
+        "val_loss": loss,
+        "val_bpb": bpb,
+        "tokens": tokens,
+        "bytes": nbytes,
+        "seconds": 0.1,
+        "compliant": compliant,
+        "reason": "ok" if compliant else "adapts to unscored tokens",
+        "settings": {},
+    }
+
+
+def make_run(
+    sweep: Path,
+    job: str,
+    seed: int,
+    modes: dict[str, float],
+    name: str = "demo",
+    overrides: list[str] | None = None,
+    config: dict | None = None,
+    compliant: bool = True,
+    tokens: int = TOKENS,
+    steps: int = 10,
+) -> Path:
+    d = sweep / job
+    (d / ".hydra").mkdir(parents=True)
+    cfg = {"name": name, "seed": seed, "variant": None, "train": {"iterations": steps}, **(config or {})}
+    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*(overrides or []), f"seed={seed}"]))
+    rt = {m: eval_result(b, m, compliant or m == "standard", tokens) for m, b in modes.items()}
+    res = {
+        "export": {"path": f"{d}/final_model.int8_zlib.ptz", "model_bytes": 1000 + seed, "code_bytes": 500},
+        "roundtrip": rt,
+        "size_ok": True,
+        "total_bytes": 1500 + seed,
+    }
+    res["export"]["total_bytes"] = res["total_bytes"]
+    (d / "results.json").write_text(json.dumps(res))
+    lines = [
+        f"step:{s}/{steps} train_loss:{5 - 0.1 * s + 0.01 * seed:.4f} train_time:{100 * s}ms step_avg:100.00ms"
+        for s in range(1, steps + 1)
+    ]
+    val = f"step:5/{steps} val_loss:4.5000 val_bpb:{1.5 + 0.01 * seed:.4f} train_time:500ms step_avg:100.00ms"
+    lines.insert(5, val)
+    (d / "train.log").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def write_sweep_file(sweep: Path, task: list[str]) -> None:
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}}}))
+
+
+# ---- statistics ---------------------------------------------------------------------------------------------
+def test_t_survival_function_matches_scipy():
+    for df in (1.0, 1.7, 2.0, 3.31, 4.5, 10.0, 57.3):
+        for t in (-30.0, -3.2, -1.0, -0.1, 0.0, 0.4, 1.0, 2.5, 7.0, 40.0):
+            assert t_sf(t, df) == pytest.approx(scipy_stats.t.sf(t, df), rel=1e-9, abs=1e-14), (t, df)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.005])
+def test_welch_one_sided_matches_scipy(margin):
+    rng = random.Random(7)
+    for _ in range(40):
+        na, nb = rng.randint(2, 6), rng.randint(2, 6)
+        a = [1.9 + rng.gauss(0, rng.choice([0.0005, 0.002, 0.01])) for _ in range(na)]
+        b = [1.9 - rng.uniform(-0.01, 0.02) + rng.gauss(0, rng.choice([0.0005, 0.002])) for _ in range(nb)]
+        w = welch_greater(a, b, margin)
+        ref = scipy_stats.ttest_ind([x - margin for x in a], b, equal_var=False, alternative="greater")
+        assert w.t == pytest.approx(ref.statistic, rel=1e-9)
+        assert w.df == pytest.approx(ref.df, rel=1e-9)
+        assert w.p == pytest.approx(ref.pvalue, rel=1e-7, abs=1e-15)
+
+
+def test_welch_edge_cases():
+    assert math.isnan(welch_greater([1.0], [0.9, 0.8]).p)  # one run: no variance, no test
+    assert welch_greater([2.0, 2.0], [1.0, 1.0], 0.005).p == 0.0  # identical reruns: the sign decides
+    assert welch_greater([1.0, 1.0], [1.0, 1.0], 0.005).p == 1.0
+
+
+# ---- a comparison of two groups -----------------------------------------------------------------------------
+BASE = {0: 1.2000, 1: 1.2010, 2: 1.1995}
+GOOD = {0: 1.1940, 1: 1.1945, 2: 1.1938}  # ~0.006 bpb = ~0.019 nats better, tight
+
+
+@pytest.fixture
+def two_groups(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    write_sweep_file(sweep, ["model=tiny", "seed=0,1,2", "model.mlp_act=relu2,leaky_relu2"])
+    job = 0
+    for seed in BASE:
+        for act, table in (("relu2", BASE), ("leaky_relu2", GOOD)):
+            make_run(
+                sweep,
+                f"{job}_seed{seed}",
+                seed,
+                {"standard": table[seed] + 0.002, "sliding": table[seed]},
+                overrides=["model=tiny", f"model.mlp_act={act}"],
+                config={"model": {"mlp_act": act}},
+            )
+            job += 1
+    return sweep
+
+
+def test_groups_come_from_the_swept_keys_and_numbers_match_scipy(two_groups):
+    runs, notes = load_runs([two_groups])
+    assert not notes
+    groups = sorted({r.identity.group for r in runs})
+    assert groups == ["demo[model.mlp_act=leaky_relu2]", "demo[model.mlp_act=relu2]"]
+    rep = build_report(runs, baseline="demo[model.mlp_act=relu2]")
+    s = rep.stats[("demo[model.mlp_act=leaky_relu2]", "sliding")]
+    assert s.n == 3 and s.seeds == [0, 1, 2]
+    assert s.bpb_mean == pytest.approx(statistics.mean(GOOD.values()), abs=1e-12)
+    assert s.bpb_std == pytest.approx(statistics.stdev(GOOD.values()), abs=1e-12)
+    assert s.nats_per_bpb == pytest.approx(NATS_PER_BPB)
+    (c,) = [c for c in rep.comparisons if c.mode == "sliding"]
+    base_loss = [b * NATS_PER_BPB for b in BASE.values()]
+    good_loss = [b * NATS_PER_BPB for b in GOOD.values()]
+    assert c.delta_bpb == pytest.approx(statistics.mean(GOOD.values()) - statistics.mean(BASE.values()), abs=1e-12)
+    assert c.delta_nats == pytest.approx(c.delta_bpb * NATS_PER_BPB, abs=1e-12)
+    ref = scipy_stats.ttest_ind([x - 0.005 for x in base_loss], good_loss, equal_var=False, alternative="greater")
+    assert c.rule.p == pytest.approx(ref.pvalue, rel=1e-7)
+    assert c.gain.p == pytest.approx(
+        scipy_stats.ttest_ind(base_loss, good_loss, equal_var=False, alternative="greater").pvalue, rel=1e-7
+    )
+    assert c.rule.p < 0.01 and c.rule_met and c.why == "met"
+
+
+def test_rule_not_met_when_small_noncompliant_or_on_other_tokens(tmp_path):
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    for seed in range(3):
+        make_run(sweep, f"a{seed}", seed, {"standard": BASE[seed]}, name="base")
+        # a gain of 0.0005 bpb = 0.0016 nats, below the 0.005-nat margin
+        make_run(sweep, f"b{seed}", seed, {"standard": BASE[seed] - 0.0005}, name="small")
+        slot = {"standard": GOOD[seed], "slot": GOOD[seed] - 0.1}
+        make_run(sweep, f"c{seed}", seed, slot, name="slot", compliant=False)
+        make_run(sweep, f"d{seed}", seed, {"standard": GOOD[seed]}, name="other_tokens", tokens=TOKENS + 64)
+    rep = build_report(load_runs([sweep])[0], baseline="base")
+    by = {(c.group, c.mode): c for c in rep.comparisons}
+    small = by[("small", "standard")]
+    assert small.gain.p < 0.5 < small.rule.p and not small.rule_met and small.why.startswith("p(gain > 0.005)")
+    assert by[("slot", "standard")].rule_met  # its standard mode is compliant
+    assert ("slot", "slot") not in by  # the baseline has no slot mode
+    assert rep.stats[("slot", "slot")].compliant is False
+    assert by[("other_tokens", "standard")].why == "scored on different tokens/bytes"
+
+
+def test_eval_results_beside_the_run_add_modes_by_name(tmp_path):
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    d = make_run(sweep, "0_seed0", 0, {"standard": 1.3})
+    (d / "eval_ttt").mkdir()
+    results = {"lora_ttt": eval_result(1.25, "lora_ttt"), "standard": eval_result(1.31, "standard")}
+    ev = {"mode": "lora_ttt", "results": results}
+    (d / "eval_ttt" / "eval_result.json").write_text(json.dumps(ev))
+    with pytest.warns(UserWarning, match="replaces"):
+        (run,) = load_runs([sweep])[0]
+    assert run.modes["lora_ttt"]["val_bpb"] == 1.25 and run.sources["lora_ttt"] == "eval_ttt/eval_result.json"
+    assert run.modes["standard"]["val_bpb"] == 1.31  # the later evaluation of the artifact wins, with a warning
+
+
+def test_unfinished_duplicate_and_mixed_runs_are_reported(tmp_path):
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    make_run(sweep, "0_seed0", 0, {"standard": 1.3})
+    make_run(sweep, "1_seed1", 1, {"standard": 1.3}, config={"train": {"iterations": 99}})
+    make_run(sweep, "2_seed1", 1, {"standard": 1.29}, config={"train": {"iterations": 99}})
+    bad = make_run(sweep, "3_seed2", 2, {"standard": 1.3})
+    (bad / "results.json").unlink()
+    ev = sweep / "eval_out"  # an eval.py output directory (Hydra's .hydra/ but no train.log): not a run
+    (ev / ".hydra").mkdir(parents=True)
+    (ev / ".hydra" / "config.yaml").write_text("name: eval\n")
+    (ev / "eval_result.json").write_text(json.dumps({"results": {"standard": eval_result(1.2, "standard")}}))
+    runs, notes = load_runs([sweep])
+    assert [r.path.name for r in runs] == ["0_seed0", "2_seed1"]
+    text = "\n".join(notes)
+    assert "3_seed2: no results" in text and "seed 1 2 times" in text and "differ in train.iterations" in text
+
+
+def test_steps_and_time_come_from_results_or_the_last_log_line(tmp_path):
+    d = make_run(tmp_path / "s", "0_seed0", 0, {"standard": 1.3}, steps=10)
+    (run,) = load_runs([tmp_path / "s"])[0]
+    assert (run.steps, run.train_time_ms, len(run.train_curve), len(run.val_curve)) == (10, 1000.0, 10, 1)
+    with open(d / "train.log", "a") as f:
+        f.write("step:11/20 train_loss:4.0 train_time:1100ms step_avg:100.00ms\n")
+        f.write("stopping_early: wallclock_cap train_time:1234ms step:12/20\n")
+    (run,) = load_runs([tmp_path / "s"])[0]
+    assert (run.steps, run.train_time_ms) == (12, 1234.0)
+    res = json.loads((d / "results.json").read_text())
+    (d / "results.json").write_text(json.dumps({**res, "training": {"steps": 13, "train_time_ms": 1300.5}}))
+    (run,) = load_runs([tmp_path / "s"])[0]
+    assert (run.steps, run.train_time_ms) == (13, 1300.5)
+
+
+def test_group_by_config_keys(two_groups):
+    runs, _ = load_runs([two_groups], by=["model.mlp_act"])
+    assert {r.identity.group for r in runs} == {"demo[model.mlp_act=relu2]", "demo[model.mlp_act=leaky_relu2]"}
+    with pytest.raises(compare.CompareError, match="no such key"):
+        load_runs([two_groups], by=["model.nope"])
+
+
+def test_cli_writes_tables_json_and_plots_and_never_overwrites(two_groups, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert compare.main([str(two_groups), "--baseline", "demo[model.mlp_act=relu2]", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "p(gain>0.005)" in printed and "MET" in printed and "compare: 6 runs, 2 groups" in printed
+    md = (out / "compare.md").read_text()
+    assert "| demo[model.mlp_act=leaky_relu2] | sliding | 3 | 1.194100 ± 0.000361 |" in md
+    assert "![curves](curves.png)" in md and str(tmp_path) not in md
+    data = json.loads((out / "compare.json").read_text())
+    assert len(data["runs"]) == 6 and data["baseline"] == "demo[model.mlp_act=relu2]"
+    for png in ("curves.png", "final_bpb.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert compare.main([str(two_groups), "--out", str(out)]) == 2  # an earlier comparison is kept
+    assert "--force" in capsys.readouterr().err
+    assert compare.main([str(two_groups), "--baseline", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert compare.main([str(tmp_path / "missing")]) == 2
+
+
+def test_scrub_paths_removes_machine_paths():
+    text = "run /home/ann/pg/outputs/x/train.log from https://github.com/openai/parameter-golf data/shards step:1/6"
+    out = scrub_paths(text, {"/home/ann/pg": "."})
+    assert out.startswith("run ./outputs/x/train.log") and "https://github.com/openai/parameter-golf" in out
+    assert find_machine_paths(scrub_paths("file=/tmp/abc/def.bin and /usr/lib/x")) == []
+    assert "<path>/def.bin" in scrub_paths("file=/tmp/abc/def.bin")
