@@ -242,6 +242,12 @@ def read_artifact(path: str | Path) -> tuple[dict[str, QuantEntry], dict]:
 # ---- code bytes and size accounting --------------------------------------------------------------
 CODE_DIRS = ("pgolf", "callbacks")
 CODE_FILES = ("train.py", "eval.py")
+# Tooling that neither training nor evaluation imports (data preparation and download, analysis of finished
+# runs, submission assembly, baselines): like the reference's data/ scripts, not part of the counted code.
+TOOL_MODULES = frozenset({
+    "pgolf/prepare.py", "pgolf/fineweb.py", "pgolf/demo.py", "pgolf/synthetic.py", "pgolf/bigram.py",
+    "pgolf/compare.py", "pgolf/plots.py", "pgolf/stats.py", "pgolf/submission.py", "pgolf/audit.py",
+})  # fmt: skip
 
 
 def project_root() -> Path:
@@ -249,11 +255,15 @@ def project_root() -> Path:
 
 
 def code_files(root: Path | None = None) -> list[Path]:
-    """The `.py` files an artifact needs to train and run (until a single-file exporter exists)."""
+    """The `.py` files an artifact needs to train and run (until a single-file exporter exists): the entry
+    points, `callbacks/`, and `pgolf/` minus `TOOL_MODULES`."""
     root = root or project_root()
     files = [root / f for f in CODE_FILES if (root / f).is_file()]
     for d in CODE_DIRS:
-        files += sorted(p for p in (root / d).rglob("*.py") if "__pycache__" not in p.parts)
+        files += sorted(
+            p for p in (root / d).rglob("*.py")
+            if "__pycache__" not in p.parts and p.relative_to(root).as_posix() not in TOOL_MODULES
+        )  # fmt: skip
     return files
 
 

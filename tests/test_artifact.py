@@ -124,6 +124,7 @@ def test_size_report_is_decimal_and_flags_over_budget():
 def test_code_files_cover_the_package():
     names = {p.name for p in code_files()}
     assert {"train.py", "eval.py", "model.py", "artifact.py", "wallclock.py"} <= names
+    assert not {"compare.py", "submission.py", "prepare.py", "fineweb.py"} & names  # tooling is not counted
 
 
 def test_inspect_prints_tensors_and_margin(tmp_path, entries):
