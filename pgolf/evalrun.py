@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from pgolf.data import load_val_tokens
-from pgolf.evaluate import TargetLog, gather_log, run_mode
+from pgolf.evaluate import TargetLog, gather_log, parse_mode, run_mode
 from pgolf.export import load_artifact_model
 from pgolf.io import atomic_path, atomic_write_bytes
 from pgolf.runlog import log0
@@ -75,6 +75,8 @@ def evaluate_artifact(
     tok.check_matches(meta["tokenizer"], what=f"artifact {Path(artifact).name}")
     train_seq = int(meta.get("train", {}).get("seq_len", 0) or 0)
     S = int(seq_len or train_seq or data.get("eval_seq_len") or 1024)
+    for name, settings in modes.items():  # every mode's settings are checked before any mode runs
+        parse_mode(name, settings, seq_len=S, batch_windows=batch_windows)
     tokens = load_val_tokens(data["val_pattern"], max(S, train_seq), tok.vocab_size)
     luts = build_byte_luts(load_tokenizer(data["tokenizer_path"]), model.cfg.vocab_size).to(device)
     autocast = torch.bfloat16 if device.type == "cuda" else None

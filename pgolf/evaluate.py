@@ -424,6 +424,37 @@ def eval_sliding(
 MODES = ("standard", "sliding", "ttt", "lora_ttt", "slot")
 
 
+def parse_mode(name: str, settings: dict, *, seq_len: int, batch_windows: int = 32):
+    """(kind, settings object) of a mode's config; every problem (unknown kind or key, bad value) raises here,
+    before anything runs. `mode:` names the kind (default: the config's name); the other keys are settings."""
+    # Imported here: ttt and slot build on this module's batching and scoring.
+    from pgolf.slot import SlotSettings
+    from pgolf.ttt import LoraSettings, TTTSettings
+
+    s = dict(settings)
+    kind = s.pop("mode", name)
+    S = int(s.pop("seq_len", None) or seq_len)
+    bw = int(s.pop("batch_windows", None) or batch_windows)
+    if kind == "standard":
+        parsed = {"seq_len": S, "batch_windows": bw}
+    elif kind == "sliding":
+        parsed = {"seq_len": S, "batch_windows": bw, "stride": int(s.pop("stride", 64))}
+        parsed["reference_tail"] = bool(s.pop("reference_tail", False))
+        if not 0 < parsed["stride"] <= S:
+            raise ValueError(f"eval mode {name}: stride {parsed['stride']} must be in 1..{S}")
+    elif kind == "ttt":
+        parsed = TTTSettings.take(s, S, bw)
+    elif kind == "lora_ttt":
+        parsed = LoraSettings.take(s, S)
+    elif kind == "slot":
+        parsed = SlotSettings.take(s, S, bw)
+    else:
+        raise ValueError(f"eval mode {name}: unknown mode {kind!r} (one of {' | '.join(MODES)})")
+    if s:
+        raise ValueError(f"eval mode {name}: unknown settings {sorted(s)}")
+    return kind, parsed
+
+
 def run_mode(
     name: str,
     settings: dict,
@@ -438,40 +469,24 @@ def run_mode(
     log: TargetLog | None = None,
     compile: bool = False,
 ) -> EvalResult:
-    """Dispatch one eval mode by its config (`mode:` names the kind; the other keys are its settings).
+    """Run one eval mode given its config (see `parse_mode`).
 
     `model` is a GPT (or a torch.compile wrapper of one, which implies `compile`); modes that adapt weights
     work on a copy, so the model is unchanged afterwards."""
-    # Imported here: ttt and slot build on this module's batching and scoring.
-    from pgolf.slot import SlotSettings, eval_slot
-    from pgolf.ttt import LoraSettings, TTTSettings, eval_lora_ttt, eval_ttt
+    from pgolf.slot import eval_slot
+    from pgolf.ttt import eval_lora_ttt, eval_ttt
 
-    s = dict(settings)
-    kind = s.pop("mode", name)
-    S = int(s.pop("seq_len", None) or seq_len)
-    bw = int(s.pop("batch_windows", None) or batch_windows)
+    kind, st = parse_mode(name, settings, seq_len=seq_len, batch_windows=batch_windows)
     common = dict(luts=luts, device=device, autocast_dtype=autocast_dtype, log=log, compile=compile)
     if kind == "standard":
-        res = eval_standard(model, tokens, seq_len=S, batch_windows=bw, **common)
+        res = eval_standard(model, tokens, **st, **common)
     elif kind == "sliding":
-        res = eval_sliding(
-            model,
-            tokens,
-            seq_len=S,
-            batch_windows=bw,
-            stride=int(s.pop("stride", 64)),
-            reference_tail=bool(s.pop("reference_tail", False)),
-            **common,
-        )
+        res = eval_sliding(model, tokens, **st, **common)
     elif kind == "ttt":
-        res = eval_ttt(model, tokens, TTTSettings.take(s, S, bw), **common)
+        res = eval_ttt(model, tokens, st, **common)
     elif kind == "lora_ttt":
-        res = eval_lora_ttt(model, tokens, LoraSettings.take(s, S), **common)
-    elif kind == "slot":
-        res = eval_slot(model, tokens, SlotSettings.take(s, S, bw), **common)
+        res = eval_lora_ttt(model, tokens, st, **common)
     else:
-        raise ValueError(f"eval mode {name}: unknown mode {kind!r} (one of {' | '.join(MODES)})")
-    if s:
-        raise ValueError(f"eval mode {name}: unknown settings {sorted(s)}")
+        res = eval_slot(model, tokens, st, **common)
     res.mode = name
     return res

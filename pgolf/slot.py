@@ -85,9 +85,9 @@ class SlotSettings:
             (0 < self.stride <= self.seq_len, f"stride {self.stride} must be in 1..{self.seq_len}"),
             (self.batch_windows > 0, f"batch_windows {self.batch_windows} must be > 0"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"slot: {msg}")
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ValueError(f"slot: {'; '.join(bad)}")
         self.logit_bias = bool(self.logit_bias)
 
     @classmethod

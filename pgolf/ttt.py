@@ -83,9 +83,9 @@ class TTTSettings:
             (self.freeze_blocks >= 0, f"freeze_blocks {self.freeze_blocks} must be >= 0"),
             (self.lr >= 0 and self.grad_clip >= 0, "lr and grad_clip must be >= 0"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"ttt: {msg}")
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ValueError(f"ttt: {'; '.join(bad)}")
 
     @classmethod
     def take(cls, s: dict, seq_len: int, batch_windows: int) -> TTTSettings:
@@ -115,6 +115,14 @@ def all_reduce_grads(params: list[nn.Parameter], scale: float) -> None:
     for p in params:
         p.grad = flat[i : i + p.numel()].view_as(p).clone()
         i += p.numel()
+
+
+def ttt_params(model, freeze_blocks: int) -> list[nn.Parameter]:
+    """Mark blocks.0 .. blocks.{freeze_blocks-1} frozen, everything else trainable; the trainable list."""
+    frozen = tuple(f"blocks.{i}." for i in range(freeze_blocks))
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def train_chunk(
@@ -176,12 +184,7 @@ def eval_ttt(
     m = copy.deepcopy(base)
     m.set_qat("off")  # TTT trains full-precision weights; fake quant is a training-time device
     m.eval()
-    params = []
-    frozen = tuple(f"blocks.{i}." for i in range(st.freeze_blocks))
-    for name, p in m.named_parameters():
-        p.requires_grad_(not name.startswith(frozen))
-        if p.requires_grad:
-            params.append(p)
+    params = ttt_params(m, st.freeze_blocks)
     opt = torch.optim.SGD(params, lr=st.lr, momentum=st.momentum)
     hidden = hidden_fn(m, compile or wrapped)
     total = tokens.numel() - 1
@@ -246,9 +249,9 @@ class LoraSettings:
             (0 < self.chunk_size <= self.context, f"chunk_size {self.chunk_size} must be in 1..context {self.context}"),
             (self.batch_docs > 0, f"batch_docs {self.batch_docs} must be > 0"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"lora_ttt: {msg}")
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ValueError(f"lora_ttt: {'; '.join(bad)}")
 
     @classmethod
     def take(cls, s: dict, seq_len: int) -> LoraSettings:
