@@ -16,7 +16,8 @@ Speed: the backbone runs once per batch of windows (`forward_hidden` under no_gr
 the optimisation steps never re-run it. Because δ is shared by all positions of its window,
 (H+δ)Wᵀ + β = HWᵀ + (δWᵀ + β): the base logits HWᵀ are computed once per batch, and a step only adds a
 [B,1,V] row, applies the softcap and the cross-entropy (the same function as the seeds' up to float
-rounding). For `fit: scored` the head runs only at the scored positions (the loss touches no others).
+rounding), with its gradient written out rather than taken by autograd. For `fit: scored` the head runs
+only at the scored positions (the loss touches no others).
 """
 
 from __future__ import annotations
@@ -109,6 +110,24 @@ def softcap(z: torch.Tensor, c: float) -> torch.Tensor:
     return c * torch.tanh(z / c) if c > 0 else z
 
 
+def slot_grads(z: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor, cap: float) -> torch.Tensor:
+    """d/dz of Σ weight·CE(softcap(z), y) for pre-softcap logits z [B,k,V] (consumed in place), summed over
+    positions: [B,1,V]. Written out (softmax - onehot, times the softcap's 1 - tanh²) instead of autograd:
+    half the passes over [B,k,V] (tests/test_eval_modes.py checks the result against autograd)."""
+    if cap > 0:
+        t = z.mul_(1.0 / cap).tanh_()
+        logits = t.float() * cap
+        dcap = t.float().square_().neg_().add_(1.0)  # (in place when z is fp32: t is not used again)
+    else:
+        logits, dcap = z.float(), None
+    g = logits.sub_(torch.logsumexp(logits, -1, keepdim=True)).exp_()  # softmax [B,k,V]
+    g.scatter_add_(-1, ys[..., None], torch.full_like(g[..., :1], -1.0))
+    g.mul_(weight[..., None])
+    if dcap is not None:
+        g.mul_(dcap)
+    return g.sum(1, keepdim=True)
+
+
 def slot_batch(
     st: SlotSettings, h: torch.Tensor, b: Batch, W: torch.Tensor, cap: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,9 +153,9 @@ def slot_batch(
     bias = torch.zeros(B, 1, W.size(0), dtype=dt, device=h.device, requires_grad=True) if st.logit_bias else None
     params = [delta] + ([bias] if bias is not None else [])
 
-    def logits() -> torch.Tensor:
-        z = base + delta @ W.T  # [B,k,V] + [B,1,V]
-        return softcap(z + bias if bias is not None else z, cap)
+    def pre_softcap() -> torch.Tensor:  # (H+δ)Wᵀ + β = HWᵀ + (δWᵀ + β): one [B,1,V] row per window
+        row = delta.detach() @ W.T
+        return base + (row + bias.detach() if bias is not None else row)
 
     fm = fit.float()
     if st.normalize == "window":  # each window's own mean: its δ never depends on the other windows
@@ -148,12 +167,14 @@ def slot_batch(
         for k in range(st.steps):
             for g in opt.param_groups:
                 g["lr"] = st.lr_at(k)
-            loss = (nll_from_logits(logits(), ys) * weight).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with torch.no_grad():
+                gz = slot_grads(pre_softcap(), ys, weight, cap)  # [B,1,V]
+                delta.grad = (gz.to(dt) @ W).to(dt)
+                if bias is not None:
+                    bias.grad = gz.to(dt)
             opt.step()
     with torch.no_grad():
-        nll = nll_from_logits(logits(), ys)
+        nll = nll_from_logits(softcap(pre_softcap(), cap), ys)
     return nll, pos, scored
 
 
