@@ -319,3 +319,23 @@ def test_flip_test_from_outside_with_eval_and_audit_files(tmp_path, synth_dir, c
     for m in modes:
         s = audit_cli.summarize(a[m])
         assert s["every_target_once"] and s["val_bpb"] == pytest.approx(res["results"][m]["val_bpb"], rel=1e-6)
+
+
+# ---- CUDA --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["standard", "sliding", *SMALL])
+def test_every_mode_on_cuda_matches_cpu_and_runs_in_bf16(name):
+    settings = SMALL.get(name, {"mode": name, **({"stride": 4} if name == "sliding" else {})})
+    cpu = run(name, settings)
+    cuda = torch.device("cuda")
+    lt = luts().to(cuda)
+    got = run(name, settings, m=model().to(cuda), luts=lt, device=cuda)
+    assert (got.tokens, got.bytes) == (cpu.tokens, cpu.bytes)
+    assert got.val_loss == pytest.approx(cpu.val_loss, rel=1e-4)
+    for compile in (False, True) if name in ("sliding", "slot_1263") else (False,):  # compiling is slow
+        bf = run(
+            name, settings, m=model().to(cuda), luts=lt, device=cuda, autocast_dtype=torch.bfloat16, compile=compile
+        )
+        assert bf.tokens == cpu.tokens and math.isfinite(bf.val_loss)
+        assert bf.val_loss == pytest.approx(cpu.val_loss, rel=0.05)
