@@ -1,4 +1,6 @@
-"""Evaluate an artifact: `python eval.py artifact=PATH [eval=sliding] [eval=[standard,sliding]]` (Hydra).
+"""Evaluate an artifact: `python eval.py artifact=PATH [eval=sliding] [eval=[standard,sliding,slot_1263]]` (Hydra).
+
+Modes (conf/eval/): standard, sliding, ttt, lora_ttt, slot_1263, slot_1298, causal_slot.
 
 Loads only the artifact (weights, model config and tokenizer identity inside it), refuses a tokenizer
 whose hash or vocab size differs, runs the selected modes on the validation split, and writes
@@ -29,6 +31,7 @@ def main(cfg: DictConfig) -> float:
         seq_len=cfg.seq_len,
         budget_seconds=cfg.budget_seconds,
         audit=cfg.audit,
+        compile=cfg.compile,
         out_dir=out_dir,
     )
     return result["val_bpb"]

@@ -1,9 +1,14 @@
-"""Evaluation-throughput benchmark: `python bench/eval_bench.py [--tokens N] [--modes standard,sliding]
-[--artifact PATH] [hydra overrides...]`.
+"""Evaluation-throughput benchmark: `python bench/eval_bench.py [--tokens N] [--modes standard,sliding,...]
+[--artifact PATH] [--compile] [hydra overrides...]`.
 
-Scores N random validation tokens (or the experiment's model from an artifact) with each mode and prints
-seconds, tokens/s, windows/s, and the extrapolation to the 62,021,632-token FineWeb validation set.
-Prints figures; it is not a test.
+Modes are the configs of conf/eval/ (standard, sliding, ttt, lora_ttt, slot_1263, slot_1298, causal_slot);
+override a mode's settings with `eval.<mode>.<key>=value` and the model/device with training-config
+overrides (e.g. `model=pr1263 train.seq_len=2048 trainer=gpu`). Scores N random validation tokens (so BOS,
+id 1, falls about once per vocab-size tokens: LoRA TTT sees documents of about that length) with the
+experiment's model or an artifact's, and prints per mode: seconds, tokens/s, windows/s, and the
+extrapolation to the 62,021,632-target FineWeb validation set on this one device (divide by the device
+count for 8 GPUs). Each mode is first run on a short prefix (compilation, warm-up). Prints figures; it is
+not a test.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 
 import torch
 from common import compose, model_from_cfg
+from omegaconf import OmegaConf
 
 from pgolf.evaluate import run_mode
 from pgolf.export import load_artifact_model
@@ -27,14 +33,18 @@ def main() -> None:
     ap.add_argument("--modes", default="standard,sliding")
     ap.add_argument("--artifact", default=None)
     ap.add_argument("--batch-windows", type=int, default=32)
-    ap.add_argument("--stride", type=int, default=64)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the backbone (also: train.compile=true)")
     ap.add_argument("--json", default=None)
     args, overrides = ap.parse_known_args()
-    cfg = compose("train", overrides)
+    modes = args.modes.split(",")
+    eval_over = [o for o in overrides if o.startswith("eval.")]
+    cfg = compose("train", [o for o in overrides if not o.startswith("eval.")])
+    ecfg = compose("eval", [f"eval=[{','.join(modes)}]", "artifact=bench", *eval_over])
     cuda = cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
     model = load_artifact_model(args.artifact, device)[0] if args.artifact else model_from_cfg(cfg).to(device).eval()
-    fwd = torch.compile(model, dynamic=False, fullgraph=True) if cfg.train.compile else model
     S = cfg.train.seq_len
     V = model.cfg.vocab_size
     n = (args.tokens // S) * S
@@ -43,40 +53,31 @@ def main() -> None:
         torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool)
     ).to(device)
     autocast = torch.bfloat16 if cuda else None
-    out = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "seq_len": S, "tokens": n, "modes": {}}
-    for mode in args.modes.split(","):
-        settings = {"mode": mode, **({"stride": args.stride} if mode == "sliding" else {})}
-        run_mode(
-            mode,
-            settings,
-            fwd,
-            tokens[: S * 2 + 1],
+    compile_ = args.compile or bool(cfg.train.compile)
+    dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    out = {"device": dev_name, "seq_len": S, "tokens": n, "compile": compile_, "modes": {}}
+    for mode in modes:
+        settings = OmegaConf.to_container(ecfg.eval[mode], resolve=True)
+        kw = dict(
             luts=luts,
             device=device,
             autocast_dtype=autocast,
             batch_windows=args.batch_windows,
             seq_len=S,
-        )  # warm-up / compile
-        r = run_mode(
-            mode,
-            settings,
-            fwd,
-            tokens,
-            luts=luts,
-            device=device,
-            autocast_dtype=autocast,
-            batch_windows=args.batch_windows,
-            seq_len=S,
+            compile=compile_,
         )
-        windows = r.settings.get("windows", n // S)
+        run_mode(mode, settings, model, tokens[: S * 4 + 1], **kw)  # warm-up / compile
+        r = run_mode(mode, settings, model, tokens, **kw)
         fig = {
             "seconds": round(r.seconds, 3),
             "tokens_per_s": round(r.tokens / r.seconds),
-            "windows_per_s": round(windows / r.seconds, 1),
+            "windows": r.windows,
+            "windows_per_s": round(r.windows_per_second, 1),
             "extrapolated_fineweb_val_s": round(r.seconds * FINEWEB_VAL_TARGETS / r.tokens, 1),
+            "val_bpb_random_tokens": round(r.val_bpb, 4),
         }
         out["modes"][mode] = fig
-        print(mode, " ".join(f"{k}:{v}" for k, v in fig.items()))
+        print(mode, " ".join(f"{k}:{v}" for k, v in fig.items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

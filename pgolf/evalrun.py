@@ -1,4 +1,9 @@
-"""What `eval.py` does, as a function: artifact -> eval modes -> eval_result.json (+ audit.npz)."""
+"""What `eval.py` does, as a function: artifact -> eval modes -> eval_result.json (+ audit.npz).
+
+audit.npz holds, for every mode, `<mode>.index` (target index in the validation stream, int64),
+`<mode>.nll` (nats, float32) and `<mode>.bytes` (float32), sorted by index: one entry per scored target.
+`python -m pgolf.audit` compares two of them (diff two models, or the flip test from outside).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from pgolf.data import load_val_tokens
-from pgolf.evaluate import TargetLog, gather_log, run_mode
+from pgolf.evaluate import TargetLog, gather_log, parse_mode, run_mode
 from pgolf.export import load_artifact_model
 from pgolf.io import atomic_path, atomic_write_bytes
 from pgolf.runlog import log0
@@ -37,6 +42,16 @@ def pick_device(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_compile(compile, device: torch.device) -> bool:
+    if compile in ("auto", None):
+        return device.type == "cuda"
+    if isinstance(compile, str):
+        if compile.lower() not in ("true", "false"):
+            raise ValueError(f"compile={compile!r}: expected auto, true or false")
+        return compile.lower() == "true"
+    return bool(compile)
+
+
 def evaluate_artifact(
     *,
     artifact,
@@ -47,15 +62,21 @@ def evaluate_artifact(
     seq_len=None,
     budget_seconds=600,
     audit=False,
+    compile="auto",
     out_dir: Path,
 ) -> dict:
+    if not modes:
+        raise ValueError("no eval mode selected (eval=[standard,sliding,...])")
     device = pick_device(accelerator)
+    use_compile = resolve_compile(compile, device)
     rank, world = init_distributed(device)
     model, meta = load_artifact_model(artifact, device)
     tok = TokenizerInfo.from_path(data["tokenizer_path"])
     tok.check_matches(meta["tokenizer"], what=f"artifact {Path(artifact).name}")
     train_seq = int(meta.get("train", {}).get("seq_len", 0) or 0)
     S = int(seq_len or train_seq or data.get("eval_seq_len") or 1024)
+    for name, settings in modes.items():  # every mode's settings are checked before any mode runs
+        parse_mode(name, settings, seq_len=S, batch_windows=batch_windows)
     tokens = load_val_tokens(data["val_pattern"], max(S, train_seq), tok.vocab_size)
     luts = build_byte_luts(load_tokenizer(data["tokenizer_path"]), model.cfg.vocab_size).to(device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -74,9 +95,14 @@ def evaluate_artifact(
             batch_windows=batch_windows,
             seq_len=S,
             log=log,
+            compile=use_compile,
         )
         results[name] = r.to_dict()
-        log0(f"{r.line(f'eval_{name}')} compliant:{str(r.compliant).lower()}")
+        share = 100 * r.seconds / budget_seconds if budget_seconds else 0.0
+        log0(
+            f"{r.line(f'eval_{name}')} tokens:{r.tokens} windows_per_s:{r.windows_per_second:.1f} "
+            f"budget_share:{share:.1f}% compliant:{str(r.compliant).lower()}"
+        )
         if audit:
             arrays.update({f"{name}.{k}": v for k, v in gather_log(log).items()})
     total = time.perf_counter() - t_all

@@ -1,0 +1,154 @@
+"""The flip test of SPEC §4.5 (PR #1240) for every eval mode, read from the per-target audit.
+
+Target t predicts token t+1. Changing the token at stream position P may change the scores of targets from
+P-1 on (target P-1 *is* token P), never those of targets before P-1. Over all V values of token P:
+* causal modes (standard, sliding, score-first TTT, LoRA TTT, causal SLOT) leave every target < P-1
+  bit-for-bit unchanged, and the probabilities they give target P-1 over the V values sum to 1: the
+  distribution a target is scored with is a full normalised distribution that does not depend on its
+  own value;
+* both seed SLOT forms (PR #1263, PR #1298) are caught: they fit on the targets they score, so earlier
+  targets of the same window move, and the "distribution" over the flipped token's values sums to > 1
+  (each value raises its own probability).
+Every mode also scores every target exactly once, and its sums equal its audit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pgolf.evaluate import TargetLog, run_mode
+from pgolf.model import GPT, GPTConfig
+from pgolf.tokenizer import ByteLUTs
+
+V, S = 16, 16
+FLIP = 59  # target 58: mid-window (stride 4), chunk 1 of TTT, third chunk of a LoRA document
+BOS_AT = [0, 13, 30, 47, 70, 88]
+MODES = {
+    "standard": {"mode": "standard"},
+    "sliding": {"mode": "sliding", "stride": 4},
+    "ttt": {"mode": "ttt", "stride": 4, "chunk_tokens": 32, "epochs": 2, "batch_seqs": 2, "lr": 0.05},
+    "lora_ttt": {"mode": "lora_ttt", "chunk_size": 4, "context": 12, "batch_docs": 4, "lr": 0.05},
+    "causal_slot": {"mode": "slot", "stride": 4, "fit": "context", "normalize": "window"},
+    "slot_1263": {"mode": "slot", "stride": 4},  # the conf/eval/slot_1263.yaml defaults, stride scaled
+    "slot_1298": {
+        "mode": "slot",
+        "stride": 4,
+        "steps": 8,
+        "lr": 0.005,
+        "schedule": "constant",
+        "weight_decay": 0.0,
+        "logit_bias": False,
+        "fit": "all",
+        "dtype": "hidden",
+    },
+}
+CAUSAL = ["standard", "sliding", "ttt", "lora_ttt", "causal_slot"]
+SEED_SLOT = ["slot_1263", "slot_1298"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is many times faster than two on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=V, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # off the zero init so every position matters
+        m.tok_emb.weight.normal_(0.0, 0.1)
+    return m.eval()
+
+
+def luts() -> ByteLUTs:
+    g = torch.Generator().manual_seed(0)
+    boundary = torch.zeros(V, dtype=torch.bool)
+    boundary[:2] = True
+    base = torch.randint(1, 4, (V,), generator=g).to(torch.int16)
+    base[:2] = 0
+    return ByteLUTs(base, torch.rand(V, generator=g) < 0.4, boundary)
+
+
+def stream() -> torch.Tensor:
+    t = torch.randint(2, V, (1 + S * 6,), generator=torch.Generator().manual_seed(2))
+    t[BOS_AT] = 1  # documents for LoRA TTT
+    return t
+
+
+def audit(model, name: str, tokens: torch.Tensor):
+    log = TargetLog()
+    r = run_mode(
+        name, MODES[name], model, tokens, luts=luts(), device=torch.device("cpu"), batch_windows=4, seq_len=S, log=log
+    )
+    return r, log.arrays()
+
+
+@pytest.fixture(scope="module")
+def flips():
+    """For every mode: the base run and the per-target NLL with token FLIP set to each of the V values."""
+    model, toks = tiny_model(), stream()
+    out = {}
+    for name in MODES:
+        base = audit(model, name, toks)
+        nll = []
+        for v in range(V):
+            t = toks.clone()
+            t[FLIP] = v
+            nll.append(audit(model, name, t)[1]["nll"].astype(np.float64))
+        out[name] = (base, np.stack(nll))
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODES))
+def test_every_target_scored_exactly_once_and_sums_match_the_audit(flips, name):
+    (r, a), _ = flips[name]
+    toks, lt = stream(), luts()
+    total = toks.numel() - 1
+    assert a["index"].tolist() == list(range(total))
+    assert r.tokens == total
+    assert r.bytes == float(lt.target_bytes(toks[:-1], toks[1:]).sum())
+    assert a["bytes"].astype(np.float64).sum() == r.bytes
+    assert r.val_loss == pytest.approx(a["nll"].astype(np.float64).sum() / total, rel=1e-9)
+    assert r.val_bpb == pytest.approx(a["nll"].astype(np.float64).sum() / (math.log(2) * r.bytes), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_causal_modes_pass_the_flip_test(flips, name):
+    (r, a), nll = flips[name]
+    assert r.compliant
+    before = nll[:, : FLIP - 1]
+    assert (before == a["nll"][: FLIP - 1].astype(np.float64)).all(), "a target before the flip changed"
+    # the flipped token is visible to the targets after it (the test can see a change when there is one)
+    assert np.ptp(nll[:, FLIP:], axis=0).max() > 1e-3
+    # target FLIP-1's probabilities over all values of its own token form one normalised distribution
+    assert np.exp(-nll[:, FLIP - 1]).sum() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", SEED_SLOT)
+def test_seed_slot_forms_are_detected(flips, name):
+    (r, a), nll = flips[name]
+    assert not r.compliant and "fits" in r.reason
+    moved = np.abs(nll[:, : FLIP - 1] - a["nll"][: FLIP - 1].astype(np.float64)).max(axis=0)
+    assert moved.max() > 1e-3, "flipping a token must move earlier targets of its window under SLOT"
+    assert moved[FLIP - 4 : FLIP - 1].max() > 1e-3  # the earlier targets of the flipped token's own window
+    # each value of the token raises its own probability: the 'distribution' over its values sums to > 1
+    assert np.exp(-nll[:, FLIP - 1]).sum() > 1.0 + 1e-3
+
+
+def test_score_first_ttt_adapts_on_earlier_chunks_only(flips):
+    """Positive control: targets in later chunks whose windows do not contain the flipped token still
+    change, so the flip reached them through training on its chunk (after that chunk was scored)."""
+    _, nll = flips["ttt"]
+    first_unseen = FLIP + S  # windows scoring targets >= this start after token FLIP
+    assert np.ptp(nll[:, first_unseen:], axis=0).max() > 1e-4
+    _, sl = flips["sliding"]
+    assert np.ptp(sl[:, first_unseen:], axis=0).max() == 0.0  # without training they cannot change

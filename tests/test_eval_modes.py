@@ -1,0 +1,341 @@
+"""Score-first TTT, LoRA TTT and SLOT: the seeds' settings, reference formulas, reuse of the backbone,
+isolation, bad settings, and the audit round trip through evaluate_artifact + pgolf.audit. (1 vs 2
+processes for every mode: tests/test_evaluate.py.)"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pgolf import audit as audit_cli
+from pgolf.evaluate import TargetLog, make_batch, run_mode, score_windows, sliding_windows, window_table
+from pgolf.model import GPT, GPTConfig
+from pgolf.slot import SlotSettings, slot_batch
+from pgolf.tokenizer import ByteLUTs
+from pgolf.ttt import LoraSettings, TTTSettings, chunk_window, documents, train_chunk, ttt_params
+
+V, S = 32, 16
+CPU = torch.device("cpu")
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+SMALL = {
+    "ttt": {"mode": "ttt", "stride": 4, "chunk_tokens": 48, "epochs": 2, "batch_seqs": 3, "lr": 0.05},
+    "lora_ttt": {"mode": "lora_ttt", "chunk_size": 4, "context": 12, "batch_docs": 3, "lr": 0.05},
+    "slot_1263": {"mode": "slot", "stride": 4},
+    "slot_1298": {
+        **{"mode": "slot", "stride": 4, "steps": 8, "lr": 0.005, "schedule": "constant", "weight_decay": 0.0},
+        **{"logit_bias": False, "fit": "all", "dtype": "hidden"},
+    },
+    "causal_slot": {"mode": "slot", "stride": 4, "fit": "context", "normalize": "window"},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def model() -> GPT:
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=V, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        m.tok_emb.weight.normal_(0.0, 0.1)
+    return m.eval()
+
+
+def luts() -> ByteLUTs:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(1, 4, (V,), generator=g).to(torch.int16)
+    return ByteLUTs(base, torch.rand(V, generator=g) < 0.4, torch.zeros(V, dtype=torch.bool))
+
+
+def tokens(n: int = 1 + S * 12) -> torch.Tensor:
+    t = torch.randint(2, V, (n,), generator=torch.Generator().manual_seed(3))
+    t[::23] = 1  # a BOS every 23 tokens: documents for LoRA TTT
+    return t
+
+
+def run(name, settings, m=None, toks=None, log=None, **kw):
+    kw = {"luts": luts(), "device": CPU, "batch_windows": 4, "seq_len": S, "log": log, **kw}
+    return run_mode(name, settings, m if m is not None else model(), toks if toks is not None else tokens(), **kw)
+
+
+def nll_of(name, settings, **kw) -> np.ndarray:
+    log = TargetLog()
+    run(name, settings, log=log, **kw)
+    return log.arrays()["nll"]
+
+
+# ---- settings ------------------------------------------------------------------------------------------
+def eval_cfg(mode: str) -> dict:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[f"eval={mode}", "artifact=x"])
+    return OmegaConf.to_container(cfg.eval[mode], resolve=True)
+
+
+def test_slot_configs_are_the_seed_forms():
+    a = SlotSettings.take({k: v for k, v in eval_cfg("slot_1263").items() if k != "mode"}, 2048, 32)
+    assert (a.steps, a.lr, a.lr_min, a.schedule, a.weight_decay) == (16, 0.008, 0.0008, "cosine", 0.01)
+    assert (a.logit_bias, a.fit, a.dtype, a.stride, a.compliant) == (True, "scored", "fp32", 64, False)
+    assert a.lr_at(0) == pytest.approx(0.008) and a.lr_at(15) == pytest.approx(0.000869, abs=1e-6)  # SPEC §4.5
+    b = SlotSettings.take({k: v for k, v in eval_cfg("slot_1298").items() if k != "mode"}, 2048, 32)
+    assert (b.steps, b.lr, b.schedule, b.weight_decay, b.logit_bias, b.fit, b.dtype) == (
+        8,
+        0.005,
+        "constant",
+        0.0,
+        False,
+        "all",
+        "hidden",
+    )
+    assert {b.lr_at(k) for k in range(8)} == {0.005} and not b.compliant
+    c = SlotSettings.take({k: v for k, v in eval_cfg("causal_slot").items() if k != "mode"}, 2048, 32)
+    assert c.fit == "context" and c.compliant
+
+
+def test_ttt_and_lora_configs_are_the_reference_recipes():
+    t = TTTSettings.take({k: v for k, v in eval_cfg("ttt").items() if k != "mode"}, 2048, 32)
+    assert (t.chunk_tokens, t.lr, t.momentum, t.epochs, t.batch_seqs, t.grad_clip, t.freeze_blocks) == (
+        32768,
+        0.002,
+        0.9,
+        3,
+        32,
+        1.0,
+        0,
+    )
+    assert t.lr_at(0, 1893) == 0.002 and t.lr_at(1892, 1893) == pytest.approx(0.0, abs=1e-12)
+    lo = LoraSettings.take({k: v for k, v in eval_cfg("lora_ttt").items() if k != "mode"}, 1024)
+    assert (lo.rank, lo.lr, lo.beta2, lo.eps, lo.chunk_size, lo.context) == (8, 0.01, 0.95, 1e-10, 256, 1024)
+    assert lo.targets == ("q", "v", "head")
+
+
+@pytest.mark.parametrize(
+    "name,settings,match",
+    [
+        ("x", {"mode": "bogus"}, "unknown mode 'bogus'"),
+        ("s", {"mode": "slot", "fit": "future"}, "fit 'future'"),
+        ("s", {"mode": "slot", "stride": 4, "stepz": 3}, r"unknown settings \['stepz'\]"),
+        ("t", {"mode": "ttt", "chunk_tokens": 0}, "chunk_tokens 0"),
+        ("l", {"mode": "lora_ttt", "targets": ["q", "k"]}, r"targets \['k'\]"),
+        ("l", {"mode": "lora_ttt", "chunk_size": 64, "context": 32}, "chunk_size 64"),
+    ],
+)
+def test_bad_mode_settings_fail_clearly(name, settings, match):
+    with pytest.raises(ValueError, match=match):
+        run(name, settings)
+
+
+# ---- SLOT ----------------------------------------------------------------------------------------------
+def test_slot_without_steps_is_sliding():
+    sl = nll_of("sliding", {"mode": "sliding", "stride": 4})
+    for fit in ("scored", "all", "context"):
+        np.testing.assert_allclose(nll_of("s", {"mode": "slot", "stride": 4, "steps": 0, "fit": fit}), sl, atol=1e-6)
+
+
+def direct_slot(st: SlotSettings, h, b, W, cap):
+    """SPEC §4.5 read literally: logits = c·tanh(((H+δ)Wᵀ + β)/c) on all S positions, masked loss, AdamW."""
+    pos = torch.arange(S).expand(b.x.size(0), S)
+    scored = (pos >= b.lo[:, None]) & (pos < b.n[:, None])
+    fit = {"scored": scored, "context": pos < b.lo[:, None], "all": torch.arange(b.x.size(0))[:, None] < b.real}
+    fit = fit[st.fit].expand_as(scored).float()
+    delta = torch.zeros(h.size(0), 1, h.size(2), requires_grad=True)
+    bias = torch.zeros(h.size(0), 1, V, requires_grad=True)
+    params = [delta, bias] if st.logit_bias else [delta]
+    opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
+
+    def logits():
+        z = (h + delta) @ W.T + (bias if st.logit_bias else 0.0)
+        return cap * torch.tanh(z / cap)
+
+    for k in range(st.steps):
+        opt.param_groups[0]["lr"] = st.lr_at(k)
+        ce = F.cross_entropy(logits().flatten(0, 1), b.y.flatten(), reduction="none").view_as(fit)
+        w = fit / fit.sum(1, keepdim=True).clamp_min(1) if st.normalize == "window" else fit / fit.sum()
+        opt.zero_grad()
+        (ce * w).sum().backward()
+        opt.step()
+    with torch.no_grad():
+        return F.cross_entropy(logits().flatten(0, 1), b.y.flatten(), reduction="none").view_as(fit), scored
+
+
+@pytest.mark.parametrize("form", ["slot_1263", "slot_1298", "causal_slot"])
+def test_slot_batch_equals_the_direct_formula(form):
+    """Base logits once per batch + a per-window row per step == (H+δ)Wᵀ + β per step."""
+    m, toks = model(), tokens()
+    st = SlotSettings.take({k: v for k, v in SMALL[form].items() if k != "mode"}, S, 4)
+    wins = sliding_windows(toks.numel() - 1, S, 4)
+    for table in (window_table(wins[:3]), window_table(wins[20:24])):  # window 0 + a part-empty batch; later
+        b = make_batch(toks, table, S, 4)
+        with torch.no_grad():
+            h = m.forward_hidden(b.x)
+        nll, pos, mask = slot_batch(st, h, b, m.output_weight(), m.cfg.logit_softcap)
+        ref, ref_mask = direct_slot(st, h, b, m.output_weight().detach(), m.cfg.logit_softcap)
+        got = torch.zeros_like(ref).scatter(1, pos, nll)
+        assert torch.equal(torch.zeros_like(ref_mask).scatter(1, pos, mask), ref_mask)
+        torch.testing.assert_close(got[ref_mask], ref[ref_mask], atol=2e-5, rtol=0)
+
+
+def counting(m: GPT) -> list[int]:
+    calls = [0]
+    inner = m.forward_hidden
+
+    def wrapped(*a, **k):
+        calls[0] += 1
+        return inner(*a, **k)
+
+    m.forward_hidden = wrapped
+    return calls
+
+
+@pytest.mark.parametrize("form", ["slot_1263", "slot_1298", "causal_slot"])
+def test_slot_runs_the_backbone_once_per_batch(form):
+    m, toks = model(), tokens()
+    calls = counting(m)
+    r = run(form, SMALL[form], m=m, toks=toks)
+    assert r.settings["steps"] > 0 and calls[0] == math.ceil(r.windows / 4)
+
+
+# ---- TTT -----------------------------------------------------------------------------------------------
+def test_ttt_without_learning_is_sliding_and_leaves_the_model_alone():
+    m = model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    sl = nll_of("sliding", {"mode": "sliding", "stride": 4}, m=m)
+    np.testing.assert_array_equal(nll_of("t", {**SMALL["ttt"], "lr": 0.0}, m=m), sl)
+    np.testing.assert_array_equal(nll_of("t", {**SMALL["ttt"], "epochs": 0}, m=m), sl)
+    adapted = nll_of("t", SMALL["ttt"], m=m)
+    assert not np.array_equal(adapted, sl)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # TTT trains a copy
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_ttt_step_is_the_mean_loss_sgd_step_and_frozen_blocks_stay():
+    m, toks = model(), tokens()
+    st = TTTSettings.take({k: v for k, v in SMALL["ttt"].items() if k != "mode"} | {"freeze_blocks": 1}, S, 4)
+    st.epochs, st.grad_clip = 1, 0.0
+    params = ttt_params(m, st.freeze_blocks)
+    assert all(not p.requires_grad for n, p in m.named_parameters() if n.startswith("blocks.0."))
+    ref = {n: p.detach().clone() for n, p in m.named_parameters()}
+    x, y = toks[0 : 3 * S].view(3, S), toks[1 : 3 * S + 1].view(3, S)
+    m.train()
+    grads = torch.autograd.grad(m(x, y), params)  # mean CE over the 3 sequences of the chunk
+    opt = torch.optim.SGD(params, lr=st.lr, momentum=st.momentum)
+    assert train_chunk(m, opt, params, toks, 0, 3 * S + 5, st, 0.05, CPU, None) == 1  # 3 whole sequences
+    named = dict(m.named_parameters())
+    for (n, p), g in zip(((n, p) for n, p in named.items() if p.requires_grad), grads):
+        torch.testing.assert_close(p.detach(), ref[n] - 0.05 * g, atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(named[n].detach(), ref[n]) for n in ref if n.startswith("blocks.0."))
+    assert any(not torch.equal(named[n].detach(), ref[n]) for n in ref if n.startswith("blocks.1."))
+
+
+# ---- LoRA TTT ------------------------------------------------------------------------------------------
+def test_documents_start_at_bos_and_end_on_the_next_bos():
+    t = torch.tensor([5, 1, 3, 4, 1, 6, 7, 1])
+    assert documents(t, 1) == [(0, 1), (1, 3), (4, 3)]  # 7 targets; doc (1,3) ends predicting the BOS at 4
+    assert documents(torch.tensor([1, 2, 3]), 1) == [(0, 2)]
+
+
+def test_lora_window_depends_on_the_chunk_start_only():
+    st = LoraSettings(seq_len=S, chunk_size=4, context=12)
+    # chunk 3 of a document starting at 10: targets [22, 26); 8 tokens of context before it
+    assert chunk_window((10, 40), 3, st) == (14, 12, 8)
+    assert chunk_window((10, 14), 3, st) == (14, 10, 8)  # the document ends inside the chunk: same start
+    assert chunk_window((10, 40), 0, st) == (10, 4, 0)
+
+
+def test_lora_documents_are_isolated_and_one_forward_serves_score_and_step():
+    base = nll_of("l", SMALL["lora_ttt"])
+    np.testing.assert_array_equal(nll_of("l", {**SMALL["lora_ttt"], "batch_docs": 1}), base)
+    m, toks = model(), tokens()
+    calls = counting(m)
+    r = run("l", {**SMALL["lora_ttt"], "batch_docs": 1}, m=m, toks=toks)
+    assert calls[0] == r.windows  # one forward per document chunk: scored, then the step on that loss
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_lora_without_learning_is_the_chunked_document_eval():
+    toks = tokens()
+    st = LoraSettings(seq_len=S, chunk_size=4, context=12)
+    wins = [chunk_window(d, i, st) for d in documents(toks, 1) for i in range(math.ceil(d[1] / 4))]
+    log = TargetLog()
+    score_windows(model(), toks, wins, seq_len=S, batch_windows=4, luts=luts(), device=CPU, log=log)
+    got = nll_of("l", {**SMALL["lora_ttt"], "lr": 0.0})
+    np.testing.assert_allclose(got, log.arrays()["nll"], atol=1e-6)
+    assert not np.allclose(nll_of("l", SMALL["lora_ttt"]), got, atol=1e-4)
+
+
+# ---- audit from outside ------------------------------------------------------------------------------
+def test_flip_test_from_outside_with_eval_and_audit_files(tmp_path, synth_dir, capsys):
+    from pgolf.evalrun import evaluate_artifact
+    from pgolf.export import ExportConfig, export_model
+    from pgolf.tokenizer import TokenizerInfo
+
+    tok = TokenizerInfo.from_path(synth_dir / "synth_256_bpe.model")
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=256, num_layers=1, model_dim=32, num_heads=4, num_kv_heads=2))
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    meta = {"tokenizer": {"name": tok.name, "vocab_size": 256, "sha256": tok.sha256}, "train": {"seq_len": 32}}
+    art = export_model(gpt, ExportConfig(), tmp_path, meta).path
+    data = {"tokenizer_path": str(synth_dir / "synth_256_bpe.model"), "val_pattern": str(synth_dir / "synth_val_*.bin")}
+    modes = {
+        "sliding": {"mode": "sliding", "stride": 8},
+        "causal_slot": {**eval_cfg("causal_slot"), "stride": 8},
+        "slot_1263": {**eval_cfg("slot_1263"), "stride": 8},
+    }
+    kw = dict(artifact=art, modes=modes, batch_windows=8, audit=True)
+    res = evaluate_artifact(data=data, out_dir=tmp_path / "a", **kw)
+    assert [res["results"][m]["compliant"] for m in modes] == [True, True, False]
+    P = 301
+    audit_cli.main(
+        ["flip", "--val", data["val_pattern"], "--position", str(P), "--token", "7", "--out", str(tmp_path / "v")]
+    )
+    with pytest.raises(FileExistsError):  # never overwrites
+        audit_cli.write_flipped_shards(data["val_pattern"], P, 9, tmp_path / "v")
+    evaluate_artifact(
+        data={**data, "val_pattern": str(tmp_path / "v" / "synth_val_*.bin")}, out_dir=tmp_path / "b", **kw
+    )
+    capsys.readouterr()
+    rc = audit_cli.main(
+        ["diff", str(tmp_path / "a" / "audit.npz"), str(tmp_path / "b" / "audit.npz"), "--flip", str(P)]
+    )
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith(" ")}
+    assert rc == 1  # a violation was found ...
+    assert "causal:True" in lines["sliding"] and "causal:True" in lines["causal_slot"]
+    assert "causal:False" in lines["slot_1263"]  # ... by the seed SLOT form
+    a = audit_cli.load_audit(tmp_path / "a" / "audit.npz")
+    for m in modes:
+        s = audit_cli.summarize(a[m])
+        assert s["every_target_once"] and s["val_bpb"] == pytest.approx(res["results"][m]["val_bpb"], rel=1e-6)
+
+
+# ---- CUDA --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["standard", "sliding", *SMALL])
+def test_every_mode_on_cuda_matches_cpu_and_runs_in_bf16(name):
+    settings = SMALL.get(name, {"mode": name, **({"stride": 4} if name == "sliding" else {})})
+    cpu = run(name, settings)
+    cuda = torch.device("cuda")
+    lt = luts().to(cuda)
+    got = run(name, settings, m=model().to(cuda), luts=lt, device=cuda)
+    assert (got.tokens, got.bytes) == (cpu.tokens, cpu.bytes)
+    assert got.val_loss == pytest.approx(cpu.val_loss, rel=1e-4)
+    for compile in (False, True) if name in ("sliding", "slot_1263") else (False,):  # compiling is slow
+        bf = run(
+            name, settings, m=model().to(cuda), luts=lt, device=cuda, autocast_dtype=torch.bfloat16, compile=compile
+        )
+        assert bf.tokens == cpu.tokens and math.isfinite(bf.val_loss)
+        assert bf.val_loss == pytest.approx(cpu.val_loss, rel=0.05)
