@@ -17,10 +17,12 @@ clip value before rounding (SPEC §8.1). Values live in int8 containers.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from pgolf.gptq import GPTQSettings, gptq_quantize
 from pgolf.model import quant_scale_rows
 from pgolf.optim import is_control
 
@@ -180,15 +182,6 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-@dataclass
-class GPTQSettings:
-    """How `method: gptq` rules run (SPEC §8.4); the export config's `gptq` section."""
-
-    block_size: int = 128
-    damp: float = 0.01
-    act_order: bool = True
-
-
 def quantize_tensor_by_rule(
     name: str, t: torch.Tensor, rule: QuantRule, hessian: torch.Tensor | None = None, gptq: GPTQSettings | None = None
 ) -> QuantEntry:
@@ -205,8 +198,6 @@ def quantize_tensor_by_rule(
         clip = 1.0 if isinstance(rule.clip, str) else float(rule.clip)
         q, s = quantize_tensor(t, bits, clip, floor)
     elif rule.method == "gptq" and hessian is not None:
-        from pgolf.gptq import gptq_quantize
-
         g = gptq or GPTQSettings()
         q, s, ginfo = gptq_quantize(
             t,
@@ -235,14 +226,20 @@ def quantize_state(
     rules: list[QuantRule],
     hessians: dict[str, torch.Tensor] | None = None,
     gptq: GPTQSettings | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, QuantEntry]:
     """Quantize every tensor by the first rule that matches it; `hessians` (by weight name) feed the
-    `method: gptq` rules."""
+    `method: gptq` rules. `timings`, if given, accumulates seconds per method (rtn, gptq, gptq_lite...)."""
     hessians = hessians or {}
-    return {
-        name: quantize_tensor_by_rule(name, t, pick_rule(name, t, rules), hessians.get(name), gptq)
-        for name, t in state.items()
-    }
+    out = {}
+    for name, t in state.items():
+        t0 = time.perf_counter()
+        e = quantize_tensor_by_rule(name, t, pick_rule(name, t, rules), hessians.get(name), gptq)
+        out[name] = e
+        if timings is not None:
+            key = e.info.get("method", e.kind) if e.kind == "int" else "passthrough"
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    return out
 
 
 def uses_gptq(rules: list[QuantRule]) -> bool:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf.gptq import collect_hessians, gptq_quantize, linear_names
+from pgolf.gptq import GPTQSettings, collect_hessians, gptq_quantize, linear_names
 from pgolf.model import GPT, GPTConfig
 from pgolf.quant import (
     GPTQ_LITE_CLIPS,
-    GPTQSettings,
     QuantRule,
     clip_search_rows,
     dequantize_int,
