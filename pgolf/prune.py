@@ -5,9 +5,10 @@ reference), each with the error proxy (its row scale)²; sorted ascending (ties:
 position, so the order is deterministic). `size(n)` = the real artifact size with the n cheapest
 candidates zeroed, packed and compressed exactly as it will be written. If size(0) fits, nothing is
 pruned; if even size(all) does not, all are zeroed and the result is reported over target; otherwise a
-binary search finds the smallest n with size(n) <= target (the search assumes, like the reference, that
-zeroing more entries never makes the compressed artifact larger; the chosen n is always one whose real
-size was measured to fit).
+bracketing search (bisection sped up by interpolation, `_search`) finds the smallest n with
+size(n) <= target: size(n-1) was measured over the target and size(n) within it. Like the reference's
+binary search it assumes that zeroing more entries never makes the compressed artifact larger; the chosen
+n is always one whose real size was measured to fit.
 
 The target is in decimal bytes: the 16,000,000-byte limit (or `prune.total_bytes`) minus the code bytes.
 The reference's target is `TARGET_MB × 1024 × 1024` (MiB), 16,672,358 bytes at 15.9, above the decimal cap,
@@ -90,6 +91,36 @@ def zero_cheapest(entries: dict[str, QuantEntry], cands: Candidates, n: int) -> 
     return out
 
 
+def _search(size: Callable[[int], int], target: int, lo: int, s_lo: int, hi: int, s_hi: int) -> int:
+    """Smallest n in (lo, hi] with size(n) <= target, given size(lo) > target >= size(hi).
+
+    A bracketing search: each round interpolates where the size crosses the target (the size falls
+    almost linearly with n) and probes just below and just above that estimate, so both ends of the
+    bracket close in; a round that fails to halve the bracket is followed by a bisection probe, so it
+    never needs more than about twice the probes of plain bisection, and usually far fewer (each probe
+    compresses the whole artifact)."""
+    while hi - lo > 1:
+        width = hi - lo
+        est = lo + (s_lo - target) / max(s_lo - s_hi, 1) * width
+        w = max(1, width // 64)
+        for p in sorted({min(max(round(est) - w, lo + 1), hi - 1), min(max(round(est) + w, lo + 1), hi - 1)}):
+            if not lo < p < hi:
+                continue
+            s = size(p)
+            if s <= target:
+                hi, s_hi = p, s
+                break  # the crossing is at or below p: the upper probe would tell nothing
+            lo, s_lo = p, s
+        if hi - lo > width // 2 and hi - lo > 1:
+            mid = (lo + hi) // 2
+            s = size(mid)
+            if s <= target:
+                hi, s_hi = mid, s
+            else:
+                lo, s_lo = mid, s
+    return hi
+
+
 def prune_to_target(
     entries: dict[str, QuantEntry],
     size_of: Callable[[dict[str, QuantEntry], dict], int],
@@ -122,14 +153,7 @@ def prune_to_target(
     elif N == 0 or size(N) > target_bytes:
         n, fits = N, False
     else:
-        lo, hi = 0, N  # size(lo) > target >= size(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if size(mid) <= target_bytes:
-                hi = mid
-            else:
-                lo = mid
-        n, fits = hi, True
+        n, fits = _search(size, target_bytes, 0, s0, N, probes[-1][1]), True
     final = dict(probes)[n]
     info = {
         **info_for(n),

@@ -90,3 +90,24 @@ def test_prune_config_validation():
     assert PruneConfig(bits=["6"]).bits == [6]
     with pytest.raises(ValueError, match="total_bytes"):
         PruneConfig(total_bytes=0)
+
+
+def test_search_is_exact_on_monotone_sizes_and_needs_few_probes():
+    """On a non-increasing size curve (steps and flats, like compressed sizes) the search returns exactly
+    the smallest fitting n, with at most about twice bisection's probes."""
+    from pgolf.prune import _search
+
+    g = torch.Generator().manual_seed(0)
+    N = 50_000
+    drops = torch.randint(0, 3, (N,), generator=g)  # 0, 1 or 2 bytes saved per zeroed entry
+    sizes = (1_000_000 - torch.cat([torch.zeros(1, dtype=torch.long), drops.cumsum(0)])).tolist()
+    for target in torch.randint(sizes[-1], sizes[0], (25,), generator=g).tolist():
+        probes = []
+
+        def size(n, probes=probes):
+            probes.append(n)
+            return sizes[n]
+
+        n = _search(size, target, 0, sizes[0], N, sizes[N])
+        assert n == next(i for i, s in enumerate(sizes) if s <= target)
+        assert len(probes) <= 2 * N.bit_length()
