@@ -152,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of conf/reexport.yaml")
     a = ap.parse_intermixed_args(argv)
     overrides = ([f"export={a.export}"] if a.export else []) + a.overrides
+    from hydra.errors import HydraException
+
     try:
         cfg = compose_config(a.weights, overrides)
         result = reexport(cfg)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, HydraException) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if result["export"]["size_ok"] else 3
