@@ -1,10 +1,13 @@
 """Quantize-and-export at the end of training, then the round trip (SPEC §8, STYLE 8).
 
 At `on_train_end` (after any weight-averaging callback listed before it has swapped in its weights):
-evaluate the float model (`DIAGNOSTIC pre_quant`), quantize the weights with the configured scheme, pack
-and compress them with the model config, tokenizer identity and provenance, write the artifact atomically
-(rank 0), re-read it from disk on every rank, de-quantize into a fresh model, re-evaluate, and print the
-reference's size and round-trip lines. The results also go to `results.json` in the run directory.
+evaluate the float model (`DIAGNOSTIC pre_quant`), save the float weights for re-export, calibrate and
+collect Hessians if the scheme uses GPTQ (self-generated, or from the training stream, whose compliance
+depends on the training clock and its cap), quantize the weights with the configured scheme, prune to
+the size target if asked, pack and compress them with the model config, tokenizer identity, provenance
+and calibration record, write the artifact atomically (rank 0), re-read it from disk on every rank,
+de-quantize into a fresh model, re-evaluate, and print the reference's size and round-trip lines. The
+results also go to `results.json` in the run directory.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from pgolf.export import ExportConfig, export_model, roundtrip_evaluate
+from callbacks.wallclock import ChallengeClock
+from pgolf.export import ExportConfig, ExportContext, export_model, roundtrip_evaluate
 from pgolf.io import atomic_write_bytes
 
 
@@ -38,6 +42,15 @@ class QuantizeExport(L.Callback):
         meta = {**self.meta, "training": {"steps": trainer.global_step, "train_time_ms": round(clock_ms, 1)}}
         device = pl_module.device
         autocast = torch.bfloat16 if device.type == "cuda" else None
+        clock = next((cb for cb in trainer.callbacks if isinstance(cb, ChallengeClock)), None)
+        ctx = ExportContext(
+            seed=int(self.meta.get("seed", 0)),
+            train_time_ms=clock.elapsed_ms() if clock is not None else clock_ms,
+            cap_ms=clock.cap_ms if clock is not None else None,
+            train_batches=lambda: iter(dm.train_stream(start_micro_step=0)),
+            device=device,
+            autocast_dtype=autocast,
+        )
         t0 = time.perf_counter()
         report = export_model(
             pl_module.gpt,
@@ -48,6 +61,7 @@ class QuantizeExport(L.Callback):
             val=dict(
                 tokens=dm.val_tokens, luts=pl_module.luts, device=device, autocast_dtype=autocast, **self.eval_cfg
             ),
+            ctx=ctx,
         )
         if dist.is_available() and dist.is_initialized():
             dist.barrier()

@@ -17,7 +17,10 @@ Loading checks the magic, the checksum (truncation or tampering), the declared s
 (an oversized header, a decompression bomb) before and while decompressing, and runs no code: it only
 parses JSON and copies bytes into tensors.
 
-`python -m pgolf.artifact inspect PATH` prints the header, sizes and the margin to 16,000,000 bytes.
+`python -m pgolf.artifact inspect PATH [--codecs]` prints the model config, tokenizer identity,
+provenance, calibration source and pruning record, a per-tensor table (shape, storage, bits, bytes before
+and after compression, share), the margin to 16,000,000 bytes, and with `--codecs` the size of the same
+payload under every codec (`codec_sizes`), so a user can pick one.
 """
 
 from __future__ import annotations
@@ -111,6 +114,11 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[str, bytes]:
 def _from_bytes(buf: memoryview, dtype: str, shape: list[int]) -> torch.Tensor:
     if dtype not in DTYPE_ORDER:
         raise ArtifactError(f"unsupported tensor dtype {dtype!r} in artifact")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ArtifactError(f"invalid tensor shape {shape!r} in artifact")
+    itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype if dtype != "bool" else np.bool_).itemsize
+    if int(np.prod(shape, dtype=np.int64)) * itemsize != len(buf):
+        raise ArtifactError(f"tensor of shape {shape} {dtype} does not fit its {len(buf)} bytes")
     if dtype == "bfloat16":
         arr = np.frombuffer(buf, dtype=np.int16).copy()
         return torch.from_numpy(arr).view(torch.bfloat16).reshape(shape)
@@ -164,6 +172,8 @@ def unpack(raw: bytes) -> tuple[dict[str, QuantEntry], dict]:
     blob = memoryview(raw)[4 + hlen :]
     entries: dict[str, QuantEntry] = {}
     for rec in header["tensors"]:
+        if rec.get("kind") not in ("raw", "fp16", "fp32", "int"):
+            raise ArtifactError(f"tensor {rec.get('name')!r}: unknown storage kind {rec.get('kind')!r}")
         fields = {}
         for fld, f in rec["fields"].items():
             if fld not in ("data", "q", "scale"):
@@ -239,6 +249,15 @@ def read_artifact(path: str | Path) -> tuple[dict[str, QuantEntry], dict]:
         raise ArtifactError(f"{path}: {e}") from None
 
 
+def codec_sizes(raw: bytes, codecs: list[str], levels: dict[str, int] | None = None) -> dict[str, int]:
+    """File size of the same raw payload under each codec (default levels: zstd-22, lzma-9, zlib-9)."""
+    out = {}
+    for c in codecs:
+        lvl = (levels or {}).get(c, DEFAULT_LEVELS.get(c))
+        out[f"{c}-{lvl}"] = len(encode_artifact(raw, c, lvl))
+    return out
+
+
 # ---- code bytes and size accounting --------------------------------------------------------------
 CODE_DIRS = ("pgolf", "callbacks")
 CODE_FILES = ("train.py", "eval.py")
@@ -300,29 +319,89 @@ class SizeReport:
 
 
 # ---- inspect -------------------------------------------------------------------------------------
-def inspect(path: str | Path) -> str:
+def _describe_meta(meta: dict) -> list[str]:
+    lines = []
+    if "kind" in meta:
+        lines.append(f"kind: {meta['kind']}")
+    if "model" in meta:
+        lines.append(f"config: {json.dumps(meta['model'], sort_keys=True)}")
+    tok = meta.get("tokenizer")
+    if tok:
+        lines.append(f"tokenizer: {tok.get('name')} vocab_size:{tok.get('vocab_size')} sha256:{tok.get('sha256', '?')}")
+    else:
+        lines.append("tokenizer: (not recorded)")
+    prov = meta.get("provenance")
+    if prov:
+        dirty = {True: " (dirty)", False: "", None: ""}.get(prov.get("git_dirty"), "")
+        lines.append(
+            f"provenance: git {prov.get('git_sha', '?')}{dirty} torch {prov.get('torch', '?')} "
+            f"lightning {prov.get('lightning', '?')} python {prov.get('python', '?')} device {prov.get('device', '?')} "
+            f"date {prov.get('date', '?')}"
+        )
+    else:
+        lines.append("provenance: (not recorded)")
+    for key in ("experiment", "seed", "training"):
+        if key in meta:
+            lines.append(f"{key}: {json.dumps(meta[key], sort_keys=True)}")
+    cal = meta.get("calibration")
+    if cal:
+        extra = " ".join(
+            f"{k}:{cal[k]}"
+            for k in ("count", "length", "temperature", "seed", "seconds", "inside_training_budget")
+            if k in cal
+        )
+        lines.append(f"calibration: source:{cal.get('source')} {extra} compliant:{cal.get('compliant')}".rstrip())
+        if cal.get("reason"):
+            lines.append(f"calibration reason: {cal['reason']}")
+    else:
+        lines.append("calibration: (not recorded)")
+    q = meta.get("quant")
+    if q:
+        rules = ", ".join(r.get("name") or str(r.get("pattern")) for r in q.get("rules", []))
+        lines.append(f"quant: label {q.get('label')} codec {q.get('codec')}-{q.get('level')} rules [{rules}]")
+        if q.get("gptq"):
+            lines.append(f"gptq: {json.dumps(q['gptq'], sort_keys=True)}")
+    if meta.get("prune"):
+        lines.append(f"prune: {json.dumps(meta['prune'], sort_keys=True)}")
+    return lines
+
+
+def inspect(path: str | Path, codecs: bool = False) -> str:
     path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: artifact not found")
     data = path.read_bytes()
     raw, codec = decode_artifact(data)
     entries, meta = unpack(raw)
     _, _, _, level, raw_len, _ = PREFIX.unpack_from(data, 0)
     lines = [f"artifact: {path.name}  ({len(data)} bytes, codec {codec}-{level}, raw {raw_len} bytes)"]
-    for key in ("model", "tokenizer", "quant", "provenance", "calibration"):
-        if key in meta:
-            lines.append(f"{key}: {json.dumps(meta[key], sort_keys=True)}")
+    lines += _describe_meta(meta)
     rows = []
     for name, e in entries.items():
         one = pack({name: e}, {})
         comp = len(compress(one, codec, level))
         store = f"int{e.bits}" if e.kind == "int" else e.kind
-        rows.append((name, "x".join(map(str, e.shape)) or "scalar", store, len(one), comp))
-    total_comp = sum(r[4] for r in rows) or 1
-    lines.append(f"{'tensor':44s} {'shape':>12s} {'store':>6s} {'raw':>10s} {'compressed*':>12s} {'share':>6s}")
-    for name, shape, store, rawb, comp in rows:
-        lines.append(f"{name:44s} {shape:>12s} {store:>6s} {rawb:>10d} {comp:>12d} {100 * comp / total_comp:5.1f}%")
+        bits = e.bits if e.kind == "int" else {"fp16": 16, "fp32": 32}.get(e.kind, 8 * e.data.element_size())
+        rows.append((name, "x".join(map(str, e.shape)) or "scalar", store, bits, len(one), comp))
+    total_comp = sum(r[5] for r in rows) or 1
+    lines.append(
+        f"{'tensor':44s} {'shape':>12s} {'store':>6s} {'bits':>4s} {'raw':>10s} {'compressed*':>12s} {'share':>6s}"
+    )
+    for name, shape, store, bits, rawb, comp in rows:
+        lines.append(
+            f"{name:44s} {shape:>12s} {store:>6s} {bits:>4d} {rawb:>10d} {comp:>12d} {100 * comp / total_comp:5.1f}%"
+        )
+    lines.append(
+        f"{'total':44s} {'':>12s} {'':>6s} {'':>4s} {sum(r[4] for r in rows):>10d} {total_comp:>12d} {100.0:5.1f}%"
+    )
     lines.append("* compressed alone; the whole payload compresses jointly, so the column sums differ from the file")
-    rep = SizeReport(len(data), int(meta.get("code_bytes", code_bytes())))
+    n_code = int(meta.get("code_bytes", code_bytes()))
+    rep = SizeReport(len(data), n_code)
     lines += rep.lines()
+    if codecs:
+        for key, n in codec_sizes(raw, ["zlib", "zstd", "lzma"]).items():
+            r = SizeReport(n, n_code)
+            lines.append(f"codec {key}: model {n} bytes, total {r.total} bytes, margin {r.margin}")
     return "\n".join(lines)
 
 
@@ -333,9 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("inspect", help="print an artifact's metadata, per-tensor sizes and size margin")
     sp.add_argument("path")
+    sp.add_argument("--codecs", action="store_true", help="also the payload's size under zlib-9, zstd-22, lzma-9")
     a = ap.parse_args(argv)
     try:
-        print(inspect(a.path))
+        print(inspect(a.path, codecs=a.codecs))
     except (ArtifactError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@ zero-initialised output projections: 17,059,912 parameters. The record-stack fea
 MLP width and activation (relu², LeakyReLU(0.5)², SwiGLU), SmearGate (V5 and record forms), BigramHash
 (V5 multiplicative and XOR forms), value embeddings, XSA on the last N layers, partial RoPE with NTK base
 scaling, LN scale, QK-gain init, orthogonal init, depth recurrence, parallel residuals, and fake-quant
-QAT of the quantized matrices.
+QAT of the quantized matrices. `GPT.decode` is an incremental decoding path with a KV cache (used by
+the AR self-generated GPTQ calibration, SPEC §8.5); the default forward does not use it.
 
 Shapes: B batch, T sequence, d model width, H query heads, Hkv KV heads, D head dim, V vocab.
 """
@@ -211,7 +212,7 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((H,), float(cfg.qk_gain_init)))
         self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
 
-    def forward(self, x, cos, sin, ve=None, lora=None):
+    def forward(self, x, cos, sin, ve=None, lora=None, kv=None):
         B, T, _ = x.shape
         q = self.c_q(x)
         v = self.c_v(x)
@@ -226,7 +227,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.Hkv, self.D).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.Hkv != self.H)  # [B,H,T,D]
+        if kv is not None:  # incremental decoding: attend to the cached prefix plus these T positions
+            k_all, v_all, mask = kv.append(k, v)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.Hkv != self.H)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.Hkv != self.H)  # [B,H,T,D]
         if self.xsa:
             y = exclusive_self_attention(y, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
@@ -269,11 +274,11 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
         self.parallel = cfg.parallel_residual
 
-    def forward(self, x, x0, cos, sin, ve=None, lora=None):
+    def forward(self, x, x0, cos, sin, ve=None, lora=None, kv=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         n = rms_norm(x) * self.norm_scale
-        a = self.attn_scale.to(x.dtype) * self.attn(n, cos, sin, ve, lora)
+        a = self.attn_scale.to(x.dtype) * self.attn(n, cos, sin, ve, lora, kv)
         if self.parallel:
             return x + a + self.mlp_scale.to(x.dtype) * self.mlp(n)
         x = x + a
@@ -289,9 +294,12 @@ class SmearGate(nn.Module):
         self.form = form
         self.gate = nn.Parameter(torch.full((d,), float(init if init is not None else (3.0 if form == "v5" else 0.0))))
 
-    def forward(self, x):  # [B,T,d]
+    def forward(self, x, before=None):  # [B,T,d]; `before` [B,1,d]: the input just before x (decoding)
         g = torch.sigmoid(self.gate).to(x.dtype)
-        prev = F.pad(x[:, :-1], (0, 0, 1, 0))  # x_{t-1}, zero at t=0
+        if before is None:
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0))  # x_{t-1}, zero at t=0
+        else:
+            prev = torch.cat((before.to(x.dtype), x[:, :-1]), dim=1)
         return g * x + (1 - g) * prev if self.form == "v5" else (1 - g) * x + g * prev
 
 
@@ -317,17 +325,20 @@ class BigramHash(nn.Module):
         if self.proj is not None:
             nn.init.zeros_(self.proj.weight)
 
-    def indices(self, idx: torch.Tensor) -> torch.Tensor:
-        prev = F.pad(idx[:, :-1], (1, 0))
+    def indices(self, idx: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
+        """Bucket of each position [B,T]; `before` [B,1] is the token just before idx (decoding), else
+        idx starts a sequence."""
+        prev = F.pad(idx[:, :-1], (1, 0)) if before is None else torch.cat((before, idx[:, :-1]), dim=1)
         if self.form == "v5":
             return (prev * 92821 + idx) % self.B
         cur, prev = idx.to(torch.int32), prev.to(torch.int32)
         h = torch.bitwise_xor(36313 * cur, 27191 * prev) % (self.B - 1)
-        h[:, 0] = self.B - 1  # reserved bucket for the first position of every sequence/window
+        if before is None:
+            h[:, 0] = self.B - 1  # reserved bucket for the first position of every sequence/window
         return h.long()
 
-    def forward(self, idx):
-        e = self.embed(self.indices(idx))
+    def forward(self, idx, before=None):
+        e = self.embed(self.indices(idx, before))
         if self.proj is not None:
             e = self.proj(e)
         return e * self.scale.to(e.dtype) if self.scale is not None else e
@@ -397,22 +408,34 @@ class GPT(nn.Module):
                 m.qat_alpha.fill_(alpha)
 
     # ---- forward -------------------------------------------------------------------------------------
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
+        before_tok = cache.last_token if cache is not None and cache.pos > 0 else None
         x = self.tok_emb(idx)
         if self.bigram is not None:
-            x = x + self.bigram(idx)
+            x = x + self.bigram(idx, before_tok)
         if self.smear is not None and self.smear.form == "v5":
-            return rms_norm(self.smear(x))
+            return rms_norm(self._smear(x, cache))
         x = rms_norm(x)
-        return self.smear(x) if self.smear is not None else x
+        return self._smear(x, cache) if self.smear is not None else x
 
-    def forward_hidden(self, idx: torch.Tensor, lora=None) -> torch.Tensor:
-        """Final-normed hidden states [B,T,d] (before the output projection)."""
+    def _smear(self, x: torch.Tensor, cache: DecodeCache | None) -> torch.Tensor:
+        if cache is None:
+            return self.smear(x)
+        before = cache.smear_in if cache.pos > 0 else None
+        cache.smear_in = x[:, -1:].detach()
+        return self.smear(x, before)
+
+    def forward_hidden(self, idx: torch.Tensor, lora=None, cache: DecodeCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B,T,d] (before the output projection). With `cache`, idx holds the
+        next T tokens after the cached prefix (see `decode`)."""
         cfg = self.cfg
         T = idx.size(1)
-        x = x0 = self.embed(idx)
+        x = x0 = self.embed(idx, cache)
         r = cfg.rope_dims or cfg.head_dim
-        cos, sin = rope_tables(T, r, cfg.rope_base, cfg.rope_ntk_base_len, idx.device)
+        if cache is None:
+            cos, sin = rope_tables(T, r, cfg.rope_base, cfg.rope_ntk_base_len, idx.device)
+        else:
+            cos, sin = cache.rope(T)
         ve_base = self.ve_shared(idx) if self.ve_shared is not None else None
         skips: list[torch.Tensor] = []
         for j, li in enumerate(self.schedule):
@@ -421,9 +444,12 @@ class GPT(nn.Module):
             ve = None
             if ve_base is not None and li in self._ve_slot:
                 ve = ve_base * self.ve_layer_scales[self._ve_slot[li]].to(ve_base.dtype)
-            x = self.blocks[li](x, x0, cos, sin, ve, lora.layer(j) if lora is not None else None)
+            kv = cache.layers[j] if cache is not None else None
+            x = self.blocks[li](x, x0, cos, sin, ve, lora.layer(j) if lora is not None else None, kv)
             if j < self.n_enc:
                 skips.append(x)
+        if cache is not None:
+            cache.advance(idx)
         return rms_norm(x)
 
     def output_weight(self) -> torch.Tensor:
@@ -447,6 +473,76 @@ class GPT(nn.Module):
     def token_nll(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-target negative log-likelihood [B,T] in fp32 (natural log)."""
         return self(idx, targets, reduction="none")
+
+    # ---- incremental decoding ------------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int, device=None, dtype: torch.dtype = torch.float32) -> DecodeCache:
+        """An empty KV cache for up to `max_len` positions.
+
+        RoPE: the cache encodes every position with the table of a `max_len`-long forward, so with NTK
+        scaling (SPEC §5.3) a cached decode of a `max_len` sequence gives exactly the logits of one full
+        forward of that sequence. The reference's cache-less generation instead re-runs the growing prefix,
+        whose RoPE base changes once the prefix passes `rope_ntk_base_len` (SPEC §8.5); we keep the base of
+        the final length, which is the one the model was trained with when max_len = train seq_len."""
+        cfg = self.cfg
+        device = device if device is not None else self.tok_emb.weight.device
+        r = cfg.rope_dims or cfg.head_dim
+        cos, sin = rope_tables(max_len, r, cfg.rope_base, cfg.rope_ntk_base_len, device)
+        layers = [
+            LayerKV(
+                torch.zeros(batch, cfg.num_kv_heads, max_len, cfg.head_dim, device=device, dtype=dtype),
+                torch.zeros(batch, cfg.num_kv_heads, max_len, cfg.head_dim, device=device, dtype=dtype),
+            )
+            for _ in self.schedule
+        ]
+        return DecodeCache(layers=layers, cos=cos, sin=sin, max_len=max_len)
+
+    def decode(self, idx: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        """Logits [B,T,V] of the next T tokens idx [B,T] after the cached prefix; appends them to the cache."""
+        return self.logits_from_hidden(self.forward_hidden(idx, cache=cache))
+
+
+class LayerKV:
+    """Preallocated keys/values [B,Hkv,max_len,D] of one virtual layer; `pos` positions filled."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v, self.pos = k, v, 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [B,Hkv,T,D] at the next T positions; return the keys and values of the whole prefix
+        and the attention mask (None when one query may see everything before it)."""
+        p, T = self.pos, k.size(2)
+        if p + T > self.k.size(2):
+            raise ValueError(f"decode cache holds {self.k.size(2)} positions; {p} + {T} requested")
+        self.k[:, :, p : p + T] = k.to(self.k.dtype)
+        self.v[:, :, p : p + T] = v.to(self.v.dtype)
+        self.pos = p + T
+        mask = None
+        if T > 1:  # query i (absolute position p+i) sees keys 0..p+i
+            mask = torch.ones(T, p + T, dtype=torch.bool, device=k.device).tril(diagonal=p)
+        return self.k[:, :, : p + T].to(k.dtype), self.v[:, :, : p + T].to(v.dtype), mask
+
+
+@dataclass
+class DecodeCache:
+    """State of an incremental decode: per-virtual-layer KV, RoPE tables of the full length, and the last
+    token and SmearGate input (BigramHash and SmearGate look one position back)."""
+
+    layers: list[LayerKV]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    max_len: int
+    pos: int = 0
+    last_token: torch.Tensor | None = None
+    smear_in: torch.Tensor | None = None
+
+    def rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos + T > self.max_len:
+            raise ValueError(f"decode cache holds {self.max_len} positions; {self.pos} + {T} requested")
+        return self.cos[self.pos : self.pos + T], self.sin[self.pos : self.pos + T]
+
+    def advance(self, idx: torch.Tensor) -> None:
+        self.pos += idx.size(1)
+        self.last_token = idx[:, -1:]
 
 
 def count_params(model: nn.Module) -> int:

@@ -131,3 +131,58 @@ def test_inspect_prints_tensors_and_margin(tmp_path, entries):
     write_artifact(tmp_path / "a.ptz", entries, {"model": {"num_layers": 2}, "code_bytes": 1000}, "lzma")
     out = inspect(tmp_path / "a.ptz")
     assert "blocks.0.mlp.fc.weight" in out and "int8" in out and "margin" in out and "lzma-9" in out
+
+
+def test_forged_headers_are_rejected(entries):
+    """A well-formed, checksummed file whose JSON header lies about a tensor's shape or storage kind."""
+    import json
+
+    raw = pack(entries, {})
+    hlen = struct.unpack_from("<I", raw)[0]
+    header = json.loads(raw[4 : 4 + hlen])
+
+    def repack(h):
+        hb = json.dumps(h).encode()
+        return struct.pack("<I", len(hb)) + hb + raw[4 + hlen :]
+
+    bad_shape = json.loads(json.dumps(header))
+    bad_shape["tensors"][0]["fields"]["data"]["shape"] = [10**6]
+    with pytest.raises(ArtifactError, match="does not fit its"):
+        unpack(repack(bad_shape))
+    bad_kind = json.loads(json.dumps(header))
+    bad_kind["tensors"][0]["kind"] = "pickle"
+    with pytest.raises(ArtifactError, match="unknown storage kind"):
+        unpack(repack(bad_kind))
+    outside = json.loads(json.dumps(header))
+    outside["tensors"][0]["fields"]["data"]["offset"] = 10**9
+    with pytest.raises(ArtifactError, match="outside the payload"):
+        unpack(repack(outside))
+    with pytest.raises(ArtifactError, match="checksum"):  # and any edit of a written file breaks the checksum
+        decode_artifact(encode_artifact(raw, "zstd")[:-1] + b"\0")
+
+
+def test_inspect_shows_identity_provenance_calibration_and_codecs(tmp_path, entries):
+    meta = {
+        "model": {"num_layers": 2},
+        "code_bytes": 1000,
+        "tokenizer": {"name": "fineweb_1024_bpe.model", "vocab_size": 1024, "sha256": "ab" * 32},
+        "provenance": {"git_sha": "deadbeef", "git_dirty": True, "torch": "2.13.0", "device": "cpu"},
+        "calibration": {"source": "train", "count": 32, "length": 2048, "compliant": False, "reason": "late"},
+    }
+    write_artifact(tmp_path / "a.ptz", entries, meta, "zstd")
+    out = inspect(tmp_path / "a.ptz", codecs=True)
+    assert "tokenizer: fineweb_1024_bpe.model vocab_size:1024 sha256:abab" in out
+    assert "provenance: git deadbeef (dirty) torch 2.13.0" in out
+    assert "calibration: source:train count:32 length:2048 compliant:False" in out and "reason: late" in out
+    assert "config: {" in out and "bits" in out and "total" in out
+    size = (tmp_path / "a.ptz").stat().st_size
+    assert f"codec zstd-22: model {size} bytes" in out and "codec lzma-9:" in out and "codec zlib-9:" in out
+    assert f"margin {16_000_000 - size - 1000}" in out
+
+
+def test_inspect_cli_errors_cleanly(tmp_path):
+    from pgolf.artifact import main
+
+    assert main(["inspect", str(tmp_path / "missing.ptz")]) == 2
+    (tmp_path / "junk.ptz").write_bytes(b"not an artifact at all, not even close to one")
+    assert main(["inspect", str(tmp_path / "junk.ptz")]) == 2

@@ -99,6 +99,7 @@ def test_train_writes_artifact_logs_and_results(trained):
         assert line in out, line
     res = json.loads((d / "results.json").read_text())
     assert res["size_ok"] and res["export"]["model_bytes"] == (d / "final_model.int8_zlib.ptz").stat().st_size
+    assert (d / "final_model.float.ptz").is_file() and res["export"]["calibration"]["source"] == "none"
     assert (d / "train.log").read_text().count("step:") >= 3
     assert (d / ".hydra" / "config.yaml").is_file() and (d / "csv" / "metrics.csv").is_file()
 
@@ -163,6 +164,36 @@ def test_over_budget_is_a_failure(tmp_path, synth_dir):
     )
     assert r.returncode == 3
     assert "FAIL" in r.stdout and "over the size limit" in r.stdout
+
+
+def test_gptq_export_at_the_end_of_training_records_calibration(tmp_path, synth_dir):
+    """The callback path: GPTQ calibrated on the training stream right after a run that ended inside its
+    600 s cap is compliant, and the log, results.json and the artifact say so (SPEC §8.5)."""
+    r = run(
+        [
+            "train.py",
+            *TINY,
+            "train.iterations=2",
+            "train.max_wallclock_seconds=600",
+            f"data.root={synth_dir.parent}",
+            f"hydra.run.dir={tmp_path}",
+            "export=int6_gptq_zstd",
+            "export.rules.1.max_numel=64",  # so the tiny model's matrices are int6/int8
+            "export.calibration.count=2",
+            "export.calibration.length=32",
+            "final_eval.modes=[standard]",
+        ]
+    )
+    assert "gptq:calibrating source:train count:2 length:32" in r.stdout and "gptq:hessians layers:12" in r.stdout
+    assert "calibration: source:train inside_training_budget:True compliant:true" in r.stdout
+    res = json.loads((tmp_path / "results.json").read_text())
+    cal = res["export"]["calibration"]
+    assert cal["compliant"] and cal["inside_training_budget"] and res["export"]["timings"]["gptq"] >= 0
+    from pgolf.artifact import read_artifact
+
+    entries, meta = read_artifact(tmp_path / "final_model.int6_gptq_zstd.ptz")
+    assert meta["calibration"] == cal and entries["blocks.0.attn.c_q.weight"].info["method"] == "gptq"
+    assert "final_int6_gptq_zstd_roundtrip_exact" in r.stdout
 
 
 def test_multirun_gives_one_dir_per_seed_and_honours_seed_0(tmp_path, synth_dir):

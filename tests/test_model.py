@@ -277,3 +277,35 @@ def test_record_configs_compile_fullgraph_without_graph_breaks(name):
         assert torch.isfinite(loss) and m.blocks[0].attn.c_q.weight.grad is not None
         with torch.no_grad():
             assert torch.allclose(cm(x, x), m(x, x), atol=1e-5)
+
+
+DECODE_FEATURES = {
+    "record_combo": dict(FEATURES["record_combo"], rope_ntk_base_len=8),  # NTK active: T=24 > 8
+    "v5_forms": dict(smear_gate="v5", bigram="v5", bigram_buckets=128, bigram_dim=32, rope_dims=8),
+    "recurrence_parallel": dict(
+        recur_start=1, recur_end=3, recur_times=2, parallel_residual=True, ve_dim=16, ve_layers=(1,), xsa_last_n=2
+    ),
+    "swiglu_untied": dict(mlp_act="swiglu", tie_embeddings=False, unet_skips=False),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(DECODE_FEATURES))
+def test_cached_decoding_equals_the_full_forward(feature):
+    """KV-cache decoding (prefill chunk + single tokens, or uneven chunks) gives the full forward's logits,
+    with SmearGate/BigramHash looking back across chunk boundaries, XSA, VE, partial RoPE and NTK scaling
+    (the cache uses the RoPE table of its full length, which is what one forward of that length uses)."""
+    m = build(**DECODE_FEATURES[feature]).eval()
+    x = tokens(B=3, T=24, seed=5)
+    with torch.no_grad():
+        full = m(x)
+        c = m.new_cache(3, 24)
+        steps = [m.decode(x[:, :5], c)] + [m.decode(x[:, t : t + 1], c) for t in range(5, 24)]
+        assert torch.allclose(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-5)
+        c = m.new_cache(3, 24)
+        chunks = [m.decode(x[:, a:b], c) for a, b in ((0, 1), (1, 9), (9, 10), (10, 24))]
+        assert torch.allclose(torch.cat(chunks, 1), full, atol=2e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="holds 24 positions"):
+            m.decode(x[:, :1], c)
+    if feature == "record_combo":  # the NTK base depends on the length: a shorter forward differs
+        with torch.no_grad():
+            assert not torch.allclose(m(x[:, :12]), full[:, :12], atol=1e-4)

@@ -78,3 +78,41 @@ def test_rule_validation():
         QuantRule(store="int", bits=12)
     with pytest.raises(ValueError, match="no quantization rule matches"):
         quantize_state({"x": torch.zeros(3)}, [QuantRule(store="fp16", ndim=2)])
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
+def test_per_row_int_n_with_fp16_row_scales(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(48, 80) * torch.linspace(0.1, 3.0, 48)[:, None]
+    rule = QuantRule(store="int", bits=bits, clip="max", scale_floor=False, name="m")
+    e = quantize_state({"m.weight": w}, [rule])["m.weight"]
+    qmax = 2 ** (bits - 1) - 1
+    assert e.q.dtype == torch.int8 and e.scale.dtype == torch.float16 and e.scale.shape == (48,)
+    assert e.q.abs().max() == qmax  # each row's max reaches the top code
+    err = (dequantize_int(e.q, e.scale) - w).abs()
+    assert (err <= e.scale.float()[:, None] / 2 + 1e-5).all()
+
+
+def test_rtn_quantile_clip_clips_values_like_the_reference():
+    """SPEC §8.1: with a quantile clip, w is clipped to ±clip_r before rounding; this matters when the scale
+    floor binds (clip_r < 1), where a bare clamp would keep outliers up to qmax steps."""
+    w = torch.full((1, 1000), 0.01)
+    w[0, 0] = 0.5  # an outlier beyond the 0.99 quantile
+    q, s = quantize_rows(w, 8, clip=0.99, floor=True, clip_values=True)
+    assert torch.allclose(s.float(), torch.tensor([1 / 127]), rtol=1e-3)
+    assert q[0, 0] == 1  # clipped to the quantile (0.01) -> round(0.01 * 127) = 1, not round(0.5 * 127)
+    q2, _ = quantize_rows(w, 8, clip=0.99, floor=True)
+    assert q2[0, 0] == 64
+
+
+def test_rule_options_are_validated():
+    with pytest.raises(ValueError, match="method"):
+        QuantRule(store="int", method="awq")
+    with pytest.raises(ValueError, match="clip"):
+        QuantRule(store="int", clip="searchrows")
+    with pytest.raises(ValueError, match="clip"):
+        QuantRule(store="int", clip=1.5)
+    with pytest.raises(ValueError, match="clips"):
+        QuantRule(store="int", clip="search", clips=[])
+    assert QuantRule(store="int", clip="search", clips=[0.9, 1.0]).clip_levels == (0.9, 1.0)
+    assert QuantRule(store="int", clip="max").clip_levels == (1.0,)

@@ -1,0 +1,223 @@
+"""The record export (SPEC §8.3-8.6): export configs, the record's tensor classes, export with GPTQ +
+calibration + pruning, the saved float weights, and the re-export command on the same weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pgolf.artifact import code_bytes, inspect, read_artifact
+from pgolf.export import (
+    ExportConfig,
+    ExportContext,
+    export_model,
+    load_artifact_model,
+    load_weights,
+    save_float_weights,
+)
+from pgolf.model import GPT, GPTConfig
+from pgolf.quant import dequantize_state, pick_rule, rules_from_config
+from pgolf.reexport import compose_config, main, reexport
+from pgolf.tokenizer import TokenizerInfo
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+EXPORTS = sorted(p.stem for p in (CONF / "export").glob("*.yaml"))
+
+
+def export_cfg(name: str, *over: str) -> ExportConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"export={name}", *over])
+    return ExportConfig.from_dict(OmegaConf.to_container(cfg.export, resolve=True))
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_every_export_config_builds(name):
+    c = export_cfg(name)
+    assert c.label == name and c.limit_bytes == 16_000_000
+    assert {"int6_gptq_zstd", "int6_gptq_lzma", "int6_lite_lzma", "int6_rtn_zstd", "int8_zlib"} <= set(EXPORTS)
+
+
+def test_record_schemes_are_what_the_references_used():
+    z, lz = export_cfg("int6_gptq_zstd"), export_cfg("int6_gptq_lzma")
+    assert (z.codec, z.level, z.calibration.source, z.prune.enabled) == ("zstd", 22, "train", False)  # PR #1263
+    assert (lz.codec, lz.level, lz.calibration.source, lz.prune.enabled) == ("lzma", 9, "ar", True)  # PR #1019
+    assert (lz.calibration.count, lz.calibration.length, lz.calibration.temperature) == (64, 2048, 0.8)
+    lite = export_cfg("int6_lite_lzma")
+    assert lite.rules[3]["clip"] == "search" and lite.rules[3]["method"] == "rtn"  # PR #1298's GPTQ-lite
+
+
+def test_record_tensor_classes_follow_spec_order():
+    """SPEC §8.3 on the #1263 model's names (two layers are enough: every name repeats per block)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        m = compose(config_name="train", overrides=["model=pr1263"]).model
+    over = {"num_layers": 2, "ve_layers": [1], "xsa_last_n": 2}
+    cfg = GPTConfig.from_dict({**OmegaConf.to_container(m, resolve=True), **over})
+    sd = GPT(cfg).state_dict()
+    rules = rules_from_config(export_cfg("int6_gptq_zstd").rules)
+    got = {name: pick_rule(name, t, rules).name for name, t in sd.items()}
+    for name in ("c_q", "c_k", "c_v", "proj"):
+        assert got[f"blocks.1.attn.{name}.weight"] == "attn_mlp"
+    assert got["blocks.0.mlp.fc.weight"] == got["blocks.0.mlp.proj.weight"] == "attn_mlp"
+    for name in ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"):
+        assert got[name] == "embed"
+    # <= 65,536 elements go first to fp16, as in the reference: the projections and every control tensor
+    for name in ("bigram.proj.weight", "ve_shared.proj.weight", "bigram.scale", "smear.gate", "skip_weights"):
+        assert got[name] == "small", name
+    for name in ("attn_scale", "mlp_scale", "resid_mix", "attn.q_gain"):
+        assert got[f"blocks.0.{name}"] == "small"
+    assert pick_rule("blocks.0.resid_mix", torch.zeros(300, 300), rules).name == "control"  # a large control
+    assert rules[3].bits == 6 and rules[4].bits == 8
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown keys"):
+        ExportConfig.from_dict({"codex": "zstd"})
+    with pytest.raises(ValueError, match=r"export.prune: unknown keys \['target'\]"):
+        ExportConfig.from_dict({"prune": {"target": 1}})
+    with pytest.raises(ValueError, match="needs calibration data"):
+        export_cfg("int6_gptq_zstd", "export.calibration.source=none")
+    with pytest.raises(ValueError, match="codec"):
+        ExportConfig.from_dict({"report_codecs": ["brotli"]})
+
+
+# ---- export + re-export on a tiny model, with record rules made to reach its small matrices -----------
+SMALL = ["export.rules.1.max_numel=64"]  # so the 64x64 matrices are int6 / int8, not fp16
+TINY_MODEL = dict(
+    vocab_size=256, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, smear_gate="record", bigram="xor",
+    bigram_buckets=128, bigram_dim=32, xsa_last_n=2, mlp_act="leaky_relu2",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(synth_dir):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**TINY_MODEL))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tok = TokenizerInfo.from_path(synth_dir / "synth_256_bpe.model")
+    meta = {
+        "seed": 7,
+        "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "sha256": tok.sha256},
+        "train": {"seq_len": 32, "max_wallclock_seconds": 600},
+        "training": {"steps": 3, "train_time_ms": 1000.0},
+        "provenance": {"git_sha": "abc", "git_dirty": False, "torch": torch.__version__},
+    }
+    return m.eval(), meta
+
+
+def test_export_with_gptq_selfgen_calibration_and_pruning(tmp_path, tiny):
+    model, meta = tiny
+    n_code = code_bytes()
+    # zstd-22 instead of the config's lzma-9 keeps the many pruning probes fast on small payloads
+    over = [*SMALL, "export.calibration.count=3", "export.calibration.length=16", "export.codec=zstd"]
+    over += ["export.level=22", "export.report_codecs=[zlib]"]
+    probe = export_cfg("int6_gptq_lzma", *over, "export.prune.enabled=false", "export.save_float=false")
+    unpruned = export_model(model, probe, tmp_path / "a", meta, ctx=ExportContext(seed=7))
+    total = n_code + unpruned.model_bytes - 300  # force pruning: 300 bytes under the unpruned size
+    cfg = export_cfg("int6_gptq_lzma", *over, f"export.prune.total_bytes={total}")
+    ctx = ExportContext(seed=7, train_time_ms=1000.0, cap_ms=600_000.0)
+    rep = export_model(model, cfg, tmp_path / "b", meta, ctx=ctx)
+    assert rep.model_bytes + rep.code_bytes <= total < unpruned.total_bytes  # decimal bytes, code counted
+    assert rep.prune["fits"] and rep.prune["zeroed"] > 0 and rep.prune["model_bytes"] == rep.model_bytes
+    assert set(rep.codec_sizes) == {"zstd-22", "zlib-9"} and rep.codec_sizes["zstd-22"] == rep.model_bytes
+    assert {"calibration", "hessians", "quantize", "gptq", "prune", "compress"} <= set(rep.timings)
+    entries, m = read_artifact(rep.path)
+    cal = m["calibration"]
+    assert (cal["source"], cal["count"], cal["length"], cal["seed"], cal["compliant"]) == ("ar", 3, 16, 7, True)
+    assert cal["inside_training_budget"] is True and m["prune"]["zeroed"] == rep.prune["zeroed"]
+    assert (
+        entries["blocks.0.attn.c_q.weight"].bits == 6 and entries["blocks.0.attn.c_q.weight"].info["method"] == "gptq"
+    )
+    assert entries["tok_emb.weight"].bits == 8 and entries["blocks.0.attn_scale"].kind == "fp16"
+    # the round trip model is the de-quantized artifact; the float weights are saved losslessly
+    rt, _ = load_artifact_model(rep.path)
+    deq = dequantize_state(entries)
+    assert all(torch.equal(v, deq[k]) for k, v in rt.state_dict().items())
+    state, fmeta = load_weights(rep.float_path)
+    assert fmeta["kind"] == "float_weights" and fmeta["tokenizer"] == meta["tokenizer"]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    out = inspect(rep.path, codecs=True)
+    want = ["tokenizer: synth_256_bpe.model vocab_size:256", "provenance: git abc", "calibration: source:ar"]
+    want += ["compliant:True", "prune: {", "int6", "margin", "codec zstd-22:", "codec lzma-9:", "codec zlib-9:"]
+    for s in want:
+        assert s in out, s
+    assert f"codec zstd-22: model {rep.model_bytes} bytes" in out
+
+
+def test_train_data_calibration_after_the_deadline_is_flagged(tmp_path, tiny, synth_dir, capsys):
+    from pgolf.data import StreamLayout, TokenStream, TrainStream, list_shards
+
+    model, meta = tiny
+    stream = TokenStream(list_shards(str(synth_dir / "synth_train_*.bin")))
+    batches = lambda: iter(TrainStream(stream, StreamLayout(64, 32, 1, 1), rank=0))
+    cfg = export_cfg("int6_gptq_zstd", *SMALL, "export.calibration.count=4", "export.calibration.length=32")
+    ctx = ExportContext(seed=0, train_time_ms=599_999.0, cap_ms=600_000.0, train_batches=batches)
+    rep = export_model(model, cfg, tmp_path, meta, ctx=ctx)
+    cal = read_artifact(rep.path)[1]["calibration"]
+    assert cal["source"] == "train" and cal["compliant"] is False and cal["inside_training_budget"] is False
+    assert rep.calibration == cal
+    out = capsys.readouterr().out
+    assert "compliant:false" in out and "WARNING: calibration not compliant: training data read after" in out
+
+
+def test_reexport_compares_quantizers_on_the_same_weights(tmp_path, tiny, synth_dir, capsys):
+    model, meta = tiny
+    w = save_float_weights(
+        tmp_path / "final_model.float.ptz", model.state_dict(), {**meta, "model": model.cfg.to_dict()}
+    )
+    common = ["data=synthetic", f"data.root={synth_dir.parent}", f"out_dir={tmp_path / 'out'}", *SMALL]
+    common += ["eval.batch_windows=8", "export.calibration.count=2", "export.calibration.length=16"]
+    results = {}
+    for name in ("int6_rtn_zstd", "int6_lite_lzma", "int6_gptq_lzma"):
+        results[name] = reexport(compose_config(str(w), [f"export={name}", *common]))
+    out = capsys.readouterr().out
+    pre = {r["export"]["pre_quant"]["val_bpb"] for r in results.values()}
+    assert len(pre) == 1  # the same float weights every time
+    pre = pre.pop()
+    for name, r in results.items():
+        assert r["quant_gap_bpb"] == pytest.approx(r["roundtrip"]["standard"]["val_bpb"] - pre)
+        assert (tmp_path / "out" / f"final_model.{name}.ptz").is_file()
+        assert json.loads((tmp_path / "out" / f"reexport_{name}.json").read_text())["export"]["label"] == name
+        assert (
+            f"reexport {name}: pre_quant val_bpb:" in out and f"Total submission size {name.replace('_', '+')}" in out
+        )
+    assert results["int6_gptq_lzma"]["export"]["calibration"]["source"] == "ar"
+    # nothing is overwritten without overwrite=true; a CLI error names the file
+    assert main([str(w), "--export", "int6_rtn_zstd", *common]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main([str(w), "--export", "int6_rtn_zstd", *common, "overwrite=true", "eval.enabled=false"]) == 0
+    # a quantized artifact is not float weights
+    art = tmp_path / "out" / "final_model.int6_rtn_zstd.ptz"
+    assert main([str(art), "--export", "int6_rtn_zstd", *common, f"out_dir={tmp_path / 'o2'}"]) == 2
+    assert "not saved float weights" in capsys.readouterr().err
+
+
+def test_reexport_reads_a_lightning_checkpoint(tmp_path, synth_dir):
+    """A real `.ckpt` from Trainer.save_checkpoint loads with weights_only=True (gpt.* keys, model config)."""
+    import lightning as L
+
+    from pgolf.module import GolfModule
+
+    torch.manual_seed(0)
+    module = GolfModule(model=dict(TINY_MODEL), optim={"kind": "adam"})
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    state, meta = load_weights(path)
+    assert meta["model"]["num_layers"] == 2 and set(state) == set(module.gpt.state_dict())
+    assert all(torch.equal(v, state[k]) for k, v in module.gpt.state_dict().items())
+    res = reexport(
+        compose_config(
+            str(path),
+            ["export=int6_rtn_zstd", "data=synthetic", f"data.root={synth_dir.parent}", "eval.seq_len=32",
+             "eval.batch_windows=8", "eval.pre_quant=false"],
+        )
+    )  # fmt: skip
+    assert res["roundtrip"]["standard"]["tokens"] > 0 and "quant_gap_bpb" not in res

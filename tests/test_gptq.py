@@ -1,0 +1,152 @@
+"""Full-Hessian GPTQ (SPEC §8.4): equality with a slow column-by-column reference, lower output error
+than round-to-nearest, dead columns, Hessian collection by forward hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pgolf.gptq import GPTQSettings, collect_hessians, gptq_quantize, linear_names
+from pgolf.model import GPT, GPTConfig
+from pgolf.quant import (
+    GPTQ_LITE_CLIPS,
+    QuantRule,
+    clip_search_rows,
+    dequantize_int,
+    quantize_rows,
+    quantize_tensor_by_rule,
+)
+
+
+def reference_gptq(w, H, bits, clips, damp=0.01, act_order=True, floor=True):
+    """The GPTQ paper's column-by-column form (OBS update with the explicit inverse Hessian, then the
+    quantized column eliminated from the inverse), in float64, one clip level at a time."""
+    w, H = w.double().clone(), H.double().clone()
+    qmax = 2 ** (bits - 1) - 1
+    dead = torch.diag(H) == 0
+    for j in torch.nonzero(dead).flatten().tolist():
+        H[j, j] = 1.0
+        w[:, j] = 0.0
+    H = H + damp * torch.diag(H).mean() * torch.eye(H.size(0), dtype=H.dtype)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(H.size(0))
+    W0, Hp = w[:, perm], H[perm][:, perm]
+    best = None
+    for c in clips:
+        a = W0.abs()
+        clip = a.amax(dim=1) if c >= 1.0 else torch.quantile(a, c, dim=1)
+        s = (clip / qmax).clamp_min(1.0 / qmax if floor else 1e-12).half().double()
+        W, Hinv = W0.clone(), torch.linalg.inv(Hp)
+        Q = torch.zeros_like(W)
+        for i in range(W.size(1)):
+            q = torch.clamp(torch.round(W[:, i] / s), -qmax, qmax)
+            Q[:, i] = q
+            err = W[:, i] - q * s
+            W[:, i + 1 :] -= (err / Hinv[i, i])[:, None] * Hinv[i, i + 1 :][None, :]
+            Hinv = Hinv - Hinv[:, i : i + 1] @ Hinv[i : i + 1, :] / Hinv[i, i]
+        mse = (W0 - Q * s[:, None]).square().mean().item()
+        if best is None or mse < best[0]:
+            best = (mse, Q, s, c)
+    _, Q, s, c = best
+    return Q[:, torch.argsort(perm)].to(torch.int8), s.half(), c
+
+
+def correlated_inputs(n, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    x = torch.randn(n, cols, generator=g) @ mix
+    return x * torch.linspace(0.2, 3.0, cols)  # unequal input scales, so act-order matters
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("bits", [4, 6])
+def test_gptq_equals_the_column_by_column_reference(act_order, bits):
+    torch.manual_seed(bits)
+    rows, cols = 12, 40
+    w = torch.randn(rows, cols) * 0.5
+    x = correlated_inputs(200, cols, seed=3)
+    x[:, 7] = 0.0  # a dead input column
+    H = x.T @ x
+    q, s, info = gptq_quantize(
+        w, H, bits, GPTQ_LITE_CLIPS, block_size=16, act_order=act_order, floor=False, dtype=torch.float64
+    )
+    q_ref, s_ref, c_ref = reference_gptq(w, H, bits, GPTQ_LITE_CLIPS, act_order=act_order, floor=False)
+    assert info["clip"] == c_ref and info["dead_columns"] == 1
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q, q_ref)
+    assert (q[:, 7] == 0).all()  # the dead column's weights are dropped
+
+
+def test_gptq_output_error_is_lower_than_round_to_nearest():
+    # A fixed layer and inputs (seeded): ||XWᵀ - XŴᵀ||_F measured 156.4 for round-to-nearest and 96.3 for
+    # GPTQ at int4, 35.6 vs 22.0 at int6 (same row scales, clip = row max, no scale floor; torch 2.13 CPU).
+    torch.manual_seed(0)
+    w = torch.randn(64, 96) * 0.3
+    x = correlated_inputs(512, 96, seed=1)
+    H = x.T @ x
+    for bits in (4, 6):
+        q_rtn, s_rtn = quantize_rows(w, bits, clip=1.0, floor=False)
+        q_g, s_g, _ = gptq_quantize(w, H, bits, (1.0,), block_size=32, floor=False)
+        assert torch.equal(s_rtn, s_g)
+        e_rtn = torch.linalg.norm(x @ w.T - x @ dequantize_int(q_rtn, s_rtn).T).item()
+        e_g = torch.linalg.norm(x @ w.T - x @ dequantize_int(q_g, s_g).T).item()
+        assert e_g < 0.7 * e_rtn, (bits, e_rtn, e_g)
+
+
+def test_gptq_per_row_clip_choice_and_block_size_invariance():
+    torch.manual_seed(2)
+    w = torch.randn(16, 48)
+    w[3, 5] = 12.0  # an outlier row where clipping pays
+    x = correlated_inputs(300, 48, seed=4)
+    H = x.T @ x
+    kw = dict(floor=False, dtype=torch.float64)
+    q_a, s_a, info = gptq_quantize(w, H, 6, GPTQ_LITE_CLIPS, block_size=8, **kw)
+    q_b, s_b, _ = gptq_quantize(w, H, 6, GPTQ_LITE_CLIPS, block_size=48, **kw)
+    assert torch.equal(q_a, q_b) and torch.equal(s_a, s_b)  # lazy batch updates change nothing
+    q_r, s_r, info_r = gptq_quantize(w, H, 6, GPTQ_LITE_CLIPS, block_size=8, per_row=True, **kw)
+    assert info_r["clip"] == "per_row"
+    mse = lambda q, s: (dequantize_int(q, s) - w).square().mean().item()
+    assert mse(q_r, s_r) <= mse(q_a, s_a) + 1e-12
+
+
+def test_rule_dispatch_gptq_and_fallback():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    x = correlated_inputs(256, 64, seed=0)
+    rule = QuantRule(store="int", bits=6, clip="search", method="gptq", scale_floor=False, name="m")
+    e = quantize_tensor_by_rule("m.weight", w, rule, x.T @ x, GPTQSettings(block_size=32))
+    assert e.info["method"] == "gptq" and e.info["clip"] in GPTQ_LITE_CLIPS and e.q.abs().max() <= 31
+    fb = quantize_tensor_by_rule("m.weight", w, rule, None)  # no Hessian: GPTQ-lite
+    q_lite, s_lite, c = clip_search_rows(w, 6, floor=False)
+    assert fb.info["method"] == "gptq_lite_fallback" and fb.info["clip"] == c and torch.equal(fb.q, q_lite)
+
+
+def test_collect_hessians_matches_explicit_inputs():
+    torch.manual_seed(0)
+    cfg = GPTConfig(
+        vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, bigram="xor", bigram_buckets=64,
+        bigram_dim=16, ve_dim=8, ve_layers=(1,), xsa_last_n=2, smear_gate="record", mlp_act="leaky_relu2",
+    )  # fmt: skip
+    m = GPT(cfg).eval()
+    seqs = torch.randint(0, 64, (5, 12))
+    H, info = collect_hessians(m, seqs, batch=2)
+    assert set(H) == set(linear_names(m).values()) and info["layers"] == len(m.quantized_linears()) == 14
+    assert info["sequences"] == 5 and info["tokens"] == 60
+    # c_q, c_k, c_v read the same input; check one block's attention input and MLP-out input explicitly.
+    got = {}
+    blk = m.blocks[1]
+    hooks = [
+        blk.attn.c_q.register_forward_hook(lambda mod, a, o: got.setdefault("attn", []).append(a[0])),
+        blk.mlp.proj.register_forward_hook(lambda mod, a, o: got.setdefault("mlp", []).append(a[0])),
+    ]
+    with torch.no_grad():
+        m.forward_hidden(seqs)
+    for h in hooks:
+        h.remove()
+    for key, name in (("attn", "blocks.1.attn.c_q.weight"), ("mlp", "blocks.1.mlp.proj.weight")):
+        x = got[key][0].reshape(-1, got[key][0].size(-1))
+        assert torch.allclose(H[name], x.T @ x / 5, rtol=1e-4, atol=1e-5)
+    assert torch.equal(H["blocks.0.attn.c_q.weight"], H["blocks.0.attn.c_k.weight"])
+    assert torch.equal(H["blocks.0.attn.c_q.weight"], H["blocks.0.attn.c_v.weight"])
+    Hd, _ = collect_hessians(m, seqs, batch=5, damp=0.01)
+    h0 = H["blocks.0.mlp.fc.weight"]
+    assert torch.allclose(Hd["blocks.0.mlp.fc.weight"], h0 + 0.01 * h0.diag().mean() * torch.eye(32), atol=1e-5)
