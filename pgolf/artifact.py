@@ -340,6 +340,13 @@ def _describe_meta(meta: dict) -> list[str]:
         )
     else:
         lines.append("provenance: (not recorded)")
+    rx = meta.get("reexport")
+    if rx:
+        rp = rx.get("provenance", {})
+        lines.append(
+            f"re-exported: from {rx.get('weights')} with git {rp.get('git_sha', '?')} on {rp.get('device', '?')} "
+            f"date {rp.get('date', '?')}"
+        )
     for key in ("experiment", "seed", "training"):
         if key in meta:
             lines.append(f"{key}: {json.dumps(meta[key], sort_keys=True)}")

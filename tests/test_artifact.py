@@ -168,6 +168,7 @@ def test_inspect_shows_identity_provenance_calibration_and_codecs(tmp_path, entr
         "tokenizer": {"name": "fineweb_1024_bpe.model", "vocab_size": 1024, "sha256": "ab" * 32},
         "provenance": {"git_sha": "deadbeef", "git_dirty": True, "torch": "2.13.0", "device": "cpu"},
         "calibration": {"source": "train", "count": 32, "length": 2048, "compliant": False, "reason": "late"},
+        "reexport": {"weights": "final_model.float.ptz", "provenance": {"git_sha": "cafe", "device": "cpu"}},
     }
     write_artifact(tmp_path / "a.ptz", entries, meta, "zstd")
     out = inspect(tmp_path / "a.ptz", codecs=True)
@@ -175,6 +176,7 @@ def test_inspect_shows_identity_provenance_calibration_and_codecs(tmp_path, entr
     assert "provenance: git deadbeef (dirty) torch 2.13.0" in out
     assert "calibration: source:train count:32 length:2048 compliant:False" in out and "reason: late" in out
     assert "config: {" in out and "bits" in out and "total" in out
+    assert "re-exported: from final_model.float.ptz with git cafe on cpu" in out
     size = (tmp_path / "a.ptz").stat().st_size
     assert f"codec zstd-22: model {size} bytes" in out and "codec lzma-9:" in out and "codec zlib-9:" in out
     assert f"margin {16_000_000 - size - 1000}" in out
