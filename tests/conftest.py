@@ -42,6 +42,28 @@ def synth_dir(tmp_path_factory) -> Path:
     return ensure_synthetic(tmp_path_factory.mktemp("synth"))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is many times faster than two on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def perturbed_tiny_gpt(vocab: int):
+    """A 2-layer 32-wide GPT moved off its zero init, so every position and feature matters."""
+    from pgolf.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=vocab, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        m.tok_emb.weight.normal_(0.0, 0.1)
+    return m.eval()
+
+
 def python() -> str:
     return sys.executable
 

@@ -19,9 +19,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import perturbed_tiny_gpt
 
 from pgolf.evaluate import TargetLog, run_mode
-from pgolf.model import GPT, GPTConfig
+from pgolf.model import GPT
 from pgolf.tokenizer import ByteLUTs
 
 V, S = 16, 16
@@ -50,23 +51,11 @@ CAUSAL = ["standard", "sliding", "ttt", "lora_ttt", "causal_slot"]
 SEED_SLOT = ["slot_1263", "slot_1298"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is many times faster than two on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model() -> GPT:
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=V, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.1)  # off the zero init so every position matters
-        m.tok_emb.weight.normal_(0.0, 0.1)
-    return m.eval()
+    return perturbed_tiny_gpt(V)
 
 
 def luts() -> ByteLUTs:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturbed_tiny_gpt
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -36,22 +37,11 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model() -> GPT:
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=V, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-        m.tok_emb.weight.normal_(0.0, 0.1)
-    return m.eval()
+    return perturbed_tiny_gpt(V)
 
 
 def luts() -> ByteLUTs:
