@@ -11,11 +11,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def _default_mode() -> int:
-    """0666 minus the process umask: the mode `open()` would give a new file."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _default_mode() -> int:
+    """0666 minus the process umask: the mode `open()` would give a new file."""
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """0777 minus the process umask: the mode `mkdir()` would give a new directory."""
+    return 0o777 & ~_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

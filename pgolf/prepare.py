@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pgolf.data import SHARD_TOKENS, write_shard
-from pgolf.io import sha256_file
+from pgolf.io import default_dir_mode, sha256_file
 from pgolf.tokenizer import TokenizerInfo, encode_documents, load_tokenizer, train_tokenizer
 
 
@@ -127,6 +128,7 @@ def prepare(
         train_docs, val_docs_list = documents
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, default_dir_mode())  # mkdtemp makes 0700; the data directory should be readable like any other
     try:
         if tokenizer is None:
             lines = (line for d in train_docs for line in d.splitlines() if line.strip())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 from pgolf.compare import DIAGNOSTIC_MODES, CompareError, ModeStats, compare_to, load_runs, mode_order, mode_stats
+from pgolf.io import default_dir_mode
 
 TRACK = "10min_16mb"
 
@@ -323,6 +325,7 @@ def assemble(
     repo = str(Path(__file__).resolve().parent.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, default_dir_mode())  # mkdtemp makes 0700
     try:
         for r in runs:
             log = r.path / "train.log"

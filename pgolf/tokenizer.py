@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.io import sha256_file
+from pgolf.io import atomic_write_bytes, sha256_file
 
 BOS_ID = 1
 
@@ -125,25 +125,36 @@ def bpb(loss_sum: float, token_count: float, byte_count: float) -> tuple[float, 
     return val_loss, loss_sum / (math.log(2.0) * max(byte_count, 1.0))
 
 
+TOKENIZER_THREADS = 2  # recorded in the .model: fixed so that the file does not depend on the machine
+
+
 def train_tokenizer(
     lines: Iterable[str],
     model_prefix: str | os.PathLike,
     vocab_size: int = 1024,
-    threads: int | None = None,
+    threads: int = TOKENIZER_THREADS,
     **overrides,
 ) -> Path:
-    """Train a SentencePiece BPE with the challenge's settings; returns the `.model` path."""
+    """Train a SentencePiece BPE with the challenge's settings; returns the `.model` path.
+
+    The model is trained in memory and written atomically to `<model_prefix>.model`. SentencePiece
+    records its trainer settings in the file, including the output prefix when it writes the file
+    itself; training in memory leaves the prefix empty, so the same lines give a byte-identical file
+    (and tokenizer hash) whatever directory it is trained in.
+    """
+    import io
+
     import sentencepiece as spm
 
     settings = {**CHALLENGE_SPM_SETTINGS, **overrides}
-    prefix = Path(model_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(model_prefix).with_suffix(".model")
+    buf = io.BytesIO()
     try:
         spm.SentencePieceTrainer.Train(
             sentence_iterator=iter(lines),
-            model_prefix=str(prefix),
+            model_writer=buf,
             vocab_size=vocab_size,
-            num_threads=threads or os.cpu_count() or 1,
+            num_threads=threads,
             input_sentence_size=2_000_000,
             shuffle_input_sentence=True,
             minloglevel=2,
@@ -153,7 +164,8 @@ def train_tokenizer(
         raise TokenizerError(
             f"SentencePiece training failed for vocab_size={vocab_size}: {str(e).split('] ')[-1]}"
         ) from e
-    return prefix.with_suffix(".model")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 def encode_documents(sp, docs: Iterable[str], batch: int = 256) -> Iterator[np.ndarray]:

@@ -50,6 +50,20 @@ def test_prepare_trains_tokenizer_and_writes_shards(tmp_path, docs_jsonl):
     assert sp.DecodeIds(val[1:nxt].tolist()) == first_doc
 
 
+def test_same_documents_give_the_same_tokenizer_hash_anywhere(tmp_path, docs_jsonl):
+    """SentencePiece records its output prefix in the .model; prepared in two directories (each with its own
+    temporary folder), the tokenizer file, its hash and the shards must still be identical, or an artifact
+    trained on one copy would be refused against the other."""
+    kw = dict(name="t", vocab_size=200, val_docs=12, shard_tokens=2000, byte_fallback=False)
+    a = prepare([docs_jsonl], tmp_path / "a" / "out", **kw)
+    b = prepare([docs_jsonl], tmp_path / "b" / "elsewhere", **kw)
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    assert ma["tokenizer"]["sha256"] == mb["tokenizer"]["sha256"]
+    assert (a / "t_200_bpe.model").read_bytes() == (b / "t_200_bpe.model").read_bytes()
+    assert (a / "t_val_000000.bin").read_bytes() == (b / "t_val_000000.bin").read_bytes()
+    assert a.stat().st_mode & 0o777 == b.parent.stat().st_mode & 0o777  # not mkdtemp's 0700
+
+
 def test_prepare_with_given_tokenizer_and_refuses_to_overwrite(tmp_path, docs_jsonl, sp1024_path):
     out = tmp_path / "fw"
     prepare([docs_jsonl], out, name="fineweb", tokenizer=sp1024_path, val_docs=10)
