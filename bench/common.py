@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -73,3 +74,15 @@ def sync(device: torch.device) -> None:
 
 def median_ms(times: list[float]) -> float:
     return 1000 * statistics.median(times)
+
+
+def figures_line(fig: dict) -> str:
+    """`key:value` pairs on one line, the form every benchmark prints."""
+    return " ".join(f"{k}:{v}" for k, v in fig.items())
+
+
+def save_json(path: str | None, obj: dict) -> None:
+    """Write the figures to `path` as JSON (nothing when no path was asked for)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)

@@ -14,10 +14,9 @@ not a test.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
-from common import compose, model_from_cfg
+from common import compose, figures_line, model_from_cfg, save_json
 from omegaconf import OmegaConf
 
 from pgolf.evaluate import run_mode
@@ -77,10 +76,8 @@ def main() -> None:
             "val_bpb_random_tokens": round(r.val_bpb, 4),
         }
         out["modes"][mode] = fig
-        print(mode, " ".join(f"{k}:{v}" for k, v in fig.items()), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        print(mode, figures_line(fig), flush=True)
+    save_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 
 import torch
-from common import compose, flops_per_token, model_from_cfg, sync
+from common import compose, figures_line, flops_per_token, model_from_cfg, save_json, sync
 
 
 def main() -> None:
@@ -51,10 +50,8 @@ def main() -> None:
                "us_per_token": round(1e6 * t / n, 1), "tokens_per_s": round(n / t),
                "model_flops_per_token": flops_per_token(model, a.seq)}  # fmt: skip
         out["models"][name] = fig
-        print(f"{name}: " + " ".join(f"{k}:{v}" for k, v in fig.items()))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=2)
+        print(f"{name}: " + figures_line(fig))
+    save_json(a.json, out)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ leaves on one random 1536x512 matrix. Prints figures; it is not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
-from common import compose, model_from_cfg, sync
+from common import compose, figures_line, model_from_cfg, save_json, sync
 
 from pgolf.optim import MuonAdam, newton_schulz, ns_coefficients, partition_params
 
@@ -59,10 +58,8 @@ def main() -> None:
         fig = {"step_s": round(statistics.median(times), 3), "ns_only_s": round(statistics.median(ns_times), 3),
                "sv_min": round(s.min().item(), 3), "sv_max": round(s.max().item(), 3)}  # fmt: skip
         out["variants"][f"{kind}-{steps}"] = fig
-        print(f"{kind}-{steps}: " + " ".join(f"{k}:{v}" for k, v in fig.items()))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=2)
+        print(f"{kind}-{steps}: " + figures_line(fig))
+    save_json(a.json, out)
 
 
 if __name__ == "__main__":

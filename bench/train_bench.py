@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 
 import torch
-from common import compose, device_peak, flops_per_token, median_ms, model_from_cfg, sync
+from common import compose, device_peak, flops_per_token, median_ms, model_from_cfg, save_json, sync
 from omegaconf import OmegaConf
 
 from pgolf.optim import build_optimizer
@@ -89,9 +88,7 @@ def main() -> None:
     }
     for k, v in out.items():
         print(f"{k}: {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    save_json(args.json, out)
 
 
 if __name__ == "__main__":
