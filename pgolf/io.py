@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ def _default_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def default_dir_mode() -> int:
+def _default_dir_mode() -> int:
     """0777 minus the process umask: the mode `mkdir()` would give a new directory."""
     return 0o777 & ~_umask()
 
@@ -66,6 +67,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty directory next to `path` to fill; on success it takes the place of `path` (a
+    directory already there is moved aside first and removed only once the new one is in place), on error
+    it is removed and `path` is untouched. Whether an existing `path` may be replaced is the caller's check."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, _default_dir_mode())  # mkdtemp makes 0700; the result should be readable like any directory
+    try:
+        yield tmp
+        if path.exists():
+            backup = path.with_name(path.name + ".old")
+            shutil.rmtree(backup, ignore_errors=True)
+            path.rename(backup)
+            tmp.rename(path)
+            shutil.rmtree(backup)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

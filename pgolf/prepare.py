@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from pgolf.data import SHARD_TOKENS, write_shard
-from pgolf.io import default_dir_mode, sha256_file
+from pgolf.io import atomic_dir, sha256_file
 from pgolf.tokenizer import TokenizerInfo, encode_documents, load_tokenizer, train_tokenizer
 
 
@@ -126,10 +124,7 @@ def prepare(
         train_docs, val_docs_list = split_documents(docs, val_docs, val_fraction, seed)
     else:
         train_docs, val_docs_list = documents
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, default_dir_mode())  # mkdtemp makes 0700; the data directory should be readable like any other
-    try:
+    with atomic_dir(out) as tmp:
         if tokenizer is None:
             lines = (line for d in train_docs for line in d.splitlines() if line.strip())
             model = train_tokenizer(
@@ -150,17 +145,6 @@ def prepare(
             "format": {"bos_prefix": True, "eos": False, "shard_tokens": shard_tokens},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            backup = out.with_name(out.name + ".old")
-            shutil.rmtree(backup, ignore_errors=True)
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

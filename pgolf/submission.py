@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from pgolf.compare import DIAGNOSTIC_MODES, CompareError, ModeStats, compare_to, load_runs, mode_order, mode_stats
-from pgolf.io import default_dir_mode
+from pgolf.io import atomic_dir
 
 TRACK = "10min_16mb"
 
@@ -323,10 +320,7 @@ def assemble(
         hardware=hardware,
     )
     repo = str(Path(__file__).resolve().parent.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, default_dir_mode())  # mkdtemp makes 0700
-    try:
+    with atomic_dir(out) as tmp:  # an existing `out` is empty (checked above)
         for r in runs:
             log = r.path / "train.log"
             if not log.is_file():
@@ -340,12 +334,6 @@ def assemble(
             "# pgolf runtime requirements (pyproject.toml); the runs recorded PyTorch "
             f"{sub['pytorch_version']}\n" + "\n".join(reqs) + "\n"
         )
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for n in notes:
         print(f"note: {n}")
     if len(runs) < 3:
