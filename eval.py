@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pgolf.evalrun import evaluate_artifact
+from pgolf.eval.run import evaluate_artifact
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

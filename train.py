@@ -18,7 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks import build_callbacks
 from callbacks.header import RunHeader
-from pgolf.run import (
+from pgolf.runlog import log0, set_log_file
+from pgolf.tools.datasets import ensure_dataset
+from pgolf.tools.sweep import relaunch_command, run_relaunched
+from pgolf.train.build import (
     build_datamodule,
     build_logger,
     build_module,
@@ -28,8 +31,6 @@ from pgolf.run import (
     run_meta,
     save_resolved_config,
 )
-from pgolf.runlog import log0, set_log_file
-from pgolf.sweep import relaunch_command, run_relaunched
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -43,8 +44,8 @@ def main(cfg: DictConfig) -> float | None:
     save_resolved_config(cfg, run_dir, hc.output_subdir)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
+    ensure_dataset(cfg.data.prepare, cfg.data.get("root"))
     dm = build_datamodule(cfg)
-    dm.prepare_data()
     module, tokenizer = build_module(cfg, cfg.data.tokenizer_path)
     meta = run_meta(cfg, tokenizer)
     loggers = build_logger(cfg, run_dir)

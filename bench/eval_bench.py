@@ -19,9 +19,9 @@ import torch
 from common import compose, figures_line, model_from_cfg, save_json
 from omegaconf import OmegaConf
 
-from pgolf.evaluate import run_mode
-from pgolf.export import load_artifact_model
-from pgolf.tokenizer import ByteLUTs
+from pgolf.data.tokenizer import ByteLUTs
+from pgolf.eval.core import run_mode
+from pgolf.export.weights import load_artifact_model
 
 FINEWEB_VAL_TARGETS = 62_021_632
 

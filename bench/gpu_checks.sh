@@ -3,7 +3,7 @@
 #   train   baseline 200 steps and record_1263 50 steps (bf16 + compile, random tokens): ms/step, memory
 #   run     record_1298 for 300 steps on FineWeb-format shards (EMA, late QAT, GPTQ export, round trip)
 #   eval    every eval mode on the record_1263 model over a 1M-token slice, extrapolated to FineWeb val
-# Data for `run`: shards + tokenizer under data/fineweb_sample (python -m pgolf.prepare ... --out there).
+# Data for `run`: shards + tokenizer under data/fineweb_sample (python -m pgolf.tools.prepare ... --out there).
 # Each step has its own time limit and log; a failing step does not stop the others.
 set -u
 part=${1:?part: train | run | eval}

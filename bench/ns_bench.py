@@ -15,7 +15,7 @@ import time
 import torch
 from common import compose, figures_line, model_from_cfg, save_json, sync
 
-from pgolf.optim import MuonAdam, newton_schulz, ns_coefficients, partition_params
+from pgolf.optim.muon import MuonAdam, newton_schulz, ns_coefficients, partition_params
 
 
 def main() -> None:

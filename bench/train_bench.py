@@ -17,8 +17,8 @@ import torch
 from common import compose, device_peak, flops_per_token, median_ms, model_from_cfg, save_json, sync
 from omegaconf import OmegaConf
 
-from pgolf.optim import build_optimizer
-from pgolf.run import grad_accum_of
+from pgolf.optim.muon import build_optimizer
+from pgolf.train.build import grad_accum_of
 
 
 def main() -> None:

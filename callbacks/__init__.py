@@ -18,7 +18,7 @@ from callbacks.qat import LateQAT
 from callbacks.schedule import LRSchedule
 from callbacks.wallclock import ChallengeClock
 from callbacks.warmup import CompileWarmup
-from pgolf.export import ExportConfig
+from pgolf.export.config import ExportConfig
 
 
 def build_callbacks(cfg: DictConfig, run_dir: str | Path, meta: dict) -> list:

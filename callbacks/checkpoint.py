@@ -2,8 +2,9 @@
 
 A checkpoint is Lightning's (weights, the one optimizer's state — every rank holds all Muon momentum, so
 rank 0's copy is complete —, loop counters, callback states: clock offset, averaging, late-QAT switch; the
-DataModule's stream position) plus the RNG states (GolfModule adds them). `pgolf.run.AtomicCheckpointIO` writes it
-to a temporary file, fsyncs and renames, so a crash mid-write never leaves a truncated checkpoint.
+DataModule's stream position) plus the RNG states (GolfModule adds them).
+`pgolf.train.build.AtomicCheckpointIO` writes it to a temporary file, fsyncs and renames,
+so a crash mid-write never leaves a truncated checkpoint.
 
 `Checkpointing` saves every `every_steps` optimizer steps (at step boundaries only, after the challenge
 clock has checked the step's loss, so a non-finite step is never saved) and keeps the newest `keep`. On

@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 
 from callbacks.wallclock import ChallengeClock
-from pgolf.export import ExportConfig, ExportContext, export_model, roundtrip_evaluate
+from pgolf.export.config import ExportConfig, ExportContext
+from pgolf.export.roundtrip import roundtrip_evaluate
+from pgolf.export.stages import export_model
 from pgolf.io import atomic_write_bytes
 
 

@@ -1,11 +1,11 @@
-"""Applies the pure schedules of `pgolf.schedule` to the one optimizer before every step (SPEC §7.2-7.3)."""
+"""Applies the pure schedules of `pgolf.optim.schedule` to the one optimizer before every step (SPEC §7.2-7.3)."""
 
 from __future__ import annotations
 
 import lightning as L
 
 from callbacks.wallclock import ChallengeClock
-from pgolf.schedule import lr_scale, muon_momentum
+from pgolf.optim.schedule import lr_scale, muon_momentum
 
 
 class LRSchedule(L.Callback):

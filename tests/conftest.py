@@ -37,7 +37,7 @@ def fineweb_sample() -> Path:
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """A tiny generated corpus with its own vocab-256 tokenizer, prepared once per session."""
-    from pgolf.synthetic import ensure_synthetic
+    from pgolf.tools.synthetic import ensure_synthetic
 
     return ensure_synthetic(tmp_path_factory.mktemp("synth"))
 
@@ -53,7 +53,7 @@ def one_thread():
 
 def perturbed_tiny_gpt(vocab: int):
     """A 2-layer 32-wide GPT moved off its zero init, so every position and feature matters."""
-    from pgolf.model import GPT, GPTConfig
+    from pgolf.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=vocab, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2))

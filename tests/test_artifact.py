@@ -8,23 +8,23 @@ import pytest
 import torch
 
 from pgolf import ARTIFACT_LIMIT_BYTES
-from pgolf.artifact import (
+from pgolf.export.code import code_files
+from pgolf.export.config import BASELINE_RULES
+from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.quant.artifact import (
     PREFIX,
     ArtifactError,
     SizeReport,
-    code_files,
     compress,
     decode_artifact,
     encode_artifact,
-    inspect,
     pack,
     read_artifact,
     unpack,
     write_artifact,
 )
-from pgolf.export import BASELINE_RULES
-from pgolf.model import GPT, GPTConfig
-from pgolf.quant import dequantize_state, quantize_state, rules_from_config
+from pgolf.quant.rules import dequantize_state, quantize_state, rules_from_config
+from pgolf.tools.inspect import inspect, main
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_tampered_or_truncated_artifacts_are_rejected(tmp_path, entries):
 
 def _forge(raw: bytes, declared_len: int, codec="zlib") -> bytes:
     """A well-formed file (valid checksum) whose declared length lies about the payload."""
-    from pgolf.artifact import CODECS, MAGIC, VERSION, _digest
+    from pgolf.quant.artifact import CODECS, MAGIC, VERSION, _digest
 
     payload = compress(raw, codec)
     cid = CODECS[codec]
@@ -123,7 +123,7 @@ def test_size_report_is_decimal_and_flags_over_budget():
 
 def test_code_files_cover_the_package():
     names = {p.name for p in code_files()}
-    assert {"train.py", "eval.py", "model.py", "artifact.py", "wallclock.py"} <= names
+    assert {"train.py", "eval.py", "gpt.py", "artifact.py", "wallclock.py"} <= names
     assert not {"compare.py", "submission.py", "prepare.py", "fineweb.py"} & names  # tooling is not counted
 
 
@@ -183,8 +183,6 @@ def test_inspect_shows_identity_provenance_calibration_and_codecs(tmp_path, entr
 
 
 def test_inspect_cli_errors_cleanly(tmp_path):
-    from pgolf.artifact import main
-
-    assert main(["inspect", str(tmp_path / "missing.ptz")]) == 2
+    assert main([str(tmp_path / "missing.ptz")]) == 2
     (tmp_path / "junk.ptz").write_bytes(b"not an artifact at all, not even close to one")
-    assert main(["inspect", str(tmp_path / "junk.ptz")]) == 2
+    assert main([str(tmp_path / "junk.ptz")]) == 2

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf.calibrate import CalibrationConfig, calibrate, compliance, generate, train_sequences
-from pgolf.data import StreamLayout, TokenStream, TrainStream, list_shards
-from pgolf.model import GPT, GPTConfig
+from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, list_shards
+from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.quant.calibrate import CalibrationConfig, calibrate, compliance, generate, train_sequences
 
 CFG = dict(
     vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, smear_gate="record", bigram="xor",

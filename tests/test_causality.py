@@ -21,9 +21,9 @@ import pytest
 import torch
 from conftest import perturbed_tiny_gpt
 
-from pgolf.evaluate import TargetLog, run_mode
-from pgolf.model import GPT
-from pgolf.tokenizer import ByteLUTs
+from pgolf.data.tokenizer import ByteLUTs
+from pgolf.eval.core import TargetLog, run_mode
+from pgolf.model.gpt import GPT
 
 V, S = 16, 16
 FLIP = 59  # target 58: mid-window (stride 4), chunk 1 of TTT, third chunk of a LoRA document

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pgolf.model import GPT, GPTConfig
+from pgolf.model.gpt import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -189,7 +189,7 @@ def test_gptq_export_at_the_end_of_training_records_calibration(tmp_path, synth_
     res = json.loads((tmp_path / "results.json").read_text())
     cal = res["export"]["calibration"]
     assert cal["compliant"] and cal["inside_training_budget"] and res["export"]["timings"]["gptq"] >= 0
-    from pgolf.artifact import read_artifact
+    from pgolf.quant.artifact import read_artifact
 
     entries, meta = read_artifact(tmp_path / "final_model.int6_gptq_zstd.ptz")
     assert meta["calibration"] == cal and entries["blocks.0.attn.c_q.weight"].info["method"] == "gptq"

@@ -1,4 +1,4 @@
-"""pgolf.compare on hand-made run directories: statistics against scipy, grouping, eval results, outputs."""
+"""pgolf.tools.compare on hand-made run directories: statistics against scipy, grouping, eval results, outputs."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf import compare
-from pgolf.compare import build_report, load_runs
-from pgolf.stats import t_sf, welch_greater
-from pgolf.submission import find_machine_paths, scrub_paths
+from pgolf.tools import compare
+from pgolf.tools.compare import build_report, load_runs
+from pgolf.tools.stats import t_sf, welch_greater
+from pgolf.tools.submission import find_machine_paths, scrub_paths
 
 scipy_stats = pytest.importorskip("scipy.stats")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.data import (
+from pgolf.data.stream import (
     HEADER_BYTES,
     ShardError,
     StreamLayout,

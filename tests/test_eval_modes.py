@@ -1,5 +1,5 @@
 """Score-first TTT, LoRA TTT and SLOT: the seeds' settings, reference formulas, reuse of the backbone,
-isolation, bad settings, and the audit round trip through evaluate_artifact + pgolf.audit. (1 vs 2
+isolation, bad settings, and the audit round trip through evaluate_artifact + pgolf.tools.audit. (1 vs 2
 processes for every mode: tests/test_evaluate.py.)"""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from conftest import perturbed_tiny_gpt
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pgolf import audit as audit_cli
-from pgolf.evaluate import TargetLog, make_batch, run_mode, score_windows, sliding_windows, window_table
-from pgolf.model import GPT, GPTConfig
-from pgolf.slot import SlotSettings, slot_batch
-from pgolf.tokenizer import ByteLUTs
-from pgolf.ttt import LoraSettings, TTTSettings, chunk_window, documents, train_chunk, ttt_params
+from pgolf.data.tokenizer import ByteLUTs
+from pgolf.eval.core import TargetLog, make_batch, run_mode, score_windows, sliding_windows, window_table
+from pgolf.eval.slot import SlotSettings, slot_batch
+from pgolf.eval.ttt import LoraSettings, TTTSettings, chunk_window, documents, train_chunk, ttt_params
+from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.tools import audit as audit_cli
 
 V, S = 32, 16
 CPU = torch.device("cpu")
@@ -267,9 +267,10 @@ def test_lora_without_learning_is_the_chunked_document_eval():
 
 # ---- audit from outside ------------------------------------------------------------------------------
 def test_flip_test_from_outside_with_eval_and_audit_files(tmp_path, synth_dir, capsys):
-    from pgolf.evalrun import evaluate_artifact
-    from pgolf.export import ExportConfig, export_model
-    from pgolf.tokenizer import TokenizerInfo
+    from pgolf.data.tokenizer import TokenizerInfo
+    from pgolf.eval.run import evaluate_artifact
+    from pgolf.export.config import ExportConfig
+    from pgolf.export.stages import export_model
 
     tok = TokenizerInfo.from_path(synth_dir / "synth_256_bpe.model")
     torch.manual_seed(0)

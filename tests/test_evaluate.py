@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pgolf.evaluate import TargetLog, eval_sliding, eval_standard, gather_log, run_mode, sliding_windows
-from pgolf.model import GPT, GPTConfig
-from pgolf.tokenizer import ByteLUTs
+from pgolf.data.tokenizer import ByteLUTs
+from pgolf.eval.core import TargetLog, eval_sliding, eval_standard, gather_log, run_mode, sliding_windows
+from pgolf.model.gpt import GPT, GPTConfig
 
 V = 64
 

@@ -14,8 +14,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pgolf import compare, submission
-from pgolf.sweep import identity, identity_of_dir, relaunch_command, variant_items
+from pgolf.tools import compare, submission
+from pgolf.tools.sweep import relaunch_command
+from pgolf.train.identity import identity, identity_of_dir, variant_items
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -313,7 +314,7 @@ def test_relaunch_only_for_local_multi_process_multirun_jobs(tmp_path):
 
 
 def test_wandb_mode_follows_credentials(monkeypatch, tmp_path):
-    from pgolf.wandb_logger import resolve_mode
+    from pgolf.train.wandb_logger import resolve_mode
 
     for k in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(k, raising=False)

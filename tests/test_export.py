@@ -11,19 +11,16 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pgolf.artifact import code_bytes, inspect, read_artifact
-from pgolf.export import (
-    ExportConfig,
-    ExportContext,
-    export_model,
-    load_artifact_model,
-    load_weights,
-    save_float_weights,
-)
-from pgolf.model import GPT, GPTConfig
-from pgolf.quant import dequantize_state, pick_rule, rules_from_config
-from pgolf.reexport import compose_config, main, reexport
-from pgolf.tokenizer import TokenizerInfo
+from pgolf.data.tokenizer import TokenizerInfo
+from pgolf.export.code import code_bytes
+from pgolf.export.config import ExportConfig, ExportContext
+from pgolf.export.stages import export_model
+from pgolf.export.weights import load_artifact_model, load_weights, save_float_weights
+from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.quant.artifact import read_artifact
+from pgolf.quant.rules import dequantize_state, pick_rule, rules_from_config
+from pgolf.tools.inspect import inspect
+from pgolf.tools.reexport import compose_config, main, reexport
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 EXPORTS = sorted(p.stem for p in (CONF / "export").glob("*.yaml"))
@@ -151,7 +148,7 @@ def test_export_with_gptq_selfgen_calibration_and_pruning(tmp_path, tiny):
 
 
 def test_train_data_calibration_after_the_deadline_is_flagged(tmp_path, tiny, synth_dir, capsys):
-    from pgolf.data import StreamLayout, TokenStream, TrainStream, list_shards
+    from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, list_shards
 
     model, meta = tiny
     stream = TokenStream(list_shards(str(synth_dir / "synth_train_*.bin")))
@@ -202,7 +199,7 @@ def test_reexport_reads_a_lightning_checkpoint(tmp_path, synth_dir):
     """A real `.ckpt` from Trainer.save_checkpoint loads with weights_only=True (gpt.* keys, model config)."""
     import lightning as L
 
-    from pgolf.module import GolfModule
+    from pgolf.train.module import GolfModule
 
     torch.manual_seed(0)
     module = GolfModule(model=dict(TINY_MODEL), optim={"kind": "adam"})

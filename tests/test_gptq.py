@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf.gptq import GPTQSettings, collect_hessians, gptq_quantize, linear_names
-from pgolf.model import GPT, GPTConfig
-from pgolf.quant import (
+from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.quant.gptq import GPTQSettings, collect_hessians, gptq_quantize, linear_names
+from pgolf.quant.rules import (
     GPTQ_LITE_CLIPS,
     QuantRule,
     clip_search_rows,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf.model import GPT, GPTConfig
-from pgolf.optim import build_optimizer
+from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.optim.muon import build_optimizer
 
 pytestmark = pytest.mark.gpu
 

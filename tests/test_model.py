@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pgolf.model import GPT, GPTConfig, apply_rope, count_params, exclusive_self_attention, rope_tables
+from pgolf.model.gpt import GPT, GPTConfig, apply_rope, count_params, exclusive_self_attention, rope_tables
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 

@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pgolf.model import GPT, GPTConfig
-from pgolf.optim import MuonAdam, build_optimizer, newton_schulz, ns_coefficients, partition_params, row_normalize
-from pgolf.schedule import lr_scale, muon_momentum
+from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.optim.muon import MuonAdam, build_optimizer, newton_schulz, ns_coefficients, partition_params, row_normalize
+from pgolf.optim.schedule import lr_scale, muon_momentum
 
 OPTIM = dict(
     matrix_lr=0.04,
@@ -155,7 +155,7 @@ def test_distributed_muon_matches_single_process(tmp_path, world):
 
 
 def test_balanced_owners_split_the_work():
-    from pgolf.optim import balanced_owners
+    from pgolf.optim.muon import balanced_owners
 
     shapes = [(512, 512), (256, 512), (256, 512), (512, 512), (1536, 512), (512, 1536)] * 11
     owners = balanced_owners(shapes, 8)
@@ -167,7 +167,7 @@ def test_balanced_owners_split_the_work():
 
 
 def test_muoneq_r_normalises_rows_before_newton_schulz(monkeypatch):
-    import pgolf.optim as optim
+    import pgolf.optim.muon as optim
 
     seen = []
     real = optim.newton_schulz

@@ -13,12 +13,12 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from pgolf import demo, fineweb
-from pgolf.data import list_shards, open_shard, write_shard
-from pgolf.prepare import main as prepare_main
-from pgolf.prepare import prepare, split_documents
-from pgolf.synthetic import make_documents
-from pgolf.tokenizer import BOS_ID, load_tokenizer
+from pgolf.data.stream import list_shards, open_shard, write_shard
+from pgolf.data.tokenizer import BOS_ID, load_tokenizer
+from pgolf.tools import demo, fineweb
+from pgolf.tools.prepare import main as prepare_main
+from pgolf.tools.prepare import prepare, split_documents
+from pgolf.tools.synthetic import make_documents
 
 
 @pytest.fixture(scope="module")

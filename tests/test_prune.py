@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf.artifact import encode_artifact, pack
-from pgolf.prune import PruneConfig, prune_candidates, prune_to_target, zero_cheapest
-from pgolf.quant import QuantRule, quantize_state
+from pgolf.quant.artifact import encode_artifact, pack
+from pgolf.quant.prune import PruneConfig, prune_candidates, prune_to_target, zero_cheapest
+from pgolf.quant.rules import QuantRule, quantize_state
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_prune_config_validation():
 def test_search_is_exact_on_monotone_sizes_and_needs_few_probes():
     """On a non-increasing size curve (steps and flats, like compressed sizes) the search returns exactly
     the smallest fitting n, with at most about twice bisection's probes."""
-    from pgolf.prune import _search
+    from pgolf.quant.prune import _search
 
     g = torch.Generator().manual_seed(0)
     N = 50_000

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf.export import BASELINE_RULES
-from pgolf.model import fake_quant_rows
-from pgolf.quant import (
+from pgolf.export.config import BASELINE_RULES
+from pgolf.quant.numerics import fake_quant_rows
+from pgolf.quant.rules import (
     QuantRule,
     clip_search_rows,
     dequantize_int,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import SP8192, need
 
-from pgolf.tokenizer import BOS_ID, TokenizerError, TokenizerInfo, bpb, build_byte_luts, load_tokenizer
+from pgolf.data.tokenizer import BOS_ID, TokenizerError, TokenizerInfo, bpb, build_byte_luts, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from callbacks import build_callbacks
-from pgolf.artifact import read_artifact
-from pgolf.model import GPT, GPTConfig, fake_quant_rows
-from pgolf.quant import dequantize_state
-from pgolf.run import build_datamodule, build_module, build_trainer, run_meta
+from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.quant.artifact import read_artifact
+from pgolf.quant.numerics import fake_quant_rows
+from pgolf.quant.rules import dequantize_state
+from pgolf.tools.datasets import ensure_dataset
+from pgolf.train.build import build_datamodule, build_module, build_trainer, run_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -63,8 +65,8 @@ class Recorder(L.Callback):
 
 def fit(tmp_path, overrides, extra_callbacks=()):
     cfg = compose_cfg([*TINY, f"data.root={tmp_path / 'synthetic'}", *FP32_EXPORT, *overrides])
+    ensure_dataset(cfg.data.prepare, cfg.data.root)
     dm = build_datamodule(cfg)
-    dm.prepare_data()
     module, tok = build_module(cfg, cfg.data.tokenizer_path)
     cbs = build_callbacks(cfg, tmp_path / "run", run_meta(cfg, tok))
     cbs = [*cbs[:-2], *extra_callbacks, *cbs[-2:]] if extra_callbacks else cbs  # before checkpoint + export

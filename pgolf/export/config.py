@@ -1,0 +1,126 @@
+"""The export's settings (`conf/export/*.yaml` -> `ExportConfig`), what it needs from the run
+(`ExportContext`) and what it reports (`ExportReport`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from pgolf import ARTIFACT_LIMIT_BYTES
+from pgolf.quant.artifact import CODECS, DEFAULT_LEVELS
+from pgolf.quant.calibrate import CalibrationConfig
+from pgolf.quant.gptq import GPTQSettings
+from pgolf.quant.prune import PruneConfig
+from pgolf.quant.rules import rules_from_config, uses_gptq
+
+# SPEC §8.1: the baseline int8 + zlib scheme as rules (first match wins).
+BASELINE_RULES = [
+    {"name": "non_float", "float": False, "store": "raw"},
+    {"name": "small_control", "max_numel": 65536, "control": True, "store": "fp32"},
+    {"name": "small", "max_numel": 65536, "store": "fp16"},
+    {"name": "matrix", "ndim": 2, "store": "int", "bits": 8, "granularity": "row", "clip": 0.9999984},
+    {"name": "other", "store": "int", "bits": 8, "granularity": "tensor", "clip": 0.9999984},
+]
+
+
+def _section(cls, value, what: str):
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls()
+    known = {f.name for f in fields(cls)}
+    unknown = set(value) - known
+    if unknown:
+        raise ValueError(f"export.{what}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    return cls(**dict(value))
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    label: str = "int8_zlib"  # names the log lines: final_{label}_roundtrip
+    codec: str = "zlib"
+    level: int | None = 9
+    rules: list[dict] = field(default_factory=lambda: [dict(r) for r in BASELINE_RULES])
+    filename: str = "final_model.{label}.ptz"
+    limit_bytes: int = ARTIFACT_LIMIT_BYTES
+    fail_over_limit: bool = True
+    gptq: GPTQSettings = field(default_factory=GPTQSettings)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    report_codecs: list[str] = field(default_factory=list)  # also report the artifact's size under these
+    save_float: bool = True  # save the float weights next to the artifact (for `python -m pgolf.tools.reexport`)
+    float_filename: str = "final_model.float.ptz"
+
+    def __post_init__(self):
+        self.gptq = _section(GPTQSettings, self.gptq, "gptq")
+        self.calibration = _section(CalibrationConfig, self.calibration, "calibration")
+        self.prune = _section(PruneConfig, self.prune, "prune")
+        self.report_codecs = list(self.report_codecs or [])
+        for c in [self.codec, *self.report_codecs]:
+            if c not in CODECS:
+                raise ValueError(f"export codec {c!r} is not one of {sorted(CODECS)}")
+        if self.level is None:
+            self.level = DEFAULT_LEVELS[self.codec]
+        rules = rules_from_config(self.rules)
+        if uses_gptq(rules) and self.calibration.source == "none":
+            names = [r.name for r in rules if r.method == "gptq"]
+            raise ValueError(
+                f"export rules {names} use method gptq, which needs calibration data: set export.calibration.source "
+                "to ar (self-generated) or train"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExportConfig:
+        d = dict(d)
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"export config: unknown keys {sorted(unknown)}")
+        d["rules"] = [dict(r) for r in d.get("rules") or BASELINE_RULES]
+        return cls(**d)
+
+    @property
+    def path_name(self) -> str:
+        return self.filename.format(label=self.label)
+
+    @property
+    def size_tag(self) -> str:
+        return self.label.replace("_", "+")
+
+
+@dataclass
+class ExportContext:
+    """What the export needs from the run besides the weights: the seed (for self-generation), the training
+    clock (for calibration compliance), the training stream (train-data calibration), device and autocast."""
+
+    seed: int = 0
+    train_time_ms: float | None = None
+    cap_ms: float | None = None
+    train_batches: Callable[[], Iterable] | None = None
+    device: torch.device | None = None
+    autocast_dtype: torch.dtype | None = None
+
+
+@dataclass
+class ExportReport:
+    path: str
+    label: str
+    model_bytes: int
+    code_bytes: int
+    total_bytes: int
+    limit_bytes: int
+    size_ok: bool
+    quantize_seconds: float
+    write_seconds: float
+    pre_quant: dict | None = None
+    calibration: dict | None = None
+    prune: dict | None = None
+    codec_sizes: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    float_path: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,234 @@
+"""Full-Hessian GPTQ (SPEC §8.4; PR #535 lineage, the R1019 variant) and the Hessians it needs.
+
+`collect_hessians`: forward hooks on the model's `quantized_linears()` accumulate `Σ XᵀX` of each linear's
+input over calibration sequences (c_q/c_k/c_v read the same tensor, so its `XᵀX` is computed once and
+added to all three), divided by the number of sequences like the reference, optionally damped.
+
+`gptq_quantize`: one matrix W [rows, cols] with its Hessian H [cols, cols] -> per-row intN codes and fp16
+scales. Dead inputs (diag H = 0) get diag 1 and a zero weight column; damping `damp·mean(diag H)·I`;
+act-order (columns by descending diag H); the upper Cholesky factor U of H⁻¹ (Cholesky of H, then the
+Cholesky-based inverse); columns in blocks of `block_size`, each quantized and its error spread over the
+later columns of the block through U's rows, then onto the columns after the block (lazy batch update).
+Every clip level of the GPTQ-lite list is tried and the one with the lowest weight MSE kept (per matrix,
+or per row with `per_row`). Rows are independent given U, so the clip candidates run together as one
+stacked matrix (one column loop for all of them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pgolf.quant.numerics import quant_scale_rows
+
+
+@dataclass
+class GPTQSettings:
+    """The export config's `gptq` section (SPEC §8.4): the column loop's block size and damping, act-order,
+    the damping added to each Hessian when it is collected (the reference damps there too, so twice in
+    all), and how many calibration sequences go through the model per forward."""
+
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    hessian_damp: float = 0.01
+    batch: int = 8
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.batch < 1:
+            raise ValueError(f"gptq.block_size ({self.block_size}) and gptq.batch ({self.batch}) must be >= 1")
+        if self.damp < 0 or self.hessian_damp < 0:
+            raise ValueError("gptq.damp and gptq.hessian_damp must be >= 0")
+
+
+def candidate_scales(w: torch.Tensor, bits: int, clips: Sequence[float], floor: bool = True) -> torch.Tensor:
+    """fp16-rounded row scales [len(clips), rows] for each clip level (quantile of |w| per row; 1.0 = max)."""
+    return torch.stack([quant_scale_rows(w, bits, float(c), floor).view(-1).half().float() for c in clips])
+
+
+def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+    """U with H⁻¹ = UᵀU (upper triangular), through the Cholesky factor of H."""
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True)
+
+
+def prepare_hessian(
+    w: torch.Tensor, H: torch.Tensor, damp: float, act_order: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Dead columns, damping, act-order. Returns (W permuted, H permuted, perm, number of dead columns)."""
+    W, H = w.clone(), H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.size(0), dtype=H.dtype, device=H.device)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(H.size(0), device=H.device)
+    return W[:, perm], H[perm][:, perm], perm, int(dead.sum())
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int, device: torch.device):
+    """Run CPU tensor code with n intra-op threads (restored afterwards). The column loop is thousands of
+    small ops: measured on a shared 2-core machine, a 512x1536 matrix took 8.6 s with 2 threads and 2.3 s
+    with 1 (thread hand-off costs more than the ops)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, qmax: int, block_size: int) -> torch.Tensor:
+    """The GPTQ column loop on W [rows, cols] (already permuted) with U from `upper_cholesky_of_inverse`
+    and a scale per row [rows]. Returns integer codes [rows, cols] (as W's dtype)."""
+    with cpu_threads(1, W.device):
+        return _gptq_columns(W, U, scale, qmax, block_size)
+
+
+def _gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, qmax: int, block_size: int) -> torch.Tensor:
+    W = W.clone()
+    rows, cols = W.shape
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        d = torch.diagonal(U1)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / scale), -qmax, qmax)
+            Q[:, i1 + i] = q
+            err = (w - q * scale) / d[i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # W1[:, j] -= err * U1[i, j] for j >= i
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return Q
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    bits: int = 6,
+    clips: Sequence[float] = (0.999, 0.9995, 0.9999, 0.99999, 1.0),
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    floor: bool = True,
+    per_row: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """GPTQ of one matrix: (q int8 [rows, cols], scale fp16 [rows], info)."""
+    if w.ndim != 2 or H.shape != (w.size(1), w.size(1)):
+        raise ValueError(f"gptq needs W [rows, cols] and H [cols, cols]; got {tuple(w.shape)} and {tuple(H.shape)}")
+    qmax = 2 ** (bits - 1) - 1
+    rows = w.size(0)
+    # runs where the Hessian lives (the GPU during a training-end export)
+    Wp, Hp, perm, n_dead = prepare_hessian(w.to(H.device, dtype), H.to(dtype), damp, act_order)
+    U = _robust_upper_cholesky_of_inverse(Hp)
+    # Row clips on the (dead-zeroed) weights; a row's quantile/max does not depend on the column order.
+    S = candidate_scales(Wp, bits, clips, floor).to(dtype)  # [C, rows]
+    C = S.size(0)
+    Q = gptq_columns(Wp.repeat(C, 1), U, S.reshape(-1), qmax, block_size).view(C, rows, -1)
+    err = (Wp[None] - Q * S[:, :, None]).square().mean(dim=2)  # [C, rows]: MSE against the original W
+    if per_row:
+        best = err.argmin(dim=0)  # [rows]
+        ar = torch.arange(rows, device=Q.device)
+        q, s = Q[best, ar], S[best, ar]
+        chosen: object = [float(clips[i]) for i in best.tolist()]
+    else:
+        b = int(err.mean(dim=1).argmin())
+        q, s, chosen = Q[b], S[b], float(clips[b])
+    inv = torch.argsort(perm)
+    q = q[:, inv].to(torch.int8).contiguous()
+    info = {"method": "gptq", "clip": chosen if not per_row else "per_row", "dead_columns": n_dead}
+    return q.cpu(), s.half().cpu(), info
+
+
+def _robust_upper_cholesky_of_inverse(H: torch.Tensor, tries: int = 5) -> torch.Tensor:
+    """Cholesky of H⁻¹; if H is numerically not positive definite, add more damping (x10 each try)."""
+    extra = 0.0
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.size(0), dtype=H.dtype, device=H.device)
+    for _ in range(tries):
+        try:
+            return upper_cholesky_of_inverse(H + extra * mean_diag * eye)
+        except torch.linalg.LinAlgError:
+            extra = 0.01 if extra == 0 else extra * 10
+    raise ValueError("GPTQ: the Hessian is not positive definite even after extra damping")
+
+
+# ---- Hessians from calibration sequences ----------------------------------------------------------
+def linear_names(model: nn.Module) -> dict[nn.Module, str]:
+    """The quantized linears of a GPT and their weight names in the state dict."""
+    names = {m: n for n, m in model.named_modules()}
+    return {m: f"{names[m]}.weight" for m in model.quantized_linears()}
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module,
+    sequences: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    batch: int = 8,
+    damp: float = 0.0,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """`Σ XᵀX` (fp32) of the input of every quantized linear over `sequences` [N, T] (token ids), divided
+    by the number of sequences, plus `damp·mean(diag)·I` (the reference adds 0.01 here, SPEC §8.4).
+    Returns ({weight name: H on the model's device}, info)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    targets = linear_names(model)
+    H = {
+        name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=device)
+        for m, name in targets.items()
+    }
+    last: dict = {"x": None, "xtx": None}
+
+    def hook(mod, args, out):
+        x = args[0]
+        if x is not last["x"]:  # c_q/c_k/c_v see the same tensor: one XᵀX for the three
+            x2 = x.detach().reshape(-1, x.size(-1)).float()
+            last["x"], last["xtx"] = x, x2.T @ x2
+        H[targets[mod]] += last["xtx"]
+
+    handles = [m.register_forward_hook(hook) for m in targets]
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    n_seq = n_tok = 0
+    try:
+        seqs = sequences if isinstance(sequences, torch.Tensor) else torch.cat(list(sequences))
+        for i in range(0, seqs.size(0), batch):
+            xb = seqs[i : i + batch].to(device)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                model.forward_hidden(xb)
+            n_seq += xb.size(0)
+            n_tok += xb.numel()
+            last["x"] = last["xtx"] = None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if n_seq == 0:
+        raise ValueError("no calibration sequences to collect Hessians from")
+    out = {}
+    for name, h in H.items():
+        h /= n_seq
+        if damp > 0:
+            h += damp * torch.mean(torch.diag(h)) * torch.eye(h.size(0), device=h.device)
+        out[name] = h
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    info = {"layers": len(out), "sequences": n_seq, "tokens": n_tok, "seconds": round(time.perf_counter() - t0, 3)}
+    return out, info

@@ -1,0 +1,259 @@
+"""Post-training quantization of a state dict by config-driven rules (SPEC §8).
+
+A scheme is an ordered list of rules; the first rule whose conditions hold decides how a tensor is
+stored. Conditions: `pattern` (regex searched in the name), `float` (is floating point), `control`
+(name matches a control pattern), `max_numel` / `min_numel`, `ndim`. Storage: `raw` (as is), `fp16`,
+`fp32` (restored to the original dtype on load), or `int` with `bits` (2..8), `granularity` (`row` or
+`tensor`), `clip` (a per-row quantile such as 0.9999984, `max`, `search` = GPTQ-lite's one clip level per
+matrix, or `search_rows` = the best level for each row; the levels are `clips`) and `method` (`rtn`
+round-to-nearest, or `gptq` = full-Hessian GPTQ with the same clip choice, SPEC §8.4, `pgolf/gptq.py`).
+
+Integer storage is symmetric: `q = clamp(round(w/s), -qmax, qmax)` with `qmax = 2^(bits-1)-1`, an fp16
+scale per row (or one fp32 scale per tensor), floored at `1/qmax` like the reference unless
+`scale_floor: false` (SPEC §8.1, §11.9). With a fixed quantile clip the weights are clipped to the row's
+clip value before rounding (SPEC §8.1). Values live in int8 containers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pgolf.model.roles import is_control
+from pgolf.quant.gptq import GPTQSettings, gptq_quantize
+from pgolf.quant.numerics import quant_scale_rows
+
+STORES = ("raw", "fp16", "fp32", "int")
+METHODS = ("rtn", "gptq")
+CLIP_MODES = ("max", "search", "search_rows")
+GPTQ_LITE_CLIPS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # PR #414 (SPEC §8.3)
+
+
+@dataclass
+class QuantRule:
+    store: str
+    pattern: str | None = None
+    float: bool | None = None
+    control: bool | None = None
+    max_numel: int | None = None
+    min_numel: int | None = None
+    ndim: int | None = None
+    bits: int = 8
+    granularity: str = "row"
+    clip: float | str = 0.9999984
+    scale_floor: bool = True
+    method: str = "rtn"
+    clips: list[float] | None = None  # clip levels of `search` / `search_rows` (default GPTQ_LITE_CLIPS)
+    name: str = ""
+
+    def __post_init__(self):
+        who = f"quant rule {self.name or self.pattern!r}"
+        if self.store not in STORES:
+            raise ValueError(f"{who}: store {self.store!r} not in {STORES}")
+        if self.store == "int":
+            if not 2 <= int(self.bits) <= 8:
+                raise ValueError(f"{who}: bits {self.bits} must be in 2..8")
+            if self.granularity not in ("row", "tensor"):
+                raise ValueError(f"{who}: granularity must be row or tensor")
+            if self.method not in METHODS:
+                raise ValueError(f"{who}: method {self.method!r} not in {METHODS}")
+            if isinstance(self.clip, str):
+                if self.clip not in CLIP_MODES:
+                    raise ValueError(f"{who}: clip {self.clip!r} must be a quantile in (0, 1] or one of {CLIP_MODES}")
+            elif not 0.0 < float(self.clip) <= 1.0:
+                raise ValueError(f"{who}: clip {self.clip} must be a quantile in (0, 1] or one of {CLIP_MODES}")
+            if self.clips is not None and (not self.clips or not all(0.0 < float(c) <= 1.0 for c in self.clips)):
+                raise ValueError(f"{who}: clips {self.clips} must be a non-empty list of quantiles in (0, 1]")
+
+    @property
+    def clip_levels(self) -> tuple[float, ...]:
+        """The candidate clip levels this rule tries (one level unless clip is search/search_rows)."""
+        if self.clip in ("search", "search_rows"):
+            return tuple(float(c) for c in (self.clips or GPTQ_LITE_CLIPS))
+        return (1.0 if self.clip == "max" else float(self.clip),)
+
+    def matches(self, name: str, t: torch.Tensor) -> bool:
+        if self.pattern is not None and not re.search(self.pattern, name):
+            return False
+        if self.float is not None and self.float != t.is_floating_point():
+            return False
+        if self.control is not None and self.control != is_control(name):
+            return False
+        if self.max_numel is not None and t.numel() > self.max_numel:
+            return False
+        if self.min_numel is not None and t.numel() < self.min_numel:
+            return False
+        return self.ndim is None or t.ndim == self.ndim
+
+
+def rules_from_config(rules: list[dict]) -> list[QuantRule]:
+    out = [QuantRule(**dict(r)) for r in rules]
+    if not out:
+        raise ValueError("a quantization scheme needs at least one rule")
+    return out
+
+
+def pick_rule(name: str, t: torch.Tensor, rules: list[QuantRule]) -> QuantRule:
+    for r in rules:
+        if r.matches(name, t):
+            return r
+    raise ValueError(f"no quantization rule matches tensor {name} {tuple(t.shape)} {t.dtype}; add a catch-all rule")
+
+
+# ---- integer quantizers ------------------------------------------------------------------------------
+
+
+def quantize_rows(
+    w: torch.Tensor, bits: int, clip: float = 1.0, floor: bool = True, clip_values: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest per-row: (q int8 [rows, cols], scale fp16 [rows]). With `clip_values` the weights
+    are first clipped to ±(the row's clip quantile), as the reference's int8 path does (SPEC §8.1); this
+    only differs from the plain clamp when the scale floor binds."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.float()
+    s = quant_scale_rows(w, bits, clip, floor).half()
+    if clip_values and clip < 1.0:
+        c = torch.quantile(w.abs(), clip, dim=1, keepdim=True)
+        w = torch.maximum(torch.minimum(w, c), -c)
+    q = torch.clamp(torch.round(w / s.float()), -qmax, qmax).to(torch.int8)
+    return q, s.view(-1)
+
+
+def quantize_tensor(
+    w: torch.Tensor, bits: int, clip: float = 1.0, floor: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fp32 scale for the whole tensor (any shape)."""
+    qmax = 2 ** (bits - 1) - 1
+    a = w.detach().float().abs().flatten()
+    c = a.max() if clip >= 1.0 else torch.quantile(a[: 1 << 24], clip)
+    s = (c / qmax).clamp_min(1.0 / qmax if floor else 1e-12)
+    q = torch.clamp(torch.round(w.float() / s), -qmax, qmax).to(torch.int8)
+    return q, s.reshape(1).float()
+
+
+def dequantize_int(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if scale.numel() == 1:
+        return q.float() * scale.float()
+    return q.float() * scale.float().view(-1, *([1] * (q.ndim - 1)))
+
+
+def clip_search_rows(w: torch.Tensor, bits: int, clips=GPTQ_LITE_CLIPS, floor: bool = True, per_row: bool = False):
+    """GPTQ-lite (SPEC §8.3): try each clip level; keep the one with the lowest whole-matrix MSE (or, with
+    `per_row`, the best level for each row separately). Returns (q, scale, chosen clip(s)). Like the
+    reference, a candidate's codes are `clamp(round(w/s))` without clipping w first."""
+    w = w.float()
+    best = None
+    for c in clips:
+        q, s = quantize_rows(w, bits, float(c), floor)
+        err = (dequantize_int(q, s) - w).square()
+        if per_row:
+            e = err.mean(dim=1)
+            if best is None:
+                best = [q.clone(), s.clone(), e, torch.full_like(e, c)]
+            else:
+                better = e < best[2]
+                best[0][better], best[1][better], best[2][better], best[3][better] = q[better], s[better], e[better], c
+        else:
+            e = err.mean().item()
+            if best is None or e < best[2]:
+                best = [q, s, e, c]
+    return best[0], best[1], (best[3].tolist() if per_row else best[3])
+
+
+# ---- state-dict quantization ----------------------------------------------------------------------
+@dataclass
+class QuantEntry:
+    """One stored tensor: `kind` raw/fp16/fp32 -> `data`; int -> `q` and `scale`."""
+
+    kind: str
+    shape: tuple[int, ...]
+    orig_dtype: str
+    data: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    bits: int = 0
+    info: dict = field(default_factory=dict)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def quantize_tensor_by_rule(
+    name: str, t: torch.Tensor, rule: QuantRule, hessian: torch.Tensor | None = None, gptq: GPTQSettings | None = None
+) -> QuantEntry:
+    t = t.detach().cpu()
+    shape, orig = tuple(t.shape), _dtype_name(t.dtype)
+    if rule.store == "raw":
+        return QuantEntry("raw", shape, orig, data=t.contiguous())
+    if rule.store in ("fp16", "fp32"):
+        return QuantEntry(rule.store, shape, orig, data=t.to(torch.float16 if rule.store == "fp16" else torch.float32))
+    bits, floor = int(rule.bits), bool(rule.scale_floor)
+    info: dict = {"method": "rtn", "clip": rule.clip, "rule": rule.name}
+    per_row = rule.clip == "search_rows"
+    if rule.granularity == "tensor" or t.ndim != 2:
+        clip = 1.0 if isinstance(rule.clip, str) else float(rule.clip)
+        q, s = quantize_tensor(t, bits, clip, floor)
+    elif rule.method == "gptq" and hessian is not None:
+        g = gptq or GPTQSettings()
+        q, s, ginfo = gptq_quantize(
+            t,
+            hessian,
+            bits,
+            rule.clip_levels,
+            block_size=g.block_size,
+            damp=g.damp,
+            act_order=g.act_order,
+            floor=floor,
+            per_row=per_row,
+        )
+        info.update(ginfo)
+    elif rule.clip in ("search", "search_rows") or rule.method == "gptq":
+        # GPTQ without a Hessian (a tensor no hook saw) falls back to GPTQ-lite, as the reference does.
+        q, s, chosen = clip_search_rows(t, bits, rule.clip_levels, floor=floor, per_row=per_row)
+        info["method"] = "gptq_lite" if rule.method == "rtn" else "gptq_lite_fallback"
+        info["clip"] = "per_row" if per_row else chosen
+    else:
+        q, s = quantize_rows(t, bits, rule.clip_levels[0], floor, clip_values=True)
+    return QuantEntry("int", shape, orig, q=q.contiguous(), scale=s.contiguous(), bits=bits, info=info)
+
+
+def quantize_state(
+    state: dict[str, torch.Tensor],
+    rules: list[QuantRule],
+    hessians: dict[str, torch.Tensor] | None = None,
+    gptq: GPTQSettings | None = None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, QuantEntry]:
+    """Quantize every tensor by the first rule that matches it; `hessians` (by weight name) feed the
+    `method: gptq` rules. `timings`, if given, accumulates seconds per method (rtn, gptq, gptq_lite...)."""
+    hessians = hessians or {}
+    out = {}
+    for name, t in state.items():
+        t0 = time.perf_counter()
+        e = quantize_tensor_by_rule(name, t, pick_rule(name, t, rules), hessians.get(name), gptq)
+        out[name] = e
+        if timings is not None:
+            key = e.info.get("method", e.kind) if e.kind == "int" else "passthrough"
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    return out
+
+
+def uses_gptq(rules: list[QuantRule]) -> bool:
+    return any(r.store == "int" and r.method == "gptq" for r in rules)
+
+
+def dequantize_entry(e: QuantEntry) -> torch.Tensor:
+    dt = getattr(torch, e.orig_dtype)
+    if e.kind == "raw":
+        return e.data
+    if e.kind in ("fp16", "fp32"):
+        return e.data.to(dt)
+    return dequantize_int(e.q, e.scale).to(dt).view(e.shape)
+
+
+def dequantize_state(entries: dict[str, QuantEntry]) -> dict[str, torch.Tensor]:
+    return {name: dequantize_entry(e) for name, e in entries.items()}

@@ -1,0 +1,607 @@
+"""Compare finished runs: `python -m pgolf.tools.compare RUN_OR_SWEEP_DIR... [--baseline GROUP] [--out DIR]`.
+
+Reads run directories (no W&B needed): `.hydra/` (config, overrides; the sweep's `multirun.yaml`),
+`results.json` (export sizes, the round-trip eval modes, the float model's `pre_quant` diagnostic),
+every `eval_result.json` in the run directory or up to two levels below it (`python eval.py ...
+out_dir=RUN/eval`; a symlink there to an eval output directory works too), and `train.log` (curves).
+Runs are grouped by experiment and variant (`pgolf.train.identity.RunIdentity`, or `--by KEY...`); eval modes are
+handled by name, whatever they are.
+
+Printed and written (`compare.md`, `compare.json`, plots from `pgolf.tools.plots`):
+* per run: seed, steps, training time, artifact bytes, val_bpb of every mode;
+* per group and mode: n, mean ± sample std (ddof 1) of val_bpb and of val_loss;
+* against the baseline group, per mode: Δbpb and Δnats of the means (negative = better), and two one-sided
+  Welch t-tests on the per-seed val_loss (nats per token): p(gain > 0) and p(gain > margin), where
+  gain = mean_baseline − mean_group. The challenge's rule (SPEC §1: beat the SOTA by ≥ 0.005 nats at
+  p < 0.01) is met when p(gain > 0.005) < 0.01, both groups have ≥ 2 runs, every run of both groups is
+  compliant in that mode, and all of them were scored on the same tokens and bytes.
+
+Nats are val_loss, the mean NLL per scored token; on one validation set val_loss = val_bpb · ln 2 ·
+bytes/tokens, so Δnats = Δbpb · ln 2 · bytes/tokens (the factor is printed) and both tests give the same p.
+The statistics are in `pgolf.tools.stats`, the plots in `pgolf.tools.plots`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from pgolf.io import atomic_write_bytes
+from pgolf.tools.stats import Welch, mean_std, welch_greater
+from pgolf.train.identity import RunIdentity, identity_of_dir
+
+MARGIN_NATS = 0.005  # SPEC §1
+ALPHA = 0.01
+DIAGNOSTIC_MODES = ("pre_quant",)  # the float model before quantization: informative, never a score
+MODE_ORDER = ("pre_quant", "standard", "sliding")
+
+TRAIN_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:([\d.]+)ms")
+VAL_LINE = re.compile(r"^step:(\d+)/\d+ val_loss:(\S+) val_bpb:(\S+) train_time:([\d.]+)ms")
+STOP_LINE = re.compile(r"^stopping_early: wallclock_cap train_time:([\d.]+)ms step:(\d+)/")
+
+
+class CompareError(ValueError):
+    pass
+
+
+# ---- runs ------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    path: Path
+    identity: RunIdentity
+    config: dict
+    results: dict
+    modes: dict[str, dict] = field(default_factory=dict)  # mode -> EvalResult dict
+    sources: dict[str, str] = field(default_factory=dict)  # mode -> where it was read
+    train_curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, time ms)
+    val_curve: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, loss, bpb, ms)
+    stopped: tuple[int, float] | None = None  # (step, ms) of a `stopping_early: wallclock_cap` line
+
+    @property
+    def seed(self) -> int:
+        return self.identity.seed
+
+    @property
+    def label(self) -> str:
+        """The run directory as `<sweep or time>/<job>` (no machine paths in tables)."""
+        return f"{self.path.parent.name}/{self.path.name}"
+
+    @property
+    def export(self) -> dict:
+        return self.results.get("export", {})
+
+    @property
+    def artifact_bytes(self) -> int | None:
+        return self.export.get("total_bytes", self.results.get("total_bytes"))
+
+    @property
+    def steps(self) -> int | None:
+        """Optimizer steps: results.json's `training`, else the last step the log shows."""
+        if "steps" in self.results.get("training", {}):
+            return self.results["training"]["steps"]
+        return self.last_logged[0]
+
+    @property
+    def train_time_ms(self) -> float | None:
+        """Training time on the challenge clock, at the end of training."""
+        if "train_time_ms" in self.results.get("training", {}):
+            return self.results["training"]["train_time_ms"]
+        return self.last_logged[1]
+
+    @property
+    def last_logged(self) -> tuple[int | None, float | None]:
+        points = [(s, t) for s, _, t in self.train_curve] + [(s, t) for s, _, _, t in self.val_curve]
+        if self.stopped is not None:
+            points.append(self.stopped)
+        return max(points) if points else (None, None)
+
+
+def is_run_dir(p: Path) -> bool:
+    """A training job's directory (eval.py's output directories have `.hydra/` too, but no train.log)."""
+    return (p / ".hydra" / "config.yaml").is_file() and ((p / "train.log").is_file() or (p / "results.json").is_file())
+
+
+def find_runs(paths: list[str | Path], max_depth: int = 4) -> list[Path]:
+    """Run directories among `paths`: each path is a run directory or is searched for them."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise CompareError(f"{p}: no such directory")
+        if is_run_dir(p):
+            found.append(p)
+            continue
+        level, hits = [p], []
+        for _ in range(max_depth):
+            nxt = []
+            for d in level:
+                for c in sorted(x for x in d.iterdir() if x.is_dir() and not x.name.startswith(".")):
+                    (hits if is_run_dir(c) else nxt).append(c)
+            level = nxt
+        if not hits:
+            raise CompareError(f"{p}: no training run directories (.hydra/config.yaml + train.log) in it or below it")
+        found += hits
+    out, seen = [], set()
+    for p in found:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def _config(run_dir: Path) -> dict:
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation that needs Hydra's resolvers: keep it unresolved
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def parse_train_log(text: str) -> tuple[list, list, tuple[int, float] | None]:
+    """The reference's lines: train curve, validation curve, and where a wall-clock stop happened."""
+    train, val, stop = [], [], None
+    for line in text.splitlines():
+        if m := TRAIN_LINE.match(line):
+            train.append((int(m[1]), float(m[2]), float(m[3])))
+        elif m := VAL_LINE.match(line):
+            val.append((int(m[1]), float(m[2]), float(m[3]), float(m[4])))
+        elif m := STOP_LINE.match(line):
+            stop = (int(m[2]), float(m[1]))
+    return train, val, stop
+
+
+def parse_metrics_csv(text: str) -> list:
+    import csv
+    import io
+
+    rows = []
+    for r in csv.DictReader(io.StringIO(text)):
+        if r.get("train_loss") and r.get("step"):
+            rows.append((int(float(r["step"])), float(r["train_loss"]), float(r.get("train_time_ms") or "nan")))
+    return rows
+
+
+def eval_result_files(run_dir: Path) -> list[Path]:
+    files = [run_dir / "eval_result.json", *run_dir.glob("*/eval_result.json"), *run_dir.glob("*/*/eval_result.json")]
+    return sorted({f for f in files if f.is_file()}, key=lambda f: (f.stat().st_mtime, str(f)))
+
+
+def load_run(run_dir: str | Path) -> Run:
+    run_dir = Path(run_dir)
+    res_file = run_dir / "results.json"
+    results = json.loads(res_file.read_text()) if res_file.is_file() else {}
+    run = Run(run_dir, identity_of_dir(run_dir), _config(run_dir), results)
+    pre = results.get("export", {}).get("pre_quant")
+    if pre:
+        run.modes["pre_quant"], run.sources["pre_quant"] = pre, "results.json (float model)"
+    for mode, r in results.get("roundtrip", {}).items():
+        run.modes[mode], run.sources[mode] = r, "results.json"
+    for f in eval_result_files(run_dir):  # later evaluations of the artifact (eval.py) take precedence
+        for mode, r in json.loads(f.read_text()).get("results", {}).items():
+            rel = str(f.relative_to(run_dir))
+            if mode in run.modes and run.sources[mode] != rel:
+                msg = f"{run.label}: mode {mode!r} from {rel} replaces the one from {run.sources[mode]}"
+                warnings.warn(msg, stacklevel=2)
+            run.modes[mode], run.sources[mode] = r, rel
+    log = run_dir / "train.log"
+    if log.is_file():
+        run.train_curve, run.val_curve, run.stopped = parse_train_log(log.read_text(errors="replace"))
+    elif (run_dir / "csv" / "metrics.csv").is_file():
+        run.train_curve = parse_metrics_csv((run_dir / "csv" / "metrics.csv").read_text())
+    return run
+
+
+def lookup(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise CompareError(f"--by {dotted}: no such key in the run's config")
+        node = node[part]
+    return node
+
+
+def regroup(run: Run, keys: list[str]) -> Run:
+    items = tuple((k, str(lookup(run.config, k))) for k in keys)
+    variant = ",".join(f"{k}={v}" for k, v in items)
+    run.identity = RunIdentity(run.identity.experiment, run.identity.seed, variant, items)
+    return run
+
+
+def load_runs(paths: list[str | Path], by: list[str] | None = None) -> tuple[list[Run], list[str]]:
+    """Finished runs (with results) and notes about the directories that were left out."""
+    runs, notes = [], []
+    for d in find_runs(paths):
+        try:
+            run = load_run(d)
+        except (OSError, ValueError) as e:
+            notes.append(f"skipped {d.parent.name}/{d.name}: {e}")
+            continue
+        if not run.modes:
+            notes.append(f"skipped {run.label}: no results (unfinished or failed run)")
+            continue
+        runs.append(regroup(run, by) if by else run)
+    notes += mixed_config_notes(runs)
+    groups: dict[tuple[str, int], list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.identity.group, r.seed), []).append(r)
+    keep = []
+    for (g, seed), rs in groups.items():
+        if len(rs) > 1:  # the same seed twice is not an independent sample: keep the newest
+            rs = sorted(rs, key=lambda r: (r.path / "results.json").stat().st_mtime)
+            notes.append(f"group {g} has seed {seed} {len(rs)} times: kept {rs[-1].label} only")
+        keep.append(rs[-1])
+    order = {id(r): i for i, r in enumerate(runs)}
+    return sorted(keep, key=lambda r: order[id(r)]), notes
+
+
+def flat_config(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+    return out
+
+
+def mixed_config_notes(runs: list[Run]) -> list[str]:
+    """Warn when the runs of one group differ in more than their seed (they are not replicates)."""
+    notes = []
+    for g in dict.fromkeys(r.identity.group for r in runs):
+        flats = [flat_config(r.config) for r in runs if r.identity.group == g]
+        keys = sorted({k for f in flats for k in f} - {"seed"})
+        diff = [k for k in keys if len({f.get(k) for f in flats}) > 1]
+        if diff:
+            shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+            notes.append(
+                f"group {g} mixes runs whose configs differ in {shown}: not replicates of one config "
+                "(name the variants with variant=..., or group with --by KEY)"
+            )
+    return notes
+
+
+# ---- groups and the comparison ---------------------------------------------------------------------------
+@dataclass
+class ModeStats:
+    group: str
+    mode: str
+    n: int
+    seeds: list[int]
+    bpb: list[float]
+    loss: list[float]
+    bpb_mean: float
+    bpb_std: float
+    loss_mean: float
+    loss_std: float
+    compliant: bool
+    reasons: list[str]
+    tokens: list[int]
+    bytes: list[float]
+
+    @property
+    def nats_per_bpb(self) -> float:
+        """ln 2 · bytes/tokens: val_loss = val_bpb · this (one validation set)."""
+        return math.log(2) * self.bytes[0] / self.tokens[0] if self.tokens and self.tokens[0] else float("nan")
+
+
+@dataclass
+class Comparison:
+    group: str
+    baseline: str
+    mode: str
+    delta_bpb: float
+    delta_nats: float
+    gain: Welch  # H1: baseline − group > 0 (nats)
+    rule: Welch  # H1: baseline − group > margin (nats)
+    rule_met: bool
+    why: str
+
+
+def group_order(runs: list[Run], baseline: str | None) -> list[str]:
+    groups = list(dict.fromkeys(r.identity.group for r in runs))
+    return ([baseline] if baseline in groups else []) + [g for g in groups if g != baseline]
+
+
+def mode_order(runs: list[Run]) -> list[str]:
+    seen = list(dict.fromkeys(m for r in runs for m in r.modes))
+    return [m for m in MODE_ORDER if m in seen] + [m for m in seen if m not in MODE_ORDER]
+
+
+def mode_stats(runs: list[Run], group: str, mode: str) -> ModeStats | None:
+    rs = sorted((r for r in runs if r.identity.group == group and mode in r.modes), key=lambda r: r.seed)
+    if not rs:
+        return None
+    res = [r.modes[mode] for r in rs]
+    bpb, loss = [float(x["val_bpb"]) for x in res], [float(x["val_loss"]) for x in res]
+    bm, bs = mean_std(bpb)
+    lm, ls = mean_std(loss)
+    return ModeStats(
+        group,
+        mode,
+        len(rs),
+        [r.seed for r in rs],
+        bpb,
+        loss,
+        bm,
+        bs,
+        lm,
+        ls,
+        all(bool(x.get("compliant", False)) for x in res),
+        sorted({str(x.get("reason", "")) for x in res if not x.get("compliant", False)}),
+        [int(x.get("tokens", 0)) for x in res],
+        [float(x.get("bytes", 0.0)) for x in res],
+    )
+
+
+def compare_to(base: ModeStats, other: ModeStats, margin: float = MARGIN_NATS, alpha: float = ALPHA) -> Comparison:
+    gain = welch_greater(base.loss, other.loss, 0.0)
+    rule = welch_greater(base.loss, other.loss, margin)
+    why = ""
+    if base.mode in DIAGNOSTIC_MODES:
+        why = "diagnostic mode (float model, not the artifact)"
+    elif not (base.compliant and other.compliant):
+        why = "not compliant"
+    elif len(set(base.tokens + other.tokens)) > 1 or len(set(base.bytes + other.bytes)) > 1:
+        why = "scored on different tokens/bytes"
+    elif base.n < 2 or other.n < 2:
+        why = "needs >= 2 runs per group"
+    elif not rule.p < alpha:
+        why = f"p(gain > {margin}) = {rule.p:.3g} >= {alpha}"
+    return Comparison(
+        other.group,
+        base.group,
+        base.mode,
+        other.bpb_mean - base.bpb_mean,
+        other.loss_mean - base.loss_mean,
+        gain,
+        rule,
+        not why,
+        why or "met",
+    )
+
+
+@dataclass
+class Report:
+    runs: list[Run]
+    groups: list[str]
+    modes: list[str]
+    stats: dict[tuple[str, str], ModeStats]
+    comparisons: list[Comparison]
+    baseline: str | None
+    margin: float
+    alpha: float
+    notes: list[str]
+
+
+def build_report(
+    runs: list[Run], baseline: str | None = None, margin: float = MARGIN_NATS, alpha: float = ALPHA, notes=None
+) -> Report:
+    if not runs:
+        raise CompareError("no finished runs to compare")
+    groups = group_order(runs, baseline)
+    if baseline is not None and baseline not in groups:
+        raise CompareError(f"--baseline {baseline!r} is not one of the groups: {', '.join(groups)}")
+    modes = mode_order(runs)
+    stats = {(g, m): s for g in groups for m in modes if (s := mode_stats(runs, g, m)) is not None}
+    comps = []
+    if baseline is not None:
+        for g in groups[1:]:
+            for m in modes:
+                if (baseline, m) in stats and (g, m) in stats:
+                    comps.append(compare_to(stats[(baseline, m)], stats[(g, m)], margin, alpha))
+    return Report(runs, groups, modes, stats, comps, baseline, margin, alpha, list(notes or []))
+
+
+# ---- tables ------------------------------------------------------------------------------------------------
+def _f(x: float | None, nd: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{nd}f}"
+
+
+def _p(p: float) -> str:
+    if math.isnan(p):
+        return "–"
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.4f}"
+
+
+def run_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
+    head = ["group", "seed", "steps", "train s", "artifact bytes", *(f"{m} bpb" for m in rep.modes), "run"]
+    rows = []
+    for g in rep.groups:
+        for r in sorted((r for r in rep.runs if r.identity.group == g), key=lambda r: r.seed):
+            t = r.train_time_ms
+            rows.append(
+                [
+                    g,
+                    str(r.seed),
+                    str(r.steps if r.steps is not None else "–"),
+                    _f(t / 1000 if t is not None else None, 1),
+                    f"{r.artifact_bytes:,}" if r.artifact_bytes is not None else "–",
+                    *(_f(r.modes[m]["val_bpb"], 6) if m in r.modes else "–" for m in rep.modes),
+                    r.label,
+                ]
+            )
+    return head, rows
+
+
+def summary_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
+    head = ["group", "mode", "n", "val_bpb mean ± std", "val_loss mean ± std", "compliant"]
+    rows = []
+    for g in rep.groups:
+        for m in rep.modes:
+            s = rep.stats.get((g, m))
+            if s is None:
+                continue
+            comp = "yes" if s.compliant else "NO"
+            if m in DIAGNOSTIC_MODES:
+                comp += " (diagnostic)"
+            rows.append(
+                [
+                    g,
+                    m,
+                    str(s.n),
+                    f"{_f(s.bpb_mean, 6)} ± {_f(s.bpb_std, 6)}",
+                    f"{_f(s.loss_mean, 6)} ± {_f(s.loss_std, 6)}",
+                    comp,
+                ]
+            )
+    return head, rows
+
+
+def comparison_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
+    m = rep.margin
+    head = ["group", "mode", "Δ bpb", "Δ nats", "t", "df", "p(gain>0)", f"p(gain>{m})", "rule"]
+    rows = []
+    for c in rep.comparisons:
+        rows.append(
+            [
+                c.group,
+                c.mode,
+                f"{c.delta_bpb:+.6f}",
+                f"{c.delta_nats:+.6f}",
+                _f(c.rule.t, 2),
+                _f(c.rule.df, 2),
+                _p(c.gain.p),
+                _p(c.rule.p),
+                "MET" if c.rule_met else f"not met: {c.why}",
+            ]
+        )
+    return head, rows
+
+
+def text_table(head: list[str], rows: list[list[str]]) -> str:
+    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w[i]) for i, h in enumerate(head)), "  ".join("-" * x for x in w)]
+    lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    return "\n".join(lines)
+
+
+def md_table(head: list[str], rows: list[list[str]]) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def method_lines(rep: Report) -> list[str]:
+    lines = [
+        "Δ = mean(group) − mean(baseline) (negative = better). Nats are val_loss (mean NLL per scored token); "
+        "on one validation set val_loss = val_bpb · ln 2 · bytes/tokens.",
+        f"p(gain>x): one-sided Welch t-test on the per-seed val_loss, H1: mean(baseline) − mean(group) > x nats "
+        f"(t and df shown for x = {rep.margin}). Rule (SPEC §1): p(gain>{rep.margin}) < {rep.alpha}, ≥ 2 runs per "
+        "group, all runs compliant in the mode and scored on the same tokens and bytes.",
+    ]
+    factors = {round(s.nats_per_bpb, 9) for s in rep.stats.values() if s.tokens and len(set(s.tokens)) == 1}
+    if len(factors) == 1:
+        lines.append(f"nats per bpb on this validation set: ln 2 · bytes/tokens = {factors.pop():.6f}.")
+    return lines
+
+
+def render_text(rep: Report) -> str:
+    parts = ["Runs", text_table(*run_rows(rep)), "", "Groups", text_table(*summary_rows(rep))]
+    if rep.comparisons:
+        parts += ["", f"Against the baseline {rep.baseline}", text_table(*comparison_rows(rep))]
+    parts += ["", *method_lines(rep), *(f"note: {n}" for n in rep.notes)]
+    return "\n".join(parts)
+
+
+def render_markdown(rep: Report, plots: list[str] = ()) -> str:
+    parts = ["# Run comparison", "", "## Runs", "", md_table(*run_rows(rep)), "", "## Groups", ""]
+    parts += [md_table(*summary_rows(rep)), ""]
+    if rep.comparisons:
+        parts += [f"## Against the baseline `{rep.baseline}`", "", md_table(*comparison_rows(rep)), ""]
+    parts += [*(f"{x}  " for x in method_lines(rep)), ""]
+    if rep.notes:
+        parts += ["Notes:", "", *(f"- {n}" for n in rep.notes), ""]
+    for p in plots:
+        parts += [f"![{Path(p).stem}]({Path(p).name})", ""]
+    return "\n".join(parts)
+
+
+def report_json(rep: Report) -> dict:
+    from dataclasses import asdict
+
+    return {
+        "baseline": rep.baseline,
+        "margin_nats": rep.margin,
+        "alpha": rep.alpha,
+        "runs": [
+            {
+                "group": r.identity.group,
+                "experiment": r.identity.experiment,
+                "variant": r.identity.variant,
+                "seed": r.seed,
+                "run": r.label,
+                "steps": r.steps,
+                "train_time_ms": r.train_time_ms,
+                "artifact_bytes": r.artifact_bytes,
+                "modes": {m: {k: v for k, v in x.items() if k != "settings"} for m, x in r.modes.items()},
+            }
+            for r in rep.runs
+        ],
+        "groups": [asdict(s) for s in rep.stats.values()],
+        "comparisons": [asdict(c) for c in rep.comparisons],
+        "notes": rep.notes,
+    }
+
+
+# ---- command -----------------------------------------------------------------------------------------------
+def write_outputs(rep: Report, out: Path, plots: bool = True, force: bool = False) -> list[Path]:
+    targets = [out / "compare.md", out / "compare.json"]
+    if not force and any(t.exists() for t in targets):
+        raise CompareError(f"{out} already holds a comparison (compare.md); pass --force to replace it")
+    written = []
+    pngs: list[Path] = []
+    if plots:
+        from pgolf.tools.plots import plot_curves, plot_finals
+
+        pngs = [plot_curves(rep, out / "curves.png"), plot_finals(rep, out / "final_bpb.png")]
+        written += pngs
+    atomic_write_bytes(targets[1], (json.dumps(report_json(rep), indent=2) + "\n").encode())
+    atomic_write_bytes(targets[0], render_markdown(rep, [p.name for p in pngs]).encode())
+    return [*written, *targets]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pgolf.tools.compare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run directories, or sweep/output directories to search for runs")
+    ap.add_argument("--baseline", help="the group to compare against (e.g. record_1263 or 'demo[model.x=y]')")
+    ap.add_argument("--by", nargs="+", metavar="KEY", help="group by the experiment and these config keys instead")
+    ap.add_argument("--out", help="output directory (default outputs/compare/<time>)")
+    ap.add_argument("--margin", type=float, default=MARGIN_NATS, help="required gain in nats (default 0.005)")
+    ap.add_argument("--alpha", type=float, default=ALPHA, help="significance level (default 0.01)")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--force", action="store_true", help="replace an earlier comparison in --out")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs, notes = load_runs(args.runs, args.by)
+        notes += [str(w.message) for w in caught]
+        rep = build_report(runs, args.baseline, args.margin, args.alpha, notes)
+        out = Path(args.out) if args.out else Path("outputs") / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        files = write_outputs(rep, out, plots=not args.no_plots, force=args.force)
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render_text(rep))
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    print(f"compare: {len(rep.runs)} runs, {len(rep.groups)} groups in {time.perf_counter() - t0:.2f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Documents -> challenge shards:
+`python -m pgolf.tools.prepare --input DOCS... --out DIR [--tokenizer M | --vocab-size V]`.
+
+Reads text (`.txt`: one document per file, or per line with `--txt-lines`) or JSONL (`--text-field`,
+default `text`) documents; splits train/val by whole documents (the first `--val-docs` documents, as the
+challenge does, or a seeded `--val-fraction`); trains a SentencePiece BPE with the challenge settings on
+the train split unless `--tokenizer` gives a `.model`; encodes every document as `[BOS]+pieces`; writes
+`{name}_train_NNNNNN.bin` / `{name}_val_NNNNNN.bin` shards and `manifest.json` (token counts, tokenizer
+hash). The output directory is built under a temporary name and renamed into place, so an existing
+directory is never touched (it is refused unless `--overwrite`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from pgolf.data.stream import SHARD_TOKENS, write_shard
+from pgolf.data.tokenizer import TokenizerInfo, encode_documents, load_tokenizer, train_tokenizer
+from pgolf.io import atomic_dir, sha256_file
+
+
+def read_documents(paths: Iterable[str | Path], text_field: str = "text", txt_lines: bool = False) -> Iterator[str]:
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: input document file not found")
+        if p.suffix in (".jsonl", ".json"):
+            with open(p, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from e
+                    if text_field not in obj:
+                        raise ValueError(f"{p}:{n}: JSON object has no {text_field!r} field")
+                    yield obj[text_field]
+        else:
+            text = p.read_text(encoding="utf-8")
+            if txt_lines:
+                yield from (line for line in text.splitlines() if line.strip())
+            else:
+                yield text
+
+
+def split_documents(
+    docs: list[str], val_docs: int | None = None, val_fraction: float | None = None, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """(train, val) by whole documents: the first `val_docs`, or a seeded random `val_fraction`."""
+    if val_docs is not None:
+        if not 0 < val_docs < len(docs):
+            raise ValueError(f"--val-docs={val_docs} must be between 1 and {len(docs) - 1} ({len(docs)} documents)")
+        return docs[val_docs:], docs[:val_docs]
+    frac = 0.1 if val_fraction is None else val_fraction
+    idx = list(range(len(docs)))
+    random.Random(seed).shuffle(idx)
+    n_val = max(1, round(frac * len(docs)))
+    if n_val >= len(docs):
+        raise ValueError(f"val fraction {frac} leaves no training documents ({len(docs)} documents)")
+    val = sorted(idx[:n_val])
+    val_set = set(val)
+    return [docs[i] for i in range(len(docs)) if i not in val_set], [docs[i] for i in val]
+
+
+def write_split(sp, docs: list[str], out: Path, prefix: str, shard_tokens: int) -> dict:
+    """Encode docs and write shards of at most `shard_tokens` tokens; returns manifest stats."""
+    files, buf, buffered, total, n_docs = [], [], 0, 0, 0
+
+    def flush():
+        nonlocal buf, buffered
+        arr = np.concatenate(buf) if buf else np.zeros(0, np.uint16)
+        path = out / f"{prefix}_{len(files):06d}.bin"
+        write_shard(path, arr)
+        files.append(path.name)
+        buf, buffered = [], 0
+
+    for ids in encode_documents(sp, docs):
+        n_docs += 1
+        total += ids.size
+        while ids.size:
+            take = min(ids.size, shard_tokens - buffered)
+            buf.append(ids[:take])
+            buffered += take
+            ids = ids[take:]
+            if buffered == shard_tokens:
+                flush()
+    if buffered or not files:
+        flush()
+    return {"files": files, "tokens": int(total), "docs": n_docs}
+
+
+def prepare(
+    inputs: list[str | Path],
+    out: str | Path,
+    name: str = "data",
+    tokenizer: str | Path | None = None,
+    vocab_size: int = 1024,
+    val_docs: int | None = None,
+    val_fraction: float | None = None,
+    seed: int = 0,
+    text_field: str = "text",
+    txt_lines: bool = False,
+    shard_tokens: int = SHARD_TOKENS,
+    overwrite: bool = False,
+    documents: tuple[list[str], list[str]] | None = None,
+    source: dict | None = None,
+    byte_fallback: bool = True,
+) -> Path:
+    """Build a shard directory; returns its path. `documents=(train, val)` skips reading and splitting."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    if documents is None:
+        docs = list(read_documents(inputs, text_field, txt_lines))
+        if len(docs) < 2:
+            raise ValueError(f"need at least 2 documents to split train/val, found {len(docs)}")
+        train_docs, val_docs_list = split_documents(docs, val_docs, val_fraction, seed)
+    else:
+        train_docs, val_docs_list = documents
+    with atomic_dir(out) as tmp:
+        if tokenizer is None:
+            lines = (line for d in train_docs for line in d.splitlines() if line.strip())
+            model = train_tokenizer(
+                lines, tmp / f"{name}_{vocab_size}_bpe", vocab_size=vocab_size, byte_fallback=byte_fallback
+            )
+        else:
+            model = tmp / Path(tokenizer).name
+            shutil.copyfile(tokenizer, model)
+        sp = load_tokenizer(model)
+        info = TokenizerInfo.from_path(model)
+        manifest = {
+            "name": name,
+            "tokenizer": {"file": model.name, "vocab_size": info.vocab_size, "sha256": info.sha256},
+            "train": write_split(sp, train_docs, tmp, f"{name}_train", shard_tokens),
+            "val": write_split(sp, val_docs_list, tmp, f"{name}_val", shard_tokens),
+            "source": source or {"inputs": [Path(p).name for p in inputs], "sha256": [sha256_file(p) for p in inputs]},
+            "split": {"val_docs": val_docs, "val_fraction": val_fraction, "seed": seed},
+            "format": {"bos_prefix": True, "eos": False, "shard_tokens": shard_tokens},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pgolf.tools.prepare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--input", nargs="+", required=True, help=".txt or .jsonl document files")
+    ap.add_argument("--out", required=True, help="output directory for shards + manifest.json")
+    ap.add_argument("--name", default="data", help="shard name prefix, e.g. fineweb -> fineweb_train_000000.bin")
+    ap.add_argument("--tokenizer", help="an existing SentencePiece .model (else one is trained on the train split)")
+    ap.add_argument("--vocab-size", type=int, default=1024)
+    ap.add_argument("--val-docs", type=int, help="the first N documents form the validation split")
+    ap.add_argument("--val-fraction", type=float, help="else a seeded random fraction of documents (default 0.1)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text-field", default="text")
+    ap.add_argument("--txt-lines", action="store_true", help="each non-empty line of a .txt file is a document")
+    ap.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS)
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        out = prepare(
+            a.input,
+            a.out,
+            a.name,
+            a.tokenizer,
+            a.vocab_size,
+            a.val_docs,
+            a.val_fraction,
+            a.seed,
+            a.text_field,
+            a.txt_lines,
+            a.shard_tokens,
+            a.overwrite,
+        )
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = json.loads((out / "manifest.json").read_text())
+    print(
+        f"wrote {out}: train {m['train']['docs']} docs {m['train']['tokens']} tokens in {len(m['train']['files'])} "
+        f"shards; val {m['val']['docs']} docs {m['val']['tokens']} tokens; tokenizer {m['tokenizer']['file']} "
+        f"(vocab {m['tokenizer']['vocab_size']}, sha256 {m['tokenizer']['sha256'][:12]}…)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Assemble a challenge submission folder from a group of seed runs (SPEC §1).
+
+`python -m pgolf.tools.submission RUN_OR_SWEEP_DIR... --out records/2026-05-01_MyRun --name "My run" --github-id me
+[--mode sliding] [--baseline BASELINE_RUN_DIRS...]` writes, into a new folder:
+
+* `README.md`: what was run, the per-seed results table (every eval mode), mean ± std, the compliance of
+  every eval mode, the size accounting, the commands that reproduce the runs, and (with `--baseline`) the
+  comparison with the significance test of `pgolf.tools.compare`;
+* `submission.json`: the fields the record folders use (author, github_id, name, blurb, date, track,
+  val_loss/val_bpb mean and std, seeds, seed_results with per-seed val_loss/val_bpb/artifact_bytes/steps/
+  step_avg_ms, bytes_total, bytes_code, hardware, pytorch_version) plus `eval_mode` (the scored mode) and
+  `eval_modes` (every mode's mean, std, per-seed values and compliance);
+* `train_seed<SEED>.log`: each run's train log, with machine paths removed;
+* `requirements.txt`: the project's pinned runtime requirements.
+
+The scored mode is `--mode`, or else the eval mode with the lowest mean val_bpb among those that are
+compliant in every run (the float `pre_quant` diagnostic is never a score). The folder is built next to
+`--out` and renamed into place; an existing non-empty `--out` is never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from pgolf.io import atomic_dir
+from pgolf.tools.compare import DIAGNOSTIC_MODES, CompareError, ModeStats, compare_to, load_runs, mode_order, mode_stats
+
+TRACK = "10min_16mb"
+
+# An absolute path: a slash not inside a word, a URL (`//`) or a relative path, then two or more components.
+ABS_PATH = re.compile(r"(?<![\w.~/-])/(?:[^\s/'\"`:,;()\[\]{}<>|=]+/)+[^\s/'\"`:,;()\[\]{}<>|=]*")
+
+
+class SubmissionError(ValueError):
+    pass
+
+
+def scrub_paths(text: str, replace: dict[str, str] | None = None) -> str:
+    """Remove machine paths: known prefixes first (a run directory -> `.`), then any other absolute path
+    is reduced to `<path>/<its last component>`."""
+    for prefix, repl in sorted((replace or {}).items(), key=lambda kv: -len(kv[0])):
+        if prefix:
+            text = text.replace(prefix, repl)
+    return ABS_PATH.sub(lambda m: "<path>/" + (Path(m.group(0)).name or ""), text)
+
+
+def find_machine_paths(text: str) -> list[str]:
+    return ABS_PATH.findall(text)
+
+
+def requirements(root: Path | None = None) -> list[str]:
+    """The runtime dependencies pinned in the project's pyproject.toml."""
+    root = root or Path(__file__).resolve().parents[2]
+    text = (root / "pyproject.toml").read_text()
+    try:
+        import tomllib
+
+        return list(tomllib.loads(text)["project"]["dependencies"])
+    except ImportError:  # Python 3.10
+        block = re.search(r"^dependencies\s*=\s*\[(.*?)\]", text, re.S | re.M)
+        return re.findall(r'"([^"]+)"', block[1]) if block else []
+
+
+def provenance_of(run) -> dict:
+    """What the artifact records about where it was trained (empty when the artifact is absent)."""
+    from pgolf.quant.artifact import ArtifactError, read_artifact
+
+    name = Path(run.export.get("path", "")).name
+    path = run.path / name if name else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        _, meta = read_artifact(path)
+    except ArtifactError:
+        return {}
+    return meta.get("provenance", {})
+
+
+def pick_mode(runs, stats: dict[str, ModeStats], mode: str | None) -> str:
+    if mode is not None:
+        if mode not in stats:
+            raise SubmissionError(f"--mode {mode}: the runs have no such eval mode (they have {', '.join(stats)})")
+        return mode
+    ok = [s for m, s in stats.items() if m not in DIAGNOSTIC_MODES and s.compliant and s.n == len(runs)]
+    if not ok:
+        raise SubmissionError("no eval mode is compliant in every run; pick one with --mode (it will be marked)")
+    return min(ok, key=lambda s: s.bpb_mean).mode
+
+
+def run_commands(runs) -> list[str]:
+    """The command lines that reproduce the runs: the sweep over the seeds and one seed alone."""
+    import yaml
+
+    per_run = []
+    for r in runs:
+        f = r.path / ".hydra" / "overrides.yaml"
+        per_run.append([o for o in (yaml.safe_load(f.read_text()) or []) if o.split("=")[0] != "seed"])
+    common = [o for o in per_run[0] if all(o in p for p in per_run)]
+    seeds = ",".join(str(r.seed) for r in runs)
+    args = " ".join(common)
+    cmds = [f"python train.py -m {args} seed={seeds}".replace("  ", " ")]
+    devices = runs[0].config.get("trainer", {}).get("devices", 1)
+    if isinstance(devices, int) and devices > 1:
+        cmds.append(f"torchrun --standalone --nproc_per_node={devices} train.py {args} seed={runs[0].seed}")
+    else:
+        cmds.append(f"python train.py {args} seed={runs[0].seed}".replace("  ", " "))
+    return cmds
+
+
+def build(runs, baseline_runs, *, name, github_id, author, blurb, mode, date, track, hardware) -> tuple[dict, str]:
+    modes = mode_order(runs)
+    group = runs[0].identity.group
+    stats = {m: s for m in modes if (s := mode_stats(runs, group, m)) is not None}
+    mode = pick_mode(runs, stats, mode)
+    s = stats[mode]
+    by_seed = {r.seed: r for r in runs}
+    prov = next((p for p in (provenance_of(r) for r in runs) if p), {})
+    sizes = [r.artifact_bytes for r in runs if r.artifact_bytes is not None]
+    code = [r.export.get("code_bytes") for r in runs if r.export.get("code_bytes") is not None]
+    seed_results = {}
+    for seed in s.seeds:
+        r = by_seed[seed]
+        steps, ms = r.steps, r.train_time_ms
+        seed_results[str(seed)] = {
+            "val_loss": round(r.modes[mode]["val_loss"], 8),
+            "val_bpb": round(r.modes[mode]["val_bpb"], 8),
+            "artifact_bytes": r.artifact_bytes,
+            "model_bytes": r.export.get("model_bytes"),
+            "steps": steps,
+            "train_time_ms": ms,
+            "step_avg_ms": round(ms / steps, 2) if steps and ms is not None else None,
+        }
+    steps_all = [v["steps"] for v in seed_results.values() if v["steps"]]
+    avg_all = [v["step_avg_ms"] for v in seed_results.values() if v["step_avg_ms"]]
+    eval_modes = {}
+    for m, st in stats.items():
+        eval_modes[m] = {
+            "val_bpb_mean": round(st.bpb_mean, 8),
+            "val_bpb_std": round(st.bpb_std, 8) if st.n > 1 else None,
+            "val_loss_mean": round(st.loss_mean, 8),
+            "val_loss_std": round(st.loss_std, 8) if st.n > 1 else None,
+            "val_bpb": {str(k): round(v, 8) for k, v in zip(st.seeds, st.bpb)},
+            "compliant": st.compliant,
+            "diagnostic": m in DIAGNOSTIC_MODES,
+            "reasons_not_compliant": st.reasons,
+        }
+    sub = {
+        "author": author or github_id,
+        "github_id": github_id,
+        "name": name,
+        "blurb": blurb
+        or f"{group}: {len(runs)}-seed mean val_bpb {s.bpb_mean:.8f} ({mode} eval of the round-tripped artifact).",
+        "date": date,
+        "track": track,
+        "eval_mode": mode,
+        "val_loss": round(s.loss_mean, 8),
+        "val_bpb": round(s.bpb_mean, 8),
+        "val_loss_std": round(s.loss_std, 8) if s.n > 1 else None,
+        "val_bpb_std": round(s.bpb_std, 8) if s.n > 1 else None,
+        "compliant": s.compliant,
+        "seeds": s.seeds,
+        "seed_results": seed_results,
+        "eval_modes": eval_modes,
+        "artifact_bytes_mean": round(sum(sizes) / len(sizes)) if sizes else None,
+        "artifact_bytes_max": max(sizes) if sizes else None,
+        "bytes_total": max(sizes) if sizes else None,
+        "bytes_code": max(code) if code else None,
+        "size_ok": all(r.results.get("size_ok", r.export.get("size_ok", False)) for r in runs),
+        "train_steps_mean": round(sum(steps_all) / len(steps_all), 2) if steps_all else None,
+        "step_avg_ms_mean": round(sum(avg_all) / len(avg_all), 2) if avg_all else None,
+        "hardware": hardware or prov.get("device", "unknown"),
+        "pytorch_version": prov.get("torch", "unknown"),
+        "git_sha": prov.get("git_sha", "unknown"),
+        "git_dirty": prov.get("git_dirty"),
+        "experiment": runs[0].identity.experiment,
+        "variant": runs[0].identity.variant,
+    }
+    if baseline_runs:
+        bgroup = baseline_runs[0].identity.group
+        bs = mode_stats(baseline_runs, bgroup, mode)
+        if bs is None:
+            raise SubmissionError(f"the baseline runs have no {mode!r} results")
+        c = compare_to(bs, s)
+        sub["comparison"] = {
+            "baseline_group": bgroup,
+            "baseline_seeds": bs.seeds,
+            "baseline_val_loss": round(bs.loss_mean, 8),
+            "baseline_val_bpb": round(bs.bpb_mean, 8),
+            "delta_bpb": round(c.delta_bpb, 8),
+            "delta_nats": round(c.delta_nats, 8),
+            "t_statistic": round(c.rule.t, 4) if c.rule.t == c.rule.t else None,
+            "welch_df": round(c.rule.df, 4) if c.rule.df == c.rule.df else None,
+            "p_gain": c.gain.p if c.gain.p == c.gain.p else None,
+            "p_gain_over_margin": c.rule.p if c.rule.p == c.rule.p else None,
+            "margin_nats": 0.005,
+            "rule_met": c.rule_met,
+            "rule": c.why,
+        }
+    return sub, readme(sub, stats, runs, mode)
+
+
+def fmt_int(n: int | None) -> str:
+    return "–" if n is None else f"{n:,}"
+
+
+def fmt_p(p: float | None) -> str:
+    return "–" if p is None else (f"{p:.2e}" if p < 1e-3 else f"{p:.4f}")
+
+
+def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str) -> str:
+    modes = list(stats)
+    lines = [f"# {sub['name']}", "", sub["blurb"], ""]
+    lines += [
+        f"**val_bpb {sub['val_bpb']:.8f}** (mean of {len(sub['seeds'])} seeds, `{mode}` eval of the round-tripped "
+        f"artifact; std {sub['val_bpb_std'] if sub['val_bpb_std'] is not None else '–'}), val_loss "
+        f"{sub['val_loss']:.8f} nats. Largest artifact: {fmt_int(sub['bytes_total'])} bytes "
+        f"(code {fmt_int(sub['bytes_code'])}); "
+        f"limit 16,000,000: {'OK' if sub['size_ok'] else 'OVER THE LIMIT'}.",
+        "",
+        "## Results",
+        "",
+    ]
+    head = ["seed", "steps", "step_avg ms", "artifact bytes", f"{mode} val_loss", *(f"{m} val_bpb" for m in modes)]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for seed in sub["seeds"]:
+        v = sub["seed_results"][str(seed)]
+        cells = [str(seed), str(v["steps"]), str(v["step_avg_ms"]), fmt_int(v["artifact_bytes"])]
+        cells += [f"{v['val_loss']:.8f}"]
+        cells += [f"{sub['eval_modes'][m]['val_bpb'].get(str(seed), float('nan')):.8f}" for m in modes]
+        lines.append("| " + " | ".join(cells) + " |")
+    mean = ["mean ± std", "", "", "", f"{sub['val_loss']:.8f}"]
+    mean += [f"{stats[m].bpb_mean:.8f} ± {stats[m].bpb_std:.8f}" for m in modes]
+    lines += ["| " + " | ".join(mean) + " |", ""]
+    lines += ["Eval modes (val_bpb of the round-tripped artifact unless marked):", ""]
+    for m in modes:
+        st = stats[m]
+        note = "diagnostic: the float model before quantization" if m in DIAGNOSTIC_MODES else ""
+        comp = "compliant" if st.compliant else "NOT compliant: " + "; ".join(st.reasons)
+        star = " (scored)" if m == mode else ""
+        lines.append(f"- `{m}`{star}: {st.bpb_mean:.8f} ± {st.bpb_std:.8f}, {comp}{'; ' + note if note else ''}")
+    if "comparison" in sub:
+        c = sub["comparison"]
+        lines += [
+            "",
+            "## Significance",
+            "",
+            f"Against `{c['baseline_group']}` (seeds {c['baseline_seeds']}, val_loss {c['baseline_val_loss']:.8f}): "
+            f"Δ val_loss {c['delta_nats']:+.8f} nats, Δ val_bpb {c['delta_bpb']:+.8f}. One-sided Welch t-test on "
+            f"the per-seed val_loss, H1: gain > {c['margin_nats']} nats: t = {c['t_statistic']}, "
+            f"df = {c['welch_df']}, p = {fmt_p(c['p_gain_over_margin'])}; p(gain > 0) = {fmt_p(c['p_gain'])}. "
+            f"Challenge rule (≥ 0.005 nats at p < 0.01): {'met' if c['rule_met'] else 'not met (' + c['rule'] + ')'}.",
+        ]
+    cmds = run_commands(runs)
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        *cmds,
+        "```",
+        "",
+        "Each job writes its directory with the resolved config, `train.log`, `csv/metrics.csv`, the artifact and "
+        "`results.json`; `python eval.py artifact=<job dir>/<artifact>` re-scores an artifact.",
+        "",
+        "## Environment",
+        "",
+        f"- hardware: {sub['hardware']}",
+        f"- PyTorch {sub['pytorch_version']}; code at git {sub['git_sha']}"
+        + (" (uncommitted changes)" if sub["git_dirty"] else ""),
+        "- requirements: `requirements.txt`; train logs: " + ", ".join(f"`train_seed{s}.log`" for s in sub["seeds"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def assemble(
+    run_paths,
+    out: str | Path,
+    *,
+    name: str,
+    github_id: str,
+    author: str | None = None,
+    blurb: str | None = None,
+    mode: str | None = None,
+    baseline: list | None = None,
+    date: str | None = None,
+    track: str = TRACK,
+    hardware: str | None = None,
+) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SubmissionError(f"{out} already exists and is not empty; choose another --out")
+    runs, notes = load_runs(run_paths)
+    if not runs:
+        raise SubmissionError("no finished runs among the given directories")
+    groups = list(dict.fromkeys(r.identity.group for r in runs))
+    if len(groups) != 1:
+        raise SubmissionError(f"the runs form {len(groups)} groups ({', '.join(groups)}); give the runs of one")
+    baseline_runs = []
+    if baseline:
+        baseline_runs, bnotes = load_runs(baseline)
+        notes += bnotes
+        if len({r.identity.group for r in baseline_runs}) != 1:
+            raise SubmissionError("the --baseline runs must form one group")
+    runs = sorted(runs, key=lambda r: r.seed)
+    sub, text = build(
+        runs,
+        baseline_runs,
+        name=name,
+        github_id=github_id,
+        author=author,
+        blurb=blurb,
+        mode=mode,
+        date=date or time.strftime("%Y-%m-%d"),
+        track=track,
+        hardware=hardware,
+    )
+    repo = str(Path(__file__).resolve().parents[2])
+    with atomic_dir(out) as tmp:  # an existing `out` is empty (checked above)
+        for r in runs:
+            log = r.path / "train.log"
+            if not log.is_file():
+                raise SubmissionError(f"{r.label}: no train.log")
+            known = {str(r.path.resolve()): ".", str(r.path): ".", repo: ".", str(Path.home()): "~"}
+            (tmp / f"train_seed{r.seed}.log").write_text(scrub_paths(log.read_text(errors="replace"), known))
+        (tmp / "submission.json").write_text(scrub_paths(json.dumps(sub, indent=2), {repo: "."}) + "\n")
+        (tmp / "README.md").write_text(scrub_paths(text, {repo: "."}))
+        reqs = requirements()
+        (tmp / "requirements.txt").write_text(
+            "# pgolf runtime requirements (pyproject.toml); the runs recorded PyTorch "
+            f"{sub['pytorch_version']}\n" + "\n".join(reqs) + "\n"
+        )
+    for n in notes:
+        print(f"note: {n}")
+    if len(runs) < 3:
+        print(f"note: {len(runs)} seed(s); records show the gain over >= 3 seeds (SPEC §1)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pgolf.tools.submission", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="the seed runs (run directories or a sweep directory)")
+    ap.add_argument("--out", required=True, help="the new submission folder (must not exist or be empty)")
+    ap.add_argument("--name", required=True, help="the submission's name")
+    ap.add_argument("--github-id", required=True)
+    ap.add_argument("--author", help="default: the GitHub id")
+    ap.add_argument("--blurb", help="one-paragraph summary (default: generated)")
+    ap.add_argument("--mode", help="the scored eval mode (default: the best mode compliant in every run)")
+    ap.add_argument("--baseline", nargs="+", metavar="DIR", help="runs of the SOTA/baseline to test against")
+    ap.add_argument("--date", help="default: today")
+    ap.add_argument("--track", default=TRACK)
+    ap.add_argument("--hardware", help="default: the device recorded in the artifacts")
+    args = ap.parse_args(argv)
+    try:
+        out = assemble(
+            args.runs,
+            args.out,
+            name=args.name,
+            github_id=args.github_id,
+            author=args.author,
+            blurb=args.blurb,
+            mode=args.mode,
+            baseline=args.baseline,
+            date=args.date,
+            track=args.track,
+            hardware=args.hardware,
+        )
+    except (SubmissionError, CompareError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sub = json.loads((out / "submission.json").read_text())
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    n = len(sub["seeds"])
+    print(f"val_bpb {sub['val_bpb']:.8f} ({sub['eval_mode']}, {n} seeds), bytes_total {sub['bytes_total']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Builders that turn the composed Hydra config into Lightning objects (called by `train.py`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from pgolf.data.stream import GolfDataModule, default_grad_accum
+from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
+from pgolf.export.provenance import provenance
+from pgolf.io import atomic_path
+from pgolf.train.module import GolfModule
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file, fsync'ed and renamed: a crash never leaves a torn file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+def world_size_of(trainer_cfg: DictConfig) -> int:
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun / SLURM
+        return int(os.environ["WORLD_SIZE"])
+    devices = trainer_cfg.get("devices", 1)
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"trainer.devices must be a positive integer, got {devices!r}")
+    return devices * int(trainer_cfg.get("num_nodes", 1))
+
+
+def grad_accum_of(cfg: DictConfig) -> int:
+    world = world_size_of(cfg.trainer)
+    ga = cfg.train.grad_accum
+    return default_grad_accum(world) if ga in (None, "auto") else int(ga)
+
+
+def build_datamodule(cfg: DictConfig) -> GolfDataModule:
+    d, t = cfg.data, cfg.train
+    return GolfDataModule(
+        train_pattern=d.train_pattern,
+        val_pattern=d.val_pattern,
+        tokenizer_path=d.tokenizer_path,
+        vocab_size=d.vocab_size,
+        batch_tokens=t.batch_tokens,
+        seq_len=t.seq_len,
+        eval_seq_len=d.eval_seq_len,
+        val_batch_tokens=d.val_batch_tokens,
+        grad_accum=grad_accum_of(cfg),
+    )
+
+
+def build_module(cfg: DictConfig, tokenizer_path: str) -> tuple[GolfModule, TokenizerInfo]:
+    sp = load_tokenizer(tokenizer_path)
+    info = TokenizerInfo.from_path(tokenizer_path)
+    if cfg.model.vocab_size < info.vocab_size:
+        raise ValueError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {info.vocab_size}")
+    module = GolfModule(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        compile=bool(cfg.train.compile),
+        compile_backend=cfg.train.get("compile_backend", "inductor"),
+    )
+    module.luts = build_byte_luts(sp, cfg.model.vocab_size)
+    return module, info
+
+
+def build_logger(cfg: DictConfig, run_dir: Path) -> list:
+    """The job's loggers: the CSV metrics file always (`csv/metrics.csv`, what the run directory keeps),
+    plus W&B with `logger=wandb`; an empty list with `logger.kind=none`."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    lg = cfg.logger
+    if lg.kind == "none":
+        return []
+    csv = CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    if lg.kind == "csv":
+        return [csv]
+    if lg.kind == "wandb":
+        from pgolf.train.wandb_logger import make_wandb_logger
+
+        return [csv, make_wandb_logger(cfg, run_dir)]
+    raise ValueError(f"unknown logger.kind {lg.kind!r} (csv | wandb | none)")
+
+
+def finish_logger(loggers: list, results: dict, exit_code: int = 0) -> None:
+    """End the job's logger runs: W&B gets the results in its summary and is finished (also on failure)."""
+    for lg in loggers or []:
+        if lg.__class__.__name__ == "WandbLogger":
+            from pgolf.train.wandb_logger import finish_wandb
+
+            finish_wandb(lg, results, exit_code)
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: Path, subdir: str | None = ".hydra") -> Path | None:
+    """Write the fully resolved config next to Hydra's (which keeps `${...}` interpolations); rank 0."""
+    from pgolf.io import atomic_write_bytes
+    from pgolf.runlog import global_rank
+
+    if global_rank() != 0:
+        return None
+    path = Path(run_dir) / (subdir or ".hydra") / "resolved.yaml"
+    atomic_write_bytes(path, OmegaConf.to_yaml(cfg, resolve=True).encode())
+    return path
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
+    from hydra.utils import instantiate
+
+    tr = OmegaConf.to_container(cfg.trainer, resolve=True)
+    strategy = tr.pop("strategy", "auto")
+    if isinstance(strategy, dict):
+        strategy = instantiate(strategy)
+    t = cfg.train
+    accum = grad_accum_of(cfg)
+    val_every = int(t.val_every)
+    has_bar = any(isinstance(cb, L.pytorch.callbacks.ProgressBar) for cb in callbacks)
+    return L.Trainer(
+        **tr,
+        strategy=strategy,
+        max_steps=int(t.iterations) if t.iterations > 0 else -1,
+        max_epochs=-1,
+        accumulate_grad_batches=accum,
+        gradient_clip_val=float(cfg.optim.grad_clip) or None,
+        gradient_clip_algorithm="norm",
+        val_check_interval=val_every * accum if val_every > 0 else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1.0 if val_every > 0 else 0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=has_bar,
+        use_distributed_sampler=False,
+        logger=logger or False,
+        callbacks=callbacks,
+        default_root_dir=None,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def run_meta(cfg: DictConfig, tokenizer: TokenizerInfo) -> dict:
+    """What an artifact records about its origin (never absolute paths)."""
+    return {
+        "experiment": cfg.name,
+        "seed": int(cfg.seed),
+        "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256},
+        "data": {"train_pattern": Path(cfg.data.train_pattern).name, "val_pattern": Path(cfg.data.val_pattern).name},
+        "train": OmegaConf.to_container(cfg.train, resolve=True),
+        "provenance": provenance(),
+    }
+
+
+def log_header(cfg: DictConfig, module: GolfModule, dm: GolfDataModule, info: TokenizerInfo, world: int) -> list[str]:
+    """The reference's start-of-run lines (SPEC §10)."""
+    from pgolf.model.gpt import count_params
+
+    m, o, t = module.model_cfg, cfg.optim, cfg.train
+    xsa = [i for i, b in enumerate(module.gpt.blocks) if b.attn.xsa]
+    lines = [
+        f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer={info.name} vocab_size:{info.vocab_size}",
+        f"train_loader:pattern={Path(cfg.data.train_pattern).name}",
+        f"val_loader:pattern={Path(cfg.data.val_pattern).name} tokens:{dm.val_tokens.numel() - 1}",
+        f"model_params:{count_params(module.gpt)}",
+        f"world_size:{world} grad_accum_steps:{dm.layout.grad_accum}",
+        f"attention_mode:{'gqa' if m.num_kv_heads != m.num_heads else 'mha'} num_heads:{m.num_heads} "
+        f"num_kv_heads:{m.num_kv_heads}",
+        f"XSA:last_{m.xsa_last_n} active_layers:{xsa}",
+        f"tie_embeddings:{m.tie_embeddings} embed_lr:{o.embed_lr} head_lr:{o.head_lr} matrix_lr:{o.matrix_lr} "
+        f"scalar_lr:{o.scalar_lr}",
+        f"train_batch_tokens:{t.batch_tokens} train_seq_len:{t.seq_len} iterations:{t.iterations} "
+        f"warmup_steps:{t.warmup_steps} max_wallclock_seconds:{t.max_wallclock_seconds}",
+        f"seed:{cfg.seed}",
+        f"torch:{torch.__version__} threads:{torch.get_num_threads()}",
+    ]
+    return lines

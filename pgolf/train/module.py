@@ -1,0 +1,121 @@
+"""The LightningModule around the GPT: loss, sum-reduced validation metrics, the one optimizer.
+
+Validation accumulates float64 loss/token/byte sums over this rank's windows and reduces them across
+ranks at the end of the epoch (never a mean of means, never a padded sampler), so `val_bpb` is exact.
+`torch.compile` wraps the inner GPT only (compiling the LightningModule breaks `self.log`, Lightning
+#21836); `self.gpt` stays the uncompiled module that owns the weights.
+"""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import numpy as np
+import torch
+
+from pgolf.data.tokenizer import ByteLUTs, bpb
+from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.optim.muon import build_optimizer
+
+
+class GolfModule(L.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        optim: dict,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        compile_backend="inductor",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg = GPTConfig.from_dict(dict(model))
+        self.optim_cfg = dict(optim)
+        self.gpt = GPT(self.model_cfg)
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self.compile_backend = compile_backend
+        self._compiled = None  # kept out of the module tree, so state_dict has no duplicate keys
+        self.luts: ByteLUTs | None = None  # set by the training script from the tokenizer
+        self.step_loss: torch.Tensor | None = None
+        self.step_micro = 0
+        self.preempted = False
+        self._val_sums: torch.Tensor | None = None
+
+    def configure_model(self) -> None:
+        if self.compile and self._compiled is None:
+            compiled = torch.compile(
+                self.gpt, dynamic=False, fullgraph=True, mode=self.compile_mode, backend=self.compile_backend
+            )
+            object.__setattr__(self, "_compiled", compiled)
+
+    @property
+    def _fwd(self):
+        return self._compiled if self._compiled is not None else self.gpt
+
+    def forward(self, idx, targets=None):
+        return self._fwd(idx, targets)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self._fwd(x, y)
+        # Summed on the device without a sync; the clock callback reads it once per optimizer step.
+        self.step_loss = loss.detach() if self.step_loss is None else self.step_loss + loss.detach()
+        self.step_micro += 1
+        return loss
+
+    def pop_step_loss(self) -> torch.Tensor | None:
+        """Mean training loss of this rank's micro-batches since the last call (a device tensor, no sync)."""
+        if self.step_loss is None:
+            return None
+        v = self.step_loss / max(self.step_micro, 1)
+        self.step_loss, self.step_micro = None, 0
+        return v
+
+    # ---- validation: float64 sums, reduced across ranks ------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        if self.luts is not None and self.luts.base_bytes.device != self.device:
+            self.luts = self.luts.to(self.device)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        nll = self._fwd(x, y, reduction="none")
+        nb = self.luts.target_bytes(x, y)
+        self._val_sums += torch.stack(
+            (nll.double().sum(), torch.tensor(float(y.numel()), dtype=torch.float64, device=self.device), nb.sum())
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        loss_sum, n, nbytes = (float(v) for v in sums.cpu())
+        val_loss, val_bpb = bpb(loss_sum, n, nbytes)
+        self.last_val = {"val_loss": val_loss, "val_bpb": val_bpb, "val_tokens": n}
+        self.log_dict({"val_loss": val_loss, "val_bpb": val_bpb}, rank_zero_only=True, sync_dist=False)
+
+    # ---- checkpoints carry the RNG states (Lightning's do not), as tensors and plain types so that
+    # ---- Lightning's weights-only loading accepts them ---------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, pstate, pgauss = random.getstate()
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, torch.tensor(pstate, dtype=torch.int64), pgauss],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            version, pstate, pgauss = rng["python"]
+            random.setstate((version, tuple(int(v) for v in pstate.tolist()), pgauss))
+
+    def configure_optimizers(self):
+        return build_optimizer(self.gpt, self.optim_cfg)
