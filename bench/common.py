@@ -13,7 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pgolf.model.gpt import GPT, GPTConfig  # noqa: E402
+from pgolf.model.config import GPTConfig  # noqa: E402
+from pgolf.model.gpt import GPT  # noqa: E402
 
 # Dense bf16 tensor-core peak (no sparsity), for the MFU estimate.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

@@ -20,7 +20,8 @@ from common import compose, figures_line, model_from_cfg, save_json
 from omegaconf import OmegaConf
 
 from pgolf.data.tokenizer import ByteLUTs
-from pgolf.eval.core import run_mode
+from pgolf.eval.core import EvalContext
+from pgolf.eval.modes import run_mode
 from pgolf.export.weights import load_artifact_model
 
 FINEWEB_VAL_TARGETS = 62_021_632
@@ -55,18 +56,11 @@ def main() -> None:
     compile_ = args.compile or bool(cfg.train.compile)
     dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
     out = {"device": dev_name, "seq_len": S, "tokens": n, "compile": compile_, "modes": {}}
+    ctx = EvalContext(luts, device, S, args.batch_windows, autocast_dtype=autocast, compile=compile_)
     for mode in modes:
         settings = OmegaConf.to_container(ecfg.eval[mode], resolve=True)
-        kw = dict(
-            luts=luts,
-            device=device,
-            autocast_dtype=autocast,
-            batch_windows=args.batch_windows,
-            seq_len=S,
-            compile=compile_,
-        )
-        run_mode(mode, settings, model, tokens[: S * 4 + 1], **kw)  # warm-up / compile
-        r = run_mode(mode, settings, model, tokens, **kw)
+        run_mode(mode, settings, model, tokens[: S * 4 + 1], ctx)  # warm-up / compile
+        r = run_mode(mode, settings, model, tokens, ctx)
         fig = {
             "seconds": round(r.seconds, 3),
             "tokens_per_s": round(r.tokens / r.seconds),

@@ -15,7 +15,9 @@ import time
 import torch
 from common import compose, figures_line, model_from_cfg, save_json, sync
 
-from pgolf.optim.muon import MuonAdam, newton_schulz, ns_coefficients, partition_params
+from pgolf.optim.groups import partition_params
+from pgolf.optim.muon_adam import MuonAdam
+from pgolf.optim.newton_schulz import newton_schulz, ns_coefficients
 
 
 def main() -> None:

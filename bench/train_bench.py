@@ -17,7 +17,7 @@ import torch
 from common import compose, device_peak, flops_per_token, median_ms, model_from_cfg, save_json, sync
 from omegaconf import OmegaConf
 
-from pgolf.optim.muon import build_optimizer
+from pgolf.optim.groups import build_optimizer
 from pgolf.train.build import grad_accum_of
 
 

@@ -1,16 +1,44 @@
 """Thin Lightning adapters over pgolf: challenge clock, LR schedule, compile warm-up, late QAT, weight
 averaging, checkpoints/preemption, export, progress bar.
 
-`build_callbacks` orders them so that everything that changes the weights at the end of training runs
-before the export callback (Lightning calls callbacks in list order)."""
+`build_callbacks` builds the challenge clock first and hands it to the callbacks that read it (LR schedule,
+line progress bar, export). The values that change every step and pass between the module and the
+callbacks (the step's loss, LR scale, clock time, latest validation metrics, preemption flag) live in one
+`pgolf.train.state.StepState`, `pl_module.state`. It returns a `ChallengeCallbacks`: the callbacks by role,
+and `.all`, the list for the Trainer. Lightning calls each hook on the callbacks in list order, then on
+the LightningModule, so the list order is the hook order.
+
+Hook order contract (asserted by tests/test_callbacks.py):
+
+- `on_train_start`: the compile warm-up runs its steps and restores the weights, optimizer, RNG and data
+  position first; then the clock starts; late QAT re-applies a switch restored from a checkpoint; the line
+  progress bar starts its timer; EMA copies the restored initial weights into its shadow; checkpointing
+  installs its SIGTERM handler.
+- Each optimizer step, `on_before_optimizer_step`: the LR schedule sets the LRs, the Muon momentum and
+  `state.lr_scale`, then late QAT reads that scale.
+- Each optimizer-step boundary, `on_train_batch_end`: the clock first (device sync, reduces the step's loss,
+  raises on a non-finite loss, sets `state.train_time_ms`, prints the step line, makes the stop decision),
+  then the progress bar, then the averaging update (SWA reads this step's `state.lr_scale`), then
+  checkpointing: a checkpoint is only written for a step whose loss was checked, and holds the updated
+  average.
+- Validation inside fit (after the step's `on_train_batch_end`): the clock pauses (`on_validation_start`);
+  the averaging swaps its weights in (`on_validation_epoch_start`) and back (`on_validation_epoch_end`,
+  before the module's own hook reduces the sums into `state.last_val`), so both swaps are off the clock;
+  the clock resumes and prints the validation line from `state.last_val` (`on_validation_end`).
+- `on_train_end`: the clock stops; the averaging applies its weights; checkpointing restores the previous
+  SIGTERM handler; the export runs last, on the averaged weights, reading the stopped clock.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.averaging import build_averaging
+from callbacks.averaging import GPTAveraging, build_averaging
 from callbacks.checkpoint import Checkpointing
 from callbacks.export import QuantizeExport
 from callbacks.progress import make_progress_bar
@@ -21,31 +49,52 @@ from callbacks.warmup import CompileWarmup
 from pgolf.export.config import ExportConfig
 
 
-def build_callbacks(cfg: DictConfig, run_dir: str | Path, meta: dict) -> list:
-    """The warm-up restores the initial state before the clock starts; the schedule sets this step's LR
-    scale before late QAT reads it; weight averaging updates before a checkpoint is taken and swaps in its
-    weights before the export, which comes last."""
+@dataclass(frozen=True)
+class ChallengeCallbacks:
+    """The challenge's callbacks by role. The field order is the hook order (see the module docstring)."""
+
+    warmup: CompileWarmup
+    clock: ChallengeClock
+    schedule: LRSchedule
+    qat: LateQAT
+    progress: ProgressBar | None  # None with callbacks.progress=none
+    averaging: GPTAveraging | None  # None with callbacks.averaging.kind=none
+    checkpoint: Checkpointing
+    export: QuantizeExport
+
+    @property
+    def all(self) -> list[L.Callback]:
+        """The present callbacks in hook order: the list to give `L.Trainer(callbacks=...)`."""
+        return [cb for f in fields(self) if (cb := getattr(self, f.name)) is not None]
+
+
+def build_callbacks(cfg: DictConfig, run_dir: str | Path, meta: dict) -> ChallengeCallbacks:
+    """The challenge callbacks for a composed `train` config; the clock is built first and shared.
+
+    `run_dir` receives `checkpoints/`, the artifact and `results.json`; `meta` is what the artifact records
+    about the run (`pgolf.train.build.run_meta`). Raises ValueError for an unknown progress bar or averaging
+    kind, or a sliding-window stride outside 1..final_eval.seq_len."""
     t, o, c = cfg.train, cfg.optim, cfg.callbacks
-    cbs = [
-        CompileWarmup(steps=t.warmup_steps),
-        ChallengeClock(t.max_wallclock_seconds, t.iterations, t.log_every),
-        LRSchedule(
-            t.iterations,
-            t.warmdown_iters,
-            t.max_wallclock_seconds,
-            o.momentum_start,
-            o.muon_momentum,
-            o.momentum_warmup_steps,
-        ),
-        LateQAT(c.late_qat_threshold),
-    ]
-    bar = make_progress_bar(c.progress, c.progress_every_seconds, t.iterations, t.max_wallclock_seconds)
-    if bar is not None:
-        cbs.append(bar)
-    cbs += build_averaging(c.averaging)
+    clock = ChallengeClock(t.max_wallclock_seconds, t.iterations, t.log_every)
+    schedule = LRSchedule(
+        clock,
+        t.iterations,
+        t.warmdown_iters,
+        t.max_wallclock_seconds,
+        o.momentum_start,
+        o.muon_momentum,
+        o.momentum_warmup_steps,
+    )
     ck = c.checkpoint
-    cbs.append(Checkpointing(Path(run_dir) / "checkpoints", ck.every_steps, ck.keep, ck.on_sigterm))
     export_cfg = ExportConfig.from_dict(OmegaConf.to_container(cfg.export, resolve=True))
     eval_cfg = OmegaConf.to_container(cfg.final_eval, resolve=True)
-    cbs.append(QuantizeExport(export_cfg, run_dir, meta, eval_cfg))
-    return cbs
+    return ChallengeCallbacks(
+        warmup=CompileWarmup(steps=t.warmup_steps),
+        clock=clock,
+        schedule=schedule,
+        qat=LateQAT(c.late_qat_threshold),
+        progress=make_progress_bar(c.progress, clock, c.progress_every_seconds, t.iterations, t.max_wallclock_seconds),
+        averaging=build_averaging(c.averaging),
+        checkpoint=Checkpointing(Path(run_dir) / "checkpoints", ck.every_steps, ck.keep, ck.on_sigterm),
+        export=QuantizeExport(clock, export_cfg, run_dir, meta, eval_cfg),
+    )

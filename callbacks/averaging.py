@@ -4,7 +4,8 @@ EMA: an fp32 shadow of the GPT's parameters, initialised from the (restored) ini
 after every optimizer step from step 1: θ_ema ← d·θ_ema + (1-d)·θ (d = 0.997 in the records). SWA: a
 uniform average of the weights taken every `every` steps once the LR scale is below `threshold`. Either
 one is *applied* at the end of training (the reference collects SWA and never uses it: SPEC §11.7), before
-the export callback, which Lightning calls later because it comes later in the callback list.
+the export callback, which Lightning calls later because it comes later in the callback list. SWA reads the
+step's LR scale from `pl_module.state` (set by the LR schedule earlier in the same step).
 
 Lightning's class averages the whole LightningModule; here the average is over `pl_module.gpt` (the
 compiled wrapper and the byte tables stay out of the copy) and buffers are not averaged (the QAT switch is
@@ -131,19 +132,22 @@ class SWA(GPTAveraging):
         if step_idx is None or module is None:
             return False
         step = step_idx + 1
-        ok = getattr(module, "lr_scale", 1.0) < self.threshold and step % self.every == 0
+        ok = module.state.lr_scale < self.threshold and step % self.every == 0
         if ok and not self._started:
             self._started = True
             log0(f"swa:start step:{step}")
         return ok
 
 
-def build_averaging(cfg) -> list:
+def build_averaging(cfg) -> GPTAveraging | None:
+    """The averaging callback of `callbacks.averaging` (kind none | ema | swa); None for none.
+
+    Raises ValueError for an unknown kind."""
     kind = cfg.get("kind", "none") if cfg is not None else "none"
     if kind in (None, "none"):
-        return []
+        return None
     if kind == "ema":
-        return [EMA(decay=cfg.ema_decay)]
+        return EMA(decay=cfg.ema_decay)
     if kind == "swa":
-        return [SWA(every=cfg.swa_every, threshold=cfg.swa_threshold)]
+        return SWA(every=cfg.swa_every, threshold=cfg.swa_threshold)
     raise ValueError(f"averaging.kind must be none, ema or swa, got {kind!r}")

@@ -59,7 +59,7 @@ class Checkpointing(L.Callback):
         preempt = trainer.strategy.reduce_boolean_decision(self._sigterm, all=False) if self.on_sigterm else False
         if preempt:
             path = self.save(trainer, "last.ckpt")
-            pl_module.preempted = True
+            pl_module.state.preempted = True
             log0(f"preempted: SIGTERM received; checkpoint of step {step} saved to checkpoints/{path.name}")
             log0(f"resume with: python train.py <same overrides> resume={os.path.relpath(path)}")
             trainer.should_stop = True

@@ -2,7 +2,7 @@
 
 Lightning's rich bar prints nothing to a file and tqdm's carriage returns turn into one endless line; this
 bar prints one self-contained line every `every_seconds`: step, percent of the step or time budget,
-elapsed training time and an ETA."""
+elapsed training time (the challenge clock's, handed in at construction) and an ETA."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from callbacks.wallclock import ChallengeClock
 
 
 class LineProgressBar(ProgressBar):
-    def __init__(self, every_seconds: float = 30.0, max_steps: int = -1, max_seconds: float = 0.0):
+    def __init__(
+        self, clock: ChallengeClock, every_seconds: float = 30.0, max_steps: int = -1, max_seconds: float = 0.0
+    ):
         super().__init__()
+        self.clock = clock
         self.every, self.max_steps, self.max_seconds = float(every_seconds), int(max_steps), float(max_seconds)
         self._enabled = True
         self._last = 0.0
-        self._clock: ChallengeClock | None = None
 
     def disable(self) -> None:
         self._enabled = False
@@ -29,7 +31,6 @@ class LineProgressBar(ProgressBar):
         self._enabled = True
 
     def on_train_start(self, trainer, pl_module):
-        self._clock = next((cb for cb in trainer.callbacks if isinstance(cb, ChallengeClock)), None)
         self._last = time.monotonic()
 
     def line(self, step: int, elapsed_s: float) -> str:
@@ -50,18 +51,22 @@ class LineProgressBar(ProgressBar):
         if now - self._last < self.every:
             return
         self._last = now
-        elapsed = (self._clock.elapsed_ms() if self._clock else 0.0) / 1000.0
+        elapsed = self.clock.elapsed_ms() / 1000.0
         print(self.line(trainer.global_step, elapsed), flush=True)
 
 
-def make_progress_bar(kind: str, every_seconds: float, max_steps: int, max_seconds: float):
-    """`auto`: tqdm on a terminal, the line bar otherwise; `tqdm`, `line`, or `none`."""
+def make_progress_bar(
+    kind: str, clock: ChallengeClock, every_seconds: float, max_steps: int, max_seconds: float
+) -> ProgressBar | None:
+    """`auto`: tqdm on a terminal, the line bar otherwise; `tqdm`, `line`, or `none` (None).
+
+    Raises ValueError for another kind."""
     if kind == "auto":
         kind = "tqdm" if sys.stdout.isatty() else "line"
     if kind == "tqdm":
         return TQDMProgressBar(refresh_rate=10)
     if kind == "line":
-        return LineProgressBar(every_seconds, max_steps, max_seconds)
+        return LineProgressBar(clock, every_seconds, max_steps, max_seconds)
     if kind == "none":
         return None
     raise ValueError(f"unknown progress bar {kind!r} (auto | tqdm | line | none)")

@@ -21,7 +21,7 @@ class LateQAT(L.Callback):
     def _maybe_enable(self, trainer, pl_module) -> None:
         if self.enabled_at is not None or pl_module.gpt.cfg.qat != "late" or self.threshold <= 0:
             return
-        scale = getattr(pl_module, "lr_scale", 1.0)
+        scale = pl_module.state.lr_scale
         if scale < self.threshold:
             pl_module.gpt.set_qat("late", alpha=1.0)
             self.enabled_at = trainer.global_step

@@ -1,4 +1,7 @@
-"""Applies the pure schedules of `pgolf.optim.schedule` to the one optimizer before every step (SPEC §7.2-7.3)."""
+"""Applies the pure schedules of `pgolf.optim.schedule` to the one optimizer before every step (SPEC §7.2-7.3).
+
+The wallclock warmdown reads the challenge clock handed in at construction; the step's LR scale goes to
+`pl_module.state.lr_scale` for late QAT, SWA and the clock's metrics."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pgolf.optim.schedule import lr_scale, muon_momentum
 class LRSchedule(L.Callback):
     def __init__(
         self,
+        clock: ChallengeClock,
         iterations: int,
         warmdown_iters: int,
         max_wallclock_seconds: float,
@@ -21,19 +25,16 @@ class LRSchedule(L.Callback):
         self.iterations, self.warmdown_iters = int(iterations), int(warmdown_iters)
         self.max_ms = 1000.0 * float(max_wallclock_seconds or 0)
         self.m0, self.m1, self.mw = float(momentum_start), float(momentum_end), int(momentum_warmup_steps)
-        self.clock: ChallengeClock | None = None
-
-    def on_fit_start(self, trainer, pl_module):
-        self.clock = next((cb for cb in trainer.callbacks if isinstance(cb, ChallengeClock)), None)
+        self.clock = clock
 
     def scale(self, step: int) -> float:
-        elapsed = self.clock.elapsed_ms() if self.clock is not None else 0.0
+        """LR multiplier before optimizer step `step + 1` (`step` steps done), at the clock's current time."""
         return lr_scale(
             step,
-            elapsed,
+            self.clock.elapsed_ms(),
             iterations=self.iterations,
             warmdown_iters=self.warmdown_iters,
-            max_wallclock_ms=self.max_ms if self.clock is not None else 0.0,
+            max_wallclock_ms=self.max_ms,
         )
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -44,4 +45,4 @@ class LRSchedule(L.Callback):
             g["lr"] = g["base_lr"] * s
             if g["kind"] == "muon":
                 g["momentum"] = mu
-        pl_module.lr_scale = s
+        pl_module.state.lr_scale = s

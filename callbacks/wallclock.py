@@ -70,7 +70,7 @@ class ChallengeClock(L.Callback):
         if not self._in_fit(trainer):
             return
         step = trainer.global_step
-        v = getattr(pl_module, "last_val", None)
+        v = pl_module.state.last_val
         if v is not None:
             t = self.elapsed_ms()
             log0(
@@ -95,7 +95,7 @@ class ChallengeClock(L.Callback):
         self._last_step = step
         device_sync(pl_module)
         elapsed = self.elapsed_ms()
-        loss_t = pl_module.pop_step_loss()
+        loss_t = pl_module.state.pop_loss()
         # the mean over all ranks' micro-batches (rank 0 alone saw only its share of the step's tokens)
         loss = float(trainer.strategy.reduce(loss_t, reduce_op="mean")) if loss_t is not None else None
         if loss is not None and not math.isfinite(loss):
@@ -103,18 +103,14 @@ class ChallengeClock(L.Callback):
                 f"non-finite training loss ({loss}) at step {step}: stopping without writing a checkpoint or "
                 "artifact (lower the learning rates, enable clipping, or check the data)"
             )
-        pl_module.train_time_ms = elapsed
+        pl_module.state.train_time_ms = elapsed
         if step <= self.log_first or step % self.log_every == 0:
             log0(
                 f"step:{step}/{self.iterations} train_loss:{loss:.4f} train_time:{elapsed:.0f}ms "
                 f"step_avg:{elapsed / max(step, 1):.2f}ms"
             )
             if trainer.loggers:
-                metrics = {
-                    "train_loss": loss,
-                    "train_time_ms": elapsed,
-                    "lr_scale": getattr(pl_module, "lr_scale", 1.0),
-                }
+                metrics = {"train_loss": loss, "train_time_ms": elapsed, "lr_scale": pl_module.state.lr_scale}
                 for lg in trainer.loggers:  # CSV and W&B alike (logger=wandb keeps csv/metrics.csv)
                     lg.log_metrics(metrics, step=step)
         reached = self.cap_ms > 0 and elapsed >= self.cap_ms

@@ -43,5 +43,5 @@ class CompileWarmup(L.Callback):
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-        pl_module.step_loss, pl_module.step_micro = None, 0
+        pl_module.state.clear_loss()
         self.ran = self.steps

@@ -10,7 +10,8 @@ import torch
 from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.export.code import code_files
 from pgolf.export.config import BASELINE_RULES
-from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import (
     PREFIX,
     ArtifactError,
@@ -96,21 +97,16 @@ def test_decompression_bomb_and_oversized_header(entries):
         unpack(struct.pack("<I", 3) + b"{x}")
 
 
-def test_missing_codec_is_an_error_not_a_fallback(monkeypatch):
-    import builtins
-
-    real = builtins.__import__
-
-    def no_zstd(name, *a, **k):
-        if name == "zstandard":
-            raise ImportError("no zstandard")
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_zstd)
-    with pytest.raises(ArtifactError, match="zstandard"):
-        compress(b"abc", "zstd")
+def test_unknown_codec_is_an_error_not_a_fallback():
+    """zstandard is a dependency (imported with pgolf.quant.artifact); an unknown codec name or id fails."""
     with pytest.raises(ArtifactError, match="unknown codec"):
         compress(b"abc", "brotli")
+    with pytest.raises(ArtifactError, match="unknown codec"):
+        encode_artifact(b"abc", "brotli")
+    data = bytearray(encode_artifact(b"abc", "zstd"))
+    data[10] = 9  # the codec id byte (after the 8-byte magic and the u16 version)
+    with pytest.raises(ArtifactError, match="unknown codec id 9"):
+        decode_artifact(bytes(data))
 
 
 def test_size_report_is_decimal_and_flags_over_budget():

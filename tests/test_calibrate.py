@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, list_shards
-from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.data.shards import list_shards
+from pgolf.data.stream import StreamLayout, TokenStream, TrainStream
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT
 from pgolf.quant.calibrate import CalibrationConfig, calibrate, compliance, generate, train_sequences
 
 CFG = dict(

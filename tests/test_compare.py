@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from pgolf.tools import compare
-from pgolf.tools.compare import build_report, load_runs
+from pgolf.tools.compare import build_report
+from pgolf.tools.runs import CompareError, load_runs
 from pgolf.tools.stats import t_sf, welch_greater
 from pgolf.tools.submission import find_machine_paths, scrub_paths
 
@@ -223,7 +224,7 @@ def test_steps_and_time_come_from_results_or_the_last_log_line(tmp_path):
 def test_group_by_config_keys(two_groups):
     runs, _ = load_runs([two_groups], by=["model.mlp_act"])
     assert {r.identity.group for r in runs} == {"demo[model.mlp_act=relu2]", "demo[model.mlp_act=leaky_relu2]"}
-    with pytest.raises(compare.CompareError, match="no such key"):
+    with pytest.raises(CompareError, match="no such key"):
         load_runs([two_groups], by=["model.nope"])
 
 

@@ -6,19 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.data.stream import (
-    HEADER_BYTES,
-    ShardError,
-    StreamLayout,
-    TokenStream,
-    TrainStream,
-    ValWindows,
-    default_grad_accum,
-    load_val_tokens,
-    open_shard,
-    read_shard_header,
-    write_shard,
-)
+from pgolf.data.shards import HEADER_BYTES, ShardError, open_shard, read_shard_header, write_shard
+from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, ValWindows, default_grad_accum, load_val_tokens
 
 
 def test_shard_roundtrip(tmp_path):

@@ -1,11 +1,14 @@
-"""Score-first TTT, LoRA TTT and SLOT: the seeds' settings, reference formulas, reuse of the backbone,
+"""The registry of eval modes (names = conf/eval/*.yaml, each YAML = its mode's defaults, a mode added from one
+module), score-first TTT, LoRA TTT and SLOT: the seeds' settings, reference formulas, reuse of the backbone,
 isolation, bad settings, and the audit round trip through evaluate_artifact + pgolf.tools.audit. (1 vs 2
 processes for every mode: tests/test_evaluate.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,25 +18,31 @@ from conftest import perturbed_tiny_gpt
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pgolf.data.tokenizer import ByteLUTs
-from pgolf.eval.core import TargetLog, make_batch, run_mode, score_windows, sliding_windows, window_table
+from pgolf.data.stream import load_val_tokens
+from pgolf.data.tokenizer import ByteLUTs, TokenizerInfo, build_byte_luts, load_tokenizer
+from pgolf.eval import registry
+from pgolf.eval.core import EvalContext, Scored, TargetLog, make_batch, score_windows, sliding_windows, window_table
+from pgolf.eval.lora_ttt import LoraSettings, chunk_window, documents
+from pgolf.eval.modes import Mode, mode_names, parse_mode, register, run_mode
+from pgolf.eval.run import evaluate_artifact
 from pgolf.eval.slot import SlotSettings, slot_batch
-from pgolf.eval.ttt import LoraSettings, TTTSettings, chunk_window, documents, train_chunk, ttt_params
-from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.eval.ttt import TTTSettings, train_chunk, ttt_params
+from pgolf.export.config import ExportConfig, ExportReport
+from pgolf.export.roundtrip import final_eval_modes, roundtrip_evaluate
+from pgolf.export.stages import export_model
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT
 from pgolf.tools import audit as audit_cli
 
 V, S = 32, 16
 CPU = torch.device("cpu")
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-SMALL = {
-    "ttt": {"mode": "ttt", "stride": 4, "chunk_tokens": 48, "epochs": 2, "batch_seqs": 3, "lr": 0.05},
-    "lora_ttt": {"mode": "lora_ttt", "chunk_size": 4, "context": 12, "batch_docs": 3, "lr": 0.05},
-    "slot_1263": {"mode": "slot", "stride": 4},
-    "slot_1298": {
-        **{"mode": "slot", "stride": 4, "steps": 8, "lr": 0.005, "schedule": "constant", "weight_decay": 0.0},
-        **{"logit_bias": False, "fit": "all", "dtype": "hidden"},
-    },
-    "causal_slot": {"mode": "slot", "stride": 4, "fit": "context", "normalize": "window"},
+SMALL = {  # the registered modes at test size
+    "ttt": {"stride": 4, "chunk_tokens": 48, "epochs": 2, "batch_seqs": 3, "lr": 0.05},
+    "lora_ttt": {"chunk_size": 4, "context": 12, "batch_docs": 3, "lr": 0.05},
+    "slot_1263": {"stride": 4},
+    "slot_1298": {"stride": 4},
+    "causal_slot": {"stride": 4},
 }
 
 
@@ -57,8 +66,12 @@ def tokens(n: int = 1 + S * 12) -> torch.Tensor:
 
 
 def run(name, settings, m=None, toks=None, log=None, **kw):
-    kw = {"luts": luts(), "device": CPU, "batch_windows": 4, "seq_len": S, "log": log, **kw}
-    return run_mode(name, settings, m if m is not None else model(), toks if toks is not None else tokens(), **kw)
+    ctx = EvalContext(**{"luts": luts(), "device": CPU, "batch_windows": 4, "seq_len": S, "log": log, **kw})
+    return run_mode(name, settings, m if m is not None else model(), toks if toks is not None else tokens(), ctx)
+
+
+def parsed(name: str, settings: dict, seq_len: int = S, batch_windows: int = 4):
+    return parse_mode(name, settings, seq_len=seq_len, batch_windows=batch_windows)[1]
 
 
 def nll_of(name, settings, **kw) -> np.ndarray:
@@ -67,19 +80,63 @@ def nll_of(name, settings, **kw) -> np.ndarray:
     return log.arrays()["nll"]
 
 
-# ---- settings ------------------------------------------------------------------------------------------
+# ---- the registry and the configs -----------------------------------------------------------------------
 def eval_cfg(mode: str) -> dict:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[f"eval={mode}", "artifact=x"])
     return OmegaConf.to_container(cfg.eval[mode], resolve=True)
 
 
+def test_every_registered_mode_has_its_config_and_the_config_writes_out_its_defaults():
+    """conf/eval/<name>.yaml exists for every registered mode and for nothing else (config names are how
+    modes are selected), and holds exactly the mode's defaults: eval.py and the end-of-training evaluations
+    (which run a mode with its registered defaults) score with the same settings."""
+    yamls = sorted(p.stem for p in Path(CONF, "eval").glob("*.yaml"))
+    assert mode_names() == yamls
+    for name in yamls:
+        cfg = eval_cfg(name)
+        assert parsed(name, cfg, 2048, 32) == parsed(name, {}, 2048, 32), name
+        assert set(cfg) == {f.name for f in dataclasses.fields(registry.get_mode(name).settings)} - {
+            "seq_len",
+            "batch_windows",
+        }, f"conf/eval/{name}.yaml lists every setting of its mode but seq_len and batch_windows"
+
+
+def test_a_mode_is_added_from_one_module(monkeypatch):
+    """A mode defined here, registered here, run by run_mode by name, parsed and refused like the others."""
+    monkeypatch.setattr(registry, "_MODES", dict(registry._MODES))  # the registry as it was after the test
+
+    @dataclasses.dataclass
+    class FirstTarget:
+        seq_len: int
+        scale: float = 1.0
+
+    def run_first(m, toks, st: FirstTarget, ctx: EvalContext) -> Scored:  # scores target 0 only: -log(1/scale)
+        sums = ctx.zeros() + torch.tensor([math.log(st.scale), 1.0, 2.0], dtype=torch.float64)
+        return Scored(sums, 1, {"note": "first"})
+
+    register(Mode("first_target", FirstTarget, run_first, rule=lambda st: (st.scale >= 1.0, "a test mode")))
+    assert "first_target" in mode_names()
+    r = run("first_target", {"scale": math.e})
+    assert (r.mode, r.val_loss, r.tokens, r.bytes, r.windows, r.compliant) == ("first_target", 1.0, 1, 2.0, 1, True)
+    assert r.val_bpb == pytest.approx(1 / (2 * math.log(2))) and r.settings == {
+        "seq_len": S,
+        "scale": math.e,
+        "note": "first",
+    }
+    assert run("renamed", {"mode": "first_target", "scale": 0.5}).mode == "renamed"  # one mode, another name
+    with pytest.raises(ValueError, match=r"eval mode first_target: unknown settings \['stride'\]"):
+        run("first_target", {"stride": 4})
+    with pytest.raises(ValueError, match="registered twice"):
+        register(Mode("first_target", FirstTarget, run_first, rule=lambda st: (True, "")))
+
+
 def test_slot_configs_are_the_seed_forms():
-    a = SlotSettings.take({k: v for k, v in eval_cfg("slot_1263").items() if k != "mode"}, 2048, 32)
+    a = parsed("slot_1263", eval_cfg("slot_1263"), 2048, 32)
     assert (a.steps, a.lr, a.lr_min, a.schedule, a.weight_decay) == (16, 0.008, 0.0008, "cosine", 0.01)
     assert (a.logit_bias, a.fit, a.dtype, a.stride, a.compliant) == (True, "scored", "fp32", 64, False)
     assert a.lr_at(0) == pytest.approx(0.008) and a.lr_at(15) == pytest.approx(0.000869, abs=1e-6)  # SPEC §4.5
-    b = SlotSettings.take({k: v for k, v in eval_cfg("slot_1298").items() if k != "mode"}, 2048, 32)
+    b = parsed("slot_1298", eval_cfg("slot_1298"), 2048, 32)
     assert (b.steps, b.lr, b.schedule, b.weight_decay, b.logit_bias, b.fit, b.dtype) == (
         8,
         0.005,
@@ -90,12 +147,12 @@ def test_slot_configs_are_the_seed_forms():
         "hidden",
     )
     assert {b.lr_at(k) for k in range(8)} == {0.005} and not b.compliant
-    c = SlotSettings.take({k: v for k, v in eval_cfg("causal_slot").items() if k != "mode"}, 2048, 32)
-    assert c.fit == "context" and c.compliant
+    c = parsed("causal_slot", eval_cfg("causal_slot"), 2048, 32)
+    assert c.fit == "context" and c.normalize == "window" and c.compliant
 
 
 def test_ttt_and_lora_configs_are_the_reference_recipes():
-    t = TTTSettings.take({k: v for k, v in eval_cfg("ttt").items() if k != "mode"}, 2048, 32)
+    t = parsed("ttt", eval_cfg("ttt"), 2048, 32)
     assert (t.chunk_tokens, t.lr, t.momentum, t.epochs, t.batch_seqs, t.grad_clip, t.freeze_blocks) == (
         32768,
         0.002,
@@ -106,7 +163,7 @@ def test_ttt_and_lora_configs_are_the_reference_recipes():
         0,
     )
     assert t.lr_at(0, 1893) == 0.002 and t.lr_at(1892, 1893) == pytest.approx(0.0, abs=1e-12)
-    lo = LoraSettings.take({k: v for k, v in eval_cfg("lora_ttt").items() if k != "mode"}, 1024)
+    lo = parsed("lora_ttt", eval_cfg("lora_ttt"), 1024)
     assert (lo.rank, lo.lr, lo.beta2, lo.eps, lo.chunk_size, lo.context) == (8, 0.01, 0.95, 1e-10, 256, 1024)
     assert lo.targets == ("q", "v", "head")
 
@@ -114,12 +171,20 @@ def test_ttt_and_lora_configs_are_the_reference_recipes():
 @pytest.mark.parametrize(
     "name,settings,match",
     [
-        ("x", {"mode": "bogus"}, "unknown mode 'bogus'"),
-        ("s", {"mode": "slot", "fit": "future"}, "fit 'future'"),
-        ("s", {"mode": "slot", "stride": 4, "stepz": 3}, r"unknown settings \['stepz'\]"),
-        ("t", {"mode": "ttt", "chunk_tokens": 0}, "chunk_tokens 0"),
-        ("l", {"mode": "lora_ttt", "targets": ["q", "k"]}, r"targets \['k'\]"),
-        ("l", {"mode": "lora_ttt", "chunk_size": 64, "context": 32}, "chunk_size 64"),
+        ("x", {"mode": "bogus"}, r"eval mode x: unknown mode 'bogus' \(one of causal_slot \| lora_ttt"),
+        ("bogus", {}, "eval mode bogus: unknown mode 'bogus'"),
+        ("slot_1263", {"fit": "future"}, "fit 'future'"),
+        ("slot_1263", {"stride": 4, "stepz": 3}, r"eval mode slot_1263: unknown settings \['stepz'\]"),
+        (
+            "s",
+            {"mode": "causal_slot", "stepz": 3},
+            r"eval mode s: unknown settings \['stepz'\] \(the settings of causal_slot",
+        ),
+        ("lora_ttt", {"batch_windows": 8}, r"unknown settings \['batch_windows'\]"),  # LoRA batches documents
+        ("sliding", {"stride": 17}, "stride 17 must be in 1..16"),
+        ("ttt", {"chunk_tokens": 0}, "chunk_tokens 0"),
+        ("lora_ttt", {"targets": ["q", "k"]}, r"targets \['k'\]"),
+        ("lora_ttt", {"chunk_size": 64, "context": 32}, "chunk_size 64"),
     ],
 )
 def test_bad_mode_settings_fail_clearly(name, settings, match):
@@ -129,9 +194,11 @@ def test_bad_mode_settings_fail_clearly(name, settings, match):
 
 # ---- SLOT ----------------------------------------------------------------------------------------------
 def test_slot_without_steps_is_sliding():
-    sl = nll_of("sliding", {"mode": "sliding", "stride": 4})
+    sl = nll_of("sliding", {"stride": 4})
     for fit in ("scored", "all", "context"):
-        np.testing.assert_allclose(nll_of("s", {"mode": "slot", "stride": 4, "steps": 0, "fit": fit}), sl, atol=1e-6)
+        np.testing.assert_allclose(
+            nll_of("s", {"mode": "slot_1263", "stride": 4, "steps": 0, "fit": fit}), sl, atol=1e-6
+        )
 
 
 def direct_slot(st: SlotSettings, h, b, W, cap):
@@ -164,7 +231,7 @@ def direct_slot(st: SlotSettings, h, b, W, cap):
 def test_slot_batch_equals_the_direct_formula(form):
     """Base logits once per batch + a per-window row per step == (H+δ)Wᵀ + β per step."""
     m, toks = model(), tokens()
-    st = SlotSettings.take({k: v for k, v in SMALL[form].items() if k != "mode"}, S, 4)
+    st = parsed(form, SMALL[form])
     wins = sliding_windows(toks.numel() - 1, S, 4)
     for table in (window_table(wins[:3]), window_table(wins[20:24])):  # window 0 + a part-empty batch; later
         b = make_batch(toks, table, S, 4)
@@ -201,10 +268,10 @@ def test_slot_runs_the_backbone_once_per_batch(form):
 def test_ttt_without_learning_is_sliding_and_leaves_the_model_alone():
     m = model()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    sl = nll_of("sliding", {"mode": "sliding", "stride": 4}, m=m)
-    np.testing.assert_array_equal(nll_of("t", {**SMALL["ttt"], "lr": 0.0}, m=m), sl)
-    np.testing.assert_array_equal(nll_of("t", {**SMALL["ttt"], "epochs": 0}, m=m), sl)
-    adapted = nll_of("t", SMALL["ttt"], m=m)
+    sl = nll_of("sliding", {"stride": 4}, m=m)
+    np.testing.assert_array_equal(nll_of("ttt", {**SMALL["ttt"], "lr": 0.0}, m=m), sl)
+    np.testing.assert_array_equal(nll_of("ttt", {**SMALL["ttt"], "epochs": 0}, m=m), sl)
+    adapted = nll_of("ttt", SMALL["ttt"], m=m)
     assert not np.array_equal(adapted, sl)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # TTT trains a copy
     assert all(p.requires_grad for p in m.parameters())
@@ -212,16 +279,16 @@ def test_ttt_without_learning_is_sliding_and_leaves_the_model_alone():
 
 def test_ttt_step_is_the_mean_loss_sgd_step_and_frozen_blocks_stay():
     m, toks = model(), tokens()
-    st = TTTSettings.take({k: v for k, v in SMALL["ttt"].items() if k != "mode"} | {"freeze_blocks": 1}, S, 4)
-    st.epochs, st.grad_clip = 1, 0.0
+    st: TTTSettings = parsed("ttt", SMALL["ttt"] | {"freeze_blocks": 1, "epochs": 1, "grad_clip": 0.0})
     params = ttt_params(m, st.freeze_blocks)
     assert all(not p.requires_grad for n, p in m.named_parameters() if n.startswith("blocks.0."))
     ref = {n: p.detach().clone() for n, p in m.named_parameters()}
     x, y = toks[0 : 3 * S].view(3, S), toks[1 : 3 * S + 1].view(3, S)
     m.train()
     grads = torch.autograd.grad(m(x, y), params)  # mean CE over the 3 sequences of the chunk
-    opt = torch.optim.SGD(params, lr=st.lr, momentum=st.momentum)
-    assert train_chunk(m, opt, params, toks, 0, 3 * S + 5, st, 0.05, CPU, None) == 1  # 3 whole sequences
+    opt = torch.optim.SGD(params, lr=0.05, momentum=st.momentum)
+    ctx = EvalContext(luts(), CPU, S)
+    assert train_chunk(m, opt, toks, 0, 3 * S + 5, st, ctx) == 1  # 3 whole sequences
     named = dict(m.named_parameters())
     for (n, p), g in zip(((n, p) for n, p in named.items() if p.requires_grad), grads):
         torch.testing.assert_close(p.detach(), ref[n] - 0.05 * g, atol=1e-6, rtol=1e-5)
@@ -245,11 +312,12 @@ def test_lora_window_depends_on_the_chunk_start_only():
 
 
 def test_lora_documents_are_isolated_and_one_forward_serves_score_and_step():
-    base = nll_of("l", SMALL["lora_ttt"])
-    np.testing.assert_array_equal(nll_of("l", {**SMALL["lora_ttt"], "batch_docs": 1}), base)
+    base = nll_of("lora_ttt", SMALL["lora_ttt"])
+    for batch_docs in (1, 2, 5):  # documents side by side in other combinations: the same scores, bit for bit
+        np.testing.assert_array_equal(nll_of("lora_ttt", {**SMALL["lora_ttt"], "batch_docs": batch_docs}), base)
     m, toks = model(), tokens()
     calls = counting(m)
-    r = run("l", {**SMALL["lora_ttt"], "batch_docs": 1}, m=m, toks=toks)
+    r = run("lora_ttt", {**SMALL["lora_ttt"], "batch_docs": 1}, m=m, toks=toks)
     assert calls[0] == r.windows  # one forward per document chunk: scored, then the step on that loss
     assert all(p.requires_grad for p in m.parameters())
 
@@ -259,19 +327,16 @@ def test_lora_without_learning_is_the_chunked_document_eval():
     st = LoraSettings(seq_len=S, chunk_size=4, context=12)
     wins = [chunk_window(d, i, st) for d in documents(toks, 1) for i in range(math.ceil(d[1] / 4))]
     log = TargetLog()
-    score_windows(model(), toks, wins, seq_len=S, batch_windows=4, luts=luts(), device=CPU, log=log)
-    got = nll_of("l", {**SMALL["lora_ttt"], "lr": 0.0})
+    score_windows(model(), toks, wins, EvalContext(luts(), CPU, S, log=log), seq_len=S, batch_windows=4)
+    got = nll_of("lora_ttt", {**SMALL["lora_ttt"], "lr": 0.0})
     np.testing.assert_allclose(got, log.arrays()["nll"], atol=1e-6)
-    assert not np.allclose(nll_of("l", SMALL["lora_ttt"]), got, atol=1e-4)
+    assert not np.allclose(nll_of("lora_ttt", SMALL["lora_ttt"]), got, atol=1e-4)
 
 
 # ---- audit from outside ------------------------------------------------------------------------------
-def test_flip_test_from_outside_with_eval_and_audit_files(tmp_path, synth_dir, capsys):
-    from pgolf.data.tokenizer import TokenizerInfo
-    from pgolf.eval.run import evaluate_artifact
-    from pgolf.export.config import ExportConfig
-    from pgolf.export.stages import export_model
-
+@pytest.fixture(scope="module")
+def synth_artifact(tmp_path_factory, synth_dir) -> tuple[ExportReport, dict]:
+    """(the export report of a 1-layer vocab-256 model's artifact, trained at seq_len 32, its data config)."""
     tok = TokenizerInfo.from_path(synth_dir / "synth_256_bpe.model")
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=256, num_layers=1, model_dim=32, num_heads=4, num_kv_heads=2))
@@ -279,10 +344,34 @@ def test_flip_test_from_outside_with_eval_and_audit_files(tmp_path, synth_dir, c
         for p in gpt.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     meta = {"tokenizer": {"name": tok.name, "vocab_size": 256, "sha256": tok.sha256}, "train": {"seq_len": 32}}
-    art = export_model(gpt, ExportConfig(), tmp_path, meta).path
+    report = export_model(gpt, ExportConfig(), tmp_path_factory.mktemp("artifact"), meta)
     data = {"tokenizer_path": str(synth_dir / "synth_256_bpe.model"), "val_pattern": str(synth_dir / "synth_val_*.bin")}
+    return report, data
+
+
+def test_roundtrip_scores_the_artifact_as_eval_py_does(synth_artifact, tmp_path, capsys):
+    """The end-of-training round trip (pgolf/export/roundtrip.py) and eval.py run the same registered modes."""
+    report, data = synth_artifact
+    modes = final_eval_modes(["standard", "sliding"], stride=8) | {"causal_slot": {"stride": 8}}
+    assert modes["sliding"] == {"stride": 8, "reference_tail": False} and modes["standard"] == {}
+    res = evaluate_artifact(artifact=report.path, modes=modes, data=data, batch_windows=8, out_dir=tmp_path)
+    tokens = load_val_tokens(data["val_pattern"], 32, 256)
+    luts = build_byte_luts(load_tokenizer(data["tokenizer_path"]), 256)
+    capsys.readouterr()
+    rt = roundtrip_evaluate(report, tokens, EvalContext(luts, CPU, 32, 8), modes)
+    out = capsys.readouterr().out
+    for m in modes:
+        assert rt["roundtrip"][m]["val_bpb"] == res["results"][m]["val_bpb"], m
+    label = report.label
+    assert f"final_{label}_roundtrip_exact val_loss:" in out and f"final_{label}_causal_slot_exact val_loss:" in out
+    assert f"final_{label}_sliding_window val_loss:" in out and " stride:8 " in out
+
+
+def test_flip_test_from_outside_with_eval_and_audit_files(synth_artifact, tmp_path, capsys):
+    report, data = synth_artifact
+    art = report.path
     modes = {
-        "sliding": {"mode": "sliding", "stride": 8},
+        "sliding": {"stride": 8},
         "causal_slot": {**eval_cfg("causal_slot"), "stride": 8},
         "slot_1263": {**eval_cfg("slot_1263"), "stride": 8},
     }
@@ -317,7 +406,7 @@ def test_flip_test_from_outside_with_eval_and_audit_files(tmp_path, synth_dir, c
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["standard", "sliding", *SMALL])
 def test_every_mode_on_cuda_matches_cpu_and_runs_in_bf16(name):
-    settings = SMALL.get(name, {"mode": name, **({"stride": 4} if name == "sliding" else {})})
+    settings = SMALL.get(name, {"stride": 4} if name == "sliding" else {})
     cpu = run(name, settings)
     cuda = torch.device("cuda")
     lt = luts().to(cuda)

@@ -13,8 +13,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pgolf.data.tokenizer import ByteLUTs
-from pgolf.eval.core import TargetLog, eval_sliding, eval_standard, gather_log, run_mode, sliding_windows
-from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.eval.core import EvalContext, TargetLog, gather_log, sliding_windows
+from pgolf.eval.modes import run_mode
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT
 
 V = 64
 
@@ -40,6 +42,18 @@ def model():
 
 def tokens(n=1 + 16 * 23):
     return torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(2))
+
+
+def ctx(lt, seq_len, batch_windows, log=None) -> EvalContext:
+    return EvalContext(lt, torch.device("cpu"), seq_len, batch_windows, log=log)
+
+
+def standard(m, toks, lt, S, bw):
+    return run_mode("standard", {}, m, toks, ctx(lt, S, bw))
+
+
+def sliding(m, toks, lt, S, stride, bw, log=None):
+    return run_mode("sliding", {"stride": stride}, m, toks, ctx(lt, S, bw, log))
 
 
 @pytest.mark.parametrize(
@@ -68,7 +82,7 @@ def test_reference_tail_rescoring_is_reproducible():
 def test_standard_eval_equals_a_direct_computation():
     m, toks, lt = model(), tokens(), luts()
     S = 16
-    r = eval_standard(m, toks, seq_len=S, batch_windows=5, luts=lt, device=torch.device("cpu"))
+    r = standard(m, toks, lt, S, 5)
     x, y = toks[:-1].view(-1, S), toks[1:].view(-1, S)
     with torch.no_grad():
         nll = F.cross_entropy(m(x).float().flatten(0, 1), y.flatten(), reduction="none")
@@ -81,8 +95,8 @@ def test_standard_eval_equals_a_direct_computation():
 
 def test_sliding_and_standard_score_the_same_targets():
     m, toks, lt = model(), tokens(1 + 64 * 6), luts()  # truncated to whole windows, as load_val_tokens does
-    st = eval_standard(m, toks, seq_len=64, batch_windows=4, luts=lt, device=torch.device("cpu"))
-    sl = eval_sliding(m, toks, seq_len=64, stride=16, batch_windows=4, luts=lt, device=torch.device("cpu"))
+    st = standard(m, toks, lt, 64, 4)
+    sl = sliding(m, toks, lt, 64, 16, 4)
     assert sl.tokens == st.tokens and sl.bytes == st.bytes  # same targets, each scored once
     assert sl.val_loss != st.val_loss
 
@@ -90,7 +104,7 @@ def test_sliding_and_standard_score_the_same_targets():
 def test_audit_log_is_in_stream_order_and_sums_to_the_result():
     m, toks, lt = model(), tokens(), luts()
     log = TargetLog()
-    r = eval_sliding(m, toks, seq_len=64, stride=16, batch_windows=3, luts=lt, device=torch.device("cpu"), log=log)
+    r = sliding(m, toks, lt, 64, 16, 3, log)
     a = log.arrays()
     assert a["index"].tolist() == list(range(toks.numel() - 1))
     assert a["nll"].astype("float64").sum() == pytest.approx(r.val_loss * r.tokens, rel=1e-6)
@@ -99,28 +113,24 @@ def test_audit_log_is_in_stream_order_and_sums_to_the_result():
 
 # The adaptive modes at test size (S=16, stride 4); the random stream holds BOS (id 1) about every 64 tokens.
 ADAPTIVE = {
-    "ttt": {"mode": "ttt", "stride": 4, "chunk_tokens": 48, "epochs": 2, "batch_seqs": 3, "lr": 0.05},
-    "lora_ttt": {"mode": "lora_ttt", "chunk_size": 4, "context": 12, "batch_docs": 3, "lr": 0.05},
-    "slot_1263": {"mode": "slot", "stride": 4},
-    "slot_1298": {"mode": "slot", "stride": 4, "steps": 8, "lr": 0.005, "schedule": "constant"}
-    | {"weight_decay": 0.0, "logit_bias": False, "fit": "all", "dtype": "hidden"},
-    "causal_slot": {"mode": "slot", "stride": 4, "fit": "context", "normalize": "window"},
+    "ttt": {"stride": 4, "chunk_tokens": 48, "epochs": 2, "batch_seqs": 3, "lr": 0.05},
+    "lora_ttt": {"chunk_size": 4, "context": 12, "batch_docs": 3, "lr": 0.05},
+    "slot_1263": {"stride": 4},
+    "slot_1298": {"stride": 4},
+    "causal_slot": {"stride": 4},
 }
-EXACT = {"causal_slot"}  # per-window arithmetic in fixed-shape batches: bit-identical at any world size
-# LoRA TTT: per-document arithmetic, but batches of other sizes and lengths (float rounding only)
-TOL = {"lora_ttt": 1e-5, "ttt": 1e-4, "slot_1263": 1e-3, "slot_1298": 1e-3}  # max per-target |Δnll|
+# Per-window (causal SLOT) or per-document (LoRA TTT: windows padded to a length set by the chunk index)
+# arithmetic: bit-identical at any world size.
+EXACT = {"causal_slot", "lora_ttt"}
+TOL = {"ttt": 1e-4, "slot_1263": 1e-3, "slot_1298": 1e-3}  # max per-target |Δnll|
 
 
 def _all_modes(m, toks, lt):
-    cpu = torch.device("cpu")
-    res = [
-        eval_standard(m, toks, seq_len=16, batch_windows=5, luts=lt, device=cpu),
-        eval_sliding(m, toks, seq_len=64, stride=16, batch_windows=3, luts=lt, device=cpu),
-    ]
+    res = [standard(m, toks, lt, 16, 5), sliding(m, toks, lt, 64, 16, 3)]
     out = [(r.val_loss, r.val_bpb, r.tokens, r.bytes, None) for r in res]
     for name, s in ADAPTIVE.items():
         log = TargetLog()
-        r = run_mode(name, s, m, toks, luts=lt, device=cpu, batch_windows=4, seq_len=16, log=log)
+        r = run_mode(name, s, m, toks, ctx(lt, 16, 4, log))
         out.append((r.val_loss, r.val_bpb, r.tokens, r.bytes, gather_log(log)["nll"]))
     return out
 

@@ -13,10 +13,11 @@ from omegaconf import OmegaConf
 
 from pgolf.data.tokenizer import TokenizerInfo
 from pgolf.export.code import code_bytes
-from pgolf.export.config import ExportConfig, ExportContext
-from pgolf.export.stages import export_model
+from pgolf.export.config import ExportConfig, ExportContext, ExportReport
+from pgolf.export.stages import Stopwatch, export_model
 from pgolf.export.weights import load_artifact_model, load_weights, save_float_weights
-from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import read_artifact
 from pgolf.quant.rules import dequantize_state, pick_rule, rules_from_config
 from pgolf.tools.inspect import inspect
@@ -123,7 +124,9 @@ def test_export_with_gptq_selfgen_calibration_and_pruning(tmp_path, tiny):
     assert rep.model_bytes + rep.code_bytes <= total < unpruned.total_bytes  # decimal bytes, code counted
     assert rep.prune["fits"] and rep.prune["zeroed"] > 0 and rep.prune["model_bytes"] == rep.model_bytes
     assert set(rep.codec_sizes) == {"zstd-22", "zlib-9"} and rep.codec_sizes["zstd-22"] == rep.model_bytes
-    assert {"calibration", "hessians", "quantize", "gptq", "prune", "compress"} <= set(rep.timings)
+    stages = ["save_float", "calibration", "hessians", "quantize", "gptq", "prune", "pack", "compress", "write"]
+    assert list(rep.timings) == [*stages, "codec_report"]  # in the order the stages ran
+    assert rep.write_seconds == rep.timings["compress"] + rep.timings["write"]
     entries, m = read_artifact(rep.path)
     cal = m["calibration"]
     assert (cal["source"], cal["count"], cal["length"], cal["seed"], cal["compliant"]) == ("ar", 3, 16, 7, True)
@@ -147,8 +150,35 @@ def test_export_with_gptq_selfgen_calibration_and_pruning(tmp_path, tiny):
     assert f"codec zstd-22: model {rep.model_bytes} bytes" in out
 
 
+def test_stopwatch_times_named_stages_in_order(monkeypatch):
+    clock = Stopwatch()
+    ticks = iter([10.0, 10.25049, 20.0])
+    monkeypatch.setattr("pgolf.export.stages.time.perf_counter", lambda: next(ticks))
+    with clock.stage("pack"):
+        pass
+    clock.record("gptq", 1.23456)
+    with pytest.raises(RuntimeError), clock.stage("write"):  # a stage that fails records nothing
+        raise RuntimeError("disk full")
+    assert clock.timings == {"pack": 0.25, "gptq": 1.235}
+    assert clock.line("a.ptz") == "export_time: pack:0.25s gptq:1.24s -> a.ptz"
+
+
+def test_export_report_is_built_by_keyword():
+    with pytest.raises(TypeError):
+        ExportReport("a.ptz", "int8_zlib", 1, 2, 3, 16_000_000, True, 0.0, 0.0)  # type: ignore[misc]
+    r = ExportReport(
+        path="a.ptz", label="x", model_bytes=1, code_bytes=2, total_bytes=3, limit_bytes=16_000_000, size_ok=True,
+        quantize_seconds=0.5, write_seconds=0.25,
+    )  # fmt: skip
+    assert list(r.to_dict()) == [
+        "path", "label", "model_bytes", "code_bytes", "total_bytes", "limit_bytes", "size_ok", "quantize_seconds",
+        "write_seconds", "pre_quant", "calibration", "prune", "codec_sizes", "timings", "float_path",
+    ]  # fmt: skip
+
+
 def test_train_data_calibration_after_the_deadline_is_flagged(tmp_path, tiny, synth_dir, capsys):
-    from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, list_shards
+    from pgolf.data.shards import list_shards
+    from pgolf.data.stream import StreamLayout, TokenStream, TrainStream
 
     model, meta = tiny
     stream = TokenStream(list_shards(str(synth_dir / "synth_train_*.bin")))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT
 from pgolf.quant.gptq import GPTQSettings, collect_hessians, gptq_quantize, linear_names
 from pgolf.quant.rules import (
     GPTQ_LITE_CLIPS,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf.model.gpt import GPT, GPTConfig
-from pgolf.optim.muon import build_optimizer
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT
+from pgolf.optim.groups import build_optimizer
 
 pytestmark = pytest.mark.gpu
 

@@ -10,8 +10,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pgolf.model.gpt import GPT, GPTConfig
-from pgolf.optim.muon import MuonAdam, build_optimizer, newton_schulz, ns_coefficients, partition_params, row_normalize
+import pgolf.optim.muon_adam as muon_adam
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT
+from pgolf.optim.groups import build_optimizer, partition_params
+from pgolf.optim.muon_adam import MuonAdam, balanced_owners
+from pgolf.optim.newton_schulz import newton_schulz, ns_coefficients, row_normalize
 from pgolf.optim.schedule import lr_scale, muon_momentum
 
 OPTIM = dict(
@@ -155,8 +159,6 @@ def test_distributed_muon_matches_single_process(tmp_path, world):
 
 
 def test_balanced_owners_split_the_work():
-    from pgolf.optim.muon import balanced_owners
-
     shapes = [(512, 512), (256, 512), (256, 512), (512, 512), (1536, 512), (512, 1536)] * 11
     owners = balanced_owners(shapes, 8)
     load = [0] * 8
@@ -167,11 +169,9 @@ def test_balanced_owners_split_the_work():
 
 
 def test_muoneq_r_normalises_rows_before_newton_schulz(monkeypatch):
-    import pgolf.optim.muon as optim
-
     seen = []
-    real = optim.newton_schulz
-    monkeypatch.setattr(optim, "newton_schulz", lambda u, *a, **k: seen.append(u.clone()) or real(u, *a, **k))
+    real = muon_adam.newton_schulz
+    monkeypatch.setattr(muon_adam, "newton_schulz", lambda u, *a, **k: seen.append(u.clone()) or real(u, *a, **k))
     p = torch.nn.Parameter(torch.randn(32, 16))
     opt = MuonAdam(
         [

@@ -13,7 +13,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from pgolf.data.stream import list_shards, open_shard, write_shard
+from pgolf.data.shards import list_shards, open_shard, write_shard
 from pgolf.data.tokenizer import BOS_ID, load_tokenizer
 from pgolf.tools import demo, fineweb
 from pgolf.tools.prepare import main as prepare_main

@@ -15,7 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from callbacks import build_callbacks
-from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import read_artifact
 from pgolf.quant.numerics import fake_quant_rows
 from pgolf.quant.rules import dequantize_state
@@ -60,7 +61,7 @@ class Recorder(L.Callback):
         if trainer.global_step != self._last:
             self._last = trainer.global_step
             self.steps.append({k: v.detach().clone() for k, v in pl_module.gpt.state_dict().items()})
-            self.lr_scales.append(pl_module.lr_scale)
+            self.lr_scales.append(pl_module.state.lr_scale)
 
 
 def fit(tmp_path, overrides, extra_callbacks=()):
@@ -69,12 +70,14 @@ def fit(tmp_path, overrides, extra_callbacks=()):
     dm = build_datamodule(cfg)
     module, tok = build_module(cfg, cfg.data.tokenizer_path)
     cbs = build_callbacks(cfg, tmp_path / "run", run_meta(cfg, tok))
-    cbs = [*cbs[:-2], *extra_callbacks, *cbs[-2:]] if extra_callbacks else cbs  # before checkpoint + export
+    order = cbs.all
+    i = order.index(cbs.checkpoint)
+    order[i:i] = extra_callbacks  # after the averaging update, before checkpoint and export
     L.seed_everything(int(cfg.seed), verbose=False)
-    trainer = build_trainer(cfg, cbs, False)
+    trainer = build_trainer(cfg, order, False)
     trainer.fit(module, datamodule=dm)
     entries, meta = read_artifact(tmp_path / "run" / "final_model.fp32.ptz")
-    return module, dequantize_state(entries), trainer
+    return module, dequantize_state(entries), cbs
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +125,11 @@ def test_swa_is_really_applied(tmp_path, synth_root):
 
 def test_late_qat_switches_on_below_threshold(tmp_path, synth_root, capsys):
     (tmp_path / "synthetic").symlink_to(synth_root)
-    module, _, trainer = fit(
+    module, _, cbs = fit(
         tmp_path,
         ["train.iterations=10", "train.warmdown_iters=10", "model.qat=late", "callbacks.late_qat_threshold=0.35"],
     )
-    qat = next(cb for cb in trainer.callbacks if cb.__class__.__name__ == "LateQAT")
-    assert qat.enabled_at == 7  # scale before step 8 is (10-7)/10 = 0.3 < 0.35
+    assert cbs.qat.enabled_at == 7  # scale before step 8 is (10-7)/10 = 0.3 < 0.35
     assert all(m.qat_alpha.item() == 1.0 for m in module.gpt.quantized_linears())
     assert "late_qat:enabled step:7 scale:0.3000" in capsys.readouterr().out
 

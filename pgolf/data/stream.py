@@ -1,8 +1,4 @@
-"""Challenge shard format, the deterministic rank-sliced training stream, validation tokens, DataModule.
-
-Shard format (SPEC §2.2): 256 little-endian int32 header (magic 20240520, version 1, num_tokens, zeros),
-then `num_tokens` little-endian uint16 token ids. Every problem with a shard raises `ShardError` naming
-the file.
+"""The deterministic rank-sliced training stream and the validation tokens and windows.
 
 Training stream (SPEC §2.3): shards in sorted order form one endless stream (wrapping to the first). On
 every micro-step every rank takes the same next `(local+1)*world` tokens and uses its own slice
@@ -12,93 +8,14 @@ pure function of the micro-step index, the position is one integer and resuming 
 
 from __future__ import annotations
 
-import glob
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
-from pgolf.io import atomic_write_bytes
-
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-SHARD_TOKENS = 10**8  # tokens per shard in the published export
-
-
-class ShardError(ValueError):
-    """A shard file is missing, malformed, truncated, or holds token ids outside the vocabulary."""
-
-
-def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
-    """Write `tokens` as a challenge shard, atomically."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise ValueError(f"{path}: token ids must fit uint16, got range [{tokens.min()}, {tokens.max()}]")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    atomic_write_bytes(path, header.tobytes() + tokens.astype("<u2").tobytes())
-
-
-def read_shard_header(path: str | os.PathLike) -> int:
-    """Validate a shard's header and size; return its token count."""
-    path = Path(path)
-    if not path.is_file():
-        raise ShardError(f"{path}: shard file not found")
-    size = path.stat().st_size
-    if size < HEADER_BYTES:
-        raise ShardError(f"{path}: truncated shard: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if int(header[0]) != SHARD_MAGIC:
-        raise ShardError(f"{path}: wrong magic number {int(header[0])} (expected {SHARD_MAGIC}); not a challenge shard")
-    if int(header[1]) != SHARD_VERSION:
-        raise ShardError(f"{path}: unsupported shard version {int(header[1])} (expected {SHARD_VERSION})")
-    num_tokens = int(header[2])
-    if num_tokens < 0:
-        raise ShardError(f"{path}: negative token count {num_tokens} in header")
-    expected = HEADER_BYTES + 2 * num_tokens
-    if size < expected:
-        raise ShardError(
-            f"{path}: truncated shard: header promises {num_tokens} tokens ({expected} bytes) but the file has {size}"
-        )
-    if size != expected:
-        raise ShardError(f"{path}: size mismatch: expected {expected} bytes for {num_tokens} tokens, found {size}")
-    return num_tokens
-
-
-def check_token_range(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> None:
-    for start in range(0, tokens.size, chunk):
-        part = tokens[start : start + chunk]
-        hi = int(part.max()) if part.size else 0
-        if hi >= vocab_size:
-            pos = start + int(np.argmax(part >= vocab_size))
-            raise ShardError(
-                f"{path}: token id {int(tokens[pos])} at position {pos} is >= vocab size {vocab_size} "
-                "(shards and tokenizer do not match)"
-            )
-
-
-def open_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
-    """Memory-map a validated shard's tokens (uint16). With `vocab_size`, every id is checked."""
-    num_tokens = read_shard_header(path)
-    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
-    if vocab_size is not None:
-        check_token_range(path, tokens, vocab_size)
-    return tokens
-
-
-def list_shards(pattern: str) -> list[Path]:
-    files = sorted(Path(p) for p in glob.glob(str(pattern)))
-    if not files:
-        raise FileNotFoundError(f"no shard files match {pattern!r}")
-    return files
+from pgolf.data.shards import ShardError, list_shards, open_shard, read_shard_header
 
 
 def load_val_tokens(pattern: str, seq_len: int, vocab_size: int | None = None) -> torch.Tensor:
@@ -131,6 +48,7 @@ class TokenStream:
         return self._cache[i]
 
     def read(self, start: int, n: int) -> np.ndarray:
+        """The n tokens [n] (int64) from absolute position `start`, wrapping around the end of the stream."""
         out = np.empty(n, dtype=np.int64)
         filled, pos = 0, start % self.total
         while filled < n:
@@ -145,6 +63,9 @@ class TokenStream:
 
 @dataclass(frozen=True)
 class StreamLayout:
+    """How one optimizer step's tokens split into ranks and micro-steps; ValueError unless they split into whole
+    sequences."""
+
     batch_tokens: int  # tokens per optimizer step, all ranks together
     seq_len: int
     world_size: int
@@ -216,73 +137,3 @@ class ValWindows(Dataset):
         b = min(a + self.batch_windows, self.last)
         span = self.tokens[a * self.seq_len : b * self.seq_len + 1]
         return span[:-1].view(-1, self.seq_len), span[1:].view(-1, self.seq_len)
-
-
-class GolfDataModule(L.LightningDataModule):
-    """Training stream + validation windows from challenge shards that already exist (the entry point runs
-    the data-preparation step first: pgolf/tools/datasets.py)."""
-
-    def __init__(
-        self,
-        train_pattern: str,
-        val_pattern: str,
-        tokenizer_path: str,
-        vocab_size: int,
-        batch_tokens: int,
-        seq_len: int,
-        eval_seq_len: int | None = None,
-        val_batch_tokens: int = 524_288,
-        grad_accum: int | str = "auto",
-    ):
-        super().__init__()
-        self.train_pattern, self.val_pattern = train_pattern, val_pattern
-        self.tokenizer_path, self.vocab_size = tokenizer_path, vocab_size
-        self.batch_tokens, self.seq_len = batch_tokens, seq_len
-        self.eval_seq_len = eval_seq_len or seq_len
-        self.val_batch_tokens = val_batch_tokens
-        self.grad_accum_cfg = grad_accum
-        self.val_tokens: torch.Tensor | None = None
-        self.layout: StreamLayout | None = None
-        self._start_micro_step = 0
-
-    # ---- preparation and set-up ---------------------------------------------------------------
-    def world(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.world_size, self.trainer.global_rank
-        return 1, 0
-
-    def grad_accum(self, world_size: int) -> int:
-        if self.grad_accum_cfg in (None, "auto"):
-            return default_grad_accum(world_size)
-        return int(self.grad_accum_cfg)
-
-    def setup(self, stage: str | None = None) -> None:
-        world, _ = self.world()
-        self.layout = StreamLayout(self.batch_tokens, self.seq_len, world, self.grad_accum(world))
-        if self.val_tokens is None:
-            self.val_tokens = load_val_tokens(self.val_pattern, max(self.seq_len, self.eval_seq_len), self.vocab_size)
-
-    # ---- loaders --------------------------------------------------------------------------------
-    def train_stream(self, start_micro_step: int | None = None) -> TrainStream:
-        world, rank = self.world()
-        stream = TokenStream(list_shards(self.train_pattern), self.vocab_size)
-        start = self._start_micro_step if start_micro_step is None else start_micro_step
-        return TrainStream(stream, self.layout, rank, start)
-
-    def train_dataloader(self) -> DataLoader:
-        pin = self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
-        return DataLoader(self.train_stream(), batch_size=None, num_workers=0, pin_memory=pin)
-
-    def val_dataloader(self) -> DataLoader:
-        world, rank = self.world()
-        batch_windows = max(1, self.val_batch_tokens // (world * self.eval_seq_len))
-        ds = ValWindows(self.val_tokens, self.eval_seq_len, batch_windows, rank, world)
-        return DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
-
-    # ---- exact resume: the stream position is the number of micro-steps taken --------------------
-    def state_dict(self) -> dict:
-        step = self.trainer.global_step if self.trainer is not None else 0
-        return {"micro_step": step * self.layout.grad_accum if self.layout else 0}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._start_micro_step = int(state.get("micro_step", 0))

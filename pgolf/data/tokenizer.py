@@ -1,4 +1,5 @@
-"""SentencePiece loading and training, tokenizer identity, and the byte look-up tables behind BPB.
+"""SentencePiece loading, tokenizer identity, and the byte look-up tables behind BPB (training a tokenizer
+and encoding documents are data preparation: pgolf/tools/prepare.py).
 
 BPB (SPEC §3): for a scored target `y` with previous token `x`,
 `bytes = base_bytes[y] + (has_leading_space[y] and not is_boundary[x])`, where control, unknown and unused
@@ -10,31 +11,15 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pgolf.io import atomic_write_bytes, sha256_file
+from pgolf.io import sha256_file
 
 BOS_ID = 1
-
-# SPEC §2.1: the challenge tokenizer's settings.
-CHALLENGE_SPM_SETTINGS = dict(
-    model_type="bpe",
-    pad_id=0,
-    bos_id=1,
-    eos_id=2,
-    unk_id=3,
-    split_digits=True,
-    normalization_rule_name="nmt_nfkc",
-    add_dummy_prefix=False,
-    character_coverage=0.999,
-    max_sentencepiece_length=16,
-    byte_fallback=True,
-)
 
 
 class TokenizerError(ValueError):
@@ -123,63 +108,3 @@ def bpb(loss_sum: float, token_count: float, byte_count: float) -> tuple[float, 
     """(val_loss, val_bpb) from float64 sums."""
     val_loss = loss_sum / max(token_count, 1.0)
     return val_loss, loss_sum / (math.log(2.0) * max(byte_count, 1.0))
-
-
-TOKENIZER_THREADS = 2  # recorded in the .model: fixed so that the file does not depend on the machine
-
-
-def train_tokenizer(
-    lines: Iterable[str],
-    model_prefix: str | os.PathLike,
-    vocab_size: int = 1024,
-    threads: int = TOKENIZER_THREADS,
-    **overrides,
-) -> Path:
-    """Train a SentencePiece BPE with the challenge's settings; returns the `.model` path.
-
-    The model is trained in memory and written atomically to `<model_prefix>.model`. SentencePiece
-    records its trainer settings in the file, including the output prefix when it writes the file
-    itself; training in memory leaves the prefix empty, so the same lines give a byte-identical file
-    (and tokenizer hash) whatever directory it is trained in.
-    """
-    import io
-
-    import sentencepiece as spm
-
-    settings = {**CHALLENGE_SPM_SETTINGS, **overrides}
-    path = Path(model_prefix).with_suffix(".model")
-    buf = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.Train(
-            sentence_iterator=iter(lines),
-            model_writer=buf,
-            vocab_size=vocab_size,
-            num_threads=threads,
-            input_sentence_size=2_000_000,
-            shuffle_input_sentence=True,
-            minloglevel=2,
-            **settings,
-        )
-    except RuntimeError as e:  # e.g. a vocabulary smaller than the required characters (+256 byte pieces)
-        raise TokenizerError(
-            f"SentencePiece training failed for vocab_size={vocab_size}: {str(e).split('] ')[-1]}"
-        ) from e
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def encode_documents(sp, docs: Iterable[str], batch: int = 256) -> Iterator[np.ndarray]:
-    """Each document as `[BOS] + pieces` (no EOS; SPEC §2.1), uint16."""
-    buf: list[str] = []
-
-    def flush():
-        for ids in sp.EncodeAsIds(buf):
-            yield np.asarray([BOS_ID, *ids], dtype=np.uint16)
-
-    for d in docs:
-        buf.append(d)
-        if len(buf) >= batch:
-            yield from flush()
-            buf = []
-    if buf:
-        yield from flush()

@@ -1,25 +1,23 @@
-"""Scoring the validation stream: the shared machinery of every eval mode, standard and sliding-window
-evaluation (SPEC §4.1-4.2), and the `run_mode` dispatch to score-first TTT, LoRA TTT (`pgolf/ttt.py`) and
-SLOT (`pgolf/slot.py`).
-
-Every mode returns an `EvalResult` with float64 sums reduced across ranks (loss, tokens, bytes), BPB as a
-ratio of sums, the wall time, and whether the mode is compliant with the challenge's rules (SPEC §1:
-each prediction may depend only on the prefix; adaptation only on tokens already scored). Windows are
-split contiguously across ranks and scored in fixed-shape batches (the last batch is padded with empty
-windows), so a compiled model sees one shape.
+"""The shared machinery of every eval mode: results, the per-target audit log, the context every mode is
+handed, windows and fixed-shape batches of them, and scoring.
 
 A window is `(start, length, score_from)`: inputs `val[start : start+length]`, targets shifted by one,
-scored positions `[score_from, length)`. Target index t predicts `val[t+1]` from `val[:t+1]`. Scoring
-runs the backbone once per batch (`forward_hidden`) and applies the output head only at the positions a
-batch scores (the last `stride` of each window, or all of them when a batch holds window 0).
+scored positions `[score_from, length)`. Target index t predicts `val[t+1]` from `val[:t+1]`. Windows are
+split contiguously across ranks and scored in fixed-shape batches (the last batch is padded with empty
+windows), so a compiled model sees one shape. Scoring runs the backbone once per batch (`forward_hidden`)
+and applies the output head only at the positions a batch scores (the last `stride` of each window, or
+all of them when a batch holds window 0).
+
+Sums are float64 `[loss_sum, tokens, bytes]`, reduced across ranks; BPB is a ratio of sums
+(pgolf/data/tokenizer.py). The modes themselves live one family per module (standard, sliding, ttt,
+lora_ttt, slot), registered by name in pgolf/eval/registry.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -27,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pgolf.data.stream import rank_slice
-from pgolf.data.tokenizer import ByteLUTs, bpb
+from pgolf.data.tokenizer import ByteLUTs
 
 Window = tuple[int, int, int]
 CAUSAL_REASON = "each target is scored once from its prefix only; no weights or state adapt to validation tokens"
@@ -75,6 +73,17 @@ class TargetLog:
         return {"index": idx[order], "nll": nll[order], "bytes": nb[order]}
 
 
+@dataclass(frozen=True)
+class Scored:
+    """What a mode's run function returns: this rank's float64 [loss_sum, tokens, bytes] (not reduced), the
+    number of windows scored by all ranks, and figures added to the result's settings."""
+
+    sums: torch.Tensor
+    windows: int
+    info: dict = field(default_factory=dict)
+
+
+# ---- processes, devices, the model -----------------------------------------------------------------------
 def dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -124,18 +133,6 @@ def hidden_fn(model, compile: bool = False) -> Callable[[torch.Tensor], torch.Te
     if compile:
         return torch.compile(model.forward_hidden, dynamic=False, fullgraph=True)
     return model.forward_hidden
-
-
-def take_settings(cls, s: dict, **defaults):
-    """The settings dataclass `cls` from the keys of a mode's config `s` it knows (popped from `s`, so that
-    what is left over is an unknown key), `defaults` filling the rest."""
-    kw = {}
-    for f in fields(cls):
-        if f.name in s:
-            kw[f.name] = s.pop(f.name)
-        elif f.name in defaults:
-            kw[f.name] = defaults[f.name]
-    return cls(**kw)
 
 
 # ---- batches of windows ----------------------------------------------------------------------------------
@@ -201,83 +198,9 @@ def nll_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
-def record(
-    sums: torch.Tensor,
-    luts: ByteLUTs,
-    b: Batch,
-    pos: torch.Tensor,
-    mask: torch.Tensor,
-    nll: torch.Tensor,
-    log: TargetLog | None,
-) -> None:
-    """Add the scored targets (mask) to float64 [loss_sum, tokens, bytes] and to the audit log."""
-    nb = luts.target_bytes(gather_pos(b.x, pos), gather_pos(b.y, pos))
-    sums += torch.stack((nll.detach().double()[mask].sum(), mask.sum().double(), nb[mask].sum()))
-    if log is not None:
-        log.add((b.start[:, None] + pos)[mask], nll[mask], nb[mask])
-
-
 def score_positions(b: Batch, tail: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions to run the head on: the last `tail` of every window, or all when a window scores more."""
     return b.select(tail if b.span <= tail else b.x.size(1))
-
-
-@torch.inference_mode()
-def score_windows(
-    model,
-    tokens: torch.Tensor,
-    windows: list[Window],
-    *,
-    seq_len: int,
-    batch_windows: int,
-    luts: ByteLUTs,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-    log: TargetLog | None = None,
-    tail: int | None = None,
-    hidden: Callable | None = None,
-) -> torch.Tensor:
-    """float64 [loss_sum, tokens, bytes] over these windows (not reduced). `tokens` may be on any device."""
-    model, _ = unwrap(model)
-    hidden = hidden or model.forward_hidden
-    tokens = tokens.to(device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for b in batches(tokens, windows, seq_len, batch_windows):
-        pos, mask = score_positions(b, tail or seq_len)
-        with autocast_ctx(device, autocast_dtype):
-            h = gather_pos(hidden(b.x), pos)
-            logits = model.logits_from_hidden(h)
-        record(sums, luts, b, pos, mask, nll_from_logits(logits, gather_pos(b.y, pos)), log)
-    return sums
-
-
-def finish(
-    mode: str,
-    sums: torch.Tensor,
-    seconds: float,
-    compliant: bool,
-    reason: str,
-    settings: dict,
-    windows: int = 0,
-) -> EvalResult:
-    loss_sum, n, nbytes = (float(v) for v in reduce_sums(sums).cpu())
-    val_loss, val_bpb = bpb(loss_sum, n, nbytes)
-    return EvalResult(mode, val_loss, val_bpb, int(n), nbytes, seconds, compliant, reason, settings, windows)
-
-
-def timed(device: torch.device, fn: Callable[[], EvalResult]) -> EvalResult:
-    """Run a mode; its wall time includes the cross-rank reduction. Sets windows per second."""
-    sync(device)
-    t0 = time.perf_counter()
-    res = fn()
-    sync(device)
-    res.seconds = time.perf_counter() - t0
-    res.windows_per_second = res.windows / res.seconds if res.seconds > 0 else 0.0
-    return res
-
-
-def standard_windows(total_targets: int, seq_len: int) -> list[Window]:
-    return [(k * seq_len, seq_len, 0) for k in range(total_targets // seq_len)]
 
 
 def sliding_windows(total_targets: int, seq_len: int, stride: int, reference_tail: bool = False) -> list[Window]:
@@ -288,6 +211,7 @@ def sliding_windows(total_targets: int, seq_len: int, stride: int, reference_tai
     stream's last target is scored, and the final window scores only targets no window scored before, so
     every target is scored exactly once. `reference_tail=True` reproduces the reference: a window at every
     start < total, the shorter tail windows each re-scoring the final targets (SPEC §11.8).
+    Used by sliding, score-first TTT and SLOT.
     """
     if stride <= 0 or stride > seq_len:
         raise ValueError(f"stride {stride} must be in 1..{seq_len}")
@@ -310,183 +234,75 @@ def sliding_windows(total_targets: int, seq_len: int, stride: int, reference_tai
     return out
 
 
-def run_windows(
-    mode: str,
+# ---- the context every mode is handed --------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalContext:
+    """Everything an eval mode is handed besides its own settings, the model and the validation tokens.
+
+    luts: the tokenizer's byte tables (on `device`); autocast_dtype: None or fp32 = full precision, else
+    the autocast dtype of the forward (bf16 on CUDA); compile: torch.compile the backbone forward with fixed
+    shapes (also implied by a model that comes wrapped by torch.compile); log: where per-target NLL and
+    bytes go (None = not kept); seq_len, batch_windows: the values of a mode's `seq_len` and
+    `batch_windows` settings when its config does not set them."""
+
+    luts: ByteLUTs
+    device: torch.device
+    seq_len: int
+    batch_windows: int = 32
+    autocast_dtype: torch.dtype | None = None
+    compile: bool = False
+    log: TargetLog | None = None
+
+    def autocast(self):
+        return autocast_ctx(self.device, self.autocast_dtype)
+
+    def zeros(self) -> torch.Tensor:
+        """Empty float64 [loss_sum, tokens, bytes] on the device."""
+        return torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def record(self, sums: torch.Tensor, b: Batch, pos: torch.Tensor, mask: torch.Tensor, nll: torch.Tensor) -> None:
+        """Add the scored targets (mask [B,k] over positions pos [B,k], NLL nll [B,k]) to `sums` and the log."""
+        nb = self.luts.target_bytes(gather_pos(b.x, pos), gather_pos(b.y, pos))
+        sums += torch.stack((nll.detach().double()[mask].sum(), mask.sum().double(), nb[mask].sum()))
+        if self.log is not None:
+            self.log.add((b.start[:, None] + pos)[mask], nll[mask], nb[mask])
+
+
+@torch.inference_mode()
+def score_windows(
     model,
     tokens: torch.Tensor,
     windows: list[Window],
+    ctx: EvalContext,
     *,
     seq_len: int,
     batch_windows: int,
-    luts: ByteLUTs,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-    compliant: bool,
-    reason: str,
-    settings: dict,
-    log: TargetLog | None = None,
     tail: int | None = None,
-    compile: bool = False,
-) -> EvalResult:
+    hidden: Callable | None = None,
+) -> torch.Tensor:
+    """float64 [loss_sum, tokens, bytes] over these windows (not reduced), batches of `batch_windows`
+    windows of length `seq_len`, the head run on the last `tail` positions (None: all). `tokens` may be on
+    any device; `hidden` replaces `model.forward_hidden` (a compiled one)."""
+    model, _ = unwrap(model)
+    hidden = hidden or model.forward_hidden
+    tokens = tokens.to(ctx.device)
+    sums = ctx.zeros()
+    for b in batches(tokens, windows, seq_len, batch_windows):
+        pos, mask = score_positions(b, tail or seq_len)
+        with ctx.autocast():
+            h = gather_pos(hidden(b.x), pos)
+            logits = model.logits_from_hidden(h)
+        ctx.record(sums, b, pos, mask, nll_from_logits(logits, gather_pos(b.y, pos)))
+    return sums
+
+
+def score_share(
+    model, tokens: torch.Tensor, windows: list[Window], ctx: EvalContext, *, seq_len: int, batch_windows: int, tail=None
+) -> Scored:
+    """This rank's contiguous share of `windows` scored by the frozen model (see `score_windows`)."""
     rank, world = dist_info()
     a, b = rank_slice(len(windows), rank, world)
-    model, wrapped = unwrap(model)
-    hidden = hidden_fn(model, compile or wrapped)
-
-    def run() -> EvalResult:
-        sums = score_windows(
-            model,
-            tokens,
-            windows[a:b],
-            seq_len=seq_len,
-            batch_windows=batch_windows,
-            luts=luts,
-            device=device,
-            autocast_dtype=autocast_dtype,
-            log=log,
-            tail=tail,
-            hidden=hidden,
-        )
-        return finish(mode, sums, 0.0, compliant, reason, settings, len(windows))
-
-    return timed(device, run)
-
-
-def eval_standard(
-    model, tokens, *, seq_len, batch_windows, luts, device, autocast_dtype=None, log=None, compile=False
-) -> EvalResult:
-    total = tokens.numel() - 1
-    windows = standard_windows(total, seq_len)
-    settings = {"seq_len": seq_len, "batch_windows": batch_windows}
-    return run_windows(
-        "standard",
-        model,
-        tokens,
-        windows,
-        seq_len=seq_len,
-        batch_windows=batch_windows,
-        luts=luts,
-        device=device,
-        autocast_dtype=autocast_dtype,
-        compliant=True,
-        reason=CAUSAL_REASON,
-        settings=settings,
-        log=log,
-        compile=compile,
-    )
-
-
-def eval_sliding(
-    model,
-    tokens,
-    *,
-    seq_len,
-    stride,
-    batch_windows,
-    luts,
-    device,
-    autocast_dtype=None,
-    reference_tail=False,
-    log=None,
-    compile=False,
-) -> EvalResult:
-    total = tokens.numel() - 1
-    windows = sliding_windows(total, seq_len, stride, reference_tail)
-    settings = {
-        "seq_len": seq_len,
-        "stride": stride,
-        "batch_windows": batch_windows,
-        "reference_tail": reference_tail,
-        "windows": len(windows),
-    }
-    reason = CAUSAL_REASON
-    if reference_tail:
-        reason += "; reference tail: the final targets are scored repeatedly (token count includes duplicates)"
-    return run_windows(
-        "sliding",
-        model,
-        tokens,
-        windows,
-        seq_len=seq_len,
-        batch_windows=batch_windows,
-        luts=luts,
-        device=device,
-        autocast_dtype=autocast_dtype,
-        compliant=True,
-        reason=reason,
-        settings=settings,
-        log=log,
-        tail=stride,
-        compile=compile,
-    )
-
-
-MODES = ("standard", "sliding", "ttt", "lora_ttt", "slot")
-
-
-def parse_mode(name: str, settings: dict, *, seq_len: int, batch_windows: int = 32):
-    """(kind, settings object) of a mode's config; every problem (unknown kind or key, bad value) raises here,
-    before anything runs. `mode:` names the kind (default: the config's name); the other keys are settings."""
-    # Imported here: ttt and slot build on this module's batching and scoring.
-    from pgolf.eval.slot import SlotSettings
-    from pgolf.eval.ttt import LoraSettings, TTTSettings
-
-    s = dict(settings)
-    kind = s.pop("mode", name)
-    S = int(s.pop("seq_len", None) or seq_len)
-    bw = int(s.pop("batch_windows", None) or batch_windows)
-    if kind == "standard":
-        parsed = {"seq_len": S, "batch_windows": bw}
-    elif kind == "sliding":
-        parsed = {"seq_len": S, "batch_windows": bw, "stride": int(s.pop("stride", 64))}
-        parsed["reference_tail"] = bool(s.pop("reference_tail", False))
-        if not 0 < parsed["stride"] <= S:
-            raise ValueError(f"eval mode {name}: stride {parsed['stride']} must be in 1..{S}")
-    elif kind == "ttt":
-        parsed = TTTSettings.take(s, S, bw)
-    elif kind == "lora_ttt":
-        parsed = LoraSettings.take(s, S)
-    elif kind == "slot":
-        parsed = SlotSettings.take(s, S, bw)
-    else:
-        raise ValueError(f"eval mode {name}: unknown mode {kind!r} (one of {' | '.join(MODES)})")
-    if s:
-        raise ValueError(f"eval mode {name}: unknown settings {sorted(s)}")
-    return kind, parsed
-
-
-def run_mode(
-    name: str,
-    settings: dict,
-    model,
-    tokens,
-    *,
-    luts,
-    device,
-    autocast_dtype=None,
-    batch_windows=32,
-    seq_len=None,
-    log: TargetLog | None = None,
-    compile: bool = False,
-) -> EvalResult:
-    """Run one eval mode given its config (see `parse_mode`).
-
-    `model` is a GPT (or a torch.compile wrapper of one, which implies `compile`); modes that adapt weights
-    work on a copy, so the model is unchanged afterwards."""
-    from pgolf.eval.slot import eval_slot
-    from pgolf.eval.ttt import eval_lora_ttt, eval_ttt
-
-    kind, st = parse_mode(name, settings, seq_len=seq_len, batch_windows=batch_windows)
-    common = dict(luts=luts, device=device, autocast_dtype=autocast_dtype, log=log, compile=compile)
-    if kind == "standard":
-        res = eval_standard(model, tokens, **st, **common)
-    elif kind == "sliding":
-        res = eval_sliding(model, tokens, **st, **common)
-    elif kind == "ttt":
-        res = eval_ttt(model, tokens, st, **common)
-    elif kind == "lora_ttt":
-        res = eval_lora_ttt(model, tokens, st, **common)
-    else:
-        res = eval_slot(model, tokens, st, **common)
-    res.mode = name
-    return res
+    gpt, wrapped = unwrap(model)
+    hidden = hidden_fn(gpt, ctx.compile or wrapped)
+    kw = dict(seq_len=seq_len, batch_windows=batch_windows, tail=tail, hidden=hidden)
+    return Scored(score_windows(gpt, tokens, windows[a:b], ctx, **kw), len(windows))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ import torch.distributed as dist
 
 from pgolf.data.stream import load_val_tokens
 from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
-from pgolf.eval.core import TargetLog, gather_log, parse_mode, run_mode
+from pgolf.eval.core import EvalContext, TargetLog, gather_log
+from pgolf.eval.modes import parse_mode, run_mode
 from pgolf.export.weights import load_artifact_model
 from pgolf.io import atomic_path, atomic_write_bytes
 from pgolf.runlog import log0
@@ -65,6 +67,11 @@ def evaluate_artifact(
     compile="auto",
     out_dir: Path,
 ) -> dict:
+    """Score the artifact with every mode of `modes` ({name: settings}, conf/eval/) on the validation split
+    of `data`, write eval_result.json (and audit.npz) to `out_dir` on rank 0; returns the result dict.
+
+    Every mode's settings are checked before the data is read or any mode runs (ValueError); a tokenizer
+    that is not the artifact's is refused."""
     if not modes:
         raise ValueError("no eval mode selected (eval=[standard,sliding,...])")
     device = pick_device(accelerator)
@@ -75,36 +82,14 @@ def evaluate_artifact(
     tok.check_matches(meta["tokenizer"], what=f"artifact {Path(artifact).name}")
     train_seq = int(meta.get("train", {}).get("seq_len", 0) or 0)
     S = int(seq_len or train_seq or data.get("eval_seq_len") or 1024)
-    for name, settings in modes.items():  # every mode's settings are checked before any mode runs
+    for name, settings in modes.items():
         parse_mode(name, settings, seq_len=S, batch_windows=batch_windows)
     tokens = load_val_tokens(data["val_pattern"], max(S, train_seq), tok.vocab_size)
     luts = build_byte_luts(load_tokenizer(data["tokenizer_path"]), model.cfg.vocab_size).to(device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    results, arrays = {}, {}
+    ctx = EvalContext(luts, device, S, batch_windows, autocast_dtype=autocast, compile=use_compile)
     t_all = time.perf_counter()
-    for name, settings in modes.items():
-        log = TargetLog() if audit else None
-        r = run_mode(
-            name,
-            settings,
-            model,
-            tokens,
-            luts=luts,
-            device=device,
-            autocast_dtype=autocast,
-            batch_windows=batch_windows,
-            seq_len=S,
-            log=log,
-            compile=use_compile,
-        )
-        results[name] = r.to_dict()
-        share = 100 * r.seconds / budget_seconds if budget_seconds else 0.0
-        log0(
-            f"{r.line(f'eval_{name}')} tokens:{r.tokens} windows_per_s:{r.windows_per_second:.1f} "
-            f"budget_share:{share:.1f}% compliant:{str(r.compliant).lower()}"
-        )
-        if audit:
-            arrays.update({f"{name}.{k}": v for k, v in gather_log(log).items()})
+    results, arrays = run_all(model, tokens, ctx, modes, audit, budget_seconds)
     total = time.perf_counter() - t_all
     first = next(iter(results.values()))
     out = {
@@ -118,9 +103,31 @@ def evaluate_artifact(
     }
     log0(f"eval_time_total:{total:.1f}s budget:{budget_seconds}s within_budget:{str(total <= budget_seconds).lower()}")
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_dir / "eval_result.json", (json.dumps(out, indent=2) + "\n").encode())
-        if audit:
-            with atomic_path(out_dir / "audit.npz") as tmp, open(tmp, "wb") as f:
-                np.savez_compressed(f, **arrays)
+        write_outputs(out_dir, out, arrays if audit else None)
     return out
+
+
+def run_all(model, tokens, ctx: EvalContext, modes: dict, audit: bool, budget_seconds: float) -> tuple[dict, dict]:
+    """({name: result dict}, audit arrays {"<name>.index|nll|bytes": array}) of every mode, one log line each."""
+    results, arrays = {}, {}
+    for name, settings in modes.items():
+        log = TargetLog() if audit else None
+        r = run_mode(name, settings, model, tokens, replace(ctx, log=log))
+        results[name] = r.to_dict()
+        share = 100 * r.seconds / budget_seconds if budget_seconds else 0.0
+        log0(
+            f"{r.line(f'eval_{name}')} tokens:{r.tokens} windows_per_s:{r.windows_per_second:.1f} "
+            f"budget_share:{share:.1f}% compliant:{str(r.compliant).lower()}"
+        )
+        if audit:
+            arrays.update({f"{name}.{k}": v for k, v in gather_log(log).items()})
+    return results, arrays
+
+
+def write_outputs(out_dir: Path, out: dict, arrays: dict | None) -> None:
+    """eval_result.json and, with audit arrays, audit.npz, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "eval_result.json", (json.dumps(out, indent=2) + "\n").encode())
+    if arrays is not None:
+        with atomic_path(out_dir / "audit.npz") as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)

@@ -1,6 +1,7 @@
-"""SLOT: eval-time optimisation of a per-window hidden delta (and logit bias) on the frozen model (SPEC §4.5).
+"""The SLOT eval modes: eval-time optimisation of a per-window hidden delta (and logit bias) on the frozen
+model (SPEC §4.5).
 
-One loop, three forms (each a config in conf/eval/):
+One loop, three forms, each a registered mode with its own defaults and config (conf/eval/<name>.yaml):
 * `slot_1263` (PR #1263): δ [B,1,d] and logit bias β [B,1,V], zero-initialised, AdamW (betas 0.9/0.999,
   eps 1e-8, weight decay 0.01), 16 steps, cosine lr 0.008 -> 0.0008, loss = Σ(CE ⊙ M)/ΣM over the batch's
   scored positions M, fp32. **Not compliant**: fitted on the very targets it then scores.
@@ -23,29 +24,25 @@ only at the scored positions (the loss touches no others).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from pgolf.data.stream import rank_slice
 from pgolf.eval.core import (
     Batch,
-    EvalResult,
-    TargetLog,
-    autocast_ctx,
+    EvalContext,
+    Scored,
     batches,
     dist_info,
-    finish,
     gather_pos,
     hidden_fn,
     nll_from_logits,
-    record,
     score_positions,
     sliding_windows,
-    take_settings,
-    timed,
     unwrap,
 )
+from pgolf.eval.registry import Mode, register
 
 FITS = ("scored", "all", "context")
 NON_COMPLIANT = (
@@ -90,10 +87,6 @@ class SlotSettings:
         if bad:
             raise ValueError(f"slot: {'; '.join(bad)}")
         self.logit_bias = bool(self.logit_bias)
-
-    @classmethod
-    def take(cls, s: dict, seq_len: int, batch_windows: int) -> SlotSettings:
-        return take_settings(cls, s, seq_len=seq_len, batch_windows=batch_windows)
 
     @property
     def compliant(self) -> bool:
@@ -178,40 +171,35 @@ def slot_batch(
     return nll, pos, scored
 
 
-def eval_slot(
-    model,
-    tokens: torch.Tensor,
-    st: SlotSettings,
-    *,
-    luts,
-    device,
-    autocast_dtype=None,
-    log: TargetLog | None = None,
-    compile: bool = False,
-) -> EvalResult:
-    """SLOT over the sliding windows of SPEC §4.2 (every target scored exactly once), split across ranks."""
+def slot_rule(st: SlotSettings) -> tuple[bool, str]:
+    if st.compliant:
+        return True, CAUSAL_REASON
+    return False, NON_COMPLIANT.format(bias=" and logit bias" if st.logit_bias else "")
+
+
+def run_slot(model, tokens: torch.Tensor, st: SlotSettings, ctx: EvalContext) -> Scored:
+    """SLOT over the sliding windows (`sliding_windows`: every target scored exactly once), split across ranks."""
     model, wrapped = unwrap(model)
-    hidden = hidden_fn(model, compile or wrapped)
-    total = tokens.numel() - 1
-    windows = sliding_windows(total, st.seq_len, st.stride)
+    hidden = hidden_fn(model, ctx.compile or wrapped)
+    windows = sliding_windows(tokens.numel() - 1, st.seq_len, st.stride)
     rank, world = dist_info()
     a, z = rank_slice(len(windows), rank, world)
     W = model.output_weight()
     cap = model.cfg.logit_softcap
-    if st.compliant:
-        reason = CAUSAL_REASON
-    else:
-        reason = NON_COMPLIANT.format(bias=" and logit bias" if st.logit_bias else "")
-    settings = {**asdict(st), "windows": len(windows)}
+    sums = ctx.zeros()
+    toks = tokens.to(ctx.device)
+    for b in batches(toks, windows[a:z], st.seq_len, st.batch_windows):
+        with torch.no_grad(), ctx.autocast():
+            h = hidden(b.x)
+        nll, pos, scored = slot_batch(st, h.detach(), b, W, cap)
+        ctx.record(sums, b, pos, scored, nll)
+    return Scored(sums, len(windows), {"windows": len(windows)})
 
-    def run() -> EvalResult:
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        toks = tokens.to(device)
-        for b in batches(toks, windows[a:z], st.seq_len, st.batch_windows):
-            with torch.no_grad(), autocast_ctx(device, autocast_dtype):
-                h = hidden(b.x)
-            nll, pos, scored = slot_batch(st, h.detach(), b, W, cap)
-            record(sums, luts, b, pos, scored, nll, log)
-        return finish("slot", sums, 0.0, st.compliant, reason, settings, len(windows))
 
-    return timed(device, run)
+# The three forms: one loop, one settings dataclass (whose defaults are PR #1263's), each form's own defaults.
+SLOT_1298 = {"steps": 8, "lr": 0.005, "lr_min": 0.005, "schedule": "constant", "weight_decay": 0.0}
+SLOT_1298 |= {"logit_bias": False, "fit": "all", "dtype": "hidden"}
+CAUSAL_SLOT = {"fit": "context", "normalize": "window"}
+register(Mode("slot_1263", SlotSettings, run_slot, slot_rule))
+register(Mode("slot_1298", SlotSettings, run_slot, slot_rule, SLOT_1298))
+register(Mode("causal_slot", SlotSettings, run_slot, slot_rule, CAUSAL_SLOT))

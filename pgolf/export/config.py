@@ -15,7 +15,7 @@ from pgolf.quant.gptq import GPTQSettings
 from pgolf.quant.prune import PruneConfig
 from pgolf.quant.rules import rules_from_config, uses_gptq
 
-# SPEC §8.1: the baseline int8 + zlib scheme as rules (first match wins).
+# The baseline's int8 + zlib export (openai/parameter-golf train_gpt.py) as rules (first match wins).
 BASELINE_RULES = [
     {"name": "non_float", "float": False, "store": "raw"},
     {"name": "small_control", "max_numel": 65536, "control": True, "store": "fp32"},
@@ -104,23 +104,27 @@ class ExportContext:
     autocast_dtype: torch.dtype | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExportReport:
-    path: str
+    """What an export did (`results.json`'s `export` section, read by pgolf/tools/compare.py and
+    submission.py); built by keyword. Bytes are decimal; on ranks other than 0 nothing is written, so
+    `model_bytes` is 0 and `timings` empty."""
+
+    path: str  # the artifact
     label: str
     model_bytes: int
     code_bytes: int
-    total_bytes: int
+    total_bytes: int  # model + code
     limit_bytes: int
-    size_ok: bool
+    size_ok: bool  # total_bytes <= limit_bytes
     quantize_seconds: float
-    write_seconds: float
-    pre_quant: dict | None = None
-    calibration: dict | None = None
-    prune: dict | None = None
-    codec_sizes: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
-    float_path: str | None = None
+    write_seconds: float  # compress + write
+    pre_quant: dict | None = None  # the float model's standard eval (EvalResult.to_dict())
+    calibration: dict | None = None  # the artifact's calibration record
+    prune: dict | None = None  # the pruning search's report
+    codec_sizes: dict = field(default_factory=dict)  # "codec-level" -> model bytes
+    timings: dict = field(default_factory=dict)  # stage -> seconds, in the order the stages ran
+    float_path: str | None = None  # the saved float weights, if any
 
     def to_dict(self) -> dict:
         return asdict(self)

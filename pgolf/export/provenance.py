@@ -6,13 +6,17 @@ import os
 import platform
 import subprocess
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
+from pgolf.export.code import project_root
+
 
 def git_provenance(root: Path | None = None) -> dict:
-    root = root or Path(__file__).resolve().parents[2]
+    """{"git_sha": HEAD or "unknown", "git_dirty": tracked files modified (None when git cannot tell)}."""
+    root = root or project_root()
 
     def git(*args):
         try:
@@ -27,14 +31,13 @@ def git_provenance(root: Path | None = None) -> dict:
 
 
 def provenance() -> dict:
-    import lightning
-
+    """git SHA and dirty flag, Python, torch and Lightning versions, the device and the local date."""
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     return {
         **git_provenance(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "lightning": lightning.__version__,
+        "lightning": version("lightning"),  # from the installed metadata: importing Lightning takes seconds
         "device": dev,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

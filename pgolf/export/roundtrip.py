@@ -5,66 +5,36 @@ from __future__ import annotations
 
 import torch
 
-from pgolf.eval.core import EvalResult, run_mode
+from pgolf.eval.core import EvalContext
+from pgolf.eval.modes import run_mode
 from pgolf.export.config import ExportReport
 from pgolf.export.weights import load_artifact_model
 from pgolf.runlog import log0
 
 
-def evaluate_modes(
-    model, *, tokens, luts, device, autocast_dtype, modes, seq_len, batch_windows, stride=64, reference_tail=False
-) -> dict[str, EvalResult]:
-    """The final evaluations after training: `standard` and/or `sliding` with the run's settings."""
-    out = {}
-    for mode in modes:
-        settings = {"mode": mode, **({"stride": stride, "reference_tail": reference_tail} if mode == "sliding" else {})}
-        out[mode] = run_mode(
-            mode,
-            settings,
-            model,
-            tokens,
-            luts=luts,
-            device=device,
-            autocast_dtype=autocast_dtype,
-            batch_windows=batch_windows,
-            seq_len=seq_len,
-        )
-    return out
+def final_eval_modes(names, stride: int = 64, reference_tail: bool = False) -> dict[str, dict]:
+    """The end-of-training evaluations (`final_eval` of conf/train.yaml) as {name: settings}: `sliding`
+    takes the run's `stride` and `reference_tail`, every other mode its registered defaults (the values of
+    conf/eval/<name>.yaml)."""
+    return {n: {"stride": stride, "reference_tail": reference_tail} if n == "sliding" else {} for n in names}
 
 
-def roundtrip_evaluate(
-    report: ExportReport,
-    *,
-    device,
-    autocast_dtype,
-    tokens,
-    luts,
-    modes=("standard",),
-    seq_len,
-    batch_windows,
-    stride=64,
-    reference_tail=False,
-    compile_model=False,
-) -> dict:
-    """Re-read the artifact from disk, evaluate it, print the round-trip lines; returns a results dict."""
-    model, meta = load_artifact_model(report.path, device)
-    fwd = torch.compile(model, dynamic=False, fullgraph=True) if compile_model else model
-    res = evaluate_modes(
-        fwd,
-        tokens=tokens,
-        luts=luts,
-        device=device,
-        autocast_dtype=autocast_dtype,
-        modes=modes,
-        seq_len=seq_len,
-        batch_windows=batch_windows,
-        stride=stride,
-        reference_tail=reference_tail,
+def log_key(label: str, mode: str) -> str:
+    """The reference's names: `final_<label>_roundtrip` (standard), `final_<label>_sliding_window`."""
+    return {"standard": f"final_{label}_roundtrip", "sliding": f"final_{label}_sliding_window"}.get(
+        mode, f"final_{label}_{mode}"
     )
-    label = report.label
+
+
+def roundtrip_evaluate(report: ExportReport, tokens: torch.Tensor, ctx: EvalContext, modes: dict[str, dict]) -> dict:
+    """Re-read the artifact from disk onto `ctx.device`, score `tokens` with every mode of `modes`
+    ({name: settings}, see `final_eval_modes`), print the round-trip lines; returns
+    {"roundtrip": {mode: result dict}, "size_ok", "total_bytes"}."""
+    model, _ = load_artifact_model(report.path, ctx.device)
+    res = {name: run_mode(name, settings, model, tokens, ctx) for name, settings in modes.items()}
     for mode, r in res.items():
-        key = f"final_{label}_roundtrip" if mode == "standard" else f"final_{label}_sliding_window"
-        extra = f" stride:{stride}" if mode == "sliding" else ""
+        key = log_key(report.label, mode)
+        extra = f" stride:{r.settings['stride']}" if mode == "sliding" else ""
         log0(f"{key} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{1000 * r.seconds:.0f}ms")
         log0(f"{key}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
     if not report.size_ok:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from pgolf.model.gpt import GPT, GPTConfig
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import ArtifactError, read_artifact, write_artifact
 from pgolf.quant.rules import QuantEntry, dequantize_state
 
@@ -22,7 +23,12 @@ def save_float_weights(path: str | Path, state: dict[str, torch.Tensor], meta: d
     """Every tensor stored raw (lossless) in the artifact container with the model config and tokenizer
     identity; zstd level 3, fast. Not a submission artifact: it only feeds `python -m pgolf.tools.reexport`."""
     entries = {
-        k: QuantEntry("raw", tuple(t.shape), str(t.dtype).removeprefix("torch."), data=t.detach().cpu().contiguous())
+        k: QuantEntry(
+            kind="raw",
+            shape=tuple(t.shape),
+            orig_dtype=str(t.dtype).removeprefix("torch."),
+            data=t.detach().cpu().contiguous(),
+        )
         for k, t in state.items()
     }
     write_artifact(path, entries, {**meta, "kind": FLOAT_KIND}, "zstd", 3)

@@ -1,6 +1,6 @@
 """Parameter roles by name: which tensors are embeddings, auxiliary projections and control tensors.
 
-One table that the optimizer partition (pgolf/optim/muon.py) and the quantization rules (pgolf/quant/rules.py)
+One table that the optimizer partition (pgolf/optim/groups.py) and the quantization rules (pgolf/quant/rules.py)
 both read, so an optimizer group and an export rule never disagree about what a tensor is.
 """
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zstandard
 
 from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.io import atomic_write_bytes
@@ -52,15 +53,7 @@ class ArtifactError(ValueError):
     """An artifact is unreadable, corrupt, tampered with, oversized, or was asked of a missing codec."""
 
 
-# ---- compressors ---------------------------------------------------------------------------------
-def _zstd():
-    try:
-        import zstandard
-    except ImportError as e:  # never fall back silently to another codec
-        raise ArtifactError("codec zstd requested but the 'zstandard' package is not installed") from e
-    return zstandard
-
-
+# ---- compressors (zstandard is a dependency of the package, imported with the module) ----------------
 def compress(data: bytes, codec: str, level: int | None = None) -> bytes:
     if codec not in CODECS:
         raise ArtifactError(f"unknown codec {codec!r}; choose one of {sorted(CODECS)}")
@@ -68,7 +61,7 @@ def compress(data: bytes, codec: str, level: int | None = None) -> bytes:
     if codec == "zlib":
         return zlib.compress(data, level)
     if codec == "zstd":
-        return _zstd().ZstdCompressor(level=level).compress(data)
+        return zstandard.ZstdCompressor(level=level).compress(data)
     return lzma.compress(data, format=lzma.FORMAT_XZ, preset=level)
 
 
@@ -79,7 +72,7 @@ def decompress(data: bytes, codec: str, expected_len: int) -> bytes:
             d = zlib.decompressobj()
             out = d.decompress(data, expected_len + 1)
         elif codec == "zstd":
-            reader = _zstd().ZstdDecompressor().stream_reader(data)
+            reader = zstandard.ZstdDecompressor().stream_reader(data)
             out = reader.read(expected_len + 1)
         elif codec == "lzma":
             d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pgolf.quant.numerics import quant_scale_rows
+from pgolf.quant.numerics import GPTQ_LITE_CLIPS, fp16_scale_rows, qmax_for, round_codes
 
 
 @dataclass
@@ -48,7 +48,7 @@ class GPTQSettings:
 
 def candidate_scales(w: torch.Tensor, bits: int, clips: Sequence[float], floor: bool = True) -> torch.Tensor:
     """fp16-rounded row scales [len(clips), rows] for each clip level (quantile of |w| per row; 1.0 = max)."""
-    return torch.stack([quant_scale_rows(w, bits, float(c), floor).view(-1).half().float() for c in clips])
+    return torch.stack([fp16_scale_rows(w, bits, float(c), floor).view(-1) for c in clips])
 
 
 def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ def _gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, qmax: i
         d = torch.diagonal(U1)
         for i in range(i2 - i1):
             w = W1[:, i]
-            q = torch.clamp(torch.round(w / scale), -qmax, qmax)
+            q = round_codes(w, scale, qmax)
             Q[:, i1 + i] = q
             err = (w - q * scale) / d[i]
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # W1[:, j] -= err * U1[i, j] for j >= i
@@ -118,7 +118,7 @@ def gptq_quantize(
     w: torch.Tensor,
     H: torch.Tensor,
     bits: int = 6,
-    clips: Sequence[float] = (0.999, 0.9995, 0.9999, 0.99999, 1.0),
+    clips: Sequence[float] = GPTQ_LITE_CLIPS,
     *,
     block_size: int = 128,
     damp: float = 0.01,
@@ -130,7 +130,7 @@ def gptq_quantize(
     """GPTQ of one matrix: (q int8 [rows, cols], scale fp16 [rows], info)."""
     if w.ndim != 2 or H.shape != (w.size(1), w.size(1)):
         raise ValueError(f"gptq needs W [rows, cols] and H [cols, cols]; got {tuple(w.shape)} and {tuple(H.shape)}")
-    qmax = 2 ** (bits - 1) - 1
+    qmax = qmax_for(bits)
     rows = w.size(0)
     # runs where the Hessian lives (the GPU during a training-end export)
     Wp, Hp, perm, n_dead = prepare_hessian(w.to(H.device, dtype), H.to(dtype), damp, act_order)
@@ -174,6 +174,57 @@ def linear_names(model: nn.Module) -> dict[nn.Module, str]:
     return {m: f"{names[m]}.weight" for m in model.quantized_linears()}
 
 
+@contextlib.contextmanager
+def xtx_hooks(targets: dict[nn.Module, str], H: dict[str, torch.Tensor]) -> Iterator[Callable[[], None]]:
+    """Forward hooks that add each target linear's input `XᵀX` (fp32) into `H[its weight name]` while the
+    block runs; yields `forget`, to call after each batch (drops the cached `XᵀX`). c_q/c_k/c_v read the
+    same tensor, so its `XᵀX` is computed once and added to all three."""
+    last: dict = {"x": None, "xtx": None}
+
+    def hook(mod, args, out):
+        x = args[0]
+        if x is not last["x"]:
+            x2 = x.detach().reshape(-1, x.size(-1)).float()
+            last["x"], last["xtx"] = x, x2.T @ x2
+        H[targets[mod]] += last["xtx"]
+
+    def forget() -> None:
+        last["x"] = last["xtx"] = None
+
+    handles = [m.register_forward_hook(hook) for m in targets]
+    try:
+        yield forget
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward_sequences(
+    model: nn.Module,
+    seqs: torch.Tensor,
+    batch: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    after_batch: Callable[[], None],
+) -> tuple[int, int]:
+    """`model.forward_hidden` over token ids [N, T], `batch` rows at a time, in eval mode (restored after);
+    returns (sequences, tokens) seen."""
+    was_training = model.training
+    model.eval()
+    n_seq = n_tok = 0
+    try:
+        for i in range(0, seqs.size(0), batch):
+            xb = seqs[i : i + batch].to(device)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                model.forward_hidden(xb)
+            n_seq += xb.size(0)
+            n_tok += xb.numel()
+            after_batch()
+    finally:
+        model.train(was_training)
+    return n_seq, n_tok
+
+
 @torch.no_grad()
 def collect_hessians(
     model: nn.Module,
@@ -185,50 +236,25 @@ def collect_hessians(
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """`Σ XᵀX` (fp32) of the input of every quantized linear over `sequences` [N, T] (token ids), divided
-    by the number of sequences, plus `damp·mean(diag)·I` (the reference adds 0.01 here, SPEC §8.4).
-    Returns ({weight name: H on the model's device}, info)."""
+    by the number of sequences, plus `damp·mean(diag)·I` (the PR #1019 record adds 0.01 here). Returns
+    ({weight name: H [in, in] on the model's device}, info); raises ValueError with no sequences."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     targets = linear_names(model)
     H = {
         name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=device)
         for m, name in targets.items()
     }
-    last: dict = {"x": None, "xtx": None}
-
-    def hook(mod, args, out):
-        x = args[0]
-        if x is not last["x"]:  # c_q/c_k/c_v see the same tensor: one XᵀX for the three
-            x2 = x.detach().reshape(-1, x.size(-1)).float()
-            last["x"], last["xtx"] = x, x2.T @ x2
-        H[targets[mod]] += last["xtx"]
-
-    handles = [m.register_forward_hook(hook) for m in targets]
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    n_seq = n_tok = 0
-    try:
-        seqs = sequences if isinstance(sequences, torch.Tensor) else torch.cat(list(sequences))
-        for i in range(0, seqs.size(0), batch):
-            xb = seqs[i : i + batch].to(device)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                model.forward_hidden(xb)
-            n_seq += xb.size(0)
-            n_tok += xb.numel()
-            last["x"] = last["xtx"] = None
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    seqs = sequences if isinstance(sequences, torch.Tensor) else torch.cat(list(sequences))
+    with xtx_hooks(targets, H) as forget:
+        n_seq, n_tok = _forward_sequences(model, seqs, batch, device, autocast_dtype, after_batch=forget)
     if n_seq == 0:
         raise ValueError("no calibration sequences to collect Hessians from")
-    out = {}
-    for name, h in H.items():
+    for h in H.values():
         h /= n_seq
         if damp > 0:
             h += damp * torch.mean(torch.diag(h)) * torch.eye(h.size(0), device=h.device)
-        out[name] = h
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    info = {"layers": len(out), "sequences": n_seq, "tokens": n_tok, "seconds": round(time.perf_counter() - t0, 3)}
-    return out, info
+    info = {"layers": len(H), "sequences": n_seq, "tokens": n_tok, "seconds": round(time.perf_counter() - t0, 3)}
+    return H, info

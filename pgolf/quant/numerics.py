@@ -1,30 +1,54 @@
-"""Row-wise symmetric integer quantization numerics shared by the model's fake quantization (QAT) and the
-exporter, so that what training simulates is exactly what the export stores.
+"""Row-wise symmetric integer quantization numerics shared by the model's fake quantization (QAT), the
+round-to-nearest and GPTQ quantizers and the exporter, so that what training simulates is exactly what the
+export stores.
 
-A row's scale is clip/qmax with qmax = 2^(bits-1) - 1 and clip the row's max |w| (or a quantile of |w|),
-floored at 1/qmax like the baseline's int8 export and the records' int6 export
-(records/track_10min_16mb/2026-03-19_smeargate_orthoinit_muonwd, PR #549); the scale is stored as fp16, so
-the simulated value uses the fp16-rounded scale.
+Codes are `clamp(round(w/s), -qmax, qmax)` with qmax = 2^(bits-1) - 1. A row's scale is clip/qmax with clip
+the row's max |w| (or a quantile of |w|), floored at 1/qmax like the baseline's int8 export and the records'
+int6 export (records/track_10min_16mb/2026-03-19_smeargate_orthoinit_muonwd, PR #549); the row scale is
+stored as fp16, so the simulated value uses the fp16-rounded scale.
 """
 
 from __future__ import annotations
 
 import torch
 
+# GPTQ-lite's clip levels (PR #414): quantiles of |w| per row, 1.0 = the row's max.
+GPTQ_LITE_CLIPS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+
+
+def qmax_for(bits: int) -> int:
+    """The largest code of symmetric intN: 2^(bits-1) - 1 (31 for int6, 127 for int8)."""
+    return 2 ** (bits - 1) - 1
+
+
+def scale_from_clip(clip: torch.Tensor, bits: int, floor: bool = True) -> torch.Tensor:
+    """clip/qmax (any shape), floored at 1/qmax like the reference (`floor`), else at 1e-12."""
+    qmax = qmax_for(bits)
+    return (clip / qmax).clamp_min(1.0 / qmax if floor else 1e-12)
+
 
 def quant_scale_rows(w: torch.Tensor, bits: int, clip_quantile: float = 1.0, floor: bool = True) -> torch.Tensor:
-    """Per-row scale [rows, 1] of symmetric intN quantization: clip/(2^(bits-1)-1), floored like the reference."""
-    qmax = 2 ** (bits - 1) - 1
+    """Per-row fp32 scale [rows, 1] of symmetric intN quantization of w [rows, cols]: clip/(2^(bits-1)-1)
+    with clip the row's max |w| (`clip_quantile` 1.0) or that quantile of |w|, floored like the reference."""
     a = w.detach().float().abs()
     clip = (
         a.amax(dim=1, keepdim=True) if clip_quantile >= 1.0 else torch.quantile(a, clip_quantile, dim=1, keepdim=True)
     )
-    s = clip / qmax
-    return s.clamp_min(1.0 / qmax) if floor else s.clamp_min(1e-12)
+    return scale_from_clip(clip, bits, floor)
+
+
+def fp16_scale_rows(w: torch.Tensor, bits: int, clip_quantile: float = 1.0, floor: bool = True) -> torch.Tensor:
+    """The row scale [rows, 1] as the artifact stores it: `quant_scale_rows` rounded to fp16, as fp32."""
+    return quant_scale_rows(w, bits, clip_quantile, floor).half().float()
+
+
+def round_codes(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Integer codes `clamp(round(x/scale), -qmax, qmax)` in x's float dtype (scale broadcasts against x)."""
+    return torch.clamp(torch.round(x / scale), -qmax, qmax)
 
 
 def fake_quant_rows(w: torch.Tensor, bits: int, clip_quantile: float = 1.0, floor: bool = True) -> torch.Tensor:
-    """Quantize-dequantize a matrix row-wise exactly as the int export does (fp16 scale, range ±qmax)."""
-    qmax = 2 ** (bits - 1) - 1
-    s = quant_scale_rows(w, bits, clip_quantile, floor).half().float()
-    return (torch.clamp(torch.round(w.float() / s), -qmax, qmax) * s).to(w.dtype)
+    """Quantize-dequantize a matrix [rows, cols] row-wise exactly as the int export does (fp16 scale, range
+    ±qmax); returns w's shape and dtype."""
+    s = fp16_scale_rows(w, bits, clip_quantile, floor)
+    return (round_codes(w.float(), s, qmax_for(bits)) * s).to(w.dtype)

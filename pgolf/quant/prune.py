@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -68,10 +68,10 @@ def prune_candidates(entries: dict[str, QuantEntry], bits: list[int]) -> Candida
         names.append(name)
     if not names:
         z = torch.zeros(0, dtype=torch.long)
-        return Candidates([], z, z, torch.zeros(0))
+        return Candidates(names=[], tensor=z, flat=z, cost=torch.zeros(0))
     cost_all = torch.cat(cost)
     order = torch.sort(cost_all, stable=True).indices
-    return Candidates(names, torch.cat(tid)[order], torch.cat(flat)[order], cost_all[order])
+    return Candidates(names=names, tensor=torch.cat(tid)[order], flat=torch.cat(flat)[order], cost=cost_all[order])
 
 
 def zero_cheapest(entries: dict[str, QuantEntry], cands: Candidates, n: int) -> dict[str, QuantEntry]:
@@ -87,7 +87,7 @@ def zero_cheapest(entries: dict[str, QuantEntry], cands: Candidates, n: int) -> 
         e = entries[name]
         q = e.q.clone()
         q.view(-1)[sel] = 0
-        out[name] = QuantEntry(e.kind, e.shape, e.orig_dtype, q=q, scale=e.scale, bits=e.bits, info=e.info)
+        out[name] = replace(e, q=q)
     return out
 
 

@@ -6,7 +6,7 @@ stored. Conditions: `pattern` (regex searched in the name), `float` (is floating
 `fp32` (restored to the original dtype on load), or `int` with `bits` (2..8), `granularity` (`row` or
 `tensor`), `clip` (a per-row quantile such as 0.9999984, `max`, `search` = GPTQ-lite's one clip level per
 matrix, or `search_rows` = the best level for each row; the levels are `clips`) and `method` (`rtn`
-round-to-nearest, or `gptq` = full-Hessian GPTQ with the same clip choice, SPEC §8.4, `pgolf/gptq.py`).
+round-to-nearest, or `gptq` = full-Hessian GPTQ with the same clip choice, SPEC §8.4, `pgolf/quant/gptq.py`).
 
 Integer storage is symmetric: `q = clamp(round(w/s), -qmax, qmax)` with `qmax = 2^(bits-1)-1`, an fp16
 scale per row (or one fp32 scale per tensor), floored at `1/qmax` like the reference unless
@@ -24,12 +24,11 @@ import torch
 
 from pgolf.model.roles import is_control
 from pgolf.quant.gptq import GPTQSettings, gptq_quantize
-from pgolf.quant.numerics import quant_scale_rows
+from pgolf.quant.numerics import GPTQ_LITE_CLIPS, fp16_scale_rows, qmax_for, round_codes, scale_from_clip
 
 STORES = ("raw", "fp16", "fp32", "int")
 METHODS = ("rtn", "gptq")
 CLIP_MODES = ("max", "search", "search_rows")
-GPTQ_LITE_CLIPS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # PR #414 (SPEC §8.3)
 
 
 @dataclass
@@ -112,25 +111,23 @@ def quantize_rows(
     """Round-to-nearest per-row: (q int8 [rows, cols], scale fp16 [rows]). With `clip_values` the weights
     are first clipped to ±(the row's clip quantile), as the reference's int8 path does (SPEC §8.1); this
     only differs from the plain clamp when the scale floor binds."""
-    qmax = 2 ** (bits - 1) - 1
     w = w.float()
-    s = quant_scale_rows(w, bits, clip, floor).half()
+    s = fp16_scale_rows(w, bits, clip, floor)  # [rows, 1]
     if clip_values and clip < 1.0:
         c = torch.quantile(w.abs(), clip, dim=1, keepdim=True)
         w = torch.maximum(torch.minimum(w, c), -c)
-    q = torch.clamp(torch.round(w / s.float()), -qmax, qmax).to(torch.int8)
-    return q, s.view(-1)
+    q = round_codes(w, s, qmax_for(bits)).to(torch.int8)
+    return q, s.half().view(-1)
 
 
 def quantize_tensor(
     w: torch.Tensor, bits: int, clip: float = 1.0, floor: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One fp32 scale for the whole tensor (any shape)."""
-    qmax = 2 ** (bits - 1) - 1
     a = w.detach().float().abs().flatten()
     c = a.max() if clip >= 1.0 else torch.quantile(a[: 1 << 24], clip)
-    s = (c / qmax).clamp_min(1.0 / qmax if floor else 1e-12)
-    q = torch.clamp(torch.round(w.float() / s), -qmax, qmax).to(torch.int8)
+    s = scale_from_clip(c, bits, floor)
+    q = round_codes(w.float(), s, qmax_for(bits)).to(torch.int8)
     return q, s.reshape(1).float()
 
 
@@ -185,12 +182,14 @@ def _dtype_name(dt: torch.dtype) -> str:
 def quantize_tensor_by_rule(
     name: str, t: torch.Tensor, rule: QuantRule, hessian: torch.Tensor | None = None, gptq: GPTQSettings | None = None
 ) -> QuantEntry:
+    """One tensor stored by `rule`; a `method: gptq` rule uses `hessian` [cols, cols] when given."""
     t = t.detach().cpu()
     shape, orig = tuple(t.shape), _dtype_name(t.dtype)
     if rule.store == "raw":
-        return QuantEntry("raw", shape, orig, data=t.contiguous())
+        return QuantEntry(kind="raw", shape=shape, orig_dtype=orig, data=t.contiguous())
     if rule.store in ("fp16", "fp32"):
-        return QuantEntry(rule.store, shape, orig, data=t.to(torch.float16 if rule.store == "fp16" else torch.float32))
+        data = t.to(torch.float16 if rule.store == "fp16" else torch.float32)
+        return QuantEntry(kind=rule.store, shape=shape, orig_dtype=orig, data=data)
     bits, floor = int(rule.bits), bool(rule.scale_floor)
     info: dict = {"method": "rtn", "clip": rule.clip, "rule": rule.name}
     per_row = rule.clip == "search_rows"
@@ -218,7 +217,9 @@ def quantize_tensor_by_rule(
         info["clip"] = "per_row" if per_row else chosen
     else:
         q, s = quantize_rows(t, bits, rule.clip_levels[0], floor, clip_values=True)
-    return QuantEntry("int", shape, orig, q=q.contiguous(), scale=s.contiguous(), bits=bits, info=info)
+    return QuantEntry(
+        kind="int", shape=shape, orig_dtype=orig, q=q.contiguous(), scale=s.contiguous(), bits=bits, info=info
+    )
 
 
 def quantize_state(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgolf.data.stream import list_shards, open_shard, write_shard
+from pgolf.data.shards import list_shards, open_shard, write_shard
 
 
 def load_audit(path: str | Path) -> dict[str, dict[str, np.ndarray]]:

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.data.stream import list_shards, load_val_tokens, open_shard
+from pgolf.data.shards import list_shards, open_shard
+from pgolf.data.stream import load_val_tokens
 from pgolf.data.tokenizer import build_byte_luts, load_tokenizer
 
 

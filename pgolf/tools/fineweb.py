@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pgolf.data.stream import ShardError, read_shard_header
+from pgolf.data.shards import ShardError, read_shard_header
 from pgolf.io import atomic_path
 
 REPO_ID = "willdepueoai/parameter-golf"

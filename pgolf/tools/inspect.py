@@ -18,6 +18,7 @@ from pgolf.quant.artifact import PREFIX, ArtifactError, SizeReport, codec_sizes,
 
 # ---- inspect -------------------------------------------------------------------------------------
 def _describe_meta(meta: dict) -> list[str]:
+    """The metadata's lines: kind, model config, tokenizer, provenance, training, calibration, quantization."""
     lines = []
     if "kind" in meta:
         lines.append(f"kind: {meta['kind']}")
@@ -28,38 +29,11 @@ def _describe_meta(meta: dict) -> list[str]:
         lines.append(f"tokenizer: {tok.get('name')} vocab_size:{tok.get('vocab_size')} sha256:{tok.get('sha256', '?')}")
     else:
         lines.append("tokenizer: (not recorded)")
-    prov = meta.get("provenance")
-    if prov:
-        dirty = {True: " (dirty)", False: "", None: ""}.get(prov.get("git_dirty"), "")
-        lines.append(
-            f"provenance: git {prov.get('git_sha', '?')}{dirty} torch {prov.get('torch', '?')} "
-            f"lightning {prov.get('lightning', '?')} python {prov.get('python', '?')} device {prov.get('device', '?')} "
-            f"date {prov.get('date', '?')}"
-        )
-    else:
-        lines.append("provenance: (not recorded)")
-    rx = meta.get("reexport")
-    if rx:
-        rp = rx.get("provenance", {})
-        lines.append(
-            f"re-exported: from {rx.get('weights')} with git {rp.get('git_sha', '?')} on {rp.get('device', '?')} "
-            f"date {rp.get('date', '?')}"
-        )
+    lines += _provenance_lines(meta)
     for key in ("experiment", "seed", "training"):
         if key in meta:
             lines.append(f"{key}: {json.dumps(meta[key], sort_keys=True)}")
-    cal = meta.get("calibration")
-    if cal:
-        extra = " ".join(
-            f"{k}:{cal[k]}"
-            for k in ("count", "length", "temperature", "seed", "seconds", "inside_training_budget")
-            if k in cal
-        )
-        lines.append(f"calibration: source:{cal.get('source')} {extra} compliant:{cal.get('compliant')}".rstrip())
-        if cal.get("reason"):
-            lines.append(f"calibration reason: {cal['reason']}")
-    else:
-        lines.append("calibration: (not recorded)")
+    lines += _calibration_lines(meta.get("calibration"))
     q = meta.get("quant")
     if q:
         rules = ", ".join(r.get("name") or str(r.get("pattern")) for r in q.get("rules", []))
@@ -68,6 +42,38 @@ def _describe_meta(meta: dict) -> list[str]:
             lines.append(f"gptq: {json.dumps(q['gptq'], sort_keys=True)}")
     if meta.get("prune"):
         lines.append(f"prune: {json.dumps(meta['prune'], sort_keys=True)}")
+    return lines
+
+
+def _provenance_lines(meta: dict) -> list[str]:
+    prov = meta.get("provenance")
+    if not prov:
+        lines = ["provenance: (not recorded)"]
+    else:
+        dirty = {True: " (dirty)", False: "", None: ""}.get(prov.get("git_dirty"), "")
+        lines = [
+            f"provenance: git {prov.get('git_sha', '?')}{dirty} torch {prov.get('torch', '?')} "
+            f"lightning {prov.get('lightning', '?')} python {prov.get('python', '?')} device {prov.get('device', '?')} "
+            f"date {prov.get('date', '?')}"
+        ]
+    rx = meta.get("reexport")
+    if rx:
+        rp = rx.get("provenance", {})
+        lines.append(
+            f"re-exported: from {rx.get('weights')} with git {rp.get('git_sha', '?')} on {rp.get('device', '?')} "
+            f"date {rp.get('date', '?')}"
+        )
+    return lines
+
+
+def _calibration_lines(cal: dict | None) -> list[str]:
+    if not cal:
+        return ["calibration: (not recorded)"]
+    keys = ("count", "length", "temperature", "seed", "seconds", "inside_training_budget")
+    extra = " ".join(f"{k}:{cal[k]}" for k in keys if k in cal)
+    lines = [f"calibration: source:{cal.get('source')} {extra} compliant:{cal.get('compliant')}".rstrip()]
+    if cal.get("reason"):
+        lines.append(f"calibration reason: {cal['reason']}")
     return lines
 
 
@@ -101,11 +107,11 @@ def inspect(path: str | Path, codecs: bool = False) -> str:
     )
     lines.append("* compressed alone; the whole payload compresses jointly, so the column sums differ from the file")
     n_code = int(meta.get("code_bytes", code_bytes()))
-    rep = SizeReport(len(data), n_code)
+    rep = SizeReport(model_bytes=len(data), code_bytes=n_code)
     lines += rep.lines()
     if codecs:
         for key, n in codec_sizes(raw, ["zlib", "zstd", "lzma"]).items():
-            r = SizeReport(n, n_code)
+            r = SizeReport(model_bytes=n, code_bytes=n_code)
             lines.append(f"codec {key}: model {n} bytes, total {r.total} bytes, margin {r.margin}")
     return "\n".join(lines)
 

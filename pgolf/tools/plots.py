@@ -17,6 +17,8 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 
 
 def _plt():
+    # matplotlib is a heavy optional dependency (the `analysis` extra): imported when a plot is drawn, so that
+    # `compare --no-plots` and importing this module work without it.
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -87,7 +89,7 @@ def plot_curves(rep, path: str | Path) -> Path:
         ax.set_ylabel("val_bpb")
         # every final marker, and the validation curve without its first (highest) points
         _robust_ylim(ax, final_vals + sorted(val_vals)[: max(1, int(0.75 * len(val_vals)))], pad=0.1, top=1.0)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # deferred with matplotlib itself (see _plt)
 
     for ax in axes[:, 0]:
         ax.set_xlabel("step")

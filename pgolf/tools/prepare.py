@@ -13,7 +13,9 @@ directory is never touched (it is refused unless `--overwrite`).
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import random
 import shutil
 import sys
@@ -22,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pgolf.data.stream import SHARD_TOKENS, write_shard
-from pgolf.data.tokenizer import TokenizerInfo, encode_documents, load_tokenizer, train_tokenizer
-from pgolf.io import atomic_dir, sha256_file
+from pgolf.data.shards import SHARD_TOKENS, write_shard
+from pgolf.data.tokenizer import BOS_ID, TokenizerError, TokenizerInfo, load_tokenizer
+from pgolf.io import atomic_dir, atomic_write_bytes, sha256_file
 
 
 def read_documents(paths: Iterable[str | Path], text_field: str = "text", txt_lines: bool = False) -> Iterator[str]:
@@ -68,6 +70,81 @@ def split_documents(
     val = sorted(idx[:n_val])
     val_set = set(val)
     return [docs[i] for i in range(len(docs)) if i not in val_set], [docs[i] for i in val]
+
+
+# ---- tokenizer training and encoding ------------------------------------------------------------------
+# SPEC §2.1: the challenge tokenizer's settings.
+CHALLENGE_SPM_SETTINGS = dict(
+    model_type="bpe",
+    pad_id=0,
+    bos_id=1,
+    eos_id=2,
+    unk_id=3,
+    split_digits=True,
+    normalization_rule_name="nmt_nfkc",
+    add_dummy_prefix=False,
+    character_coverage=0.999,
+    max_sentencepiece_length=16,
+    byte_fallback=True,
+)
+
+TOKENIZER_THREADS = 2  # recorded in the .model: fixed so that the file does not depend on the machine
+
+
+def train_tokenizer(
+    lines: Iterable[str],
+    model_prefix: str | os.PathLike,
+    vocab_size: int = 1024,
+    threads: int = TOKENIZER_THREADS,
+    **overrides,
+) -> Path:
+    """Train a SentencePiece BPE with the challenge's settings; returns the `.model` path.
+
+    The model is trained in memory and written atomically to `<model_prefix>.model`. SentencePiece
+    records its trainer settings in the file, including the output prefix when it writes the file
+    itself; training in memory leaves the prefix empty, so the same lines give a byte-identical file
+    (and tokenizer hash) whatever directory it is trained in. Raises TokenizerError when SentencePiece
+    cannot train (e.g. a vocabulary smaller than the characters plus the 256 byte pieces).
+    """
+    import sentencepiece as spm
+
+    settings = {**CHALLENGE_SPM_SETTINGS, **overrides}
+    path = Path(model_prefix).with_suffix(".model")
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=iter(lines),
+            model_writer=buf,
+            vocab_size=vocab_size,
+            num_threads=threads,
+            input_sentence_size=2_000_000,
+            shuffle_input_sentence=True,
+            minloglevel=2,
+            **settings,
+        )
+    except RuntimeError as e:  # e.g. a vocabulary smaller than the required characters (+256 byte pieces)
+        raise TokenizerError(
+            f"SentencePiece training failed for vocab_size={vocab_size}: {str(e).split('] ')[-1]}"
+        ) from e
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def encode_documents(sp, docs: Iterable[str], batch: int = 256) -> Iterator[np.ndarray]:
+    """Each document as `[BOS] + pieces` (no EOS; SPEC §2.1), uint16."""
+    buf: list[str] = []
+
+    def flush():
+        for ids in sp.EncodeAsIds(buf):
+            yield np.asarray([BOS_ID, *ids], dtype=np.uint16)
+
+    for d in docs:
+        buf.append(d)
+        if len(buf) >= batch:
+            yield from flush()
+            buf = []
+    if buf:
+        yield from flush()
 
 
 def write_split(sp, docs: list[str], out: Path, prefix: str, shard_tokens: int) -> dict:

@@ -16,16 +16,22 @@ eval.*, out_dir=...). Nothing existing is overwritten unless `overwrite=true`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
 
-from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, list_shards, load_val_tokens
+from pgolf.data.shards import list_shards
+from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, load_val_tokens
 from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
+from pgolf.eval.core import EvalContext
 from pgolf.export.code import project_root
-from pgolf.export.config import ExportConfig, ExportContext
+from pgolf.export.config import ExportConfig, ExportContext, ExportReport
 from pgolf.export.provenance import provenance
 from pgolf.export.roundtrip import roundtrip_evaluate
 from pgolf.export.stages import export_model
@@ -35,14 +41,14 @@ from pgolf.runlog import log0, set_log_file
 from pgolf.tools.datasets import ensure_dataset
 
 
-def compose_config(weights: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
+def compose_config(weights: str, overrides: list[str]) -> DictConfig:
+    """conf/reexport.yaml with `weights=` and the command line's overrides."""
     with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
         return compose(config_name="reexport", overrides=[f"weights={weights}", *overrides])
 
 
 def pick_device(name: str) -> torch.device:
+    """`auto` (CUDA when available), `cpu` or `cuda`; RuntimeError when CUDA is asked for but absent."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -50,19 +56,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def reexport(cfg) -> dict:
-    from omegaconf import OmegaConf
-
+def reexport(cfg: DictConfig) -> dict:
+    """Quantize the weights of `cfg.weights` with `cfg.export`, write the artifact and
+    `reexport_<label>.json` into `out_dir`, score the float and round-trip models (`cfg.eval`); returns the
+    result written. FileExistsError when an output exists and `overwrite` is false; ValueError when the
+    tokenizer is not the weights' or no evaluation length is known."""
     weights = Path(cfg.weights)
     export_cfg = ExportConfig.from_dict(OmegaConf.to_container(cfg.export, resolve=True))
     export_cfg.save_float = False  # the float weights are the input here
     out_dir = Path(cfg.out_dir) if cfg.out_dir else weights.parent / "reexport"
-    art = out_dir / export_cfg.path_name
-    res_path = out_dir / f"reexport_{export_cfg.label}.json"
-    if not cfg.overwrite:
-        for p in (art, res_path):
-            if p.exists():
-                raise FileExistsError(f"{p} exists; choose another out_dir= or export.label=, or pass overwrite=true")
+    art, res_path = out_dir / export_cfg.path_name, out_dir / f"reexport_{export_cfg.label}.json"
+    for p in (art, res_path) if not cfg.overwrite else ():
+        if p.exists():
+            raise FileExistsError(f"{p} exists; choose another out_dir= or export.label=, or pass overwrite=true")
     state, meta = load_weights(weights)
     model = model_from_weights(state, meta)
     data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -70,66 +76,32 @@ def reexport(cfg) -> dict:
     tok = TokenizerInfo.from_path(data["tokenizer_path"])
     if "tokenizer" in meta:
         tok.check_matches(meta["tokenizer"], what=f"weights {weights.name}")
-    train = meta.get("train", {})
-    S = int(cfg.eval.seq_len or train.get("seq_len") or data.get("eval_seq_len") or 0)
-    if S <= 0:
+    seq_len = int(cfg.eval.seq_len or meta.get("train", {}).get("seq_len") or data.get("eval_seq_len") or 0)
+    if seq_len <= 0:
         raise ValueError(f"{weights.name} records no training seq_len: set eval.seq_len=")
     device = pick_device(cfg.device)
     model = model.to(device)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
     out_dir.mkdir(parents=True, exist_ok=True)
     set_log_file(out_dir / f"reexport_{export_cfg.label}.log")
     log0(f"reexport: weights {weights.name} -> {art} with export {export_cfg.label}")
-
-    cap_s = cfg.cap_seconds if cfg.cap_seconds is not None else train.get("max_wallclock_seconds")
-    seed = int(cfg.seed if cfg.seed is not None else meta.get("seed", 0))
-    calib_len = export_cfg.calibration.length
-
-    def train_batches():  # what GolfDataModule.train_stream(0) reads, one rank, calib_len-token rows
-        n = min(8, export_cfg.calibration.count)
-        layout = StreamLayout(calib_len * n, calib_len, world_size=1, grad_accum=1)
-        stream = TokenStream(list_shards(data["train_pattern"]), tok.vocab_size)
-        return iter(TrainStream(stream, layout, rank=0, start_micro_step=0))
-
-    ctx = ExportContext(
-        seed=seed,
-        train_time_ms=(meta.get("training") or {}).get("train_time_ms"),
-        cap_ms=1000.0 * float(cap_s) if cap_s else None,
-        train_batches=train_batches,
-        device=device,
-        autocast_dtype=autocast,
-    )
-    val = None
+    ctx = export_context(cfg, export_cfg, meta, data, tok.vocab_size, device)
+    tokens, eval_ctx = (None, None)
     if cfg.eval.enabled:
-        tokens = load_val_tokens(data["val_pattern"], S, tok.vocab_size)
-        if cfg.eval.max_tokens:
-            n = (min(int(cfg.eval.max_tokens), tokens.numel() - 1) // S) * S
-            if n <= 0:
-                raise ValueError(f"eval.max_tokens={cfg.eval.max_tokens} is less than one {S}-token window")
-            tokens = tokens[: n + 1]
-        luts = build_byte_luts(load_tokenizer(data["tokenizer_path"]), model.cfg.vocab_size).to(device)
-        val = dict(tokens=tokens, luts=luts, device=device, autocast_dtype=autocast, seq_len=S)
-        val["batch_windows"] = int(cfg.eval.batch_windows)
-    out_meta = {k: v for k, v in meta.items() if k not in ("kind", "source")}
-    out_meta.setdefault("tokenizer", {"name": tok.name, "vocab_size": tok.vocab_size, "sha256": tok.sha256})
-    out_meta["reexport"] = {"weights": weights.name, "provenance": provenance()}
+        tokens, eval_ctx = validation(cfg, data, tok, model.cfg.vocab_size, seq_len, device)
     report = export_model(
-        model, export_cfg, out_dir, out_meta, val=val if cfg.eval.enabled and cfg.eval.pre_quant else None, ctx=ctx
+        model,
+        export_cfg,
+        out_dir,
+        output_meta(meta, tok, weights),
+        val_tokens=tokens if cfg.eval.pre_quant else None,
+        eval_ctx=eval_ctx,
+        ctx=ctx,
     )
     result = {"weights": str(weights), "export": report.to_dict()}
-    if val is not None:
-        rt = roundtrip_evaluate(report, modes=("standard",), **val)
-        result.update(rt)
-        post = rt["roundtrip"]["standard"]["val_bpb"]
-        if report.pre_quant is not None:
-            gap = post - report.pre_quant["val_bpb"]
-            result["quant_gap_bpb"] = gap
-            log0(
-                f"reexport {export_cfg.label}: pre_quant val_bpb:{report.pre_quant['val_bpb']:.6f} "
-                f"roundtrip val_bpb:{post:.6f} gap:{gap:+.6f} eval_tokens:{tokens.numel() - 1}"
-            )
+    if tokens is not None:
+        result.update(roundtrip_and_gap(report, tokens, eval_ctx))
     log0(
-        f"reexport {export_cfg.label}: model_bytes:{report.model_bytes} code_bytes:{report.code_bytes} "
+        f"reexport {report.label}: model_bytes:{report.model_bytes} code_bytes:{report.code_bytes} "
         f"total:{report.total_bytes} margin:{report.limit_bytes - report.total_bytes} "
         f"{'OK' if report.size_ok else 'OVER THE LIMIT'}"
     )
@@ -137,17 +109,76 @@ def reexport(cfg) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def export_context(
+    cfg: DictConfig, export_cfg: ExportConfig, meta: dict, data: dict, vocab_size: int, device: torch.device
+) -> ExportContext:
+    """The seed, the recorded training clock and cap (or `cap_seconds`) and the training stream, as
+    `GolfDataModule.train_stream(0)` reads it on one rank (calibration-length rows)."""
+    cap_s = cfg.cap_seconds if cfg.cap_seconds is not None else meta.get("train", {}).get("max_wallclock_seconds")
+    calib_len = export_cfg.calibration.length
 
+    def train_batches():
+        n = min(8, export_cfg.calibration.count)
+        layout = StreamLayout(calib_len * n, calib_len, world_size=1, grad_accum=1)
+        stream = TokenStream(list_shards(data["train_pattern"]), vocab_size)
+        return iter(TrainStream(stream, layout, rank=0, start_micro_step=0))
+
+    return ExportContext(
+        seed=int(cfg.seed if cfg.seed is not None else meta.get("seed", 0)),
+        train_time_ms=(meta.get("training") or {}).get("train_time_ms"),
+        cap_ms=1000.0 * float(cap_s) if cap_s else None,
+        train_batches=train_batches,
+        device=device,
+        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+    )
+
+
+def validation(
+    cfg: DictConfig, data: dict, tok: TokenizerInfo, model_vocab: int, seq_len: int, device: torch.device
+) -> tuple[torch.Tensor, EvalContext]:
+    """The validation tokens (cut to `eval.max_tokens` targets, whole windows) and the eval context."""
+    tokens = load_val_tokens(data["val_pattern"], seq_len, tok.vocab_size)
+    if cfg.eval.max_tokens:
+        n = (min(int(cfg.eval.max_tokens), tokens.numel() - 1) // seq_len) * seq_len
+        if n <= 0:
+            raise ValueError(f"eval.max_tokens={cfg.eval.max_tokens} is less than one {seq_len}-token window")
+        tokens = tokens[: n + 1]
+    luts = build_byte_luts(load_tokenizer(data["tokenizer_path"]), model_vocab).to(device)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    eval_ctx = EvalContext(
+        luts=luts, device=device, seq_len=seq_len, batch_windows=int(cfg.eval.batch_windows), autocast_dtype=autocast
+    )
+    return tokens, eval_ctx
+
+
+def output_meta(meta: dict, tok: TokenizerInfo, weights: Path) -> dict:
+    """The weights' metadata for the artifact: tokenizer identity and the re-export's own provenance."""
+    out = {k: v for k, v in meta.items() if k not in ("kind", "source")}
+    out.setdefault("tokenizer", {"name": tok.name, "vocab_size": tok.vocab_size, "sha256": tok.sha256})
+    out["reexport"] = {"weights": weights.name, "provenance": provenance()}
+    return out
+
+
+def roundtrip_and_gap(report: ExportReport, tokens: torch.Tensor, eval_ctx: EvalContext) -> dict:
+    """The artifact's standard round-trip eval and, with a pre-quantization score, the gap (logged)."""
+    rt = roundtrip_evaluate(report, tokens, eval_ctx, {"standard": {}})
+    if report.pre_quant is not None:
+        post = rt["roundtrip"]["standard"]["val_bpb"]
+        rt["quant_gap_bpb"] = gap = post - report.pre_quant["val_bpb"]
+        log0(
+            f"reexport {report.label}: pre_quant val_bpb:{report.pre_quant['val_bpb']:.6f} "
+            f"roundtrip val_bpb:{post:.6f} gap:{gap:+.6f} eval_tokens:{tokens.numel() - 1}"
+        )
+    return rt
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pgolf.tools.reexport", description=__doc__.split("\n\n")[0])
     ap.add_argument("weights", help="final_model.float.ptz saved by training, or a Lightning .ckpt")
     ap.add_argument("--export", help="an export config of conf/export (same as export=NAME)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of conf/reexport.yaml")
     a = ap.parse_intermixed_args(argv)
     overrides = ([f"export={a.export}"] if a.export else []) + a.overrides
-    from hydra.errors import HydraException
-
     try:
         cfg = compose_config(a.weights, overrides)
         result = reexport(cfg)

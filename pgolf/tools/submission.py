@@ -27,8 +27,12 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from pgolf.io import atomic_dir
-from pgolf.tools.compare import DIAGNOSTIC_MODES, CompareError, ModeStats, compare_to, load_runs, mode_order, mode_stats
+from pgolf.quant.artifact import ArtifactError, read_artifact
+from pgolf.tools.compare import DIAGNOSTIC_MODES, ModeStats, compare_to, mode_order, mode_stats
+from pgolf.tools.runs import CompareError, load_runs
 
 TRACK = "10min_16mb"
 
@@ -68,8 +72,6 @@ def requirements(root: Path | None = None) -> list[str]:
 
 def provenance_of(run) -> dict:
     """What the artifact records about where it was trained (empty when the artifact is absent)."""
-    from pgolf.quant.artifact import ArtifactError, read_artifact
-
     name = Path(run.export.get("path", "")).name
     path = run.path / name if name else None
     if path is None or not path.is_file():
@@ -94,8 +96,6 @@ def pick_mode(runs, stats: dict[str, ModeStats], mode: str | None) -> str:
 
 def run_commands(runs) -> list[str]:
     """The command lines that reproduce the runs: the sweep over the seeds and one seed alone."""
-    import yaml
-
     per_run = []
     for r in runs:
         f = r.path / ".hydra" / "overrides.yaml"
@@ -112,16 +112,9 @@ def run_commands(runs) -> list[str]:
     return cmds
 
 
-def build(runs, baseline_runs, *, name, github_id, author, blurb, mode, date, track, hardware) -> tuple[dict, str]:
-    modes = mode_order(runs)
-    group = runs[0].identity.group
-    stats = {m: s for m in modes if (s := mode_stats(runs, group, m)) is not None}
-    mode = pick_mode(runs, stats, mode)
-    s = stats[mode]
+def seed_results_of(runs, s: ModeStats, mode: str) -> dict[str, dict]:
+    """Per seed (as a string): the scored mode's val_loss/val_bpb, sizes, steps and step time."""
     by_seed = {r.seed: r for r in runs}
-    prov = next((p for p in (provenance_of(r) for r in runs) if p), {})
-    sizes = [r.artifact_bytes for r in runs if r.artifact_bytes is not None]
-    code = [r.export.get("code_bytes") for r in runs if r.export.get("code_bytes") is not None]
     seed_results = {}
     for seed in s.seeds:
         r = by_seed[seed]
@@ -135,8 +128,11 @@ def build(runs, baseline_runs, *, name, github_id, author, blurb, mode, date, tr
             "train_time_ms": ms,
             "step_avg_ms": round(ms / steps, 2) if steps and ms is not None else None,
         }
-    steps_all = [v["steps"] for v in seed_results.values() if v["steps"]]
-    avg_all = [v["step_avg_ms"] for v in seed_results.values() if v["step_avg_ms"]]
+    return seed_results
+
+
+def eval_modes_of(stats: dict[str, ModeStats]) -> dict[str, dict]:
+    """Per eval mode: mean and std of val_bpb/val_loss, the per-seed val_bpb and the compliance."""
     eval_modes = {}
     for m, st in stats.items():
         eval_modes[m] = {
@@ -149,6 +145,45 @@ def build(runs, baseline_runs, *, name, github_id, author, blurb, mode, date, tr
             "diagnostic": m in DIAGNOSTIC_MODES,
             "reasons_not_compliant": st.reasons,
         }
+    return eval_modes
+
+
+def comparison_of(baseline_runs, s: ModeStats, mode: str) -> dict:
+    """The significance test of the scored mode against the baseline group (SubmissionError without its mode)."""
+    bgroup = baseline_runs[0].identity.group
+    bs = mode_stats(baseline_runs, bgroup, mode)
+    if bs is None:
+        raise SubmissionError(f"the baseline runs have no {mode!r} results")
+    c = compare_to(bs, s)
+    return {
+        "baseline_group": bgroup,
+        "baseline_seeds": bs.seeds,
+        "baseline_val_loss": round(bs.loss_mean, 8),
+        "baseline_val_bpb": round(bs.bpb_mean, 8),
+        "delta_bpb": round(c.delta_bpb, 8),
+        "delta_nats": round(c.delta_nats, 8),
+        "t_statistic": round(c.rule.t, 4) if c.rule.t == c.rule.t else None,
+        "welch_df": round(c.rule.df, 4) if c.rule.df == c.rule.df else None,
+        "p_gain": c.gain.p if c.gain.p == c.gain.p else None,
+        "p_gain_over_margin": c.rule.p if c.rule.p == c.rule.p else None,
+        "margin_nats": 0.005,
+        "rule_met": c.rule_met,
+        "rule": c.why,
+    }
+
+
+def build(runs, baseline_runs, *, name, github_id, author, blurb, mode, date, track, hardware) -> tuple[dict, str]:
+    """(submission.json contents, README.md text) of one group's seed runs, optionally tested against a baseline."""
+    group = runs[0].identity.group
+    stats = {m: s for m in mode_order(runs) if (s := mode_stats(runs, group, m)) is not None}
+    mode = pick_mode(runs, stats, mode)
+    s = stats[mode]
+    prov = next((p for p in (provenance_of(r) for r in runs) if p), {})
+    sizes = [r.artifact_bytes for r in runs if r.artifact_bytes is not None]
+    code = [r.export.get("code_bytes") for r in runs if r.export.get("code_bytes") is not None]
+    seed_results = seed_results_of(runs, s, mode)
+    steps_all = [v["steps"] for v in seed_results.values() if v["steps"]]
+    avg_all = [v["step_avg_ms"] for v in seed_results.values() if v["step_avg_ms"]]
     sub = {
         "author": author or github_id,
         "github_id": github_id,
@@ -165,7 +200,7 @@ def build(runs, baseline_runs, *, name, github_id, author, blurb, mode, date, tr
         "compliant": s.compliant,
         "seeds": s.seeds,
         "seed_results": seed_results,
-        "eval_modes": eval_modes,
+        "eval_modes": eval_modes_of(stats),
         "artifact_bytes_mean": round(sum(sizes) / len(sizes)) if sizes else None,
         "artifact_bytes_max": max(sizes) if sizes else None,
         "bytes_total": max(sizes) if sizes else None,
@@ -181,26 +216,7 @@ def build(runs, baseline_runs, *, name, github_id, author, blurb, mode, date, tr
         "variant": runs[0].identity.variant,
     }
     if baseline_runs:
-        bgroup = baseline_runs[0].identity.group
-        bs = mode_stats(baseline_runs, bgroup, mode)
-        if bs is None:
-            raise SubmissionError(f"the baseline runs have no {mode!r} results")
-        c = compare_to(bs, s)
-        sub["comparison"] = {
-            "baseline_group": bgroup,
-            "baseline_seeds": bs.seeds,
-            "baseline_val_loss": round(bs.loss_mean, 8),
-            "baseline_val_bpb": round(bs.bpb_mean, 8),
-            "delta_bpb": round(c.delta_bpb, 8),
-            "delta_nats": round(c.delta_nats, 8),
-            "t_statistic": round(c.rule.t, 4) if c.rule.t == c.rule.t else None,
-            "welch_df": round(c.rule.df, 4) if c.rule.df == c.rule.df else None,
-            "p_gain": c.gain.p if c.gain.p == c.gain.p else None,
-            "p_gain_over_margin": c.rule.p if c.rule.p == c.rule.p else None,
-            "margin_nats": 0.005,
-            "rule_met": c.rule_met,
-            "rule": c.why,
-        }
+        sub["comparison"] = comparison_of(baseline_runs, s, mode)
     return sub, readme(sub, stats, runs, mode)
 
 
@@ -244,19 +260,28 @@ def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str) -> str:
         star = " (scored)" if m == mode else ""
         lines.append(f"- `{m}`{star}: {st.bpb_mean:.8f} ± {st.bpb_std:.8f}, {comp}{'; ' + note if note else ''}")
     if "comparison" in sub:
-        c = sub["comparison"]
-        lines += [
-            "",
-            "## Significance",
-            "",
-            f"Against `{c['baseline_group']}` (seeds {c['baseline_seeds']}, val_loss {c['baseline_val_loss']:.8f}): "
-            f"Δ val_loss {c['delta_nats']:+.8f} nats, Δ val_bpb {c['delta_bpb']:+.8f}. One-sided Welch t-test on "
-            f"the per-seed val_loss, H1: gain > {c['margin_nats']} nats: t = {c['t_statistic']}, "
-            f"df = {c['welch_df']}, p = {fmt_p(c['p_gain_over_margin'])}; p(gain > 0) = {fmt_p(c['p_gain'])}. "
-            f"Challenge rule (≥ 0.005 nats at p < 0.01): {'met' if c['rule_met'] else 'not met (' + c['rule'] + ')'}.",
-        ]
-    cmds = run_commands(runs)
-    lines += [
+        lines += significance_lines(sub["comparison"])
+    lines += reproduce_lines(sub, run_commands(runs))
+    return "\n".join(lines) + "\n"
+
+
+def significance_lines(c: dict) -> list[str]:
+    """README's significance section from submission.json's `comparison`."""
+    return [
+        "",
+        "## Significance",
+        "",
+        f"Against `{c['baseline_group']}` (seeds {c['baseline_seeds']}, val_loss {c['baseline_val_loss']:.8f}): "
+        f"Δ val_loss {c['delta_nats']:+.8f} nats, Δ val_bpb {c['delta_bpb']:+.8f}. One-sided Welch t-test on "
+        f"the per-seed val_loss, H1: gain > {c['margin_nats']} nats: t = {c['t_statistic']}, "
+        f"df = {c['welch_df']}, p = {fmt_p(c['p_gain_over_margin'])}; p(gain > 0) = {fmt_p(c['p_gain'])}. "
+        f"Challenge rule (≥ 0.005 nats at p < 0.01): {'met' if c['rule_met'] else 'not met (' + c['rule'] + ')'}.",
+    ]
+
+
+def reproduce_lines(sub: dict, cmds: list[str]) -> list[str]:
+    """README's reproduce and environment sections."""
+    return [
         "",
         "## Reproduce",
         "",
@@ -274,7 +299,6 @@ def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str) -> str:
         + (" (uncommitted changes)" if sub["git_dirty"] else ""),
         "- requirements: `requirements.txt`; train logs: " + ", ".join(f"`train_seed{s}.log`" for s in sub["seeds"]),
     ]
-    return "\n".join(lines) + "\n"
 
 
 def assemble(
@@ -319,26 +343,32 @@ def assemble(
         track=track,
         hardware=hardware,
     )
-    repo = str(Path(__file__).resolve().parents[2])
     with atomic_dir(out) as tmp:  # an existing `out` is empty (checked above)
-        for r in runs:
-            log = r.path / "train.log"
-            if not log.is_file():
-                raise SubmissionError(f"{r.label}: no train.log")
-            known = {str(r.path.resolve()): ".", str(r.path): ".", repo: ".", str(Path.home()): "~"}
-            (tmp / f"train_seed{r.seed}.log").write_text(scrub_paths(log.read_text(errors="replace"), known))
-        (tmp / "submission.json").write_text(scrub_paths(json.dumps(sub, indent=2), {repo: "."}) + "\n")
-        (tmp / "README.md").write_text(scrub_paths(text, {repo: "."}))
-        reqs = requirements()
-        (tmp / "requirements.txt").write_text(
-            "# pgolf runtime requirements (pyproject.toml); the runs recorded PyTorch "
-            f"{sub['pytorch_version']}\n" + "\n".join(reqs) + "\n"
-        )
+        write_folder(tmp, runs, sub, text)
     for n in notes:
         print(f"note: {n}")
     if len(runs) < 3:
         print(f"note: {len(runs)} seed(s); records show the gain over >= 3 seeds (SPEC §1)")
     return out
+
+
+def write_folder(tmp: Path, runs, sub: dict, text: str) -> None:
+    """The folder's files, machine paths scrubbed: train logs per seed, submission.json, README.md and
+    requirements.txt; SubmissionError when a run has no train.log."""
+    repo = str(Path(__file__).resolve().parents[2])
+    for r in runs:
+        log = r.path / "train.log"
+        if not log.is_file():
+            raise SubmissionError(f"{r.label}: no train.log")
+        known = {str(r.path.resolve()): ".", str(r.path): ".", repo: ".", str(Path.home()): "~"}
+        (tmp / f"train_seed{r.seed}.log").write_text(scrub_paths(log.read_text(errors="replace"), known))
+    (tmp / "submission.json").write_text(scrub_paths(json.dumps(sub, indent=2), {repo: "."}) + "\n")
+    (tmp / "README.md").write_text(scrub_paths(text, {repo: "."}))
+    reqs = requirements()
+    (tmp / "requirements.txt").write_text(
+        "# pgolf runtime requirements (pyproject.toml); the runs recorded PyTorch "
+        f"{sub['pytorch_version']}\n" + "\n".join(reqs) + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

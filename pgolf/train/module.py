@@ -1,5 +1,8 @@
 """The LightningModule around the GPT: loss, sum-reduced validation metrics, the one optimizer.
 
+It owns the `StepState` shared with the training callbacks (`self.state`: the step's loss sum, LR scale,
+clock time, latest validation metrics, preemption flag; see `pgolf.train.state`).
+
 Validation accumulates float64 loss/token/byte sums over this rank's windows and reduces them across
 ranks at the end of the epoch (never a mean of means, never a padded sampler), so `val_bpb` is exact.
 `torch.compile` wraps the inner GPT only (compiling the LightningModule breaks `self.log`, Lightning
@@ -15,8 +18,10 @@ import numpy as np
 import torch
 
 from pgolf.data.tokenizer import ByteLUTs, bpb
-from pgolf.model.gpt import GPT, GPTConfig
-from pgolf.optim.muon import build_optimizer
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT
+from pgolf.optim.groups import build_optimizer
+from pgolf.train.state import StepState
 
 
 class GolfModule(L.LightningModule):
@@ -38,9 +43,7 @@ class GolfModule(L.LightningModule):
         self.compile_backend = compile_backend
         self._compiled = None  # kept out of the module tree, so state_dict has no duplicate keys
         self.luts: ByteLUTs | None = None  # set by the training script from the tokenizer
-        self.step_loss: torch.Tensor | None = None
-        self.step_micro = 0
-        self.preempted = False
+        self.state = StepState()
         self._val_sums: torch.Tensor | None = None
 
     def configure_model(self) -> None:
@@ -61,17 +64,8 @@ class GolfModule(L.LightningModule):
         x, y = batch
         loss = self._fwd(x, y)
         # Summed on the device without a sync; the clock callback reads it once per optimizer step.
-        self.step_loss = loss.detach() if self.step_loss is None else self.step_loss + loss.detach()
-        self.step_micro += 1
+        self.state.add_loss(loss.detach())
         return loss
-
-    def pop_step_loss(self) -> torch.Tensor | None:
-        """Mean training loss of this rank's micro-batches since the last call (a device tensor, no sync)."""
-        if self.step_loss is None:
-            return None
-        v = self.step_loss / max(self.step_micro, 1)
-        self.step_loss, self.step_micro = None, 0
-        return v
 
     # ---- validation: float64 sums, reduced across ranks ------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -91,7 +85,7 @@ class GolfModule(L.LightningModule):
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         loss_sum, n, nbytes = (float(v) for v in sums.cpu())
         val_loss, val_bpb = bpb(loss_sum, n, nbytes)
-        self.last_val = {"val_loss": val_loss, "val_bpb": val_bpb, "val_tokens": n}
+        self.state.last_val = {"val_loss": val_loss, "val_bpb": val_bpb, "val_tokens": n}
         self.log_dict({"val_loss": val_loss, "val_bpb": val_bpb}, rank_zero_only=True, sync_dist=False)
 
     # ---- checkpoints carry the RNG states (Lightning's do not), as tensors and plain types so that

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pgolf.train.identity import identity_of_job
+
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -51,7 +53,6 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path):
         from lightning.pytorch.utilities import rank_zero_only
     except ImportError as e:
         raise RuntimeError("logger=wandb needs the wandb package: pip install -e '.[wandb]'") from e
-    from pgolf.train.identity import identity_of_job
 
     lg = cfg.logger
     mode = resolve_mode(lg.mode)

@@ -1,0 +1,82 @@
+"""`GolfDataModule`: the Lightning face of the training stream and the validation windows (the only data
+module that imports Lightning)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
+from torch.utils.data import DataLoader
+
+from pgolf.data.shards import list_shards
+from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, ValWindows, default_grad_accum, load_val_tokens
+
+
+class GolfDataModule(L.LightningDataModule):
+    """Training stream + validation windows from challenge shards that already exist (the entry point runs
+    the data-preparation step first: pgolf/tools/datasets.py)."""
+
+    def __init__(
+        self,
+        train_pattern: str,
+        val_pattern: str,
+        tokenizer_path: str,
+        vocab_size: int,
+        batch_tokens: int,
+        seq_len: int,
+        eval_seq_len: int | None = None,
+        val_batch_tokens: int = 524_288,
+        grad_accum: int | str = "auto",
+    ):
+        super().__init__()
+        self.train_pattern, self.val_pattern = train_pattern, val_pattern
+        self.tokenizer_path, self.vocab_size = tokenizer_path, vocab_size
+        self.batch_tokens, self.seq_len = batch_tokens, seq_len
+        self.eval_seq_len = eval_seq_len or seq_len
+        self.val_batch_tokens = val_batch_tokens
+        self.grad_accum_cfg = grad_accum
+        self.val_tokens: torch.Tensor | None = None
+        self.layout: StreamLayout | None = None
+        self._start_micro_step = 0
+
+    # ---- preparation and set-up ---------------------------------------------------------------
+    def world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.world_size, self.trainer.global_rank
+        return 1, 0
+
+    def grad_accum(self, world_size: int) -> int:
+        if self.grad_accum_cfg in (None, "auto"):
+            return default_grad_accum(world_size)
+        return int(self.grad_accum_cfg)
+
+    def setup(self, stage: str | None = None) -> None:
+        world, _ = self.world()
+        self.layout = StreamLayout(self.batch_tokens, self.seq_len, world, self.grad_accum(world))
+        if self.val_tokens is None:
+            self.val_tokens = load_val_tokens(self.val_pattern, max(self.seq_len, self.eval_seq_len), self.vocab_size)
+
+    # ---- loaders --------------------------------------------------------------------------------
+    def train_stream(self, start_micro_step: int | None = None) -> TrainStream:
+        world, rank = self.world()
+        stream = TokenStream(list_shards(self.train_pattern), self.vocab_size)
+        start = self._start_micro_step if start_micro_step is None else start_micro_step
+        return TrainStream(stream, self.layout, rank, start)
+
+    def train_dataloader(self) -> DataLoader:
+        pin = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        return DataLoader(self.train_stream(), batch_size=None, num_workers=0, pin_memory=pin)
+
+    def val_dataloader(self) -> DataLoader:
+        world, rank = self.world()
+        batch_windows = max(1, self.val_batch_tokens // (world * self.eval_seq_len))
+        ds = ValWindows(self.val_tokens, self.eval_seq_len, batch_windows, rank, world)
+        return DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
+
+    # ---- exact resume: the stream position is the number of micro-steps taken --------------------
+    def state_dict(self) -> dict:
+        step = self.trainer.global_step if self.trainer is not None else 0
+        return {"micro_step": step * self.layout.grad_accum if self.layout else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._start_micro_step = int(state.get("micro_step", 0))

@@ -1,0 +1,97 @@
+"""Eval modes by name: each mode module declares a `Mode` (its name, settings dataclass, compliance rule and
+run function) and `register`s it; `run_mode` parses a mode's config, runs it, times it and returns its
+`EvalResult`. pgolf/eval/modes.py imports every mode module, so importing it fills the registry.
+
+A mode's config is a dict of its settings (`conf/eval/<name>.yaml`): the settings dataclass's fields, of
+which `seq_len` and `batch_windows` default to the context's. Every problem (unknown mode, unknown key, bad
+value) raises `ValueError` in `parse_mode`, before anything runs. A config may also name the registered mode
+it runs with `mode:` (default: its own name), so one mode can run under several names in one call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from pgolf.data.tokenizer import bpb
+from pgolf.eval.core import EvalContext, EvalResult, Scored, reduce_sums, sync
+
+SHARED = ("seq_len", "batch_windows")  # settings whose default is the context's
+
+
+@dataclass(frozen=True)
+class Mode:
+    """name: the key of `conf/eval/<name>.yaml`; settings: the dataclass of its settings (validated in its
+    `__post_init__`); run(model, tokens, settings, ctx) -> Scored; rule(settings) -> (compliant, reason);
+    defaults: settings values that differ from the dataclass's (several modes sharing one dataclass)."""
+
+    name: str
+    settings: type
+    run: Callable[[Any, torch.Tensor, Any, EvalContext], Scored]
+    rule: Callable[[Any], tuple[bool, str]]
+    defaults: dict = field(default_factory=dict)
+
+
+_MODES: dict[str, Mode] = {}
+
+
+def register(mode: Mode) -> Mode:
+    """Add a mode to the registry. Raises ValueError when the name is taken."""
+    if mode.name in _MODES:
+        raise ValueError(f"eval mode {mode.name!r} is registered twice")
+    _MODES[mode.name] = mode
+    return mode
+
+
+def mode_names() -> list[str]:
+    """The registered modes' names, sorted."""
+    return sorted(_MODES)
+
+
+def get_mode(name: str) -> Mode:
+    if name not in _MODES:
+        raise ValueError(f"unknown mode {name!r} (one of {' | '.join(mode_names())})")
+    return _MODES[name]
+
+
+def parse_mode(name: str, settings: dict | None, *, seq_len: int, batch_windows: int = 32) -> tuple[Mode, Any]:
+    """(the mode, its settings object) for the config `settings` of the eval named `name`. Keys the settings
+    dataclass lacks are refused; `seq_len`/`batch_windows` absent or null take the values given here."""
+    s = dict(settings or {})
+    try:
+        mode = get_mode(s.pop("mode", name))
+    except ValueError as e:
+        raise ValueError(f"eval mode {name}: {e}") from None
+    names = {f.name for f in fields(mode.settings)}
+    unknown = sorted(set(s) - names)
+    if unknown:
+        raise ValueError(f"eval mode {name}: unknown settings {unknown} (the settings of {mode.name}: {sorted(names)})")
+    shared = {"seq_len": seq_len, "batch_windows": batch_windows}
+    shared = {k: int(s.pop(k, None) or v) for k, v in shared.items() if k in names}
+    kw = {**mode.defaults, **shared, **s}
+    return mode, mode.settings(**kw)
+
+
+def run_mode(name: str, settings: dict, model, tokens: torch.Tensor, ctx: EvalContext) -> EvalResult:
+    """Score `tokens` (the validation stream, 1-D) with the eval named `name` and its config `settings`.
+
+    `model` is a GPT (or a torch.compile wrapper of one, which implies `ctx.compile`); modes that adapt
+    weights work on a copy or on adapters, so the model is unchanged afterwards. The wall time includes the
+    cross-rank reduction of the sums."""
+    mode, st = parse_mode(name, settings, seq_len=ctx.seq_len, batch_windows=ctx.batch_windows)
+    compliant, reason = mode.rule(st)
+    sync(ctx.device)
+    t0 = time.perf_counter()
+    scored = mode.run(model, tokens, st, ctx)
+    loss_sum, n, nbytes = (float(v) for v in reduce_sums(scored.sums).cpu())
+    sync(ctx.device)
+    seconds = time.perf_counter() - t0
+    val_loss, val_bpb = bpb(loss_sum, n, nbytes)
+    info = {k: list(v) if isinstance(v, tuple) else v for k, v in {**asdict(st), **scored.info}.items()}
+    res = EvalResult(name, val_loss, val_bpb, int(n), nbytes, seconds, compliant, reason, info, scored.windows)
+    res.windows_per_second = res.windows / seconds if seconds > 0 else 0.0
+    return res

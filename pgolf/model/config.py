@@ -1,0 +1,122 @@
+"""`GPTConfig`: every architecture choice of the record stacks as one validated dataclass field (SPEC §5).
+
+Defaults reproduce the baseline (SPEC §5.1): 9 layers, width 512, 8 query / 4 KV heads, MLP 2x relu²,
+tied embedding (init std 0.005), logit softcap 30, q/k RMSNorm, per-head q_gain, U-Net skips, resid_mix,
+zero-initialised output projections: 17,059,912 parameters. The record-stack features (SPEC §5.2-5.4):
+MLP width and activation (relu², LeakyReLU(0.5)², SwiGLU), SmearGate (V5 and record forms), BigramHash
+(V5 multiplicative and XOR forms), value embeddings, XSA on the last N layers, partial RoPE with NTK base
+scaling, LN scale, QK-gain init, orthogonal init, depth recurrence, parallel residuals, and fake-quant
+QAT of the quantized matrices. The YAML of conf/model/ instantiates this config, never modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+MLP_ACTS = ("relu2", "leaky_relu2", "swiglu")
+SMEAR_FORMS = ("none", "v5", "record")
+BIGRAM_FORMS = ("none", "v5", "xor")
+QAT_MODES = ("off", "late", "always")
+
+
+@dataclass
+class GPTConfig:
+    """The network's hyper-parameters; `__post_init__` raises ValueError naming the first inconsistent field."""
+
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 2.0
+    mlp_act: str = "relu2"  # relu2 | leaky_relu2 | swiglu
+    leaky_slope: float = 0.5
+    tie_embeddings: bool = True
+    tied_embed_init_std: float = 0.005
+    logit_softcap: float = 30.0  # 0 disables
+    rope_base: float = 10000.0
+    rope_dims: int = 0  # rotated dims per head (even); 0 = the whole head (baseline)
+    rope_ntk_base_len: int = 0  # > 0: NTK base scaling for sequences longer than this (reference: 1024)
+    qk_gain_init: float = 1.5
+    unet_skips: bool = True
+    ln_scale: bool = False  # multiply each block's normed inputs by 1/sqrt(layer+1) (PR #315)
+    ortho_init: bool = False  # orthogonal init of every non-zero-init linear with both dims >= 64
+    smear_gate: str = "none"  # none | v5 (own-token gate, init 3, before the norm) | record (prev-token, init 0)
+    smear_init: float | None = None  # None: 3.0 for v5, 0.0 for record
+    bigram: str = "none"  # none | v5 ((prev*92821+cur) mod B) | xor (PR #549 form, bucket B-1 for position 0)
+    bigram_buckets: int = 4096
+    bigram_dim: int = 128
+    bigram_scale_init: float = 0.05  # xor form only
+    ve_dim: int = 0  # value-embedding width (0 = off); shared table V x ve_dim, projected to Hkv*D
+    ve_layers: tuple[int, ...] = ()
+    ve_scale_init: float = 0.1
+    xsa_last_n: int = 0  # exclusive self-attention on the last N layers (0 = off)
+    recur_start: int = 0  # depth recurrence: layers [recur_start, recur_end) run recur_times times in a row
+    recur_end: int = 0
+    recur_times: int = 1
+    parallel_residual: bool = False  # attention and MLP read the same normed input and add in parallel
+    qat: str = "off"  # off | late (switched on by a callback) | always (V5: every training forward)
+    qat_bits: int = 6
+    qat_clip_quantile: float = 1.0  # per-row clip for the fake quant: 1.0 = row max (late QAT), V5 0.9999984
+    qat_scale_floor: bool = True  # the reference's scale floor 1/(2^(bits-1)-1) (SPEC §8.1)
+
+    def __post_init__(self):
+        self.ve_layers = tuple(int(i) for i in (self.ve_layers or ()))
+        d, H, Hkv = self.model_dim, self.num_heads, self.num_kv_heads
+        checks = [
+            (d % H == 0, f"model_dim {d} must be divisible by num_heads {H}"),
+            (H % Hkv == 0, f"num_heads {H} must be divisible by num_kv_heads {Hkv}"),
+            ((d // H) % 2 == 0, f"head dim {d // H} must be even for RoPE"),
+            (
+                self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= d // H,
+                f"rope_dims {self.rope_dims} must be even and <= head dim {d // H}",
+            ),
+            (self.rope_dims != 2 or self.rope_ntk_base_len == 0, "NTK scaling needs rope_dims > 2"),
+            (self.mlp_act in MLP_ACTS, f"mlp_act {self.mlp_act!r} not in {MLP_ACTS}"),
+            (self.smear_gate in SMEAR_FORMS, f"smear_gate {self.smear_gate!r} not in {SMEAR_FORMS}"),
+            (self.bigram in BIGRAM_FORMS, f"bigram {self.bigram!r} not in {BIGRAM_FORMS}"),
+            (self.bigram == "none" or self.bigram_buckets >= 2, "bigram_buckets must be >= 2"),
+            (self.qat in QAT_MODES, f"qat {self.qat!r} not in {QAT_MODES}"),
+            (2 <= self.qat_bits <= 8, f"qat_bits {self.qat_bits} must be in 2..8"),
+            (0 <= self.xsa_last_n <= self.num_layers, f"xsa_last_n {self.xsa_last_n} must be in 0..{self.num_layers}"),
+            (all(0 <= i < self.num_layers for i in self.ve_layers), f"ve_layers {self.ve_layers} out of range"),
+            (self.ve_dim > 0 or not self.ve_layers, "ve_layers given but ve_dim is 0"),
+            (self.recur_times >= 1, "recur_times must be >= 1"),
+            (
+                self.recur_times == 1 or 0 <= self.recur_start < self.recur_end <= self.num_layers,
+                f"recurrence span [{self.recur_start}, {self.recur_end}) must lie inside 0..{self.num_layers}",
+            ),
+            (self.vocab_size > 0 and self.num_layers > 0, "vocab_size and num_layers must be positive"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"GPTConfig: {msg}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def layer_schedule(self) -> list[int]:
+        """Physical block index of each virtual layer (depth recurrence repeats a span)."""
+        L, s, e, k = self.num_layers, self.recur_start, self.recur_end, self.recur_times
+        if k == 1:
+            return list(range(L))
+        return list(range(s)) + list(range(s, e)) * k + list(range(e, L))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["ve_layers"] = list(self.ve_layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown fields {sorted(unknown)}")
+        return cls(**dict(d))

@@ -1,0 +1,164 @@
+"""The transformer block family: RMSNorm, the (fake-quantizing) linear, RoPE, attention with XSA, the MLP
+and the residual block that combines them (SPEC §5).
+
+Shapes: B batch, T sequence, d model width, H query heads, Hkv KV heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pgolf.model.config import GPTConfig
+from pgolf.quant.numerics import fake_quant_rows
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dimension (any shape [..., d])."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear with optional straight-through fake quantization (QAT, SPEC §7.6).
+
+    `qat_alpha` is a tensor buffer, not a Python flag, so switching late QAT on takes effect inside a
+    compiled graph (the reference's class flag was constant-folded away: SPEC §11.7)."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.zero_init = zero_init
+        self.qat_mode, self.qat_bits, self.qat_clip_quantile, self.qat_floor = "off", 6, 1.0, True
+        self.register_buffer("qat_alpha", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.training and self.qat_mode != "off":
+            wq = fake_quant_rows(w, self.qat_bits, self.qat_clip_quantile, self.qat_floor)
+            alpha = 1.0 if self.qat_mode == "always" else self.qat_alpha
+            w = w + alpha * (wq - w).detach()
+        return F.linear(x, w)
+
+
+def rope_tables(T: int, dims: int, base: float, ntk_base_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, dims/2]. With NTK scaling the base becomes base*(T/L0)^(r/(r-2)) when T > L0 (SPEC §5.3)."""
+    if ntk_base_len > 0 and T > ntk_base_len:
+        base = base * (T / ntk_base_len) ** (dims / (dims - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, device=device, dtype=torch.float32) / dims))
+    ang = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2*cos.size(-1) dims of x [B,T,h,D] with the half-split formula; the rest pass."""
+    r = cos.size(-1) * 2
+    half = r // 2
+    c, s = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half:r], x[..., r:]
+    return torch.cat((x1 * c + x2 * s, -x1 * s + x2 * c, rest), dim=-1)
+
+
+def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA (SPEC §5.3): remove from each head's output y [B,H,T,D] its component along the same position's
+    value v [B,Hkv,T,D] of its KV group (GQA form: no repeat of v)."""
+    B, H, T, D = y.shape
+    Hkv = v.size(1)
+    yg = y.view(B, Hkv, H // Hkv, T, D)
+    vn = F.normalize(v, dim=-1, eps=1e-12).unsqueeze(2)  # [B,Hkv,1,T,D]
+    yg = yg - (yg * vn).sum(-1, keepdim=True) * vn
+    return yg.view(B, H, T, D)
+
+
+class Attention(nn.Module):
+    """Causal GQA attention [B,T,d] -> [B,T,d]: q/k RMSNorm, (partial) RoPE, per-head q_gain, XSA on the last
+    `xsa_last_n` layers; optional value-embedding and LoRA deltas, and a KV cache for incremental decoding."""
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        d, H, Hkv, D = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.H, self.Hkv, self.D = H, Hkv, D
+        self.c_q = CastedLinear(d, H * D)
+        self.c_k = CastedLinear(d, Hkv * D)
+        self.c_v = CastedLinear(d, Hkv * D)
+        self.proj = CastedLinear(d, d, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((H,), float(cfg.qk_gain_init)))
+        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+
+    def forward(self, x, cos, sin, ve=None, lora=None, kv=None):
+        B, T, _ = x.shape
+        q = self.c_q(x)
+        v = self.c_v(x)
+        if lora is not None:  # per-sequence low-rank deltas (LoRA TTT, SPEC §4.4)
+            q = q + lora.delta("q", x)
+            v = v + lora.delta("v", x)
+        if ve is not None:
+            v = v + ve
+        q = rms_norm(q.view(B, T, self.H, self.D))
+        k = rms_norm(self.c_k(x).view(B, T, self.Hkv, self.D))
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.Hkv, self.D).transpose(1, 2)
+        if kv is not None:  # incremental decoding: attend to the cached prefix plus these T positions
+            k_all, v_all, mask = kv.append(k, v)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.Hkv != self.H)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.Hkv != self.H)  # [B,H,T,D]
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
+
+
+class MLP(nn.Module):
+    """[B,T,d] -> [B,T,d]: relu², LeakyReLU(slope)² (PR #549) or SwiGLU (PR #1090), zero-init output projection."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        d = cfg.model_dim
+        self.act, self.slope = cfg.mlp_act, cfg.leaky_slope
+        if self.act == "swiglu":  # R1090: hidden = round_up_64(2*mult*d/3), gate and up fused in fc
+            hidden = int(math.ceil(2 * cfg.mlp_mult * d / 3 / 64) * 64)
+            self.fc = CastedLinear(d, 2 * hidden)
+        else:
+            hidden = int(cfg.mlp_mult * d)
+            self.fc = CastedLinear(d, hidden)
+        self.proj = CastedLinear(hidden, d, zero_init=True)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.act == "relu2":
+            h = F.relu(h).square()
+        elif self.act == "leaky_relu2":
+            h = F.leaky_relu(h, self.slope).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """Residual block [B,T,d] -> [B,T,d]: `resid_mix` with the embedding x0, then attention and MLP, each on the
+    RMS-normed input times `norm_scale` (1/sqrt(layer+1) with LN scale), sequential or parallel (SPEC §5)."""
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        d = cfg.model_dim
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))  # (λ0, λ1)
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.parallel = cfg.parallel_residual
+
+    def forward(self, x, x0, cos, sin, ve=None, lora=None, kv=None):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        n = rms_norm(x) * self.norm_scale
+        a = self.attn_scale.to(x.dtype) * self.attn(n, cos, sin, ve, lora, kv)
+        if self.parallel:
+            return x + a + self.mlp_scale.to(x.dtype) * self.mlp(n)
+        x = x + a
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)

@@ -1,0 +1,89 @@
+"""The parameter partition (which tensor each optimizer group updates) and the optimizer builder.
+
+`partition_params` is a pure function that places every parameter in exactly one group and asserts it
+(the form of nanochat's `GPT.setup_optimizer`); `build_optimizer` turns an optim config (conf/optim/*.yaml)
+into one `MuonAdam`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from pgolf.model.roles import AUX_PROJ_NAMES, EMBED_NAMES, is_control
+from pgolf.optim.muon_adam import MuonAdam
+
+
+def partition_params(
+    named_params: Iterable[tuple[str, nn.Parameter]], aux_proj_to_muon: bool = False
+) -> dict[str, list[str]]:
+    """Assign every parameter name to exactly one of: matrix (Muon), embed, head, scalar (Adam).
+
+    matrix: 2-D block matrices (Q, K, V, O, MLP); with `aux_proj_to_muon` also the bigram/VE projections
+    (V5 puts its bigram projection in Muon; the record stacks keep them with the scalars, SPEC §6.2).
+    embed: the token embedding and the bigram / VE tables. head: an untied output head. scalar: the rest.
+    """
+    groups: dict[str, list[str]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    seen: set[str] = set()
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        if name in seen:
+            raise AssertionError(f"parameter {name} listed twice")
+        seen.add(name)
+        if name in EMBED_NAMES:
+            groups["embed"].append(name)
+        elif name == "lm_head.weight":
+            groups["head"].append(name)
+        elif name in AUX_PROJ_NAMES:
+            groups["matrix" if aux_proj_to_muon else "scalar"].append(name)
+        elif name.startswith("blocks.") and p.ndim == 2 and not is_control(name):
+            groups["matrix"].append(name)
+        else:
+            groups["scalar"].append(name)
+    assigned = [n for names in groups.values() for n in names]
+    assert len(assigned) == len(set(assigned)) == len(seen), "partition must place every parameter exactly once"
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: dict) -> MuonAdam:
+    """MuonAdam over `model` from an optim config (see conf/optim/*.yaml)."""
+    named = dict(model.named_parameters())
+    parts = partition_params(named.items(), aux_proj_to_muon=bool(cfg.get("aux_proj_to_muon", False)))
+    betas = tuple(cfg.get("betas", (0.9, 0.95)))
+    eps = float(cfg.get("adam_eps", 1e-8))
+    adam_wd = float(cfg.get("adam_wd", 0.0))
+    tied = getattr(getattr(model, "cfg", None), "tie_embeddings", True)
+    embed_lr = cfg["embed_lr"] if tied else cfg.get("untied_embed_lr", cfg["embed_lr"])  # BASE: 0.05 tied, 0.6 untied
+    lrs = {"embed": embed_lr, "head": cfg["head_lr"], "scalar": cfg["scalar_lr"]}
+    groups = []
+    if parts["matrix"]:
+        groups.append(
+            dict(
+                name="matrix",
+                kind="muon",
+                params=[named[n] for n in parts["matrix"]],
+                base_lr=float(cfg["matrix_lr"]),
+                momentum=float(cfg.get("muon_momentum", 0.95)),
+                nesterov=True,
+                ns_steps=int(cfg.get("ns_steps", 5)),
+                ns_kind=str(cfg.get("ns_kind", "quintic")),
+                row_norm=bool(cfg.get("muon_row_norm", False)),
+                weight_decay=float(cfg.get("muon_wd", 0.0)),
+            )
+        )
+    for key in ("embed", "head", "scalar"):
+        if parts[key]:
+            groups.append(
+                dict(
+                    name=key,
+                    kind="adam",
+                    params=[named[n] for n in parts[key]],
+                    base_lr=float(lrs[key]),
+                    betas=betas,
+                    eps=eps,
+                    weight_decay=adam_wd,
+                )
+            )
+    return MuonAdam(groups)

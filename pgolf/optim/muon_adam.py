@@ -1,0 +1,190 @@
+"""`MuonAdam`: one optimizer object for Muon and Adam, and the split of Newton-Schulz work across ranks.
+
+`MuonAdam` is a single `torch.optim.Optimizer` whose param groups carry a `kind` ("muon" or "adam"), so
+Lightning's automatic optimization, step counting and gradient clipping see one optimizer (SPEC §6). Every
+group keeps its `base_lr`; the schedule callback sets `lr = base_lr * scale`.
+
+Muon (SPEC §6.1): Nesterov momentum, optional MuonEq-R row normalisation (§6.4), Newton-Schulz
+(pgolf/optim/newton_schulz.py), the shape scale sqrt(max(1, rows/cols)), and decoupled weight decay with
+the scheduled lr. Distributed: each matrix is orthogonalized by one rank (`balanced_owners`) and the updates
+are shared with one all-reduce of a flat buffer (zeros elsewhere, so the sum is exact) — every rank then
+applies every update.
+
+Adam (SPEC §6.2): PyTorch's AdamW arithmetic (decoupled `p *= 1 - lr*wd`), checked step for step against
+`torch.optim.AdamW` in the tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.distributed as dist
+
+from pgolf.optim.newton_schulz import newton_schulz, ns_coefficients, row_normalize
+
+
+class MuonAdam(torch.optim.Optimizer):
+    """Muon for the groups of kind "muon" (2-D matrices only), AdamW for those of kind "adam".
+
+    Raises ValueError for a group of another kind, a non-matrix parameter in a Muon group, or a Newton-Schulz
+    variant/step count that does not exist. `ns_dtype`: the Newton-Schulz dtype (default bf16 on CUDA, fp32
+    elsewhere)."""
+
+    def __init__(self, param_groups: list[dict], ns_dtype: torch.dtype | None = None):
+        defaults = dict(
+            kind="adam",
+            lr=1e-3,
+            base_lr=None,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+            weight_decay=0.0,
+            momentum=0.95,
+            nesterov=True,
+            ns_steps=5,
+            ns_kind="quintic",
+            row_norm=False,
+        )
+        for g in param_groups:
+            if g.get("kind") not in ("muon", "adam"):
+                raise ValueError(f"param group {g.get('name')!r} has kind {g.get('kind')!r}; expected muon or adam")
+            g.setdefault("base_lr", g.get("lr", defaults["lr"]))
+            g.setdefault("lr", g["base_lr"])
+        super().__init__(param_groups, defaults)
+        self.ns_dtype = ns_dtype
+        self._owner_cache: dict = {}
+        for g in self.param_groups:
+            if g["kind"] == "muon":
+                bad = [tuple(p.shape) for p in g["params"] if p.ndim != 2]
+                if bad:
+                    raise ValueError(f"Muon group {g.get('name')!r} holds non-matrix parameters {bad}")
+                ns_coefficients(g["ns_kind"], g["ns_steps"])  # validate early
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            if g["kind"] == "adam":
+                self._adam_step(g)
+            else:
+                self._muon_step(g)
+        return loss
+
+    # ---- Adam ----------------------------------------------------------------------------------------
+    def _adam_step(self, g: dict) -> None:
+        params = [p for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
+        beta1, beta2 = g["betas"]
+        grads, avgs, sqs, steps = [], [], [], []
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grads.append(p.grad)
+            avgs.append(st["exp_avg"])
+            sqs.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+        torch._foreach_add_(steps, 1.0)
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(avgs, grads, 1 - beta1)
+        torch._foreach_mul_(sqs, beta2)
+        torch._foreach_addcmul_(sqs, grads, grads, 1 - beta2)
+        for p, m, v, s in zip(params, avgs, sqs, steps):  # per-tensor step counts (params may join late)
+            t = s.item()
+            bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+            denom = (v.sqrt() / bc2**0.5).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / bc1)
+
+    # ---- Muon ----------------------------------------------------------------------------------------
+    def _muon_step(self, g: dict) -> None:
+        params = g["params"]
+        if not params:
+            return
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        self._update_momentum(params, g["momentum"])
+        lr, wd = g["lr"], g["weight_decay"]
+        for p, o in zip(params, self._orthogonal_updates(g, world, rank)):
+            if o is None or p.grad is None:
+                continue
+            if wd != 0:
+                p.mul_(1 - lr * wd)  # decoupled weight decay with the scheduled lr (SPEC §6.1 step 5)
+            p.add_(o.to(p.dtype), alpha=-lr)
+
+    def _update_momentum(self, params: list[torch.Tensor], mu: float) -> None:
+        # Momentum for every matrix on every rank (cheap, elementwise; gradients are already averaged), so each
+        # rank's optimizer state is complete and a rank-0 checkpoint resumes exactly. Only Newton-Schulz, the
+        # expensive part, is split across ranks.
+        live = [p for p in params if p.grad is not None]
+        bufs = []
+        for p in live:
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p.grad)
+            bufs.append(st["momentum_buffer"])
+        if live:
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, [p.grad for p in live])
+
+    def _orthogonal_updates(self, g: dict, world: int, rank: int) -> list[torch.Tensor | None]:
+        """Each parameter's scaled Newton-Schulz update (None where this rank has none to apply). With several
+        ranks, each computes the matrices it owns into a zero flat buffer and one all-reduce shares them."""
+        params, mu = g["params"], g["momentum"]
+        coeffs = ns_coefficients(g["ns_kind"], g["ns_steps"])
+        dev = params[0].device
+        ns_dtype = self.ns_dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        owners = self._owners(g, world)
+        sizes = [p.numel() for p in params]
+        flat = torch.zeros(sum(sizes), device=dev, dtype=ns_dtype) if world > 1 else None
+        updates: list[torch.Tensor | None] = [None] * len(params)
+        offset = 0
+        for i, p in enumerate(params):
+            if owners[i] == rank and p.grad is not None:
+                buf = self.state[p]["momentum_buffer"]
+                u = p.grad.add(buf, alpha=mu) if g["nesterov"] else buf
+                if g["row_norm"]:
+                    u = row_normalize(u)
+                o = newton_schulz(u, coeffs, dtype=ns_dtype)
+                o = o * math.sqrt(max(1.0, p.size(0) / p.size(1)))
+                if flat is not None:
+                    flat[offset : offset + sizes[i]] = o.reshape(-1)
+                else:
+                    updates[i] = o
+            offset += sizes[i]
+        if flat is None:
+            return updates
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # each slice is written by exactly one rank: exact
+        offsets = [0, *itertools.accumulate(sizes)]
+        return [flat[offsets[i] : offsets[i + 1]].view_as(p) for i, p in enumerate(params)]
+
+    def _owners(self, g: dict, world: int) -> list[int]:
+        shapes = [tuple(p.shape) for p in g["params"]]
+        key = (tuple(shapes), world)
+        if key not in self._owner_cache:
+            self._owner_cache[key] = balanced_owners(shapes, world)
+        return self._owner_cache[key]
+
+
+def balanced_owners(shapes: list[tuple[int, int]], world: int) -> list[int]:
+    """Assign each matrix's Newton-Schulz to a rank: largest cost first, to the least-loaded rank.
+
+    Cost ~ m·n·min(m, n) per iteration. Plain round-robin (BASE: i mod world) leaves ranks unbalanced when
+    matrix sizes differ (an MLP matrix costs 3x an attention one); the greedy split is deterministic, so every
+    rank computes the same assignment without communicating."""
+    cost = [m * n * min(m, n) for m, n in shapes]
+    load = [0] * world
+    owners = [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: (-cost[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += cost[i]
+    return owners

@@ -1,0 +1,51 @@
+"""Newton-Schulz orthogonalization for Muon: the iteration coefficients, the iteration itself, and the
+MuonEq-R row normalisation applied before it.
+
+Coefficients (SPEC §6.5): the quintic (3.4445, -4.7750, 2.0315) of modded-nanogpt repeated every iteration,
+or the per-iteration Polar Express tuples (arXiv:2505.16932).
+"""
+
+from __future__ import annotations
+
+import torch
+
+QUINTIC = (3.4445, -4.7750, 2.0315)
+# Polar Express (arXiv:2505.16932), the tuples used by R1298 / PE1787 / nanochat (SPEC §6.5).
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def ns_coefficients(kind: str, steps: int) -> list[tuple[float, float, float]]:
+    if kind == "quintic":
+        return [QUINTIC] * steps
+    if kind == "polar_express":
+        if not 1 <= steps <= len(POLAR_EXPRESS):
+            raise ValueError(f"polar_express supports 1..{len(POLAR_EXPRESS)} steps, got {steps}")
+        return list(POLAR_EXPRESS[:steps])
+    raise ValueError(f"unknown Newton-Schulz variant {kind!r} (quintic | polar_express)")
+
+
+def newton_schulz(G: torch.Tensor, coeffs: list[tuple[float, float, float]], dtype=torch.bfloat16, eps=1e-7):
+    """Approximate the orthogonal polar factor of G [m,n] (or a batch [b,m,n]) by the odd quintic
+    iteration X <- aX + (bA + cA²)X with A = XXᵀ, on the wide orientation, after Frobenius normalisation."""
+    X = G.to(dtype)
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for a, b, c in coeffs:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if transposed else X
+
+
+def row_normalize(U: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """MuonEq-R (SPEC §6.4): every row of the update to unit L2 norm (norm in fp32, clamp_min(eps))."""
+    n = U.float().norm(dim=-1, keepdim=True).clamp_min(eps)
+    return (U.float() / n).to(U.dtype)

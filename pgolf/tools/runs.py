@@ -1,0 +1,242 @@
+"""Finished training runs read from their directories, for `pgolf.tools.compare` and `pgolf.tools.submission`.
+
+A run directory holds `.hydra/` (config, overrides), `results.json` (export sizes, the round-trip eval
+modes, the float model's `pre_quant` diagnostic), `train.log` (the reference's `step:...` lines) and any
+`eval_result.json` of a later `python eval.py ... out_dir=RUN/eval` up to two levels below it. Runs are
+grouped by experiment and variant (`pgolf.train.identity.RunIdentity`, or `--by KEY...`); a group's runs
+should differ only in their seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from pgolf.train.identity import RunIdentity, identity_of_dir
+
+TRAIN_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:([\d.]+)ms")
+VAL_LINE = re.compile(r"^step:(\d+)/\d+ val_loss:(\S+) val_bpb:(\S+) train_time:([\d.]+)ms")
+STOP_LINE = re.compile(r"^stopping_early: wallclock_cap train_time:([\d.]+)ms step:(\d+)/")
+
+
+class CompareError(ValueError):
+    """A run directory or a comparison request that cannot be used (missing, no runs, unknown key or group)."""
+
+
+@dataclass
+class Run:
+    path: Path
+    identity: RunIdentity
+    config: dict
+    results: dict
+    modes: dict[str, dict] = field(default_factory=dict)  # mode -> EvalResult dict
+    sources: dict[str, str] = field(default_factory=dict)  # mode -> where it was read
+    train_curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, time ms)
+    val_curve: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, loss, bpb, ms)
+    stopped: tuple[int, float] | None = None  # (step, ms) of a `stopping_early: wallclock_cap` line
+
+    @property
+    def seed(self) -> int:
+        return self.identity.seed
+
+    @property
+    def label(self) -> str:
+        """The run directory as `<sweep or time>/<job>` (no machine paths in tables)."""
+        return f"{self.path.parent.name}/{self.path.name}"
+
+    @property
+    def export(self) -> dict:
+        return self.results.get("export", {})
+
+    @property
+    def artifact_bytes(self) -> int | None:
+        return self.export.get("total_bytes", self.results.get("total_bytes"))
+
+    @property
+    def steps(self) -> int | None:
+        """Optimizer steps: results.json's `training`, else the last step the log shows."""
+        if "steps" in self.results.get("training", {}):
+            return self.results["training"]["steps"]
+        return self.last_logged[0]
+
+    @property
+    def train_time_ms(self) -> float | None:
+        """Training time on the challenge clock, at the end of training."""
+        if "train_time_ms" in self.results.get("training", {}):
+            return self.results["training"]["train_time_ms"]
+        return self.last_logged[1]
+
+    @property
+    def last_logged(self) -> tuple[int | None, float | None]:
+        points = [(s, t) for s, _, t in self.train_curve] + [(s, t) for s, _, _, t in self.val_curve]
+        if self.stopped is not None:
+            points.append(self.stopped)
+        return max(points) if points else (None, None)
+
+
+def is_run_dir(p: Path) -> bool:
+    """A training job's directory (eval.py's output directories have `.hydra/` too, but no train.log)."""
+    return (p / ".hydra" / "config.yaml").is_file() and ((p / "train.log").is_file() or (p / "results.json").is_file())
+
+
+def find_runs(paths: list[str | Path], max_depth: int = 4) -> list[Path]:
+    """Run directories among `paths`: each path is a run directory or is searched for them."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise CompareError(f"{p}: no such directory")
+        if is_run_dir(p):
+            found.append(p)
+            continue
+        level, hits = [p], []
+        for _ in range(max_depth):
+            nxt = []
+            for d in level:
+                for c in sorted(x for x in d.iterdir() if x.is_dir() and not x.name.startswith(".")):
+                    (hits if is_run_dir(c) else nxt).append(c)
+            level = nxt
+        if not hits:
+            raise CompareError(f"{p}: no training run directories (.hydra/config.yaml + train.log) in it or below it")
+        found += hits
+    out, seen = [], set()
+    for p in found:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def _config(run_dir: Path) -> dict:
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation that needs Hydra's resolvers: keep it unresolved
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def parse_train_log(text: str) -> tuple[list, list, tuple[int, float] | None]:
+    """The reference's lines: train curve, validation curve, and where a wall-clock stop happened."""
+    train, val, stop = [], [], None
+    for line in text.splitlines():
+        if m := TRAIN_LINE.match(line):
+            train.append((int(m[1]), float(m[2]), float(m[3])))
+        elif m := VAL_LINE.match(line):
+            val.append((int(m[1]), float(m[2]), float(m[3]), float(m[4])))
+        elif m := STOP_LINE.match(line):
+            stop = (int(m[2]), float(m[1]))
+    return train, val, stop
+
+
+def parse_metrics_csv(text: str) -> list:
+    rows = []
+    for r in csv.DictReader(io.StringIO(text)):
+        if r.get("train_loss") and r.get("step"):
+            rows.append((int(float(r["step"])), float(r["train_loss"]), float(r.get("train_time_ms") or "nan")))
+    return rows
+
+
+def eval_result_files(run_dir: Path) -> list[Path]:
+    files = [run_dir / "eval_result.json", *run_dir.glob("*/eval_result.json"), *run_dir.glob("*/*/eval_result.json")]
+    return sorted({f for f in files if f.is_file()}, key=lambda f: (f.stat().st_mtime, str(f)))
+
+
+def load_run(run_dir: str | Path) -> Run:
+    run_dir = Path(run_dir)
+    res_file = run_dir / "results.json"
+    results = json.loads(res_file.read_text()) if res_file.is_file() else {}
+    run = Run(run_dir, identity_of_dir(run_dir), _config(run_dir), results)
+    pre = results.get("export", {}).get("pre_quant")
+    if pre:
+        run.modes["pre_quant"], run.sources["pre_quant"] = pre, "results.json (float model)"
+    for mode, r in results.get("roundtrip", {}).items():
+        run.modes[mode], run.sources[mode] = r, "results.json"
+    for f in eval_result_files(run_dir):  # later evaluations of the artifact (eval.py) take precedence
+        for mode, r in json.loads(f.read_text()).get("results", {}).items():
+            rel = str(f.relative_to(run_dir))
+            if mode in run.modes and run.sources[mode] != rel:
+                msg = f"{run.label}: mode {mode!r} from {rel} replaces the one from {run.sources[mode]}"
+                warnings.warn(msg, stacklevel=2)
+            run.modes[mode], run.sources[mode] = r, rel
+    log = run_dir / "train.log"
+    if log.is_file():
+        run.train_curve, run.val_curve, run.stopped = parse_train_log(log.read_text(errors="replace"))
+    elif (run_dir / "csv" / "metrics.csv").is_file():
+        run.train_curve = parse_metrics_csv((run_dir / "csv" / "metrics.csv").read_text())
+    return run
+
+
+def lookup(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise CompareError(f"--by {dotted}: no such key in the run's config")
+        node = node[part]
+    return node
+
+
+def regroup(run: Run, keys: list[str]) -> Run:
+    items = tuple((k, str(lookup(run.config, k))) for k in keys)
+    variant = ",".join(f"{k}={v}" for k, v in items)
+    run.identity = RunIdentity(run.identity.experiment, run.identity.seed, variant, items)
+    return run
+
+
+def load_runs(paths: list[str | Path], by: list[str] | None = None) -> tuple[list[Run], list[str]]:
+    """Finished runs (with results) and notes about the directories that were left out."""
+    runs, notes = [], []
+    for d in find_runs(paths):
+        try:
+            run = load_run(d)
+        except (OSError, ValueError) as e:
+            notes.append(f"skipped {d.parent.name}/{d.name}: {e}")
+            continue
+        if not run.modes:
+            notes.append(f"skipped {run.label}: no results (unfinished or failed run)")
+            continue
+        runs.append(regroup(run, by) if by else run)
+    notes += mixed_config_notes(runs)
+    groups: dict[tuple[str, int], list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.identity.group, r.seed), []).append(r)
+    keep = []
+    for (g, seed), rs in groups.items():
+        if len(rs) > 1:  # the same seed twice is not an independent sample: keep the newest
+            rs = sorted(rs, key=lambda r: (r.path / "results.json").stat().st_mtime)
+            notes.append(f"group {g} has seed {seed} {len(rs)} times: kept {rs[-1].label} only")
+        keep.append(rs[-1])
+    order = {id(r): i for i, r in enumerate(runs)}
+    return sorted(keep, key=lambda r: order[id(r)]), notes
+
+
+def flat_config(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+    return out
+
+
+def mixed_config_notes(runs: list[Run]) -> list[str]:
+    """Warn when the runs of one group differ in more than their seed (they are not replicates)."""
+    notes = []
+    for g in dict.fromkeys(r.identity.group for r in runs):
+        flats = [flat_config(r.config) for r in runs if r.identity.group == g]
+        keys = sorted({k for f in flats for k in f} - {"seed"})
+        diff = [k for k in keys if len({f.get(k) for f in flats}) > 1]
+        if diff:
+            shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+            notes.append(
+                f"group {g} mixes runs whose configs differ in {shown}: not replicates of one config "
+                "(name the variants with variant=..., or group with --by KEY)"
+            )
+    return notes
