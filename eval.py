@@ -2,25 +2,36 @@
 
 Modes (conf/eval/): standard, sliding, ttt, lora_ttt, slot_1263, slot_1298, causal_slot.
 
-Loads only the artifact (weights, model config and tokenizer identity inside it), refuses a tokenizer
-whose hash or vocab size differs, runs the selected modes on the validation split, and writes
-`eval_result.json` (and with `audit=true` the per-target NLL/bytes in `audit.npz`). Under torchrun the
-windows are split across processes and the sums reduced.
+Every key is validated first (pgolf/config/: `config error: ...`, exit status 2, before torch is imported).
+Loads only the artifact (weights, model config and tokenizer identity inside it), refuses a tokenizer whose
+hash or vocab size differs, runs the selected modes on the validation split, and writes `eval_result.json`
+(and with `audit=true` the per-target NLL/bytes in `audit.npz`). Under torchrun the windows are split across
+processes and the sums reduced.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pgolf.eval.run import evaluate_artifact
+from pgolf.config.schema import EvalRun
+from pgolf.config.validate import check_overrides, exit_on_config_error, validate_eval
+
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
+    with exit_on_config_error():  # `config error: ...`, exit status 2, before torch is imported
+        validate_eval(cfg, CONF)
+    # Deferred on purpose: the evaluation runtime brings torch and Lightning (several seconds); a missing
+    # artifact or a bad key is reported without them.
+    from pgolf.eval.run import evaluate_artifact
+
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     result = evaluate_artifact(
         artifact=cfg.artifact,
@@ -38,4 +49,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    with exit_on_config_error():  # a misspelled key on the command line, named before Hydra composes
+        check_overrides(sys.argv[1:], EvalRun, CONF)
     main()

@@ -1,20 +1,30 @@
-"""Builders that turn the composed Hydra config into Lightning objects (called by `train.py`)."""
+"""Builders that turn the composed Hydra config into Lightning objects (called by `train.py`), and the
+config checks that need Lightning itself (`check_lightning_config`), run before any data preparation."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from pgolf.data.stream import GolfDataModule, default_grad_accum
+from pgolf.config.typed import ConfigError
+from pgolf.data.datamodule import GolfDataModule
+from pgolf.data.stream import StreamLayout, default_grad_accum, load_val_tokens
 from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
 from pgolf.export.provenance import provenance
-from pgolf.io import atomic_path
+from pgolf.io import atomic_path, atomic_write_bytes
+from pgolf.model.gpt import count_params
+from pgolf.runlog import global_rank
 from pgolf.train.module import GolfModule
+from pgolf.train.wandb_logger import finish_wandb, make_wandb_logger  # imports wandb only when a run is made
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -40,9 +50,53 @@ def grad_accum_of(cfg: DictConfig) -> int:
     return default_grad_accum(world) if ga in (None, "auto") else int(ga)
 
 
+def check_lightning_config(cfg: DictConfig) -> None:
+    """The checks that need Lightning, before any data preparation: every `trainer` key that pgolf does not
+    read itself is an argument of `lightning.Trainer`, and `train.batch_tokens` splits into whole sequences
+    per rank and micro-step. Raises ConfigError."""
+    params = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    for key in cfg.trainer:
+        if key not in params:
+            raise ConfigError(f"trainer.{key} is not an argument of lightning.Trainer")
+    try:
+        StreamLayout(cfg.train.batch_tokens, cfg.train.seq_len, world_size_of(cfg.trainer), grad_accum_of(cfg))
+    except ValueError as e:
+        raise ConfigError(f"train.{e}") from None
+
+
+def instantiate_extras(specs: DictConfig, base: type, where: str) -> list:
+    """`{name: {_target_: class path, **kwargs}}` instantiated in order (hydra.utils.instantiate), each an
+    instance of `base`. Raises ConfigError naming `where.name`."""
+    out = []
+    for name, spec in specs.items():
+        try:
+            obj = instantiate(spec)
+        except InstantiationException as e:
+            raise ConfigError(f"{where}.{name}: {' '.join(str(e).split())}") from None
+        if not isinstance(obj, base):
+            raise ConfigError(f"{where}.{name}: {spec._target_} is not a {base.__module__}.{base.__name__}")
+        out.append(obj)
+    return out
+
+
+def build_extra_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The Lightning callbacks of `callbacks.extra` (e.g. `+callbacks.extra.lr_monitor._target_=
+    lightning.pytorch.callbacks.LearningRateMonitor`), for after the challenge's own."""
+    return instantiate_extras(cfg.callbacks.extra, L.Callback, "callbacks.extra")
+
+
+def truncated_val_tokens(pattern: str, seq_len: int, vocab_size: int, max_tokens: int) -> torch.Tensor:
+    """The validation tokens as the DataModule loads them, cut to the first `max_tokens` targets rounded
+    down to whole sequences (at least one): `data.val_max_tokens` of debug runs, never the challenge's
+    metric."""
+    tokens = load_val_tokens(pattern, seq_len, vocab_size)
+    keep = max(max_tokens // seq_len, 1) * seq_len
+    return tokens[: min(keep, tokens.numel() - 1) + 1]
+
+
 def build_datamodule(cfg: DictConfig) -> GolfDataModule:
     d, t = cfg.data, cfg.train
-    return GolfDataModule(
+    dm = GolfDataModule(
         train_pattern=d.train_pattern,
         val_pattern=d.val_pattern,
         tokenizer_path=d.tokenizer_path,
@@ -53,6 +107,11 @@ def build_datamodule(cfg: DictConfig) -> GolfDataModule:
         val_batch_tokens=d.val_batch_tokens,
         grad_accum=grad_accum_of(cfg),
     )
+    if d.val_max_tokens is not None:  # the DataModule keeps val_tokens that are already set
+        dm.val_tokens = truncated_val_tokens(
+            d.val_pattern, max(dm.seq_len, dm.eval_seq_len), d.vocab_size, d.val_max_tokens
+        )
+    return dm
 
 
 def build_module(cfg: DictConfig, tokenizer_path: str) -> tuple[GolfModule, TokenizerInfo]:
@@ -70,38 +129,31 @@ def build_module(cfg: DictConfig, tokenizer_path: str) -> tuple[GolfModule, Toke
     return module, info
 
 
-def build_logger(cfg: DictConfig, run_dir: Path) -> list:
+def build_logger(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     """The job's loggers: the CSV metrics file always (`csv/metrics.csv`, what the run directory keeps),
-    plus W&B with `logger=wandb`; an empty list with `logger.kind=none`."""
-    from lightning.pytorch.loggers import CSVLogger
-
+    plus W&B with `logger=wandb`, then the Lightning loggers of `logger.extra`; with `logger.kind=none`
+    only the extra ones. Raises ConfigError for an extra logger that cannot be instantiated."""
     lg = cfg.logger
+    extra = instantiate_extras(lg.extra, Logger, "logger.extra")
     if lg.kind == "none":
-        return []
+        return extra
     csv = CSVLogger(save_dir=str(run_dir), name="csv", version="")
     if lg.kind == "csv":
-        return [csv]
+        return [csv, *extra]
     if lg.kind == "wandb":
-        from pgolf.train.wandb_logger import make_wandb_logger
-
-        return [csv, make_wandb_logger(cfg, run_dir)]
+        return [csv, make_wandb_logger(cfg, run_dir), *extra]
     raise ValueError(f"unknown logger.kind {lg.kind!r} (csv | wandb | none)")
 
 
 def finish_logger(loggers: list, results: dict, exit_code: int = 0) -> None:
     """End the job's logger runs: W&B gets the results in its summary and is finished (also on failure)."""
     for lg in loggers or []:
-        if lg.__class__.__name__ == "WandbLogger":
-            from pgolf.train.wandb_logger import finish_wandb
-
+        if isinstance(lg, WandbLogger):
             finish_wandb(lg, results, exit_code)
 
 
 def save_resolved_config(cfg: DictConfig, run_dir: Path, subdir: str | None = ".hydra") -> Path | None:
     """Write the fully resolved config next to Hydra's (which keeps `${...}` interpolations); rank 0."""
-    from pgolf.io import atomic_write_bytes
-    from pgolf.runlog import global_rank
-
     if global_rank() != 0:
         return None
     path = Path(run_dir) / (subdir or ".hydra") / "resolved.yaml"
@@ -110,8 +162,6 @@ def save_resolved_config(cfg: DictConfig, run_dir: Path, subdir: str | None = ".
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
-    from hydra.utils import instantiate
-
     tr = OmegaConf.to_container(cfg.trainer, resolve=True)
     strategy = tr.pop("strategy", "auto")
     if isinstance(strategy, dict):
@@ -157,8 +207,6 @@ def run_meta(cfg: DictConfig, tokenizer: TokenizerInfo) -> dict:
 
 def log_header(cfg: DictConfig, module: GolfModule, dm: GolfDataModule, info: TokenizerInfo, world: int) -> list[str]:
     """The reference's start-of-run lines (SPEC §10)."""
-    from pgolf.model.gpt import count_params
-
     m, o, t = module.model_cfg, cfg.optim, cfg.train
     xsa = [i for i, b in enumerate(module.gpt.blocks) if b.attn.xsa]
     lines = [

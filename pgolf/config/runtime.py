@@ -1,0 +1,42 @@
+"""The config checks that need torch: `export` read into `ExportConfig`, and the Newton-Schulz variant's
+step count.
+
+Importing this module imports torch (about 2 s), unlike the rest of pgolf/config: train.py imports it once
+the torch-free checks (pgolf/config/validate.py) have passed, and still before Lightning and before any
+data preparation. Every problem is a `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from pgolf.config.typed import ConfigError, load
+from pgolf.config.validate import plain
+from pgolf.export.config import ExportConfig
+from pgolf.optim.newton_schulz import ns_coefficients
+
+
+def check_export(export: dict) -> ExportConfig:
+    """The `export` group as an ExportConfig (read as the export callback reads it, `ExportConfig.from_dict`),
+    after its keys and types and those of its sections (gptq, calibration, prune) were checked. Raises
+    ConfigError."""
+    load(ExportConfig, export, "export", construct=False)
+    try:
+        return ExportConfig.from_dict(export)
+    except ValueError as e:
+        raise ConfigError(f"export: {e}") from None
+
+
+def check_optim(optim: dict) -> None:
+    """The Newton-Schulz variant supports `optim.ns_steps` (Polar Express has a fixed table of steps)."""
+    try:
+        ns_coefficients(optim["ns_kind"], optim["ns_steps"])
+    except ValueError as e:
+        raise ConfigError(f"optim.ns_steps: {e}") from None
+
+
+def check_runtime(cfg: DictConfig) -> ExportConfig:
+    """The checks of this module on a composed conf/train.yaml that passed `validate_train`."""
+    d = plain(cfg)
+    check_optim(d["optim"])
+    return check_export(d["export"])
