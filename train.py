@@ -1,12 +1,14 @@
 """Train a Parameter Golf model: `python train.py [experiment=NAME] [debug=smoke] [key=value ...]` (Hydra).
 
-compose config -> validate it -> seed -> data, module, callbacks, trainer -> fit (training, export, round
-trip) -> metric. Every config group is typed (pgolf/config/): a key a group lacks, a wrong type or a value
-out of range stops the run with `config error: <key> ...` and exit status 2, before any data is prepared.
-The validation needs neither torch nor Lightning, so `--help` and a bad override answer in about a second;
-the runtime is imported after it. With no arguments it trains the demo model on the Shakespeare demo corpus
-(prepared on first use). `python train.py -m seed=1,2,3 ...` runs a sweep (one directory per job); a
-multirun job that needs several local processes runs as its own torchrun (pgolf/tools/sweep.py).
+compose config -> validate it -> pack it (the counted code: this experiment's `train_gpt.py`, written to the
+run directory; pgolf/tools/pack.py) -> prepare the data -> the run of pgolf/train/run.py, which the packed
+script runs too (training, export, round trip) -> metric. Every config group is typed (pgolf/config/): a key
+a group lacks, a wrong type or a value out of range stops the run with `config error: <key> ...` and exit
+status 2, before any data is prepared. The validation needs neither torch nor Lightning, so `--help` and a
+bad override answer in about a second; the runtime is imported after it. With no arguments it trains the
+demo model on the Shakespeare demo corpus (prepared on first use). `python train.py -m seed=1,2,3 ...` runs
+a sweep (one directory per job); a multirun job that needs several local processes runs as its own
+torchrun (pgolf/tools/sweep.py).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pgolf.config.schema import TrainRun
 from pgolf.config.validate import check_overrides, exit_on_config_error, validate_train
-from pgolf.runlog import log0, set_log_file
+from pgolf.io import atomic_write_bytes
+from pgolf.runlog import global_rank
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -34,20 +37,18 @@ def main(cfg: DictConfig) -> float | None:
         from pgolf.config.runtime import check_runtime
 
         check_runtime(cfg)
-    return fit(cfg)
+    return train(cfg)
 
 
-def fit(cfg: DictConfig) -> float | None:
-    """Train, export and round-trip a validated config; the final standard round-trip val_bpb."""
+def train(cfg: DictConfig) -> float | None:
+    """Pack the experiment (its code record), prepare the data, then train, export and round-trip a
+    validated config (pgolf/train/run.py); the final standard round-trip val_bpb."""
     # Deferred on purpose: Lightning and the training runtime (several seconds of imports) load only after
     # the config is valid (STYLE: thin entry points, validate first), so `--help` and config errors skip them.
-    import lightning as L
-
-    from callbacks import build_callbacks
-    from callbacks.header import RunHeader
     from pgolf.tools.datasets import ensure_dataset
+    from pgolf.tools.pack import SCRIPT, pack
     from pgolf.tools.sweep import relaunch_command, run_relaunched
-    from pgolf.train import build
+    from pgolf.train.run import exit_status, final_bpb, fit, prepare
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -55,39 +56,17 @@ def fit(cfg: DictConfig) -> float | None:
     if relaunch is not None:
         return run_relaunched(relaunch, run_dir, hc.runtime.cwd)
     with exit_on_config_error():  # the checks that need Lightning, and the extra callbacks and loggers
-        build.check_lightning_config(cfg)
-        extra_callbacks = build.build_extra_callbacks(cfg)
-        loggers = build.build_logger(cfg, run_dir)
-    set_log_file(run_dir / "train.log")
-    build.save_resolved_config(cfg, run_dir, hc.output_subdir)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-
+        extras = prepare(cfg, run_dir)
+    packed = pack(cfg)  # the counted code: this experiment's train_gpt.py, kept in the run directory
+    if global_rank() == 0:
+        atomic_write_bytes(run_dir / SCRIPT, packed.script)
     ensure_dataset(cfg.data.prepare, cfg.data.get("root"))
-    dm = build.build_datamodule(cfg)
-    module, tokenizer = build.build_module(cfg, cfg.data.tokenizer_path)
-    meta = build.run_meta(cfg, tokenizer)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    header = RunHeader(lambda tr, pl: build.log_header(cfg, pl, tr.datamodule, tokenizer, tr.world_size))
-    challenge = build_callbacks(cfg, run_dir, meta)
-    trainer = build.build_trainer(cfg, [header, *challenge.all, *extra_callbacks], loggers)
-    try:
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume)
-    except BaseException:
-        build.finish_logger(loggers, {}, exit_code=1)  # one finished run per job, also when it fails
-        raise
-    if module.state.preempted:
-        build.finish_logger(loggers, {"preempted": True})
-        log0("exiting cleanly after preemption (no export)")
-        return None
-
-    results = challenge.export.results
-    build.finish_logger(loggers, results)
-    if results and not results.get("size_ok", True) and cfg.export.fail_over_limit:
-        log0("error: the artifact is over the size limit (export.fail_over_limit=true)")
-        sys.exit(3)
-    final = results.get("roundtrip", {}).get("standard")
-    return final["val_bpb"] if final else None
+    config_file = run_dir / (hc.output_subdir or ".hydra") / "resolved.yaml"
+    results = fit(cfg, run_dir, extras, packed.code, run_dir / "train.log", config_file, packed.requirements)
+    status = exit_status(cfg, results)
+    if status:
+        sys.exit(status)
+    return final_bpb(results)
 
 
 if __name__ == "__main__":

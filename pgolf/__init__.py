@@ -1,9 +1,10 @@
 """pgolf: Lightning + Hydra research code for the OpenAI Parameter Golf challenge.
 
-The library never imports `callbacks/` and has no import-time side effects (no CUDA, no process groups,
-no file reads), so every module imports on a CPU-only machine.
+Only pgolf/train/run.py (the run that train.py and the packed train_gpt.py call) imports `callbacks/`.
+No module has import-time side effects (no CUDA, no process groups, no file reads), so every module imports
+on a CPU-only machine. The runtime (everything but pgolf/tools/) never imports a tool: tests/test_imports.py.
 """
 
-ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: code + compressed model (SPEC §1)
+ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: code + compressed model (challenge README)
 
 __version__ = "0.1.0"

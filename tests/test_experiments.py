@@ -178,10 +178,14 @@ def test_submission_folder_from_one_group(sweep, tmp_path):
         "README.md",
         "requirements.txt",
         "submission.json",
+        "train_gpt.py",
         "train_seed0.log",
         "train_seed1.log",
     ]
     sub = json.loads((out / "submission.json").read_text())
+    script = (out / "train_gpt.py").read_bytes()
+    assert script == (jobs[0] / "train_gpt.py").read_bytes() == (jobs[1] / "train_gpt.py").read_bytes()
+    assert sub["bytes_code"] == len(script) == res_code_bytes(jobs[0]) and len(sub["code_sha256"]) == 64
     for key in ("author", "github_id", "name", "blurb", "date", "track", "val_loss", "val_bpb", "val_bpb_std"):
         assert sub[key] is not None, key
     assert sub["seeds"] == [0, 1] and set(sub["seed_results"]) == {"0", "1"}
@@ -195,6 +199,8 @@ def test_submission_folder_from_one_group(sweep, tmp_path):
     assert "torch==" in (out / "requirements.txt").read_text()
     readme = (out / "README.md").read_text()
     assert "python train.py -m" in readme and "seed=0,1" in readme and "| 1 |" in readme
+    assert "SEED=1 RUN_ID=seed1 DATA_PATH=./data/datasets/shards" in readme
+    assert "torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme
     for f in out.iterdir():
         text = f.read_text()
         assert submission.find_machine_paths(text) == [], (f.name, submission.find_machine_paths(text))
@@ -203,6 +209,10 @@ def test_submission_folder_from_one_group(sweep, tmp_path):
     # never overwritten; several groups are refused
     assert submission.main([str(jobs[0]), "--out", str(out), "--name", "x", "--github-id", "y"]) == 2
     assert submission.main([str(sweep), "--out", str(tmp_path / "o2"), "--name", "x", "--github-id", "y"]) == 2
+
+
+def res_code_bytes(job: Path) -> int:
+    return json.loads((job / "results.json").read_text())["export"]["code_bytes"]
 
 
 # ---- a multirun job with two processes: one torchrun, one process group, one W&B run ------------------------

@@ -1,17 +1,27 @@
-"""Counted code: the bytes of the code an artifact needs to train, export and evaluate.
+"""Counted code: the packed `train_gpt.py` of the run's experiment, by its length and its sha256.
+
+The challenge counts the UTF-8 length of `train_gpt.py` (openai/parameter-golf README). pgolf's
+`train_gpt.py` is written by the packer (`python -m pgolf.tools.pack`): one file holding the runtime
+modules that the experiment imports and its resolved config. That file is the code of a run, whichever
+way it ran: `train.py` packs its experiment in memory and hands the record in; the packed script reads
+its own file. A run carries it as `meta["code"] = {"bytes": N, "sha256": HEX}`, which the export counts
+against the limit and every artifact records.
 
 The runtime is a set of folders: `pgolf/` except `pgolf/tools/` (command-line tools the runtime never
-imports, like the reference's data/ scripts), `callbacks/`, and the entry points `train.py` and `eval.py`.
-tests/test_imports.py asserts that no runtime module imports a tool, so the folder rule is the import rule.
+imports), and `callbacks/`; the packer takes its modules from those folders only (`code_files`).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable, Mapping
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 RUNTIME_DIRS = ("pgolf", "callbacks")
 ENTRY_POINTS = ("train.py", "eval.py")
 TOOLS_DIR = "pgolf/tools"
+CODE_KEY = "code"  # the run meta's and the artifact metadata's key of the code record
 
 
 def project_root() -> Path:
@@ -31,6 +41,32 @@ def code_files(root: Path | None = None) -> list[Path]:
     return files
 
 
-def code_bytes(root: Path | None = None) -> int:
-    """Total size in bytes of `code_files(root)`."""
-    return sum(p.stat().st_size for p in code_files(root))
+def code_record(script: bytes) -> dict:
+    """`{"bytes": len(script), "sha256": hex digest}` of a packed `train_gpt.py` (its bytes as written)."""
+    return {"bytes": len(script), "sha256": hashlib.sha256(script).hexdigest()}
+
+
+def code_of(meta: Mapping | None) -> dict:
+    """The code record of a run's meta (or an artifact's metadata): `{"bytes", "sha256"}`. A library call
+    that was handed no packed code (a test exporting a bare model) counts 0 code bytes and has no hash."""
+    rec = (meta or {}).get(CODE_KEY)
+    if rec is None:
+        return {"bytes": 0, "sha256": None}
+    return {"bytes": int(rec["bytes"]), "sha256": rec.get("sha256")}
+
+
+def code_bytes(meta: Mapping | None = None) -> int:
+    """The counted code bytes of a run's meta: the length of its packed `train_gpt.py` (0 without one)."""
+    return code_of(meta)["bytes"]
+
+
+def package_versions(dists: Iterable[str]) -> dict[str, str]:
+    """{distribution: installed version} of the packages a packed script imports (its requirements.txt);
+    "missing" for one that is not installed."""
+    out = {}
+    for d in sorted(dists):
+        try:
+            out[d] = version(d)
+        except PackageNotFoundError:
+            out[d] = "missing"
+    return out

@@ -86,7 +86,7 @@ def export_model(
     run_dir = Path(run_dir)
     path = run_dir / cfg.path_name
     pre = pre_quant_diagnostic(gpt, val_tokens, eval_ctx) if val_tokens is not None else None
-    n_code = code_bytes()
+    n_code = code_bytes(meta)  # the packed train_gpt.py of the run (meta["code"]), pgolf/export/code.py
     clock = Stopwatch()
     out = write_artifact_stages(gpt, cfg, ctx, meta, run_dir, n_code, clock) if rank == 0 else Written()
     size = SizeReport(model_bytes=out.model_bytes, code_bytes=n_code, limit=cfg.limit_bytes)

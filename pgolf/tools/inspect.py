@@ -2,7 +2,8 @@
 
 Prints the model config, tokenizer identity, provenance, calibration source and pruning record, a
 per-tensor table (shape, storage, bits, bytes before and after compression, share), the margin to
-16,000,000 bytes, and with `--codecs` the size of the same payload under every codec, so a user can pick one.
+16,000,000 bytes (code: the packed train_gpt.py recorded in the artifact, its length and sha256), and with
+`--codecs` the size of the same payload under every codec, so a user can pick one.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from pgolf.export.code import code_bytes
+from pgolf.export.code import code_of
 from pgolf.quant.artifact import PREFIX, ArtifactError, SizeReport, codec_sizes, compress, decode_artifact, pack, unpack
 
 
@@ -106,7 +107,9 @@ def inspect(path: str | Path, codecs: bool = False) -> str:
         f"{'total':44s} {'':>12s} {'':>6s} {'':>4s} {sum(r[4] for r in rows):>10d} {total_comp:>12d} {100.0:5.1f}%"
     )
     lines.append("* compressed alone; the whole payload compresses jointly, so the column sums differ from the file")
-    n_code = int(meta.get("code_bytes", code_bytes()))
+    code = code_of(meta)  # the packed train_gpt.py that made the artifact (pgolf/export/code.py)
+    n_code = code["bytes"] if code["sha256"] else int(meta.get("code_bytes", 0))
+    lines.append(f"code: train_gpt.py {n_code} bytes sha256:{code['sha256'] or 'not recorded'}")
     rep = SizeReport(model_bytes=len(data), code_bytes=n_code)
     lines += rep.lines()
     if codecs:

@@ -60,6 +60,11 @@ class Run:
         return self.export.get("total_bytes", self.results.get("total_bytes"))
 
     @property
+    def code_bytes(self) -> int | None:
+        """The length of the run's packed train_gpt.py, counted in `artifact_bytes` (pgolf/export/code.py)."""
+        return self.export.get("code_bytes")
+
+    @property
     def steps(self) -> int | None:
         """Optimizer steps: results.json's `training`, else the last step the log shows."""
         if "steps" in self.results.get("training", {}):

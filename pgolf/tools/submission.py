@@ -1,21 +1,27 @@
-"""Assemble a challenge submission folder from a group of seed runs (SPEC §1).
+"""Assemble a challenge submission folder from a group of seed runs (the challenge README's submission rules).
 
 `python -m pgolf.tools.submission RUN_OR_SWEEP_DIR... --out records/2026-05-01_MyRun --name "My run" --github-id me
 [--mode sliding] [--baseline BASELINE_RUN_DIRS...]` writes, into a new folder:
 
+* `train_gpt.py`: the packed script of the runs (pgolf/tools/pack.py; `train.py` keeps it in each run
+  directory), which trains, exports and evaluates the experiment from inside the folder with
+  `torchrun --standalone --nproc_per_node=N train_gpt.py`;
 * `README.md`: what was run, the per-seed results table (every eval mode), mean ± std, the compliance of
-  every eval mode, the size accounting, the commands that reproduce the runs, and (with `--baseline`) the
-  comparison with the significance test of `pgolf.tools.compare`;
+  every eval mode, the size accounting, the command and environment that reproduce each run, and (with
+  `--baseline`) Δ and the Welch test of `pgolf.tools.compare` against the baseline group;
 * `submission.json`: the fields the record folders use (author, github_id, name, blurb, date, track,
   val_loss/val_bpb mean and std, seeds, seed_results with per-seed val_loss/val_bpb/artifact_bytes/steps/
-  step_avg_ms, bytes_total, bytes_code, hardware, pytorch_version) plus `eval_mode` (the scored mode) and
-  `eval_modes` (every mode's mean, std, per-seed values and compliance);
+  step_avg_ms, bytes_total, bytes_code (the length of train_gpt.py), hardware, pytorch_version) plus
+  `eval_mode` (the scored mode), `eval_modes` (every mode's mean, std, per-seed values and compliance)
+  and `code_sha256`;
 * `train_seed<SEED>.log`: each run's train log, with machine paths removed;
-* `requirements.txt`: the project's pinned runtime requirements.
+* `requirements.txt`: the packages train_gpt.py imports, pinned to the versions the runs recorded.
 
-The scored mode is `--mode`, or else the eval mode with the lowest mean val_bpb among those that are
-compliant in every run (the float `pre_quant` diagnostic is never a score). The folder is built next to
-`--out` and renamed into place; an existing non-empty `--out` is never touched.
+Before writing, the folder is verified: the script compiles, and its sha256 is the code hash that every
+run recorded in its artifact and its log (`code_sha256:`); runs of different code do not form one
+submission. The scored mode is `--mode`, or else the eval mode with the lowest mean val_bpb among those
+that are compliant in every run (the float `pre_quant` diagnostic is never a score). The folder is built
+next to `--out` and renamed into place; an existing non-empty `--out` is never touched.
 """
 
 from __future__ import annotations
@@ -25,16 +31,22 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
+from pgolf.export.code import CODE_KEY, code_record
 from pgolf.io import atomic_dir
 from pgolf.quant.artifact import ArtifactError, read_artifact
 from pgolf.tools.compare import DIAGNOSTIC_MODES, ModeStats, compare_to, mode_order, mode_stats
+from pgolf.tools.pack import SCRIPT, unpack
 from pgolf.tools.runs import CompareError, load_runs
 
 TRACK = "10min_16mb"
+CODE_LINE = re.compile(r"^code_bytes:(\d+) code_sha256:([0-9a-f]{64})$", re.M)  # pgolf/train/build.py log_header
+WORLD_LINE = re.compile(r"^world_size:(\d+) ", re.M)
 
 # An absolute path: a slash not inside a word, a URL (`//`) or a relative path, then two or more components.
 ABS_PATH = re.compile(r"(?<![\w.~/-])/(?:[^\s/'\"`:,;()\[\]{}<>|=]+/)+[^\s/'\"`:,;()\[\]{}<>|=]*")
@@ -70,8 +82,8 @@ def requirements(root: Path | None = None) -> list[str]:
         return re.findall(r'"([^"]+)"', block[1]) if block else []
 
 
-def provenance_of(run) -> dict:
-    """What the artifact records about where it was trained (empty when the artifact is absent)."""
+def artifact_meta(run) -> dict:
+    """The metadata of the run's artifact (empty when the artifact is absent or unreadable)."""
     name = Path(run.export.get("path", "")).name
     path = run.path / name if name else None
     if path is None or not path.is_file():
@@ -80,7 +92,70 @@ def provenance_of(run) -> dict:
         _, meta = read_artifact(path)
     except ArtifactError:
         return {}
-    return meta.get("provenance", {})
+    return meta
+
+
+def provenance_of(run) -> dict:
+    """What the artifact records about where it was trained (empty when the artifact is absent)."""
+    return artifact_meta(run).get("provenance", {})
+
+
+@dataclass(frozen=True)
+class Code:
+    """The runs' packed script, verified, and what they recorded about it."""
+
+    script: bytes
+    sha256: str
+    versions: dict[str, str]  # {distribution: version} the runs imported (their artifacts' `requirements`)
+    world_size: int  # processes per run (the runs' `world_size:` log line)
+
+
+def verify_code(runs) -> Code:
+    """The train_gpt.py of the runs, checked: every run directory holds the same file, it compiles, and its
+    sha256 is the code hash recorded in every run's artifact and train.log. Raises SubmissionError."""
+    scripts = {}
+    for r in runs:
+        f = r.path / SCRIPT
+        if not f.is_file():
+            raise SubmissionError(f"{r.label}: no {SCRIPT} (a run made before the packer cannot be submitted)")
+        scripts[r.label] = f.read_bytes()
+    if len(set(scripts.values())) > 1:
+        shas = ", ".join(f"{k}: {code_record(v)['sha256'][:12]}" for k, v in scripts.items())
+        raise SubmissionError(f"the runs were made by different code ({shas}); give runs of one {SCRIPT}")
+    script = next(iter(scripts.values()))
+    try:
+        compile(script.decode("utf-8"), SCRIPT, "exec")
+    except (SyntaxError, UnicodeDecodeError) as e:
+        raise SubmissionError(f"{SCRIPT} does not compile: {e}") from None
+    sha = code_record(script)["sha256"]
+    versions, worlds = [], []
+    for r in runs:
+        meta = artifact_meta(r)
+        recorded = meta.get(CODE_KEY, {}).get("sha256")
+        if recorded != sha:
+            raise SubmissionError(f"{r.label}: its artifact records code {recorded}, not {SCRIPT}'s {sha}")
+        log = (r.path / "train.log").read_text(errors="replace") if (r.path / "train.log").is_file() else ""
+        logged = [m[2] for m in CODE_LINE.finditer(log)]
+        if not logged or set(logged) != {sha}:
+            raise SubmissionError(f"{r.label}: its train.log records code {logged or 'none'}, not {SCRIPT}'s {sha}")
+        versions.append(meta.get("requirements") or {})
+        worlds += [int(m[1]) for m in WORLD_LINE.finditer(log)]
+    if any(v != versions[0] for v in versions):
+        raise SubmissionError("the runs recorded different package versions; give runs of one environment")
+    return Code(script, sha, versions[0], max(worlds, default=1))
+
+
+def requirement_lines(code: Code) -> list[str]:
+    """requirements.txt: the packages the script imports at the runs' versions (a local build tag such as
+    `+cu128` is left to the index: pip resolves `torch==2.13.0` to the platform's build); without recorded
+    versions, the project's pinned runtime requirements."""
+    if not code.versions:
+        return ["# pgolf runtime requirements (pyproject.toml)", *requirements()]
+    builds = ", ".join(f"{d} {v}" for d, v in code.versions.items() if "+" in v)
+    head = "# the packages train_gpt.py imports, at the versions the runs used" + (
+        f" (builds: {builds})" if builds else ""
+    )
+    return [head, *(f"{d}=={v.split('+')[0]}" for d, v in code.versions.items())]
 
 
 def pick_mode(runs, stats: dict[str, ModeStats], mode: str | None) -> str:
@@ -172,15 +247,17 @@ def comparison_of(baseline_runs, s: ModeStats, mode: str) -> dict:
     }
 
 
-def build(runs, baseline_runs, *, name, github_id, author, blurb, mode, date, track, hardware) -> tuple[dict, str]:
-    """(submission.json contents, README.md text) of one group's seed runs, optionally tested against a baseline."""
+def build(
+    runs, baseline_runs, code: Code, *, name, github_id, author, blurb, mode, date, track, hardware
+) -> tuple[dict, str]:
+    """(submission.json contents, README.md text) of one group's seed runs and their verified code,
+    optionally tested against a baseline."""
     group = runs[0].identity.group
     stats = {m: s for m in mode_order(runs) if (s := mode_stats(runs, group, m)) is not None}
     mode = pick_mode(runs, stats, mode)
     s = stats[mode]
     prov = next((p for p in (provenance_of(r) for r in runs) if p), {})
     sizes = [r.artifact_bytes for r in runs if r.artifact_bytes is not None]
-    code = [r.export.get("code_bytes") for r in runs if r.export.get("code_bytes") is not None]
     seed_results = seed_results_of(runs, s, mode)
     steps_all = [v["steps"] for v in seed_results.values() if v["steps"]]
     avg_all = [v["step_avg_ms"] for v in seed_results.values() if v["step_avg_ms"]]
@@ -204,7 +281,8 @@ def build(runs, baseline_runs, *, name, github_id, author, blurb, mode, date, tr
         "artifact_bytes_mean": round(sum(sizes) / len(sizes)) if sizes else None,
         "artifact_bytes_max": max(sizes) if sizes else None,
         "bytes_total": max(sizes) if sizes else None,
-        "bytes_code": max(code) if code else None,
+        "bytes_code": len(code.script),
+        "code_sha256": code.sha256,
         "size_ok": all(r.results.get("size_ok", r.export.get("size_ok", False)) for r in runs),
         "train_steps_mean": round(sum(steps_all) / len(steps_all), 2) if steps_all else None,
         "step_avg_ms_mean": round(sum(avg_all) / len(avg_all), 2) if avg_all else None,
@@ -217,7 +295,7 @@ def build(runs, baseline_runs, *, name, github_id, author, blurb, mode, date, tr
     }
     if baseline_runs:
         sub["comparison"] = comparison_of(baseline_runs, s, mode)
-    return sub, readme(sub, stats, runs, mode)
+    return sub, readme(sub, stats, runs, mode, code)
 
 
 def fmt_int(n: int | None) -> str:
@@ -228,7 +306,7 @@ def fmt_p(p: float | None) -> str:
     return "–" if p is None else (f"{p:.2e}" if p < 1e-3 else f"{p:.4f}")
 
 
-def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str) -> str:
+def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str, code: Code) -> str:
     modes = list(stats)
     lines = [f"# {sub['name']}", "", sub["blurb"], ""]
     lines += [
@@ -261,7 +339,7 @@ def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str) -> str:
         lines.append(f"- `{m}`{star}: {st.bpb_mean:.8f} ± {st.bpb_std:.8f}, {comp}{'; ' + note if note else ''}")
     if "comparison" in sub:
         lines += significance_lines(sub["comparison"])
-    lines += reproduce_lines(sub, run_commands(runs))
+    lines += reproduce_lines(sub, packed_commands(runs, code), run_commands(runs))
     return "\n".join(lines) + "\n"
 
 
@@ -279,11 +357,35 @@ def significance_lines(c: dict) -> list[str]:
     ]
 
 
-def reproduce_lines(sub: dict, cmds: list[str]) -> list[str]:
+def packed_commands(runs, code: Code) -> list[str]:
+    """One command per seed that runs train_gpt.py from inside the folder, with its environment (the data
+    paths are the script's defaults, under ./data)."""
+    payload, _ = unpack(code.script)
+    data = OmegaConf.create(payload["config"]).data
+    env = f"DATA_PATH={data.dir} TOKENIZER_PATH={data.tokenizer_path}"
+    run = f"torchrun --standalone --nproc_per_node={code.world_size} {SCRIPT}"
+    return [f"SEED={r.seed} RUN_ID=seed{r.seed} {env} {run}" for r in runs]
+
+
+def reproduce_lines(sub: dict, packed: list[str], cmds: list[str]) -> list[str]:
     """README's reproduce and environment sections."""
     return [
         "",
         "## Reproduce",
+        "",
+        "From inside this folder, with the data under `./data` (FineWeb: `python3 data/cached_challenge_fineweb.py "
+        "--variant sp1024` of openai/parameter-golf):",
+        "",
+        "```bash",
+        "pip install -r requirements.txt",
+        *packed,
+        "```",
+        "",
+        f"`{SCRIPT}` ({sub['bytes_code']:,} bytes, sha256 `{sub['code_sha256']}`) holds the runtime and the resolved "
+        "config (lzma + base85); each run writes `logs/<RUN_ID>.txt`, the artifact and `results.json` here. "
+        "`ITERATIONS`, `MAX_WALLCLOCK_SECONDS`, `VAL_LOSS_EVERY` and `key=value` arguments override the config.",
+        "",
+        "The same runs from the pgolf repository (which packs this file from `conf/`):",
         "",
         "```bash",
         *cmds,
@@ -331,9 +433,11 @@ def assemble(
         if len({r.identity.group for r in baseline_runs}) != 1:
             raise SubmissionError("the --baseline runs must form one group")
     runs = sorted(runs, key=lambda r: r.seed)
+    code = verify_code(runs)
     sub, text = build(
         runs,
         baseline_runs,
+        code,
         name=name,
         github_id=github_id,
         author=author,
@@ -344,17 +448,17 @@ def assemble(
         hardware=hardware,
     )
     with atomic_dir(out) as tmp:  # an existing `out` is empty (checked above)
-        write_folder(tmp, runs, sub, text)
+        write_folder(tmp, runs, sub, text, code)
     for n in notes:
         print(f"note: {n}")
     if len(runs) < 3:
-        print(f"note: {len(runs)} seed(s); records show the gain over >= 3 seeds (SPEC §1)")
+        print(f"note: {len(runs)} seed(s); records show the gain over >= 3 seeds (challenge README)")
     return out
 
 
-def write_folder(tmp: Path, runs, sub: dict, text: str) -> None:
-    """The folder's files, machine paths scrubbed: train logs per seed, submission.json, README.md and
-    requirements.txt; SubmissionError when a run has no train.log."""
+def write_folder(tmp: Path, runs, sub: dict, text: str, code: Code) -> None:
+    """The folder's files, machine paths scrubbed: train_gpt.py, train logs per seed, submission.json,
+    README.md and requirements.txt; SubmissionError when a run has no train.log."""
     repo = str(Path(__file__).resolve().parents[2])
     for r in runs:
         log = r.path / "train.log"
@@ -362,13 +466,10 @@ def write_folder(tmp: Path, runs, sub: dict, text: str) -> None:
             raise SubmissionError(f"{r.label}: no train.log")
         known = {str(r.path.resolve()): ".", str(r.path): ".", repo: ".", str(Path.home()): "~"}
         (tmp / f"train_seed{r.seed}.log").write_text(scrub_paths(log.read_text(errors="replace"), known))
+    (tmp / SCRIPT).write_bytes(code.script)
     (tmp / "submission.json").write_text(scrub_paths(json.dumps(sub, indent=2), {repo: "."}) + "\n")
     (tmp / "README.md").write_text(scrub_paths(text, {repo: "."}))
-    reqs = requirements()
-    (tmp / "requirements.txt").write_text(
-        "# pgolf runtime requirements (pyproject.toml); the runs recorded PyTorch "
-        f"{sub['pytorch_version']}\n" + "\n".join(reqs) + "\n"
-    )
+    (tmp / "requirements.txt").write_text("\n".join(requirement_lines(code)) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

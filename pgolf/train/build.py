@@ -152,13 +152,13 @@ def finish_logger(loggers: list, results: dict, exit_code: int = 0) -> None:
             finish_wandb(lg, results, exit_code)
 
 
-def save_resolved_config(cfg: DictConfig, run_dir: Path, subdir: str | None = ".hydra") -> Path | None:
-    """Write the fully resolved config next to Hydra's (which keeps `${...}` interpolations); rank 0."""
+def save_resolved_config(cfg: DictConfig, path: str | Path) -> Path | None:
+    """Write the fully resolved config to `path` (train.py: `.hydra/resolved.yaml`, next to Hydra's
+    config.yaml, which keeps `${...}` interpolations); rank 0 only."""
     if global_rank() != 0:
         return None
-    path = Path(run_dir) / (subdir or ".hydra") / "resolved.yaml"
-    atomic_write_bytes(path, OmegaConf.to_yaml(cfg, resolve=True).encode())
-    return path
+    atomic_write_bytes(Path(path), OmegaConf.to_yaml(cfg, resolve=True).encode())
+    return Path(path)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
@@ -205,8 +205,11 @@ def run_meta(cfg: DictConfig, tokenizer: TokenizerInfo) -> dict:
     }
 
 
-def log_header(cfg: DictConfig, module: GolfModule, dm: GolfDataModule, info: TokenizerInfo, world: int) -> list[str]:
-    """The reference's start-of-run lines (SPEC §10)."""
+def log_header(
+    cfg: DictConfig, module: GolfModule, dm: GolfDataModule, info: TokenizerInfo, world: int, code: dict | None = None
+) -> list[str]:
+    """The baseline train_gpt.py's start-of-run lines, then the run's code record (`code_bytes:N
+    code_sha256:HEX`, the packed train_gpt.py; pgolf/export/code.py) when one is given."""
     m, o, t = module.model_cfg, cfg.optim, cfg.train
     xsa = [i for i, b in enumerate(module.gpt.blocks) if b.attn.xsa]
     lines = [
@@ -225,4 +228,6 @@ def log_header(cfg: DictConfig, module: GolfModule, dm: GolfDataModule, info: To
         f"seed:{cfg.seed}",
         f"torch:{torch.__version__} threads:{torch.get_num_threads()}",
     ]
+    if code is not None:
+        lines.append(f"code_bytes:{code['bytes']} code_sha256:{code['sha256']}")
     return lines

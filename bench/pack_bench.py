@@ -1,0 +1,71 @@
+"""The packed train_gpt.py of every experiment: its length (the counted code), the modules it holds and the
+time to pack it, against the targets (0.8x the records' own scripts: baseline 47,686, PR #1298 60,868,
+PR #1263 73,198 bytes of code).
+
+    python bench/pack_bench.py [--repeat 3] [--json FILE]
+
+One line per experiment of conf/experiment/ (`experiment:record_1263 bytes:... modules:... pack_ms:...
+pack_cpu_ms:... target:... ok:...`: wall and CPU time, the median of `--repeat` packs after a warm-up pack;
+on a loaded machine read the CPU time); for the record experiments also the packed code plus the record's
+model bytes (the record's largest artifact minus its code: the records' logs and submission.json) against
+16,000,000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from common import ROOT, figures_line, save_json
+
+from pgolf import ARTIFACT_LIMIT_BYTES
+from pgolf.tools.pack import compose_train, pack
+
+TARGETS = {"baseline": 38_000, "record_1298": 48_700, "record_1263": 58_000}
+# The records' model bytes: the largest artifact minus the record script's code bytes
+# (baseline: openai/parameter-golf train_gpt.py log; PR #1263 and PR #1298: their logs / submission.json).
+RECORD_MODEL_BYTES = {
+    "baseline": 15_863_489 - 47_642,
+    "record_1263": 15_890_549 - 73_198,
+    "record_1298": 15_824_588 - 60_868,
+}
+
+
+def experiments() -> list[str]:
+    conf = ROOT / "conf" / "experiment"
+    return sorted(str(p.relative_to(conf).with_suffix("")) for p in conf.rglob("*.yaml"))
+
+
+def measure(exp: str, repeat: int) -> dict:
+    cfg = compose_train([f"experiment={exp}"])
+    packed = pack(cfg)
+    wall, cpu = [], []
+    for _ in range(repeat):
+        c0 = time.process_time()
+        wall.append(pack(cfg).seconds)
+        cpu.append(time.process_time() - c0)
+    n = packed.code["bytes"]
+    fig = {"experiment": exp, "bytes": n, "modules": len(packed.modules)}
+    fig |= {"pack_ms": round(1000 * statistics.median(wall)), "pack_cpu_ms": round(1000 * statistics.median(cpu))}
+    if exp in TARGETS:
+        fig |= {"target": TARGETS[exp], "ok": n <= TARGETS[exp]}
+    if exp in RECORD_MODEL_BYTES:
+        total = n + RECORD_MODEL_BYTES[exp]
+        fig |= {"record_model": RECORD_MODEL_BYTES[exp], "total": total, "fits": total <= ARTIFACT_LIMIT_BYTES}
+    return fig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+    rows = [measure(exp, args.repeat) for exp in experiments()]
+    for r in rows:
+        print(figures_line(r))
+    save_json(args.json, {"experiments": rows})
+
+
+if __name__ == "__main__":
+    main()

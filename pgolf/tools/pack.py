@@ -1,0 +1,249 @@
+"""Pack an experiment into one self-contained `train_gpt.py`, the file the challenge counts and runs.
+
+    python -m pgolf.tools.pack experiment=record_1263 [key=value ...] --out DIR
+
+composes and validates the config exactly as `train.py` does (conf/, pgolf/config/), and writes
+`DIR/train_gpt.py`: a bootstrap of a few lines, then one base85 string holding, lzma-compressed, the
+resolved config and the source of every runtime module the run imports (pgolf/tools/packsource.py:
+found over the import graph from pgolf/train/standalone.py, docstrings, comments and function annotations
+removed, unused top-level definitions dropped). The bootstrap installs a meta-path importer over the
+embedded sources (tracebacks name `train_gpt.py/pgolf/...` and show the packed lines) and calls
+`pgolf.train.standalone.main`. The file needs the packages of its requirements.txt and nothing else: no
+pgolf install, no conf/. Compressed self-extracting scripts are how the records ship their code
+(records/track_10min_16mb/2026-04-03_MuonEqR_DepthRecurrence_WD090_AllInt6: lzma + base85).
+
+Only what the experiment needs is packed: the eval modes of `final_eval.modes` (and `standard`, which the
+export's float diagnostic runs); the other mode modules' registration imports are left out of
+pgolf/eval/modes.py's packed copy.
+
+The packed config is the recipe. What differs between the runs of one recipe is reset so that they share
+one file and one code hash: the seed, resume and variant, the logger (none: the log is
+`logs/{RUN_ID}.txt`), the progress bar, checkpointing and extra callbacks (the values of a plain
+conf/train.yaml), the data folders (`./data/datasets/<shard folder>`, `./data/tokenizers/<tokenizer>`: the
+reference's defaults, moved by `DATA_PATH` / `TOKENIZER_PATH`) and the process layout (devices and nodes
+come from torchrun; with several processes the run uses `distributed_strategy`, the trainer's own DDP
+settings or those of conf/trainer/ddp.yaml / ddp_cpu.yaml). `train.py` packs its config the same way, in
+memory, and records the file's length and sha256 as its code (pgolf/export/code.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import base64
+import copy
+import importlib.metadata
+import json
+import lzma
+import re
+import sys
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from pgolf.config.runtime import check_runtime
+from pgolf.config.validate import exit_on_config_error, plain, validate_train
+from pgolf.eval.modes import get_mode, mode_names
+from pgolf.export.code import code_record, package_versions, project_root
+from pgolf.tools.packsource import WORD, Module, PackError, collect, minify, runtime_modules, scan_imports
+
+ENTRY = "pgolf.train.standalone"
+ENTRY_FUNCTION = "main"  # what the bootstrap calls: ENTRY.main(payload, script path)
+MODES_MODULE = "pgolf.eval.modes"  # imports every eval mode module (each registers its modes)
+SCRIPT = "train_gpt.py"
+ALWAYS_MODES = ("standard",)  # the export's float diagnostic (pre_quant) runs the standard mode
+# The keys reset to the values of a plain conf/train.yaml: they differ between runs of one recipe.
+RUN_KEYS = ("seed", "resume", "variant", "callbacks.progress", "callbacks.progress_every_seconds")
+RUN_KEYS += ("callbacks.checkpoint", "callbacks.extra")
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA1, "preset": 9 | lzma.PRESET_EXTREME, "lc": 3, "lp": 0, "pb": 0}]
+BOOTSTRAP = """import base64,importlib.abc as A,importlib.util as U,json,lzma,sys
+M,*S=lzma.decompress(base64.b85decode("{payload}")).decode().split("\\0")
+M=json.loads(M);S=dict(s.split("\\n",1)for s in S)
+class L(A.MetaPathFinder,A.Loader):
+ def find_spec(s,n,p=None,t=None):
+  k=n if n in S else n+".__init__"
+  if k in S:
+   p=U.spec_from_loader(n,s,origin=__file__+"/"+k.replace(".","/")+".py",is_package=k!=n);p.has_location=1;return p
+ def get_source(s,n):return S.get(n,S.get(n+".__init__"))
+ def exec_module(s,m):exec(compile(s.get_source(m.__name__),m.__file__,"exec"),m.__dict__)
+sys.meta_path.insert(0,L())
+if __name__=="__main__":sys.exit(__import__(M["entry"],fromlist=["_"]).{entry_function}(M,__file__))
+"""
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A packed experiment: the file's bytes, the modules it holds, its config and requirements."""
+
+    script: bytes
+    modules: tuple[str, ...]
+    payload: dict  # the bootstrap's `M`: entry, config, distributed_strategy, requirements
+    seconds: float
+
+    @property
+    def code(self) -> dict:
+        """The code record: `{"bytes", "sha256"}` of the file (pgolf/export/code.py)."""
+        return code_record(self.script)
+
+    @property
+    def requirements(self) -> dict[str, str]:
+        """{distribution: installed version} of the third-party packages the packed modules import."""
+        return package_versions(self.payload["requirements"])
+
+
+def conf_dir() -> Path:
+    return project_root() / "conf"
+
+
+def compose_conf(overrides: list[str] = ()) -> DictConfig:
+    """conf/train.yaml composed with `overrides`: inside a Hydra app (train.py) with its search path,
+    else with conf/ of this checkout."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """conf/train.yaml with `overrides`, validated as train.py validates it. Raises ConfigError."""
+    cfg = compose_conf(overrides)
+    validate_train(cfg, conf_dir())
+    check_runtime(cfg)
+    return cfg
+
+
+@cache
+def _plain_train() -> dict:
+    return plain(compose_conf())
+
+
+@cache
+def _ddp_strategy(accelerator: str):
+    name = "ddp_cpu" if accelerator == "cpu" else "ddp"
+    return OmegaConf.to_container(OmegaConf.load(conf_dir() / "trainer" / f"{name}.yaml").strategy)
+
+
+def packed_config(cfg: DictConfig | dict) -> tuple[dict, object]:
+    """(the recipe of `cfg` as the packed file holds it, the strategy of a multi-process run); see the module
+    docstring for what is reset."""
+    d = copy.deepcopy(plain(cfg) if isinstance(cfg, DictConfig) else cfg)
+    d.pop("hydra", None)
+    base = _plain_train()
+    for key in RUN_KEYS:
+        node, ref, *path = d, base, *key.split(".")
+        for part in path[:-1]:
+            node, ref = node[part], ref[part]
+        node[path[-1]] = copy.deepcopy(ref[path[-1]])
+    d["logger"] = {"kind": "none", "extra": {}}
+    data = d["data"]
+    shard_dir, tok = Path(data["dir"]).name, Path(data["tokenizer_path"]).name
+    data.update(root="./data", dir=f"${{data.root}}/datasets/{shard_dir}", prepare=None)
+    data.update(tokenizer_path=f"${{data.root}}/tokenizers/{tok}")
+    for k in ("train_pattern", "val_pattern"):
+        data[k] = f"${{data.dir}}/{Path(data[k]).name}"
+    tr = d["trainer"]
+    strategy = tr["strategy"] if isinstance(tr["strategy"], dict) else _ddp_strategy(tr["accelerator"])
+    tr.update(devices=1, num_nodes=1, strategy="auto")
+    return d, strategy
+
+
+def mode_modules(keys: dict[str, Path]) -> dict[str, str]:
+    """{eval mode: the runtime module that registers it}: of the modules pgolf/eval/modes.py imports, the
+    one that defines the mode's run function, settings class or rule. Raises PackError when none does."""
+    registry = Module(MODES_MODULE, ast.parse(keys[MODES_MODULE].read_text(encoding="utf-8")))
+    scan_imports(registry, keys)
+    candidates = registry.imports
+    out = {}
+    for name in mode_names():
+        m = get_mode(name)
+        owners = [f.__module__ for f in (m.run, m.settings, m.rule) if f.__module__ in candidates]
+        if not owners:
+            raise PackError(f"cannot tell which module of {MODES_MODULE} registers eval mode {name!r}")
+        out[name] = owners[0]
+    return out
+
+
+def dropped_modes(config: dict, keys: dict[str, Path]) -> set[str]:
+    """The mode modules (`pgolf.eval.slot`) that register none of the modes the run uses."""
+    owners = mode_modules(keys)
+    need = {owners[m] for m in (*config["final_eval"]["modes"], *ALWAYS_MODES)}
+    return set(owners.values()) - need
+
+
+def config_words(config) -> set[str]:
+    """Identifier-like words of the config's strings (a `_target_` may name a runtime class)."""
+    return set(WORD.findall(json.dumps(config)))
+
+
+@cache
+def _distributions_by_name() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def distributions(tops: set[str]) -> list[str]:
+    """The distributions (PyPI names) that provide the top-level import names `tops`."""
+    dists = _distributions_by_name()
+    return sorted({(dists.get(t) or [t])[0] for t in tops})
+
+
+def pack(cfg: DictConfig | dict, root: Path | None = None) -> Packed:
+    """Pack the validated config `cfg` (a composed conf/train.yaml) with the runtime under `root` (default:
+    this checkout). Raises PackError (pgolf/tools/packsource.py) when the runtime cannot be packed."""
+    t0 = time.perf_counter()
+    config, strategy = packed_config(cfg)
+    keys = runtime_modules(root or project_root())
+    modules = collect(ENTRY, keys, dropped_modes(config, keys))
+    sources = minify(modules, config_words(config) | {ENTRY_FUNCTION})
+    payload = {
+        "entry": ENTRY,
+        "config": config,
+        "distributed_strategy": strategy,
+        "requirements": distributions(set().union(*(m.external for m in modules.values()))),
+    }
+    text = "\0".join(
+        [json.dumps(payload, sort_keys=True, separators=(",", ":"))] + [f"{k}\n{s}" for k, s in sources.items()]
+    )
+    blob = lzma.compress(text.encode(), format=lzma.FORMAT_ALONE, filters=LZMA_FILTERS)
+    boot = BOOTSTRAP.replace("{entry_function}", ENTRY_FUNCTION)
+    script = boot.replace("{payload}", base64.b85encode(blob).decode()).encode()
+    return Packed(script, tuple(sources), payload, time.perf_counter() - t0)
+
+
+def unpack(script: bytes) -> tuple[dict, dict[str, str]]:
+    """(the payload, {module key: packed source}) of a packed train_gpt.py, read as its bootstrap reads it.
+    Raises ValueError for a file the packer did not write."""
+    m = re.search(rb'b85decode\("([^"]*)"\)', script)
+    if m is None:
+        raise ValueError(f"not a packed {SCRIPT}: no payload")
+    head, *mods = lzma.decompress(base64.b85decode(m[1])).decode().split("\0")
+    return json.loads(head), dict(s.split("\n", 1) for s in mods)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pgolf.tools.pack", description=__doc__.split("\n\n")[0])
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (experiment=record_1263 ...)")
+    ap.add_argument("--out", required=True, help="the folder to write train_gpt.py into (created if absent)")
+    ap.add_argument("--modules", action="store_true", help="also list the packed modules")
+    args = ap.parse_args(argv)
+    with exit_on_config_error():
+        cfg = compose_train(args.overrides)
+    packed = pack(cfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SCRIPT).write_bytes(packed.script)
+    c = packed.code
+    print(f"{out / SCRIPT}: {c['bytes']} bytes sha256:{c['sha256']} ({cfg.name}, {len(packed.modules)} modules)")
+    print(f"requirements: {' '.join(f'{k}=={v}' for k, v in packed.requirements.items())}")
+    print(f"pack_time: {packed.seconds:.2f}s")
+    if args.modules:
+        print("\n".join(packed.modules))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

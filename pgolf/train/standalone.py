@@ -1,0 +1,121 @@
+"""The packed `train_gpt.py`'s entry: the experiment's resolved config, the reference's environment
+variables and `key=value` overrides -> one run in the current folder (pgolf/tools/pack.py writes the file;
+its bootstrap calls `main`).
+
+As the reference script (openai/parameter-golf `train_gpt.py`) does, it reads `SEED`, `RUN_ID`,
+`DATA_PATH` (the shard folder), `TOKENIZER_PATH`, `MAX_WALLCLOCK_SECONDS`, `ITERATIONS` and
+`VAL_LOSS_EVERY` (`ENV_KEYS`), writes its log to `logs/{RUN_ID}.txt` and its artifact and `results.json`
+into the current folder, and runs alone or under `torchrun --standalone --nproc_per_node=N` (the process
+count is taken from torchrun's environment). Command-line arguments are overrides in Hydra's form,
+`train.iterations=50 final_eval.modes=[standard,sliding]`, merged with OmegaConf's dotlist and checked by
+the same typed schema as `train.py` (pgolf/config/); there are no config groups to pick (`model=tiny`):
+the file holds one resolved config. The run is `pgolf.train.run.fit`, as under `train.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pgolf.config.runtime import check_runtime
+from pgolf.config.schema import TrainRun
+from pgolf.config.typed import ConfigError, PosInt, convert, load
+from pgolf.config.validate import MODEL_SHAPE_KEYS, exit_on_config_error, plain
+from pgolf.eval.modes import mode_names
+from pgolf.export.code import code_record, package_versions
+from pgolf.train.run import exit_status, fit, prepare
+
+# The reference's environment variables -> the config keys they set (before the command-line overrides).
+ENV_KEYS = {
+    "SEED": "seed",
+    "DATA_PATH": "data.dir",
+    "TOKENIZER_PATH": "data.tokenizer_path",
+    "ITERATIONS": "train.iterations",
+    "MAX_WALLCLOCK_SECONDS": "train.max_wallclock_seconds",
+    "VAL_LOSS_EVERY": "train.val_every",
+}
+
+
+def parse_overrides(args: list[str]) -> DictConfig:
+    """`key=value` arguments (a leading `+` is accepted) as an OmegaConf dotlist; values are parsed as YAML.
+    Raises ConfigError for an argument that is not `key=value`."""
+    items = []
+    for a in args:
+        key, eq, _ = a.partition("=")
+        if not eq or not key or key.startswith(("~", "-")):
+            raise ConfigError(f"{a!r} is not an override of the form key=value (e.g. train.iterations=50)")
+        items.append(a.removeprefix("+"))
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def merge_overrides(cfg: DictConfig, over: DictConfig) -> DictConfig:
+    """`over` merged into `cfg`. A group picked by name (`model=tiny`) is refused: the packed config has no
+    groups. Raises ConfigError."""
+    for key in over:
+        if key in cfg and OmegaConf.is_dict(cfg[key]) and not OmegaConf.is_dict(over[key]):
+            raise ConfigError(
+                f"{key}={over[key]}: the packed train_gpt.py holds one resolved config, no config groups; "
+                f"set its keys one by one ({key}.<name>=value)"
+            )
+    return OmegaConf.merge(cfg, over)
+
+
+def run_config(packed: Mapping, argv: list[str], env: Mapping[str, str]) -> DictConfig:
+    """The run's config: the packed config, then the environment variables of `ENV_KEYS`, then the
+    overrides `argv`, then the process layout of torchrun (`WORLD_SIZE`, `LOCAL_WORLD_SIZE`): the
+    devices of this node, the node count, and with more than one process the packed distributed strategy."""
+    cfg = OmegaConf.create(dict(packed["config"]))
+    from_env = [f"{key}={env[var]}" for var, key in ENV_KEYS.items() if env.get(var)]
+    cfg = merge_overrides(cfg, parse_overrides(from_env))
+    cfg = merge_overrides(cfg, parse_overrides(argv))
+    if "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_WORLD_SIZE", world))
+        cfg.trainer.devices, cfg.trainer.num_nodes = local, max(world // local, 1)
+    if cfg.trainer.devices * cfg.trainer.num_nodes > 1 and cfg.trainer.strategy == "auto":
+        cfg.trainer.strategy = packed["distributed_strategy"]
+    return cfg
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The typed checks of `train.py` (pgolf/config/): every key, type and range, the export settings and
+    the Newton-Schulz steps; `final_eval.modes` must be modes this file packs. Raises ConfigError."""
+    d = plain(cfg)
+    for key in MODEL_SHAPE_KEYS:
+        if key in d.get("model", {}):
+            convert(d["model"][key], PosInt, f"model.{key}")
+    run = load(TrainRun, d, "")
+    known = mode_names()
+    for i, mode in enumerate(run.final_eval.modes):
+        if mode not in known:
+            raise ConfigError(
+                f"final_eval.modes[{i}] = {mode!r} is not packed in this file (one of {' | '.join(known)})"
+            )
+    check_runtime(cfg)
+
+
+def main(packed: Mapping, script: str | Path, argv: list[str] | None = None, env: Mapping | None = None) -> int:
+    """Run the packed experiment in the current folder; the exit status (pgolf.train.run.exit_status; 2 for
+    a config error). `packed` is the payload (`config`, `distributed_strategy`, `requirements`) and
+    `script` the packed file itself, whose length and sha256 are the run's code record."""
+    env = os.environ if env is None else env
+    argv = sys.argv[1:] if argv is None else argv
+    code = code_record(Path(script).read_bytes())
+    run_id = env.get("RUN_ID") or str(uuid.uuid4())
+    logs = Path("logs")
+    with exit_on_config_error():
+        cfg = run_config(packed, argv, env)
+        check_config(cfg)
+        extras = prepare(cfg, ".")
+    versions = package_versions(packed["requirements"])
+    results = fit(cfg, ".", extras, code, logs / f"{run_id}.txt", logs / f"{run_id}.yaml", versions)
+    return exit_status(cfg, results)

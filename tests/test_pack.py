@@ -1,0 +1,285 @@
+"""The packed train_gpt.py (pgolf/tools/pack.py): what it holds, that it runs with no pgolf importable and
+gives the losses and val_bpb of `python train.py`, the size rule, and the submission folder built around it."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pgolf.config.typed import ConfigError
+from pgolf.export.code import code_record
+from pgolf.quant.artifact import read_artifact, write_artifact
+from pgolf.tools import submission
+from pgolf.tools.pack import SCRIPT, compose_train, pack, unpack
+from pgolf.tools.packsource import drop_registrations, shake, strip, unparse
+from pgolf.train.standalone import check_config, run_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "model=tiny",
+    "data=synthetic",
+    "train.seq_len=32",
+    "train.batch_tokens=1024",
+    "train.iterations=4",
+    "train.max_wallclock_seconds=0",
+    "train.warmdown_iters=2",
+    "train.log_every=1",
+    "final_eval.modes=[standard,sliding]",
+    "final_eval.batch_windows=8",
+    "final_eval.stride=16",
+    "callbacks.progress=none",
+]
+# The records' model bytes: their largest artifact minus their script's code bytes (baseline: the
+# openai/parameter-golf train_gpt.py log; PR #1263 and PR #1298: the records' logs and submission.json).
+RECORD_MODEL_BYTES = {
+    "baseline": 15_863_489 - 47_642,
+    "record_1263": 15_890_549 - 73_198,
+    "record_1298": 15_824_588 - 60_868,
+}
+# The child's first lines: drop the editable install's finder (a .pth in the venv installs it) and prove that
+# neither pgolf nor callbacks can be imported, then run train_gpt.py as `python train_gpt.py ARGS` would.
+NO_PGOLF = """import importlib.util, runpy, sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+assert importlib.util.find_spec("pgolf") is None and importlib.util.find_spec("callbacks") is None
+sys.argv = ["train_gpt.py", *sys.argv[1:]]
+runpy.run_path("train_gpt.py", run_name="__main__")
+"""
+
+
+# ---- what a pack holds -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def packs():
+    out = {exp: pack(compose_train([f"experiment={exp}"])) for exp in RECORD_MODEL_BYTES}
+    for name, modes in {
+        "standard": "[standard]",
+        "sliding": "[standard,sliding]",
+        "slot": "[standard,slot_1263]",
+    }.items():
+        out[name] = pack(compose_train(["experiment=record_1263", f"final_eval.modes={modes}"]))
+    return out
+
+
+def test_pack_holds_the_runtime_the_experiment_needs(packs):
+    std = packs["standard"]
+    payload, sources = unpack(std.script)
+    assert set(sources) == set(std.modules) and payload["entry"] == "pgolf.train.standalone"
+    assert not any(m.startswith("pgolf.tools") for m in std.modules)
+    assert {"pgolf.eval.standard", "pgolf.train.run", "callbacks.__init__", "pgolf.__init__"} <= set(std.modules)
+    # only the eval modes of final_eval are packed; the packed registry imports no other mode module
+    assert not {"pgolf.eval.sliding", "pgolf.eval.slot", "pgolf.eval.ttt", "pgolf.eval.lora_ttt"} & set(std.modules)
+    assert "sliding" not in sources["pgolf.eval.modes"] and "standard" in sources["pgolf.eval.modes"]
+    assert "pgolf.eval.sliding" in packs["sliding"].modules and "pgolf.eval.slot" not in packs["sliding"].modules
+    assert "pgolf.eval.slot" in packs["slot"].modules and "pgolf.eval.ttt" not in packs["slot"].modules
+    for key, src in sources.items():  # every module compiles
+        compile(src, key, "exec")
+    assert "One training run of a validated config" not in sources["pgolf.train.run"]  # its docstring is gone
+    reqs = set(payload["requirements"])
+    assert {"torch", "lightning", "hydra-core", "omegaconf", "sentencepiece", "numpy"} <= reqs and "wandb" not in reqs
+    again = pack(compose_train(["experiment=record_1263", "final_eval.modes=[standard]"]))
+    assert again.script == std.script  # deterministic
+
+
+@pytest.mark.parametrize("exp", sorted(RECORD_MODEL_BYTES))
+def test_packed_code_plus_the_records_model_fits(packs, exp):
+    n = len(packs[exp].script)
+    assert n == packs[exp].code["bytes"] and n + RECORD_MODEL_BYTES[exp] <= 16_000_000, (exp, n)
+
+
+def test_the_pack_is_the_recipe_not_the_run():
+    """Runs of one recipe (other seed, data folder, logger, progress bar, one GPU or DDP) share one file."""
+    a = pack(compose_train(["experiment=record_1263"]))
+    b = pack(
+        compose_train(
+            ["experiment=record_1263", "seed=42", "data.root=/elsewhere", "logger=wandb", "trainer=ddp"]
+            + ["callbacks.progress=line", "callbacks.checkpoint.every_steps=100"]
+        )
+    )
+    c = pack(compose_train(["experiment=record_1263", "train.warmdown_iters=3000"]))
+    assert a.script == b.script and a.script != c.script
+    payload, _ = unpack(a.script)
+    cfg = payload["config"]
+    assert cfg["data"]["dir"] == "${data.root}/datasets/fineweb10B_sp1024" and cfg["data"]["root"] == "./data"
+    assert cfg["logger"]["kind"] == "none" and cfg["trainer"]["strategy"] == "auto" and "seed" in cfg
+    assert payload["distributed_strategy"]["_target_"].endswith("DDPStrategy")
+
+
+def test_environment_and_overrides_map_onto_the_config():
+    payload, _ = unpack(pack(compose_train(["experiment=baseline"])).script)
+    env = {"SEED": "42", "DATA_PATH": "/d/sp", "TOKENIZER_PATH": "/t/x.model", "ITERATIONS": "50"}
+    env |= {"MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "10", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}
+    cfg = run_config(payload, ["train.log_every=5", "+final_eval.modes=[standard]"], env)
+    assert (cfg.seed, cfg.train.iterations, cfg.train.max_wallclock_seconds, cfg.train.val_every) == (42, 50, 0, 10)
+    assert cfg.data.train_pattern == "/d/sp/fineweb_train_*.bin" and cfg.data.tokenizer_path == "/t/x.model"
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.train.log_every) == (8, 1, 5)
+    assert cfg.trainer.strategy["_target_"].endswith("DDPStrategy")
+    check_config(cfg)
+    alone = run_config(payload, [], {})
+    assert alone.seed == 1337 and alone.trainer.strategy == "auto" and alone.data.dir.startswith("./data/datasets/")
+    with pytest.raises(ConfigError, match="no config groups"):
+        run_config(payload, ["model=tiny"], {})
+    with pytest.raises(ConfigError, match="iteration"):
+        check_config(run_config(payload, ["train.iteration=5"], {}))
+
+
+def test_minify_drops_what_nothing_uses(tmp_path):
+    src = '''"""doc"""
+from __future__ import annotations
+from dataclasses import dataclass
+from pkg import used_mode, unused_mode  # registers
+x = helper_a(1)
+y = Cfg()
+
+
+@dataclass
+class Cfg:
+    """doc"""
+    n: int = 1  # a field: its annotation stays
+
+
+def helper_a(v: int) -> int:
+    return helper_b(v)
+
+
+def helper_b(v):
+    return v
+
+
+def dead(v: Cfg):
+    return v
+
+
+@register
+def kept_by_its_decorator():
+    pass
+
+
+used_mode.go()
+'''
+    tree = strip(ast.parse(src))
+    keys = {"pkg.__init__": 0, "pkg.used_mode": 0, "pkg.unused_mode": 0}
+    drop_registrations(tree, keys, {"pkg.used_mode", "pkg.unused_mode"})
+    assert shake({"m": tree}) == 1  # `dead`
+    out = unparse(tree)
+    assert "dead" not in out and "helper_b" in out and "kept_by_its_decorator" in out and "doc" not in out
+    assert "n: int = 1" in out and "v: int" not in out and "-> int" not in out
+    assert "from pkg import used_mode\n" in out  # the unused registration import is gone, the used one stays
+    assert "\ndef helper_a(v):\n return helper_b(v)\n" in out  # one space per level, no blank lines
+
+
+# ---- Check: the packed script alone, against train.py ---------------------------------------------------------
+def train_py(args: list[str]) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def run_packed(folder: Path, synth: Path, seed: int, args: list[str] = ()) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "WORLD_SIZE", "RANK", "LOCAL_"))}
+    env |= {"SEED": str(seed), "RUN_ID": f"seed{seed}", "DATA_PATH": str(synth)}
+    env["TOKENIZER_PATH"] = str(synth / "synth_256_bpe.model")
+    cmd = [sys.executable, "-I", "-c", NO_PGOLF, *args]
+    r = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def losses(text: str) -> list[str]:
+    return re.findall(r"^step:(\d+/\d+) train_loss:(\S+)", text, re.M)
+
+
+def exact(text: str) -> list[str]:
+    return re.findall(r"^final_\w+_exact val_loss:\S+ val_bpb:\S+$", text, re.M)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, synth_dir):
+    """Two short train.py runs (seeds 0 and 1) of the tiny experiment, each with its packed train_gpt.py."""
+    d = tmp_path_factory.mktemp("runs")
+    out = {}
+    for seed in (0, 1):
+        r = train_py([*TINY, f"data.root={synth_dir.parent}", f"hydra.run.dir={d / f'seed{seed}'}", f"seed={seed}"])
+        out[seed] = (d / f"seed{seed}", r.stdout)
+    return out
+
+
+@pytest.mark.slow
+def test_packed_script_runs_without_pgolf_like_train_py(runs, synth_dir, tmp_path):
+    run_dir, stdout = runs[0]
+    script = (run_dir / SCRIPT).read_bytes()
+    assert script == pack(compose_train(TINY)).script  # the CLI's pack and train.py's in-memory pack agree
+    probe = [sys.executable, "-I", "-c", "import importlib.util as u; print(u.find_spec('pgolf') is not None)"]
+    assert subprocess.run(probe, capture_output=True, text=True, cwd=tmp_path).stdout.strip() == "True"  # installed
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    shutil.copy(run_dir / SCRIPT, folder / SCRIPT)
+    r = run_packed(folder, synth_dir, seed=0)
+    assert losses(r.stdout) == losses(stdout) and len(losses(stdout)) == 4  # bit-identical printed losses
+    assert exact(r.stdout) == exact(stdout) and len(exact(stdout)) == 2  # standard and sliding round trips
+    res, ref = (json.loads((p / "results.json").read_text())["roundtrip"] for p in (folder, run_dir))
+    assert all(res[m]["val_bpb"] == ref[m]["val_bpb"] and res[m]["val_loss"] == ref[m]["val_loss"] for m in ref)
+    assert r.stdout.rstrip().splitlines()[-2] == f"Code size: {len(script)} bytes"  # ends with the size lines
+    assert r.stdout.rstrip().splitlines()[-1].startswith("Total submission size int8+zlib:")
+    log = (folder / "logs" / "seed0.txt").read_text()
+    assert f"code_sha256:{code_record(script)['sha256']}" in log and "step:4/4 train_loss:" in log
+    # the artifact of the packed run is read by eval.py and inspect (no pgolf needed to make it)
+    artifact = folder / "final_model.int8_zlib.ptz"
+    ev = subprocess.run(
+        [sys.executable, "eval.py", f"artifact={artifact}", "data=synthetic", f"data.root={synth_dir.parent}"]
+        + ["eval=standard", "batch_windows=8", f"out_dir={tmp_path / 'ev'}", f"hydra.run.dir={tmp_path / 'h'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    got = json.loads((tmp_path / "ev" / "eval_result.json").read_text())["results"]["standard"]["val_bpb"]
+    assert got == res["standard"]["val_bpb"]
+    ins = subprocess.run(
+        [sys.executable, "-m", "pgolf.tools.inspect", str(artifact)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert ins.returncode == 0 and f"code: train_gpt.py {len(script)} bytes sha256:" in ins.stdout
+
+
+# ---- the records folder ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_submission_folder_holds_the_verified_script_and_runs_from_inside(runs, synth_dir, tmp_path):
+    out = tmp_path / "records" / "tiny"
+    dirs = [str(runs[s][0]) for s in (0, 1)]
+    assert submission.main([*dirs, "--out", str(out), "--name", "Tiny", "--github-id", "someone"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["README.md", "requirements.txt", "submission.json", SCRIPT, "train_seed0.log", "train_seed1.log"]
+    script = (out / SCRIPT).read_bytes()
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["bytes_code"] == len(script) and sub["code_sha256"] == code_record(script)["sha256"]
+    reqs = (out / "requirements.txt").read_text()
+    assert re.search(r"^torch==\d+\.\d+\.\d+$", reqs, re.M) and "lightning==" in reqs and "sentencepiece==" in reqs
+    readme = (out / "README.md").read_text()
+    assert "SEED=0 RUN_ID=seed0 DATA_PATH=./data/datasets/shards" in readme
+    assert "torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme
+    r = run_packed(out, synth_dir, 1, ["train.iterations=2"])  # from inside the folder, with an override
+    assert "step:2/2 train_loss:" in r.stdout and (out / "logs" / "seed1.txt").is_file()
+    # runs of different code refuse to form one submission
+    other = tmp_path / "other"
+    shutil.copytree(runs[1][0], other)
+    (other / SCRIPT).write_bytes(script + b"\n")
+    with pytest.raises(submission.SubmissionError, match="different code"):
+        submission.assemble([runs[0][0], other], tmp_path / "o2", name="x", github_id="y")
+    shutil.copy(runs[1][0] / SCRIPT, other / SCRIPT)  # the same file, but a log that recorded other code
+    log = (other / "train.log").read_text()
+    (other / "train.log").write_text(re.sub(r"code_sha256:\w+", "code_sha256:" + "0" * 64, log))
+    with pytest.raises(submission.SubmissionError, match="train.log records code"):
+        submission.assemble([runs[0][0], other], tmp_path / "o3", name="x", github_id="y")
+    (other / "train.log").write_text(log)  # and an artifact that recorded other code
+    artifact = other / "final_model.int8_zlib.ptz"
+    entries, meta = read_artifact(artifact)
+    write_artifact(artifact, entries, {**meta, "code": {"bytes": 1, "sha256": "0" * 64}}, "zlib")
+    with pytest.raises(submission.SubmissionError, match="artifact records code"):
+        submission.assemble([runs[0][0], other], tmp_path / "o4", name="x", github_id="y")
