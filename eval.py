@@ -1,6 +1,6 @@
 """Evaluate an artifact: `python eval.py artifact=PATH [eval=sliding] [eval=[standard,sliding,slot_1263]]` (Hydra).
 
-Modes (conf/eval/): standard, sliding, ttt, lora_ttt, slot_1263, slot_1298, causal_slot.
+Modes (conf/eval/): standard, sliding, ttt, lora_ttt, lora_ttt_1090, slot_1263, slot_1298, causal_slot.
 
 Every key is validated first (pgolf/config/: `config error: ...`, exit status 2, before torch is imported).
 Loads only the artifact (weights, model config and tokenizer identity inside it), refuses a tokenizer whose

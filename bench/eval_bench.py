@@ -1,11 +1,11 @@
 """Evaluation-throughput benchmark: `python bench/eval_bench.py [--tokens N] [--modes standard,sliding,...]
 [--artifact PATH] [--compile] [hydra overrides...]`.
 
-Modes are the configs of conf/eval/ (standard, sliding, ttt, lora_ttt, slot_1263, slot_1298, causal_slot);
-override a mode's settings with `eval.<mode>.<key>=value` and the model/device with training-config
-overrides (e.g. `model=pr1263 train.seq_len=2048 trainer=gpu`). Scores N random validation tokens (so BOS,
-id 1, falls about once per vocab-size tokens: LoRA TTT sees documents of about that length) with the
-experiment's model or an artifact's, and prints per mode: seconds, tokens/s, windows/s, and the
+Modes are the configs of conf/eval/ (standard, sliding, ttt, lora_ttt, lora_ttt_1090, slot_1263, slot_1298,
+causal_slot); override a mode's settings with `eval.<mode>.<key>=value` and the model/device with
+training-config overrides (e.g. `model=pr1263 train.seq_len=2048 trainer=gpu`). Scores N random validation
+tokens (so BOS, id 1, falls about once per vocab-size tokens: LoRA TTT sees documents of about that length)
+with the experiment's model or an artifact's, and prints per mode: seconds, tokens/s, windows/s, and the
 extrapolation to the 62,021,632-target FineWeb validation set on this one device (divide by the device
 count for 8 GPUs). Each mode is first run on a short prefix (compilation, warm-up). Prints figures; it is
 not a test.

@@ -1,9 +1,9 @@
-"""Weight averaging (SPEC §7.4-7.5) on Lightning's `WeightAveraging` callback.
+"""Weight averaging (EMA: PR #287; SWA: PR #162, tight SWA of PR #414) on Lightning's `WeightAveraging` callback.
 
 EMA: an fp32 shadow of the GPT's parameters, initialised from the (restored) initial weights and updated
 after every optimizer step from step 1: θ_ema ← d·θ_ema + (1-d)·θ (d = 0.997 in the records). SWA: a
 uniform average of the weights taken every `every` steps once the LR scale is below `threshold`. Either
-one is *applied* at the end of training (the reference collects SWA and never uses it: SPEC §11.7), before
+one is *applied* at the end of training (PRs #549/#1019 collect tight SWA and never apply it), before
 the export callback, which Lightning calls later because it comes later in the callback list. SWA reads the
 step's LR scale from `pl_module.state` (set by the LR schedule earlier in the same step).
 
@@ -91,7 +91,7 @@ class GPTAveraging(WeightAveraging):
 
 
 class EMA(GPTAveraging):
-    """θ_ema ← decay·θ_ema + (1-decay)·θ after every step, from the initial weights (SPEC §7.4)."""
+    """θ_ema ← decay·θ_ema + (1-decay)·θ after every step, from the initial weights (EMA of PR #287)."""
 
     kind = "ema"
 
@@ -119,7 +119,8 @@ class EMA(GPTAveraging):
 
 
 class SWA(GPTAveraging):
-    """Uniform average of the weights every `every` steps while the LR scale is below `threshold` (SPEC §7.5)."""
+    """Uniform average of the weights every `every` steps while the LR scale is below `threshold`
+    (tight SWA, PR #414; arXiv:1803.05407)."""
 
     kind = "swa"
 

@@ -1,4 +1,4 @@
-"""Quantize-and-export at the end of training, then the round trip (SPEC §8, STYLE 8).
+"""Quantize-and-export at the end of training, then the round trip (docs/techniques.md#export-pipeline, STYLE 8).
 
 At `on_train_end` (after any weight-averaging callback listed before it has swapped in its weights, and
 after the challenge clock, handed in at construction, has stopped):
@@ -73,7 +73,7 @@ class QuantizeExport(L.Callback):
         )
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
-        modes = final_eval_modes(ev["modes"], ev["stride"], ev["reference_tail"])
+        modes = final_eval_modes(ev["modes"], ev["stride"], ev["reference_tail"], ev.get("settings"))
         results = roundtrip_evaluate(report, dm.val_tokens, replace(eval_ctx, compile=pl_module.compile), modes)
         self.results = {
             "export": report.to_dict(),

@@ -1,4 +1,4 @@
-"""Prints the reference's start-of-run lines once the data and world size are known (SPEC §10)."""
+"""Prints the baseline train_gpt.py's start-of-run log lines once the data and world size are known."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Applies the pure schedules of `pgolf.optim.schedule` to the one optimizer before every step (SPEC §7.2-7.3).
+"""Applies the pure schedules of `pgolf.optim.schedule` to the one optimizer before every step
+(docs/techniques.md#lr-schedule-and-warmdown).
 
 The wallclock warmdown reads the challenge clock handed in at construction; the step's LR scale goes to
 `pl_module.state.lr_scale` for late QAT, SWA and the clock's metrics."""

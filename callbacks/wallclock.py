@@ -1,4 +1,5 @@
-"""The challenge clock (SPEC §7.2, STYLE 6): training time only, device-synchronised, one stop step for all.
+"""The challenge clock (the baseline train_gpt.py's MAX_WALLCLOCK_SECONDS; STYLE 6): training time only,
+device-synchronised, one stop step for all.
 
 Not Lightning's Timer: the clock starts after the compile warm-up, pauses during validation, synchronises
 the device at every optimizer-step boundary, and the stop decision is reduced across ranks (any rank over

@@ -1,6 +1,7 @@
-"""Compile-priming warm-up (SPEC §7.1): run N real training steps to trigger compilation, then restore the
-initial weights, optimizer state, RNG state and data stream (the warm-up reads a separate copy of the
-stream from micro-step 0, so the real stream is untouched). Runs before the challenge clock starts."""
+"""Compile-priming warm-up (the baseline train_gpt.py's WARMUP_STEPS): run N real training steps to trigger
+compilation, then restore the initial weights, optimizer state, RNG state and data stream (the warm-up
+reads a separate copy of the stream from micro-step 0, so the real stream is untouched). Runs before the
+challenge clock starts."""
 
 from __future__ import annotations
 

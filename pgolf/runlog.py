@@ -1,4 +1,4 @@
-"""The reference's `key:value` log lines (SPEC §10): printed by rank 0 and appended to the run's log file."""
+"""The baseline train_gpt.py's `key:value` log lines: printed by rank 0 and appended to the run's log file."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GPTQ calibration data (SPEC §8.5): seeded self-generation through the KV cache, the training-stream
+"""GPTQ calibration data (PR #1019): seeded self-generation through the KV cache, the training-stream
 path, and the compliance rule (training data only inside the training time budget)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The flip test of SPEC §4.5 (PR #1240) for every eval mode, read from the per-target audit.
+"""The flip test of PR #1240 for every eval mode, read from the per-target audit.
 
 Target t predicts token t+1. Changing the token at stream position P may change the scores of targets from
 P-1 on (target P-1 *is* token P), never those of targets before P-1. Over all V values of token P:
@@ -39,11 +39,15 @@ MODES = {  # every registered mode at its conf/eval/ defaults, stride and chunks
     "sliding": {"stride": 4},
     "ttt": {"stride": 4, "chunk_tokens": 32, "epochs": 2, "batch_seqs": 2, "lr": 0.05},
     "lora_ttt": {"chunk_size": 4, "context": 12, "batch_docs": 4, "lr": 0.05},
+    # PR #1090's adaptation (init, 1/r, chunks alone, Adam lr 0.05); its rules choosing which targets count
+    # are switched off here (every target scored once) and flip-tested by index below
+    "lora_ttt_1090": {"chunk_size": 4, "context": 4, "batch_docs": 4}
+    | {"score_doc_end": True, "score_min_tokens": 0, "score_min_chunk": 1},
     "causal_slot": {"stride": 4},
     "slot_1263": {"stride": 4},
     "slot_1298": {"stride": 4},
 }
-CAUSAL = ["standard", "sliding", "ttt", "lora_ttt", "causal_slot"]
+CAUSAL = ["standard", "sliding", "ttt", "lora_ttt", "lora_ttt_1090", "causal_slot"]
 SEED_SLOT = ["slot_1263", "slot_1298"]
 
 
@@ -139,3 +143,29 @@ def test_score_first_ttt_adapts_on_earlier_chunks_only(flips):
     assert np.ptp(nll[:, first_unseen:], axis=0).max() > 1e-4
     _, sl = flips["sliding"]
     assert np.ptp(sl[:, first_unseen:], axis=0).max() == 0.0  # without training they cannot change
+
+
+def test_lora_1090_record_rules_choose_targets_never_change_a_score():
+    """PR #1090's metric skips a document's last target (the next BOS), documents under 5 tokens and final
+    one-target chunks: which targets count depends on where documents end, a later token (flipping token FLIP
+    to BOS drops target FLIP-1, whose token is then a BOS). Every target scored both before and after a flip,
+    and before FLIP-1, keeps its score bit for bit, and the targets before FLIP-1 that count stay the same."""
+    model, toks = tiny_model(), stream()
+    rules = {"chunk_size": 4, "context": 4, "batch_docs": 4}
+    base = audit_with(model, "lora_ttt_1090", rules, toks)[1]
+    early = base["index"] < FLIP - 1
+    for v in range(V):
+        t = toks.clone()
+        t[FLIP] = v
+        r, a = audit_with(model, "lora_ttt_1090", rules, t)
+        assert r.compliant and r.once["tokens"] == toks.numel() - 1
+        assert (FLIP - 1 in a["index"]) == (v != 1)
+        mine = a["index"] < FLIP - 1
+        assert np.array_equal(a["index"][mine], base["index"][early])
+        assert np.array_equal(a["nll"][mine], base["nll"][early]), f"value {v}: an earlier target changed"
+
+
+def audit_with(model, name: str, settings: dict, tokens: torch.Tensor):
+    log = TargetLog()
+    r = run_mode(name, settings, model, tokens, EvalContext(luts(), torch.device("cpu"), S, 4, log=log))
+    return r, log.arrays()

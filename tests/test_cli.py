@@ -168,7 +168,7 @@ def test_over_budget_is_a_failure(tmp_path, synth_dir):
 
 def test_gptq_export_at_the_end_of_training_records_calibration(tmp_path, synth_dir):
     """The callback path: GPTQ calibrated on the training stream right after a run that ended inside its
-    600 s cap is compliant, and the log, results.json and the artifact say so (SPEC §8.5)."""
+    600 s cap is compliant, and the log, results.json and the artifact say so (PRs #535/#569/#593/#609)."""
     r = run(
         [
             "train.py",

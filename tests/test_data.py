@@ -1,4 +1,4 @@
-"""Shard format validation, the deterministic rank-sliced stream (SPEC §2.3), validation truncation."""
+"""Shard format validation, the deterministic rank-sliced stream of the baseline train_gpt.py, validation truncation."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_missing_shard(tmp_path):
 
 
 def reference_batches(tokens: np.ndarray, batch_tokens, seq_len, world, accum, steps):
-    """The reference loader (SPEC §2.3) written directly: every rank takes the same chunk of
+    """The baseline train_gpt.py's loader written directly: every rank takes the same chunk of
     (local+1)*world tokens from its own copy of the stream and keeps its slice."""
     local = batch_tokens // (world * accum)
     pos, out = 0, []

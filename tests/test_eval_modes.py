@@ -5,6 +5,7 @@ processes for every mode: tests/test_evaluate.py.)"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -21,17 +22,20 @@ from omegaconf import OmegaConf
 from pgolf.data.stream import load_val_tokens
 from pgolf.data.tokenizer import ByteLUTs, TokenizerInfo, build_byte_luts, load_tokenizer
 from pgolf.eval import registry
-from pgolf.eval.core import EvalContext, Scored, TargetLog, make_batch, score_windows, sliding_windows, window_table
-from pgolf.eval.lora_ttt import LoraSettings, chunk_window, documents
+from pgolf.eval.core import EvalContext, Scored, TargetLog, make_batch, score_windows, window_table
+from pgolf.eval.lora_ttt import Adapter, DocLoRA, LoraSettings, chunk_window, documents
 from pgolf.eval.modes import Mode, mode_names, parse_mode, register, run_mode
 from pgolf.eval.run import evaluate_artifact
 from pgolf.eval.slot import SlotSettings, slot_batch
-from pgolf.eval.ttt import TTTSettings, train_chunk, ttt_params
+from pgolf.eval.ttt import TTTSettings, train_chunk, ttt_model, ttt_params
+from pgolf.eval.windows import sliding_windows
 from pgolf.export.config import ExportConfig, ExportReport
-from pgolf.export.roundtrip import final_eval_modes, roundtrip_evaluate
+from pgolf.export.roundtrip import final_eval_modes, final_eval_plan, roundtrip_evaluate
 from pgolf.export.stages import export_model
+from pgolf.export.weights import load_artifact_model
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
+from pgolf.model.layers import CastedLinear
 from pgolf.tools import audit as audit_cli
 
 V, S = 32, 16
@@ -40,6 +44,7 @@ CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 SMALL = {  # the registered modes at test size
     "ttt": {"stride": 4, "chunk_tokens": 48, "epochs": 2, "batch_seqs": 3, "lr": 0.05},
     "lora_ttt": {"chunk_size": 4, "context": 12, "batch_docs": 3, "lr": 0.05},
+    "lora_ttt_1090": {"chunk_size": 4, "context": 4, "batch_docs": 3},
     "slot_1263": {"stride": 4},
     "slot_1298": {"stride": 4},
     "causal_slot": {"stride": 4},
@@ -135,7 +140,7 @@ def test_slot_configs_are_the_seed_forms():
     a = parsed("slot_1263", eval_cfg("slot_1263"), 2048, 32)
     assert (a.steps, a.lr, a.lr_min, a.schedule, a.weight_decay) == (16, 0.008, 0.0008, "cosine", 0.01)
     assert (a.logit_bias, a.fit, a.dtype, a.stride, a.compliant) == (True, "scored", "fp32", 64, False)
-    assert a.lr_at(0) == pytest.approx(0.008) and a.lr_at(15) == pytest.approx(0.000869, abs=1e-6)  # SPEC §4.5
+    assert a.lr_at(0) == pytest.approx(0.008) and a.lr_at(15) == pytest.approx(0.000869, abs=1e-6)  # PR #1263
     b = parsed("slot_1298", eval_cfg("slot_1298"), 2048, 32)
     assert (b.steps, b.lr, b.schedule, b.weight_decay, b.logit_bias, b.fit, b.dtype) == (
         8,
@@ -166,6 +171,32 @@ def test_ttt_and_lora_configs_are_the_reference_recipes():
     lo = parsed("lora_ttt", eval_cfg("lora_ttt"), 1024)
     assert (lo.rank, lo.lr, lo.beta2, lo.eps, lo.chunk_size, lo.context) == (8, 0.01, 0.95, 1e-10, 256, 1024)
     assert lo.targets == ("q", "v", "head")
+    assert (lo.init, lo.scale_by_rank, lo.score_doc_end, lo.score_min_tokens, lo.score_min_chunk) == (
+        "uniform",
+        False,
+        True,
+        0,
+        1,
+    )
+    assert (t.windows, t.qat) == ("once", "off") and parsed("sliding", eval_cfg("sliding"), 2048).windows == "once"
+
+
+def test_lora_1090_config_is_the_pr_1090_form():
+    """PR #1090: rank 8 on q and v, A ~ N(0, 0.01²), B ~ N(0, 0.001²), x1/r, 256-target chunks fed alone,
+    Adam(lr 0.05) with PyTorch's defaults, documents under 5 tokens and each document's last target (the next
+    BOS) and final one-target chunks not scored."""
+    lo = parsed("lora_ttt_1090", eval_cfg("lora_ttt_1090"), 2048)
+    assert (lo.rank, lo.targets, lo.init, lo.a_std, lo.b_std, lo.scale_by_rank) == (
+        8,
+        ("q", "v"),
+        "normal",
+        0.01,
+        0.001,
+        True,
+    )
+    assert (lo.chunk_size, lo.context, lo.lr, lo.beta1, lo.beta2, lo.eps) == (256, 256, 0.05, 0.9, 0.999, 1e-8)
+    assert (lo.score_min_tokens, lo.score_doc_end, lo.score_min_chunk) == (5, False, 2)
+    assert registry.get_mode("lora_ttt_1090").rule(lo)[0]  # compliant: each chunk scored before its step
 
 
 @pytest.mark.parametrize(
@@ -202,7 +233,7 @@ def test_slot_without_steps_is_sliding():
 
 
 def direct_slot(st: SlotSettings, h, b, W, cap):
-    """SPEC §4.5 read literally: logits = c·tanh(((H+δ)Wᵀ + β)/c) on all S positions, masked loss, AdamW."""
+    """PR #1263's SLOT written literally: logits = c·tanh(((H+δ)Wᵀ + β)/c) on all S positions, masked loss, AdamW."""
     pos = torch.arange(S).expand(b.x.size(0), S)
     scored = (pos >= b.lo[:, None]) & (pos < b.n[:, None])
     fit = {"scored": scored, "context": pos < b.lo[:, None], "all": torch.arange(b.x.size(0))[:, None] < b.real}
@@ -296,7 +327,147 @@ def test_ttt_step_is_the_mean_loss_sgd_step_and_frozen_blocks_stay():
     assert any(not torch.equal(named[n].detach(), ref[n]) for n in ref if n.startswith("blocks.1."))
 
 
+def qat_model(qat: str = "late") -> GPT:
+    """The tiny test GPT with the given QAT mode, its quantizer the plain max-abs int6 one (fp32 row scale, no
+    floor), weights moved off their init."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=V, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, qat=qat)
+    cfg = dataclasses.replace(cfg, qat_scale_floor=False, qat_scale_fp16=False)
+    m = GPT(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return m.eval()
+
+
+def int6_ste_weight(w: torch.Tensor) -> torch.Tensor:
+    """Row-wise int6 round trip: s = max|w_row| / 31, round(w / s) * s."""
+    s = w.abs().amax(1, keepdim=True) / 31
+    return torch.round(w / s) * s
+
+
+def test_ttt_with_qat_kept_takes_the_straight_through_int6_step():
+    """`qat: keep` on a late-QAT model: TTT's training forward uses the int6 weights and the gradient passes
+    straight through to the full-precision weights (PR #549's TTT under late QAT). The first SGD step equals
+    θ - lr·∇L(θ̂) computed by hand (the quantized matrices replaced by their int6 values, no QAT), and
+    differs from the step with `qat: off`, the default."""
+    base, toks = qat_model(), tokens()
+    st: TTTSettings = parsed("ttt", SMALL["ttt"] | {"epochs": 1, "grad_clip": 0.0, "qat": "keep"})
+    x, y = toks[0 : 3 * S].view(3, S), toks[1 : 3 * S + 1].view(3, S)
+    hand = copy.deepcopy(base)
+    hand.set_qat("off")
+    with torch.no_grad():
+        for name, mod in hand.named_modules():
+            if isinstance(mod, CastedLinear) and name != "lm_head":
+                mod.weight.copy_(int6_ste_weight(mod.weight))
+    hand.train()
+    names = [n for n, _ in base.named_parameters()]
+    grads = torch.autograd.grad(hand(x, y), list(hand.parameters()))
+    want = {n: p.detach() - 0.05 * g for (n, p), g in zip(base.named_parameters(), grads)}
+    stepped = {}
+    for qat in ("keep", "off"):
+        m = ttt_model(base, qat)
+        opt = torch.optim.SGD(ttt_params(m, 0), lr=0.05, momentum=st.momentum)
+        assert train_chunk(m, opt, toks, 0, 3 * S + 5, st, EvalContext(luts(), CPU, S)) == 1
+        stepped[qat] = dict(m.named_parameters())
+    for n in names:
+        torch.testing.assert_close(stepped["keep"][n].detach(), want[n], atol=1e-6, rtol=1e-5)
+    moved = max((stepped["keep"][n] - stepped["off"][n]).abs().max().item() for n in names)
+    assert moved > 1e-4  # QAT off takes another step
+    assert all(not mod.training for mod in base.modules())  # the model TTT was handed is untouched
+
+
+def test_ttt_qat_keep_scores_in_eval_mode_and_changes_only_adapted_chunks():
+    m, toks = qat_model(), tokens()
+    off = nll_of("ttt", SMALL["ttt"], m=m, toks=toks)
+    keep = nll_of("ttt", SMALL["ttt"] | {"qat": "keep"}, m=m, toks=toks)
+    first = 48  # chunk 0 is scored before any training: no fake quant in scoring forwards
+    np.testing.assert_array_equal(keep[:first], off[:first])
+    assert np.abs(keep[first:] - off[first:]).max() > 1e-5
+    r = run("ttt", SMALL["ttt"] | {"qat": "keep"}, m=m, toks=toks)
+    assert r.compliant and "QAT fake quant is on in TTT's training forwards" in r.reason
+    with pytest.raises(ValueError, match="YAML reads a bare off as false"):
+        run("ttt", {"qat": False})
+
+
 # ---- LoRA TTT ------------------------------------------------------------------------------------------
+def test_lora_1090_init_is_seeded_normal_and_its_delta_is_scaled_by_one_over_rank():
+    """A ~ N(0, 0.01²), B ~ N(0, 0.001²) per document from the generator seeded with seed·1000003 + index;
+    Δ(x) = (x Aᵀ) Bᵀ / r."""
+    cfg = GPTConfig(vocab_size=V, num_layers=4, model_dim=256, num_heads=4, num_kv_heads=2)
+    st = parsed("lora_ttt_1090", {}, 2048)
+    lora = DocLoRA(cfg, 2, st, [7, 8])
+    assert lora.head is None and len(lora.q) == len(lora.v) == 4
+    A = torch.cat([a.A.flatten() for a in [*lora.q, *lora.v]])
+    B = torch.cat([a.B.flatten() for a in [*lora.q, *lora.v]])
+    assert A.std().item() == pytest.approx(0.01, rel=0.02) and abs(A.mean().item()) < 3e-4
+    assert B.std().item() == pytest.approx(0.001, rel=0.03) and abs(B.mean().item()) < 3e-5
+    again = DocLoRA(cfg, 1, st, [8])  # document 8's init does not depend on the documents beside it
+    assert torch.equal(again.q[2].A[0], lora.q[2].A[1]) and torch.equal(again.v[3].B[0], lora.v[3].B[1])
+    assert not torch.equal(lora.q[0].A[0], lora.q[0].A[1])
+    a: Adapter = lora.q[1]
+    x = torch.randn(2, 5, 256)
+    want = torch.stack([x[i] @ a.A[i].T @ a.B[i].T / 8 for i in range(2)])
+    torch.testing.assert_close(a(x).detach(), want, atol=1e-7, rtol=1e-5)
+    u = DocLoRA(cfg, 1, parsed("lora_ttt", {}, 2048), [7])  # PR #77: U(±1/√in), B = 0, no scaling
+    assert u.q[0].scale == 1.0 and not u.q[0].B.any() and u.q[0].A.abs().max() <= 1 / 16
+
+
+def test_lora_1090_feeds_each_chunk_alone():
+    """With B = 0 and no learning, PR #1090's scores are the frozen model's on each 4-target chunk alone."""
+    toks = tokens()
+    got = nll_of("lora_ttt_1090", {**SMALL["lora_ttt_1090"], "lr": 0.0, "b_std": 0.0, "score_doc_end": True})
+    want = []
+    m = model()
+    with torch.no_grad():
+        for s, n in documents(toks, 1):
+            for c0 in range(s, s + n, 4):
+                c1 = min(c0 + 4, s + n)
+                want.append(m.token_nll(toks[c0:c1][None], toks[c0 + 1 : c1 + 1][None])[0])
+    np.testing.assert_allclose(got, torch.cat(want).numpy(), atol=1e-6, rtol=0)
+    assert chunk_window((10, 40), 3, LoraSettings(seq_len=S, chunk_size=4, context=4)) == (22, 4, 0)
+
+
+def lora_1090_scored(toks: torch.Tensor, chunk: int) -> list[int]:
+    """Targets PR #1090's metric scores: per document (tokens from a BOS to the next BOS or the stream's end,
+    dl of them, dl >= 5), its dl - 1 next-token predictions, in chunks, a final chunk of one target skipped."""
+    t = toks.tolist()
+    bos = [i for i, v in enumerate(t) if v == 1]
+    out = []
+    for k, ds in enumerate(bos):
+        dl = (bos[k + 1] if k + 1 < len(bos) else len(t)) - ds
+        if dl < 5:
+            continue
+        pred = dl - 1
+        for c0 in range(0, pred, chunk):
+            if min(c0 + chunk, pred) - c0 >= 2:
+                out += range(ds + c0, ds + min(c0 + chunk, pred))
+    return out
+
+
+def test_lora_1090_scores_the_records_targets_and_pgolfs_figure_beside():
+    toks = tokens(1 + S * 12 + 3)  # BOS every 23 tokens (documents of 23 tokens: 22 targets, a final 2-chunk)
+    toks[100] = 1  # documents of 8 and 15 tokens ...
+    toks[101:104] = torch.tensor([1, 5, 1])  # ... and of 1 and 2 tokens: not scored
+    toks[179] = 1  # an 18-token document: 17 targets, a final chunk of one target, not scored
+    log = TargetLog()
+    r = run("lora_ttt_1090", SMALL["lora_ttt_1090"], toks=toks, log=log)
+    want = lora_1090_scored(toks, 4)
+    assert log.arrays()["index"].tolist() == want and r.tokens == r.distinct == len(want)
+    total = toks.numel() - 1
+    assert r.targets == total and r.scoring == f"{len(want)} of {total} targets scored, each once"
+    assert toks[np.array(want) + 1].ne(1).all()  # no target whose token is a document's BOS
+    assert r.once["tokens"] == total and r.once["bytes"] == float(luts().target_bytes(toks[:-1], toks[1:]).sum())
+    assert r.compliant and "leave targets unscored" in r.reason
+    # pgolf's figure scores every target once, with the same adaptation: targets both score agree bit for bit
+    full = TargetLog()
+    run("lora_ttt_1090", {**SMALL["lora_ttt_1090"], "score_doc_end": True, "score_min_tokens": 0}, toks=toks, log=full)
+    a = full.arrays()
+    common = np.isin(a["index"], want)
+    assert common.sum() == len(want)
+    np.testing.assert_array_equal(a["nll"][common], log.arrays()["nll"])
+
+
 def test_documents_start_at_bos_and_end_on_the_next_bos():
     t = torch.tensor([5, 1, 3, 4, 1, 6, 7, 1])
     assert documents(t, 1) == [(0, 1), (1, 3), (4, 3)]  # 7 targets; doc (1,3) ends predicting the BOS at 4
@@ -353,7 +524,7 @@ def test_roundtrip_scores_the_artifact_as_eval_py_does(synth_artifact, tmp_path,
     """The end-of-training round trip (pgolf/export/roundtrip.py) and eval.py run the same registered modes."""
     report, data = synth_artifact
     modes = final_eval_modes(["standard", "sliding"], stride=8) | {"causal_slot": {"stride": 8}}
-    assert modes["sliding"] == {"stride": 8, "reference_tail": False} and modes["standard"] == {}
+    assert modes["sliding"] == {"stride": 8} and modes["standard"] == {}
     res = evaluate_artifact(artifact=report.path, modes=modes, data=data, batch_windows=8, out_dir=tmp_path)
     tokens = load_val_tokens(data["val_pattern"], 32, 256)
     luts = build_byte_luts(load_tokenizer(data["tokenizer_path"]), 256)
@@ -365,6 +536,41 @@ def test_roundtrip_scores_the_artifact_as_eval_py_does(synth_artifact, tmp_path,
     label = report.label
     assert f"final_{label}_roundtrip_exact val_loss:" in out and f"final_{label}_causal_slot_exact val_loss:" in out
     assert f"final_{label}_sliding_window val_loss:" in out and " stride:8 " in out
+
+
+def test_final_eval_runs_the_records_windows_and_prints_pgolfs_figure_beside(synth_artifact, capsys):
+    """`final_eval.reference_tail` gives every windowed mode the records' windows; `final_eval.settings` sets
+    any mode's settings; the round trip prints the record's metric on the reference's lines and pgolf's
+    each-target-once figure from the same pass after them."""
+    report, data = synth_artifact
+    names = ["standard", "sliding", "causal_slot"]
+    modes = final_eval_modes(names, stride=8, reference_tail=True)
+    assert modes == {
+        "standard": {},
+        "sliding": {"stride": 8, "windows": "reference"},
+        "causal_slot": {"stride": 8, "windows": "reference"},
+    }
+    v5 = final_eval_modes(["sliding", "ttt"], 8, settings={"sliding": {"windows": "v5"}, "ttt": {"qat": "keep"}})
+    assert v5 == {"sliding": {"stride": 8, "windows": "v5"}, "ttt": {"stride": 8, "qat": "keep"}}
+    with pytest.raises(ValueError, match=r"final_eval.settings names modes not in final_eval.modes: \['ttt'\]"):
+        final_eval_modes(["sliding"], settings={"ttt": {"qat": "keep"}})
+    ev = {"modes": ["sliding", "ttt"], "seq_len": 32, "batch_windows": 8, "stride": 8, "reference_tail": True}
+    assert final_eval_plan(ev)["ttt"] == {"stride": 8, "windows": "reference"}
+    with pytest.raises(ValueError, match=r"eval mode ttt: unknown settings \['qatt'\]"):
+        final_eval_plan(ev | {"settings": {"ttt": {"qatt": "keep"}}})
+    tokens = load_val_tokens(data["val_pattern"], 32, 256)
+    lt = build_byte_luts(load_tokenizer(data["tokenizer_path"]), 256)
+    capsys.readouterr()
+    rt = roundtrip_evaluate(report, tokens, EvalContext(lt, CPU, 32, 8), modes)["roundtrip"]
+    out = capsys.readouterr().out
+    label, total = report.label, tokens.numel() - 1
+    assert f"final_{label}_sliding_window_exact val_loss:" in out and f"final_{label}_roundtrip_once" not in out
+    line = next(ln for ln in out.splitlines() if ln.startswith(f"final_{label}_sliding_window_once_exact "))
+    assert f"tokens:{total} (pgolf's each-target-once figure; the record's metric above: {total} of {total}" in line
+    assert rt["sliding"]["tokens"] > total and rt["sliding"]["once"]["tokens"] == total
+    model, _ = load_artifact_model(report.path)
+    once = run_mode("sliding", {"stride": 8}, model, tokens, EvalContext(lt, CPU, 32, 8))
+    assert rt["sliding"]["once"]["val_bpb"] == once.val_bpb and rt["sliding"]["val_bpb"] != once.val_bpb
 
 
 def test_flip_test_from_outside_with_eval_and_audit_files(synth_artifact, tmp_path, capsys):

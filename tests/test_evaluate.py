@@ -1,4 +1,5 @@
-"""Standard and sliding evaluation: every target scored exactly once, exact sums; every mode on 1 vs 2 processes."""
+"""Standard and sliding evaluation: every target scored exactly once, exact sums; every mode on 1 vs 2 processes
+(with the records' windows and document rules too, and the each-target-once figure they carry)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pgolf.data.tokenizer import ByteLUTs
-from pgolf.eval.core import EvalContext, TargetLog, gather_log, sliding_windows
+from pgolf.eval.core import EvalContext, TargetLog, gather_log
 from pgolf.eval.modes import run_mode
+from pgolf.eval.windows import plan_windows, sliding_windows
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 
@@ -73,7 +75,7 @@ def test_sliding_scores_every_target_exactly_once(total, S, stride):
 def test_reference_tail_rescoring_is_reproducible():
     total, S, stride = 1000, 128, 64
     counts = torch.zeros(total, dtype=torch.long)
-    for s, n, lo in sliding_windows(total, S, stride, reference_tail=True):
+    for s, n, lo, _ in plan_windows("reference", total, S, stride):
         counts[s + lo : s + n] += 1
     assert (counts[: total - stride] == 1).all()
     assert (counts[-stride:] > 1).all()  # the final targets are re-scored by every tail window
@@ -115,23 +117,29 @@ def test_audit_log_is_in_stream_order_and_sums_to_the_result():
 ADAPTIVE = {
     "ttt": {"stride": 4, "chunk_tokens": 48, "epochs": 2, "batch_seqs": 3, "lr": 0.05},
     "lora_ttt": {"chunk_size": 4, "context": 12, "batch_docs": 3, "lr": 0.05},
+    "lora_ttt_1090": {"chunk_size": 4, "context": 4, "batch_docs": 3},
     "slot_1263": {"stride": 4},
     "slot_1298": {"stride": 4},
     "causal_slot": {"stride": 4},
+    "ttt_reference": {"mode": "ttt", "stride": 4, "chunk_tokens": 48, "epochs": 1, "batch_seqs": 3, "lr": 0.05}
+    | {"windows": "reference", "qat": "keep"},
+    "sliding_v5": {"mode": "sliding", "stride": 8, "windows": "v5"},
+    "sliding_reference": {"mode": "sliding", "stride": 8, "windows": "reference"},
 }
-# Per-window (causal SLOT) or per-document (LoRA TTT: windows padded to a length set by the chunk index)
-# arithmetic: bit-identical at any world size.
-EXACT = {"causal_slot", "lora_ttt"}
-TOL = {"ttt": 1e-4, "slot_1263": 1e-3, "slot_1298": 1e-3}  # max per-target |Δnll|
+RECORD_METRIC = {"lora_ttt_1090", "ttt_reference", "sliding_v5", "sliding_reference"}  # these carry `once`
+# Per-window (causal SLOT, sliding) or per-document (LoRA TTT: windows padded to a length set by the chunk
+# index) arithmetic: bit-identical at any world size.
+EXACT = {"causal_slot", "lora_ttt", "lora_ttt_1090", "sliding_v5", "sliding_reference"}
+TOL = {"ttt": 1e-4, "ttt_reference": 1e-4, "slot_1263": 1e-3, "slot_1298": 1e-3}  # max per-target |Δnll|
 
 
 def _all_modes(m, toks, lt):
     res = [standard(m, toks, lt, 16, 5), sliding(m, toks, lt, 64, 16, 3)]
-    out = [(r.val_loss, r.val_bpb, r.tokens, r.bytes, None) for r in res]
+    out = [(r.val_loss, r.val_bpb, r.tokens, r.bytes, None, None) for r in res]
     for name, s in ADAPTIVE.items():
         log = TargetLog()
         r = run_mode(name, s, m, toks, ctx(lt, 16, 4, log))
-        out.append((r.val_loss, r.val_bpb, r.tokens, r.bytes, gather_log(log)["nll"]))
+        out.append((r.val_loss, r.val_bpb, r.tokens, r.bytes, gather_log(log)["nll"], r.once))
     return out
 
 
@@ -157,8 +165,13 @@ def test_one_and_two_processes_give_the_same_numbers(tmp_path):
     two = torch.load(out, weights_only=False)
     for name, a, b in zip(["standard", "sliding", *ADAPTIVE], one, two):
         assert a[2:4] == b[2:4], name  # the same targets and bytes
+        assert (a[5] is None) == (b[5] is None) == (name not in RECORD_METRIC), name
+        if a[5] is not None:  # the each-target-once figure: every target of the stream, once
+            assert a[5]["tokens"] == b[5]["tokens"] == tokens().numel() - 1 and a[5]["bytes"] == b[5]["bytes"], name
         if name in ("standard", "sliding") or name in EXACT:
             assert a[:2] == b[:2], name
             assert a[4] is None or np.array_equal(a[4], b[4]), name
+            assert a[5] is None or a[5]["val_bpb"] == pytest.approx(b[5]["val_bpb"], rel=1e-12), name
         else:  # TTT: gradients summed in another order; seed SLOT: a batch-mean loss over other windows (Adam eps)
             assert a[1] == pytest.approx(b[1], rel=1e-6, abs=0) and np.abs(a[4] - b[4]).max() < TOL[name], name
+            assert a[5] is None or a[5]["val_bpb"] == pytest.approx(b[5]["val_bpb"], rel=1e-6, abs=0), name

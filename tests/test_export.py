@@ -1,4 +1,4 @@
-"""The record export (SPEC §8.3-8.6): export configs, the record's tensor classes, export with GPTQ +
+"""The record export (PRs #549/#1019/#1263/#1298): export configs, the record's tensor classes, export with GPTQ +
 calibration + pruning, the saved float weights, and the re-export command on the same weights."""
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def test_record_schemes_are_what_the_references_used():
 
 
 def test_record_tensor_classes_follow_spec_order():
-    """SPEC §8.3 on the #1263 model's names (two layers are enough: every name repeats per block)."""
+    """The records' tensor classes (PR #549) on the #1263 model's names (two layers are enough: every name
+    repeats per block)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         m = compose(config_name="train", overrides=["model=pr1263"]).model
     over = {"num_layers": 2, "ve_layers": [1], "xsa_last_n": 2}

@@ -1,4 +1,4 @@
-"""Full-Hessian GPTQ (SPEC §8.4): equality with a slow column-by-column reference, lower output error
+"""Full-Hessian GPTQ (arXiv:2210.17323): equality with a slow column-by-column reference, lower output error
 than round-to-nearest, dead columns, Hessian collection by forward hooks."""
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from pgolf.quant.rules import (
 )
 
 
-def reference_gptq(w, H, bits, clips, damp=0.01, act_order=True, floor=True):
+def reference_gptq(w, H, bits, clips, damp=0.01, act_order=True, floor=True, full_range=False):
     """The GPTQ paper's column-by-column form (OBS update with the explicit inverse Hessian, then the
-    quantized column eliminated from the inverse), in float64, one clip level at a time."""
+    quantized column eliminated from the inverse), in float64, one clip level at a time; codes in ±qmax, or
+    [-qmax-1, qmax] with `full_range`."""
     w, H = w.double().clone(), H.double().clone()
     qmax = 2 ** (bits - 1) - 1
+    qmin = -qmax - 1 if full_range else -qmax
     dead = torch.diag(H) == 0
     for j in torch.nonzero(dead).flatten().tolist():
         H[j, j] = 1.0
@@ -39,7 +41,7 @@ def reference_gptq(w, H, bits, clips, damp=0.01, act_order=True, floor=True):
         W, Hinv = W0.clone(), torch.linalg.inv(Hp)
         Q = torch.zeros_like(W)
         for i in range(W.size(1)):
-            q = torch.clamp(torch.round(W[:, i] / s), -qmax, qmax)
+            q = torch.clamp(torch.round(W[:, i] / s), qmin, qmax)
             Q[:, i] = q
             err = W[:, i] - q * s
             W[:, i + 1 :] -= (err / Hinv[i, i])[:, None] * Hinv[i, i + 1 :][None, :]
@@ -75,6 +77,21 @@ def test_gptq_equals_the_column_by_column_reference(act_order, bits):
     assert torch.equal(s, s_ref)
     assert torch.equal(q, q_ref)
     assert (q[:, 7] == 0).all()  # the dead column's weights are dropped
+
+
+def test_gptq_full_code_range_equals_the_reference():
+    """`code_range: full` (int4 in [-8, 7]): with a low clip level the error feedback pushes some codes
+    past -7, where the symmetric range would clamp."""
+    torch.manual_seed(5)
+    w = torch.randn(12, 40) * 0.5
+    H = correlated_inputs(200, 40, seed=6).T @ correlated_inputs(200, 40, seed=6)
+    clips = (0.9,)
+    q, s, _ = gptq_quantize(w, H, 4, clips, block_size=16, floor=False, full_range=True, dtype=torch.float64)
+    q_ref, s_ref, _ = reference_gptq(w, H, 4, clips, floor=False, full_range=True)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
+    assert (q == -8).any() and q.max() <= 7
+    q_sym, _, _ = gptq_quantize(w, H, 4, clips, block_size=16, floor=False, dtype=torch.float64)
+    assert q_sym.min() >= -7
 
 
 def test_gptq_output_error_is_lower_than_round_to_nearest():

@@ -1,4 +1,4 @@
-"""Selective ±1 pruning to a decimal size target (SPEC §8.6): the fewest cheapest entries, real sizes."""
+"""Selective ±1 pruning to a decimal size target (PR #609): the fewest cheapest entries, real sizes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Quantization rules and per-row integer quantizers (SPEC §8)."""
+"""Quantization rules and per-row integer quantizers (docs/techniques.md#export)."""
 
 from __future__ import annotations
 
@@ -94,8 +94,8 @@ def test_per_row_int_n_with_fp16_row_scales(bits):
 
 
 def test_rtn_quantile_clip_clips_values_like_the_reference():
-    """SPEC §8.1: with a quantile clip, w is clipped to ±clip_r before rounding; this matters when the scale
-    floor binds (clip_r < 1), where a bare clamp would keep outliers up to qmax steps."""
+    """The baseline's int8 export: with a quantile clip, w is clipped to ±clip_r before rounding; this matters
+    when the scale floor binds (clip_r < 1), where a bare clamp would keep outliers up to qmax steps."""
     w = torch.full((1, 1000), 0.01)
     w[0, 0] = 0.5  # an outlier beyond the 0.99 quantile
     q, s = quantize_rows(w, 8, clip=0.99, floor=True, clip_values=True)

@@ -1,4 +1,4 @@
-"""BPB byte tables (SPEC §3) against the real sp1024 model and a hand-computed example."""
+"""BPB byte tables (docs/techniques.md#bits-per-byte) against the real sp1024 model and a hand-computed example."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def luts(sp):
 
 def test_sp1024_quirks(sp, luts):
     assert sp.vocab_size() == 1024
-    assert sum(sp.IsByte(i) for i in range(1024)) == 0  # no byte fallback in this copy (SPEC §2.1)
+    assert sum(sp.IsByte(i) for i in range(1024)) == 0  # no byte fallback in the published sp1024 model
     assert luts.is_boundary[:4].tolist() == [True, True, True, True]  # pad, bos, eos, unk
     assert not luts.is_boundary[4:].any()
     assert int(luts.base_bytes[3]) == 0  # <unk> counts 0 bytes
@@ -53,7 +53,7 @@ def test_hand_computed_bytes(sp, luts):
 
 
 def test_table_bytes_equal_utf8_bytes_of_decoded_documents(sp, luts, fineweb_sample):
-    """Where SPEC §3 says it must: a document encoded [BOS]+pieces, without <unk> and not starting with
+    """Where the byte tables must be exact: a document encoded [BOS]+pieces, without <unk> and not starting with
     whitespace, has exactly as many table bytes as its decoded (normalised) text has UTF-8 bytes."""
     checked = 0
     with open(fineweb_sample, encoding="utf-8") as f:

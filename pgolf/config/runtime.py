@@ -1,5 +1,5 @@
-"""The config checks that need torch: `export` read into `ExportConfig`, and the Newton-Schulz variant's
-step count.
+"""The config checks that need torch: `export` read into `ExportConfig`, the Newton-Schulz variant's
+step count, and every final evaluation's settings as the export callback will parse them.
 
 Importing this module imports torch (about 2 s), unlike the rest of pgolf/config: train.py imports it once
 the torch-free checks (pgolf/config/validate.py) have passed, and still before Lightning and before any
@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from pgolf.config.typed import ConfigError, load
 from pgolf.config.validate import plain
 from pgolf.export.config import ExportConfig
+from pgolf.export.roundtrip import final_eval_plan
 from pgolf.optim.newton_schulz import ns_coefficients
 
 
@@ -35,8 +36,19 @@ def check_optim(optim: dict) -> None:
         raise ConfigError(f"optim.ns_steps: {e}") from None
 
 
+def check_final_eval(final_eval: dict) -> dict[str, dict]:
+    """Every mode of `final_eval` with its settings (registered defaults, the run's stride and windows,
+    `final_eval.settings` last) parsed as the export callback will run it: {mode: settings}. Raises
+    ConfigError naming the mode and key."""
+    try:
+        return final_eval_plan(final_eval)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"final_eval: {e}") from None
+
+
 def check_runtime(cfg: DictConfig) -> ExportConfig:
     """The checks of this module on a composed conf/train.yaml that passed `validate_train`."""
     d = plain(cfg)
     check_optim(d["optim"])
+    check_final_eval(d["final_eval"])
     return check_export(d["export"])

@@ -60,6 +60,7 @@ class OptimConfig:
     adam_eps: PosFloat
     aux_proj_to_muon: bool
     grad_clip: NonNegFloat
+    frozen: list[str]  # glob patterns of parameters in no optimizer group (PR #1090's smear gate)
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,12 @@ class FinalEvalConfig:
     batch_windows: PosInt
     stride: PosInt
     reference_tail: bool
+    settings: dict[str, dict[str, Any]]  # mode name -> that mode's setting overrides (checked by runtime.py)
 
     def __post_init__(self):
+        unknown = sorted(set(self.settings) - set(self.modes))
+        if unknown:
+            raise ValueError(f"settings names modes not in final_eval.modes: {unknown}")
         if "sliding" in self.modes and self.stride > self.seq_len:
             raise ValueError(f"stride must be in [1, seq_len={self.seq_len}] for the sliding mode, got {self.stride}")
 

@@ -1,8 +1,8 @@
 """The challenge's shard format: write, validate, memory-map and list shard files.
 
-Shard format (SPEC §2.2): 256 little-endian int32 header (magic 20240520, version 1, num_tokens, zeros),
-then `num_tokens` little-endian uint16 token ids. Every problem with a shard raises `ShardError` naming
-the file. Needs numpy only, so the data tools (pgolf/tools/fineweb.py) read shards without torch.
+Shard format (the baseline train_gpt.py's loader): 256 little-endian int32 header (magic 20240520, version
+1, num_tokens, zeros), then `num_tokens` little-endian uint16 token ids. Every problem with a shard raises
+`ShardError` naming the file. Needs numpy only, so the data tools (pgolf/tools/fineweb.py) read shards without torch.
 """
 
 from __future__ import annotations

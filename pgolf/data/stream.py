@@ -1,9 +1,9 @@
 """The deterministic rank-sliced training stream and the validation tokens and windows.
 
-Training stream (SPEC §2.3): shards in sorted order form one endless stream (wrapping to the first). On
-every micro-step every rank takes the same next `(local+1)*world` tokens and uses its own slice
-`[r*(local+1), (r+1)*(local+1))`; `local = batch_tokens / (world*grad_accum)`. Because the stream is a
-pure function of the micro-step index, the position is one integer and resuming is a seek.
+Training stream (the baseline train_gpt.py's token stream): shards in sorted order form one endless stream
+(wrapping to the first). On every micro-step every rank takes the same next `(local+1)*world` tokens and
+uses its own slice `[r*(local+1), (r+1)*(local+1))`; `local = batch_tokens / (world*grad_accum)`. Because
+the stream is a pure function of the micro-step index, the position is one integer and resuming is a seek.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pgolf.data.shards import ShardError, list_shards, open_shard, read_shard_he
 
 def load_val_tokens(pattern: str, seq_len: int, vocab_size: int | None = None) -> torch.Tensor:
     """All validation shards concatenated in sorted order, truncated to `floor((N-1)/S)*S` targets plus
-    one token (SPEC §2.2). Returned as an int64 tensor of length usable+1."""
+    one token, as the baseline does. Returned as an int64 tensor of length usable+1."""
     parts = [np.asarray(open_shard(p, vocab_size)) for p in list_shards(pattern)]
     tokens = np.concatenate(parts) if len(parts) > 1 else parts[0]
     usable = ((tokens.size - 1) // seq_len) * seq_len
@@ -89,7 +89,7 @@ class StreamLayout:
 
 
 def default_grad_accum(world_size: int, base: int = 8) -> int:
-    """The reference's `grad_accum = 8 / world_size` (SPEC §2.3)."""
+    """The baseline train_gpt.py's `grad_accum = 8 / world_size`."""
     if world_size <= 0 or base % world_size:
         raise ValueError(f"world size {world_size} must divide {base} (grad_accum = {base}/world_size)")
     return base // world_size

@@ -1,7 +1,7 @@
 """SentencePiece loading, tokenizer identity, and the byte look-up tables behind BPB (training a tokenizer
 and encoding documents are data preparation: pgolf/tools/prepare.py).
 
-BPB (SPEC §3): for a scored target `y` with previous token `x`,
+BPB (the baseline train_gpt.py's byte tables): for a scored target `y` with previous token `x`,
 `bytes = base_bytes[y] + (has_leading_space[y] and not is_boundary[x])`, where control, unknown and unused
 pieces are boundaries with 0 bytes, byte pieces count 1 byte, and other pieces count the UTF-8 bytes of
 the piece without its leading "▁". `val_bpb = sum(nll) / (ln 2 * sum(bytes))`, all sums in float64.

@@ -1,16 +1,18 @@
 """The shared machinery of every eval mode: results, the per-target audit log, the context every mode is
-handed, windows and fixed-shape batches of them, and scoring.
+handed, fixed-shape batches of windows, and scoring.
 
-A window is `(start, length, score_from)`: inputs `val[start : start+length]`, targets shifted by one,
-scored positions `[score_from, length)`. Target index t predicts `val[t+1]` from `val[:t+1]`. Windows are
-split contiguously across ranks and scored in fixed-shape batches (the last batch is padded with empty
-windows), so a compiled model sees one shape. Scoring runs the backbone once per batch (`forward_hidden`)
-and applies the output head only at the positions a batch scores (the last `stride` of each window, or
-all of them when a batch holds window 0).
+Windows (`(start, length, score_from[, first_from])`, pgolf/eval/windows.py) are split contiguously across
+ranks and scored in fixed-shape batches (the last batch is padded with empty windows), so a compiled model
+sees one shape. Scoring runs the backbone once per batch (`forward_hidden`) and applies the output head
+only at the positions a batch scores (the last `stride` of each window, or all of them when a batch holds
+window 0).
 
 Sums are float64 `[loss_sum, tokens, bytes]`, reduced across ranks; BPB is a ratio of sums
-(pgolf/data/tokenizer.py). The modes themselves live one family per module (standard, sliding, ttt,
-lora_ttt, slot), registered by name in pgolf/eval/registry.py.
+(pgolf/data/tokenizer.py). A mode whose metric is not each-target-once (the records' windows re-score the
+final targets, the 1.1556 record's skip the first ones, PR #1090's LoRA TTT skips each document's last
+target) also returns the sums of pgolf's each-target-once figure, taken from the same forwards. The modes
+themselves live one family per module (standard, sliding, ttt, lora_ttt, slot), registered by name in
+pgolf/eval/registry.py.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import torch.nn.functional as F
 
 from pgolf.data.stream import rank_slice
 from pgolf.data.tokenizer import ByteLUTs
+from pgolf.eval.windows import Window
 
-Window = tuple[int, int, int]
 CAUSAL_REASON = "each target is scored once from its prefix only; no weights or state adapt to validation tokens"
 
 
@@ -44,6 +46,11 @@ class EvalResult:
     settings: dict = field(default_factory=dict)
     windows: int = 0  # forwards' worth of windows scored (sliding windows, TTT windows, LoRA doc chunks)
     windows_per_second: float = 0.0
+    targets: int = 0  # targets of the validation stream (tokens - 1)
+    distinct: int = 0  # distinct targets the metric scored (`tokens` counts a target scored twice twice)
+    scoring: str = ""  # what the metric counts: "each target once", or which targets it skips / re-scores
+    once: dict | None = None  # pgolf's each-target-once figure from the same pass (val_loss, val_bpb, tokens,
+    # bytes), when the mode's metric is the record's and not each-target-once
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,11 +83,17 @@ class TargetLog:
 @dataclass(frozen=True)
 class Scored:
     """What a mode's run function returns: this rank's float64 [loss_sum, tokens, bytes] (not reduced), the
-    number of windows scored by all ranks, and figures added to the result's settings."""
+    number of windows scored by all ranks, and figures added to the result's settings. A mode whose metric
+    re-scores or skips targets also returns `once`, this rank's sums of pgolf's each-target-once figure
+    (not reduced). `rescores`: the metric may score a target more than once, and the targets it scores are
+    exactly those `once` counts (the records' windows: `once` holds each target's first scoring); else
+    every scoring of the metric is of a distinct target."""
 
     sums: torch.Tensor
     windows: int
     info: dict = field(default_factory=dict)
+    once: torch.Tensor | None = None
+    rescores: bool = False
 
 
 # ---- processes, devices, the model -----------------------------------------------------------------------
@@ -129,7 +142,8 @@ def unwrap(model):
 
 
 def hidden_fn(model, compile: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`model.forward_hidden`, compiled for fixed shapes when asked (SPEC §4.2: dynamic=False, fullgraph)."""
+    """`model.forward_hidden`, compiled for fixed shapes when asked (dynamic=False, fullgraph, as the records
+    compile their eval forward)."""
     if compile:
         return torch.compile(model.forward_hidden, dynamic=False, fullgraph=True)
     return model.forward_hidden
@@ -140,8 +154,10 @@ def hidden_fn(model, compile: bool = False) -> Callable[[torch.Tensor], torch.Te
 class Batch:
     """Fixed-shape batch of windows on the device. Rows past `real` are empty windows (length 0).
 
-    x, y [B,S] inputs/targets (zero past each window's length); start, n, lo [B] window start, length and
-    first scored position; `span` = the most targets one window of the batch scores (n - lo)."""
+    x, y [B,S] inputs/targets (zero past each window's length); start, n [B] window start and length; rec,
+    first [B] the window's `score_from` and `first_from` (pgolf/eval/windows.py); lo = min(rec, first), the
+    first position the batch scores at all; `span` = the most positions one window of the batch scores
+    (n - lo)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -150,6 +166,8 @@ class Batch:
     lo: torch.Tensor
     real: int
     span: int
+    rec: torch.Tensor
+    first: torch.Tensor
 
     def select(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The last k positions of every window (ending at its length) [B,k], and which of them are scored."""
@@ -162,23 +180,28 @@ class Batch:
 
 
 def window_table(windows: list[Window]) -> torch.Tensor:
-    return torch.tensor(windows, dtype=torch.long).view(-1, 3)
+    """[k,4] long: start, length, score_from, first_from (= score_from for 3-tuples)."""
+    return torch.tensor([(*w, w[2]) if len(w) == 3 else w for w in windows], dtype=torch.long).view(-1, 4)
 
 
 def make_batch(tokens: torch.Tensor, table: torch.Tensor, seq_len: int, batch_windows: int) -> Batch:
-    """Gather a batch of windows (`table` [k,3] on CPU) from `tokens` (on the target device)."""
+    """Gather a batch of windows (`table` [k,3] or [k,4] on CPU, see `window_table`) from `tokens` (on the
+    target device)."""
     k = table.size(0)
+    if table.size(1) == 3:
+        table = torch.cat([table, table[:, 2:]], 1)
     device = tokens.device
-    meta = torch.zeros(batch_windows, 3, dtype=torch.long)
+    meta = torch.zeros(batch_windows, 4, dtype=torch.long)
     meta[:k] = table
-    start, n, lo = meta.to(device, non_blocking=True).unbind(1)
+    start, n, rec, first = meta.to(device, non_blocking=True).unbind(1)
+    lo = torch.minimum(rec, first)
     pos = torch.arange(seq_len, device=device)
     idx = (start[:, None] + pos).clamp(max=tokens.numel() - 2)
     valid = pos[None, :] < n[:, None]
     x = torch.where(valid, tokens[idx], 0)
     y = torch.where(valid, tokens[idx + 1], 0)
-    span = int((table[:, 1] - table[:, 2]).max()) if k else 0
-    return Batch(x, y, start, n, lo, k, span)
+    span = int((table[:, 1] - table[:, 2:].min(1).values).max()) if k else 0
+    return Batch(x, y, start, n, lo, k, span, rec, first)
 
 
 def batches(tokens: torch.Tensor, windows: list[Window], seq_len: int, batch_windows: int) -> Iterator[Batch]:
@@ -201,37 +224,6 @@ def nll_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 def score_positions(b: Batch, tail: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions to run the head on: the last `tail` of every window, or all when a window scores more."""
     return b.select(tail if b.span <= tail else b.x.size(1))
-
-
-def sliding_windows(total_targets: int, seq_len: int, stride: int, reference_tail: bool = False) -> list[Window]:
-    """Sliding windows at starts 0, stride, 2*stride, ... (SPEC §4.2).
-
-    Window 0 scores all of its positions; later windows score their last `stride` positions, so every
-    target has at least S - stride tokens of context. Intended behaviour (default): windows stop once the
-    stream's last target is scored, and the final window scores only targets no window scored before, so
-    every target is scored exactly once. `reference_tail=True` reproduces the reference: a window at every
-    start < total, the shorter tail windows each re-scoring the final targets (SPEC §11.8).
-    Used by sliding, score-first TTT and SLOT.
-    """
-    if stride <= 0 or stride > seq_len:
-        raise ValueError(f"stride {stride} must be in 1..{seq_len}")
-    out: list[Window] = []
-    scored_to = 0
-    ws = 0
-    while ws < total_targets:
-        n = min(seq_len, total_targets - ws)
-        lo = 0 if ws == 0 else max(n - stride, 0)
-        if reference_tail:
-            out.append((ws, n, lo))
-        else:
-            lo = max(lo, scored_to - ws)
-            if lo < n:
-                out.append((ws, n, lo))
-                scored_to = ws + n
-            if scored_to >= total_targets:
-                break
-        ws += stride
-    return out
 
 
 # ---- the context every mode is handed --------------------------------------------------------------------
@@ -260,12 +252,31 @@ class EvalContext:
         """Empty float64 [loss_sum, tokens, bytes] on the device."""
         return torch.zeros(3, dtype=torch.float64, device=self.device)
 
-    def record(self, sums: torch.Tensor, b: Batch, pos: torch.Tensor, mask: torch.Tensor, nll: torch.Tensor) -> None:
-        """Add the scored targets (mask [B,k] over positions pos [B,k], NLL nll [B,k]) to `sums` and the log."""
+    def record(
+        self,
+        sums: torch.Tensor,
+        b: Batch,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+        nll: torch.Tensor,
+        once: torch.Tensor | None = None,
+        once_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Add the scored targets (mask [B,k] over positions pos [B,k], NLL nll [B,k]) from each window's
+        `score_from` on to `sums` and the log. With `once` (float64 [3]), also add to it the targets of
+        `once_mask` (default: those of `mask` from each window's `first_from` on: first scorings)."""
         nb = self.luts.target_bytes(gather_pos(b.x, pos), gather_pos(b.y, pos))
-        sums += torch.stack((nll.detach().double()[mask].sum(), mask.sum().double(), nb[mask].sum()))
+        rec = mask & (pos >= b.rec[:, None])
+        sums += _sums(nll, rec, nb)
+        if once is not None:
+            once += _sums(nll, once_mask if once_mask is not None else mask & (pos >= b.first[:, None]), nb)
         if self.log is not None:
-            self.log.add((b.start[:, None] + pos)[mask], nll[mask], nb[mask])
+            self.log.add((b.start[:, None] + pos)[rec], nll[rec], nb[rec])
+
+
+def _sums(nll: torch.Tensor, mask: torch.Tensor, nbytes: torch.Tensor) -> torch.Tensor:
+    """float64 [loss_sum, tokens, bytes] of the targets of `mask`."""
+    return torch.stack((nll.detach().double()[mask].sum(), mask.sum().double(), nbytes[mask].sum()))
 
 
 @torch.inference_mode()
@@ -279,10 +290,12 @@ def score_windows(
     batch_windows: int,
     tail: int | None = None,
     hidden: Callable | None = None,
+    once: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float64 [loss_sum, tokens, bytes] over these windows (not reduced), batches of `batch_windows`
     windows of length `seq_len`, the head run on the last `tail` positions (None: all). `tokens` may be on
-    any device; `hidden` replaces `model.forward_hidden` (a compiled one)."""
+    any device; `hidden` replaces `model.forward_hidden` (a compiled one); `once` (float64 [3]) receives
+    the sums of the first scorings (see `EvalContext.record`)."""
     model, _ = unwrap(model)
     hidden = hidden or model.forward_hidden
     tokens = tokens.to(ctx.device)
@@ -292,17 +305,27 @@ def score_windows(
         with ctx.autocast():
             h = gather_pos(hidden(b.x), pos)
             logits = model.logits_from_hidden(h)
-        ctx.record(sums, b, pos, mask, nll_from_logits(logits, gather_pos(b.y, pos)))
+        ctx.record(sums, b, pos, mask, nll_from_logits(logits, gather_pos(b.y, pos)), once)
     return sums
 
 
 def score_share(
-    model, tokens: torch.Tensor, windows: list[Window], ctx: EvalContext, *, seq_len: int, batch_windows: int, tail=None
+    model,
+    tokens: torch.Tensor,
+    windows: list[Window],
+    ctx: EvalContext,
+    *,
+    seq_len: int,
+    batch_windows: int,
+    tail=None,
+    once: bool = False,
 ) -> Scored:
-    """This rank's contiguous share of `windows` scored by the frozen model (see `score_windows`)."""
+    """This rank's contiguous share of `windows` scored by the frozen model (see `score_windows`); with
+    `once`, also the sums of pgolf's each-target-once figure (the windows' first scorings)."""
     rank, world = dist_info()
     a, b = rank_slice(len(windows), rank, world)
     gpt, wrapped = unwrap(model)
     hidden = hidden_fn(gpt, ctx.compile or wrapped)
-    kw = dict(seq_len=seq_len, batch_windows=batch_windows, tail=tail, hidden=hidden)
-    return Scored(score_windows(gpt, tokens, windows[a:b], ctx, **kw), len(windows))
+    first = ctx.zeros() if once else None
+    kw = dict(seq_len=seq_len, batch_windows=batch_windows, tail=tail, hidden=hidden, once=first)
+    return Scored(score_windows(gpt, tokens, windows[a:b], ctx, **kw), len(windows), once=first)

@@ -81,17 +81,36 @@ def run_mode(name: str, settings: dict, model, tokens: torch.Tensor, ctx: EvalCo
 
     `model` is a GPT (or a torch.compile wrapper of one, which implies `ctx.compile`); modes that adapt
     weights work on a copy or on adapters, so the model is unchanged afterwards. The wall time includes the
-    cross-rank reduction of the sums."""
+    cross-rank reduction of the sums. The result says how many of the stream's targets the metric scored
+    (`targets`, `distinct`, `scoring`) and, for a metric that re-scores or skips targets (the records'),
+    carries pgolf's each-target-once figure from the same pass (`once`)."""
     mode, st = parse_mode(name, settings, seq_len=ctx.seq_len, batch_windows=ctx.batch_windows)
     compliant, reason = mode.rule(st)
     sync(ctx.device)
     t0 = time.perf_counter()
     scored = mode.run(model, tokens, st, ctx)
     loss_sum, n, nbytes = (float(v) for v in reduce_sums(scored.sums).cpu())
+    once = None if scored.once is None else [float(v) for v in reduce_sums(scored.once).cpu()]
     sync(ctx.device)
     seconds = time.perf_counter() - t0
     val_loss, val_bpb = bpb(loss_sum, n, nbytes)
     info = {k: list(v) if isinstance(v, tuple) else v for k, v in {**asdict(st), **scored.info}.items()}
     res = EvalResult(name, val_loss, val_bpb, int(n), nbytes, seconds, compliant, reason, info, scored.windows)
     res.windows_per_second = res.windows / seconds if seconds > 0 else 0.0
+    res.targets = tokens.numel() - 1
+    res.distinct = int(once[1]) if scored.rescores else int(n)
+    res.scoring = scoring_line(res.tokens, res.distinct, res.targets)
+    if once is not None:
+        o_loss, o_bpb = bpb(*once)
+        res.once = {"val_loss": o_loss, "val_bpb": o_bpb, "tokens": int(once[1]), "bytes": once[2]}
     return res
+
+
+def scoring_line(tokens: int, distinct: int, targets: int) -> str:
+    """What a metric counts: "each target once", or how many targets it skips and how many scorings repeat."""
+    if tokens == distinct == targets:
+        return "each target once"
+    line = f"{distinct} of {targets} targets scored"
+    if tokens > distinct:
+        return f"{line} ({tokens} scorings, {tokens - distinct} repeating earlier ones)"
+    return f"{line}, each once"

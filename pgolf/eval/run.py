@@ -1,7 +1,8 @@
 """What `eval.py` does, as a function: artifact -> eval modes -> eval_result.json (+ audit.npz).
 
 audit.npz holds, for every mode, `<mode>.index` (target index in the validation stream, int64),
-`<mode>.nll` (nats, float32) and `<mode>.bytes` (float32), sorted by index: one entry per scored target.
+`<mode>.nll` (nats, float32) and `<mode>.bytes` (float32), sorted by index: one entry per scoring of the
+mode's metric (a target the record's windows score twice appears twice, in scoring order).
 `python -m pgolf.tools.audit` compares two of them (diff two models, or the flip test from outside).
 """
 
@@ -119,6 +120,14 @@ def run_all(model, tokens, ctx: EvalContext, modes: dict, audit: bool, budget_se
             f"{r.line(f'eval_{name}')} tokens:{r.tokens} windows_per_s:{r.windows_per_second:.1f} "
             f"budget_share:{share:.1f}% compliant:{str(r.compliant).lower()}"
         )
+        if r.scoring != "each target once":
+            log0(f"eval_{name}_scoring {r.scoring}")
+        if r.once is not None:
+            o = r.once
+            log0(
+                f"eval_{name}_once val_loss:{o['val_loss']:.8f} val_bpb:{o['val_bpb']:.8f} tokens:{o['tokens']} "
+                "(pgolf's each-target-once figure, same pass)"
+            )
         if audit:
             arrays.update({f"{name}.{k}": v for k, v in gather_log(log).items()})
     return results, arrays

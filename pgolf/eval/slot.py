@@ -1,5 +1,5 @@
 """The SLOT eval modes: eval-time optimisation of a per-window hidden delta (and logit bias) on the frozen
-model (SPEC §4.5).
+model (arXiv:2505.12392; PRs #1263, #1298).
 
 One loop, three forms, each a registered mode with its own defaults and config (conf/eval/<name>.yaml):
 * `slot_1263` (PR #1263): δ [B,1,d] and logit bias β [B,1,V], zero-initialised, AdamW (betas 0.9/0.999,
@@ -12,6 +12,12 @@ One loop, three forms, each a registered mode with its own defaults and config (
   [0, score_from) — targets that earlier windows already scored — then the window's new positions are
   scored with them. Window 0 has no context and is scored unchanged. **Compliant**: every score depends on
   the prefix only (the flip test in tests/test_causality.py checks it).
+
+`windows: reference` runs the records' windows (PR #1263 and #1298 both use PR #549's list), whose tail
+windows re-score the final targets; the result then also carries pgolf's each-target-once figure, each
+target's first scoring in the same pass. The seed forms fit every delta on a loss over the whole batch
+(`normalize: batch`), so the tail windows change the fits of the last batch: that figure differs slightly
+from a `windows: once` run's.
 
 Speed: the backbone runs once per batch of windows (`forward_hidden` under no_grad, compiled when asked);
 the optimisation steps never re-run it. Because δ is shared by all positions of its window,
@@ -39,19 +45,19 @@ from pgolf.eval.core import (
     hidden_fn,
     nll_from_logits,
     score_positions,
-    sliding_windows,
     unwrap,
 )
 from pgolf.eval.registry import Mode, register
+from pgolf.eval.windows import plan_windows
 
 FITS = ("scored", "all", "context")
 NON_COMPLIANT = (
     "SLOT fits its delta{bias} on the targets it then scores, so a target's own value (and later targets) "
-    "change its score (SPEC §4.5; PR #1240 flip test; legality of SLOT pending Issue #1336)"
+    "change its score (PR #1240 flip test; legality of SLOT pending Issue #1336)"
 )
 CAUSAL_REASON = (
     "causal SLOT: the delta is fitted only on context targets that earlier windows already scored, then the "
-    "window's new targets are scored; each score depends on the prefix only (SPEC §4.5, Issue #1336)"
+    "window's new targets are scored; each score depends on the prefix only (Issue #1336)"
 )
 
 
@@ -72,9 +78,11 @@ class SlotSettings:
     fit: str = "scored"  # scored (PR #1263) | all (PR #1298) | context (causal)
     normalize: str = "batch"  # batch: the seeds' batch-mean loss | window: sum over windows of each one's mean
     dtype: str = "fp32"  # fp32 (PR #1263) | hidden: the hidden states' dtype (PR #1298: bf16 under autocast)
+    windows: str = "once"  # once | reference (the records' windows: the tail re-scores the final targets)
 
     def __post_init__(self):
         checks = [
+            (self.windows in ("once", "reference"), f"windows {self.windows!r} not in (once, reference)"),
             (self.fit in FITS, f"fit {self.fit!r} not in {FITS}"),
             (self.schedule in ("cosine", "constant"), f"schedule {self.schedule!r} not in (cosine, constant)"),
             (self.normalize in ("batch", "window"), f"normalize {self.normalize!r} not in (batch, window)"),
@@ -171,29 +179,36 @@ def slot_batch(
     return nll, pos, scored
 
 
+TAIL_REASON = "; the records' windows: the tail windows score the final targets again"
+
+
 def slot_rule(st: SlotSettings) -> tuple[bool, str]:
+    tail = TAIL_REASON if st.windows == "reference" else ""
     if st.compliant:
-        return True, CAUSAL_REASON
-    return False, NON_COMPLIANT.format(bias=" and logit bias" if st.logit_bias else "")
+        return True, CAUSAL_REASON + tail
+    return False, NON_COMPLIANT.format(bias=" and logit bias" if st.logit_bias else "") + tail
 
 
 def run_slot(model, tokens: torch.Tensor, st: SlotSettings, ctx: EvalContext) -> Scored:
-    """SLOT over the sliding windows (`sliding_windows`: every target scored exactly once), split across ranks."""
+    """SLOT over the sliding windows (pgolf/eval/windows.py: `once`, every target scored exactly once, or the
+    records' `reference` windows, whose tail re-scores the final targets), split across ranks."""
     model, wrapped = unwrap(model)
     hidden = hidden_fn(model, ctx.compile or wrapped)
-    windows = sliding_windows(tokens.numel() - 1, st.seq_len, st.stride)
+    reference = st.windows == "reference"
+    windows = plan_windows(st.windows, tokens.numel() - 1, st.seq_len, st.stride)
     rank, world = dist_info()
     a, z = rank_slice(len(windows), rank, world)
     W = model.output_weight()
     cap = model.cfg.logit_softcap
     sums = ctx.zeros()
+    once = ctx.zeros() if reference else None
     toks = tokens.to(ctx.device)
     for b in batches(toks, windows[a:z], st.seq_len, st.batch_windows):
         with torch.no_grad(), ctx.autocast():
             h = hidden(b.x)
         nll, pos, scored = slot_batch(st, h.detach(), b, W, cap)
-        ctx.record(sums, b, pos, scored, nll)
-    return Scored(sums, len(windows), {"windows": len(windows)})
+        ctx.record(sums, b, pos, scored, nll, once)
+    return Scored(sums, len(windows), {"windows": len(windows)}, once, rescores=reference)
 
 
 # The three forms: one loop, one settings dataclass (whose defaults are PR #1263's), each form's own defaults.

@@ -3,14 +3,23 @@ records/track_10min_16mb/2026-03-23_LeakyReLU_LegalTTT_ParallelMuon; recipe of P
 target is scored before any update that uses it, so the weights that score a target depend only on tokens
 before it. Config: conf/eval/ttt.yaml.
 
-The target stream is cut into chunks; each sliding window (`sliding_windows`, every target once) belongs to the
-chunk of its first scored target. For chunk c: score its windows (eval mode, no grad), then, unless c is
-the last chunk, train a copy of the model on the chunk's non-overlapping sequences (aligned at the chunk
-start) for `epochs` epochs with SGD + momentum, lr cosine across chunks (η_c = lr·½(1 + cos(π c/(C-1)))),
-global-norm clipping, optional frozen first blocks. Under several processes each global batch of sequences
-is split across ranks and the gradients are summed with one all-reduce and divided by the global target
-count: the update is the single-process update at any world size. The optimizer state persists across
-chunks.
+The target stream is cut into chunks; each sliding window (pgolf/eval/windows.py: `once`, every target once,
+or with `windows: reference` the record's, whose tail windows re-score the final targets and which keeps
+only windows of at least `stride` targets) belongs to the chunk of its first scored target. For chunk c:
+score its windows (eval mode, no grad), then, unless c is the last chunk, train a copy of the model on the
+chunk's non-overlapping sequences (aligned at the chunk start) for `epochs` epochs with SGD + momentum, lr
+cosine across chunks (η_c = lr·½(1 + cos(π c/(C-1)))), global-norm clipping, optional frozen first blocks.
+Under several processes each global batch of sequences is split across ranks and the gradients are summed
+with one all-reduce and divided by the global target count: the update is the single-process update at any
+world size. The optimizer state persists across chunks. With `windows: reference` the result also carries
+pgolf's each-target-once figure: each target's first scoring in the same pass.
+
+`qat`: `off` (default, pgolf's choice: TTT adapts the de-quantized weights in full precision) or `keep`:
+the model's QAT stays on in TTT's training forwards, as in PR #549, whose late QAT flag stays set after
+training so its eager TTT fake-quantizes the casted linears (there only `bigram.proj` and `ve_shared.proj`;
+in pgolf every quantized matrix). With `keep`, a model trained with `qat: late` adapts with the int6
+straight-through fake quant switched on (the switch fires during the warmdown of every record run), one
+with `qat: always` as in training, one with `qat: off` without.
 """
 
 from __future__ import annotations
@@ -24,12 +33,13 @@ import torch.distributed as dist
 from torch import nn
 
 from pgolf.data.stream import rank_slice
-from pgolf.eval.core import EvalContext, Scored, dist_info, hidden_fn, score_windows, sliding_windows, unwrap
+from pgolf.eval.core import EvalContext, Scored, dist_info, hidden_fn, score_windows, unwrap
 from pgolf.eval.registry import Mode, register
+from pgolf.eval.windows import plan_windows
 
 TTT_REASON = (
     "score-first TTT: each chunk is scored before the model trains on it; the weights that score chunk c were "
-    "trained on chunks before c only (SPEC §4.3)"
+    "trained on chunks before c only (PR #549)"
 )
 
 
@@ -45,9 +55,16 @@ class TTTSettings:
     batch_seqs: int = 32
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     freeze_blocks: int = 0  # freeze blocks.0 .. blocks.{n-1}
+    windows: str = "once"  # once | reference (PR #549's windows: the tail re-scores the final targets)
+    qat: str = "off"  # off | keep (the model's QAT on in TTT's training forwards, as PR #549)
 
     def __post_init__(self):
         checks = [
+            (self.windows in ("once", "reference"), f"windows {self.windows!r} not in (once, reference)"),
+            (
+                self.qat in ("off", "keep"),
+                f"qat {self.qat!r} not in (off, keep) (YAML reads a bare off as false: quote it)",
+            ),
             (0 < self.stride <= self.seq_len, f"stride {self.stride} must be in 1..{self.seq_len}"),
             (self.chunk_tokens > 0, f"chunk_tokens {self.chunk_tokens} must be > 0"),
             (self.epochs >= 0, f"epochs {self.epochs} must be >= 0"),
@@ -64,7 +81,7 @@ class TTTSettings:
 
 
 def chunk_windows(windows, chunk_tokens: int, chunks: int) -> list[list]:
-    """Each window goes to the chunk of its first scored target (SPEC §4.3 step 1)."""
+    """Each window goes to the chunk of its first scored target (as PR #549 does)."""
     out: list[list] = [[] for _ in range(chunks)]
     for w in windows:
         out[(w[0] + w[2]) // chunk_tokens].append(w)
@@ -118,7 +135,7 @@ def train_chunk(
                 with ctx.autocast():
                     loss = model(seq[:, :-1], seq[:, 1:], reduction="sum")
                 loss.backward()
-            all_reduce_grads(params, 1.0 / ((b1 - b0) * S))  # global mean CE (SPEC §4.3: all-reduce AVG)
+            all_reduce_grads(params, 1.0 / ((b1 - b0) * S))  # global mean CE (PR #549 averages across ranks)
             if st.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, st.grad_clip)
             opt.step()
@@ -127,31 +144,51 @@ def train_chunk(
     return steps
 
 
+def ttt_model(model, qat: str):
+    """The copy of the GPT `model` that TTT adapts, in eval mode, with its QAT for TTT's training forwards:
+    `off`, or `keep` (the model config's QAT mode, late QAT switched on: see the module docstring)."""
+    m = copy.deepcopy(model)
+    mode = m.cfg.qat if qat == "keep" else "off"
+    m.set_qat(mode, enabled=True if mode == "late" else None)
+    return m.eval()
+
+
 def run_ttt(model, tokens: torch.Tensor, st: TTTSettings, ctx: EvalContext) -> Scored:
     """Score-first TTT on a copy of `model` (the model itself is not changed)."""
     base, wrapped = unwrap(model)
-    m = copy.deepcopy(base)
-    m.set_qat("off")  # TTT trains full-precision weights; fake quant is a training-time device
-    m.eval()
+    m = ttt_model(base, st.qat)
     opt = torch.optim.SGD(ttt_params(m, st.freeze_blocks), lr=st.lr, momentum=st.momentum)
     hidden = hidden_fn(m, ctx.compile or wrapped)
     total = tokens.numel() - 1
-    windows = sliding_windows(total, st.seq_len, st.stride)
+    reference = st.windows == "reference"
+    windows = plan_windows(st.windows, total, st.seq_len, st.stride, min_len=st.stride)
     chunks = -(-total // st.chunk_tokens)
     per_chunk = chunk_windows(windows, st.chunk_tokens, chunks)
     rank, world = dist_info()
     toks = tokens.to(ctx.device)
     sums = ctx.zeros()
+    once = ctx.zeros() if reference else None
     steps = 0
     for c in range(chunks):
         a, b = rank_slice(len(per_chunk[c]), rank, world)
-        kw = dict(seq_len=st.seq_len, batch_windows=st.batch_windows, tail=st.stride, hidden=hidden)
+        kw = dict(seq_len=st.seq_len, batch_windows=st.batch_windows, tail=st.stride, hidden=hidden, once=once)
         sums += score_windows(m, toks, per_chunk[c][a:b], ctx, **kw)
         if c < chunks - 1:
             opt.param_groups[0]["lr"] = st.lr_at(c, chunks)
             start, end = c * st.chunk_tokens, min((c + 1) * st.chunk_tokens, total)
             steps += train_chunk(m, opt, toks, start, end, st, ctx)
-    return Scored(sums, len(windows), {"windows": len(windows), "chunks": chunks, "train_steps": steps})
+    info = {"windows": len(windows), "chunks": chunks, "train_steps": steps}
+    return Scored(sums, len(windows), info, once, rescores=reference)
 
 
-register(Mode("ttt", TTTSettings, run_ttt, rule=lambda st: (True, TTT_REASON)))
+def ttt_rule(st: TTTSettings) -> tuple[bool, str]:
+    tail = (
+        "; the record's windows (PR #549): the tail windows score the final targets again"
+        if (st.windows == "reference")
+        else ""
+    )
+    qat = "; the model's QAT fake quant is on in TTT's training forwards (PR #549)" if st.qat == "keep" else ""
+    return True, TTT_REASON + tail + qat
+
+
+register(Mode("ttt", TTTSettings, run_ttt, ttt_rule))

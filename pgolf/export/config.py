@@ -15,7 +15,9 @@ from pgolf.quant.gptq import GPTQSettings
 from pgolf.quant.prune import PruneConfig
 from pgolf.quant.rules import rules_from_config, uses_gptq
 
-# The baseline's int8 + zlib export (openai/parameter-golf train_gpt.py) as rules (first match wins).
+# The baseline's int8 + zlib export (openai/parameter-golf train_gpt.py) as rules (first match wins), in
+# pgolf's form: row codes from the stored fp16 scale, pgolf's control set, floored per-tensor scale. The
+# baseline's exact form sets divide_by: fp32, control_patterns: baseline and an unfloored `other` rule.
 BASELINE_RULES = [
     {"name": "non_float", "float": False, "store": "raw"},
     {"name": "small_control", "max_numel": 65536, "control": True, "store": "fp32"},

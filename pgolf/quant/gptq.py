@@ -1,4 +1,4 @@
-"""Full-Hessian GPTQ (SPEC §8.4; PR #535 lineage, the R1019 variant) and the Hessians it needs.
+"""Full-Hessian GPTQ (arXiv:2210.17323; PR #535 lineage, the PR #1019 variant) and the Hessians it needs.
 
 `collect_hessians`: forward hooks on the model's `quantized_linears()` accumulate `Σ XᵀX` of each linear's
 input over calibration sequences (c_q/c_k/c_v read the same tensor, so its `XᵀX` is computed once and
@@ -24,14 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pgolf.quant.numerics import GPTQ_LITE_CLIPS, fp16_scale_rows, qmax_for, round_codes
+from pgolf.quant.numerics import GPTQ_LITE_CLIPS, code_bounds, fp16_scale_rows, round_codes
 
 
 @dataclass
 class GPTQSettings:
-    """The export config's `gptq` section (SPEC §8.4): the column loop's block size and damping, act-order,
-    the damping added to each Hessian when it is collected (the reference damps there too, so twice in
-    all), and how many calibration sequences go through the model per forward."""
+    """The export config's `gptq` section (docs/techniques.md#full-gptq): the column loop's block size and
+    damping, act-order, the damping added to each Hessian when it is collected (the reference damps there
+    too, so twice in all), and how many calibration sequences go through the model per forward."""
 
     block_size: int = 128
     damp: float = 0.01
@@ -87,14 +87,19 @@ def cpu_threads(n: int, device: torch.device):
         torch.set_num_threads(before)
 
 
-def gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, qmax: int, block_size: int) -> torch.Tensor:
+def gptq_columns(
+    W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, qmax: int, block_size: int, qmin: int | None = None
+) -> torch.Tensor:
     """The GPTQ column loop on W [rows, cols] (already permuted) with U from `upper_cholesky_of_inverse`
-    and a scale per row [rows]. Returns integer codes [rows, cols] (as W's dtype)."""
+    and a scale per row [rows]; codes in [qmin, qmax] (qmin defaults to -qmax). Returns integer codes
+    [rows, cols] (as W's dtype)."""
     with cpu_threads(1, W.device):
-        return _gptq_columns(W, U, scale, qmax, block_size)
+        return _gptq_columns(W, U, scale, qmax, block_size, qmin)
 
 
-def _gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, qmax: int, block_size: int) -> torch.Tensor:
+def _gptq_columns(
+    W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, qmax: int, block_size: int, qmin: int | None
+) -> torch.Tensor:
     W = W.clone()
     rows, cols = W.shape
     Q = torch.zeros_like(W)
@@ -105,7 +110,7 @@ def _gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, qmax: i
         d = torch.diagonal(U1)
         for i in range(i2 - i1):
             w = W1[:, i]
-            q = round_codes(w, scale, qmax)
+            q = round_codes(w, scale, qmax, qmin)
             Q[:, i1 + i] = q
             err = (w - q * scale) / d[i]
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # W1[:, j] -= err * U1[i, j] for j >= i
@@ -125,12 +130,14 @@ def gptq_quantize(
     act_order: bool = True,
     floor: bool = True,
     per_row: bool = False,
+    full_range: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """GPTQ of one matrix: (q int8 [rows, cols], scale fp16 [rows], info)."""
+    """GPTQ of one matrix: (q int8 [rows, cols], scale fp16 [rows], info); codes symmetric in ±qmax, or
+    with `full_range` in [-qmax-1, qmax] (`code_bounds`)."""
     if w.ndim != 2 or H.shape != (w.size(1), w.size(1)):
         raise ValueError(f"gptq needs W [rows, cols] and H [cols, cols]; got {tuple(w.shape)} and {tuple(H.shape)}")
-    qmax = qmax_for(bits)
+    qmin, qmax = code_bounds(bits, full_range)
     rows = w.size(0)
     # runs where the Hessian lives (the GPU during a training-end export)
     Wp, Hp, perm, n_dead = prepare_hessian(w.to(H.device, dtype), H.to(dtype), damp, act_order)
@@ -138,7 +145,7 @@ def gptq_quantize(
     # Row clips on the (dead-zeroed) weights; a row's quantile/max does not depend on the column order.
     S = candidate_scales(Wp, bits, clips, floor).to(dtype)  # [C, rows]
     C = S.size(0)
-    Q = gptq_columns(Wp.repeat(C, 1), U, S.reshape(-1), qmax, block_size).view(C, rows, -1)
+    Q = gptq_columns(Wp.repeat(C, 1), U, S.reshape(-1), qmax, block_size, qmin).view(C, rows, -1)
     err = (Wp[None] - Q * S[:, :, None]).square().mean(dim=2)  # [C, rows]: MSE against the original W
     if per_row:
         best = err.argmin(dim=0)  # [rows]

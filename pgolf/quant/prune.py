@@ -1,4 +1,4 @@
-"""Selective ±1 pruning to a size target (SPEC §8.6; PR #609, R1019).
+"""Selective ±1 pruning to a size target (PR #609, as in PR #1019).
 
 Candidates: every entry with |q| = 1 of the integer tensors of the chosen bit widths (int6 in the
 reference), each with the error proxy (its row scale)²; sorted ascending (ties: tensor order, then
@@ -11,8 +11,8 @@ binary search it assumes that zeroing more entries never makes the compressed ar
 n is always one whose real size was measured to fit.
 
 The target is in decimal bytes: the 16,000,000-byte limit (or `prune.total_bytes`) minus the code bytes.
-The reference's target is `TARGET_MB × 1024 × 1024` (MiB), 16,672,358 bytes at 15.9, above the decimal cap,
-so as shipped it could not enforce the cap (SPEC §8.6, §11.10).
+PR #1019's target is `TARGET_MB × 1024 × 1024` (MiB), 16,672,358 bytes at 15.9, above the decimal cap,
+so as shipped it could not enforce the cap (docs/techniques.md#selective-pruning).
 """
 
 from __future__ import annotations

@@ -1,17 +1,21 @@
-"""Post-training quantization of a state dict by config-driven rules (SPEC §8).
+"""Post-training quantization of a state dict by config-driven rules (docs/techniques.md#export).
 
 A scheme is an ordered list of rules; the first rule whose conditions hold decides how a tensor is
 stored. Conditions: `pattern` (regex searched in the name), `float` (is floating point), `control`
-(name matches a control pattern), `max_numel` / `min_numel`, `ndim`. Storage: `raw` (as is), `fp16`,
-`fp32` (restored to the original dtype on load), or `int` with `bits` (2..8), `granularity` (`row` or
-`tensor`), `clip` (a per-row quantile such as 0.9999984, `max`, `search` = GPTQ-lite's one clip level per
-matrix, or `search_rows` = the best level for each row; the levels are `clips`) and `method` (`rtn`
-round-to-nearest, or `gptq` = full-Hessian GPTQ with the same clip choice, SPEC §8.4, `pgolf/quant/gptq.py`).
+(name contains a control pattern; the set is the rule's `control_patterns`: `pgolf` (default, the
+optimizer's CONTROL_PATTERNS), `baseline` (the baseline train_gpt.py's CONTROL_TENSOR_NAME_PATTERNS), or a
+list), `max_numel` / `min_numel`, `ndim`. Storage: `raw` (as is), `fp16`, `fp32` (restored to the original
+dtype on load), or `int` with `bits` (2..8), `granularity` (`row` or `tensor`), `clip` (a per-row quantile
+such as 0.9999984, `max`, `search` = GPTQ-lite's one clip level per matrix, or `search_rows` = the best
+level for each row; the levels are `clips`) and `method` (`rtn` round-to-nearest, or `gptq` = full-Hessian
+GPTQ with the same clip choice, arXiv:2210.17323, `pgolf/quant/gptq.py`).
 
-Integer storage is symmetric: `q = clamp(round(w/s), -qmax, qmax)` with `qmax = 2^(bits-1)-1`, an fp16
-scale per row (or one fp32 scale per tensor), floored at `1/qmax` like the reference unless
-`scale_floor: false` (SPEC §8.1, §11.9). With a fixed quantile clip the weights are clipped to the row's
-clip value before rounding (SPEC §8.1). Values live in int8 containers.
+Integer codes are `q = clamp(round(w/s), -qmax, qmax)` with `qmax = 2^(bits-1)-1` (`code_range: full`:
+down to -qmax-1), an fp16 scale per row (or one fp32 scale per tensor), floored at `1/qmax` as in the
+baseline's int8 and the records' int6 exports unless `scale_floor: false`. With a fixed quantile clip the
+weights are clipped to the clip value before rounding, as the baseline's int8 export does. Row codes are
+computed with the fp16-rounded scale that dequantization uses (`divide_by: fp16`), or with the unrounded
+fp32 scale as the baseline's int8 export does (`divide_by: fp32`). Values live in int8 containers.
 """
 
 from __future__ import annotations
@@ -22,13 +26,36 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pgolf.model.roles import is_control
+from pgolf.model.roles import CONTROL_PATTERNS
 from pgolf.quant.gptq import GPTQSettings, gptq_quantize
-from pgolf.quant.numerics import GPTQ_LITE_CLIPS, fp16_scale_rows, qmax_for, round_codes, scale_from_clip
+from pgolf.quant.numerics import (
+    GPTQ_LITE_CLIPS,
+    code_bounds,
+    quant_scale_rows,
+    round_codes,
+    scale_from_clip,
+)
 
 STORES = ("raw", "fp16", "fp32", "int")
 METHODS = ("rtn", "gptq")
 CLIP_MODES = ("max", "search", "search_rows")
+DIVIDE_BY = ("fp16", "fp32")
+CODE_RANGES = ("symmetric", "full")
+# The baseline's CONTROL_TENSOR_NAME_PATTERNS (openai/parameter-golf train_gpt.py, also the V5 record's
+# and the PR #1090 non-record's): smear.gate and ve_layer_scales are not in it, so its int8 export stores
+# them fp16 where pgolf's set keeps them fp32.
+BASELINE_CONTROL_PATTERNS = (
+    "attn_scale",
+    "attn_scales",
+    "mlp_scale",
+    "mlp_scales",
+    "resid_mix",
+    "resid_mixes",
+    "q_gain",
+    "skip_weight",
+    "skip_weights",
+)
+CONTROL_SETS = {"pgolf": CONTROL_PATTERNS, "baseline": BASELINE_CONTROL_PATTERNS}
 
 
 @dataclass
@@ -46,6 +73,9 @@ class QuantRule:
     scale_floor: bool = True
     method: str = "rtn"
     clips: list[float] | None = None  # clip levels of `search` / `search_rows` (default GPTQ_LITE_CLIPS)
+    divide_by: str = "fp16"  # row codes from the stored fp16 scale, or (fp32) from the unrounded scale
+    code_range: str = "symmetric"  # symmetric ±qmax, or full [-qmax-1, qmax]
+    control_patterns: str | list[str] | None = None  # the `control` condition's set: pgolf, baseline or a list
     name: str = ""
 
     def __post_init__(self):
@@ -66,6 +96,33 @@ class QuantRule:
                 raise ValueError(f"{who}: clip {self.clip} must be a quantile in (0, 1] or one of {CLIP_MODES}")
             if self.clips is not None and (not self.clips or not all(0.0 < float(c) <= 1.0 for c in self.clips)):
                 raise ValueError(f"{who}: clips {self.clips} must be a non-empty list of quantiles in (0, 1]")
+            if self.divide_by not in DIVIDE_BY:
+                raise ValueError(f"{who}: divide_by {self.divide_by!r} not in {DIVIDE_BY}")
+            if self.divide_by == "fp32" and self.method == "gptq":
+                raise ValueError(f"{who}: divide_by fp32 applies to round-to-nearest rules; GPTQ uses the fp16 scale")
+            if self.code_range not in CODE_RANGES:
+                raise ValueError(f"{who}: code_range {self.code_range!r} not in {CODE_RANGES}")
+        self._control_set = self._resolve_control_patterns(who)
+
+    def _resolve_control_patterns(self, who: str) -> tuple[str, ...]:
+        cp = self.control_patterns
+        if cp is None:
+            return CONTROL_PATTERNS
+        if self.control is None:
+            raise ValueError(f"{who}: control_patterns applies only with a `control` condition")
+        if isinstance(cp, str):
+            if cp not in CONTROL_SETS:
+                raise ValueError(f"{who}: control_patterns {cp!r} is not a set ({sorted(CONTROL_SETS)}) or a list")
+            return CONTROL_SETS[cp]
+        pats = tuple(cp)
+        if not pats or not all(isinstance(p, str) and p for p in pats):
+            raise ValueError(f"{who}: control_patterns {cp!r} must be a set name or a non-empty list of names")
+        return pats
+
+    def is_control(self, name: str) -> bool:
+        """True when `name` contains one of this rule's control patterns (substring match, as the
+        reference)."""
+        return any(pat in name for pat in self._control_set)
 
     @property
     def clip_levels(self) -> tuple[float, ...]:
@@ -79,7 +136,7 @@ class QuantRule:
             return False
         if self.float is not None and self.float != t.is_floating_point():
             return False
-        if self.control is not None and self.control != is_control(name):
+        if self.control is not None and self.control != self.is_control(name):
             return False
         if self.max_numel is not None and t.numel() > self.max_numel:
             return False
@@ -106,28 +163,52 @@ def pick_rule(name: str, t: torch.Tensor, rules: list[QuantRule]) -> QuantRule:
 
 
 def quantize_rows(
-    w: torch.Tensor, bits: int, clip: float = 1.0, floor: bool = True, clip_values: bool = False
+    w: torch.Tensor,
+    bits: int,
+    clip: float = 1.0,
+    floor: bool = True,
+    clip_values: bool = False,
+    divide_by: str = "fp16",
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest per-row: (q int8 [rows, cols], scale fp16 [rows]). With `clip_values` the weights
-    are first clipped to ±(the row's clip quantile), as the reference's int8 path does (SPEC §8.1); this
-    only differs from the plain clamp when the scale floor binds."""
+    """Round-to-nearest per row of w [rows, cols]: (q int8 [rows, cols], scale fp16 [rows]).
+
+    The row scale is clip/qmax (clip = the row's `clip` quantile of |w|, 1.0 = max), floored at 1/qmax with
+    `floor`. With `clip_values` the weights are first clipped to ±(the row's clip), as the baseline's int8
+    export does; this only differs from the plain clamp when the scale floor binds. `divide_by`
+    "fp16" computes the codes with the fp16-rounded scale that is stored and dequantized with; "fp32" with
+    the unrounded scale, as the baseline's `quantize_float_tensor` (openai/parameter-golf train_gpt.py)
+    does before storing it as fp16. Codes in ±qmax, or [-qmax-1, qmax] with `full_range`."""
     w = w.float()
-    s = fp16_scale_rows(w, bits, clip, floor)  # [rows, 1]
+    s32 = quant_scale_rows(w, bits, clip, floor)  # [rows, 1]
+    s16 = s32.half().float()
     if clip_values and clip < 1.0:
         c = torch.quantile(w.abs(), clip, dim=1, keepdim=True)
         w = torch.maximum(torch.minimum(w, c), -c)
-    q = round_codes(w, s, qmax_for(bits)).to(torch.int8)
-    return q, s.half().view(-1)
+    qmin, qmax = code_bounds(bits, full_range)
+    q = round_codes(w, s32 if divide_by == "fp32" else s16, qmax, qmin).to(torch.int8)
+    return q, s16.half().view(-1)
 
 
 def quantize_tensor(
-    w: torch.Tensor, bits: int, clip: float = 1.0, floor: bool = True
+    w: torch.Tensor, bits: int, clip: float = 1.0, floor: bool = True, full_range: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fp32 scale for the whole tensor (any shape)."""
-    a = w.detach().float().abs().flatten()
+    """One fp32 scale for the whole tensor (any shape): (q int8 [w's shape], scale fp32 [1]).
+
+    clip c = the `clip` quantile of |w| (1.0 = max; quantile over the first 2^24 elements); scale c/qmax,
+    floored at 1/qmax with `floor`; w clipped to ±c before rounding. Without the floor this is the
+    reference's per-tensor path exactly (`quantize_float_tensor` of the baseline, V5 and records: no floor,
+    scale 1.0 when c = 0). Codes in ±qmax, or [-qmax-1, qmax] with `full_range`."""
+    w = w.detach().float()
+    a = w.abs().flatten()
     c = a.max() if clip >= 1.0 else torch.quantile(a[: 1 << 24], clip)
     s = scale_from_clip(c, bits, floor)
-    q = round_codes(w.float(), s, qmax_for(bits)).to(torch.int8)
+    if not floor and c == 0:
+        s = torch.ones_like(s)
+    if clip < 1.0:
+        w = torch.maximum(torch.minimum(w, c), -c)
+    qmin, qmax = code_bounds(bits, full_range)
+    q = round_codes(w, s, qmax, qmin).to(torch.int8)
     return q, s.reshape(1).float()
 
 
@@ -137,14 +218,22 @@ def dequantize_int(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float().view(-1, *([1] * (q.ndim - 1)))
 
 
-def clip_search_rows(w: torch.Tensor, bits: int, clips=GPTQ_LITE_CLIPS, floor: bool = True, per_row: bool = False):
-    """GPTQ-lite (SPEC §8.3): try each clip level; keep the one with the lowest whole-matrix MSE (or, with
+def clip_search_rows(
+    w: torch.Tensor,
+    bits: int,
+    clips=GPTQ_LITE_CLIPS,
+    floor: bool = True,
+    per_row: bool = False,
+    divide_by: str = "fp16",
+    full_range: bool = False,
+):
+    """GPTQ-lite (PR #414): try each clip level; keep the one with the lowest whole-matrix MSE (or, with
     `per_row`, the best level for each row separately). Returns (q, scale, chosen clip(s)). Like the
     reference, a candidate's codes are `clamp(round(w/s))` without clipping w first."""
     w = w.float()
     best = None
     for c in clips:
-        q, s = quantize_rows(w, bits, float(c), floor)
+        q, s = quantize_rows(w, bits, float(c), floor, divide_by=divide_by, full_range=full_range)
         err = (dequantize_int(q, s) - w).square()
         if per_row:
             e = err.mean(dim=1)
@@ -191,11 +280,12 @@ def quantize_tensor_by_rule(
         data = t.to(torch.float16 if rule.store == "fp16" else torch.float32)
         return QuantEntry(kind=rule.store, shape=shape, orig_dtype=orig, data=data)
     bits, floor = int(rule.bits), bool(rule.scale_floor)
+    full, div = rule.code_range == "full", rule.divide_by
     info: dict = {"method": "rtn", "clip": rule.clip, "rule": rule.name}
     per_row = rule.clip == "search_rows"
     if rule.granularity == "tensor" or t.ndim != 2:
         clip = 1.0 if isinstance(rule.clip, str) else float(rule.clip)
-        q, s = quantize_tensor(t, bits, clip, floor)
+        q, s = quantize_tensor(t, bits, clip, floor, full_range=full)
     elif rule.method == "gptq" and hessian is not None:
         g = gptq or GPTQSettings()
         q, s, ginfo = gptq_quantize(
@@ -208,15 +298,18 @@ def quantize_tensor_by_rule(
             act_order=g.act_order,
             floor=floor,
             per_row=per_row,
+            full_range=full,
         )
         info.update(ginfo)
     elif rule.clip in ("search", "search_rows") or rule.method == "gptq":
         # GPTQ without a Hessian (a tensor no hook saw) falls back to GPTQ-lite, as the reference does.
-        q, s, chosen = clip_search_rows(t, bits, rule.clip_levels, floor=floor, per_row=per_row)
+        q, s, chosen = clip_search_rows(
+            t, bits, rule.clip_levels, floor=floor, per_row=per_row, divide_by=div, full_range=full
+        )
         info["method"] = "gptq_lite" if rule.method == "rtn" else "gptq_lite_fallback"
         info["clip"] = "per_row" if per_row else chosen
     else:
-        q, s = quantize_rows(t, bits, rule.clip_levels[0], floor, clip_values=True)
+        q, s = quantize_rows(t, bits, rule.clip_levels[0], floor, clip_values=True, divide_by=div, full_range=full)
     return QuantEntry(
         kind="int", shape=shape, orig_dtype=orig, q=q.contiguous(), scale=s.contiguous(), bits=bits, info=info
     )

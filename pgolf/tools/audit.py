@@ -5,7 +5,7 @@
     python -m pgolf.tools.audit flip --val 'data/demo/shards/demo_val_*.bin' --position P --token T --out DIR
     python -m pgolf.tools.audit diff A/audit.npz B/audit.npz --flip P
 
-The flip test (SPEC §4.5, PR #1240): change the validation token at stream position P (`flip` writes a copy
+The flip test (PR #1240): change the validation token at stream position P (`flip` writes a copy
 of the validation shards with that one change into a new directory), evaluate both with `audit=true`, and
 `diff --flip P`: a causal mode never changes the score of a target before P-1 (target t predicts token
 t+1, so targets < P-1 are predicted before token P is seen, and target P-1 is token P itself). Scores from
@@ -44,7 +44,7 @@ def load_audit(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
 
 
 def summarize(a: dict[str, np.ndarray]) -> dict:
-    """Recompute a mode's figures from its per-target arrays (float64 sums, SPEC §3)."""
+    """Recompute a mode's figures from its per-target arrays (float64 sums, docs/techniques.md#bits-per-byte)."""
     idx = a["index"]
     loss, n, nb = float(a["nll"].astype(np.float64).sum()), int(idx.size), float(a["bytes"].astype(np.float64).sum())
     unique = np.unique(idx).size

@@ -73,7 +73,7 @@ def split_documents(
 
 
 # ---- tokenizer training and encoding ------------------------------------------------------------------
-# SPEC §2.1: the challenge tokenizer's settings.
+# The challenge tokenizer's settings (data/download_hf_docs_and_tokenize.py of openai/parameter-golf).
 CHALLENGE_SPM_SETTINGS = dict(
     model_type="bpe",
     pad_id=0,
@@ -131,7 +131,7 @@ def train_tokenizer(
 
 
 def encode_documents(sp, docs: Iterable[str], batch: int = 256) -> Iterator[np.ndarray]:
-    """Each document as `[BOS] + pieces` (no EOS; SPEC §2.1), uint16."""
+    """Each document as `[BOS] + pieces` (no EOS, as the challenge export), uint16."""
     buf: list[str] = []
 
     def flush():
