@@ -1,6 +1,9 @@
-"""Late QAT (SPEC §7.6): switch on int6 straight-through fake quantization of every quantized matrix on
-the first step whose LR scale is below `threshold`. The switch is a tensor buffer in each `CastedLinear`,
-so it takes effect inside a compiled graph (the reference's class flag was constant-folded: SPEC §11.7).
+"""Late QAT (PR #286; threshold 0.15 from PR #414): switch on int6 straight-through fake quantization of
+every quantized matrix on
+the first step whose LR scale is below `threshold`. The switch is a Python flag on each `CastedLinear`: the
+forward costs nothing extra before it, and a compiled forward recompiles once when it flips (the records'
+class flag was constant-folded by torch.compile and never acted:
+records/track_10min_16mb/2026-03-21_11L_XSA4_EMA_PartialRoPE_LateQAT_1.1248/README.md).
 Must come after the LR schedule callback, whose scale it reads."""
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ class LateQAT(L.Callback):
             return
         scale = pl_module.state.lr_scale
         if scale < self.threshold:
-            pl_module.gpt.set_qat("late", alpha=1.0)
+            pl_module.gpt.set_qat("late", enabled=True)
             self.enabled_at = trainer.global_step
             log0(f"late_qat:enabled step:{trainer.global_step} scale:{scale:.4f}")
 
     def on_train_start(self, trainer, pl_module):
         if self.enabled_at is not None:  # resumed after the switch: re-apply it
-            pl_module.gpt.set_qat("late", alpha=1.0)
+            pl_module.gpt.set_qat("late", enabled=True)
 
     def state_dict(self) -> dict:
         return {"enabled_at": self.enabled_at}

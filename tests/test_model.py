@@ -1,4 +1,5 @@
-"""The GPT and every record-stack feature (SPEC §5): parameter counts, causality, feature effects, init,
+"""The GPT and every record-stack feature (docs/techniques.md#model): parameter counts, causality, feature
+effects, init,
 XSA and partial-RoPE properties, and compilation without graph breaks."""
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ FEATURES = {
     "mlp3x": dict(mlp_mult=3.0),
     "leaky_relu2": dict(mlp_act="leaky_relu2"),
     "swiglu": dict(mlp_act="swiglu"),
+    "swiglu_split": dict(mlp_act="swiglu", swiglu_split=True),
     "smear_v5": dict(smear_gate="v5"),
     "smear_record": dict(smear_gate="record"),
     "bigram_v5": dict(bigram="v5", bigram_buckets=128, bigram_dim=32),
@@ -61,6 +63,7 @@ FEATURES = {
     "no_unet": dict(unet_skips=False),
     "untied_head": dict(tie_embeddings=False),
     "qat_always": dict(qat="always", qat_bits=4),
+    "qat_v5_ste": dict(qat="always", qat_bits=4, qat_scale_floor=False, qat_scale_fp16=False),
     "record_combo": dict(
         mlp_mult=3.0,
         mlp_act="leaky_relu2",
@@ -102,7 +105,7 @@ def tokens(B=2, T=32, seed=0):
 @pytest.mark.parametrize("feature", ["baseline", *FEATURES])
 def test_causality(feature):
     m = build(**FEATURES.get(feature, {}))
-    m.train(feature == "qat_always")  # QAT acts in training mode only
+    m.train(feature.startswith("qat_"))  # QAT acts in training mode only
     x = tokens()
     with torch.no_grad():
         base = m(x)
@@ -118,23 +121,61 @@ def test_causality(feature):
 def test_each_feature_changes_the_output(feature):
     x = tokens()
     off, on = build(), build(**FEATURES[feature])
-    if feature == "qat_always":
+    if feature.startswith("qat_"):
         off.train(), on.train()
     with torch.no_grad():
         assert not torch.allclose(off(x), on(x), atol=1e-5), f"{feature} had no effect"
 
 
-def test_qat_off_in_eval_mode_and_late_qat_switches_with_a_tensor():
+def test_qat_off_in_eval_mode_and_late_qat_switches_with_a_flag():
     x = tokens()
     ref = build()
     late = build(qat="late", qat_bits=4)
     with torch.no_grad():
         late.train()
-        assert torch.equal(late(x), ref.train()(x))  # late QAT starts inactive
-        late.set_qat("late", alpha=1.0)
+        assert torch.equal(late(x), ref.train()(x)) and not late.qat_enabled  # late QAT starts inactive
+        late.set_qat("late", enabled=True)
+        assert late.qat_enabled and all(m.qat for m in late.quantized_linears())
         assert not torch.equal(late(x), ref(x))
+        late.set_qat("late")  # None keeps the switch where it is
+        assert late.qat_enabled
         late.eval()
         assert torch.equal(late(x), ref.eval()(x))  # never in eval mode
+        late.train().set_qat("late", enabled=False)
+        assert torch.equal(late(x), ref.train()(x))
+        late.set_qat("always")
+        assert late.qat_enabled and late.qat_mode == "always"
+        late.set_qat("off")
+        assert not late.qat_enabled and torch.equal(late(x), ref(x))
+    with pytest.raises(ValueError, match="qat mode"):
+        late.set_qat("on")
+
+
+def test_late_qat_costs_nothing_before_its_switch(monkeypatch):
+    """Before the switch a training forward never calls the fake quantizer (eagerly) and the traced graph
+    holds no rounding op; after it, one call and one round per quantized linear."""
+    import torch._dynamo
+
+    import pgolf.model.layers as layers
+
+    calls = []
+    real = layers.fake_quant_rows
+    monkeypatch.setattr(layers, "fake_quant_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = build(qat="late").train()
+    x = tokens()
+
+    def rounds() -> int:
+        torch._dynamo.reset()
+        graphs = torch._dynamo.explain(m)(x, x).graphs
+        return sum(n.target is torch.round for g in graphs for n in g.graph.nodes)
+
+    m(x, x)
+    assert calls == [] and rounds() == 0
+    m.set_qat("late", enabled=True)
+    calls.clear()
+    m(x, x)
+    n = len(m.quantized_linears())
+    assert len(calls) == n and rounds() == n
 
 
 def test_init_features():
@@ -159,7 +200,7 @@ def test_init_features():
         assert torch.all(b.attn.q_gain == 4.0)
         assert torch.equal(b.resid_mix[0], torch.ones(128)) and torch.equal(b.resid_mix[1], torch.zeros(128))
     assert m.bigram.embed.weight.abs().sum() == 0 and m.bigram.scale.item() == pytest.approx(0.05)
-    # the bigram/VE projections are created zero but the model-wide ortho init re-initialises them (SPEC §11.3)
+    # the bigram/VE projections are created zero but the model-wide ortho init re-initialises them (as in PR #549)
     assert torch.allclose(m.bigram.proj.weight.T @ m.bigram.proj.weight, eye, atol=1e-5)  # [128, 64]
     assert torch.allclose(m.ve_shared.proj.weight @ m.ve_shared.proj.weight.T, eye, atol=1e-5)  # [64, 64]
     assert m.ve_shared.scale.item() == pytest.approx(0.1)
@@ -266,7 +307,7 @@ def test_record_configs_compile_fullgraph_without_graph_breaks(name):
     )
     m = GPT(cfg).train()
     if cfg.qat == "late":
-        m.set_qat("late", alpha=1.0)
+        m.set_qat("late", enabled=True)
     x = tokens()
     torch._dynamo.reset()
     ex = torch._dynamo.explain(m)(x, x)

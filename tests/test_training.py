@@ -92,12 +92,12 @@ def test_ema_weights_are_what_gets_exported(tmp_path, synth_root):
         tmp_path, ["train.iterations=6", "callbacks.averaging.kind=ema", "callbacks.averaging.ema_decay=0.9"], [rec]
     )
     ema = {k: v.clone() for k, v in rec.initial.items()}
-    for w in rec.steps:  # from step 1, starting at the initial weights (SPEC §7.4)
+    for w in rec.steps:  # from step 1, starting at the initial weights (PR #287's EMA)
         for k in ema:
             ema[k] = 0.9 * ema[k] + 0.1 * w[k]
     final = rec.steps[-1]
     for k in ema:
-        if torch.is_floating_point(ema[k]) and "qat_alpha" not in k:
+        if torch.is_floating_point(ema[k]):
             assert torch.allclose(exported[k], ema[k], atol=1e-6), k
     assert any(not torch.allclose(exported[k], final[k]) for k in ema if "weight" in k)  # not the raw weights
 
@@ -130,14 +130,17 @@ def test_late_qat_switches_on_below_threshold(tmp_path, synth_root, capsys):
         ["train.iterations=10", "train.warmdown_iters=10", "model.qat=late", "callbacks.late_qat_threshold=0.35"],
     )
     assert cbs.qat.enabled_at == 7  # scale before step 8 is (10-7)/10 = 0.3 < 0.35
-    assert all(m.qat_alpha.item() == 1.0 for m in module.gpt.quantized_linears())
+    assert module.gpt.qat_enabled and all(m.qat for m in module.gpt.quantized_linears())
     assert "late_qat:enabled step:7 scale:0.3000" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("mode", ["late", "always"])
 def test_qat_forward_uses_quantized_weights_and_gradients_reach_full_precision(mode):
     """Under torch.compile (fullgraph, aot_eager on CPU): the training forward equals a model whose weights
-    were quantized by hand, and the gradient w.r.t. the full-precision weights is the STE gradient."""
+    were quantized by hand, and the gradient w.r.t. the full-precision weights is the STE gradient. Late
+    QAT's switch (a Python flag) costs exactly one recompilation, and none before or after it."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, qat=mode, qat_bits=4)
     m = GPT(cfg).train()
@@ -151,19 +154,46 @@ def test_qat_forward_uses_quantized_weights_and_gradients_reach_full_precision(m
             lin.weight.copy_(fake_quant_rows(lin.weight, 4))
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
-    cm = torch.compile(m, fullgraph=True, dynamic=False, backend="aot_eager")
+    counter = CompileCounterWithBackend("aot_eager")
+    cm = torch.compile(m, fullgraph=True, dynamic=False, backend=counter)
     if mode == "late":
         plain = GPT(GPTConfig(**{**cfg.to_dict(), "qat": "off"})).train()
         plain.load_state_dict(m.state_dict())
         assert torch.allclose(cm(x, x), plain(x, x), atol=1e-6)  # inactive before the switch
-        m.set_qat("late", alpha=1.0)  # a buffer write: no recompilation, no constant folding
+        assert torch.allclose(cm(x, x), plain(x, x), atol=1e-6) and counter.frame_count == 1
+        m.set_qat("late", enabled=True)  # flips a Python flag: the guards fail once
     loss = cm(x, x)
+    assert counter.frame_count == (2 if mode == "late" else 1)
     ref = hand(x, x)
     assert torch.allclose(loss, ref, atol=1e-5)
     loss.backward()
     ref.backward()
     for a, b in zip(m.quantized_linears(), hand.quantized_linears()):
         assert a.weight.grad is not None and torch.allclose(a.weight.grad, b.weight.grad, atol=1e-5)
+    cm(x, x)
+    assert counter.frame_count == (2 if mode == "late" else 1)  # no further recompilation
+
+
+def test_late_qat_switch_acts_in_the_compiled_training_step(tmp_path, synth_root):
+    """Training with the inner GPT compiled (dynamo with the eager backend: eager numerics, real guards) and
+    late QAT switching on after step 5 ends on exactly the weights of the uncompiled run, and not on those of a
+    run without QAT: the switch recompiled the step instead of being constant-folded away."""
+    late = ["train.iterations=8", "train.warmdown_iters=8", "model.qat=late", "callbacks.late_qat_threshold=0.5"]
+    finals = {}
+    for name, extra in (
+        ("compiled", ["train.compile=true", "train.compile_backend=eager", "train.warmup_steps=0"]),
+        ("eager", []),
+        ("off", ["model.qat=off"]),
+    ):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "synthetic").symlink_to(synth_root)
+        torch.manual_seed(0)  # fit seeds after building the model: the same initial weights in every run
+        module, _, cbs = fit(run, [*late, *extra])
+        assert cbs.qat.enabled_at == (None if name == "off" else 5)  # scale (8-5)/8 < 0.5
+        finals[name] = {k: v.detach().clone() for k, v in module.gpt.state_dict().items()}
+    assert all(torch.equal(finals["compiled"][k], v) for k, v in finals["eager"].items())
+    assert not all(torch.equal(finals["off"][k], v) for k, v in finals["eager"].items())
 
 
 def run_cli(args, **kw):

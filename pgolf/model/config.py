@@ -1,12 +1,15 @@
-"""`GPTConfig`: every architecture choice of the record stacks as one validated dataclass field (SPEC §5).
+"""`GPTConfig`: every architecture choice of the record stacks as one validated dataclass field
+(docs/techniques.md#model).
 
-Defaults reproduce the baseline (SPEC §5.1): 9 layers, width 512, 8 query / 4 KV heads, MLP 2x relu²,
+Defaults reproduce the baseline train_gpt.py: 9 layers, width 512, 8 query / 4 KV heads, MLP 2x relu²,
 tied embedding (init std 0.005), logit softcap 30, q/k RMSNorm, per-head q_gain, U-Net skips, resid_mix,
-zero-initialised output projections: 17,059,912 parameters. The record-stack features (SPEC §5.2-5.4):
-MLP width and activation (relu², LeakyReLU(0.5)², SwiGLU), SmearGate (V5 and record forms), BigramHash
-(V5 multiplicative and XOR forms), value embeddings, XSA on the last N layers, partial RoPE with NTK base
-scaling, LN scale, QK-gain init, orthogonal init, depth recurrence, parallel residuals, and fake-quant
-QAT of the quantized matrices. The YAML of conf/model/ instantiates this config, never modules.
+zero-initialised output projections: 17,059,912 parameters. The record-stack
+features (1.1556 record; PRs #549/#1019/#1263/#1298):
+MLP width and activation (relu², LeakyReLU(0.5)², SwiGLU fused or with separate gate/up matrices),
+SmearGate (V5 and record forms), BigramHash (V5 multiplicative and XOR forms), value embeddings, XSA on the
+last N layers, partial RoPE with NTK base scaling, LN scale, QK-gain init, orthogonal init (optionally
+depth-scaled on the auxiliary projections), depth recurrence, parallel residuals, and fake-quant QAT of the
+quantized matrices. The YAML of conf/model/ instantiates this config, never modules.
 """
 
 from __future__ import annotations
@@ -21,7 +24,27 @@ QAT_MODES = ("off", "late", "always")
 
 @dataclass
 class GPTConfig:
-    """The network's hyper-parameters; `__post_init__` raises ValueError naming the first inconsistent field."""
+    """The network's hyper-parameters; `__post_init__` raises ValueError naming the first inconsistent field.
+
+    Switches with a record behind them (defaults keep pgolf's earlier behaviour):
+
+    - `swiglu_split`: with `mlp_act: swiglu`, the gate and up projections are two [hidden, d] matrices
+      `mlp.gate` and `mlp.up` (each orthogonal-initialised and orthogonalised by Muon on its own, with its
+      own shape scale sqrt(max(1, hidden/d))), as PR #1090 has them; False: one fused [2·hidden, d] `mlp.fc`.
+      Same parameter count and the same function of the weights; the initial scale and Muon's update differ.
+    - `aux_proj_depth_scale`: multiply the orthogonal init of `bigram.proj` and `ve_shared.proj` by
+      1/sqrt(2·num_layers) (singular values 0.2132 at 11 layers; PR #1263, and PR #1090's bigram projection,
+      whose init scales every `*.proj`); False: gain 1 (PR #549, PR #1298). Needs `ortho_init`.
+    - QAT (`qat`: off | late | always): straight-through fake quantization of every quantized matrix in
+      training forwards, row-wise symmetric int`qat_bits`: row scale s_r = clip_r / (2^(bits-1)-1) where
+      clip_r is the row's max |w| (`qat_clip_quantile` 1.0) or that quantile of |w| (V5: 0.9999984), in
+      units of the weight. `qat_scale_floor`: s_r >= 1/(2^(bits-1)-1) (1/31 for int6), the floor of the
+      int6/int8 exports; False: no floor (s_r >= 1e-12 only, so an all-zero row stays zero).
+      `qat_scale_fp16`: s_r rounded to fp16 as the artifact stores it; False: the fp32 scale. The V5 record
+      (records/track_10min_16mb/2026-03-19_smeargate_orthoinit_muonwd) trains with no floor and the fp32
+      scale (`qat_scale_floor: false`, `qat_scale_fp16: false`); the floor is only in its export. On a
+      512x512 N(0, 1/512) matrix that zeroes about 4.3% of the entries, the floored fp16 form about 28.5%.
+    """
 
     vocab_size: int = 1024
     num_layers: int = 9
@@ -30,6 +53,7 @@ class GPTConfig:
     num_kv_heads: int = 4
     mlp_mult: float = 2.0
     mlp_act: str = "relu2"  # relu2 | leaky_relu2 | swiglu
+    swiglu_split: bool = False  # swiglu only: separate gate/up matrices (PR #1090) instead of one fused fc
     leaky_slope: float = 0.5
     tie_embeddings: bool = True
     tied_embed_init_std: float = 0.005
@@ -41,6 +65,7 @@ class GPTConfig:
     unet_skips: bool = True
     ln_scale: bool = False  # multiply each block's normed inputs by 1/sqrt(layer+1) (PR #315)
     ortho_init: bool = False  # orthogonal init of every non-zero-init linear with both dims >= 64
+    aux_proj_depth_scale: bool = False  # bigram/VE projections' orthogonal init x 1/sqrt(2*num_layers) (PR #1263)
     smear_gate: str = "none"  # none | v5 (own-token gate, init 3, before the norm) | record (prev-token, init 0)
     smear_init: float | None = None  # None: 3.0 for v5, 0.0 for record
     bigram: str = "none"  # none | v5 ((prev*92821+cur) mod B) | xor (PR #549 form, bucket B-1 for position 0)
@@ -58,7 +83,8 @@ class GPTConfig:
     qat: str = "off"  # off | late (switched on by a callback) | always (V5: every training forward)
     qat_bits: int = 6
     qat_clip_quantile: float = 1.0  # per-row clip for the fake quant: 1.0 = row max (late QAT), V5 0.9999984
-    qat_scale_floor: bool = True  # the reference's scale floor 1/(2^(bits-1)-1) (SPEC §8.1)
+    qat_scale_floor: bool = True  # row scale >= 1/(2^(bits-1)-1), the int exports' floor; V5 trains without it
+    qat_scale_fp16: bool = True  # row scale rounded to fp16 as the artifact stores it; V5 trains with fp32
 
     def __post_init__(self):
         self.ve_layers = tuple(int(i) for i in (self.ve_layers or ()))
@@ -73,6 +99,11 @@ class GPTConfig:
             ),
             (self.rope_dims != 2 or self.rope_ntk_base_len == 0, "NTK scaling needs rope_dims > 2"),
             (self.mlp_act in MLP_ACTS, f"mlp_act {self.mlp_act!r} not in {MLP_ACTS}"),
+            (not self.swiglu_split or self.mlp_act == "swiglu", "swiglu_split needs mlp_act swiglu"),
+            (
+                not self.aux_proj_depth_scale or self.ortho_init,
+                "aux_proj_depth_scale needs ortho_init",
+            ),
             (self.smear_gate in SMEAR_FORMS, f"smear_gate {self.smear_gate!r} not in {SMEAR_FORMS}"),
             (self.bigram in BIGRAM_FORMS, f"bigram {self.bigram!r} not in {BIGRAM_FORMS}"),
             (self.bigram == "none" or self.bigram_buckets >= 2, "bigram_buckets must be >= 2"),

@@ -1,6 +1,6 @@
 """The state of incremental decoding: per-layer preallocated keys and values and the look-back of the
 input features. `GPT.new_cache` builds one and `GPT.decode` advances it (used by the AR self-generated
-GPTQ calibration, SPEC §8.5).
+GPTQ calibration of PR #1019).
 
 Shapes: B batch, T new positions, Hkv KV heads, D head dim.
 """

@@ -1,4 +1,5 @@
-"""The input-side features of the record stacks: SmearGate, BigramHash and value embeddings (SPEC §5.2-5.3).
+"""The input-side features of the record stacks: SmearGate, BigramHash and value embeddings (the 1.1556
+record, PR #549; docs/techniques.md#smeargate).
 
 Each looks at the token ids (or the embedded inputs) and adds to, or mixes into, what the blocks read. The
 `before` arguments carry the one position of look-back across the boundary of an incremental decode step.
@@ -33,7 +34,8 @@ class SmearGate(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Hashed embedding of (previous token, token) pairs added to the token embedding (SPEC §5.2-5.3)."""
+    """Hashed embedding of (previous token, token) pairs added to the token embedding (PR #162;
+    multiplicative form of the 1.1556 record, XOR form of PR #549)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -42,7 +44,7 @@ class BigramHash(nn.Module):
         self.proj = None
         if cfg.bigram_dim != cfg.model_dim:
             # v5: a zero-init projection that stays zero-init; xor: created zero but, lacking the zero-init
-            # flag, re-initialised orthogonal by a model-wide ortho init (SPEC §11.3).
+            # flag, re-initialised orthogonal by a model-wide ortho init, as in PR #549.
             self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim, zero_init=self.form == "v5")
         self.scale = nn.Parameter(torch.tensor(float(cfg.bigram_scale_init))) if self.form == "xor" else None
 

@@ -3,7 +3,7 @@ recurrence), the tied or untied head with logit softcap, QAT control and increme
 
 Every feature sits behind a `GPTConfig` field (pgolf/model/config.py); the blocks are in
 pgolf/model/layers.py, the input features in pgolf/model/embed.py. `GPT.decode` is an incremental decoding
-path with a KV cache (pgolf/model/decode.py; used by the AR self-generated GPTQ calibration, SPEC §8.5); the
+path with a KV cache (pgolf/model/decode.py; used by PR #1019's self-generated GPTQ calibration); the
 default forward does not use it.
 
 Shapes: B batch, T sequence, d model width, V vocab.
@@ -11,11 +11,13 @@ Shapes: B batch, T sequence, d model width, V vocab.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pgolf.model.config import GPTConfig
+from pgolf.model.config import QAT_MODES, GPTConfig
 from pgolf.model.decode import DecodeCache, LayerKV
 from pgolf.model.embed import BigramHash, SmearGate, ValueEmbedding
 from pgolf.model.layers import Block, CastedLinear, rms_norm, rope_tables
@@ -40,6 +42,7 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(n_skip, d)) if cfg.unet_skips and n_skip else None
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(d, cfg.vocab_size, zero_init=True)
         self._ve_slot = {layer: i for i, layer in enumerate(cfg.ve_layers)}
+        self.qat_mode = "off"
         self.reset_parameters()
         self.set_qat(cfg.qat)
 
@@ -55,19 +58,45 @@ class GPT(nn.Module):
                     nn.init.zeros_(m.weight)
                 elif cfg.ortho_init and min(m.weight.shape) >= 64:
                     nn.init.orthogonal_(m.weight, gain=1.0)
+        if cfg.aux_proj_depth_scale:  # PR #1263: the auxiliary projections' orthogonal init x 1/sqrt(2L)
+            with torch.no_grad():
+                for m in self.aux_projections():
+                    if not m.zero_init and min(m.weight.shape) >= 64:
+                        m.weight.mul_(1.0 / math.sqrt(2 * cfg.num_layers))
+
+    def aux_projections(self) -> list[CastedLinear]:
+        """The BigramHash and value-embedding projections to model width (those the model has)."""
+        return [m.proj for m in (self.bigram, self.ve_shared) if m is not None and m.proj is not None]
 
     # ---- QAT control ---------------------------------------------------------------------------------
     def quantized_linears(self):
         """The linears the int export quantizes: every block matrix and the bigram/VE projections."""
         return [m for m in self.modules() if isinstance(m, CastedLinear) and m is not self.lm_head]
 
-    def set_qat(self, mode: str, alpha: float | None = None):
-        """Set the fake-quant mode (off | late | always) of `quantized_linears`, and late QAT's blend `alpha`."""
+    def set_qat(self, mode: str, enabled: bool | None = None) -> None:
+        """Set the fake-quant mode of `quantized_linears` (`GPTConfig.qat_*` give the quantizer).
+
+        mode "off": never; "always": in every training forward; "late": only once switched on, by
+        `enabled=True` (the LateQAT callback; `enabled=False` switches it off again, None keeps the current
+        state, which starts off). Fake quantization acts in training mode only. Switching flips a Python
+        flag on each linear: a compiled forward recompiles once on the next call. Raises ValueError for an
+        unknown mode."""
+        if mode not in QAT_MODES:
+            raise ValueError(f"qat mode {mode!r} not in {QAT_MODES}")
+        if mode == "late":
+            on = self.qat_enabled if enabled is None and self.qat_mode == "late" else bool(enabled)
+        else:
+            on = mode == "always"
+        self.qat_mode = mode
+        cfg = self.cfg
         for m in self.quantized_linears():
-            m.qat_mode, m.qat_bits = mode, self.cfg.qat_bits
-            m.qat_clip_quantile, m.qat_floor = self.cfg.qat_clip_quantile, self.cfg.qat_scale_floor
-            if alpha is not None:
-                m.qat_alpha.fill_(alpha)
+            m.qat, m.qat_bits, m.qat_clip_quantile = on, cfg.qat_bits, cfg.qat_clip_quantile
+            m.qat_floor, m.qat_fp16_scale = cfg.qat_scale_floor, cfg.qat_scale_fp16
+
+    @property
+    def qat_enabled(self) -> bool:
+        """Whether training forwards fake-quantize now (mode "always", or "late" after its switch)."""
+        return any(m.qat for m in self.quantized_linears())
 
     # ---- forward -------------------------------------------------------------------------------------
     def embed(self, idx: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
@@ -145,9 +174,9 @@ class GPT(nn.Module):
         """An empty KV cache for up to `max_len` positions.
 
         RoPE: the cache encodes every position with the table of a `max_len`-long forward, so with NTK
-        scaling (SPEC §5.3) a cached decode of a `max_len` sequence gives exactly the logits of one full
+        scaling a cached decode of a `max_len` sequence gives exactly the logits of one full
         forward of that sequence. The reference's cache-less generation instead re-runs the growing prefix,
-        whose RoPE base changes once the prefix passes `rope_ntk_base_len` (SPEC §8.5); we keep the base of
+        whose RoPE base changes once the prefix passes `rope_ntk_base_len` (PR #1019's generator); we keep the base of
         the final length, which is the one the model was trained with when max_len = train seq_len."""
         cfg = self.cfg
         device = device if device is not None else self.tok_emb.weight.device

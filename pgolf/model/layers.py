@@ -1,5 +1,5 @@
 """The transformer block family: RMSNorm, the (fake-quantizing) linear, RoPE, attention with XSA, the MLP
-and the residual block that combines them (SPEC §5).
+and the residual block that combines them (docs/techniques.md#model).
 
 Shapes: B batch, T sequence, d model width, H query heads, Hkv KV heads, D head dim.
 """
@@ -22,28 +22,31 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """Bias-free linear with optional straight-through fake quantization (QAT, SPEC §7.6).
+    """Bias-free linear with optional straight-through fake quantization (QAT) of its weight [out, in].
 
-    `qat_alpha` is a tensor buffer, not a Python flag, so switching late QAT on takes effect inside a
-    compiled graph (the reference's class flag was constant-folded away: SPEC §11.7)."""
+    `qat` is a plain Python flag read in `forward`: while it is False (QAT off, or late QAT before its
+    switch) the training forward is a bare `F.linear`, so late QAT costs nothing until it fires. Under
+    torch.compile the flag is guarded, so flipping it recompiles the graph once and the compiled forward
+    then fake-quantizes (the records' class-level flag was constant-folded instead and never acted:
+    records/track_10min_16mb/2026-03-21_11L_XSA4_EMA_PartialRoPE_LateQAT_1.1248/README.md). The quantizer
+    settings (`qat_bits`, `qat_clip_quantile`, `qat_floor`, `qat_fp16_scale`) are set by `GPT.set_qat`."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init = zero_init
-        self.qat_mode, self.qat_bits, self.qat_clip_quantile, self.qat_floor = "off", 6, 1.0, True
-        self.register_buffer("qat_alpha", torch.zeros(()), persistent=False)
+        self.qat = False
+        self.qat_bits, self.qat_clip_quantile, self.qat_floor, self.qat_fp16_scale = 6, 1.0, True, True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.training and self.qat_mode != "off":
-            wq = fake_quant_rows(w, self.qat_bits, self.qat_clip_quantile, self.qat_floor)
-            alpha = 1.0 if self.qat_mode == "always" else self.qat_alpha
-            w = w + alpha * (wq - w).detach()
+        if self.training and self.qat:
+            wq = fake_quant_rows(w, self.qat_bits, self.qat_clip_quantile, self.qat_floor, self.qat_fp16_scale)
+            w = w + (wq - w).detach()  # straight-through: the value of wq, the gradient of w
         return F.linear(x, w)
 
 
 def rope_tables(T: int, dims: int, base: float, ntk_base_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [T, dims/2]. With NTK scaling the base becomes base*(T/L0)^(r/(r-2)) when T > L0 (SPEC §5.3)."""
+    """cos/sin [T, dims/2]. With NTK scaling the base becomes base*(T/L0)^(r/(r-2)) when T > L0 (PR #549 line)."""
     if ntk_base_len > 0 and T > ntk_base_len:
         base = base * (T / ntk_base_len) ** (dims / (dims - 2))
     inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, device=device, dtype=torch.float32) / dims))
@@ -61,7 +64,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """XSA (SPEC §5.3): remove from each head's output y [B,H,T,D] its component along the same position's
+    """XSA (arXiv:2603.09078; GQA form of PR #265): remove from each head's output y [B,H,T,D] its component
+    along the same position's
     value v [B,Hkv,T,D] of its KV group (GQA form: no repeat of v)."""
     B, H, T, D = y.shape
     Hkv = v.size(1)
@@ -90,7 +94,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.c_q(x)
         v = self.c_v(x)
-        if lora is not None:  # per-sequence low-rank deltas (LoRA TTT, SPEC §4.4)
+        if lora is not None:  # per-sequence low-rank deltas (LoRA TTT, PR #77)
             q = q + lora.delta("q", x)
             v = v + lora.delta("v", x)
         if ve is not None:
@@ -112,21 +116,32 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """[B,T,d] -> [B,T,d]: relu², LeakyReLU(slope)² (PR #549) or SwiGLU (PR #1090), zero-init output projection."""
+    """[B,T,d] -> [B,T,d]: relu², LeakyReLU(slope)² (PR #549) or SwiGLU (PR #1090), zero-init output projection.
+
+    SwiGLU: hidden = round_up_64(2·mult·d/3), proj(silu(x W_gateᵀ) ⊙ x W_upᵀ); the gate and up matrices are
+    one fused `fc` [2·hidden, d] (gate rows first) or, with `swiglu_split`, the separate `gate` and `up`
+    [hidden, d] of PR #1090."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         d = cfg.model_dim
         self.act, self.slope = cfg.mlp_act, cfg.leaky_slope
-        if self.act == "swiglu":  # R1090: hidden = round_up_64(2*mult*d/3), gate and up fused in fc
+        self.fc = self.gate = self.up = None
+        if self.act == "swiglu":
             hidden = int(math.ceil(2 * cfg.mlp_mult * d / 3 / 64) * 64)
-            self.fc = CastedLinear(d, 2 * hidden)
+            if cfg.swiglu_split:
+                self.gate = CastedLinear(d, hidden)
+                self.up = CastedLinear(d, hidden)
+            else:
+                self.fc = CastedLinear(d, 2 * hidden)
         else:
             hidden = int(cfg.mlp_mult * d)
             self.fc = CastedLinear(d, hidden)
         self.proj = CastedLinear(hidden, d, zero_init=True)
 
     def forward(self, x):
+        if self.gate is not None:
+            return self.proj(F.silu(self.gate(x)) * self.up(x))
         h = self.fc(x)
         if self.act == "relu2":
             h = F.relu(h).square()
@@ -140,7 +155,8 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Residual block [B,T,d] -> [B,T,d]: `resid_mix` with the embedding x0, then attention and MLP, each on the
-    RMS-normed input times `norm_scale` (1/sqrt(layer+1) with LN scale), sequential or parallel (SPEC §5)."""
+    RMS-normed input times `norm_scale` (1/sqrt(layer+1) with LN scale), sequential or parallel
+    (docs/techniques.md#model)."""
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()

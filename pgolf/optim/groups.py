@@ -7,7 +7,8 @@ into one `MuonAdam`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import fnmatch
+from collections.abc import Iterable, Sequence
 
 from torch import nn
 
@@ -16,23 +17,32 @@ from pgolf.optim.muon_adam import MuonAdam
 
 
 def partition_params(
-    named_params: Iterable[tuple[str, nn.Parameter]], aux_proj_to_muon: bool = False
+    named_params: Iterable[tuple[str, nn.Parameter]], aux_proj_to_muon: bool = False, frozen: Sequence[str] = ()
 ) -> dict[str, list[str]]:
-    """Assign every parameter name to exactly one of: matrix (Muon), embed, head, scalar (Adam).
+    """Assign every parameter name to exactly one of: matrix (Muon), embed, head, scalar (Adam), frozen.
 
     matrix: 2-D block matrices (Q, K, V, O, MLP); with `aux_proj_to_muon` also the bigram/VE projections
-    (V5 puts its bigram projection in Muon; the record stacks keep them with the scalars, SPEC §6.2).
+    (V5 and PR #1263 put them in Muon; PR #549 / #1298 keep them with the scalars).
     embed: the token embedding and the bigram / VE tables. head: an untied output head. scalar: the rest.
+    frozen: names matching one of the `frozen` glob patterns (fnmatch, e.g. "bigram.*"), whatever their
+    role: kept out of every stepped group, as PR #1090 leaves its smear gate and bigram module out of its
+    optimizers (their gradient is computed, never applied). Raises ValueError for a pattern that matches
+    no parameter (a typo would silently train what was meant to stay fixed).
     """
-    groups: dict[str, list[str]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    groups: dict[str, list[str]] = {"matrix": [], "embed": [], "head": [], "scalar": [], "frozen": []}
     seen: set[str] = set()
+    used: set[str] = set()
     for name, p in named_params:
         if not p.requires_grad:
             continue
         if name in seen:
             raise AssertionError(f"parameter {name} listed twice")
         seen.add(name)
-        if name in EMBED_NAMES:
+        hits = [pat for pat in frozen if fnmatch.fnmatchcase(name, pat)]
+        used.update(hits)
+        if hits:
+            groups["frozen"].append(name)
+        elif name in EMBED_NAMES:
             groups["embed"].append(name)
         elif name == "lm_head.weight":
             groups["head"].append(name)
@@ -42,15 +52,23 @@ def partition_params(
             groups["matrix"].append(name)
         else:
             groups["scalar"].append(name)
+    unused = [pat for pat in frozen if pat not in used]
+    if unused:
+        raise ValueError(f"frozen patterns {unused} match no parameter")
     assigned = [n for names in groups.values() for n in names]
     assert len(assigned) == len(set(assigned)) == len(seen), "partition must place every parameter exactly once"
     return groups
 
 
 def build_optimizer(model: nn.Module, cfg: dict) -> MuonAdam:
-    """MuonAdam over `model` from an optim config (see conf/optim/*.yaml)."""
+    """MuonAdam over `model` from an optim config (see conf/optim/*.yaml); `cfg["frozen"]` (glob patterns,
+    optional) names parameters that go in a group of kind "frozen", which `MuonAdam.step` never updates."""
     named = dict(model.named_parameters())
-    parts = partition_params(named.items(), aux_proj_to_muon=bool(cfg.get("aux_proj_to_muon", False)))
+    parts = partition_params(
+        named.items(),
+        aux_proj_to_muon=bool(cfg.get("aux_proj_to_muon", False)),
+        frozen=tuple(cfg.get("frozen", ())),
+    )
     betas = tuple(cfg.get("betas", (0.9, 0.95)))
     eps = float(cfg.get("adam_eps", 1e-8))
     adam_wd = float(cfg.get("adam_wd", 0.0))
@@ -86,4 +104,6 @@ def build_optimizer(model: nn.Module, cfg: dict) -> MuonAdam:
                     weight_decay=adam_wd,
                 )
             )
+    if parts["frozen"]:  # zeroed with the rest by zero_grad and seen by gradient clipping, never stepped
+        groups.append(dict(name="frozen", kind="frozen", params=[named[n] for n in parts["frozen"]], base_lr=0.0))
     return MuonAdam(groups)

@@ -1,16 +1,18 @@
 """`MuonAdam`: one optimizer object for Muon and Adam, and the split of Newton-Schulz work across ranks.
 
-`MuonAdam` is a single `torch.optim.Optimizer` whose param groups carry a `kind` ("muon" or "adam"), so
-Lightning's automatic optimization, step counting and gradient clipping see one optimizer (SPEC §6). Every
-group keeps its `base_lr`; the schedule callback sets `lr = base_lr * scale`.
+`MuonAdam` is a single `torch.optim.Optimizer` whose param groups carry a `kind` ("muon", "adam", or
+"frozen": parameters that are never stepped, PR #1090's smear gate), so Lightning's automatic optimization,
+step counting, zero_grad and gradient clipping see one optimizer (docs/techniques.md#optimizer). Every group keeps its
+`base_lr`; the schedule callback sets `lr = base_lr * scale`.
 
-Muon (SPEC §6.1): Nesterov momentum, optional MuonEq-R row normalisation (§6.4), Newton-Schulz
+Muon (the baseline train_gpt.py, modded-nanogpt): Nesterov momentum, optional MuonEq-R row
+normalisation (PR #1298), Newton-Schulz
 (pgolf/optim/newton_schulz.py), the shape scale sqrt(max(1, rows/cols)), and decoupled weight decay with
 the scheduled lr. Distributed: each matrix is orthogonalized by one rank (`balanced_owners`) and the updates
 are shared with one all-reduce of a flat buffer (zeros elsewhere, so the sum is exact) — every rank then
 applies every update.
 
-Adam (SPEC §6.2): PyTorch's AdamW arithmetic (decoupled `p *= 1 - lr*wd`), checked step for step against
+Adam (the records' AdamW groups): PyTorch's AdamW arithmetic (decoupled `p *= 1 - lr*wd`), checked step for step against
 `torch.optim.AdamW` in the tests.
 """
 
@@ -24,9 +26,12 @@ import torch.distributed as dist
 
 from pgolf.optim.newton_schulz import newton_schulz, ns_coefficients, row_normalize
 
+KINDS = ("muon", "adam", "frozen")
+
 
 class MuonAdam(torch.optim.Optimizer):
-    """Muon for the groups of kind "muon" (2-D matrices only), AdamW for those of kind "adam".
+    """Muon for the groups of kind "muon" (2-D matrices only), AdamW for those of kind "adam"; groups of kind
+    "frozen" are held (zero_grad, clipping, state_dict see them) but never updated.
 
     Raises ValueError for a group of another kind, a non-matrix parameter in a Muon group, or a Newton-Schulz
     variant/step count that does not exist. `ns_dtype`: the Newton-Schulz dtype (default bf16 on CUDA, fp32
@@ -47,8 +52,8 @@ class MuonAdam(torch.optim.Optimizer):
             row_norm=False,
         )
         for g in param_groups:
-            if g.get("kind") not in ("muon", "adam"):
-                raise ValueError(f"param group {g.get('name')!r} has kind {g.get('kind')!r}; expected muon or adam")
+            if g.get("kind") not in KINDS:
+                raise ValueError(f"param group {g.get('name')!r} has kind {g.get('kind')!r}; expected one of {KINDS}")
             g.setdefault("base_lr", g.get("lr", defaults["lr"]))
             g.setdefault("lr", g["base_lr"])
         super().__init__(param_groups, defaults)
@@ -70,7 +75,7 @@ class MuonAdam(torch.optim.Optimizer):
         for g in self.param_groups:
             if g["kind"] == "adam":
                 self._adam_step(g)
-            else:
+            elif g["kind"] == "muon":
                 self._muon_step(g)
         return loss
 
@@ -117,7 +122,7 @@ class MuonAdam(torch.optim.Optimizer):
             if o is None or p.grad is None:
                 continue
             if wd != 0:
-                p.mul_(1 - lr * wd)  # decoupled weight decay with the scheduled lr (SPEC §6.1 step 5)
+                p.mul_(1 - lr * wd)  # decoupled weight decay with the scheduled lr (as the records' Muon)
             p.add_(o.to(p.dtype), alpha=-lr)
 
     def _update_momentum(self, params: list[torch.Tensor], mu: float) -> None:

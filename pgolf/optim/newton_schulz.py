@@ -1,8 +1,8 @@
 """Newton-Schulz orthogonalization for Muon: the iteration coefficients, the iteration itself, and the
 MuonEq-R row normalisation applied before it.
 
-Coefficients (SPEC §6.5): the quintic (3.4445, -4.7750, 2.0315) of modded-nanogpt repeated every iteration,
-or the per-iteration Polar Express tuples (arXiv:2505.16932).
+Coefficients: the quintic (3.4445, -4.7750, 2.0315) of modded-nanogpt repeated every iteration, or the
+per-iteration Polar Express tuples (arXiv:2505.16932; docs/techniques.md#polar-express).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 QUINTIC = (3.4445, -4.7750, 2.0315)
-# Polar Express (arXiv:2505.16932), the tuples used by R1298 / PE1787 / nanochat (SPEC §6.5).
+# Polar Express (arXiv:2505.16932), the tuples used by PR #1298, PR #1787 and nanochat.
 POLAR_EXPRESS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -46,6 +46,6 @@ def newton_schulz(G: torch.Tensor, coeffs: list[tuple[float, float, float]], dty
 
 
 def row_normalize(U: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """MuonEq-R (SPEC §6.4): every row of the update to unit L2 norm (norm in fp32, clamp_min(eps))."""
+    """MuonEq-R (PR #1298): every row of the update to unit L2 norm (norm in fp32, clamp_min(eps))."""
     n = U.float().norm(dim=-1, keepdim=True).clamp_min(eps)
     return (U.float() / n).to(U.dtype)

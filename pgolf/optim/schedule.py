@@ -1,4 +1,5 @@
-"""Pure schedule functions (SPEC §6.1, §7.2); callbacks only apply them."""
+"""Pure schedule functions (the baseline train_gpt.py's warmdown and Muon momentum warm-up); callbacks only
+apply them."""
 
 from __future__ import annotations
 

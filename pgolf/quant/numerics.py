@@ -42,13 +42,30 @@ def fp16_scale_rows(w: torch.Tensor, bits: int, clip_quantile: float = 1.0, floo
     return quant_scale_rows(w, bits, clip_quantile, floor).half().float()
 
 
-def round_codes(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Integer codes `clamp(round(x/scale), -qmax, qmax)` in x's float dtype (scale broadcasts against x)."""
-    return torch.clamp(torch.round(x / scale), -qmax, qmax)
+def code_bounds(bits: int, full_range: bool = False) -> tuple[int, int]:
+    """The (lowest, highest) code of intN: symmetric (-qmax, qmax), or with `full_range` the whole
+    two's-complement range (-qmax-1, qmax), e.g. int5 [-16, 15] as in the PR #1090 non-record's mixed
+    export (records/track_non_record_16mb/2026-03-24_11L_XSA_SwiGLU_LoRATTT_1xH100)."""
+    qmax = qmax_for(bits)
+    return (-qmax - 1 if full_range else -qmax), qmax
 
 
-def fake_quant_rows(w: torch.Tensor, bits: int, clip_quantile: float = 1.0, floor: bool = True) -> torch.Tensor:
-    """Quantize-dequantize a matrix [rows, cols] row-wise exactly as the int export does (fp16 scale, range
-    ±qmax); returns w's shape and dtype."""
-    s = fp16_scale_rows(w, bits, clip_quantile, floor)
+def round_codes(x: torch.Tensor, scale: torch.Tensor, qmax: int, qmin: int | None = None) -> torch.Tensor:
+    """Integer codes `clamp(round(x/scale), qmin, qmax)` in x's float dtype (scale broadcasts against x);
+    `qmin` defaults to -qmax (symmetric)."""
+    return torch.clamp(torch.round(x / scale), -qmax if qmin is None else qmin, qmax)
+
+
+def fake_quant_rows(
+    w: torch.Tensor, bits: int, clip_quantile: float = 1.0, floor: bool = True, fp16_scale: bool = True
+) -> torch.Tensor:
+    """Quantize-dequantize a matrix [rows, cols] row-wise: `clamp(round(w/s), ±qmax) · s` with the row scale
+    s of `quant_scale_rows` (clip/qmax, floored at 1/qmax with `floor`). `fp16_scale` (default) rounds s to
+    fp16 exactly as the int export stores it; False keeps the fp32 scale, the V5 record's training-time STE
+    (records/track_10min_16mb/2026-03-19_smeargate_orthoinit_muonwd; it also has no floor). Returns w's
+    shape and dtype."""
+    if fp16_scale:
+        s = fp16_scale_rows(w, bits, clip_quantile, floor)
+    else:
+        s = quant_scale_rows(w, bits, clip_quantile, floor)
     return (round_codes(w.float(), s, qmax_for(bits)) * s).to(w.dtype)
