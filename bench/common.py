@@ -73,6 +73,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def fwd_bwd(model, x: torch.Tensor, amp) -> float:
+    """Seconds of one forward+backward of the loss on x [B, T+1]."""
+    device = x.device
+    sync(device)
+    t0 = time.perf_counter()
+    with amp:
+        loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    sync(device)
+    dt = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return dt
+
+
 def median_ms(times: list[float]) -> float:
     return 1000 * statistics.median(times)
 

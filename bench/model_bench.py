@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 
 import torch
-from common import compose, figures_line, flops_per_token, model_from_cfg, save_json, sync
+from common import compose, figures_line, flops_per_token, fwd_bwd, model_from_cfg, save_json
 
 
 def main() -> None:
@@ -35,15 +34,9 @@ def main() -> None:
         )
         times = []
         for i in range(a.steps + 1):
-            sync(device)
-            t0 = time.perf_counter()
-            with amp:
-                loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
-            sync(device)
-            if i > 0:
-                times.append(time.perf_counter() - t0)
-            model.zero_grad(set_to_none=True)
+            dt = fwd_bwd(model, x, amp)
+            if i > 0:  # the first pass warms up
+                times.append(dt)
         t = statistics.median(times)
         n = a.batch * a.seq
         fig = {"params": sum(p.numel() for p in model.parameters()), "ms_per_fwd_bwd": round(1000 * t, 1),

@@ -18,24 +18,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 
 import torch
-from common import compose, figures_line, model_from_cfg, save_json, sync
-
-
-def fwd_bwd(model, x: torch.Tensor, amp) -> float:
-    """Seconds of one forward+backward of the loss on x [B, T+1]."""
-    device = x.device
-    sync(device)
-    t0 = time.perf_counter()
-    with amp:
-        loss = model(x[:, :-1], x[:, 1:])
-    loss.backward()
-    sync(device)
-    dt = time.perf_counter() - t0
-    model.zero_grad(set_to_none=True)
-    return dt
+from common import compose, figures_line, fwd_bwd, model_from_cfg, save_json
 
 
 def variants(name: str, device: torch.device) -> dict:
