@@ -24,7 +24,7 @@ import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgolf.export.code import RUNTIME_DIRS, TOOLS_DIR
+from pgolf.export.code import RUNTIME_DIRS, TOOLS_DIR, code_files
 
 INIT = "__init__"
 # Decorators that only wrap the function or class they decorate (no registration): a definition they
@@ -62,13 +62,12 @@ class Module:
 
 
 def runtime_modules(root: Path) -> dict[str, Path]:
-    """{dotted key: file} of the runtime folders under `root` (packages as `name.__init__`), tools excluded."""
+    """{dotted key: file} of the runtime folders under `root` (packages as `name.__init__`), tools excluded:
+    `code_files` without the entry points."""
     out = {}
-    for d in RUNTIME_DIRS:
-        for p in sorted((root / d).rglob("*.py")):
-            rel = p.relative_to(root)
-            if "__pycache__" in p.parts or rel.as_posix().startswith(TOOLS_DIR + "/"):
-                continue
+    for p in code_files(root):
+        rel = p.relative_to(root)
+        if rel.parts[0] in RUNTIME_DIRS:
             out[".".join(rel.with_suffix("").parts)] = p
     return out
 
