@@ -38,7 +38,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.averaging import GPTAveraging, build_averaging
+from callbacks import averaging as _averaging  # noqa: F401  (registers the optional part `averaging`)
 from callbacks.checkpoint import Checkpointing
 from callbacks.export import QuantizeExport
 from callbacks.progress import make_progress_bar
@@ -46,6 +46,7 @@ from callbacks.qat import LateQAT
 from callbacks.schedule import LRSchedule
 from callbacks.wallclock import ChallengeClock
 from callbacks.warmup import CompileWarmup
+from pgolf import optional
 from pgolf.export.config import ExportConfig
 
 
@@ -58,7 +59,7 @@ class ChallengeCallbacks:
     schedule: LRSchedule
     qat: LateQAT
     progress: ProgressBar | None  # None with callbacks.progress=none
-    averaging: GPTAveraging | None  # None with callbacks.averaging.kind=none
+    averaging: L.Callback | None  # callbacks/averaging.py's GPTAveraging; None with callbacks.averaging.kind=none
     checkpoint: Checkpointing
     export: QuantizeExport
 
@@ -94,7 +95,7 @@ def build_callbacks(cfg: DictConfig, run_dir: str | Path, meta: dict) -> Challen
         schedule=schedule,
         qat=LateQAT(c.late_qat_threshold),
         progress=make_progress_bar(c.progress, clock, c.progress_every_seconds, t.iterations, t.max_wallclock_seconds),
-        averaging=build_averaging(c.averaging),
+        averaging=None if c.averaging.kind == "none" else optional.get("averaging")(c.averaging),
         checkpoint=Checkpointing(Path(run_dir) / "checkpoints", ck.every_steps, ck.keep, ck.on_sigterm),
         export=QuantizeExport(clock, export_cfg, run_dir, meta, eval_cfg),
     )

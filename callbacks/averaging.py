@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from pgolf.optional import register
 from pgolf.runlog import log0
 
 
@@ -140,6 +141,7 @@ class SWA(GPTAveraging):
         return ok
 
 
+@register("averaging")
 def build_averaging(cfg) -> GPTAveraging | None:
     """The averaging callback of `callbacks.averaging` (kind none | ema | swa); None for none.
 

@@ -10,7 +10,8 @@ from pgolf.data.shards import list_shards
 from pgolf.data.stream import StreamLayout, TokenStream, TrainStream
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
-from pgolf.quant.calibrate import CalibrationConfig, calibrate, compliance, generate, train_sequences
+from pgolf.quant.calibrate import calibrate, generate, train_sequences
+from pgolf.quant.settings import CalibrationConfig, compliance
 
 CFG = dict(
     vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, smear_gate="record", bigram="xor",

@@ -8,7 +8,7 @@ import torch
 
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
-from pgolf.quant.gptq import GPTQSettings, collect_hessians, gptq_quantize, linear_names
+from pgolf.quant.gptq import collect_hessians, gptq_quantize, linear_names
 from pgolf.quant.rules import (
     GPTQ_LITE_CLIPS,
     QuantRule,
@@ -17,6 +17,7 @@ from pgolf.quant.rules import (
     quantize_rows,
     quantize_tensor_by_rule,
 )
+from pgolf.quant.settings import GPTQSettings
 
 
 def reference_gptq(w, H, bits, clips, damp=0.01, act_order=True, floor=True, full_range=False):

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from pgolf import optional
+from pgolf.config.runtime import PART_RULES, check_parts
 from pgolf.config.typed import ConfigError
 from pgolf.export.code import code_record
 from pgolf.quant.artifact import read_artifact, write_artifact
-from pgolf.tools import submission
-from pgolf.tools.pack import SCRIPT, compose_train, pack, unpack
-from pgolf.tools.packsource import drop_registrations, shake, strip, unparse
+from pgolf.tools import packsource, submission
+from pgolf.tools.pack import SCRIPT, compose_train, pack, part_modules, unpack
+from pgolf.tools.packsource import compact, drop_registrations, shake, strip, unparse
 from pgolf.train.standalone import check_config, run_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +129,50 @@ def test_environment_and_overrides_map_onto_the_config():
         run_config(payload, ["model=tiny"], {})
     with pytest.raises(ConfigError, match="iteration"):
         check_config(run_config(payload, ["train.iteration=5"], {}))
+
+
+GPTQ_PART = {"pgolf.quant.gptq", "pgolf.quant.calibrate", "pgolf.export.gptq_stage"}
+OTHER_PARTS = {"pgolf.export.prune_stage", "pgolf.quant.prune", "pgolf.train.wandb_logger", "callbacks.averaging"}
+
+
+def test_only_the_optional_parts_the_config_uses_are_packed(packs):
+    """Full GPTQ (+ calibration), pruning, W&B and weight averaging are packed only when the config uses them."""
+    base, r1298, r1263 = (set(packs[e].modules) for e in ("baseline", "record_1298", "record_1263"))
+    assert not (GPTQ_PART | OTHER_PARTS) & base  # int8 RTN, no EMA, no pruning; the packed logger is none
+    assert "callbacks.averaging" in r1298 and not (GPTQ_PART | {"pgolf.export.prune_stage"}) & r1298  # EMA, GPTQ-lite
+    assert GPTQ_PART | {"callbacks.averaging"} <= r1263 and "pgolf.train.wandb_logger" not in r1263  # full GPTQ
+    _, sources = unpack(packs["baseline"].script)
+    assert "gptq_stage" not in sources["pgolf.export.stages"] and "import averaging" not in sources["callbacks.__init__"]
+    owners = part_modules()  # every rule names a registered part
+    assert set(owners) == set(PART_RULES) and owners["prune"] == "pgolf.export.prune_stage"
+    pruned = pack(compose_train(["experiment=baseline", "export.prune.enabled=true"]))
+    assert {"pgolf.export.prune_stage", "pgolf.quant.prune"} <= set(pruned.modules)
+
+
+def test_a_packed_config_refuses_an_override_that_needs_a_part_it_lacks(packs, monkeypatch):
+    """In the packed baseline (no averaging module), `callbacks.averaging.kind=ema` fails before training."""
+    payload, _ = unpack(packs["baseline"].script)
+    check_parts(run_config(payload, [], {}))
+    monkeypatch.delitem(optional.PARTS, "averaging")  # as in the packed file, whose averaging module is left out
+    check_parts(run_config(payload, [], {}))  # not needed: fine
+    with pytest.raises(ConfigError, match=r"optional parts \['averaging'\]"):
+        check_parts(run_config(payload, ["callbacks.averaging.kind=ema"], {}))
+    with pytest.raises(LookupError, match="'averaging' is not in this program"):
+        optional.get("averaging")
+
+
+def test_compact_is_cached_and_a_bad_cache_entry_is_recomputed(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    src = "def f(alpha, beta):\n    total = alpha + beta\n    return total * total\n"
+    out = compact(src)
+    assert "total" not in out and "alpha" in out  # locals renamed, arguments (keywords) kept
+    ns = {}
+    exec(out, ns)
+    assert ns["f"](beta=2, alpha=1) == 9
+    (entry,) = packsource.cache_dir().glob("*.py")
+    assert entry.read_text() == out and compact(src) == out
+    entry.write_text("def broken(:\n")  # a damaged cache entry is not used
+    assert compact(src) == out and entry.read_text() == out
 
 
 def test_minify_drops_what_nothing_uses(tmp_path):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pgolf.quant.artifact import encode_artifact, pack
-from pgolf.quant.prune import PruneConfig, prune_candidates, prune_to_target, zero_cheapest
+from pgolf.quant.prune import prune_candidates, prune_to_target, zero_cheapest
 from pgolf.quant.rules import QuantRule, quantize_state
+from pgolf.quant.settings import PruneConfig
 
 
 @pytest.fixture(scope="module")

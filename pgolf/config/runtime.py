@@ -1,5 +1,6 @@
 """The config checks that need torch: `export` read into `ExportConfig`, the Newton-Schulz variant's
-step count, and every final evaluation's settings as the export callback will parse them.
+step count, every final evaluation's settings as the export callback will parse them, and which optional
+parts of the runtime (pgolf/optional.py) a run needs (`PART_RULES`).
 
 Importing this module imports torch (about 2 s), unlike the rest of pgolf/config: train.py imports it once
 the torch-free checks (pgolf/config/validate.py) have passed, and still before Lightning and before any
@@ -8,13 +9,28 @@ data preparation. Every problem is a `ConfigError` naming the key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from omegaconf import DictConfig
 
+from pgolf import optional
 from pgolf.config.typed import ConfigError, load
 from pgolf.config.validate import plain
 from pgolf.export.config import ExportConfig
 from pgolf.export.roundtrip import final_eval_plan
 from pgolf.optim.newton_schulz import ns_coefficients
+from pgolf.quant.rules import config_uses_gptq
+
+# Optional part (pgolf/optional.py) -> whether a run of a plain config needs it. The packer leaves out the
+# modules of the parts a packed config does not need.
+PART_RULES: dict[str, Callable[[dict], bool]] = {
+    "gptq": config_uses_gptq,
+    "gptq_calibration": config_uses_gptq,
+    "prune": lambda c: bool(c["export"]["prune"]["enabled"]),
+    "wandb": lambda c: c["logger"]["kind"] == "wandb",
+    "wandb_finish": lambda c: c["logger"]["kind"] == "wandb",
+    "averaging": lambda c: c["callbacks"]["averaging"]["kind"] != "none",
+}
 
 
 def check_export(export: dict) -> ExportConfig:
@@ -52,3 +68,19 @@ def check_runtime(cfg: DictConfig) -> ExportConfig:
     check_optim(d["optim"])
     check_final_eval(d["final_eval"])
     return check_export(d["export"])
+
+
+def needed_parts(config: dict) -> list[str]:
+    """The optional parts (`PART_RULES`) a run of the plain config `config` uses."""
+    return [name for name, rule in PART_RULES.items() if rule(config)]
+
+
+def check_parts(cfg: DictConfig) -> None:
+    """Every optional part the run needs is loaded (pgolf/optional.py): in a packed train_gpt.py, an override
+    that turns on a part its config had off is refused here, before training. Raises ConfigError."""
+    missing = [name for name in needed_parts(plain(cfg)) if name not in optional.PARTS]
+    if missing:
+        raise ConfigError(
+            f"this train_gpt.py does not hold the optional parts {missing} that this config needs (packed for a "
+            "config that did not use them); pack the experiment with the setting: python -m pgolf.tools.pack ..."
+        )

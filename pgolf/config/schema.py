@@ -13,12 +13,12 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pgolf.config.typed import Fraction, Momentum, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
 from pgolf.model.config import GPTConfig
-from pgolf.train.wandb_logger import WANDB_MODES
 
 LearningRate = NonNegFloat
 Beta = Momentum
 Seed = Annotated[int, Range(ge=0, le=2**32 - 1)]  # what lightning.seed_everything accepts
 Extras = dict[str, dict[str, Any]]  # name -> {_target_: a Lightning class, its keyword arguments}
+WANDB_MODES = ("online", "offline", "disabled")  # W&B run modes (pgolf/train/wandb_logger.py)
 PREPARE_STEPS = ("demo", "synthetic")  # pgolf/tools/datasets.py's steps (a test asserts they agree)
 
 

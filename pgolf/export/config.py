@@ -10,10 +10,8 @@ import torch
 
 from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.quant.artifact import CODECS, DEFAULT_LEVELS
-from pgolf.quant.calibrate import CalibrationConfig
-from pgolf.quant.gptq import GPTQSettings
-from pgolf.quant.prune import PruneConfig
 from pgolf.quant.rules import rules_from_config, uses_gptq
+from pgolf.quant.settings import CalibrationConfig, GPTQSettings, PruneConfig
 
 # The baseline's int8 + zlib export (openai/parameter-golf train_gpt.py) as rules (first match wins), in
 # pgolf's form: row codes from the stored fp16 scale, pgolf's control set, floored per-tensor scale. The

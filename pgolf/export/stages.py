@@ -19,18 +19,18 @@ from pathlib import Path
 
 import torch
 
+from pgolf import optional
 from pgolf.eval.core import EvalContext, EvalResult
 from pgolf.eval.modes import run_mode
+from pgolf.export import gptq_stage, prune_stage  # noqa: F401  (register the optional stages: pgolf/optional.py)
 from pgolf.export.code import code_bytes
 from pgolf.export.config import ExportConfig, ExportContext, ExportReport
 from pgolf.export.weights import save_float_weights
 from pgolf.io import atomic_write_bytes
 from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import DEFAULT_LEVELS, SizeReport, codec_sizes, encode_artifact, pack
-from pgolf.quant.calibrate import calibrate, compliance
-from pgolf.quant.gptq import GPTQSettings, collect_hessians
-from pgolf.quant.prune import prune_to_target
 from pgolf.quant.rules import QuantEntry, QuantRule, quantize_state, rules_from_config, uses_gptq
+from pgolf.quant.settings import GPTQSettings, compliance
 from pgolf.runlog import log0
 
 
@@ -129,7 +129,7 @@ def write_artifact_stages(
     entries = quantize_stage(state, rules, hessians, cfg.gptq, clock)
     prune_report = None
     if cfg.prune.enabled:
-        entries, art_meta["prune"], prune_report = prune_stage(entries, cfg, art_meta, n_code)
+        entries, art_meta["prune"], prune_report = optional.get("prune")(entries, cfg, art_meta, n_code)
         clock.record("prune", prune_report["seconds"])
     with clock.stage("pack"):
         raw = pack(entries, art_meta)
@@ -194,40 +194,13 @@ def calibration_stage(
     Returns (the Hessians or None, the artifact's `calibration` record) and logs the record."""
     hessians = None
     if uses_gptq(rules):
-        hessians, record = calibration_hessians(gpt, cfg, ctx)
+        hessians, record = optional.get("gptq_calibration")(gpt, cfg, ctx)
         clock.record("calibration", record["seconds"])
         clock.record("hessians", record["hessian_seconds"])
     else:
         record = {"source": "none", **compliance("none", 0.0, ctx.train_time_ms, ctx.cap_ms)}
     log_calibration(record)
     return hessians, record
-
-
-def calibration_hessians(gpt: GPT, cfg: ExportConfig, ctx: ExportContext) -> tuple[dict, dict]:
-    """Calibration sequences from the configured source, then the Hessians of every quantized linear;
-    returns (hessians, the artifact's `calibration` record) and logs both steps."""
-    c = cfg.calibration
-    batches = ctx.train_batches() if c.source == "train" and ctx.train_batches is not None else None
-    seqs, info = calibrate(
-        gpt, c, seed=ctx.seed, train_batches=batches, device=ctx.device, autocast_dtype=ctx.autocast_dtype
-    )
-    log0(
-        f"gptq:calibrating source:{c.source} count:{info['count']} length:{info['length']} "
-        f"time:{info['seconds']:.1f}s tokens_per_s:{info['tokens_per_s']:.0f}"
-    )
-    H, hinfo = collect_hessians(
-        gpt,
-        seqs,
-        batch=cfg.gptq.batch,
-        damp=cfg.gptq.hessian_damp,
-        device=ctx.device,
-        autocast_dtype=ctx.autocast_dtype,
-    )
-    log0(f"gptq:hessians layers:{hinfo['layers']} tokens:{hinfo['tokens']} time:{hinfo['seconds']:.1f}s")
-    used = info["seconds"] + hinfo["seconds"]
-    comp = compliance(c.source, used, ctx.train_time_ms, ctx.cap_ms)
-    record = {**info, "hessian_seconds": hinfo["seconds"], "hessian_layers": hinfo["layers"], **comp}
-    return H, record
 
 
 def log_calibration(record: dict) -> None:
@@ -254,30 +227,6 @@ def quantize_stage(
         entries = quantize_state(state, rules, hessians, gptq, per_method)
     clock.record("gptq", per_method.get("gptq", 0.0))
     return entries
-
-
-def prune_stage(
-    entries: dict[str, QuantEntry], cfg: ExportConfig, art_meta: dict, n_code: int
-) -> tuple[dict[str, QuantEntry], dict, dict]:
-    """Selective ±1 pruning so that code + model <= prune.total_bytes (default: the limit), decimal.
-    Returns (pruned entries, the artifact's `prune` record, `prune_to_target`'s report)."""
-    total = int(cfg.prune.total_bytes or cfg.limit_bytes)
-    target = total - n_code
-    if target <= 0:
-        raise ValueError(f"prune target {total} bytes leaves no room for the model after {n_code} code bytes")
-
-    def size_of(e: dict[str, QuantEntry], record: dict) -> int:
-        return len(encode_artifact(pack(e, {**art_meta, "prune": record}), cfg.codec, cfg.level))
-
-    log0(f"prune: target total {total} bytes - code {n_code} = model {target} bytes ({cfg.codec}-{cfg.level})")
-    pruned, report = prune_to_target(entries, size_of, target, cfg.prune.bits, log=log0)
-    record = {k: report[k] for k in ("target_model_bytes", "candidates", "zeroed", "bits")}
-    verdict = "fits" if report["fits"] else "STILL OVER the target with every candidate zeroed"
-    log0(
-        f"prune: zeroed {report['zeroed']}/{report['candidates']} ±1 entries, model {report['model_bytes_before']} -> "
-        f"{report['model_bytes']} bytes, {report['probes']} probes in {report['seconds']:.1f}s ({verdict})"
-    )
-    return pruned, record, report
 
 
 def codec_report(raw: bytes, model_bytes: int, cfg: ExportConfig, clock: Stopwatch) -> dict[str, int]:

@@ -19,31 +19,12 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from pgolf.optional import register
 from pgolf.quant.numerics import GPTQ_LITE_CLIPS, code_bounds, fp16_scale_rows, round_codes
-
-
-@dataclass
-class GPTQSettings:
-    """The export config's `gptq` section (docs/techniques.md#full-gptq): the column loop's block size and
-    damping, act-order, the damping added to each Hessian when it is collected (the reference damps there
-    too, so twice in all), and how many calibration sequences go through the model per forward."""
-
-    block_size: int = 128
-    damp: float = 0.01
-    act_order: bool = True
-    hessian_damp: float = 0.01
-    batch: int = 8
-
-    def __post_init__(self):
-        if self.block_size < 1 or self.batch < 1:
-            raise ValueError(f"gptq.block_size ({self.block_size}) and gptq.batch ({self.batch}) must be >= 1")
-        if self.damp < 0 or self.hessian_damp < 0:
-            raise ValueError("gptq.damp and gptq.hessian_damp must be >= 0")
 
 
 def candidate_scales(w: torch.Tensor, bits: int, clips: Sequence[float], floor: bool = True) -> torch.Tensor:
@@ -119,6 +100,7 @@ def _gptq_columns(
     return Q
 
 
+@register("gptq")
 def gptq_quantize(
     w: torch.Tensor,
     H: torch.Tensor,

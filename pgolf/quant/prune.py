@@ -19,26 +19,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from pgolf.quant.rules import QuantEntry
-
-
-@dataclass
-class PruneConfig:
-    enabled: bool = False
-    total_bytes: int | None = None  # code + model target in decimal bytes; None = the export's limit_bytes
-    bits: list[int] = field(default_factory=lambda: [6])  # which integer widths give candidates
-
-    def __post_init__(self):
-        self.bits = [int(b) for b in self.bits]
-        if self.total_bytes is not None and self.total_bytes <= 0:
-            raise ValueError(f"prune.total_bytes {self.total_bytes} must be positive (decimal bytes)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

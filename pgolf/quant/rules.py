@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pgolf import optional
 from pgolf.model.roles import CONTROL_PATTERNS
-from pgolf.quant.gptq import GPTQSettings, gptq_quantize
 from pgolf.quant.numerics import (
     GPTQ_LITE_CLIPS,
     code_bounds,
@@ -35,6 +35,7 @@ from pgolf.quant.numerics import (
     round_codes,
     scale_from_clip,
 )
+from pgolf.quant.settings import GPTQSettings
 
 STORES = ("raw", "fp16", "fp32", "int")
 METHODS = ("rtn", "gptq")
@@ -288,7 +289,7 @@ def quantize_tensor_by_rule(
         q, s = quantize_tensor(t, bits, clip, floor, full_range=full)
     elif rule.method == "gptq" and hessian is not None:
         g = gptq or GPTQSettings()
-        q, s, ginfo = gptq_quantize(
+        q, s, ginfo = optional.get("gptq")(
             t,
             hessian,
             bits,
@@ -338,6 +339,12 @@ def quantize_state(
 
 def uses_gptq(rules: list[QuantRule]) -> bool:
     return any(r.store == "int" and r.method == "gptq" for r in rules)
+
+
+def config_uses_gptq(config: dict) -> bool:
+    """Whether the export rules of a plain run config (`config["export"]["rules"]`) use full GPTQ: the rule of
+    the optional parts `gptq` and `gptq_calibration` (pgolf/config/runtime.py's PART_RULES)."""
+    return uses_gptq(rules_from_config(config["export"]["rules"]))
 
 
 def dequantize_entry(e: QuantEntry) -> torch.Tensor:

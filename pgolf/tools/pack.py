@@ -3,18 +3,21 @@
     python -m pgolf.tools.pack experiment=record_1263 [key=value ...] --out DIR
 
 composes and validates the config exactly as `train.py` does (conf/, pgolf/config/), and writes
-`DIR/train_gpt.py`: a bootstrap of a few lines, then one base85 string holding, lzma-compressed, the
-resolved config and the source of every runtime module the run imports (pgolf/tools/packsource.py:
-found over the import graph from pgolf/train/standalone.py, docstrings, comments and function annotations
-removed, unused top-level definitions dropped). The bootstrap installs a meta-path importer over the
-embedded sources (tracebacks name `train_gpt.py/pgolf/...` and show the packed lines) and calls
-`pgolf.train.standalone.main`. The file needs the packages of its requirements.txt and nothing else: no
-pgolf install, no conf/. Compressed self-extracting scripts are how the records ship their code
-(records/track_10min_16mb/2026-04-03_MuonEqR_DepthRecurrence_WD090_AllInt6: lzma + base85).
+`DIR/train_gpt.py`: a bootstrap of a few lines, then one base85 string holding, brotli-compressed, the
+resolved config and the source of every runtime module the run imports (pgolf/tools/packsource.py: found
+over the import graph from pgolf/train/standalone.py, docstrings, comments and function annotations removed,
+unused top-level definitions dropped, local names shortened by python-minifier). The bootstrap installs a
+meta-path importer over the embedded sources (tracebacks name `train_gpt.py/pgolf/...` and show the packed
+lines) and calls `pgolf.train.standalone.main`. The file needs the packages of its requirements.txt and
+nothing else: no pgolf install, no conf/. Compressed self-extracting scripts are how the records ship their
+code (records/track_10min_16mb/2026-04-03_MuonEqR_DepthRecurrence_WD090_AllInt6: lzma + base85; the final
+leaderboard's #1, PR #1611: python-minifier + brotli-11 + base85, which is 2-3% smaller than lzma here).
 
 Only what the experiment needs is packed: the eval modes of `final_eval.modes` (and `standard`, which the
-export's float diagnostic runs); the other mode modules' registration imports are left out of
-pgolf/eval/modes.py's packed copy.
+export's float diagnostic runs), and the optional parts of the runtime (pgolf/optional.py: full GPTQ and its
+calibration, pruning, W&B, weight averaging) that pgolf/config/runtime.py's `PART_RULES` say the config
+uses; the registration imports of the other mode and part modules are left out of the packed copies of the
+modules that import them.
 
 The packed config is the recipe. What differs between the runs of one recipe is reset so that they share
 one file and one code hash: the seed, resume and variant, the logger (none: the log is
@@ -32,9 +35,9 @@ import argparse
 import ast
 import base64
 import copy
+import importlib
 import importlib.metadata
 import json
-import lzma
 import re
 import sys
 import time
@@ -42,11 +45,13 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import brotli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from pgolf.config.runtime import check_runtime
+from pgolf import optional
+from pgolf.config.runtime import PART_RULES, check_runtime
 from pgolf.config.validate import exit_on_config_error, plain, validate_train
 from pgolf.eval.modes import get_mode, mode_names
 from pgolf.export.code import code_record, package_versions, project_root
@@ -60,9 +65,10 @@ ALWAYS_MODES = ("standard",)  # the export's float diagnostic (pre_quant) runs t
 # The keys reset to the values of a plain conf/train.yaml: they differ between runs of one recipe.
 RUN_KEYS = ("seed", "resume", "variant", "callbacks.progress", "callbacks.progress_every_seconds")
 RUN_KEYS += ("callbacks.checkpoint", "callbacks.extra")
-LZMA_FILTERS = [{"id": lzma.FILTER_LZMA1, "preset": 9 | lzma.PRESET_EXTREME, "lc": 3, "lp": 0, "pb": 0}]
-BOOTSTRAP = """import base64,importlib.abc as A,importlib.util as U,json,lzma,sys
-M,*S=lzma.decompress(base64.b85decode("{payload}")).decode().split("\\0")
+BROTLI = {"quality": 11, "lgwin": 24}  # the strongest setting
+BOOTSTRAP_PACKAGES = ("brotli",)  # what the bootstrap itself imports beyond the standard library
+BOOTSTRAP = """import base64,brotli,importlib.abc as A,importlib.util as U,json,sys
+M,*S=brotli.decompress(base64.b85decode("{payload}")).decode().split("\\0")
 M=json.loads(M);S=dict(s.split("\\n",1)for s in S)
 class L(A.MetaPathFinder,A.Loader):
  def find_spec(s,n,p=None,t=None):
@@ -175,6 +181,23 @@ def dropped_modes(config: dict, keys: dict[str, Path]) -> set[str]:
     return set(owners.values()) - need
 
 
+def part_modules() -> dict[str, str]:
+    """{optional part: the runtime module that registers it} (pgolf/optional.py), the entry's imports loaded
+    first so that every part is registered. Raises PackError for a part of `PART_RULES` nobody registers."""
+    importlib.import_module(ENTRY)
+    missing = sorted(set(PART_RULES) - set(optional.PARTS))
+    if missing:
+        raise PackError(f"optional parts {missing} have a rule in PART_RULES but no module registers them")
+    return {name: optional.PARTS[name].__module__ for name in PART_RULES}
+
+
+def dropped_parts(config: dict) -> set[str]:
+    """The modules of the optional parts the config does not use (none of their parts is needed)."""
+    owners = part_modules()
+    need = {owners[name] for name, rule in PART_RULES.items() if rule(config)}
+    return set(owners.values()) - need
+
+
 def config_words(config) -> set[str]:
     """Identifier-like words of the config's strings (a `_target_` may name a runtime class)."""
     return set(WORD.findall(json.dumps(config)))
@@ -197,18 +220,18 @@ def pack(cfg: DictConfig | dict, root: Path | None = None) -> Packed:
     t0 = time.perf_counter()
     config, strategy = packed_config(cfg)
     keys = runtime_modules(root or project_root())
-    modules = collect(ENTRY, keys, dropped_modes(config, keys))
+    modules = collect(ENTRY, keys, dropped_modes(config, keys) | dropped_parts(config))
     sources = minify(modules, config_words(config) | {ENTRY_FUNCTION})
     payload = {
         "entry": ENTRY,
         "config": config,
         "distributed_strategy": strategy,
-        "requirements": distributions(set().union(*(m.external for m in modules.values()))),
+        "requirements": distributions(set(BOOTSTRAP_PACKAGES).union(*(m.external for m in modules.values()))),
     }
     text = "\0".join(
         [json.dumps(payload, sort_keys=True, separators=(",", ":"))] + [f"{k}\n{s}" for k, s in sources.items()]
     )
-    blob = lzma.compress(text.encode(), format=lzma.FORMAT_ALONE, filters=LZMA_FILTERS)
+    blob = brotli.compress(text.encode(), **BROTLI)
     boot = BOOTSTRAP.replace("{entry_function}", ENTRY_FUNCTION)
     script = boot.replace("{payload}", base64.b85encode(blob).decode()).encode()
     return Packed(script, tuple(sources), payload, time.perf_counter() - t0)
@@ -220,7 +243,7 @@ def unpack(script: bytes) -> tuple[dict, dict[str, str]]:
     m = re.search(rb'b85decode\("([^"]*)"\)', script)
     if m is None:
         raise ValueError(f"not a packed {SCRIPT}: no payload")
-    head, *mods = lzma.decompress(base64.b85decode(m[1])).decode().split("\0")
+    head, *mods = brotli.decompress(base64.b85decode(m[1])).decode().split("\0")
     return json.loads(head), dict(s.split("\n", 1) for s in mods)
 
 

@@ -9,22 +9,32 @@ source made small with the standard library's `ast`.
   first, so an eval mode the experiment does not run is not packed. A tool module is never reachable
   (tests/test_imports.py); meeting one raises PackError.
 - `minify`: docstrings, comments, function annotations and `if __name__ == "__main__":` blocks removed,
-  then `shake` drops the top-level functions and classes that no packed code names, and `unparse`
-  writes the tree back with one space per indentation level. Class-level annotations stay (dataclass
-  fields and the typed config schema need them); so does every statement that runs at import.
+  then `shake` drops the top-level functions and classes that no packed code names, `unparse` writes the
+  tree back, and python-minifier (a maintained minifier, https://github.com/dflook/python-minifier)
+  renames local variables, folds constants and writes the smallest layout (`compact`; no literal hoisting:
+  it makes the compressed file larger). Class-level annotations stay (dataclass fields and the typed config
+  schema need them); so does every statement that runs at import. python-minifier takes about a second
+  over a whole experiment, so its output is cached per module source (`$XDG_CACHE_HOME/pgolf/minify`,
+  keyed by the source, the minifier's version and options and the Python version).
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import importlib.metadata
 import io
+import os
 import re
 import sys
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import python_minifier
+
 from pgolf.export.code import RUNTIME_DIRS, TOOLS_DIR, code_files
+from pgolf.io import atomic_write_bytes
 
 INIT = "__init__"
 # Decorators that only wrap the function or class they decorate (no registration): a definition they
@@ -310,8 +320,48 @@ def _multiline_string(src: str) -> bool:
     return any(t.type == tokenize.STRING and t.start[0] != t.end[0] for t in tokens)
 
 
+MINIFIER_VERSION = importlib.metadata.version("python-minifier")
+# python-minifier's settings: module-level names stay (other modules import them); class attribute
+# annotations stay (dataclass fields); literals are not hoisted into names (lzma/brotli compress repeated
+# literals better than the extra assignments).
+MINIFIER_OPTIONS = dict(
+    remove_literal_statements=True,
+    hoist_literals=False,
+    rename_locals=True,
+    rename_globals=False,
+    remove_annotations=python_minifier.RemoveAnnotationsOptions(remove_class_attribute_annotations=False),
+)
+
+
+def cache_dir() -> Path:
+    """Where `compact` keeps python-minifier's output: `$XDG_CACHE_HOME/pgolf/minify` (default ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pgolf" / "minify"
+
+
+def compact(src: str) -> str:
+    """`src` through python-minifier (`MINIFIER_OPTIONS`), read from / written to the cache (`cache_dir`).
+    A cache entry that cannot be read, does not parse or cannot be written is recomputed; the result is the
+    same either way."""
+    key = "\0".join([MINIFIER_VERSION, repr(MINIFIER_OPTIONS), sys.version, src])
+    path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()}.py"
+    try:
+        cached = path.read_text(encoding="utf-8")
+        ast.parse(cached)
+        return cached
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        pass
+    out = python_minifier.minify(src, **MINIFIER_OPTIONS).rstrip("\n") + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, out.encode())
+    except OSError:
+        pass
+    return out
+
+
 def minify(modules: dict[str, Module], extra_refs: set[str] = frozenset()) -> dict[str, str]:
-    """{key: small source} of the collected modules (`strip`, `shake`, `unparse`)."""
+    """{key: small source} of the collected modules (`strip`, `shake`, `unparse`, `compact`)."""
     trees = {k: strip(m.tree) for k, m in modules.items()}
     shake(trees, extra_refs)
-    return {k: unparse(t) for k, t in trees.items()}
+    return {k: compact(unparse(t)) for k, t in trees.items()}

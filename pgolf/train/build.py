@@ -15,6 +15,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from pgolf import optional
 from pgolf.config.typed import ConfigError
 from pgolf.data.datamodule import GolfDataModule
 from pgolf.data.stream import StreamLayout, default_grad_accum, load_val_tokens
@@ -23,8 +24,8 @@ from pgolf.export.provenance import provenance
 from pgolf.io import atomic_path, atomic_write_bytes
 from pgolf.model.gpt import count_params
 from pgolf.runlog import global_rank
+from pgolf.train import wandb_logger  # noqa: F401  (registers the optional part `wandb`; imports wandb only when a run is made)
 from pgolf.train.module import GolfModule
-from pgolf.train.wandb_logger import finish_wandb, make_wandb_logger  # imports wandb only when a run is made
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -141,7 +142,7 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     if lg.kind == "csv":
         return [csv, *extra]
     if lg.kind == "wandb":
-        return [csv, make_wandb_logger(cfg, run_dir), *extra]
+        return [csv, optional.get("wandb")(cfg, run_dir), *extra]
     raise ValueError(f"unknown logger.kind {lg.kind!r} (csv | wandb | none)")
 
 
@@ -149,7 +150,7 @@ def finish_logger(loggers: list, results: dict, exit_code: int = 0) -> None:
     """End the job's logger runs: W&B gets the results in its summary and is finished (also on failure)."""
     for lg in loggers or []:
         if isinstance(lg, WandbLogger):
-            finish_wandb(lg, results, exit_code)
+            optional.get("wandb_finish")(lg, results, exit_code)
 
 
 def save_resolved_config(cfg: DictConfig, path: str | Path) -> Path | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pgolf.config.runtime import check_runtime
+from pgolf.config.runtime import check_parts, check_runtime
 from pgolf.config.schema import TrainRun
 from pgolf.config.typed import ConfigError, PosInt, convert, load
 from pgolf.config.validate import MODEL_SHAPE_KEYS, exit_on_config_error, plain
@@ -101,6 +101,7 @@ def check_config(cfg: DictConfig) -> None:
                 f"final_eval.modes[{i}] = {mode!r} is not packed in this file (one of {' | '.join(known)})"
             )
     check_runtime(cfg)
+    check_parts(cfg)
 
 
 def main(packed: Mapping, script: str | Path, argv: list[str] | None = None, env: Mapping | None = None) -> int:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pgolf.config.schema import WANDB_MODES
+from pgolf.optional import register
 from pgolf.train.identity import identity_of_job
-
-WANDB_MODES = ("online", "offline", "disabled")
 
 
 def has_credentials() -> bool:
@@ -46,6 +46,7 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
+@register("wandb")
 def make_wandb_logger(cfg: DictConfig, run_dir: Path):
     try:
         import wandb
@@ -101,6 +102,7 @@ def summary_of(results: dict) -> dict:
     return {k: Path(v).name if k.endswith("path") and isinstance(v, str) else v for k, v in flat.items()}
 
 
+@register("wandb_finish")
 def finish_wandb(logger, results: dict, exit_code: int = 0) -> None:
     """Put the results in the run summary and finish the run (rank 0; other ranks never created one)."""
     from lightning.pytorch.utilities import rank_zero_only
