@@ -6,6 +6,7 @@ import json
 import math
 import random
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,7 @@ import yaml
 from pgolf.tools import compare
 from pgolf.tools.compare import build_report
 from pgolf.tools.runs import CompareError, load_runs
-from pgolf.tools.stats import t_sf, welch_greater
-from pgolf.tools.submission import find_machine_paths, scrub_paths
+from pgolf.tools.stats import MissingScipyError, t_sf, welch_greater
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -78,11 +78,29 @@ def write_sweep_file(sweep: Path, task: list[str]) -> None:
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}}}))
 
 
-# ---- statistics ---------------------------------------------------------------------------------------------
-def test_t_survival_function_matches_scipy():
-    for df in (1.0, 1.7, 2.0, 3.31, 4.5, 10.0, 57.3):
-        for t in (-30.0, -3.2, -1.0, -0.1, 0.0, 0.4, 1.0, 2.5, 7.0, 40.0):
-            assert t_sf(t, df) == pytest.approx(scipy_stats.t.sf(t, df), rel=1e-9, abs=1e-14), (t, df)
+# ---- statistics ----------------------------------------------------------------------------------------------
+def test_t_survival_function_against_closed_forms_and_tables():
+    for t in (-30.0, -3.2, -1.0, -0.1, 0.0, 0.4, 1.0, 2.5, 7.0, 40.0):
+        assert t_sf(t, 1.0) == pytest.approx(0.5 - math.atan(t) / math.pi, rel=1e-12, abs=1e-15)  # Cauchy
+        assert t_sf(t, 2.0) == pytest.approx(0.5 - t / (2 * math.sqrt(t * t + 2)), rel=1e-12, abs=1e-15)
+    # the critical values of a t table: t_{0.025,10} = 2.228139, t_{0.05,10} = 1.812461, t_{0.005,30} = 2.749996
+    assert t_sf(2.228139, 10.0) == pytest.approx(0.025, rel=1e-6)
+    assert t_sf(1.812461, 10.0) == pytest.approx(0.05, rel=1e-6)
+    assert t_sf(2.749996, 30.0) == pytest.approx(0.005, rel=1e-5)
+    assert t_sf(0.0, 3.31) == 0.5 and t_sf(math.inf, 4.0) == 0.0
+
+
+def test_welch_textbook_example():
+    # R's Welch test (its t.test default) on these samples prints t = -1.8325, df = 17.9, p-value = 0.08356
+    # (two-sided); the one-sided p of the opposite order is half of it.
+    ts1 = [11, 9, 10, 11, 10, 12, 9, 11, 12, 9]
+    ts2 = [11, 13, 10, 13, 12, 9, 11, 12, 12, 11]
+    w = welch_greater(ts2, ts1)
+    assert (round(w.t, 4), round(w.df, 1), round(2 * w.p, 5)) == (1.8325, 17.9, 0.08356)
+    less = welch_greater(ts1, ts2)
+    assert less.t == -w.t and less.p == pytest.approx(1 - w.p, rel=1e-12)
+    # a margin shifts the difference: H1 mean(ts2) - mean(ts1) > 1 holds as much as 0 > 0 does
+    assert welch_greater(ts2, ts1, 1.0).p == pytest.approx(0.5, abs=1e-12)
 
 
 @pytest.mark.parametrize("margin", [0.0, 0.005])
@@ -100,9 +118,37 @@ def test_welch_one_sided_matches_scipy(margin):
 
 
 def test_welch_edge_cases():
-    assert math.isnan(welch_greater([1.0], [0.9, 0.8]).p)  # one run: no variance, no test
-    assert welch_greater([2.0, 2.0], [1.0, 1.0], 0.005).p == 0.0  # identical reruns: the sign decides
-    assert welch_greater([1.0, 1.0], [1.0, 1.0], 0.005).p == 1.0
+    one = welch_greater([1.0], [0.9, 0.8])  # one run: no variance, no test
+    assert math.isnan(one.t) and math.isnan(one.df) and math.isnan(one.p)
+    assert math.isnan(welch_greater([1.0, 1.1], [0.9]).p)
+    same = welch_greater([2.0, 2.0], [1.0, 1.0], 0.005)  # identical reruns: the sign decides
+    assert (same.t, same.p) == (math.inf, 0.0) and math.isnan(same.df)
+    worse = welch_greater([1.0, 1.0], [1.0, 1.0], 0.005)
+    assert (worse.t, worse.p) == (-math.inf, 1.0)
+    tie = welch_greater([1.0, 1.0], [1.0, 1.0])
+    assert (tie.t, tie.p) == (0.0, 1.0)
+    # one group without spread, the other with: an ordinary test, df = n - 1 of the varying group
+    b = [1.0, 1.2, 0.9]
+    w = welch_greater([2.0, 2.0, 2.0], b)
+    t = (2.0 - statistics.mean(b)) / (statistics.stdev(b) / math.sqrt(3))
+    assert w.t == pytest.approx(t, rel=1e-12) and w.df == pytest.approx(2.0, rel=1e-12)
+    assert w.p == pytest.approx(0.5 - t / (2 * math.sqrt(t * t + 2)), rel=1e-9)  # the t tail at df 2, closed form
+
+
+def test_without_scipy_a_p_value_fails_with_one_line_naming_the_extra(two_groups, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    with pytest.raises(MissingScipyError, match=r"pip install pgolf\[analysis\]"):
+        welch_greater([1.0, 1.1], [0.9, 0.8])
+    assert math.isnan(welch_greater([1.0], [0.9, 0.8]).p) and welch_greater([2.0, 2.0], [1.0, 1.0]).p == 0.0
+    # no baseline, no p-value: the comparison runs; with one, the command stops with one line
+    assert compare.main([str(two_groups), "--no-plots", "--out", str(two_groups / "cmp")]) == 0
+    capsys.readouterr()
+    base = ["--baseline", "demo[model.mlp_act=relu2]", "--no-plots", "--out", str(two_groups / "cmp2")]
+    assert compare.main([str(two_groups), *base]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: the Welch t-test needs scipy: pip install pgolf[analysis]\n"
+    assert not (two_groups / "cmp2").exists()
 
 
 # ---- a comparison of two groups -----------------------------------------------------------------------------
@@ -244,11 +290,3 @@ def test_cli_writes_tables_json_and_plots_and_never_overwrites(two_groups, tmp_p
     assert "--force" in capsys.readouterr().err
     assert compare.main([str(two_groups), "--baseline", "nope", "--out", str(tmp_path / "x")]) == 2
     assert compare.main([str(tmp_path / "missing")]) == 2
-
-
-def test_scrub_paths_removes_machine_paths():
-    text = "run /home/ann/pg/outputs/x/train.log from https://github.com/openai/parameter-golf data/shards step:1/6"
-    out = scrub_paths(text, {"/home/ann/pg": "."})
-    assert out.startswith("run ./outputs/x/train.log") and "https://github.com/openai/parameter-golf" in out
-    assert find_machine_paths(scrub_paths("file=/tmp/abc/def.bin and /usr/lib/x")) == []
-    assert "<path>/def.bin" in scrub_paths("file=/tmp/abc/def.bin")

@@ -36,7 +36,7 @@ from pathlib import Path
 from pgolf.io import atomic_write_bytes
 from pgolf.tools.plots import plot_curves, plot_finals
 from pgolf.tools.runs import CompareError, Run, load_runs
-from pgolf.tools.stats import Welch, mean_std, welch_greater
+from pgolf.tools.stats import MissingScipyError, Welch, mean_std, welch_greater
 
 MARGIN_NATS = 0.005  # the challenge README's record margin
 ALPHA = 0.01
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = build_report(runs, args.baseline, args.margin, args.alpha, notes)
         out = Path(args.out) if args.out else Path("outputs") / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
         files = write_outputs(rep, out, plots=not args.no_plots, force=args.force)
-    except CompareError as e:
+    except (CompareError, MissingScipyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(render_text(rep))

@@ -1,7 +1,8 @@
 """Statistics for comparing groups of seed runs: mean and sample std, Welch's one-sided t-test.
 
-The Student-t tail comes from the regularized incomplete beta function (continued fraction, modified
-Lentz), so pgolf needs no scipy at run time; the tests check t, df and p against `scipy.stats`.
+The Student-t tail is `scipy.stats.t.sf` (the `analysis` extra: `pip install pgolf[analysis]`), imported when
+a p-value is first needed, so that importing this module, and a comparison without a baseline, work without
+scipy.
 """
 
 from __future__ import annotations
@@ -9,70 +10,48 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+SCIPY_HINT = "the Welch t-test needs scipy: pip install pgolf[analysis]"
+
+
+class MissingScipyError(ImportError):
+    """scipy (the `analysis` extra) is not installed and a p-value was asked for."""
+
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation with ddof 1) of `xs`; the std is NaN for a single value."""
     n = len(xs)
     m = math.fsum(xs) / n
     s = math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
     return m, s
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny, eps = 1e-300, 1e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(lbt) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(lbt) * _betacf(b, a, 1.0 - x) / b
-
-
 def t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with `df` (real) degrees of freedom."""
-    if math.isinf(t):
-        return 0.0 if t > 0 else 1.0
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return tail if t > 0 else 1.0 - tail
+    """P(T > t) for Student's t with `df` (real, > 0) degrees of freedom: `scipy.stats.t.sf`.
+    Raises MissingScipyError (one line naming the extra) when scipy is not installed."""
+    try:
+        from scipy import stats
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "scipy":  # scipy is there but one of its own imports fails: show that
+            raise
+        raise MissingScipyError(SCIPY_HINT) from None
+    return float(stats.t.sf(t, df))
 
 
 @dataclass
 class Welch:
     t: float
-    df: float
+    df: float  # Welch-Satterthwaite degrees of freedom
     p: float  # one-sided: H1 mean(a) - mean(b) > margin
 
 
 def welch_greater(a: list[float], b: list[float], margin: float = 0.0) -> Welch:
-    """Welch's unequal-variance t-test, one-sided: H1 is mean(a) − mean(b) > margin."""
+    """Welch's unequal-variance t-test, one-sided: H1 is mean(a) − mean(b) > margin (the units of a and b).
+
+    Equals `scipy.stats.ttest_ind([x - margin for x in a], b, equal_var=False, alternative="greater")`, with
+    two cases decided without a distribution: a group of fewer than 2 values has no variance and gives no
+    test (t, df and p NaN); when neither group varies (identical reruns) the sign of the difference decides
+    (t = ±inf or 0, df NaN, p = 0 when mean(a) − mean(b) > margin, else 1). Raises MissingScipyError only
+    when a p-value has to be computed and scipy is absent."""
     if len(a) < 2 or len(b) < 2:
         return Welch(float("nan"), float("nan"), float("nan"))
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
@@ -82,5 +61,5 @@ def welch_greater(a: list[float], b: list[float], margin: float = 0.0) -> Welch:
     if se2 == 0.0:  # no spread at all (identical reruns): the sign alone decides
         return Welch(math.copysign(math.inf, diff) if diff else 0.0, float("nan"), 0.0 if diff > 0 else 1.0)
     t = diff / math.sqrt(se2)
-    df = se2 * se2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
+    df = se2 * se2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))  # Welch-Satterthwaite
     return Welch(t, df, t_sf(t, df))

@@ -14,8 +14,13 @@
   step_avg_ms, bytes_total, bytes_code (the length of train_gpt.py), hardware, pytorch_version) plus
   `eval_mode` (the scored mode), `eval_modes` (every mode's mean, std, per-seed values and compliance)
   and `code_sha256`;
-* `train_seed<SEED>.log`: each run's train log, with machine paths removed;
+* `train_seed<SEED>.log`: each run's train log;
 * `requirements.txt`: the packages train_gpt.py imports, pinned to the versions the runs recorded.
+
+No text file of the folder holds a path of the machine: the repository (and, in a train log, the run's own
+directory) becomes `.` and the home directory `~`, where they stand as whole path components (`/tmp/pg` is
+not a prefix of `/tmp/pg_work`); any other absolute path becomes `<path>/<its last component>`; a known
+machine path still there after that (as in `file:///home/...`) stops the folder with an error.
 
 Before writing, the folder is verified: the script compiles, and its sha256 is the code hash that every
 run recorded in its artifact and its log (`code_sha256:`); runs of different code do not form one
@@ -43,29 +48,60 @@ from pgolf.quant.artifact import ArtifactError, read_artifact
 from pgolf.tools.compare import DIAGNOSTIC_MODES, ModeStats, compare_to, mode_order, mode_stats
 from pgolf.tools.pack import SCRIPT, unpack
 from pgolf.tools.runs import CompareError, load_runs
+from pgolf.tools.stats import MissingScipyError
 
 TRACK = "10min_16mb"
 CODE_LINE = re.compile(r"^code_bytes:(\d+) code_sha256:([0-9a-f]{64})$", re.M)  # pgolf/train/build.py log_header
 WORLD_LINE = re.compile(r"^world_size:(\d+) ", re.M)
 
+# A character of a path component: what ends a path in text is whitespace, `/` or one of these delimiters.
+COMPONENT = r"[^\s/'\"`:,;()\[\]{}<>|=]"
 # An absolute path: a slash not inside a word, a URL (`//`) or a relative path, then two or more components.
-ABS_PATH = re.compile(r"(?<![\w.~/-])/(?:[^\s/'\"`:,;()\[\]{}<>|=]+/)+[^\s/'\"`:,;()\[\]{}<>|=]*")
+ABS_PATH = re.compile(rf"(?<![\w.~/-])/(?:{COMPONENT}+/)+{COMPONENT}*")
 
 
 class SubmissionError(ValueError):
     pass
 
 
+def prefix_pattern(prefixes) -> re.Pattern | None:
+    """A regex matching any of `prefixes` as whole path components: not preceded by a component character or
+    `/` (so `/tmp/pg` is not found inside `/var/tmp/pg`), and followed by `/`, the end of the text or a
+    character that ends a path (so `/tmp/pg` is not found inside `/tmp/pg_work`); the longest prefix is
+    tried first. Trailing slashes are dropped; empty prefixes and the root `/` are ignored (None if none
+    is left)."""
+    kept = sorted({p.rstrip("/") for p in prefixes} - {""}, key=lambda p: (-len(p), p))
+    if not kept:
+        return None
+    alternatives = "|".join(map(re.escape, kept))
+    return re.compile(rf"(?<!{COMPONENT})(?<!/)(?:{alternatives})(?!{COMPONENT})")
+
+
 def scrub_paths(text: str, replace: dict[str, str] | None = None) -> str:
-    """Remove machine paths: known prefixes first (a run directory -> `.`), then any other absolute path
-    is reduced to `<path>/<its last component>`."""
-    for prefix, repl in sorted((replace or {}).items(), key=lambda kv: -len(kv[0])):
-        if prefix:
-            text = text.replace(prefix, repl)
+    """Remove machine paths from `text`: each known prefix of `replace` ({prefix: replacement}, e.g. a run
+    directory -> `.`) is replaced where it stands as whole path components (`prefix_pattern`), in one pass,
+    longest first; then any other absolute path is reduced to `<path>/<its last component>`."""
+    table = {p.rstrip("/"): r for p, r in (replace or {}).items()}
+    pattern = prefix_pattern(table)
+    if pattern is not None:
+        text = pattern.sub(lambda m: table[m.group(0)], text)
     return ABS_PATH.sub(lambda m: "<path>/" + (Path(m.group(0)).name or ""), text)
 
 
+def scrub_obj(obj, replace: dict[str, str] | None = None):
+    """`obj` (JSON-like: dicts, lists, strings, numbers) with `scrub_paths` applied to every string, keys too,
+    so that the JSON written from it stays valid."""
+    if isinstance(obj, str):
+        return scrub_paths(obj, replace)
+    if isinstance(obj, dict):
+        return {scrub_obj(k, replace): scrub_obj(v, replace) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [scrub_obj(v, replace) for v in obj]
+    return obj
+
+
 def find_machine_paths(text: str) -> list[str]:
+    """The absolute paths (two or more components, not URLs) that `text` holds."""
     return ABS_PATH.findall(text)
 
 
@@ -177,14 +213,13 @@ def run_commands(runs) -> list[str]:
         per_run.append([o for o in (yaml.safe_load(f.read_text()) or []) if o.split("=")[0] != "seed"])
     common = [o for o in per_run[0] if all(o in p for p in per_run)]
     seeds = ",".join(str(r.seed) for r in runs)
-    args = " ".join(common)
-    cmds = [f"python train.py -m {args} seed={seeds}".replace("  ", " ")]
     devices = runs[0].config.get("trainer", {}).get("devices", 1)
-    if isinstance(devices, int) and devices > 1:
-        cmds.append(f"torchrun --standalone --nproc_per_node={devices} train.py {args} seed={runs[0].seed}")
-    else:
-        cmds.append(f"python train.py {args} seed={runs[0].seed}".replace("  ", " "))
-    return cmds
+    multi = isinstance(devices, int) and devices > 1
+    launch = ["torchrun", "--standalone", f"--nproc_per_node={devices}"] if multi else ["python"]
+    return [
+        " ".join(["python", "train.py", "-m", *common, f"seed={seeds}"]),
+        " ".join([*launch, "train.py", *common, f"seed={runs[0].seed}"]),
+    ]
 
 
 def seed_results_of(runs, s: ModeStats, mode: str) -> dict[str, dict]:
@@ -382,8 +417,8 @@ def reproduce_lines(sub: dict, packed: list[str], cmds: list[str]) -> list[str]:
         "```",
         "",
         f"`{SCRIPT}` ({sub['bytes_code']:,} bytes, sha256 `{sub['code_sha256']}`) holds the runtime and the resolved "
-        "config (lzma + base85); each run writes `logs/<RUN_ID>.txt`, the artifact and `results.json` here. "
-        "`ITERATIONS`, `MAX_WALLCLOCK_SECONDS`, `VAL_LOSS_EVERY` and `key=value` arguments override the config.",
+        "config (compressed, base85-encoded); each run writes `logs/<RUN_ID>.txt`, the artifact and `results.json` "
+        "here. `ITERATIONS`, `MAX_WALLCLOCK_SECONDS`, `VAL_LOSS_EVERY` and `key=value` arguments override the config.",
         "",
         "The same runs from the pgolf repository (which packs this file from `conf/`):",
         "",
@@ -456,19 +491,41 @@ def assemble(
     return out
 
 
+def machine_prefixes(run=None) -> dict[str, str]:
+    """{absolute machine path: what replaces it} in the folder's text: the repository -> `.`, the home
+    directory -> `~` and, for a run's own train log, its run directory (as given and resolved) -> `.`."""
+    known = {str(Path(__file__).resolve().parents[2]): ".", str(Path.home()): "~"}
+    if run is not None:
+        known |= {str(run.path.absolute()): ".", str(run.path.resolve()): "."}
+    return known
+
+
+def checked_text(name: str, text: str, known: dict[str, str]) -> str:
+    """`text` for the folder's file `name`, paths scrubbed (`scrub_paths`); SubmissionError if a known machine
+    path of two or more components is still in it as whole components (after a `/` that the scrubbing does
+    not read as a path start, as in `file:///home/...`; a URL's path is not a machine path)."""
+    text = scrub_paths(text, known)
+    for p in (p.rstrip("/") for p in known):
+        if p.count("/") >= 2 and re.search(rf"(?<!{COMPONENT}){re.escape(p)}(?!{COMPONENT})", text):
+            raise SubmissionError(f"{name}: the machine path {p} is left after scrubbing; edit the run's text")
+    return text
+
+
 def write_folder(tmp: Path, runs, sub: dict, text: str, code: Code) -> None:
-    """The folder's files, machine paths scrubbed: train_gpt.py, train logs per seed, submission.json,
-    README.md and requirements.txt; SubmissionError when a run has no train.log."""
-    repo = str(Path(__file__).resolve().parents[2])
+    """The folder's files: train_gpt.py (as the runs recorded it), train logs per seed, submission.json,
+    README.md and requirements.txt, every text file with machine paths scrubbed (`machine_prefixes`,
+    `scrub_paths`). SubmissionError when a run has no train.log or a machine path would be left."""
     for r in runs:
         log = r.path / "train.log"
         if not log.is_file():
             raise SubmissionError(f"{r.label}: no train.log")
-        known = {str(r.path.resolve()): ".", str(r.path): ".", repo: ".", str(Path.home()): "~"}
-        (tmp / f"train_seed{r.seed}.log").write_text(scrub_paths(log.read_text(errors="replace"), known))
+        name = f"train_seed{r.seed}.log"
+        (tmp / name).write_text(checked_text(name, log.read_text(errors="replace"), machine_prefixes(r)))
     (tmp / SCRIPT).write_bytes(code.script)
-    (tmp / "submission.json").write_text(scrub_paths(json.dumps(sub, indent=2), {repo: "."}) + "\n")
-    (tmp / "README.md").write_text(scrub_paths(text, {repo: "."}))
+    known = machine_prefixes()
+    scrubbed = json.dumps(scrub_obj(sub, known), indent=2) + "\n"
+    (tmp / "submission.json").write_text(checked_text("submission.json", scrubbed, known))
+    (tmp / "README.md").write_text(checked_text("README.md", text, known))
     (tmp / "requirements.txt").write_text("\n".join(requirement_lines(code)) + "\n")
 
 
@@ -500,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             track=args.track,
             hardware=args.hardware,
         )
-    except (SubmissionError, CompareError) as e:
+    except (SubmissionError, CompareError, MissingScipyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sub = json.loads((out / "submission.json").read_text())
