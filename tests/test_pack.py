@@ -20,8 +20,8 @@ from pgolf.config.typed import ConfigError
 from pgolf.export.code import code_record
 from pgolf.quant.artifact import read_artifact, write_artifact
 from pgolf.tools import packsource, submission
-from pgolf.tools.pack import SCRIPT, compose_train, pack, part_modules, unpack
-from pgolf.tools.packsource import compact, drop_registrations, shake, strip, unparse
+from pgolf.tools.pack import SCRIPT, check_no_machine_paths, compose_train, pack, part_modules, unpack
+from pgolf.tools.packsource import PackError, compact, drop_registrations, shake, strip, unparse
 from pgolf.train.standalone import check_config, run_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,6 +113,15 @@ def test_the_pack_is_the_recipe_not_the_run():
     assert payload["distributed_strategy"]["_target_"].endswith("DDPStrategy")
 
 
+def test_a_config_with_an_absolute_path_is_not_packed():
+    """The data folders are reset to ./data; any other absolute path would leave the machine in the file."""
+    with pytest.raises(PackError, match=r"export.float_filename = '/home/me/w.ptz' is an absolute path"):
+        pack(compose_train(["experiment=baseline", "export.float_filename=/home/me/w.ptz"]))
+    with pytest.raises(PackError, match=r"callbacks.averaging.kind = '~/x'"):
+        check_no_machine_paths({"callbacks": {"averaging": {"kind": "~/x"}}})
+    check_no_machine_paths({"a": ["./x", "${data.root}/y", "x/y", "1e-3"]})
+
+
 def test_environment_and_overrides_map_onto_the_config():
     payload, _ = unpack(pack(compose_train(["experiment=baseline"])).script)
     env = {"SEED": "42", "DATA_PATH": "/d/sp", "TOKENIZER_PATH": "/t/x.model", "ITERATIONS": "50"}
@@ -142,7 +151,9 @@ def test_only_the_optional_parts_the_config_uses_are_packed(packs):
     assert "callbacks.averaging" in r1298 and not (GPTQ_PART | {"pgolf.export.prune_stage"}) & r1298  # EMA, GPTQ-lite
     assert GPTQ_PART | {"callbacks.averaging"} <= r1263 and "pgolf.train.wandb_logger" not in r1263  # full GPTQ
     _, sources = unpack(packs["baseline"].script)
-    assert "gptq_stage" not in sources["pgolf.export.stages"] and "import averaging" not in sources["callbacks.__init__"]
+    assert (
+        "gptq_stage" not in sources["pgolf.export.stages"] and "import averaging" not in sources["callbacks.__init__"]
+    )
     owners = part_modules()  # every rule names a registered part
     assert set(owners) == set(PART_RULES) and owners["prune"] == "pgolf.export.prune_stage"
     pruned = pack(compose_train(["experiment=baseline", "export.prune.enabled=true"]))

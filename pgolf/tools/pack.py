@@ -61,6 +61,7 @@ ENTRY = "pgolf.train.standalone"
 ENTRY_FUNCTION = "main"  # what the bootstrap calls: ENTRY.main(payload, script path)
 MODES_MODULE = "pgolf.eval.modes"  # imports every eval mode module (each registers its modes)
 SCRIPT = "train_gpt.py"
+ABSOLUTE_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/])")  # POSIX, home, Windows drive
 ALWAYS_MODES = ("standard",)  # the export's float diagnostic (pre_quant) runs the standard mode
 # The keys reset to the values of a plain conf/train.yaml: they differ between runs of one recipe.
 RUN_KEYS = ("seed", "resume", "variant", "callbacks.progress", "callbacks.progress_every_seconds")
@@ -155,7 +156,25 @@ def packed_config(cfg: DictConfig | dict) -> tuple[dict, object]:
     tr = d["trainer"]
     strategy = tr["strategy"] if isinstance(tr["strategy"], dict) else _ddp_strategy(tr["accelerator"])
     tr.update(devices=1, num_nodes=1, strategy="auto")
+    check_no_machine_paths(d)
     return d, strategy
+
+
+def check_no_machine_paths(node, where: str = "") -> None:
+    """Refuse a packed config that holds an absolute path (`/…`, `~…`, `C:\\…`) once the data folders were
+    reset: the file must run from any folder and goes into a public records folder. Raises PackError naming
+    the key."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            check_no_machine_paths(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            check_no_machine_paths(v, f"{where}[{i}]")
+    elif isinstance(node, str) and ABSOLUTE_PATH.match(node):
+        raise PackError(
+            f"{where} = {node!r} is an absolute path; a packed {SCRIPT} must run from any folder and is published: "
+            "give the value at run time (a key=value argument or an environment variable) instead"
+        )
 
 
 def mode_modules(keys: dict[str, Path]) -> dict[str, str]:
