@@ -53,6 +53,18 @@ def test_adam_groups_match_torch_adamw_step_for_step():
             assert torch.equal(p, q), f"diverged at step {step}"
 
 
+def test_embedding_weight_decay_is_its_own_when_set():
+    """PR #1611's AdamW groups: the token embedding decays by embed_wd (0.085), the scalars by adam_wd (0.02)."""
+    model = GPT(GPTConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2))
+    wd = {
+        g["name"]: g["weight_decay"]
+        for g in build_optimizer(model, OPTIM | dict(adam_wd=0.02, embed_wd=0.085)).param_groups
+    }
+    assert wd == {"matrix": 0.0, "embed": 0.085, "scalar": 0.02}
+    same = {g["name"]: g["weight_decay"] for g in build_optimizer(model, OPTIM | dict(adam_wd=0.02)).param_groups}
+    assert same["embed"] == same["scalar"] == 0.02
+
+
 @pytest.mark.parametrize(
     "kind,steps,lo,hi", [("quintic", 5, 0.6, 1.2), ("polar_express", 5, 0.8, 1.2), ("polar_express", 4, 0.35, 1.65)]
 )
@@ -119,6 +131,21 @@ def test_schedules():
     assert muon_momentum(0, start=0.85, end=0.95, warmup_steps=500) == 0.85
     assert muon_momentum(250, start=0.85, end=0.95, warmup_steps=500) == pytest.approx(0.90)
     assert muon_momentum(5000, start=0.85, end=0.95, warmup_steps=500) == 0.95
+
+
+def test_warmdown_by_training_fraction_with_a_floor():
+    """PR #1611: frac = elapsed / (600 s - 0.5 s reserve); 1 until frac 0.15, linear to the 0.1 floor (reached at
+    frac 0.915), then flat; without a cap frac = step / iterations."""
+    rec = dict(iterations=20000, warmdown_iters=0, max_wallclock_ms=600_000.0, warmdown_frac=0.85, min_lr=0.1)
+    rec["reserve_ms"] = 500.0
+    budget = 599_500.0
+    assert lr_scale(0, 0.149 * budget, **rec) == 1.0
+    assert lr_scale(0, 0.5 * budget, **rec) == pytest.approx(0.5 / 0.85)
+    assert lr_scale(0, 0.915 * budget, **rec) == pytest.approx(0.1)
+    assert lr_scale(0, 0.99 * budget, **rec) == 0.1 and lr_scale(0, 2 * budget, **rec) == 0.1
+    steps = dict(rec, max_wallclock_ms=0.0, iterations=1000)
+    assert lr_scale(150, 0.0, **steps) == pytest.approx(1.0) and lr_scale(575, 0.0, **steps) == pytest.approx(0.5)
+    assert lr_scale(1000, 0.0, **dict(steps, min_lr=0.0)) == 0.0
 
 
 # ---- distributed Muon: 2 gloo processes give the same weights as one --------------------------------

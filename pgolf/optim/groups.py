@@ -62,7 +62,9 @@ def partition_params(
 
 def build_optimizer(model: nn.Module, cfg: dict) -> MuonAdam:
     """MuonAdam over `model` from an optim config (see conf/optim/*.yaml); `cfg["frozen"]` (glob patterns,
-    optional) names parameters that go in a group of kind "frozen", which `MuonAdam.step` never updates."""
+    optional) names parameters that go in a group of kind "frozen", which `MuonAdam.step` never updates.
+    Adam's decoupled weight decay is `adam_wd` for every Adam group, or `embed_wd` for the embedding group
+    when set (PR #1611's AdamW groups: tok 0.085, scalars 0.02)."""
     named = dict(model.named_parameters())
     parts = partition_params(
         named.items(),
@@ -72,6 +74,8 @@ def build_optimizer(model: nn.Module, cfg: dict) -> MuonAdam:
     betas = tuple(cfg.get("betas", (0.9, 0.95)))
     eps = float(cfg.get("adam_eps", 1e-8))
     adam_wd = float(cfg.get("adam_wd", 0.0))
+    embed_wd = cfg.get("embed_wd")  # PR #1611: 0.085 on the embedding, adam_wd (0.02) on the scalars
+    wds = {"embed": adam_wd if embed_wd is None else float(embed_wd), "head": adam_wd, "scalar": adam_wd}
     tied = getattr(getattr(model, "cfg", None), "tie_embeddings", True)
     embed_lr = cfg["embed_lr"] if tied else cfg.get("untied_embed_lr", cfg["embed_lr"])  # BASE: 0.05 tied, 0.6 untied
     lrs = {"embed": embed_lr, "head": cfg["head_lr"], "scalar": cfg["scalar_lr"]}
@@ -101,7 +105,7 @@ def build_optimizer(model: nn.Module, cfg: dict) -> MuonAdam:
                     base_lr=float(lrs[key]),
                     betas=betas,
                     eps=eps,
-                    weight_decay=adam_wd,
+                    weight_decay=wds[key],
                 )
             )
     if parts["frozen"]:  # zeroed with the rest by zero_grad and seen by gradient clipping, never stepped

@@ -1,16 +1,37 @@
-"""Pure schedule functions (the baseline train_gpt.py's warmdown and Muon momentum warm-up); callbacks only
-apply them."""
+"""Pure schedule functions (the baseline train_gpt.py's warmdown, the final records' warmdown by training
+fraction with a floor, and the Muon momentum warm-up); callbacks only apply them."""
 
 from __future__ import annotations
 
 
-def lr_scale(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: int, max_wallclock_ms: float) -> float:
+def lr_scale(
+    step: int,
+    elapsed_ms: float,
+    *,
+    iterations: int,
+    warmdown_iters: int,
+    max_wallclock_ms: float,
+    warmdown_frac: float = 0.0,
+    min_lr: float = 0.0,
+    reserve_ms: float = 0.0,
+) -> float:
     """LR multiplier in [0, 1]; no warm-up.
 
-    With a wall-clock cap: the warmdown lasts `warmdown_iters` steps at the current average step time and
-    ends exactly at the cap, `scale = remaining / warmdown_ms` once the remaining time is shorter than it.
-    Without a cap: linear decay over the last `warmdown_iters` of `iterations` steps.
+    With `warmdown_frac` > 0 (the final records, PR #1787 / #1611): by training fraction, `frac` =
+    elapsed / (cap - `reserve_ms`) with a wall-clock cap, else step / iterations; the multiplier is 1 while
+    frac < 1 - warmdown_frac, then max((1 - frac) / warmdown_frac, `min_lr`): linear to the floor, then flat
+    (PR #1611: 0.85 and 0.1, reserve 500 ms for GPTQ).
+    Otherwise by steps (`warmdown_iters`, the baseline and seed records): with a wall-clock cap, the warmdown
+    lasts `warmdown_iters` steps at the current average step time and ends exactly at the cap, `scale =
+    remaining / warmdown_ms` once the remaining time is shorter than it; without a cap, linear decay over the
+    last `warmdown_iters` of `iterations` steps.
     """
+    if warmdown_frac > 0:
+        budget = max_wallclock_ms - reserve_ms
+        frac = elapsed_ms / budget if max_wallclock_ms > 0 and budget > 0 else step / max(iterations, 1)
+        if frac < 1.0 - warmdown_frac:
+            return 1.0
+        return max((1.0 - frac) / warmdown_frac, min_lr)
     if warmdown_iters <= 0:
         return 1.0
     if max_wallclock_ms > 0:
