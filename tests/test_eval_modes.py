@@ -508,7 +508,7 @@ def test_lora_without_learning_is_the_chunked_document_eval():
 @pytest.fixture(scope="module")
 def synth_artifact(tmp_path_factory, synth_dir) -> tuple[ExportReport, dict]:
     """(the export report of a 1-layer vocab-256 model's artifact, trained at seq_len 32, its data config)."""
-    tok = TokenizerInfo.from_path(synth_dir / "synth_256_bpe.model")
+    tok = TokenizerInfo.from_path(synth_dir / "synth_256_bpe_selftrained.model")
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=256, num_layers=1, model_dim=32, num_heads=4, num_kv_heads=2))
     with torch.no_grad():
@@ -516,7 +516,10 @@ def synth_artifact(tmp_path_factory, synth_dir) -> tuple[ExportReport, dict]:
             p.add_(torch.randn_like(p) * 0.1)
     meta = {"tokenizer": {"name": tok.name, "vocab_size": 256, "sha256": tok.sha256}, "train": {"seq_len": 32}}
     report = export_model(gpt, ExportConfig(), tmp_path_factory.mktemp("artifact"), meta)
-    data = {"tokenizer_path": str(synth_dir / "synth_256_bpe.model"), "val_pattern": str(synth_dir / "synth_val_*.bin")}
+    data = {
+        "tokenizer_path": str(synth_dir / "synth_256_bpe_selftrained.model"),
+        "val_pattern": str(synth_dir / "synth_val_*.bin"),
+    }
     return report, data
 
 

@@ -99,7 +99,7 @@ def tiny(synth_dir):
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    tok = TokenizerInfo.from_path(synth_dir / "synth_256_bpe.model")
+    tok = TokenizerInfo.from_path(synth_dir / "synth_256_bpe_selftrained.model")
     meta = {
         "seed": 7,
         "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "sha256": tok.sha256},
@@ -144,7 +144,11 @@ def test_export_with_gptq_selfgen_calibration_and_pruning(tmp_path, tiny):
     assert fmeta["kind"] == "float_weights" and fmeta["tokenizer"] == meta["tokenizer"]
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     out = inspect(rep.path, codecs=True)
-    want = ["tokenizer: synth_256_bpe.model vocab_size:256", "provenance: git abc", "calibration: source:ar"]
+    want = [
+        "tokenizer: synth_256_bpe_selftrained.model vocab_size:256",
+        "provenance: git abc",
+        "calibration: source:ar",
+    ]
     want += ["compliant:True", "prune: {", "int6", "margin", "codec zstd-22:", "codec lzma-9:", "codec zlib-9:"]
     for s in want:
         assert s in out, s

@@ -241,7 +241,7 @@ def train_py(args: list[str]) -> subprocess.CompletedProcess:
 def run_packed(folder: Path, synth: Path, seed: int, args: list[str] = ()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "WORLD_SIZE", "RANK", "LOCAL_"))}
     env |= {"SEED": str(seed), "RUN_ID": f"seed{seed}", "DATA_PATH": str(synth)}
-    env["TOKENIZER_PATH"] = str(synth / "synth_256_bpe.model")
+    env["TOKENIZER_PATH"] = str(synth / "synth_256_bpe_selftrained.model")
     cmd = [sys.executable, "-I", "-c", NO_PGOLF, *args]
     r = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

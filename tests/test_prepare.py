@@ -16,9 +16,9 @@ import pytest
 from pgolf.data.shards import list_shards, open_shard, write_shard
 from pgolf.data.tokenizer import BOS_ID, load_tokenizer
 from pgolf.tools import demo, fineweb
+from pgolf.tools.prepare import is_prepared, prepare, split_documents, trained_tokenizer_file
 from pgolf.tools.prepare import main as prepare_main
-from pgolf.tools.prepare import prepare, split_documents
-from pgolf.tools.synthetic import make_documents
+from pgolf.tools.synthetic import ensure_synthetic, make_documents
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_same_documents_give_the_same_tokenizer_hash_anywhere(tmp_path, docs_jso
     b = prepare([docs_jsonl], tmp_path / "b" / "elsewhere", **kw)
     ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
     assert ma["tokenizer"]["sha256"] == mb["tokenizer"]["sha256"]
-    assert (a / "t_200_bpe.model").read_bytes() == (b / "t_200_bpe.model").read_bytes()
+    assert (a / "t_200_bpe_selftrained.model").read_bytes() == (b / "t_200_bpe_selftrained.model").read_bytes()
     assert (a / "t_val_000000.bin").read_bytes() == (b / "t_val_000000.bin").read_bytes()
     assert a.stat().st_mode & 0o777 == b.parent.stat().st_mode & 0o777  # not mkdtemp's 0700
 
@@ -73,6 +73,32 @@ def test_prepare_with_given_tokenizer_and_refuses_to_overwrite(tmp_path, docs_js
     with pytest.raises(FileExistsError, match="not empty"):
         prepare([docs_jsonl], out, name="fineweb", tokenizer=sp1024_path, val_docs=10)
     assert (out / "manifest.json").read_text() == before  # untouched
+
+
+def test_a_trained_tokenizer_is_never_named_like_a_published_one(tmp_path, docs_jsonl):
+    """`--name fineweb --vocab-size 1024` used to train `fineweb_1024_bpe.model`, the published sp1024's file
+    name with another hash and other pieces."""
+    assert trained_tokenizer_file("fineweb", 1024) == "fineweb_1024_bpe_selftrained.model"
+    out = prepare([docs_jsonl], tmp_path / "o", name="fineweb", vocab_size=320, val_docs=12)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["tokenizer"]["file"] == "fineweb_320_bpe_selftrained.model"
+    assert sorted(p.name for p in out.glob("*.model")) == ["fineweb_320_bpe_selftrained.model"]
+    assert is_prepared(out, "fineweb_320_bpe_selftrained.model") and not is_prepared(out, "fineweb_320_bpe.model")
+
+
+def test_a_corpus_prepared_under_the_old_tokenizer_name_is_prepared_again(tmp_path):
+    """data/synthetic or data/demo from before the rename hold `synth_256_bpe.model`, which the data configs no
+    longer name: the builders see the folder as not ready and prepare it again."""
+    shards = ensure_synthetic(tmp_path)
+    new = trained_tokenizer_file("synth", 256)
+    m = json.loads((shards / "manifest.json").read_text())
+    m["tokenizer"]["file"] = "synth_256_bpe.model"
+    (shards / new).rename(shards / "synth_256_bpe.model")
+    (shards / "manifest.json").write_text(json.dumps(m))
+    assert not is_prepared(shards, new)
+    assert ensure_synthetic(tmp_path) == shards and is_prepared(shards, new) and (shards / new).is_file()
+    (shards / "synth_val_000000.bin").unlink()  # a missing shard: not ready either
+    assert not is_prepared(shards, new)
 
 
 def test_prepare_cli_txt_documents(tmp_path, capsys):

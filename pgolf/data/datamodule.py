@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from pgolf.data.shards import list_shards
 from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, ValWindows, default_grad_accum, load_val_tokens
+from pgolf.data.tokenizer import check_shards_tokenizer
 
 
 class GolfDataModule(L.LightningDataModule):
@@ -38,6 +39,7 @@ class GolfDataModule(L.LightningDataModule):
         self.val_tokens: torch.Tensor | None = None
         self.layout: StreamLayout | None = None
         self._start_micro_step = 0
+        self._shards_checked = False
 
     # ---- preparation and set-up ---------------------------------------------------------------
     def world(self) -> tuple[int, int]:
@@ -51,6 +53,12 @@ class GolfDataModule(L.LightningDataModule):
         return int(self.grad_accum_cfg)
 
     def setup(self, stage: str | None = None) -> None:
+        """The batch layout and the validation tokens, once the tokenizer is checked against the shards'
+        manifests (TokenizerError before any training step: a same-size tokenizer would give a wrong BPB)."""
+        if not self._shards_checked:
+            for pattern in (self.train_pattern, self.val_pattern):
+                check_shards_tokenizer(pattern, self.tokenizer_path)
+            self._shards_checked = True
         world, _ = self.world()
         self.layout = StreamLayout(self.batch_tokens, self.seq_len, world, self.grad_accum(world))
         if self.val_tokens is None:

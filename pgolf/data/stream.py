@@ -8,6 +8,7 @@ the stream is a pure function of the micro-step index, the position is one integ
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +17,18 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from pgolf.data.shards import ShardError, list_shards, open_shard, read_shard_header
+from pgolf.data.tokenizer import check_shards_tokenizer
 
 
-def load_val_tokens(pattern: str, seq_len: int, vocab_size: int | None = None) -> torch.Tensor:
+def load_val_tokens(
+    pattern: str, seq_len: int, vocab_size: int | None = None, tokenizer: str | os.PathLike | None = None
+) -> torch.Tensor:
     """All validation shards concatenated in sorted order, truncated to `floor((N-1)/S)*S` targets plus
-    one token, as the baseline does. Returned as an int64 tensor of length usable+1."""
+    one token, as the baseline does. Returned as an int64 tensor of length usable+1. With `tokenizer` (a
+    .model path), the shards' manifest must name that tokenizer first (`check_shards_tokenizer`: TokenizerError).
+    ShardError for a malformed shard or fewer than S+1 tokens."""
+    if tokenizer is not None:
+        check_shards_tokenizer(pattern, tokenizer)
     parts = [np.asarray(open_shard(p, vocab_size)) for p in list_shards(pattern)]
     tokens = np.concatenate(parts) if len(parts) > 1 else parts[0]
     usable = ((tokens.size - 1) // seq_len) * seq_len

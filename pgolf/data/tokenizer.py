@@ -4,11 +4,18 @@ and encoding documents are data preparation: pgolf/tools/prepare.py).
 BPB (the baseline train_gpt.py's byte tables): for a scored target `y` with previous token `x`,
 `bytes = base_bytes[y] + (has_leading_space[y] and not is_boundary[x])`, where control, unknown and unused
 pieces are boundaries with 0 bytes, byte pieces count 1 byte, and other pieces count the UTF-8 bytes of
-the piece without its leading "▁". `val_bpb = sum(nll) / (ln 2 * sum(bytes))`, all sums in float64.
+the piece without its leading "▁" (any other "▁" in a piece is one space byte). `val_bpb = sum(nll) /
+(ln 2 * sum(bytes))`, all sums in float64. The tables count the text the tokenizer sees (after its
+normalizer: NFKC, whitespace runs collapsed) and are checked on probe texts when built: a tokenizer they
+cannot count exactly is refused (`check_byte_counting`).
+
+Shards written by pgolf/tools/prepare.py carry a `manifest.json` with the hash of the tokenizer that made
+them; `check_shards_tokenizer` compares it wherever shards and a tokenizer meet.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -17,9 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pgolf.data.shards import list_shards
 from pgolf.io import sha256_file
+from pgolf.runlog import log0
 
 BOS_ID = 1
+WS = "\u2581"  # SentencePiece's escaped whitespace
+MANIFEST = "manifest.json"  # written next to the shards by pgolf/tools/prepare.py
 
 
 class TokenizerError(ValueError):
@@ -27,6 +38,8 @@ class TokenizerError(ValueError):
 
 
 def load_tokenizer(path: str | os.PathLike):
+    """The SentencePiece processor of a `.model` file. Raises TokenizerError when the file is missing or
+    unreadable, or when the BPB byte tables cannot count its pieces exactly (`check_byte_counting`)."""
     import sentencepiece as spm
 
     path = Path(path)
@@ -39,6 +52,7 @@ def load_tokenizer(path: str | os.PathLike):
         sp.Load(str(path))
     except Exception as e:  # sentencepiece raises OSError/RuntimeError with terse messages
         raise TokenizerError(f"{path}: not a readable SentencePiece model ({e})") from e
+    build_byte_luts(sp, name=str(path))  # refuses, naming the file, before any long work
     return sp
 
 
@@ -84,7 +98,9 @@ class ByteLUTs:
         return b + (self.has_leading_space[y] & ~self.is_boundary[x]).to(torch.float64)
 
 
-def build_byte_luts(sp, vocab_size: int | None = None) -> ByteLUTs:
+def build_byte_luts(sp, vocab_size: int | None = None, name: str = "tokenizer") -> ByteLUTs:
+    """The byte tables [max(V, vocab_size)] of processor `sp` (rows past V are boundaries with 0 bytes).
+    Raises TokenizerError (naming `name`) when they cannot count `sp`'s text exactly."""
     n = max(int(sp.vocab_size()), int(vocab_size or 0))
     base = np.zeros(n, dtype=np.int16)
     space = np.zeros(n, dtype=bool)
@@ -97,11 +113,91 @@ def build_byte_luts(sp, vocab_size: int | None = None) -> ByteLUTs:
             base[i] = 1
             continue
         piece = sp.IdToPiece(i)
-        if piece.startswith("\u2581"):
+        if piece.startswith(WS):
             space[i] = True
             piece = piece[1:]
-        base[i] = len(piece.encode("utf-8"))
-    return ByteLUTs(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+        base[i] = len(piece.replace(WS, " ").encode("utf-8"))  # "e▁", "▁▁": every other ▁ is one space byte
+    luts = ByteLUTs(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+    check_byte_counting(sp, luts, name)
+    return luts
+
+
+PROBE_CHARS = "12ab.,"  # probes use those of these the tokenizer does not encode as <unk>
+
+
+def _normalized_bytes(sp, text: str) -> int:
+    """UTF-8 bytes of `text` as the tokenizer sees it (normalized, "▁" as a space), without a dummy prefix."""
+    dummy = len(sp.normalize("a").replace(WS, " ").encode("utf-8")) - 1
+    return len(sp.normalize(text).replace(WS, " ").encode("utf-8")) - dummy
+
+
+def check_byte_counting(sp, luts: ByteLUTs, name: str = "tokenizer") -> None:
+    """Raise TokenizerError unless `luts` count exactly the bytes of short probe texts (digits, letters and
+    punctuation between single, double and leading spaces) encoded `[BOS] + pieces`, as the text the
+    tokenizer sees (normalized, without a dummy prefix). What it catches: a tokenizer whose lone "▁" piece is
+    missing or unused spells a space that cannot join the next piece as the byte pieces <0xE2><0x96><0x81>
+    (3 bytes counted for 1; no per-token table can tell them from another character's bytes) or as <unk>
+    (0 counted; openai/parameter-golf issue #897); a dummy whitespace suffix; a leading space kept without a
+    dummy prefix. Not an error: characters a tokenizer without byte fallback encodes as <unk> count 0 bytes
+    (the records' convention; the published sp1024 model is such a tokenizer)."""
+    unk = sp.unk_id()
+    chars = [c for c in PROBE_CHARS if unk not in sp.EncodeAsIds(c)]
+    if not chars:
+        return
+    a, b = chars[0], chars[-1]
+    for text in (f"{a} {chars[min(1, len(chars) - 1)]}", " ".join(chars), f" {a}  {b}", f"{a}{b} {b}"):
+        ids = sp.EncodeAsIds(text)
+        counted = int(luts.target_bytes(torch.tensor([BOS_ID, *ids[:-1]]), torch.tensor(ids)).sum().item())
+        want = _normalized_bytes(sp, text)
+        if counted == want:
+            continue
+        lone = sp.PieceToId(WS)
+        if WS in sp.normalize(f"{a} {b}") and (lone == unk or sp.IsUnused(lone) or sp.IsControl(lone)):
+            if sp.IsByte(sp.PieceToId("<0xE2>")):
+                how = "the byte pieces <0xE2><0x96><0x81> (3 bytes counted for 1)"
+            else:
+                how = "<unk> (0 bytes counted)"
+            why = (
+                f"it has no usable lone '{WS}' piece, so a space that cannot join the next piece is spelled as {how}; "
+                f"keep the '{WS}' piece (tokenizers trained by pgolf.tools.prepare have it)"
+            )
+        else:
+            why = "its whitespace handling (dummy prefix/suffix, leading spaces kept) is not the tables' convention"
+        raise TokenizerError(
+            f"{name}: the BPB byte tables cannot count this tokenizer exactly: {text!r} ({want} bytes) encodes as "
+            f"{[sp.IdToPiece(i) for i in ids]} and counts {counted}; {why}"
+        )
+
+
+def check_shards_tokenizer(pattern: str | os.PathLike, tokenizer: str | os.PathLike) -> list[Path]:
+    """Check that `tokenizer` (a .model file) made the shards matching the glob `pattern`: the SHA-256 recorded
+    in each shard folder's manifest.json (pgolf/tools/prepare.py) must be the file's. Shards without a
+    manifest (the challenge's published export has none) are accepted with a log line saying that they
+    were not checked. Returns the manifests checked. Raises TokenizerError naming both tokenizer files and
+    both hashes, or a malformed manifest; FileNotFoundError when no shard matches."""
+    tok = Path(tokenizer)
+    folders = sorted({p.parent for p in list_shards(str(pattern))})
+    checked, sha = [], None
+    for folder in folders:
+        manifest = folder / MANIFEST
+        if not manifest.is_file():
+            log0(f"data_check: {folder} has no {MANIFEST}: tokenizer {tok.name} not checked against these shards")
+            continue
+        try:
+            rec = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]
+            want, made_by = str(rec["sha256"]), folder / str(rec["file"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TokenizerError(f"{manifest}: unreadable or without tokenizer.file/sha256 ({e!r})") from e
+        if not tok.is_file():
+            raise TokenizerError(f"{tok}: tokenizer file not found")
+        sha = sha or sha256_file(tok)
+        if sha != want:
+            raise TokenizerError(
+                f"tokenizer {tok} (sha256 {sha[:16]}) did not make the shards {pattern}: their {manifest} names "
+                f"{made_by} (sha256 {want[:16]}); use that tokenizer (data.tokenizer_path) or prepare the shards again"
+            )
+        checked.append(manifest)
+    return checked
 
 
 def bpb(loss_sum: float, token_count: float, byte_count: float) -> tuple[float, float]:

@@ -1,10 +1,12 @@
-"""A token-bigram baseline: `python -m pgolf.tools.bigram [--data-dir DIR] [--seq-len S]`.
+"""A token-bigram baseline: `python -m pgolf.tools.bigram [--data-dir DIR] [--seq-len S] [--train-seq-len T]`.
 
 Fits an interpolated bigram `P(y|x) = λ c(x,y)/c(x) + (1-λ) P_uni(y)` (add-one unigram) on the train
-shards, picks λ on a held-out tail of the train split (then refits on all of it), and scores the same
-validation targets as the standard eval (the val stream truncated to whole sequences of S), in BPB with
-the same byte tables. The demo must beat it by a clear margin to show that training learned more than
-token pair statistics.
+shards, picks λ on a held-out tail of the train split (then refits on all of it), and scores exactly the
+standard eval's targets, each once: the val stream truncated to whole sequences of `max(S, T)` (as eval.py
+and training load it), then the whole windows of S (pgolf/eval/standard.py). S is the eval window, T the
+model's training length (default S; the demo trains and evaluates at 256). Bytes come from the same byte
+tables, and the tokenizer is checked against the shards' manifest first. The demo must beat it by a clear
+margin to show that training learned more than token pair statistics.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import torch
 
 from pgolf.data.shards import list_shards, open_shard
 from pgolf.data.stream import load_val_tokens
-from pgolf.data.tokenizer import build_byte_luts, load_tokenizer
+from pgolf.data.tokenizer import MANIFEST, build_byte_luts, check_shards_tokenizer, load_tokenizer
+from pgolf.eval.standard import standard_windows
+
+DEFAULT_SEQ_LEN = 256  # the demo's train.seq_len (conf/train.yaml), hence its standard eval window
 
 
 def bigram_counts(tokens: np.ndarray, V: int) -> np.ndarray:
@@ -49,16 +54,36 @@ def fit_lambda(tokens: np.ndarray, V: int, grid=LAMBDA_GRID) -> float:
     return float(best)
 
 
-def evaluate(data_dir: Path, train_pattern: str, val_pattern: str, tokenizer: Path, seq_len: int) -> dict:
+def eval_targets(val_pattern: str, vocab_size: int, seq_len: int, train_seq_len: int | None = None, tokenizer=None):
+    """(x, y) [N] int64: every target the standard eval scores with window `seq_len` on a model trained at
+    `train_seq_len` (default `seq_len`), each once, with its input token."""
+    tokens = load_val_tokens(val_pattern, max(seq_len, train_seq_len or seq_len), vocab_size, tokenizer=tokenizer)
+    n = len(standard_windows(tokens.numel() - 1, seq_len)) * seq_len  # whole windows [kS, (k+1)S)
+    return tokens[:n], tokens[1 : n + 1]
+
+
+def evaluate(
+    data_dir: Path,
+    train_pattern: str,
+    val_pattern: str,
+    tokenizer: Path,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    train_seq_len: int | None = None,
+) -> dict:
+    """Fit on `data_dir/train_pattern`, score the standard eval's targets of `data_dir/val_pattern`; returns
+    {lambda, val_loss (nats/token), val_bpb, tokens, bytes}. TokenizerError when `tokenizer` did not make
+    the shards (checked before any counting)."""
+    train_glob, val_glob = str(data_dir / train_pattern), str(data_dir / val_pattern)
+    for pattern in (train_glob, val_glob):
+        check_shards_tokenizer(pattern, tokenizer)
     sp = load_tokenizer(tokenizer)
     V = int(sp.vocab_size())
-    train = np.concatenate([np.asarray(open_shard(p, V)) for p in list_shards(str(data_dir / train_pattern))])
+    train = np.concatenate([np.asarray(open_shard(p, V)) for p in list_shards(train_glob)])
     lam = fit_lambda(train, V)
     lp = log_probs(bigram_counts(train, V), lam)
-    val = load_val_tokens(str(data_dir / val_pattern), seq_len, V)
-    x, y = val[:-1], val[1:]
+    x, y = eval_targets(val_glob, V, seq_len, train_seq_len)
     nll = -torch.from_numpy(lp)[x, y]
-    luts = build_byte_luts(sp, V)
+    luts = build_byte_luts(sp, V, name=str(tokenizer))
     nbytes = luts.target_bytes(x, y).sum().item()
     loss = nll.double().sum().item()
     return {
@@ -70,20 +95,33 @@ def evaluate(data_dir: Path, train_pattern: str, val_pattern: str, tokenizer: Pa
     }
 
 
+def default_tokenizer(data_dir: Path) -> Path | None:
+    """The tokenizer the shards' manifest names, else the first `.model` in `data_dir`, else None."""
+    try:
+        return data_dir / json.loads((data_dir / MANIFEST).read_text())["tokenizer"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return next(iter(sorted(data_dir.glob("*.model"))), None)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pgolf.tools.bigram", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default="data/demo/shards")
     ap.add_argument("--train-pattern", default="demo_train_*.bin")
     ap.add_argument("--val-pattern", default="demo_val_*.bin")
-    ap.add_argument("--tokenizer", default=None, help="default: the .model in --data-dir")
-    ap.add_argument("--seq-len", type=int, default=512, help="truncate val like the standard eval with this S")
+    ap.add_argument("--tokenizer", default=None, help="default: the one the shards' manifest names")
+    ap.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="the standard eval's window S")
+    ap.add_argument("--train-seq-len", type=int, default=None, help="the model's training length (default S)")
     a = ap.parse_args(argv)
     d = Path(a.data_dir)
-    tok = Path(a.tokenizer) if a.tokenizer else next(iter(sorted(d.glob("*.model"))), None)
+    tok = Path(a.tokenizer) if a.tokenizer else default_tokenizer(d)
     if tok is None:
         print(f"error: no tokenizer .model in {d}; pass --tokenizer", file=sys.stderr)
         return 2
-    r = evaluate(d, a.train_pattern, a.val_pattern, tok, a.seq_len)
+    try:
+        r = evaluate(d, a.train_pattern, a.val_pattern, tok, a.seq_len, a.train_seq_len)
+    except (OSError, ValueError) as e:  # TokenizerError and ShardError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(
         f"bigram lambda:{r['lambda']:.3f} val_loss:{r['val_loss']:.4f} val_bpb:{r['val_bpb']:.4f} "
         f"tokens:{r['tokens']} bytes:{r['bytes']:.0f}"

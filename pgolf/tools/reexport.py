@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pgolf.data.shards import list_shards
 from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, load_val_tokens
-from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
+from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, check_shards_tokenizer, load_tokenizer
 from pgolf.eval.core import EvalContext
 from pgolf.export.code import project_root
 from pgolf.export.config import ExportConfig, ExportContext, ExportReport
@@ -73,6 +73,7 @@ def reexport(cfg: DictConfig) -> dict:
     model = model_from_weights(state, meta)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     ensure_dataset(data.get("prepare"), data.get("root"))
+    check_shards_tokenizer(data["train_pattern"], data["tokenizer_path"])  # calibration may read the train shards
     tok = TokenizerInfo.from_path(data["tokenizer_path"])
     if "tokenizer" in meta:
         tok.check_matches(meta["tokenizer"], what=f"weights {weights.name}")
@@ -137,7 +138,7 @@ def validation(
     cfg: DictConfig, data: dict, tok: TokenizerInfo, model_vocab: int, seq_len: int, device: torch.device
 ) -> tuple[torch.Tensor, EvalContext]:
     """The validation tokens (cut to `eval.max_tokens` targets, whole windows) and the eval context."""
-    tokens = load_val_tokens(data["val_pattern"], seq_len, tok.vocab_size)
+    tokens = load_val_tokens(data["val_pattern"], seq_len, tok.vocab_size, tokenizer=data["tokenizer_path"])
     if cfg.eval.max_tokens:
         n = (min(int(cfg.eval.max_tokens), tokens.numel() - 1) // seq_len) * seq_len
         if n <= 0:

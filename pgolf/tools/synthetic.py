@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 from pgolf.io import file_lock
-from pgolf.tools.prepare import prepare
+from pgolf.tools.prepare import is_prepared, prepare, trained_tokenizer_file
 
 WORDS = (
     "the a one two red blue green small large old new quick slow cat dog bird fish tree river stone house "
@@ -41,7 +41,7 @@ def ensure_synthetic(root: str | Path = "data/synthetic", n_docs: int = 400) -> 
     root = Path(root)
     shards = root / "shards"
     with file_lock(root / ".prepare.lock"):
-        if (shards / "manifest.json").is_file():
+        if is_prepared(shards, trained_tokenizer_file("synth", 256)):
             return shards
         docs = make_documents(n_docs)
         n_val = max(1, n_docs // 10)
