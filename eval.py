@@ -3,9 +3,13 @@
 Modes (conf/eval/): standard, sliding, ttt, lora_ttt, lora_ttt_1090, slot_1263, slot_1298, causal_slot.
 
 Every key is validated first (pgolf/config/: `config error: ...`, exit status 2, before torch is imported).
-Loads only the artifact (weights, model config and tokenizer identity inside it), refuses a tokenizer whose
-hash or vocab size differs, runs the selected modes on the validation split, and writes `eval_result.json`
-(and with `audit=true` the per-target NLL/bytes in `audit.npz`). Under torchrun the windows are split across
+Loads only the artifact (weights, model config and tokenizer identity inside it), validated before anything
+is allocated (pgolf/export/weights.py), refuses a tokenizer whose hash or vocab size differs, runs the
+selected modes on the validation split, and writes `eval_result.json` (score, the artifact's bytes with its
+code, and a verdict: score-before-adapt, the 16,000,000-byte cap, the time budget; and with `audit=true`
+the per-target NLL/bytes in `audit.npz`). A bad artifact, tokenizer, data or setting is one line
+`error: ...` on stderr, exit status 2. `max_tokens=N` scores only the first N validation targets: a quick
+look, not the challenge's metric (`compliant: false`). Under torchrun the windows are split across
 processes and the sums reduced.
 """
 
@@ -33,18 +37,23 @@ def main(cfg: DictConfig) -> float:
     from pgolf.eval.run import evaluate_artifact
 
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
-    result = evaluate_artifact(
-        artifact=cfg.artifact,
-        modes=OmegaConf.to_container(cfg.eval, resolve=True),
-        data=OmegaConf.to_container(cfg.data, resolve=True),
-        accelerator=cfg.trainer.accelerator,
-        batch_windows=cfg.batch_windows,
-        seq_len=cfg.seq_len,
-        budget_seconds=cfg.budget_seconds,
-        audit=cfg.audit,
-        compile=cfg.compile,
-        out_dir=out_dir,
-    )
+    try:
+        result = evaluate_artifact(
+            artifact=cfg.artifact,
+            modes=OmegaConf.to_container(cfg.eval, resolve=True),
+            data=OmegaConf.to_container(cfg.data, resolve=True),
+            accelerator=cfg.trainer.accelerator,
+            batch_windows=cfg.batch_windows,
+            seq_len=cfg.seq_len,
+            budget_seconds=cfg.budget_seconds,
+            audit=cfg.audit,
+            compile=cfg.compile,
+            max_tokens=cfg.max_tokens,
+            out_dir=out_dir,
+        )
+    except (ValueError, OSError) as e:  # a bad artifact, tokenizer, data or setting: one line, exit status 2
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+        raise SystemExit(2) from None
     return result["val_bpb"]
 
 

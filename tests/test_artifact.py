@@ -39,6 +39,17 @@ def entries():
     return quantize_state(sd, rules_from_config(BASELINE_RULES))
 
 
+@pytest.fixture(scope="module")
+def model_entries():
+    """A real model's quantized tensors (its mlp.fc matrix over 65,536 entries, so int8) and its config."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=128, num_layers=1, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=4.5)
+    return quantize_state(GPT(cfg).state_dict(), rules_from_config(BASELINE_RULES)), cfg.to_dict()
+
+
+TOKENIZER = {"name": "fineweb_1024_bpe.model", "vocab_size": 128, "sha256": "ab" * 32}
+
+
 @pytest.mark.parametrize("codec", ["zlib", "zstd", "lzma"])
 def test_roundtrip_is_exact(tmp_path, entries, codec):
     meta = {"model": {"x": 1}, "tokenizer": {"sha256": "ab"}}
@@ -123,8 +134,10 @@ def test_code_files_cover_the_package():
     assert not {"compare.py", "submission.py", "prepare.py", "fineweb.py"} & names  # tooling is not counted
 
 
-def test_inspect_prints_tensors_and_margin(tmp_path, entries):
-    write_artifact(tmp_path / "a.ptz", entries, {"model": {"num_layers": 2}, "code_bytes": 1000}, "lzma")
+def test_inspect_prints_tensors_and_margin(tmp_path, model_entries):
+    entries, model = model_entries
+    meta = {"model": model, "tokenizer": TOKENIZER, "code_bytes": 1000}
+    write_artifact(tmp_path / "a.ptz", entries, meta, "lzma")
     out = inspect(tmp_path / "a.ptz")
     assert "blocks.0.mlp.fc.weight" in out and "int8" in out and "margin" in out and "lzma-9" in out
 
@@ -157,18 +170,19 @@ def test_forged_headers_are_rejected(entries):
         decode_artifact(encode_artifact(raw, "zstd")[:-1] + b"\0")
 
 
-def test_inspect_shows_identity_provenance_calibration_and_codecs(tmp_path, entries):
+def test_inspect_shows_identity_provenance_calibration_and_codecs(tmp_path, model_entries):
+    entries, model = model_entries
     meta = {
-        "model": {"num_layers": 2},
+        "model": model,
         "code_bytes": 1000,
-        "tokenizer": {"name": "fineweb_1024_bpe.model", "vocab_size": 1024, "sha256": "ab" * 32},
+        "tokenizer": TOKENIZER,
         "provenance": {"git_sha": "deadbeef", "git_dirty": True, "torch": "2.13.0", "device": "cpu"},
         "calibration": {"source": "train", "count": 32, "length": 2048, "compliant": False, "reason": "late"},
         "reexport": {"weights": "final_model.float.ptz", "provenance": {"git_sha": "cafe", "device": "cpu"}},
     }
     write_artifact(tmp_path / "a.ptz", entries, meta, "zstd")
     out = inspect(tmp_path / "a.ptz", codecs=True)
-    assert "tokenizer: fineweb_1024_bpe.model vocab_size:1024 sha256:abab" in out
+    assert "tokenizer: fineweb_1024_bpe.model vocab_size:128 sha256:abab" in out
     assert "provenance: git deadbeef (dirty) torch 2.13.0" in out
     assert "calibration: source:train count:32 length:2048 compliant:False" in out and "reason: late" in out
     assert "config: {" in out and "bits" in out and "total" in out

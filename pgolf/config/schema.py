@@ -94,6 +94,9 @@ class FinalEvalConfig:
     stride: PosInt
     reference_tail: bool
     settings: dict[str, dict[str, Any]]  # mode name -> that mode's setting overrides (checked by runtime.py)
+    # The first N validation targets only (whole windows): NOT the challenge's metric, so a result with it is
+    # not compliant. Defaults to null until conf/train.yaml's final_eval carries the key.
+    max_tokens: PosInt | None = None
 
     def __post_init__(self):
         unknown = sorted(set(self.settings) - set(self.modes))
@@ -246,6 +249,7 @@ class EvalRun:
     batch_windows: PosInt
     seq_len: PosInt | None
     budget_seconds: NonNegFloat
+    max_tokens: PosInt | None  # the first N validation targets only: not the challenge's metric (compliant: false)
     audit: bool
     compile: bool | Literal["auto"]
     out_dir: str | None

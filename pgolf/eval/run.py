@@ -18,12 +18,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.data.stream import load_val_tokens
 from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
 from pgolf.eval.core import EvalContext, TargetLog, gather_log
 from pgolf.eval.modes import parse_mode, run_mode
-from pgolf.export.weights import load_artifact_model
+from pgolf.export.code import code_of
+from pgolf.export.weights import MAX_SEQ_LEN, load_artifact_model, read_model_artifact
 from pgolf.io import atomic_path, atomic_write_bytes
+from pgolf.quant.artifact import SizeReport
 from pgolf.runlog import log0
 
 
@@ -55,6 +58,52 @@ def resolve_compile(compile, device: torch.device) -> bool:
     return bool(compile)
 
 
+POSITIVE_SETTINGS = ("seq_len", "batch_windows", "stride", "chunk_tokens", "chunk_size", "batch_seqs", "batch_docs")
+MAX_TOKENS_REASON = "max_tokens: not the full validation set"
+
+
+def _positive_int(v, what: str, hi: int | None = None) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1 or (hi is not None and v > hi):
+        bound = f" and at most {hi}" if hi is not None else ""
+        raise ValueError(f"{what} must be a positive integer{bound}, got {v!r}")
+    return v
+
+
+def check_eval_args(*, batch_windows, seq_len, budget_seconds, max_tokens, modes: dict) -> None:
+    """Refuse, before any work, a non-positive (or non-integer) `batch_windows`, `seq_len`, `max_tokens`,
+    a negative budget, and a mode setting among POSITIVE_SETTINGS that is not a positive integer (null
+    keeps the default). Raises ValueError naming the key."""
+    _positive_int(batch_windows, "batch_windows")
+    if seq_len is not None:
+        _positive_int(seq_len, "seq_len", MAX_SEQ_LEN)
+    if max_tokens is not None:
+        _positive_int(max_tokens, "max_tokens")
+    if isinstance(budget_seconds, bool) or not isinstance(budget_seconds, int | float) or not budget_seconds >= 0:
+        raise ValueError(f"budget_seconds must be a number >= 0, got {budget_seconds!r}")
+    for name, settings in modes.items():
+        for key in POSITIVE_SETTINGS:
+            if (settings or {}).get(key) is not None:
+                _positive_int(settings[key], f"eval.{name}.{key}")
+
+
+def compliance(
+    first: dict, total_bytes: int, seconds: float, budget_seconds: float, max_tokens: int | None
+) -> tuple[bool, list[str]]:
+    """(the run's verdict, the reasons it is not compliant): the headline mode scores before it adapts
+    (its own rule), code + model fit ARTIFACT_LIMIT_BYTES, the modes ran within the eval budget, and the
+    whole validation split was scored (no `max_tokens`). `seconds`: the modes' wall time."""
+    reasons = []
+    if not first["compliant"]:
+        reasons.append(f"score-before-adapt: {first['mode']}: {first['reason']}")
+    if total_bytes > ARTIFACT_LIMIT_BYTES:
+        reasons.append(f"size: {total_bytes:,} bytes (model + code) is over the {ARTIFACT_LIMIT_BYTES:,}-byte limit")
+    if seconds > budget_seconds:
+        reasons.append(f"time: the evaluation took {seconds:.1f}s, over the {budget_seconds}s budget")
+    if max_tokens is not None:
+        reasons.append(MAX_TOKENS_REASON)
+    return not reasons, reasons
+
+
 def evaluate_artifact(
     *,
     artifact,
@@ -66,26 +115,41 @@ def evaluate_artifact(
     budget_seconds=600,
     audit=False,
     compile="auto",
+    max_tokens=None,
     out_dir: Path,
 ) -> dict:
     """Score the artifact with every mode of `modes` ({name: settings}, conf/eval/) on the validation split
     of `data`, write eval_result.json (and audit.npz) to `out_dir` on rank 0; returns the result dict.
 
-    Every mode's settings are checked before the data is read or any mode runs (ValueError); a tokenizer
-    that is not the artifact's is refused."""
+    Before any work: the arguments and every mode's settings are checked (ValueError), the artifact's
+    header, metadata and tensor table are validated without allocating its tensors (ArtifactError,
+    pgolf/export/weights.py), and a tokenizer that is not the artifact's is refused (TokenizerError).
+    `max_tokens` (None: the whole split) scores only the first N validation targets, rounded down to whole
+    `seq_len` windows (at least one): a quick look, NOT the challenge's metric, so the result is marked
+    `compliant: false`. The result records the artifact's bytes, its code bytes (recorded in the artifact)
+    and their total, and a verdict (`compliant`, `compliance`: score-before-adapt, the 16,000,000-byte cap,
+    the eval time budget, the full validation set); an over-cap artifact is still scored."""
     if not modes:
         raise ValueError("no eval mode selected (eval=[standard,sliding,...])")
+    check_eval_args(
+        batch_windows=batch_windows, seq_len=seq_len, budget_seconds=budget_seconds, max_tokens=max_tokens, modes=modes
+    )
+    header, _ = read_model_artifact(artifact, tensors=False)  # everything checked, no tensor allocated
+    meta = header.meta
+    tok = TokenizerInfo.from_path(data["tokenizer_path"])
+    tok.check_matches(meta["tokenizer"], what=f"artifact {Path(artifact).name}")
+    train_seq = int(meta.get("train", {}).get("seq_len") or 0)
+    S = _positive_int(seq_len or train_seq or data.get("eval_seq_len") or 1024, "seq_len", MAX_SEQ_LEN)
+    for name, settings in modes.items():
+        parse_mode(name, settings, seq_len=S, batch_windows=batch_windows)
     device = pick_device(accelerator)
     use_compile = resolve_compile(compile, device)
     rank, world = init_distributed(device)
     model, meta = load_artifact_model(artifact, device)
-    tok = TokenizerInfo.from_path(data["tokenizer_path"])
-    tok.check_matches(meta["tokenizer"], what=f"artifact {Path(artifact).name}")
-    train_seq = int(meta.get("train", {}).get("seq_len", 0) or 0)
-    S = int(seq_len or train_seq or data.get("eval_seq_len") or 1024)
-    for name, settings in modes.items():
-        parse_mode(name, settings, seq_len=S, batch_windows=batch_windows)
-    tokens = load_val_tokens(data["val_pattern"], max(S, train_seq), tok.vocab_size)
+    tokens = load_val_tokens(data["val_pattern"], max(S, train_seq), tok.vocab_size, tokenizer=data["tokenizer_path"])
+    if max_tokens is not None:
+        keep = min(max(max_tokens // S, 1) * S, tokens.numel() - 1)
+        tokens = tokens[: keep + 1]
     luts = build_byte_luts(load_tokenizer(data["tokenizer_path"]), model.cfg.vocab_size).to(device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     ctx = EvalContext(luts, device, S, batch_windows, autocast_dtype=autocast, compile=use_compile)
@@ -93,16 +157,38 @@ def evaluate_artifact(
     results, arrays = run_all(model, tokens, ctx, modes, audit, budget_seconds)
     total = time.perf_counter() - t_all
     first = next(iter(results.values()))
+    code = code_of(meta)  # the packed train_gpt.py the artifact records (pgolf/export/code.py), else code_bytes
+    size = SizeReport(header.file_bytes, code["bytes"] if code["sha256"] else int(meta.get("code_bytes", 0)))
+    within = total <= budget_seconds
+    ok, reasons = compliance(first, size.total, total, budget_seconds, max_tokens)
     out = {
-        **{k: first[k] for k in ("mode", "val_loss", "val_bpb", "tokens", "bytes", "seconds", "compliant")},
+        **{k: first[k] for k in ("mode", "val_loss", "val_bpb", "tokens", "bytes", "seconds")},
+        "compliant": ok,
+        "compliance": {
+            "score_before_adapt": first["compliant"],
+            "size_ok": size.ok,
+            "within_budget": within,
+            "full_validation": max_tokens is None,
+            "reasons": reasons,
+        },
         "artifact": Path(artifact).name,
+        "artifact_bytes": size.model_bytes,
+        "code_bytes": size.code_bytes,
+        "total_bytes": size.total,
+        "limit_bytes": size.limit,
+        "max_tokens": max_tokens,
         "world_size": world,
         "eval_seconds_total": total,
         "budget_seconds": budget_seconds,
-        "within_budget": total <= budget_seconds,
+        "within_budget": within,
         "results": results,
     }
-    log0(f"eval_time_total:{total:.1f}s budget:{budget_seconds}s within_budget:{str(total <= budget_seconds).lower()}")
+    log0(f"eval_time_total:{total:.1f}s budget:{budget_seconds}s within_budget:{str(within).lower()}")
+    log0(
+        f"artifact_bytes:{size.model_bytes} code_bytes:{size.code_bytes} total_bytes:{size.total} "
+        f"limit_bytes:{size.limit} size_ok:{str(size.ok).lower()}"
+    )
+    log0(f"compliant:{str(ok).lower()}" + "".join(f" | {r}" for r in reasons))
     if rank == 0:
         write_outputs(out_dir, out, arrays if audit else None)
     return out

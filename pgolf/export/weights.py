@@ -1,22 +1,74 @@
-"""Float weights for re-export, and the model an artifact holds.
+"""Float weights for re-export, and the model an artifact holds, read only after the artifact is validated.
 
 `save_float_weights` / `load_weights`: the float weights in the project's container (or a Lightning `.ckpt`),
-for `python -m pgolf.tools.reexport`. `load_artifact_model`: the artifact -> a fresh GPT with de-quantized
-weights (what `eval.py` and the round trip use; no checkpoint, no pickle).
+for `python -m pgolf.tools.reexport`. `read_model_artifact` / `load_artifact_model`: the artifact -> its
+validated header and tensors -> a fresh GPT with de-quantized weights (what `eval.py`, `inspect` and the
+round trip use; no checkpoint, no pickle).
+
+Before a tensor is allocated or the model built, `check_model_artifact` checks the metadata against sane
+limits (`model`: every field's type, CONFIG_INT_LIMITS, GPTConfig's own consistency checks, at most
+MAX_MODEL_PARAMS parameters and MAX_VIRTUAL_LAYERS layers a forward; `tokenizer`; `train.seq_len`; the code
+record) and the tensor table against the state the config implies (`expected_state`: the model built on the
+`meta` device, nothing allocated): the same names, each once, the same shapes and original dtypes. Every
+problem is one ArtifactError naming the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from pathlib import Path
 
 import torch
 
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
-from pgolf.quant.artifact import ArtifactError, read_artifact, write_artifact
-from pgolf.quant.rules import QuantEntry, dequantize_state
+from pgolf.quant.artifact import (
+    MAX_FILE_BYTES,
+    ArtifactError,
+    ArtifactHeader,
+    load_artifact,
+    write_artifact,
+)
+from pgolf.quant.rules import QuantEntry, dequantize_entry
 
 FLOAT_KIND = "float_weights"
+# A 16,000,000-byte artifact holds at most 64M dense 2-bit codes (2 bits is the fewest pgolf quantizes to);
+# more parameters than 2^26 cannot be a legal artifact, and this bounds eval's memory (4 bytes a parameter).
+MAX_MODEL_PARAMS = 1 << 26
+MAX_SEQ_LEN = 1 << 14  # 8x the records' 2048: a window length from metadata or the command line
+MAX_CODE_BYTES = MAX_FILE_BYTES
+# Float weights are raw fp32 (4 bytes a parameter, zstd-3): their file cap follows the parameter cap.
+MAX_FLOAT_FILE_BYTES = 4 * MAX_MODEL_PARAMS + MAX_FILE_BYTES
+# Bounds on the integer fields of an artifact's model config: far above every record (11 layers, width 512,
+# vocab 1024..8192), far below anything that cannot fit 16,000,000 bytes.
+CONFIG_INT_LIMITS = {
+    "vocab_size": (1, 1 << 17),
+    "num_layers": (1, 64),
+    "model_dim": (2, 8192),
+    "num_heads": (1, 256),
+    "num_kv_heads": (1, 256),
+    "rope_dims": (0, 8192),
+    "rope_ntk_base_len": (0, MAX_SEQ_LEN),
+    "bigram_buckets": (0, 1 << 20),
+    "bigram_dim": (1, 8192),
+    "ve_dim": (0, 8192),
+    "xsa_last_n": (0, 64),
+    "recur_start": (0, 64),
+    "recur_end": (0, 64),
+    "recur_times": (1, 16),
+    "qat_bits": (2, 8),
+    "num_loops": (0, 16),
+    "loop_start": (0, 64),
+    "loop_end": (0, 64),
+    "parallel_start_layer": (0, 64),
+    "gate_window": (0, 8192),
+}
+GENERIC_INT_LIMITS = (-1, 1 << 20)  # an integer field not named above (a token id, a count)
+MAX_VIRTUAL_LAYERS = 256  # layers a forward runs, depth recurrence and loops included (records: 11..17)
+MAX_MLP_MULT = 64.0
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def save_float_weights(path: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -37,7 +89,8 @@ def save_float_weights(path: str | Path, state: dict[str, torch.Tensor], meta: d
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, meta) from saved float weights or a Lightning `.ckpt` (loaded with weights_only=True;
-    its `gpt.<name>` keys, model config from the hyper-parameters; no tokenizer identity)."""
+    its `gpt.<name>` keys, model config from the hyper-parameters; no tokenizer identity). Saved float
+    weights are validated as an artifact (file of at most MAX_FLOAT_FILE_BYTES; ArtifactError)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
@@ -54,13 +107,17 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         if not state:
             raise ValueError(f"{path}: checkpoint state_dict has no gpt.* weights")
         return state, {"model": dict(model_cfg), "source": "lightning_checkpoint"}
-    entries, meta = read_artifact(path)
-    if meta.get("kind") != FLOAT_KIND:
+    header, entries = load_artifact(path, check=_check_float_weights, max_file_bytes=MAX_FLOAT_FILE_BYTES)
+    return {k: e.data for k, e in entries.items()}, header.meta
+
+
+def _check_float_weights(header: ArtifactHeader) -> None:
+    if header.meta.get("kind") != FLOAT_KIND:
         raise ArtifactError(
-            f"{path}: not saved float weights (it is a quantized artifact?): re-export needs the float weights "
+            f"not saved float weights (it is a quantized artifact?): re-export needs the float weights "
             f"({FLOAT_KIND}) that training saves next to the artifact, or a Lightning .ckpt"
         )
-    return {k: e.data for k, e in entries.items()}, meta
+    check_model_artifact(header, require_tokenizer=False)
 
 
 def model_from_weights(state: dict[str, torch.Tensor], meta: dict) -> GPT:
@@ -71,15 +128,164 @@ def model_from_weights(state: dict[str, torch.Tensor], meta: dict) -> GPT:
     return model
 
 
-def load_artifact_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
-    """A fresh GPT from an artifact: config from its metadata, de-quantized weights, eval mode."""
-    entries, meta = read_artifact(path)
-    cfg = GPTConfig.from_dict(meta["model"])
-    model = GPT(cfg)
-    state = dequantize_state(entries)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: artifact tensors do not match its model config (missing {missing}, unexpected {unexpected})"
+# ---- validation of an artifact's metadata and tensor table ----------------------------------------------
+def _int(v, what: str, lo: int, hi: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ArtifactError(f"{what} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _number(v, what: str) -> float:
+    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+        raise ArtifactError(f"{what} must be a finite number, got {v!r}")
+    return v
+
+
+def check_model_config(d, what: str = "meta.model") -> GPTConfig:
+    """The `GPTConfig` of an artifact's model config, every field's type and bound checked first (a field
+    left out takes GPTConfig's default, as `GPTConfig.from_dict` does). Raises ArtifactError naming the
+    field."""
+    if not isinstance(d, dict):
+        raise ArtifactError(f"{what} must be a JSON object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ArtifactError(f"{what}: unknown fields {unknown}")
+    for name, v in d.items():
+        f, key = fields[name], f"{what}.{name}"
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if name in CONFIG_INT_LIMITS:
+            _int(v, key, *CONFIG_INT_LIMITS[name])
+        elif isinstance(default, int) and not isinstance(default, bool):
+            _int(v, key, *GENERIC_INT_LIMITS)
+        elif isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise ArtifactError(f"{key} must be true or false, got {v!r}")
+        elif isinstance(default, str):
+            if not isinstance(v, str):
+                raise ArtifactError(f"{key} must be a string, got {v!r}")
+        elif isinstance(default, tuple | list):  # ve_layers: layer indices; any other list: of scalars
+            if not isinstance(v, list) or len(v) > CONFIG_INT_LIMITS["num_layers"][1]:
+                raise ArtifactError(f"{key} must be a list of at most 64 entries, got {v!r}")
+            for i, x in enumerate(v):
+                if name == "ve_layers":
+                    _int(x, f"{key}[{i}]", 0, CONFIG_INT_LIMITS["num_layers"][1])
+                elif not isinstance(x, int | float | str | bool) or (isinstance(x, float) and not math.isfinite(x)):
+                    raise ArtifactError(f"{key}[{i}] must be a number, string or bool, got {x!r}")
+        elif v is not None or default is not None:  # numbers (a None default: null or a number)
+            _number(v, key)
+    if "mlp_mult" in d and not 0 < d["mlp_mult"] <= MAX_MLP_MULT:
+        raise ArtifactError(f"{what}.mlp_mult must be in (0, {MAX_MLP_MULT:g}], got {d['mlp_mult']!r}")
+    try:
+        cfg = GPTConfig(**d)
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise ArtifactError(f"{what}: {str(e).removeprefix('GPTConfig: ')}") from None
+    if len(cfg.layer_schedule) > MAX_VIRTUAL_LAYERS:
+        raise ArtifactError(
+            f"{what}: {len(cfg.layer_schedule)} layers per forward, over the limit of {MAX_VIRTUAL_LAYERS}"
         )
-    return model.to(device).eval(), meta
+    return cfg
+
+
+def expected_state(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{state-dict name: (shape, dtype name)} of `GPT(cfg)`, from the model built on the `meta` device: no
+    tensor is allocated and no random number drawn, so a forged config costs nothing before it is refused
+    (the first call imports torch._dynamo, ~1-2 s, which torch's meta kernels use). Raises ArtifactError
+    when the model cannot be built from `cfg`."""
+    try:
+        with torch.device("meta"):
+            model = GPT(cfg)
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as e:
+        raise ArtifactError(f"meta.model: the model cannot be built ({str(e).splitlines()[0][:200]})") from None
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+
+
+def _check_tokenizer(tok, cfg: GPTConfig) -> None:
+    if not isinstance(tok, dict) or set(tok) != {"name", "vocab_size", "sha256"}:
+        keys = sorted(tok) if isinstance(tok, dict) else type(tok).__name__
+        raise ArtifactError(f"meta.tokenizer must hold exactly name, vocab_size and sha256, got {keys}")
+    if not isinstance(tok["name"], str) or not 0 < len(tok["name"]) <= 256:
+        raise ArtifactError(f"meta.tokenizer.name must be a file name, got {tok['name']!r}")
+    n = _int(tok["vocab_size"], "meta.tokenizer.vocab_size", 1, CONFIG_INT_LIMITS["vocab_size"][1])
+    if n > cfg.vocab_size:  # token ids index the embedding
+        raise ArtifactError(f"meta.tokenizer.vocab_size {n} exceeds the model's vocab_size {cfg.vocab_size}")
+    if not isinstance(tok["sha256"], str) or not SHA256_HEX.fullmatch(tok["sha256"]):
+        raise ArtifactError(f"meta.tokenizer.sha256 must be 64 lowercase hex digits, got {tok['sha256']!r}")
+
+
+def _check_meta(meta: dict, cfg: GPTConfig, require_tokenizer: bool) -> None:
+    """The metadata evaluation reads besides the model config: tokenizer, train.seq_len, code record."""
+    if "tokenizer" in meta or require_tokenizer:
+        if "tokenizer" not in meta:
+            raise ArtifactError("metadata has no tokenizer identity (meta.tokenizer)")
+        _check_tokenizer(meta["tokenizer"], cfg)
+    train = meta.get("train", {})
+    if not isinstance(train, dict):
+        raise ArtifactError(f"meta.train must be a JSON object, got {type(train).__name__}")
+    if train.get("seq_len") is not None:
+        _int(train["seq_len"], "meta.train.seq_len", 1, MAX_SEQ_LEN)
+    if "code" in meta:
+        code = meta["code"]
+        if not isinstance(code, dict) or "bytes" not in code:
+            raise ArtifactError("meta.code must be a JSON object with bytes (and sha256)")
+        _int(code["bytes"], "meta.code.bytes", 0, MAX_CODE_BYTES)
+        if code.get("sha256") is not None and not SHA256_HEX.fullmatch(str(code["sha256"])):
+            raise ArtifactError(f"meta.code.sha256 must be 64 lowercase hex digits, got {code['sha256']!r}")
+    if "code_bytes" in meta:
+        _int(meta["code_bytes"], "meta.code_bytes", 0, MAX_CODE_BYTES)
+
+
+def check_model_artifact(header: ArtifactHeader, *, require_tokenizer: bool = True) -> GPTConfig:
+    """Check an artifact's metadata and tensor table against its model config, before anything is
+    allocated (the `check` of `load_artifact`); returns the config. Raises ArtifactError naming the field:
+    a missing or forged config, a model over MAX_MODEL_PARAMS, a tokenizer identity that is missing (with
+    `require_tokenizer`) or malformed, a non-positive or oversized `train.seq_len`, a negative code size, a
+    tensor the model lacks, a missing tensor, a shape or original dtype that is not the model's."""
+    meta = header.meta
+    if "model" not in meta:
+        raise ArtifactError("metadata has no model config (meta.model)")
+    cfg = check_model_config(meta["model"])
+    _check_meta(meta, cfg, require_tokenizer)
+    want = expected_state(cfg)
+    n = sum(math.prod(shape) for shape, _ in want.values())
+    if n > MAX_MODEL_PARAMS:
+        raise ArtifactError(f"meta.model implies {n:,} parameters, over the limit of {MAX_MODEL_PARAMS:,}")
+    for name, t in header.tensors.items():
+        if name not in want:
+            raise ArtifactError(f"tensor {name!r} is not a parameter of the model config")
+        shape, dtype = want[name]
+        if t.shape != shape:
+            raise ArtifactError(f"tensor {name!r} has shape {list(t.shape)}; the model config implies {list(shape)}")
+        if t.orig_dtype != dtype:
+            raise ArtifactError(f"tensor {name!r}: orig_dtype must be the model's {dtype}, got {t.orig_dtype!r}")
+    missing = [k for k in want if k not in header.tensors]
+    if missing:
+        raise ArtifactError(f"tensors missing for the model config: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return cfg
+
+
+def read_model_artifact(
+    path: str | Path, *, tensors: bool = True, max_file_bytes: int = MAX_FILE_BYTES
+) -> tuple[ArtifactHeader, dict[str, QuantEntry]]:
+    """(validated header, entries) of a model artifact: `load_artifact` with `check_model_artifact`, so the
+    metadata and the table are checked before any tensor is allocated; `tensors=False` reads the header
+    only. Raises ArtifactError `<path>: <what>`."""
+    return load_artifact(path, check=check_model_artifact, tensors=tensors, max_file_bytes=max_file_bytes)
+
+
+def load_artifact_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
+    """A fresh GPT from an artifact, eval mode: the artifact validated first (`check_model_artifact`), then
+    the model built from its config, then each tensor de-quantized and copied in as soon as it is read
+    (peak memory: the model plus the stored tensors not yet complete). Raises ArtifactError."""
+    built: dict = {}  # the model and its parameters by name, once the artifact is validated
+
+    def build(header: ArtifactHeader) -> None:
+        built["model"] = GPT(check_model_artifact(header))
+        built["params"] = built["model"].state_dict(keep_vars=True)
+
+    def copy_in(name: str, entry: QuantEntry) -> None:
+        with torch.no_grad():
+            built["params"][name].copy_(dequantize_entry(entry))
+
+    header, _ = load_artifact(path, check=build, sink=copy_in)
+    return built["model"].to(device).eval(), header.meta

@@ -13,9 +13,14 @@ dtype, shape, offset, nbytes, quantization info) and carries the metadata (model
 identity, provenance). Tensor bytes are grouped by dtype (int8 codes together, then fp16, then fp32...)
 because like values next to each other compress better.
 
-Loading checks the magic, the checksum (truncation or tampering), the declared sizes against limits
-(an oversized header, a decompression bomb) before and while decompressing, and runs no code: it only
-parses JSON and copies bytes into tensors.
+Reading is bounded and validates before it allocates: the file's size is checked (stat) before it is read
+(MAX_FILE_BYTES), then the magic and the checksum (truncation or tampering), the declared payload length,
+and the header, decompressed alone (at most MAX_HEADER_BYTES) and checked whole: known keys and types,
+unique tensor names, known storage kinds and dtypes, field shapes that agree with their tensor and its
+storage kind, byte ranges that tile the payload exactly. A caller's `check` (pgolf/export/weights.py: the
+model config and the tensor table it implies) runs next; only then is the tensor payload decompressed,
+straight into the tensors, a bounded chunk at a time, and its length checked again (a decompression bomb).
+Every problem is one `ArtifactError` naming the field. No code runs: JSON is parsed and bytes copied.
 
 `python -m pgolf.tools.inspect PATH [--codecs]` prints what an artifact holds (pgolf/tools/inspect.py).
 """
@@ -27,6 +32,7 @@ import json
 import lzma
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +50,22 @@ PREFIX = struct.Struct("<8sHBBQ32s")
 CODECS = {"zlib": 1, "zstd": 2, "lzma": 3}
 CODEC_NAMES = {v: k for k, v in CODECS.items()}
 DEFAULT_LEVELS = {"zlib": 9, "zstd": 22, "lzma": 9}
+LEVELS = {"zlib": range(0, 10), "zstd": range(0, 23), "lzma": range(0, 10)}  # what a file may declare
 MAX_RAW_BYTES = 1 << 30  # 1 GiB: far above any 16 MB artifact, far below a bomb
-MAX_HEADER_BYTES = 16 << 20
+# An artifact file is never read past this size (checked with stat first): four times the challenge's
+# 16,000,000-byte cap, so an over-cap artifact is still read, scored and reported as not compliant.
+MAX_FILE_BYTES = 4 * ARTIFACT_LIMIT_BYTES
+MAX_HEADER_BYTES = 1 << 20  # a real header (~150 tensors + metadata) is well under 100 KB
+MAX_NDIM = 8
+MAX_DIM = 1 << 31
+MAX_NAME_CHARS = 256
+LZMA_MEMLIMIT = 1 << 28  # an xz stream may not ask for more decoder memory (preset 9 needs ~65 MiB)
+IN_CHUNK = 1 << 20  # compressed bytes handed to the decompressor per step
+OUT_CHUNK = 1 << 24  # decompressed bytes copied into a tensor per step (bounds the transient buffer)
 DTYPE_ORDER = ("int8", "uint8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64", "bool")
+ITEMSIZE = {"int8": 1, "uint8": 1, "int16": 2, "int32": 4, "int64": 8, "float16": 2, "bfloat16": 2, "float32": 4}
+ITEMSIZE |= {"float64": 8, "bool": 1}
+STORE_FIELDS = {"raw": ("data",), "fp16": ("data",), "fp32": ("data",), "int": ("q", "scale")}
 
 
 class ArtifactError(ValueError):
@@ -100,21 +119,6 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[str, bytes]:
     return name, t.numpy().tobytes()
 
 
-def _from_bytes(buf: memoryview, dtype: str, shape: list[int]) -> torch.Tensor:
-    if dtype not in DTYPE_ORDER:
-        raise ArtifactError(f"unsupported tensor dtype {dtype!r} in artifact")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ArtifactError(f"invalid tensor shape {shape!r} in artifact")
-    itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype if dtype != "bool" else np.bool_).itemsize
-    if int(np.prod(shape, dtype=np.int64)) * itemsize != len(buf):
-        raise ArtifactError(f"tensor of shape {shape} {dtype} does not fit its {len(buf)} bytes")
-    if dtype == "bfloat16":
-        arr = np.frombuffer(buf, dtype=np.int16).copy()
-        return torch.from_numpy(arr).view(torch.bfloat16).reshape(shape)
-    arr = np.frombuffer(buf, dtype=np.dtype(dtype if dtype != "bool" else np.bool_)).copy()
-    return torch.from_numpy(arr).reshape(shape)
-
-
 def pack(entries: dict[str, QuantEntry], meta: dict) -> bytes:
     """Serialize quantized entries + metadata into the raw (uncompressed) payload."""
     pieces: list[tuple[str, str, str, bytes, list[int]]] = []  # (dtype, tensor name, field, bytes, shape)
@@ -146,43 +150,6 @@ def pack(entries: dict[str, QuantEntry], meta: dict) -> bytes:
     return struct.pack("<I", len(header)) + header + bytes(blob)
 
 
-def unpack(raw: bytes) -> tuple[dict[str, QuantEntry], dict]:
-    if len(raw) < 4:
-        raise ArtifactError("payload too short for a header")
-    (hlen,) = struct.unpack_from("<I", raw, 0)
-    if hlen > MAX_HEADER_BYTES or 4 + hlen > len(raw):
-        raise ArtifactError(f"header length {hlen} is oversized or beyond the payload ({len(raw)} bytes)")
-    try:
-        header = json.loads(raw[4 : 4 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"artifact header is not valid JSON: {e}") from e
-    if not isinstance(header, dict) or header.get("format") != "pgolf-artifact-v1":
-        raise ArtifactError("artifact header has an unknown format")
-    blob = memoryview(raw)[4 + hlen :]
-    entries: dict[str, QuantEntry] = {}
-    for rec in header["tensors"]:
-        if rec.get("kind") not in ("raw", "fp16", "fp32", "int"):
-            raise ArtifactError(f"tensor {rec.get('name')!r}: unknown storage kind {rec.get('kind')!r}")
-        fields = {}
-        for fld, f in rec["fields"].items():
-            if fld not in ("data", "q", "scale"):
-                raise ArtifactError(f"tensor {rec['name']}: unknown field {fld!r}")
-            end = f["offset"] + f["nbytes"]
-            if f["offset"] < 0 or end > len(blob):
-                raise ArtifactError(f"tensor {rec['name']}.{fld}: bytes [{f['offset']}, {end}) lie outside the payload")
-            t = _from_bytes(blob[f["offset"] : end], f["dtype"], f["shape"])
-            fields[fld] = t
-        entries[rec["name"]] = QuantEntry(
-            kind=rec["kind"],
-            shape=tuple(rec["shape"]),
-            orig_dtype=rec["orig_dtype"],
-            bits=rec["bits"],
-            info=rec.get("info", {}),
-            **fields,
-        )
-    return entries, header["meta"]
-
-
 # ---- files ---------------------------------------------------------------------------------------
 def _digest(version: int, codec_id: int, level: int, raw_len: int, payload: bytes) -> bytes:
     h = hashlib.sha256(struct.pack("<HBBQ", version, codec_id, level, raw_len))
@@ -197,7 +164,9 @@ def encode_artifact(raw: bytes, codec: str, level: int | None = None) -> bytes:
     return PREFIX.pack(MAGIC, VERSION, cid, level, len(raw), _digest(VERSION, cid, level, len(raw), payload)) + payload
 
 
-def decode_artifact(data: bytes, max_raw_bytes: int = MAX_RAW_BYTES) -> tuple[bytes, str]:
+def _prefix(data: bytes | memoryview, max_raw_bytes: int) -> tuple[str, int, int, memoryview]:
+    """(codec, level, raw_len, compressed payload) of a file's bytes, after the magic, version, codec id,
+    checksum and declared length are checked."""
     if len(data) < PREFIX.size:
         raise ArtifactError(f"file of {len(data)} bytes is too short to be an artifact (truncated?)")
     magic, version, cid, level, raw_len, digest = PREFIX.unpack_from(data, 0)
@@ -207,15 +176,331 @@ def decode_artifact(data: bytes, max_raw_bytes: int = MAX_RAW_BYTES) -> tuple[by
         raise ArtifactError(f"unsupported artifact version {version}")
     if cid not in CODEC_NAMES:
         raise ArtifactError(f"unknown codec id {cid}")
-    payload = data[PREFIX.size :]
+    if level not in LEVELS[CODEC_NAMES[cid]]:
+        raise ArtifactError(
+            f"codec level {level} is out of range for {CODEC_NAMES[cid]} (0..{LEVELS[CODEC_NAMES[cid]][-1]})"
+        )
+    payload = memoryview(data)[PREFIX.size :]
     if _digest(version, cid, level, raw_len, payload) != digest:
         raise ArtifactError("checksum mismatch: the artifact is truncated or was modified")
     if raw_len > max_raw_bytes:
         raise ArtifactError(
             f"declared payload of {raw_len} bytes exceeds the {max_raw_bytes}-byte limit (decompression bomb?)"
         )
-    codec = CODEC_NAMES[cid]
+    return CODEC_NAMES[cid], level, raw_len, payload
+
+
+def decode_artifact(data: bytes, max_raw_bytes: int = MAX_RAW_BYTES) -> tuple[bytes, str]:
+    """(the whole decompressed payload, codec name) of an artifact file's bytes (nothing in it validated
+    beyond the prefix and its length; `load_artifact` is the validating reader). Raises ArtifactError."""
+    codec, _, raw_len, payload = _prefix(data, max_raw_bytes)
     return decompress(payload, codec, raw_len), codec
+
+
+class _Inflate:
+    """The decompressed payload as a stream, produced at most `n` bytes at a time from compressed input fed
+    IN_CHUNK bytes at a time, so memory stays bounded whatever the stream declares. `codec` None: `src` is
+    the payload itself."""
+
+    def __init__(self, src: bytes | memoryview, codec: str | None, raw_len: int):
+        self.src, self.codec, self.raw_len = memoryview(src), codec, raw_len
+        self.pos, self.tail = 0, b""
+        if codec == "zlib":
+            self.d = zlib.decompressobj()
+        elif codec == "lzma":
+            self.d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=LZMA_MEMLIMIT)
+        elif codec == "zstd":
+            self.d = zstandard.ZstdDecompressor().stream_reader(self.src, read_size=IN_CHUNK)
+        elif codec is not None:
+            raise ArtifactError(f"unknown codec {codec!r}")
+
+    def _feed(self) -> bytes:
+        chunk = self.src[self.pos : self.pos + IN_CHUNK]
+        self.pos += len(chunk)
+        return chunk
+
+    def _produce(self, n: int) -> bytes:
+        """Up to n (> 0) bytes; b"" only at the end of the stream."""
+        if self.codec is None:
+            out = bytes(self.src[self.pos : self.pos + n])
+            self.pos += len(out)
+            return out
+        if self.codec == "zstd":
+            return self.d.read(n)
+        for _ in range(len(self.src) // IN_CHUNK + 3):  # each round feeds input or returns
+            if self.codec == "zlib":
+                data = self.tail or self._feed()
+                out = self.d.decompress(data, n)
+                self.tail = self.d.unconsumed_tail
+                if out or self.d.eof or not data:
+                    return out
+            else:
+                if self.d.eof:
+                    return b""
+                data = self._feed() if self.d.needs_input else b""
+                if self.d.needs_input and not data:
+                    return b""
+                out = self.d.decompress(data, max_length=n)
+                if out:
+                    return out
+        return b""
+
+    def produce(self, n: int) -> bytes:
+        try:
+            return self._produce(n)
+        except ArtifactError:
+            raise
+        except Exception as e:  # zlib.error, lzma.LZMAError (incl. memlimit), zstandard.ZstdError
+            raise ArtifactError(f"corrupt {self.codec} payload: {e}") from e
+
+    def readinto(self, out: memoryview) -> None:
+        """Fill `out` (a byte view) exactly; fewer bytes than it holds is an ArtifactError."""
+        filled = 0
+        while filled < len(out):
+            chunk = self.produce(min(OUT_CHUNK, len(out) - filled))
+            if not chunk:
+                raise ArtifactError(
+                    f"payload decompresses to fewer bytes than the declared {self.raw_len} (corrupt artifact)"
+                )
+            out[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self.readinto(memoryview(buf))
+        return bytes(buf)
+
+    def finish(self) -> None:
+        """The stream must end exactly at the declared length (anything more: a decompression bomb)."""
+        if self.produce(1):
+            raise ArtifactError(
+                f"payload decompresses to more bytes than the declared {self.raw_len} (corrupt artifact or "
+                "decompression bomb)"
+            )
+
+
+# ---- the header ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FieldRecord:
+    """One stored array of a tensor: dtype name, shape, and its bytes [offset, offset + nbytes) in the
+    tensor payload (the bytes after the header)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One tensor of the header's table: name, storage kind, shape and dtype of the tensor it restores,
+    integer bits (kind int), quantization info, and its stored fields (data | q + scale)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    orig_dtype: str
+    bits: int
+    info: dict
+    fields: dict[str, FieldRecord]
+
+
+@dataclass(frozen=True)
+class ArtifactHeader:
+    """What an artifact declares, validated, before any tensor is allocated: the metadata, the tensor table
+    (in file order), codec and level, file size, declared payload length and header length (bytes)."""
+
+    meta: dict
+    tensors: dict[str, TensorRecord]
+    codec: str
+    level: int
+    file_bytes: int
+    raw_len: int
+    header_bytes: int
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of tensor data after the header (the fields tile exactly these)."""
+        return self.raw_len - 4 - self.header_bytes
+
+
+def _int(v, what: str, lo: int = 0, hi: int | None = None) -> int:
+    """`v` as an integer in [lo, hi] (not a bool, not a float), else ArtifactError naming `what`."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ArtifactError(f"{what} must be an integer {rng}, got {v!r}")
+    return v
+
+
+def _shape(v, what: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > MAX_NDIM:
+        raise ArtifactError(f"{what} must be a list of at most {MAX_NDIM} sizes, got {v!r}")
+    return tuple(_int(d, f"{what}[{i}]", 0, MAX_DIM) for i, d in enumerate(v))
+
+
+def _keys(d, want: set[str], what: str, optional: frozenset[str] = frozenset()) -> dict:
+    """`d` as a JSON object with exactly the keys `want` (and any of `optional`), else ArtifactError."""
+    if not isinstance(d, dict):
+        raise ArtifactError(f"{what} must be a JSON object, got {type(d).__name__}")
+    missing, unknown = sorted(want - set(d)), sorted(set(d) - want - optional)
+    if missing:
+        raise ArtifactError(f"{what}: missing keys {missing}")
+    if unknown:
+        raise ArtifactError(f"{what}: unknown keys {unknown}")
+    return d
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _field(f, what: str) -> FieldRecord:
+    _keys(f, {"dtype", "shape", "offset", "nbytes"}, what)
+    if f["dtype"] not in DTYPE_ORDER:
+        raise ArtifactError(f"{what}.dtype: unsupported tensor dtype {f['dtype']!r} (one of {', '.join(DTYPE_ORDER)})")
+    shape = _shape(f["shape"], f"{what}.shape")
+    rec = FieldRecord(f["dtype"], shape, _int(f["offset"], f"{what}.offset"), _int(f["nbytes"], f"{what}.nbytes"))
+    if _numel(shape) * ITEMSIZE[rec.dtype] != rec.nbytes:
+        raise ArtifactError(f"{what}: tensor of shape {list(shape)} {rec.dtype} does not fit its {rec.nbytes} bytes")
+    return rec
+
+
+def _record(rec, what: str) -> TensorRecord:
+    """One entry of the header's `tensors` list, checked: types, kind, fields and their agreement."""
+    _keys(rec, {"name", "kind", "shape", "orig_dtype", "bits", "fields"}, what, optional={"info"})
+    name = rec["name"]
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+        raise ArtifactError(f"{what}.name must be a non-empty string of at most {MAX_NAME_CHARS} characters")
+    what = f"tensor {name!r}"
+    kind = rec["kind"]
+    if kind not in STORE_FIELDS:
+        raise ArtifactError(f"{what}: unknown storage kind {kind!r} (one of {', '.join(STORE_FIELDS)})")
+    shape = _shape(rec["shape"], f"{what}.shape")
+    orig = rec["orig_dtype"]
+    if orig not in DTYPE_ORDER:
+        raise ArtifactError(f"{what}.orig_dtype: unsupported tensor dtype {orig!r}")
+    bits = _int(rec["bits"], f"{what}.bits", 2, 8) if kind == "int" else _int(rec["bits"], f"{what}.bits", 0, 64)
+    info = rec.get("info", {})
+    if not isinstance(info, dict):
+        raise ArtifactError(f"{what}.info must be a JSON object")
+    fields = {
+        k: _field(f, f"{what}.fields.{k}")
+        for k, f in _keys(rec["fields"], set(STORE_FIELDS[kind]), f"{what}.fields").items()
+    }
+    out = TensorRecord(name, kind, shape, orig, bits, info, fields)
+    _check_storage(out, what)
+    return out
+
+
+def _check_storage(t: TensorRecord, what: str) -> None:
+    """The stored fields agree with the tensor: what `dequantize_entry` (pgolf/quant/rules.py) needs."""
+    want = {"raw": t.orig_dtype, "fp16": "float16", "fp32": "float32"}
+    if t.kind in want:
+        d = t.fields["data"]
+        if d.dtype != want[t.kind] or d.shape != t.shape:
+            raise ArtifactError(
+                f"{what}.fields.data: {t.kind} storage of a {list(t.shape)} {t.orig_dtype} tensor must be "
+                f"{list(t.shape)} {want[t.kind]}, got {list(d.shape)} {d.dtype}"
+            )
+        return
+    q, s = t.fields["q"], t.fields["scale"]
+    if q.dtype != "int8" or q.shape != t.shape:
+        raise ArtifactError(f"{what}.fields.q must be {list(t.shape)} int8, got {list(q.shape)} {q.dtype}")
+    rows_ok = len(t.shape) >= 1 and s.shape == t.shape[:1]
+    if s.dtype not in ("float16", "float32") or not (s.shape == (1,) or rows_ok):
+        raise ArtifactError(
+            f"{what}.fields.scale must be float16/float32 of shape [1] or [rows={t.shape[:1]}], got "
+            f"{list(s.shape)} {s.dtype}"
+        )
+
+
+def check_table(header, payload_bytes: int) -> tuple[dict, dict[str, TensorRecord]]:
+    """(meta, tensor table) of a parsed JSON header, every key checked; the fields' byte ranges must tile
+    [0, payload_bytes) exactly (no overlap, no gap, nothing after). Raises ArtifactError naming the field."""
+    _keys(header, {"format", "meta", "tensors"}, "artifact header")
+    if header["format"] != "pgolf-artifact-v1":
+        raise ArtifactError(f"artifact header has an unknown format {header['format']!r}")
+    if not isinstance(header["meta"], dict):
+        raise ArtifactError("artifact header: meta must be a JSON object")
+    if not isinstance(header["tensors"], list):
+        raise ArtifactError("artifact header: tensors must be a list")
+    table: dict[str, TensorRecord] = {}
+    for i, rec in enumerate(header["tensors"]):
+        t = _record(rec, f"tensors[{i}]")
+        if t.name in table:
+            raise ArtifactError(f"tensor {t.name!r} is listed twice in the artifact header")
+        table[t.name] = t
+    spans = sorted((f.offset, f.nbytes, f"{t.name}.{k}") for t in table.values() for k, f in t.fields.items())
+    for off, n, what in spans:
+        if off + n > payload_bytes:
+            raise ArtifactError(
+                f"tensor {what}: bytes [{off}, {off + n}) lie outside the payload ({payload_bytes} bytes)"
+            )
+    pos = 0
+    for off, n, what in spans:
+        if off != pos:
+            raise ArtifactError(
+                f"tensor {what}: bytes start at {off}, expected {pos} (overlapping or gapped tensor bytes)"
+            )
+        pos += n
+    if pos != payload_bytes:
+        raise ArtifactError(f"the tensor payload holds {payload_bytes - pos} bytes after the last tensor")
+    return header["meta"], table
+
+
+def _parse_header(stream: _Inflate, raw_len: int) -> tuple[dict, dict[str, TensorRecord], int]:
+    if raw_len < 4:
+        raise ArtifactError("payload too short for a header")
+    (hlen,) = struct.unpack("<I", stream.read(4))
+    if hlen > MAX_HEADER_BYTES or 4 + hlen > raw_len:
+        raise ArtifactError(
+            f"header length {hlen} is oversized (limit {MAX_HEADER_BYTES}) or beyond the payload ({raw_len} bytes)"
+        )
+    try:
+        header = json.loads(stream.read(hlen).decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, a number over 4300 digits, deep nesting
+        raise ArtifactError(f"artifact header is not valid JSON: {str(e)[:200]}") from None
+    meta, table = check_table(header, raw_len - 4 - hlen)
+    return meta, table, hlen
+
+
+def _read_tensors(
+    stream: _Inflate, table: dict[str, TensorRecord], sink: Callable[[str, QuantEntry], None] | None = None
+) -> dict[str, QuantEntry]:
+    """Every field decompressed straight into its own array, in payload order; then the stream must end.
+    Returns the entries in table order, or, with `sink`, hands each entry to `sink(name, entry)` as soon
+    as its last field is read, keeps none and returns {}."""
+    arrays: dict[tuple[str, str], torch.Tensor] = {}
+    left = {t.name: len(t.fields) for t in table.values()}
+    out: dict[str, QuantEntry] = {}
+    for _, name, k in sorted((f.offset, t.name, k) for t in table.values() for k, f in t.fields.items()):
+        f = table[name].fields[k]
+        npdt = np.int16 if f.dtype == "bfloat16" else np.bool_ if f.dtype == "bool" else np.dtype(f.dtype)
+        arr = np.empty(f.shape, dtype=npdt)
+        stream.readinto(memoryview(arr.reshape(-1)).cast("B"))
+        t = torch.from_numpy(arr)
+        arrays[name, k] = t.view(torch.bfloat16) if f.dtype == "bfloat16" else t
+        left[name] -= 1
+        if left[name] == 0:
+            rec = table[name]
+            fields = {fk: arrays.pop((name, fk)) for fk in rec.fields}
+            entry = QuantEntry(rec.kind, rec.shape, rec.orig_dtype, bits=rec.bits, info=rec.info, **fields)
+            if sink is None:
+                out[name] = entry
+            else:
+                sink(name, entry)
+    stream.finish()
+    return {n: out[n] for n in table if n in out}
+
+
+def unpack(raw: bytes) -> tuple[dict[str, QuantEntry], dict]:
+    """(entries, meta) of a decompressed payload, header and table checked first. Raises ArtifactError."""
+    stream = _Inflate(raw, None, len(raw))
+    meta, table, _ = _parse_header(stream, len(raw))
+    return _read_tensors(stream, table), meta
 
 
 def write_artifact(
@@ -227,15 +512,62 @@ def write_artifact(
     return len(data)
 
 
-def read_artifact(path: str | Path) -> tuple[dict[str, QuantEntry], dict]:
+def read_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` bytes, its size checked before it is read (and
+    again while reading, should it grow). Raises ArtifactError."""
     path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: artifact not found")
     try:
-        raw, _ = decode_artifact(path.read_bytes())
-        return unpack(raw)
+        st = path.stat()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: artifact not found") from None
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read ({e.strerror})") from None
+    if not path.is_file():
+        raise ArtifactError(f"{path}: not a regular file")
+    if st.st_size > max_bytes:
+        raise ArtifactError(f"{path}: file of {st.st_size} bytes exceeds the {max_bytes}-byte cap on artifact files")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read ({e.strerror})") from None
+    if len(data) > max_bytes:
+        raise ArtifactError(f"{path}: file grew past the {max_bytes}-byte cap on artifact files while read")
+    return data
+
+
+def load_artifact(
+    path: str | Path,
+    *,
+    check: Callable[[ArtifactHeader], None] | None = None,
+    tensors: bool = True,
+    sink: Callable[[str, QuantEntry], None] | None = None,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> tuple[ArtifactHeader, dict[str, QuantEntry]]:
+    """(validated header, entries) of an artifact file. The file's size (at most `max_file_bytes`), prefix,
+    checksum and header are checked, then `check(header)` runs (raising ArtifactError to refuse it), all
+    before any tensor is allocated; with `tensors=False` nothing more is decompressed and the entries are
+    {}; with `sink`, each entry goes to `sink(name, entry)` once read and the entries returned are {}.
+    Memory: the file's bytes plus the stored tensors (at most the declared payload; with `sink`, only the
+    entries not yet complete) plus one OUT_CHUNK. Every problem is an ArtifactError `<path>: <what, naming
+    the field>`."""
+    data = read_file(path, max_file_bytes)
+    try:
+        codec, level, raw_len, payload = _prefix(data, MAX_RAW_BYTES)
+        stream = _Inflate(payload, codec, raw_len)
+        meta, table, hlen = _parse_header(stream, raw_len)
+        header = ArtifactHeader(meta, table, codec, level, len(data), raw_len, hlen)
+        if check is not None:
+            check(header)
+        return header, (_read_tensors(stream, table, sink) if tensors else {})
     except ArtifactError as e:
         raise ArtifactError(f"{path}: {e}") from None
+
+
+def read_artifact(path: str | Path, **kw) -> tuple[dict[str, QuantEntry], dict]:
+    """(entries, meta) of an artifact file: `load_artifact` (same keywords)."""
+    header, entries = load_artifact(path, **kw)
+    return entries, header.meta
 
 
 def codec_sizes(raw: bytes, codecs: list[str], levels: dict[str, int] | None = None) -> dict[str, int]:

@@ -3,7 +3,9 @@
 Prints the model config, tokenizer identity, provenance, calibration source and pruning record, a
 per-tensor table (shape, storage, bits, bytes before and after compression, share), the margin to
 16,000,000 bytes (code: the packed train_gpt.py recorded in the artifact, its length and sha256), and with
-`--codecs` the size of the same payload under every codec, so a user can pick one.
+`--codecs` the size of the same payload under every codec, so a user can pick one. The artifact is validated
+as eval.py validates it (pgolf/export/weights.py) before a tensor is read; a bad file is one line
+`error: ...` on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,35 +16,55 @@ import sys
 from pathlib import Path
 
 from pgolf.export.code import code_of
-from pgolf.quant.artifact import PREFIX, ArtifactError, SizeReport, codec_sizes, compress, decode_artifact, pack, unpack
+from pgolf.export.weights import check_model_artifact
+from pgolf.quant.artifact import (
+    ArtifactHeader,
+    SizeReport,
+    codec_sizes,
+    compress,
+    decode_artifact,
+    load_artifact,
+    pack,
+    read_file,
+)
+from pgolf.quant.rules import QuantEntry
 
 
 # ---- inspect -------------------------------------------------------------------------------------
+def _raw(key: str, value) -> str:
+    """A metadata entry that is not in the shape pgolf writes, shown as it is (JSON)."""
+    return f"{key}: {json.dumps(value, sort_keys=True)}"
+
+
 def _describe_meta(meta: dict) -> list[str]:
-    """The metadata's lines: kind, model config, tokenizer, provenance, training, calibration, quantization."""
+    """The metadata's lines: kind, model config, tokenizer, provenance, training, calibration, quantization.
+    An entry not in the shape pgolf writes is printed as JSON (the metadata is the artifact's word)."""
     lines = []
     if "kind" in meta:
         lines.append(f"kind: {meta['kind']}")
     if "model" in meta:
         lines.append(f"config: {json.dumps(meta['model'], sort_keys=True)}")
-    tok = meta.get("tokenizer")
-    if tok:
-        lines.append(f"tokenizer: {tok.get('name')} vocab_size:{tok.get('vocab_size')} sha256:{tok.get('sha256', '?')}")
-    else:
-        lines.append("tokenizer: (not recorded)")
+    tok = meta.get("tokenizer")  # validated by check_model_artifact
+    lines.append(f"tokenizer: {tok['name']} vocab_size:{tok['vocab_size']} sha256:{tok['sha256']}")
     lines += _provenance_lines(meta)
     for key in ("experiment", "seed", "training"):
         if key in meta:
-            lines.append(f"{key}: {json.dumps(meta[key], sort_keys=True)}")
+            lines.append(_raw(key, meta[key]))
     lines += _calibration_lines(meta.get("calibration"))
     q = meta.get("quant")
-    if q:
-        rules = ", ".join(r.get("name") or str(r.get("pattern")) for r in q.get("rules", []))
+    if (
+        isinstance(q, dict)
+        and isinstance(q.get("rules", []), list)
+        and all(isinstance(r, dict) for r in q.get("rules", []))
+    ):
+        rules = ", ".join(str(r.get("name") or r.get("pattern")) for r in q.get("rules", []))
         lines.append(f"quant: label {q.get('label')} codec {q.get('codec')}-{q.get('level')} rules [{rules}]")
         if q.get("gptq"):
-            lines.append(f"gptq: {json.dumps(q['gptq'], sort_keys=True)}")
+            lines.append(_raw("gptq", q["gptq"]))
+    elif q:
+        lines.append(_raw("quant", q))
     if meta.get("prune"):
-        lines.append(f"prune: {json.dumps(meta['prune'], sort_keys=True)}")
+        lines.append(_raw("prune", meta["prune"]))
     return lines
 
 
@@ -50,6 +72,8 @@ def _provenance_lines(meta: dict) -> list[str]:
     prov = meta.get("provenance")
     if not prov:
         lines = ["provenance: (not recorded)"]
+    elif not isinstance(prov, dict):
+        lines = [_raw("provenance", prov)]
     else:
         dirty = {True: " (dirty)", False: "", None: ""}.get(prov.get("git_dirty"), "")
         lines = [
@@ -58,7 +82,9 @@ def _provenance_lines(meta: dict) -> list[str]:
             f"date {prov.get('date', '?')}"
         ]
     rx = meta.get("reexport")
-    if rx:
+    if rx and (not isinstance(rx, dict) or not isinstance(rx.get("provenance", {}), dict)):
+        lines.append(_raw("re-exported", rx))
+    elif rx:
         rp = rx.get("provenance", {})
         lines.append(
             f"re-exported: from {rx.get('weights')} with git {rp.get('git_sha', '?')} on {rp.get('device', '?')} "
@@ -67,9 +93,11 @@ def _provenance_lines(meta: dict) -> list[str]:
     return lines
 
 
-def _calibration_lines(cal: dict | None) -> list[str]:
+def _calibration_lines(cal) -> list[str]:
     if not cal:
         return ["calibration: (not recorded)"]
+    if not isinstance(cal, dict):
+        return [_raw("calibration", cal)]
     keys = ("count", "length", "temperature", "seed", "seconds", "inside_training_budget")
     extra = " ".join(f"{k}:{cal[k]}" for k in keys if k in cal)
     lines = [f"calibration: source:{cal.get('source')} {extra} compliant:{cal.get('compliant')}".rstrip()]
@@ -79,22 +107,29 @@ def _calibration_lines(cal: dict | None) -> list[str]:
 
 
 def inspect(path: str | Path, codecs: bool = False) -> str:
+    """The report of the artifact at `path`, validated as eval.py validates it (`check_model_artifact`);
+    each tensor's row is computed as it is read and the tensor dropped, so memory stays at one tensor.
+    Raises ArtifactError naming the problem."""
     path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: artifact not found")
-    data = path.read_bytes()
-    raw, codec = decode_artifact(data)
-    entries, meta = unpack(raw)
-    _, _, _, level, raw_len, _ = PREFIX.unpack_from(data, 0)
-    lines = [f"artifact: {path.name}  ({len(data)} bytes, codec {codec}-{level}, raw {raw_len} bytes)"]
-    lines += _describe_meta(meta)
-    rows = []
-    for name, e in entries.items():
+    found: dict[str, tuple] = {}  # each tensor's row, by name
+    validated: list[ArtifactHeader] = []
+
+    def check(h: ArtifactHeader) -> None:
+        check_model_artifact(h)
+        validated.append(h)
+
+    def row(name: str, e: QuantEntry) -> None:
         one = pack({name: e}, {})
-        comp = len(compress(one, codec, level))
+        comp = len(compress(one, validated[0].codec, validated[0].level))
         store = f"int{e.bits}" if e.kind == "int" else e.kind
         bits = e.bits if e.kind == "int" else {"fp16": 16, "fp32": 32}.get(e.kind, 8 * e.data.element_size())
-        rows.append((name, "x".join(map(str, e.shape)) or "scalar", store, bits, len(one), comp))
+        found[name] = (name, "x".join(map(str, e.shape)) or "scalar", store, bits, len(one), comp)
+
+    header, _ = load_artifact(path, check=check, sink=row)
+    meta, codec, level = header.meta, header.codec, header.level
+    lines = [f"artifact: {path.name}  ({header.file_bytes} bytes, codec {codec}-{level}, raw {header.raw_len} bytes)"]
+    lines += _describe_meta(meta)
+    rows = [found[name] for name in header.tensors]
     total_comp = sum(r[5] for r in rows) or 1
     lines.append(
         f"{'tensor':44s} {'shape':>12s} {'store':>6s} {'bits':>4s} {'raw':>10s} {'compressed*':>12s} {'share':>6s}"
@@ -110,9 +145,10 @@ def inspect(path: str | Path, codecs: bool = False) -> str:
     code = code_of(meta)  # the packed train_gpt.py that made the artifact (pgolf/export/code.py)
     n_code = code["bytes"] if code["sha256"] else int(meta.get("code_bytes", 0))
     lines.append(f"code: train_gpt.py {n_code} bytes sha256:{code['sha256'] or 'not recorded'}")
-    rep = SizeReport(model_bytes=len(data), code_bytes=n_code)
+    rep = SizeReport(model_bytes=header.file_bytes, code_bytes=n_code)
     lines += rep.lines()
     if codecs:
+        raw, _ = decode_artifact(read_file(path))
         for key, n in codec_sizes(raw, ["zlib", "zstd", "lzma"]).items():
             r = SizeReport(model_bytes=n, code_bytes=n_code)
             lines.append(f"codec {key}: model {n} bytes, total {r.total} bytes, margin {r.margin}")
@@ -126,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         print(inspect(a.path, codecs=a.codecs))
-    except (ArtifactError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # ArtifactError is a ValueError: one line, no traceback
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
     return 0
 

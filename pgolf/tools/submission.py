@@ -44,7 +44,7 @@ from omegaconf import OmegaConf
 
 from pgolf.export.code import CODE_KEY, code_record
 from pgolf.io import atomic_dir
-from pgolf.quant.artifact import ArtifactError, read_artifact
+from pgolf.quant.artifact import ArtifactError, load_artifact
 from pgolf.tools.compare import DIAGNOSTIC_MODES, ModeStats, compare_to, mode_order, mode_stats
 from pgolf.tools.pack import SCRIPT, unpack
 from pgolf.tools.runs import CompareError, load_runs
@@ -125,10 +125,10 @@ def artifact_meta(run) -> dict:
     if path is None or not path.is_file():
         return {}
     try:
-        _, meta = read_artifact(path)
+        header, _ = load_artifact(path, tensors=False)  # the header, validated; no tensor is read
     except ArtifactError:
         return {}
-    return meta
+    return header.meta
 
 
 def provenance_of(run) -> dict:

@@ -1,0 +1,469 @@
+"""Hostile artifacts (pgolf issue 14): every forged file is refused with one ArtifactError naming the field,
+before anything is allocated; eval.py's arguments are checked before any work; eval_result.json carries the
+size and the compliance verdict. Artifacts are built in memory with the project's own pack/encode, then the
+header, table or bytes are edited."""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+
+import pytest
+import torch
+
+import pgolf.export.weights as weights
+import pgolf.quant.artifact as art
+from pgolf import ARTIFACT_LIMIT_BYTES
+from pgolf.config.schema import EvalRun, FinalEvalConfig
+from pgolf.config.typed import ConfigError, load
+from pgolf.data.tokenizer import TokenizerInfo
+from pgolf.eval.run import MAX_TOKENS_REASON, check_eval_args, compliance, evaluate_artifact
+from pgolf.export.weights import (
+    MAX_MODEL_PARAMS,
+    check_model_config,
+    expected_state,
+    load_artifact_model,
+    read_model_artifact,
+)
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT
+from pgolf.quant.artifact import (
+    CODECS,
+    MAGIC,
+    MAX_FILE_BYTES,
+    PREFIX,
+    VERSION,
+    ArtifactError,
+    _digest,
+    compress,
+    encode_artifact,
+    load_artifact,
+    pack,
+    read_artifact,
+    unpack,
+)
+from pgolf.quant.rules import dequantize_state, quantize_state, rules_from_config
+from pgolf.tools import inspect as inspect_cli
+
+CFG = GPTConfig(vocab_size=64, num_layers=1, model_dim=32, num_heads=4, num_kv_heads=2)
+RULES = [{"name": "matrix", "ndim": 2, "store": "int", "bits": 6}, {"name": "rest", "store": "fp16"}]
+TOKENIZER = {"name": "t.model", "vocab_size": 64, "sha256": "ab" * 32}
+
+
+def model_raw(cfg: GPTConfig = CFG, meta: dict | None = None) -> bytes:
+    torch.manual_seed(0)
+    entries = quantize_state(GPT(cfg).state_dict(), rules_from_config(RULES))
+    base = {"model": cfg.to_dict(), "tokenizer": TOKENIZER, "train": {"seq_len": 32}}
+    return pack(entries, {**base, "code": {"bytes": 1000, "sha256": "cd" * 32}} if meta is None else meta)
+
+
+@pytest.fixture(scope="module")
+def raw() -> bytes:
+    return model_raw()
+
+
+def split(raw: bytes) -> tuple[dict, bytes]:
+    (hlen,) = struct.unpack_from("<I", raw)
+    return json.loads(raw[4 : 4 + hlen]), raw[4 + hlen :]
+
+
+def join(header, blob: bytes) -> bytes:
+    hb = json.dumps(header).encode()
+    return struct.pack("<I", len(hb)) + hb + blob
+
+
+def forge_file(payload_raw: bytes, declared_len: int, codec: str = "zlib") -> bytes:
+    """A checksummed file whose prefix declares `declared_len` payload bytes (true or not)."""
+    payload = compress(payload_raw, codec, 1)
+    cid = CODECS[codec]
+    digest = _digest(VERSION, cid, 1, declared_len, payload)
+    return PREFIX.pack(MAGIC, VERSION, cid, 1, declared_len, digest) + payload
+
+
+def write(tmp_path, data: bytes, name: str = "a.ptz"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def edited(raw: bytes, edit) -> bytes:
+    header, blob = split(raw)
+    header = copy.deepcopy(header)
+    edit(header)
+    return join(header, blob)
+
+
+def tensor(header: dict, name: str) -> dict:
+    return next(t for t in header["tensors"] if t["name"] == name)
+
+
+def meta_builds_only(monkeypatch) -> list[str]:
+    """Record the device of every GPT built through pgolf.export.weights (meta: the shape check)."""
+    devices, real = [], weights.GPT
+
+    def spy(cfg):
+        devices.append(torch.empty(0).device.type)
+        return real(cfg)
+
+    monkeypatch.setattr(weights, "GPT", spy)
+    return devices
+
+
+# ---- valid artifacts are unchanged -----------------------------------------------------------------------
+def test_a_valid_artifact_loads_exactly_as_before(tmp_path, raw):
+    """Same tensors as an unchecked unpack, the same weights in the model, the same RNG draws after the
+    build (the meta-device shape check draws no random numbers)."""
+    path = write(tmp_path, encode_artifact(raw, "zstd", 3))
+    entries, meta = read_artifact(path)
+    ref, ref_meta = unpack(raw)
+    assert meta == ref_meta and list(entries) == list(ref)
+    torch.manual_seed(1)
+    model, _ = load_artifact_model(path)
+    after_load = torch.rand(3)
+    torch.manual_seed(1)
+    GPT(CFG)
+    assert torch.equal(after_load, torch.rand(3))
+    deq = dequantize_state(ref)
+    assert all(torch.equal(v, deq[k]) for k, v in model.state_dict().items())
+    header, none = read_model_artifact(path, tensors=False)
+    assert none == {} and header.file_bytes == path.stat().st_size and header.codec == "zstd"
+
+
+def test_the_streamed_reader_equals_the_in_memory_one_across_chunk_borders(tmp_path, raw, monkeypatch):
+    monkeypatch.setattr(art, "IN_CHUNK", 7)
+    monkeypatch.setattr(art, "OUT_CHUNK", 13)
+    ref, _ = unpack(raw)
+    for codec in CODECS:
+        got, _ = read_artifact(write(tmp_path, encode_artifact(raw, codec, 1), f"{codec}.ptz"))
+        for k, e in ref.items():
+            for f in ("data", "q", "scale"):
+                a, b = getattr(e, f), getattr(got[k], f)
+                assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), (codec, k, f)
+
+
+def test_expected_state_is_the_built_models_without_allocating():
+    for cfg in (
+        CFG,
+        GPTConfig(vocab_size=50, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=1, mlp_act="swiglu",
+                  swiglu_split=True, bigram="xor", bigram_dim=16, ve_dim=8, ve_layers=(0, 2), smear_gate="record",
+                  tie_embeddings=False, recur_start=1, recur_end=2, recur_times=2),
+    ):  # fmt: skip
+        want = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in GPT(cfg).state_dict().items()}
+        assert expected_state(cfg) == want
+    big = GPTConfig(vocab_size=1 << 17, num_layers=64, model_dim=8192, num_heads=64, num_kv_heads=8)
+    assert sum(s[0] * s[1] for s, _ in expected_state(big).values() if len(s) == 2) > 10**10  # meta: no memory
+
+
+# ---- item 1: a forged model config ------------------------------------------------------------------------
+def test_a_forged_config_is_refused_before_the_model_is_built(tmp_path, raw, monkeypatch):
+    devices = meta_builds_only(monkeypatch)
+    forged = {**CFG.to_dict(), "vocab_size": 65536, "model_dim": 12288, "num_heads": 96, "num_kv_heads": 96}
+    path = write(tmp_path, encode_artifact(edited(raw, lambda h: h["meta"].update(model=forged)), "zlib"))
+    with pytest.raises(ArtifactError, match=r"a\.ptz: meta\.model\.model_dim must be an integer in \[2, 8192\]"):
+        load_artifact_model(path)
+    within = {**CFG.to_dict(), "vocab_size": 1 << 17, "model_dim": 8192, "num_heads": 64, "num_kv_heads": 64}
+    path = write(tmp_path, encode_artifact(edited(raw, lambda h: h["meta"].update(model=within)), "zlib"))
+    with pytest.raises(ArtifactError, match=f"parameters, over the limit of {MAX_MODEL_PARAMS:,}"):
+        load_artifact_model(path)
+    assert devices == ["meta"]  # the second config was built on the meta device only; the first not at all
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("vocab_size", "64", r"meta\.model\.vocab_size must be an integer"),
+        ("num_layers", -1, r"meta\.model\.num_layers must be an integer in \[1, 64\]"),
+        ("num_heads", True, r"meta\.model\.num_heads must be an integer"),
+        ("model_dim", 34, r"meta\.model: model_dim 34 must be divisible by num_heads 4"),
+        ("mlp_mult", float("nan"), r"meta\.model\.mlp_mult must be a finite number"),
+        ("mlp_mult", 0, r"meta\.model\.mlp_mult must be in \(0, 64\]"),
+        ("tie_embeddings", 1, r"meta\.model\.tie_embeddings must be true or false"),
+        ("qat", "sometimes", r"meta\.model: qat 'sometimes' not in"),
+        ("ve_layers", [5], r"meta\.model: ve_layers \(5,\) out of range"),
+        ("bogus", 1, r"meta\.model: unknown fields \['bogus'\]"),
+        ("recur_times", 10**6, r"meta\.model\.recur_times must be an integer in \[1, 16\]"),
+    ],
+)
+def test_config_fields_are_typed_and_bounded(key, value, message):
+    with pytest.raises(ArtifactError, match=message):
+        check_model_config({**CFG.to_dict(), key: value})
+
+
+def test_a_config_of_too_many_virtual_layers_is_refused():
+    d = {**CFG.to_dict(), "num_layers": 64, "recur_start": 0, "recur_end": 64, "recur_times": 16}
+    with pytest.raises(ArtifactError, match="1024 layers per forward, over the limit of 256"):
+        check_model_config(d)
+
+
+# ---- item 2: a huge tensor under an unknown name -------------------------------------------------------------
+def test_an_unknown_huge_tensor_is_refused_before_its_bytes_are_decompressed(tmp_path, raw):
+    """The header declares an int8 [16384, 16384] tensor (256 Mi entries) the model lacks; the payload
+    stops after the real tensors. Refused by name, never decompressed (else: "fewer bytes")."""
+    header, blob = split(raw)
+    n = 16384
+    header["tensors"].append({
+        "name": "extra", "kind": "int", "shape": [n, n], "orig_dtype": "float32", "bits": 8, "info": {},
+        "fields": {"q": {"dtype": "int8", "shape": [n, n], "offset": len(blob), "nbytes": n * n},
+                   "scale": {"dtype": "float16", "shape": [n], "offset": len(blob) + n * n, "nbytes": 2 * n}},
+    })  # fmt: skip
+    real = join(header, blob)
+    path = write(tmp_path, forge_file(real, len(real) + n * n + 2 * n))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(ArtifactError, match="tensor 'extra' is not a parameter of the model config"):
+        read_model_artifact(path)
+    with pytest.raises(ArtifactError, match="fewer bytes than the declared"):  # the format reader alone
+        read_artifact(path)
+
+
+# ---- item 3: an oversized file --------------------------------------------------------------------------------
+def test_an_oversized_file_is_refused_before_it_is_read(tmp_path):
+    assert MAX_FILE_BYTES == 4 * ARTIFACT_LIMIT_BYTES
+    path = tmp_path / "sparse.ptz"
+    with open(path, "wb") as f:
+        f.truncate(3 << 30)  # 3 GiB, sparse: nothing is written
+    with pytest.raises(ArtifactError, match=f"sparse.ptz: file of {3 << 30} bytes exceeds the {MAX_FILE_BYTES}-byte"):
+        read_model_artifact(path)
+    assert inspect_cli.main([str(path)]) == 2
+    with pytest.raises(ArtifactError, match="not a regular file"):
+        read_artifact(tmp_path)
+
+
+# ---- item 4: non-positive lengths ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"seq_len": -7}, "seq_len must be a positive integer"),
+        ({"seq_len": 0}, "seq_len must be a positive integer"),
+        ({"batch_windows": 0}, "batch_windows must be a positive integer"),
+        ({"max_tokens": -1}, "max_tokens must be a positive integer"),
+        ({"budget_seconds": -1}, "budget_seconds must be a number >= 0"),
+        ({"modes": {"sliding": {"stride": -3}}}, r"eval\.sliding\.stride must be a positive integer"),
+        ({"modes": {"standard": {"batch_windows": 0}}}, r"eval\.standard\.batch_windows must be a positive"),
+    ],
+)
+def test_non_positive_lengths_are_refused_before_any_work(tmp_path, kw, message):
+    args = {"batch_windows": 8, "seq_len": None, "budget_seconds": 600, "max_tokens": None, "modes": {"standard": {}}}
+    args |= kw
+    with pytest.raises(ValueError, match=message):
+        check_eval_args(**args)
+    with pytest.raises(ValueError, match=message):  # before the (missing) artifact is opened
+        evaluate_artifact(artifact=tmp_path / "missing.ptz", data={}, out_dir=tmp_path, **args)
+
+
+@pytest.mark.parametrize("value", [-7, 0, "32", 10**9, 32.0])
+def test_a_forged_training_seq_len_is_refused(tmp_path, raw, value):
+    path = write(tmp_path, encode_artifact(edited(raw, lambda h: h["meta"].update(train={"seq_len": value})), "zlib"))
+    with pytest.raises(ArtifactError, match=r"meta\.train\.seq_len must be an integer in \[1, 16384\]"):
+        read_model_artifact(path, tensors=False)
+
+
+# ---- item 5: a tensor listed twice ------------------------------------------------------------------------
+def test_a_tensor_listed_twice_is_refused(raw):
+    def twice(h):
+        h["tensors"].append(copy.deepcopy(h["tensors"][0]))
+
+    with pytest.raises(ArtifactError, match=r"tensor '[\w.]+' is listed twice"):
+        unpack(edited(raw, twice))
+
+
+# ---- item 6: malformed headers ------------------------------------------------------------------------------
+def _set_field(name: str, fld: str, key: str, value):
+    return lambda h: tensor(h, name)["fields"][fld].__setitem__(key, value)
+
+
+MALFORMED = {
+    "no tensors": (lambda h: h.pop("tensors"), r"artifact header: missing keys \['tensors'\]"),
+    "no model": (lambda h: h["meta"].pop("model"), r"metadata has no model config \(meta\.model\)"),
+    "no tokenizer": (lambda h: h["meta"].pop("tokenizer"), r"no tokenizer identity \(meta\.tokenizer\)"),
+    "string offset": (
+        _set_field("tok_emb.weight", "q", "offset", "0"),
+        r"tensor 'tok_emb\.weight'\.fields\.q\.offset must be an integer >= 0, got '0'",
+    ),
+    "unknown dtype": (
+        _set_field("tok_emb.weight", "q", "dtype", "complex64"),
+        r"tensor 'tok_emb\.weight'\.fields\.q\.dtype: unsupported tensor dtype 'complex64'",
+    ),
+    "shape not the config's": (
+        lambda h: [
+            tensor(h, "blocks.0.attn_scale").update(shape=[2, 16]),
+            tensor(h, "blocks.0.attn_scale")["fields"]["data"].update(shape=[2, 16]),
+        ],
+        r"tensor 'blocks\.0\.attn_scale' has shape \[2, 16\]; the model config implies \[32\]",
+    ),
+    "bool nbytes": (_set_field("tok_emb.weight", "q", "nbytes", True), r"fields\.q\.nbytes must be an integer"),
+    "orig dtype": (
+        lambda h: tensor(h, "tok_emb.weight").update(orig_dtype="float64"),
+        r"tensor 'tok_emb\.weight': orig_dtype must be the model's float32, got 'float64'",
+    ),
+    "header is a list": (lambda h: h.clear(), r"artifact header: missing keys"),
+    "record not an object": (lambda h: h["tensors"].__setitem__(0, 7), r"tensors\[0\] must be a JSON object"),
+    "extra field": (
+        _set_field("tok_emb.weight", "q", "extra", 1),
+        r"tensor 'tok_emb\.weight'\.fields\.q: unknown keys \['extra'\]",
+    ),
+    "empty name": (lambda h: h["tensors"][0].update(name=""), r"tensors\[0\]\.name must be a non-empty string"),
+    "int bits": (lambda h: tensor(h, "tok_emb.weight").update(bits=9), r"\.bits must be an integer in \[2, 8\]"),
+    "scale shape": (
+        _set_field("tok_emb.weight", "scale", "shape", [63]),
+        r"fields\.scale: tensor of shape \[63\] float16 does not fit its 128 bytes",
+    ),
+    "kind and dtype disagree": (
+        _set_field("blocks.0.attn_scale", "data", "dtype", "int16"),
+        r"tensor 'blocks\.0\.attn_scale'\.fields\.data: fp16 storage of a \[32\] float32 tensor must be \[32\] float16",
+    ),
+    "tokenizer keys": (
+        lambda h: h["meta"]["tokenizer"].update(extra=1),
+        r"meta\.tokenizer must hold exactly name, vocab_size and sha256",
+    ),
+    "tokenizer bigger than the model": (
+        lambda h: h["meta"]["tokenizer"].update(vocab_size=65),
+        r"meta\.tokenizer\.vocab_size 65 exceeds the model's vocab_size 64",
+    ),
+    "negative code size": (
+        lambda h: h["meta"]["code"].update(bytes=-16_000_000),
+        r"meta\.code\.bytes must be an integer in \[0, ",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_header_is_one_error_naming_the_field(tmp_path, raw, capsys, case):
+    edit, message = MALFORMED[case]
+    path = write(tmp_path, encode_artifact(edited(raw, edit), "zlib"))
+    with pytest.raises(ArtifactError, match=message):
+        read_model_artifact(path)
+    assert inspect_cli.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_missing_tensor_is_refused(tmp_path):
+    torch.manual_seed(0)
+    entries = quantize_state(GPT(CFG).state_dict(), rules_from_config(RULES))
+    del entries["blocks.0.attn.q_gain"]
+    meta = {"model": CFG.to_dict(), "tokenizer": TOKENIZER}
+    with pytest.raises(ArtifactError, match=r"tensors missing for the model config: \['blocks\.0\.attn\.q_gain'\]"):
+        read_model_artifact(write(tmp_path, encode_artifact(pack(entries, meta), "zlib")))
+
+
+def test_tensor_bytes_must_tile_the_payload(raw):
+    header, blob = split(raw)
+    with pytest.raises(ArtifactError, match="holds 3 bytes after the last tensor"):
+        unpack(join(header, blob + b"abc"))
+    a, b = header["tensors"][0]["fields"], header["tensors"][1]["fields"]
+    next(iter(b.values()))["offset"] = next(iter(a.values()))["offset"]  # two tensors on the same bytes
+    with pytest.raises(ArtifactError, match="overlapping or gapped tensor bytes|lie outside the payload"):
+        unpack(join(header, blob))
+
+
+@pytest.mark.parametrize(
+    "header_bytes,message",
+    [
+        (b"\xff\xfe{}", "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        (b'{"format": ' + b"1" * 5000 + b"}", "not valid JSON"),
+        (b'{"format": "pgolf-artifact-v1", "meta": {}, "tensors": {}}', "tensors must be a list"),
+    ],
+)
+def test_header_json_attacks_are_refused(header_bytes, message):
+    with pytest.raises(ArtifactError, match=message):
+        unpack(struct.pack("<I", len(header_bytes)) + header_bytes)
+
+
+def test_header_length_is_bounded(raw):
+    with pytest.raises(ArtifactError, match=r"header length 2097152 is oversized \(limit 1048576\)"):
+        unpack(struct.pack("<I", 2 << 20) + raw[4:])
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
+def test_declared_lengths_bound_the_stream_for_every_codec(tmp_path, raw, codec):
+    with pytest.raises(ArtifactError, match="the tensor payload holds 1 bytes after the last tensor"):
+        read_artifact(write(tmp_path, forge_file(raw, len(raw) + 1, codec)))  # the header's table disagrees
+    with pytest.raises(ArtifactError, match="more bytes than the declared"):  # a bomb: more than declared
+        read_artifact(write(tmp_path, forge_file(raw + b"\0" * 4096, len(raw), codec)))
+    payload = compress(raw, codec, 1)[:-40]  # truncated, re-checksummed
+    cid = CODECS[codec]
+    data = PREFIX.pack(MAGIC, VERSION, cid, 1, len(raw), _digest(VERSION, cid, 1, len(raw), payload)) + payload
+    with pytest.raises(ArtifactError, match="fewer bytes than the declared|corrupt"):
+        read_artifact(write(tmp_path, data))
+    with pytest.raises(ArtifactError, match="fewer bytes than the declared"):  # a stream that ends early
+        read_artifact(write(tmp_path, forge_file(raw[:-5], len(raw), codec)))
+
+
+def test_a_codec_level_out_of_range_is_refused(tmp_path, raw):
+    payload = compress(raw, "lzma", 1)
+    cid = CODECS["lzma"]
+    data = PREFIX.pack(MAGIC, VERSION, cid, 200, len(raw), _digest(VERSION, cid, 200, len(raw), payload)) + payload
+    with pytest.raises(ArtifactError, match=r"codec level 200 is out of range for lzma \(0\.\.9\)"):
+        read_artifact(write(tmp_path, data))
+
+
+def test_float_weights_are_checked_as_a_model_and_a_quantized_artifact_is_not_float_weights(tmp_path, raw):
+    torch.manual_seed(0)
+    state = GPT(CFG).state_dict()
+    path = weights.save_float_weights(tmp_path / "f.ptz", state, {"model": CFG.to_dict()})
+    got, meta = weights.load_weights(path)
+    assert meta["kind"] == "float_weights" and all(torch.equal(v, got[k]) for k, v in state.items())
+    with pytest.raises(ArtifactError, match="not saved float weights"):
+        weights.load_weights(write(tmp_path, encode_artifact(raw, "zlib")))
+    forged = edited(unpack_raw(path), lambda h: h["meta"]["model"].update(num_layers=2))
+    with pytest.raises(ArtifactError, match=r"tensors missing for the model config: \['skip_weights', 'blocks\.1\."):
+        weights.load_weights(write(tmp_path, encode_artifact(forged, "zstd"), "g.ptz"))
+
+
+def unpack_raw(path) -> bytes:
+    return art.decode_artifact(path.read_bytes())[0]
+
+
+def test_the_check_runs_before_any_tensor_is_read(tmp_path, raw):
+    seen = []
+    header, entries = load_artifact(write(tmp_path, encode_artifact(raw, "zlib")), check=seen.append, tensors=False)
+    assert seen == [header] and entries == {} and header.payload_bytes == len(split(raw)[1])
+
+
+# ---- item 7 and max_tokens: size and compliance in eval_result.json --------------------------------------------
+def test_compliance_names_every_reason():
+    first = {"mode": "slot_1263", "compliant": False, "reason": "adapts on the scored targets"}
+    ok, reasons = compliance(first, ARTIFACT_LIMIT_BYTES + 1, 700.0, 600, 1000)
+    assert not ok and len(reasons) == 4
+    assert reasons[0] == "score-before-adapt: slot_1263: adapts on the scored targets"
+    assert "16,000,001 bytes (model + code) is over the 16,000,000-byte limit" in reasons[1]
+    assert "700.0s, over the 600s budget" in reasons[2] and reasons[3] == MAX_TOKENS_REASON
+    assert compliance({**first, "compliant": True}, ARTIFACT_LIMIT_BYTES, 600.0, 600, None) == (True, [])
+
+
+def test_an_over_cap_artifact_is_scored_but_not_compliant(tmp_path, synth_dir):
+    """The smallest over-cap artifact: a tiny model whose recorded code is 16,000,000 bytes. Scored on the
+    first 64 validation targets (max_tokens), so two reasons."""
+    tok_path = next(synth_dir.glob("*.model"))
+    tok = TokenizerInfo.from_path(tok_path)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, num_layers=1, model_dim=32, num_heads=4, num_kv_heads=2)
+    meta = {"model": cfg.to_dict(), "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "sha256": tok.sha256}}
+    meta |= {"train": {"seq_len": 32}, "code": {"bytes": ARTIFACT_LIMIT_BYTES, "sha256": "cd" * 32}}
+    path = write(tmp_path, encode_artifact(model_raw(cfg, meta), "zlib"))
+    data = {"tokenizer_path": str(tok_path), "val_pattern": str(synth_dir / "synth_val_*.bin")}
+    res = evaluate_artifact(artifact=path, modes={"standard": {}}, data=data, max_tokens=70, out_dir=tmp_path / "o")
+    assert res["tokens"] == 64 and res["max_tokens"] == 70 and res["results"]["standard"]["compliant"] is True
+    assert res["artifact_bytes"] == path.stat().st_size and res["code_bytes"] == ARTIFACT_LIMIT_BYTES
+    assert res["total_bytes"] == res["artifact_bytes"] + ARTIFACT_LIMIT_BYTES and res["limit_bytes"] == 16_000_000
+    assert res["compliant"] is False and res["compliance"]["size_ok"] is False
+    assert res["compliance"]["score_before_adapt"] is True and res["compliance"]["full_validation"] is False
+    assert len(res["compliance"]["reasons"]) == 2 and res["compliance"]["reasons"][1] == MAX_TOKENS_REASON
+    assert json.loads((tmp_path / "o" / "eval_result.json").read_text())["compliant"] is False
+
+
+def test_max_tokens_is_in_both_schemas():
+    assert "max_tokens" in EvalRun.__dataclass_fields__
+    base = {"modes": ["standard"], "seq_len": 32, "batch_windows": 8, "stride": 16, "reference_tail": False}
+    assert load(FinalEvalConfig, {**base, "settings": {}}, "final_eval").max_tokens is None
+    assert load(FinalEvalConfig, {**base, "settings": {}, "max_tokens": 64}, "final_eval").max_tokens == 64
+    with pytest.raises(ConfigError, match=r"final_eval\.max_tokens must be an integer >= 1 or null, got 0"):
+        load(FinalEvalConfig, {**base, "settings": {}, "max_tokens": 0}, "final_eval")
+
+
+def test_inspect_prints_metadata_of_an_odd_shape_as_json(tmp_path, raw):
+    odd = {"quant": {"rules": 5}, "provenance": "x", "calibration": [1], "reexport": {"provenance": 2}}
+    out = inspect_cli.inspect(write(tmp_path, encode_artifact(edited(raw, lambda h: h["meta"].update(odd)), "zlib")))
+    assert 'quant: {"rules": 5}' in out and 'provenance: "x"' in out and "calibration: [1]" in out
+    assert 're-exported: {"provenance": 2}' in out
