@@ -467,3 +467,64 @@ def test_inspect_prints_metadata_of_an_odd_shape_as_json(tmp_path, raw):
     out = inspect_cli.inspect(write(tmp_path, encode_artifact(edited(raw, lambda h: h["meta"].update(odd)), "zlib")))
     assert 'quant: {"rules": 5}' in out and 'provenance: "x"' in out and "calibration: [1]" in out
     assert 're-exported: {"provenance": 2}' in out
+
+
+# ---- LQER factors in the artifact (PR #1797 / #1611) -------------------------------------------------------
+def lqer_raw() -> bytes:
+    """The model artifact with asymmetric LQER factors on one int matrix (rank 2, groups of 16)."""
+    from pgolf.quant.numerics import LQERFactors, pack_lqer_asym
+
+    torch.manual_seed(0)
+    entries = quantize_state(GPT(CFG).state_dict(), rules_from_config(RULES))
+    name = next(n for n, e in entries.items() if e.kind == "int" and len(e.shape) == 2)
+    rows, cols = entries[name].shape
+    qa, sa, qb, sb = pack_lqer_asym(torch.randn(rows, 2), torch.randn(2, cols), 16)
+    e = entries[name]
+    e.lqer = LQERFactors(mode="asym", group=16, bits=0, qa=qa, sa=sa, qb=qb, sb=sb)
+    e.info = {**e.info, "lqer": {"mode": "asym", "rank": 2, "group": 16}}
+    base = {"model": CFG.to_dict(), "tokenizer": TOKENIZER, "train": {"seq_len": 32}}
+    return pack(entries, {**base, "code": {"bytes": 1000, "sha256": "cd" * 32}}), name, entries
+
+
+def test_lqer_factors_round_trip_through_the_artifact(tmp_path):
+    data, name, entries = lqer_raw()
+    path = write(tmp_path, art.encode_artifact(data, "zlib", 9))
+    got = art.read_artifact(path)[0]
+    f, g = entries[name].lqer, got[name].lqer
+    assert g is not None and all(torch.equal(getattr(f, k), getattr(g, k)) for k in ("qa", "sa", "qb", "sb"))
+    assert torch.equal(dequantize_state(got)[name], dequantize_state(entries)[name])
+
+
+def _lqer_case(edit):
+    data, name, _ = lqer_raw()
+
+    def apply(h):
+        edit(tensor(h, name))
+
+    return edited(data, apply)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t["info"].pop("lqer"), "info.lqer must say the factors' mode"),
+        (lambda t: t["info"]["lqer"].update(group=7), "group 7 must divide"),
+        (lambda t: t["info"]["lqer"].update(group="16"), "info.lqer.group must be an integer"),
+        (lambda t: t["fields"]["lqer_sb"].update(shape=[2], nbytes=4), r"lqer_sb must be float16 \[4\]"),
+        (lambda t: t["fields"]["lqer_qa"].update(shape=[2, 16], nbytes=32), "lqer_qa must be"),
+        (lambda t: t["fields"].pop("lqer_qb"), "fields"),
+    ],
+)
+def test_forged_lqer_fields_are_refused_before_any_tensor_is_read(tmp_path, edit, message):
+    path = write(tmp_path, art.encode_artifact(_lqer_case(edit), "zlib", 9))
+    with pytest.raises(ArtifactError, match=message):
+        art.read_artifact(path)
+
+
+def test_lqer_codes_out_of_range_are_refused(tmp_path):
+    data, name, entries = lqer_raw()
+    entries[name].lqer.qa[0, 0] = 5  # INT2 codes lie in [-2, 1]
+    base = {"model": CFG.to_dict(), "tokenizer": TOKENIZER, "train": {"seq_len": 32}}
+    bad = pack(entries, {**base, "code": {"bytes": 1000, "sha256": "cd" * 32}})
+    with pytest.raises(ArtifactError, match=r"qa: codes must lie in \[-2, 1\]"):
+        art.read_artifact(write(tmp_path, art.encode_artifact(bad, "zlib", 9)))

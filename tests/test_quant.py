@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
 from pgolf.export.config import BASELINE_RULES
+from pgolf.quant import rules as rules_module
 from pgolf.quant.numerics import fake_quant_rows
 from pgolf.quant.rules import (
     QuantRule,
@@ -116,3 +119,53 @@ def test_rule_options_are_validated():
         QuantRule(store="int", clip="search", clips=[])
     assert QuantRule(store="int", clip="search", clips=[0.9, 1.0]).clip_levels == (0.9, 1.0)
     assert QuantRule(store="int", clip="max").clip_levels == (1.0,)
+
+
+def test_sdclip_rule_options_are_validated():
+    ok = dict(store="int", bits=6, clip="sdclip", sigmas=12.85, scale_floor=False)
+    assert QuantRule(**ok).clip_levels == ()
+    for bad in (None, 0, -1.0, float("nan"), float("inf"), "12", True):
+        with pytest.raises(ValueError, match="needs sigmas"):
+            QuantRule(**{**ok, "sigmas": bad})
+    with pytest.raises(ValueError, match="sigmas applies only"):
+        QuantRule(store="int", clip="max", sigmas=12.0)
+    with pytest.raises(ValueError, match="sigmas applies only"):
+        QuantRule(store="fp16", sigmas=12.0)
+    with pytest.raises(ValueError, match="scale_floor: false"):
+        QuantRule(**{**ok, "scale_floor": True})
+    with pytest.raises(ValueError, match="per row"):
+        QuantRule(**{**ok, "granularity": "tensor"})
+    with pytest.raises(ValueError, match="divide_by"):
+        QuantRule(**{**ok, "divide_by": "fp32"})
+    with pytest.raises(ValueError, match="clips applies"):
+        QuantRule(**{**ok, "clips": [0.99]})
+
+
+def test_sdclip_round_to_nearest_scales_codes_and_fallback():
+    """SDClip without a Hessian (PR #1394's scales, round-to-nearest): s_r = fp16(k·std(w_r)/qmax) with the
+    unbiased std; the clamp clips an outlier to qmax; an all-zero row has scale 0 and codes 0; a GPTQ rule
+    without a Hessian records `rtn_fallback`."""
+    torch.manual_seed(3)
+    w = torch.randn(6, 50)
+    w[1, 4] = 30.0
+    w[2] = 0.0
+    rule = QuantRule(store="int", bits=7, clip="sdclip", sigmas=4.0, scale_floor=False, method="gptq", name="e")
+    e = quantize_state({"tok_emb.weight": w}, [rule])["tok_emb.weight"]
+    std = torch.tensor([statistics.stdev(r) for r in w.double().tolist()])  # unbiased, independently
+    s = (4.0 * std / 63).clamp_min(1e-10).half()
+    assert e.scale.dtype == torch.float16 and torch.equal(e.scale, s) and e.scale[2] == 0
+    want = torch.clamp(torch.round(w / torch.where(s == 0, 1.0, s.float())[:, None]), -63, 63).to(torch.int8)
+    want[2] = 0
+    assert torch.equal(e.q, want) and e.q[1, 4] == 63 and (e.q[2] == 0).all()
+    assert e.info == {"method": "rtn_fallback", "clip": "sdclip", "sigmas": 4.0, "rule": "e"}
+    rtn = QuantRule(store="int", bits=7, clip="sdclip", sigmas=4.0, scale_floor=False, name="r")
+    assert quantize_state({"m": w}, [rtn])["m"].info["method"] == "rtn"
+
+
+def test_sdclip_rule_on_a_vector_fails_before_any_work(monkeypatch):
+    rules = [QuantRule(store="int", bits=6, clip="sdclip", sigmas=12.0, scale_floor=False, name="sd")]
+    calls = []
+    monkeypatch.setattr(rules_module, "quantize_tensor_by_rule", lambda *a, **k: calls.append(a))
+    with pytest.raises(ValueError, match=r"'sd' \(clip sdclip\) matches b of shape \(8,\)"):
+        quantize_state({"a": torch.randn(4, 8), "b": torch.randn(8)}, rules)
+    assert calls == []

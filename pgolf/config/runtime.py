@@ -27,6 +27,7 @@ PART_RULES: dict[str, Callable[[dict], bool]] = {
     "gptq": config_uses_gptq,
     "gptq_calibration": config_uses_gptq,
     "prune": lambda c: bool(c["export"]["prune"]["enabled"]),
+    "lqer": lambda c: bool(c["export"]["lqer"]["enabled"]),
     "wandb": lambda c: c["logger"]["kind"] == "wandb",
     "wandb_finish": lambda c: c["logger"]["kind"] == "wandb",
     "averaging": lambda c: c["callbacks"]["averaging"]["kind"] != "none",

@@ -11,7 +11,7 @@ import torch
 from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.quant.artifact import CODECS, DEFAULT_LEVELS
 from pgolf.quant.rules import rules_from_config, uses_gptq
-from pgolf.quant.settings import CalibrationConfig, GPTQSettings, PruneConfig
+from pgolf.quant.settings import CalibrationConfig, GPTQSettings, LQERSettings, PruneConfig
 
 # The baseline's int8 + zlib export (openai/parameter-golf train_gpt.py) as rules (first match wins), in
 # pgolf's form: row codes from the stored fp16 scale, pgolf's control set, floored per-tensor scale. The
@@ -50,6 +50,7 @@ class ExportConfig:
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    lqer: LQERSettings = field(default_factory=LQERSettings)
     report_codecs: list[str] = field(default_factory=list)  # also report the artifact's size under these
     save_float: bool = True  # save the float weights next to the artifact (for `python -m pgolf.tools.reexport`)
     float_filename: str = "final_model.float.ptz"
@@ -58,6 +59,7 @@ class ExportConfig:
         self.gptq = _section(GPTQSettings, self.gptq, "gptq")
         self.calibration = _section(CalibrationConfig, self.calibration, "calibration")
         self.prune = _section(PruneConfig, self.prune, "prune")
+        self.lqer = _section(LQERSettings, self.lqer, "lqer")
         self.report_codecs = list(self.report_codecs or [])
         for c in [self.codec, *self.report_codecs]:
             if c not in CODECS:
@@ -71,6 +73,8 @@ class ExportConfig:
                 f"export rules {names} use method gptq, which needs calibration data: set export.calibration.source "
                 "to ar (self-generated) or train"
             )
+        if self.lqer.enabled and not uses_gptq(rules):
+            raise ValueError("export.lqer.enabled corrects the matrices of method: gptq rules, and no rule uses gptq")
 
     @classmethod
     def from_dict(cls, d: dict) -> ExportConfig:

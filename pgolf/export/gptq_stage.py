@@ -10,7 +10,8 @@ from pgolf.export.config import ExportConfig, ExportContext
 from pgolf.model.gpt import GPT
 from pgolf.optional import register
 from pgolf.quant.calibrate import calibrate
-from pgolf.quant.gptq import collect_hessians
+from pgolf.quant.gptq import collect_hessians, needs_output_hessian
+from pgolf.quant.rules import rules_from_config
 from pgolf.quant.settings import compliance
 from pgolf.runlog import log0
 
@@ -35,6 +36,7 @@ def calibration_hessians(gpt: GPT, cfg: ExportConfig, ctx: ExportContext) -> tup
         damp=cfg.gptq.hessian_damp,
         device=ctx.device,
         autocast_dtype=ctx.autocast_dtype,
+        output_head=needs_output_hessian(gpt, rules_from_config(cfg.rules)),
     )
     log0(f"gptq:hessians layers:{hinfo['layers']} tokens:{hinfo['tokens']} time:{hinfo['seconds']:.1f}s")
     used = info["seconds"] + hinfo["seconds"]

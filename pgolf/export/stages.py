@@ -28,6 +28,7 @@ from pgolf.export.config import ExportConfig, ExportContext, ExportReport
 from pgolf.export.weights import save_float_weights
 from pgolf.io import atomic_write_bytes
 from pgolf.model.gpt import GPT
+from pgolf.quant import lqer  # noqa: F401  (registers the optional part lqer: pgolf/optional.py)
 from pgolf.quant.artifact import DEFAULT_LEVELS, SizeReport, codec_sizes, encode_artifact, pack
 from pgolf.quant.rules import QuantEntry, QuantRule, quantize_state, rules_from_config, uses_gptq
 from pgolf.quant.settings import GPTQSettings, compliance
@@ -127,6 +128,9 @@ def write_artifact_stages(
     hessians, calibration = calibration_stage(gpt, cfg, ctx, rules, clock)
     art_meta["calibration"] = calibration
     entries = quantize_stage(state, rules, hessians, cfg.gptq, clock)
+    if cfg.lqer.enabled:
+        with clock.stage("lqer"):
+            entries, art_meta["lqer"] = optional.get("lqer")(entries, state, cfg.lqer, log=log0)
     prune_report = None
     if cfg.prune.enabled:
         entries, art_meta["prune"], prune_report = optional.get("prune")(entries, cfg, art_meta, n_code)
@@ -178,6 +182,8 @@ def artifact_meta(gpt: GPT, cfg: ExportConfig, meta: dict, rules: list[QuantRule
     quant = {"label": cfg.label, "codec": cfg.codec, "level": cfg.level, "rules": cfg.rules}
     if uses_gptq(rules):
         quant["gptq"] = asdict(cfg.gptq)
+    if cfg.lqer.enabled:
+        quant["lqer"] = asdict(cfg.lqer)
     return {**meta, "model": gpt.cfg.to_dict(), "quant": quant, "code_bytes": n_code}
 
 

@@ -42,6 +42,7 @@ import zstandard
 
 from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.io import atomic_write_bytes
+from pgolf.quant.numerics import LQER_MODES, LQERFactors
 from pgolf.quant.rules import QuantEntry
 
 MAGIC = b"PGOLFART"
@@ -66,6 +67,7 @@ DTYPE_ORDER = ("int8", "uint8", "int16", "int32", "int64", "float16", "bfloat16"
 ITEMSIZE = {"int8": 1, "uint8": 1, "int16": 2, "int32": 4, "int64": 8, "float16": 2, "bfloat16": 2, "float32": 4}
 ITEMSIZE |= {"float64": 8, "bool": 1}
 STORE_FIELDS = {"raw": ("data",), "fp16": ("data",), "fp32": ("data",), "int": ("q", "scale")}
+LQER_FIELDS = ("lqer_qa", "lqer_sa", "lqer_qb", "lqer_sb")  # an int matrix's LQER factors (all or none)
 
 
 class ArtifactError(ValueError):
@@ -137,6 +139,11 @@ def pack(entries: dict[str, QuantEntry], meta: dict) -> bytes:
             t = getattr(e, fld)
             if t is not None:
                 dt, b = _tensor_bytes(t)
+                pieces.append((dt, name, fld, b, list(t.shape)))
+        if e.lqer is not None:
+            for fld in LQER_FIELDS:
+                t = getattr(e.lqer, fld.removeprefix("lqer_"))
+                dt, b = _tensor_bytes(t.contiguous())
                 pieces.append((dt, name, fld, b, list(t.shape)))
         records.append(rec)
     by_name = {r["name"]: r for r in records}
@@ -386,13 +393,46 @@ def _record(rec, what: str) -> TensorRecord:
     info = rec.get("info", {})
     if not isinstance(info, dict):
         raise ArtifactError(f"{what}.info must be a JSON object")
-    fields = {
-        k: _field(f, f"{what}.fields.{k}")
-        for k, f in _keys(rec["fields"], set(STORE_FIELDS[kind]), f"{what}.fields").items()
-    }
+    lq = isinstance(rec["fields"], dict) and kind == "int" and any(k in rec["fields"] for k in LQER_FIELDS)
+    want = set(STORE_FIELDS[kind]) | (set(LQER_FIELDS) if lq else set())
+    fields = {k: _field(f, f"{what}.fields.{k}") for k, f in _keys(rec["fields"], want, f"{what}.fields").items()}
+    if lq:
+        lqi = info.get("lqer")
+        if not isinstance(lqi, dict) or lqi.get("mode") not in LQER_MODES:
+            raise ArtifactError(f"{what}.info.lqer must say the factors' mode ({LQER_MODES})")
+        if len(shape) != 2:
+            raise ArtifactError(f"{what}: LQER factors need a 2-D tensor, got shape {list(shape)}")
+        _check_lqer_fields(fields, lqi, shape, what)
     out = TensorRecord(name, kind, shape, orig, bits, info, fields)
     _check_storage(out, what)
     return out
+
+
+def _check_lqer_fields(fields: dict[str, FieldRecord], lqi: dict, shape: tuple[int, ...], what: str) -> None:
+    """The LQER factors' declared dtypes and shapes against the matrix [rows, cols] and `info.lqer` (group or
+    bits), before any of them is read (pgolf/quant/lqer.py; PR #1797's asymmetric form or the symmetric one).
+    Raises ArtifactError naming the field."""
+    rows, cols = shape
+    qa, sa, qb, sb = (fields[k] for k in LQER_FIELDS)
+    if len(qa.shape) != 2 or qa.shape[0] != rows or not 1 <= qa.shape[1] <= min(rows, cols):
+        raise ArtifactError(f"{what}.fields.lqer_qa must be [{rows}, r <= {min(rows, cols)}], got {list(qa.shape)}")
+    r = qa.shape[1]
+    if lqi["mode"] == "asym":
+        group = _int(lqi.get("group"), f"{what}.info.lqer.group", 1, r * cols)
+        if (r * cols) % group:
+            raise ArtifactError(f"{what}.info.lqer.group {group} must divide r*cols = {r * cols}")
+        want_sa, want_sb = (1,), ((r * cols) // group,)
+    else:
+        _int(lqi.get("bits"), f"{what}.info.lqer.bits", 2, 8)
+        want_sa, want_sb = (rows,), (r,)
+    for k, f, dt, want in (
+        ("lqer_qa", qa, "int8", (rows, r)),
+        ("lqer_qb", qb, "int8", (r, cols)),
+        ("lqer_sa", sa, "float16", want_sa),
+        ("lqer_sb", sb, "float16", want_sb),
+    ):
+        if f.dtype != dt or f.shape != want:
+            raise ArtifactError(f"{what}.fields.{k} must be {dt} {list(want)}, got {f.dtype} {list(f.shape)}")
 
 
 def _check_storage(t: TensorRecord, what: str) -> None:
@@ -487,7 +527,18 @@ def _read_tensors(
         if left[name] == 0:
             rec = table[name]
             fields = {fk: arrays.pop((name, fk)) for fk in rec.fields}
-            entry = QuantEntry(rec.kind, rec.shape, rec.orig_dtype, bits=rec.bits, info=rec.info, **fields)
+            lq = {fk.removeprefix("lqer_"): fields.pop(fk) for fk in LQER_FIELDS if fk in fields}
+            factors = None
+            if lq:
+                i = rec.info["lqer"]
+                factors = LQERFactors(mode=i["mode"], group=int(i.get("group", 0)), bits=int(i.get("bits", 0)), **lq)
+                try:
+                    factors.check(*rec.shape, what=f"tensor {name!r}.lqer")
+                except ValueError as err:
+                    raise ArtifactError(str(err)) from None
+            entry = QuantEntry(
+                rec.kind, rec.shape, rec.orig_dtype, bits=rec.bits, info=rec.info, lqer=factors, **fields
+            )
             if sink is None:
                 out[name] = entry
             else:

@@ -11,7 +11,13 @@ Cholesky-based inverse); columns in blocks of `block_size`, each quantized and i
 later columns of the block through U's rows, then onto the columns after the block (lazy batch update).
 Every clip level of the GPTQ-lite list is tried and the one with the lowest weight MSE kept (per matrix,
 or per row with `per_row`). Rows are independent given U, so the clip candidates run together as one
-stacked matrix (one column loop for all of them).
+stacked matrix (one column loop for all of them). With `sigmas` (SDClip, PR #1394; the per-class sigmas of
+PR #1586 as PR #1611 runs them) there is no search: one row scale `fp16(sigmas·std(W_r)/qmax)` of the
+original rows, and the clamp to ±qmax inside the column loop does the clipping.
+
+With `output_head`, `collect_hessians` also collects the Hessian of the output projection, whose input is
+the final-normed hidden state `forward_hidden` returns: for a tied model that is the token embedding's
+(PR #1611 hooks its `final_norm` output for `tok_emb.weight` and quantizes the embedding with GPTQ at int7).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import torch
 from torch import nn
 
 from pgolf.optional import register
-from pgolf.quant.numerics import GPTQ_LITE_CLIPS, code_bounds, fp16_scale_rows, round_codes
+from pgolf.quant.numerics import GPTQ_LITE_CLIPS, code_bounds, fp16_scale_rows, round_codes, sdclip_scale_rows
+from pgolf.quant.rules import QuantRule, pick_rule
 
 
 def candidate_scales(w: torch.Tensor, bits: int, clips: Sequence[float], floor: bool = True) -> torch.Tensor:
@@ -114,16 +121,32 @@ def gptq_quantize(
     per_row: bool = False,
     full_range: bool = False,
     dtype: torch.dtype = torch.float32,
+    sigmas: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """GPTQ of one matrix: (q int8 [rows, cols], scale fp16 [rows], info); codes symmetric in ±qmax, or
-    with `full_range` in [-qmax-1, qmax] (`code_bounds`)."""
+    with `full_range` in [-qmax-1, qmax] (`code_bounds`).
+
+    With `sigmas` (SDClip, PR #1394): `clips`, `floor` and `per_row` are not used; the row scale is
+    `sdclip_scale_rows` of w as given (unpermuted, dead columns included, in fp32, as the reference), and a
+    row whose fp16 scale underflows to 0 stores codes 0 (it de-quantizes to 0 whatever they are). Raises
+    ValueError for mismatched shapes, or with sigmas for fewer than 2 columns."""
     if w.ndim != 2 or H.shape != (w.size(1), w.size(1)):
         raise ValueError(f"gptq needs W [rows, cols] and H [cols, cols]; got {tuple(w.shape)} and {tuple(H.shape)}")
     qmin, qmax = code_bounds(bits, full_range)
     rows = w.size(0)
+    s_sd = sdclip_scale_rows(w, bits, sigmas) if sigmas is not None else None
     # runs where the Hessian lives (the GPU during a training-end export)
     Wp, Hp, perm, n_dead = prepare_hessian(w.to(H.device, dtype), H.to(dtype), damp, act_order)
     U = _robust_upper_cholesky_of_inverse(Hp)
+    inv = torch.argsort(perm)
+    if s_sd is not None:
+        s = s_sd.to(H.device)
+        zero = s == 0
+        loop_s = torch.where(zero, 1.0, s.to(dtype))  # a zero scale's row is stored as codes 0 below
+        q = gptq_columns(Wp, U, loop_s, qmax, block_size, qmin)
+        q[zero] = 0
+        info = {"method": "gptq", "clip": "sdclip", "sigmas": float(sigmas), "dead_columns": n_dead}
+        return q[:, inv].to(torch.int8).cpu().contiguous(), s.cpu(), info
     # Row clips on the (dead-zeroed) weights; a row's quantile/max does not depend on the column order.
     S = candidate_scales(Wp, bits, clips, floor).to(dtype)  # [C, rows]
     C = S.size(0)
@@ -137,7 +160,6 @@ def gptq_quantize(
     else:
         b = int(err.mean(dim=1).argmin())
         q, s, chosen = Q[b], S[b], float(clips[b])
-    inv = torch.argsort(perm)
     q = q[:, inv].to(torch.int8).contiguous()
     info = {"method": "gptq", "clip": chosen if not per_row else "per_row", "dead_columns": n_dead}
     return q.cpu(), s.half().cpu(), info
@@ -188,6 +210,20 @@ def xtx_hooks(targets: dict[nn.Module, str], H: dict[str, torch.Tensor]) -> Iter
             h.remove()
 
 
+def output_head_name(model: nn.Module) -> str:
+    """The state-dict name of the output projection's weight: `tok_emb.weight` when the head is tied to the
+    token embedding, else `lm_head.weight`."""
+    return "tok_emb.weight" if getattr(model, "lm_head", None) is None else "lm_head.weight"
+
+
+def needs_output_hessian(model: nn.Module, rules: Sequence[QuantRule]) -> bool:
+    """Whether the rule that stores the output projection's weight (`output_head_name`) is a GPTQ rule, so
+    `collect_hessians` should be called with `output_head=True` (PR #1611: int7 GPTQ of the tied embedding)."""
+    name = output_head_name(model)
+    rule = pick_rule(name, model.output_weight().detach(), list(rules))
+    return rule.store == "int" and rule.method == "gptq"
+
+
 def _forward_sequences(
     model: nn.Module,
     seqs: torch.Tensor,
@@ -195,9 +231,11 @@ def _forward_sequences(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     after_batch: Callable[[], None],
+    on_hidden: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[int, int]:
     """`model.forward_hidden` over token ids [N, T], `batch` rows at a time, in eval mode (restored after);
-    returns (sequences, tokens) seen."""
+    `on_hidden` receives each batch's final-normed hidden states [B, T, d]. Returns (sequences, tokens)
+    seen."""
     was_training = model.training
     model.eval()
     n_seq = n_tok = 0
@@ -205,7 +243,9 @@ def _forward_sequences(
         for i in range(0, seqs.size(0), batch):
             xb = seqs[i : i + batch].to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                model.forward_hidden(xb)
+                h = model.forward_hidden(xb)
+            if on_hidden is not None:
+                on_hidden(h)
             n_seq += xb.size(0)
             n_tok += xb.numel()
             after_batch()
@@ -223,20 +263,34 @@ def collect_hessians(
     damp: float = 0.0,
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
+    output_head: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """`Σ XᵀX` (fp32) of the input of every quantized linear over `sequences` [N, T] (token ids), divided
-    by the number of sequences, plus `damp·mean(diag)·I` (the PR #1019 record adds 0.01 here). Returns
-    ({weight name: H [in, in] on the model's device}, info); raises ValueError with no sequences."""
+    by the number of sequences, plus `damp·mean(diag)·I` (the PR #1019 record adds 0.01 here). With
+    `output_head`, also the output projection's (`output_head_name`: `tok_emb.weight` when tied), whose
+    input X is the final-normed hidden state [B·T, d] that `forward_hidden` returns (PR #1611's hook on
+    `final_norm`). Returns ({weight name: H [in, in] on the model's device}, info); raises ValueError with
+    no sequences."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     targets = linear_names(model)
     H = {
         name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=device)
         for m, name in targets.items()
     }
+    on_hidden = None
+    if output_head:
+        head = output_head_name(model)
+        d = model.output_weight().size(1)
+        H[head] = torch.zeros(d, d, dtype=torch.float32, device=device)
+
+        def on_hidden(h: torch.Tensor) -> None:
+            x = h.detach().reshape(-1, h.size(-1)).float()
+            H[head].addmm_(x.T, x)
+
     t0 = time.perf_counter()
     seqs = sequences if isinstance(sequences, torch.Tensor) else torch.cat(list(sequences))
     with xtx_hooks(targets, H) as forget:
-        n_seq, n_tok = _forward_sequences(model, seqs, batch, device, autocast_dtype, after_batch=forget)
+        n_seq, n_tok = _forward_sequences(model, seqs, batch, device, autocast_dtype, forget, on_hidden)
     if n_seq == 0:
         raise ValueError("no calibration sequences to collect Hessians from")
     for h in H.values():

@@ -6,9 +6,11 @@ stored. Conditions: `pattern` (regex searched in the name), `float` (is floating
 optimizer's CONTROL_PATTERNS), `baseline` (the baseline train_gpt.py's CONTROL_TENSOR_NAME_PATTERNS), or a
 list), `max_numel` / `min_numel`, `ndim`. Storage: `raw` (as is), `fp16`, `fp32` (restored to the original
 dtype on load), or `int` with `bits` (2..8), `granularity` (`row` or `tensor`), `clip` (a per-row quantile
-such as 0.9999984, `max`, `search` = GPTQ-lite's one clip level per matrix, or `search_rows` = the best
-level for each row; the levels are `clips`) and `method` (`rtn` round-to-nearest, or `gptq` = full-Hessian
-GPTQ with the same clip choice, arXiv:2210.17323, `pgolf/quant/gptq.py`).
+such as 0.9999984, `max`, `search` = GPTQ-lite's one clip level per matrix, `search_rows` = the best
+level for each row; the levels are `clips`; or `sdclip` = SDClip, PR #1394: a row scale
+`fp16(sigmas·std(w_r)/qmax)` with no search, `sigmas` per rule as PR #1586's per-class sigmas) and `method`
+(`rtn` round-to-nearest, or `gptq` = full-Hessian GPTQ with the same clip choice, arXiv:2210.17323,
+`pgolf/quant/gptq.py`).
 
 Integer codes are `q = clamp(round(w/s), -qmax, qmax)` with `qmax = 2^(bits-1)-1` (`code_range: full`:
 down to -qmax-1), an fp16 scale per row (or one fp32 scale per tensor), floored at `1/qmax` as in the
@@ -16,10 +18,15 @@ baseline's int8 and the records' int6 exports unless `scale_floor: false`. With 
 weights are clipped to the clip value before rounding, as the baseline's int8 export does. Row codes are
 computed with the fp16-rounded scale that dequantization uses (`divide_by: fp16`), or with the unrounded
 fp32 scale as the baseline's int8 export does (`divide_by: fp32`). Values live in int8 containers.
+
+An int entry may carry an LQER correction (`QuantEntry.lqer`, pgolf/quant/numerics.py `LQERFactors`: the
+quantized low-rank factors of its quantization error, PR #1797 as used by PR #1611; made by
+pgolf/quant/lqer.py): it de-quantizes to `diag(s)·q + A·B`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -30,16 +37,19 @@ from pgolf import optional
 from pgolf.model.roles import CONTROL_PATTERNS
 from pgolf.quant.numerics import (
     GPTQ_LITE_CLIPS,
+    LQERFactors,
     code_bounds,
     quant_scale_rows,
     round_codes,
+    round_codes_or_zero,
     scale_from_clip,
+    sdclip_scale_rows,
 )
 from pgolf.quant.settings import GPTQSettings
 
 STORES = ("raw", "fp16", "fp32", "int")
 METHODS = ("rtn", "gptq")
-CLIP_MODES = ("max", "search", "search_rows")
+CLIP_MODES = ("max", "search", "search_rows", "sdclip")
 DIVIDE_BY = ("fp16", "fp32")
 CODE_RANGES = ("symmetric", "full")
 # The baseline's CONTROL_TENSOR_NAME_PATTERNS (openai/parameter-golf train_gpt.py, also the V5 record's
@@ -77,6 +87,7 @@ class QuantRule:
     divide_by: str = "fp16"  # row codes from the stored fp16 scale, or (fp32) from the unrounded scale
     code_range: str = "symmetric"  # symmetric ±qmax, or full [-qmax-1, qmax]
     control_patterns: str | list[str] | None = None  # the `control` condition's set: pgolf, baseline or a list
+    sigmas: float | None = None  # SDClip's k (`clip: sdclip`): the row scale is fp16(k·std(w_r)/qmax)
     name: str = ""
 
     def __post_init__(self):
@@ -103,7 +114,30 @@ class QuantRule:
                 raise ValueError(f"{who}: divide_by fp32 applies to round-to-nearest rules; GPTQ uses the fp16 scale")
             if self.code_range not in CODE_RANGES:
                 raise ValueError(f"{who}: code_range {self.code_range!r} not in {CODE_RANGES}")
+        self._check_sdclip(who)
         self._control_set = self._resolve_control_patterns(who)
+
+    def _check_sdclip(self, who: str) -> None:
+        """`clip: sdclip` needs `sigmas` (a positive number) and a per-row fp16 scale with its own floor;
+        `sigmas` means nothing without it."""
+        sd = self.store == "int" and self.clip == "sdclip"
+        if not sd:
+            if self.sigmas is not None:
+                raise ValueError(f"{who}: sigmas applies only to store: int with clip: sdclip")
+            return
+        k = self.sigmas
+        if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k) or k <= 0:
+            raise ValueError(f"{who}: clip sdclip needs sigmas, a positive number (e.g. 12.85), got {k!r}")
+        if self.granularity != "row":
+            raise ValueError(f"{who}: clip sdclip is per row (granularity: row)")
+        if self.scale_floor:
+            raise ValueError(
+                f"{who}: clip sdclip has its own scale floor (1e-10, PR #1394), not 1/qmax: set scale_floor: false"
+            )
+        if self.divide_by != "fp16":
+            raise ValueError(f"{who}: clip sdclip computes codes with the stored fp16 scale (divide_by: fp16)")
+        if self.clips is not None:
+            raise ValueError(f"{who}: clips applies to clip search/search_rows, not sdclip")
 
     def _resolve_control_patterns(self, who: str) -> tuple[str, ...]:
         cp = self.control_patterns
@@ -127,7 +161,10 @@ class QuantRule:
 
     @property
     def clip_levels(self) -> tuple[float, ...]:
-        """The candidate clip levels this rule tries (one level unless clip is search/search_rows)."""
+        """The candidate clip levels this rule tries (one level unless clip is search/search_rows; none for
+        sdclip, whose scale is not a clip level)."""
+        if self.clip == "sdclip":
+            return ()
         if self.clip in ("search", "search_rows"):
             return tuple(float(c) for c in (self.clips or GPTQ_LITE_CLIPS))
         return (1.0 if self.clip == "max" else float(self.clip),)
@@ -187,8 +224,25 @@ def quantize_rows(
         c = torch.quantile(w.abs(), clip, dim=1, keepdim=True)
         w = torch.maximum(torch.minimum(w, c), -c)
     qmin, qmax = code_bounds(bits, full_range)
-    q = round_codes(w, s32 if divide_by == "fp32" else s16, qmax, qmin).to(torch.int8)
+    # 0/0 := 0 where an unfloored fp16 scale underflows (an all-zero row, e.g. a zero-init gate)
+    q = round_codes_or_zero(w, s32 if divide_by == "fp32" else s16, qmax, qmin).to(torch.int8)
     return q, s16.half().view(-1)
+
+
+def quantize_rows_sdclip(
+    w: torch.Tensor, bits: int, sigmas: float, full_range: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest per row of w [rows, cols >= 2] with SDClip scales (PR #1394): (q int8 [rows, cols],
+    scale fp16 [rows]); `s_r = fp16(max(sigmas·std(w_r)/qmax, 1e-10))` (`sdclip_scale_rows`),
+    `q = clamp(round(w/s_r), ±qmax)` ([-qmax-1, qmax] with `full_range`): weights beyond the clamp are
+    clipped by it, with no clip search. A row whose fp16 scale underflows to 0 stores codes 0 (it
+    de-quantizes to 0 whatever its codes), as `gptq_quantize` with sigmas does. Raises ValueError for a
+    tensor that is not 2-D or has fewer than 2 columns."""
+    s = sdclip_scale_rows(w, bits, sigmas)
+    qmin, qmax = code_bounds(bits, full_range)
+    q = round_codes(w.float(), torch.where(s == 0, 1.0, s.float())[:, None], qmax, qmin)
+    q[s == 0] = 0
+    return q.to(torch.int8), s
 
 
 def quantize_tensor(
@@ -253,7 +307,8 @@ def clip_search_rows(
 # ---- state-dict quantization ----------------------------------------------------------------------
 @dataclass
 class QuantEntry:
-    """One stored tensor: `kind` raw/fp16/fp32 -> `data`; int -> `q` and `scale`."""
+    """One stored tensor: `kind` raw/fp16/fp32 -> `data`; int -> `q` and `scale`, and optionally `lqer`
+    (an int matrix's low-rank error correction, added when de-quantized)."""
 
     kind: str
     shape: tuple[int, ...]
@@ -263,6 +318,7 @@ class QuantEntry:
     scale: torch.Tensor | None = None
     bits: int = 0
     info: dict = field(default_factory=dict)
+    lqer: LQERFactors | None = None
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -284,7 +340,10 @@ def quantize_tensor_by_rule(
     full, div = rule.code_range == "full", rule.divide_by
     info: dict = {"method": "rtn", "clip": rule.clip, "rule": rule.name}
     per_row = rule.clip == "search_rows"
-    if rule.granularity == "tensor" or t.ndim != 2:
+    if rule.clip == "sdclip":
+        check_rule_fits(name, t, rule)
+        q, s = _quantize_sdclip(t, rule, hessian, gptq, info)
+    elif rule.granularity == "tensor" or t.ndim != 2:
         clip = 1.0 if isinstance(rule.clip, str) else float(rule.clip)
         q, s = quantize_tensor(t, bits, clip, floor, full_range=full)
     elif rule.method == "gptq" and hessian is not None:
@@ -316,6 +375,36 @@ def quantize_tensor_by_rule(
     )
 
 
+def _quantize_sdclip(
+    t: torch.Tensor, rule: QuantRule, hessian: torch.Tensor | None, gptq: GPTQSettings | None, info: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDClip codes and scales of a matrix by `rule` (PR #1394): full GPTQ with SDClip scales when the rule
+    says `method: gptq` and there is a Hessian, else round-to-nearest with SDClip scales (`info["method"]`
+    `rtn`, or `rtn_fallback` for a GPTQ rule without a Hessian). Fills `info` (clip, sigmas)."""
+    bits, full, k = int(rule.bits), rule.code_range == "full", float(rule.sigmas)
+    info.update(clip="sdclip", sigmas=k)
+    if rule.method == "gptq" and hessian is not None:
+        g = gptq or GPTQSettings()
+        q, s, ginfo = optional.get("gptq")(
+            t, hessian, bits, (), block_size=g.block_size, damp=g.damp, act_order=g.act_order,
+            full_range=full, sigmas=k,
+        )  # fmt: skip
+        info.update(ginfo)
+        return q, s
+    info["method"] = "rtn" if rule.method == "rtn" else "rtn_fallback"
+    return quantize_rows_sdclip(t, bits, k, full)
+
+
+def check_rule_fits(name: str, t: torch.Tensor, rule: QuantRule) -> None:
+    """Raise ValueError (naming the tensor and the rule) when `rule` cannot store `t`: SDClip needs a
+    matrix with at least 2 columns (an unbiased row standard deviation)."""
+    if rule.store == "int" and rule.clip == "sdclip" and (t.ndim != 2 or t.size(1) < 2):
+        raise ValueError(
+            f"quant rule {rule.name or rule.pattern!r} (clip sdclip) matches {name} of shape {tuple(t.shape)}: "
+            "SDClip needs a matrix with at least 2 columns; add a rule before it for such tensors"
+        )
+
+
 def quantize_state(
     state: dict[str, torch.Tensor],
     rules: list[QuantRule],
@@ -324,12 +413,17 @@ def quantize_state(
     timings: dict[str, float] | None = None,
 ) -> dict[str, QuantEntry]:
     """Quantize every tensor by the first rule that matches it; `hessians` (by weight name) feed the
-    `method: gptq` rules. `timings`, if given, accumulates seconds per method (rtn, gptq, gptq_lite...)."""
+    `method: gptq` rules. `timings`, if given, accumulates seconds per method (rtn, gptq, gptq_lite...).
+    Every tensor is routed first, so a tensor no rule matches or its rule cannot store (ValueError) fails
+    before any quantization work."""
     hessians = hessians or {}
+    routed = {name: pick_rule(name, t, rules) for name, t in state.items()}
+    for name, rule in routed.items():
+        check_rule_fits(name, state[name], rule)
     out = {}
     for name, t in state.items():
         t0 = time.perf_counter()
-        e = quantize_tensor_by_rule(name, t, pick_rule(name, t, rules), hessians.get(name), gptq)
+        e = quantize_tensor_by_rule(name, t, routed[name], hessians.get(name), gptq)
         out[name] = e
         if timings is not None:
             key = e.info.get("method", e.kind) if e.kind == "int" else "passthrough"
@@ -348,12 +442,18 @@ def config_uses_gptq(config: dict) -> bool:
 
 
 def dequantize_entry(e: QuantEntry) -> torch.Tensor:
+    """The tensor an entry stores, in its original dtype and shape: raw data, fp16/fp32 data cast back, or
+    `q·s` (per row or per tensor) plus the LQER correction `A·B` when the entry has one (in fp32, before
+    the cast, as PR #1611's `dequantize_mixed`)."""
     dt = getattr(torch, e.orig_dtype)
     if e.kind == "raw":
         return e.data
     if e.kind in ("fp16", "fp32"):
         return e.data.to(dt)
-    return dequantize_int(e.q, e.scale).to(dt).view(e.shape)
+    w = dequantize_int(e.q, e.scale)
+    if e.lqer is not None:
+        w = w + e.lqer.dense()
+    return w.to(dt).view(e.shape)
 
 
 def dequantize_state(entries: dict[str, QuantEntry]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
-"""The export's optional stages' settings (conf/export/*.yaml sections `gptq`, `calibration`, `prune`) and the
-calibration compliance rule: plain data, so the export config (pgolf/export/config.py) reads them without
-loading the stages themselves (pgolf/export/gptq_stage.py, prune_stage.py), which a packed train_gpt.py
-leaves out when its config does not use them.
+"""The export's optional stages' settings (conf/export/*.yaml sections `gptq`, `calibration`, `prune`,
+`lqer`) and the calibration compliance rule: plain data, so the export config (pgolf/export/config.py) reads
+them without loading the stages themselves (pgolf/export/gptq_stage.py, prune_stage.py), which a packed
+train_gpt.py leaves out when its config does not use them.
 """
 
 from __future__ import annotations
@@ -26,6 +26,34 @@ class GPTQSettings:
             raise ValueError(f"gptq.block_size ({self.block_size}) and gptq.batch ({self.batch}) must be >= 1")
         if self.damp < 0 or self.hessian_damp < 0:
             raise ValueError("gptq.damp and gptq.hessian_damp must be >= 0")
+
+
+@dataclass
+class LQERSettings:
+    """The export config's `lqer` section: LQER after quantization (pgolf/quant/lqer.py; PR #1797 as PR #1611
+    runs it: LQER_ENABLED=1, LQER_RANK=4, LQER_TOP_K=3, LQER_ASYM_ENABLED=1, LQER_ASYM_GROUP=64,
+    LQER_FACTOR_BITS=4). The `top_k` GPTQ'd matrices with the largest quantization error ‖W − diag(s)·q‖_F
+    get a rank-`rank` correction; its factors are packed asymmetrically (A INT2, B INT4 in groups of
+    `asym_group`) when `asym` is on and the group divides B's size, else per row as INT`factor_bits`."""
+
+    enabled: bool = False
+    rank: int = 4
+    top_k: int = 3
+    factor_bits: int = 4
+    asym: bool = True
+    asym_group: int = 64
+
+    def __post_init__(self):
+        if self.rank < 1 or self.top_k < 1 or self.asym_group < 1:
+            raise ValueError(
+                f"lqer.rank ({self.rank}), lqer.top_k ({self.top_k}) and lqer.asym_group ({self.asym_group}) "
+                "must be >= 1"
+            )
+        if not 2 <= self.factor_bits <= 8:
+            raise ValueError(f"lqer.factor_bits {self.factor_bits} must be in 2..8 (int8 containers)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 SOURCES = ("none", "ar", "train")
