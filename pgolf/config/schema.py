@@ -77,6 +77,8 @@ class DataConfig:
     eval_seq_len: PosInt | None
     val_batch_tokens: PosInt
     val_max_tokens: PosInt | None  # debug runs only: a truncated validation split is not the challenge's metric
+    # a CaseOps dataset's per-token byte sidecar shards (glob); null: those its manifest names, if any
+    val_bytes_pattern: str | None
 
     def __post_init__(self):
         if self.prepare not in (*PREPARE_STEPS, "none", None):

@@ -31,6 +31,7 @@ import re
 
 import numpy as np
 
+TRANSFORM = "lossless_caps_caseops_v1"  # the transform's name in the record's lossless_caps.py
 TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 CONTROLS = (TITLE, ALLCAPS, CAPNEXT, ESC)
 CONTROL_PIECE_IDS = {TITLE: 4, ALLCAPS: 5, CAPNEXT: 6, ESC: 7}  # in the record's tokenizer

@@ -1,5 +1,7 @@
 """`GolfDataModule`: the Lightning face of the training stream and the validation windows (the only data
-module that imports Lightning)."""
+module that imports Lightning). With a byte sidecar (a CaseOps dataset, pgolf/data/stream.py) the validation
+batches are `(x, y, nbytes)`: nbytes [B,S] the original bytes of each target, which BPB counts instead of the
+tokenizer's byte tables."""
 
 from __future__ import annotations
 
@@ -9,7 +11,15 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader
 
 from pgolf.data.shards import list_shards
-from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, ValWindows, default_grad_accum, load_val_tokens
+from pgolf.data.stream import (
+    StreamLayout,
+    TokenStream,
+    TrainStream,
+    ValWindows,
+    default_grad_accum,
+    load_val_data,
+    val_sidecar_files,
+)
 from pgolf.data.tokenizer import check_shards_tokenizer
 
 
@@ -28,6 +38,7 @@ class GolfDataModule(L.LightningDataModule):
         eval_seq_len: int | None = None,
         val_batch_tokens: int = 524_288,
         grad_accum: int | str = "auto",
+        val_bytes_pattern: str | None = None,
     ):
         super().__init__()
         self.train_pattern, self.val_pattern = train_pattern, val_pattern
@@ -36,7 +47,9 @@ class GolfDataModule(L.LightningDataModule):
         self.eval_seq_len = eval_seq_len or seq_len
         self.val_batch_tokens = val_batch_tokens
         self.grad_accum_cfg = grad_accum
+        self.val_bytes_pattern = val_bytes_pattern  # the byte sidecar's shards (null: those the manifest names)
         self.val_tokens: torch.Tensor | None = None
+        self.val_bytes: torch.Tensor | None = None  # int32 [len(val_tokens)]: the sidecar, aligned with val_tokens
         self.layout: StreamLayout | None = None
         self._start_micro_step = 0
         self._shards_checked = False
@@ -53,16 +66,28 @@ class GolfDataModule(L.LightningDataModule):
         return int(self.grad_accum_cfg)
 
     def setup(self, stage: str | None = None) -> None:
-        """The batch layout and the validation tokens, once the tokenizer is checked against the shards'
-        manifests (TokenizerError before any training step: a same-size tokenizer would give a wrong BPB)."""
+        """The batch layout and the validation tokens (with their byte sidecar, if the dataset has one:
+        `val_bytes_pattern` or the manifest's, `load_val_data`), once the tokenizer is checked against the
+        shards' manifests (TokenizerError before any training step: a same-size tokenizer would give a wrong
+        BPB). Validation tokens set from outside (a truncated split) get the sidecar's same prefix; ValueError
+        when they are not a prefix of the split."""
         if not self._shards_checked:
             for pattern in (self.train_pattern, self.val_pattern):
                 check_shards_tokenizer(pattern, self.tokenizer_path)
             self._shards_checked = True
         world, _ = self.world()
         self.layout = StreamLayout(self.batch_tokens, self.seq_len, world, self.grad_accum(world))
+        seq = max(self.seq_len, self.eval_seq_len)
         if self.val_tokens is None:
-            self.val_tokens = load_val_tokens(self.val_pattern, max(self.seq_len, self.eval_seq_len), self.vocab_size)
+            val = load_val_data(self.val_pattern, seq, self.vocab_size, self.tokenizer_path, self.val_bytes_pattern)
+            self.val_tokens, self.val_bytes = val.tokens, val.bytes
+        elif self.val_bytes is None and val_sidecar_files(self.val_pattern, self.val_bytes_pattern)[1]:
+            # val_tokens set from outside (a truncated split, pgolf/train/build.py): the sidecar's same prefix
+            val = load_val_data(self.val_pattern, seq, self.vocab_size, self.tokenizer_path, self.val_bytes_pattern)
+            n = self.val_tokens.numel()
+            if n > val.tokens.numel() or not torch.equal(self.val_tokens, val.tokens[:n]):
+                raise ValueError("the validation tokens set on the DataModule are not a prefix of its validation split")
+            self.val_bytes = val.bytes[:n]
 
     # ---- loaders --------------------------------------------------------------------------------
     def train_stream(self, start_micro_step: int | None = None) -> TrainStream:
@@ -78,7 +103,7 @@ class GolfDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         world, rank = self.world()
         batch_windows = max(1, self.val_batch_tokens // (world * self.eval_seq_len))
-        ds = ValWindows(self.val_tokens, self.eval_seq_len, batch_windows, rank, world)
+        ds = ValWindows(self.val_tokens, self.eval_seq_len, batch_windows, rank, world, self.val_bytes)
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
 
     # ---- exact resume: the stream position is the number of micro-steps taken --------------------

@@ -2,13 +2,22 @@
 
 Shard format (the baseline train_gpt.py's loader): 256 little-endian int32 header (magic 20240520, version
 1, num_tokens, zeros), then `num_tokens` little-endian uint16 token ids. Every problem with a shard raises
-`ShardError` naming the file. Needs numpy only, so the data tools (pgolf/tools/fineweb.py) read shards without torch.
+`ShardError` naming the file.
+
+A CaseOps dataset (PR #1729; the final #1 record PR #1611,
+records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611) also has per-token
+byte sidecar shards `<prefix>_val_bytes_NNNNNN.bin` in the same format, one uint16 per validation token (the
+original UTF-8 bytes it stands for). A pattern such as `fineweb_val_*.bin` matches them too: token loaders
+drop them by name (`is_byte_sidecar`), as the records' loaders do.
+
+Needs numpy only, so the data tools (pgolf/tools/fineweb.py) read shards without torch.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +29,7 @@ SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 SHARD_TOKENS = 10**8  # tokens per shard in the published export
+BYTE_SIDECAR = re.compile(r"_val_bytes_\d+\.bin$")  # fineweb_val_bytes_000000.bin (PR #1729's sidecar name)
 
 
 class ShardError(ValueError):
@@ -93,3 +103,18 @@ def list_shards(pattern: str) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no shard files match {pattern!r}")
     return files
+
+
+def is_byte_sidecar(path: str | os.PathLike) -> bool:
+    """Whether `path` is named as a per-token byte sidecar shard (`*_val_bytes_NNNNNN.bin`), not a token shard."""
+    return BYTE_SIDECAR.search(Path(path).name) is not None
+
+
+def sidecar_name(token_shard: str | os.PathLike) -> str:
+    """The sidecar file name of a validation token shard: `fineweb_val_000003.bin` -> `fineweb_val_bytes_000003.bin`.
+    ValueError for a name without `_val_NNNNNN.bin`."""
+    name = Path(token_shard).name
+    m = re.search(r"_val_(\d+)\.bin$", name)
+    if m is None:
+        raise ValueError(f"{name}: not a validation shard name (<prefix>_val_NNNNNN.bin)")
+    return f"{name[: m.start()]}_val_bytes_{m.group(1)}.bin"

@@ -31,6 +31,9 @@ from pgolf.runlog import log0
 BOS_ID = 1
 WS = "\u2581"  # SentencePiece's escaped whitespace
 MANIFEST = "manifest.json"  # written next to the shards by pgolf/tools/prepare.py
+# The CaseOps control pieces (PR #1729): pgolf/data/caseops.py's CONTROL_PIECE_IDS, which the runtime does not
+# import (the transform itself is data preparation); tests/test_caseops_data.py checks that the two agree.
+CASEOPS_PIECES = {4: "\ue001", 5: "\ue002", 6: "\ue003", 7: "\ue004"}
 
 
 class TokenizerError(ValueError):
@@ -167,6 +170,13 @@ def check_byte_counting(sp, luts: ByteLUTs, name: str = "tokenizer") -> None:
             f"{name}: the BPB byte tables cannot count this tokenizer exactly: {text!r} ({want} bytes) encodes as "
             f"{[sp.IdToPiece(i) for i in ids]} and counts {counted}; {why}"
         )
+
+
+def is_caseops_tokenizer(sp) -> bool:
+    """Whether processor `sp` holds the CaseOps control characters as pieces 4-7 (`CASEOPS_PIECES`): its text
+    is CaseOps-transformed, and BPB must count the original bytes from a byte sidecar, not the byte tables."""
+    n = int(sp.get_piece_size())
+    return all(i < n and sp.id_to_piece(i) == ch for i, ch in CASEOPS_PIECES.items())
 
 
 def check_shards_tokenizer(pattern: str | os.PathLike, tokenizer: str | os.PathLike) -> list[Path]:

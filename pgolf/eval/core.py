@@ -235,7 +235,12 @@ class EvalContext:
     the autocast dtype of the forward (bf16 on CUDA); compile: torch.compile the backbone forward with fixed
     shapes (also implied by a model that comes wrapped by torch.compile); log: where per-target NLL and
     bytes go (None = not kept); seq_len, batch_windows: the values of a mode's `seq_len` and
-    `batch_windows` settings when its config does not set them."""
+    `batch_windows` settings when its config does not set them; val_bytes: None (bytes from `luts`), or a
+    CaseOps dataset's byte sidecar [>= N+1] (integer, on `device`) aligned with the validation tokens the
+    modes are handed: val_bytes[i] = the original UTF-8 bytes of token i (pgolf/data/stream.py
+    `load_val_data`), which every scored target is charged instead of the tables' bytes (the final #1
+    record's `eval_val`, PR #1611: BPB = Σ nll / (ln 2 · Σ val_bytes[target])). ValueError for a sidecar
+    that is not 1-D integer."""
 
     luts: ByteLUTs
     device: torch.device
@@ -244,6 +249,30 @@ class EvalContext:
     autocast_dtype: torch.dtype | None = None
     compile: bool = False
     log: TargetLog | None = None
+    val_bytes: torch.Tensor | None = None
+
+    def __post_init__(self):
+        vb = self.val_bytes
+        if vb is not None and (vb.dim() != 1 or vb.is_floating_point() or vb.is_complex() or vb.dtype == torch.bool):
+            raise ValueError(f"val_bytes must be a 1-D integer tensor, got {vb.dtype} of shape {tuple(vb.shape)}")
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """Raise ValueError unless the sidecar (if any) covers every token of `tokens` (1-D, the stream the
+        modes score): a sidecar shorter than the stream cannot be the one aligned with it."""
+        if self.val_bytes is not None and self.val_bytes.numel() < tokens.numel():
+            raise ValueError(
+                f"val_bytes holds {self.val_bytes.numel()} entries for {tokens.numel()} validation tokens: the byte "
+                "sidecar is not aligned with these tokens"
+            )
+
+    def target_bytes(self, b: Batch, pos: torch.Tensor) -> torch.Tensor:
+        """float64 [B,k]: the bytes of the targets at positions pos [B,k] of batch `b`: the sidecar's entry at
+        each target's index in the stream (`b.start + pos + 1`; positions past a window's end are clamped
+        into the stream, and masked by the caller), else the byte tables' count from (input, target)."""
+        if self.val_bytes is None:
+            return self.luts.target_bytes(gather_pos(b.x, pos), gather_pos(b.y, pos))
+        idx = (b.start[:, None] + pos + 1).clamp(0, self.val_bytes.numel() - 1)
+        return self.val_bytes[idx].to(torch.float64)
 
     def autocast(self):
         return autocast_ctx(self.device, self.autocast_dtype)
@@ -263,9 +292,10 @@ class EvalContext:
         once_mask: torch.Tensor | None = None,
     ) -> None:
         """Add the scored targets (mask [B,k] over positions pos [B,k], NLL nll [B,k]) from each window's
-        `score_from` on to `sums` and the log. With `once` (float64 [3]), also add to it the targets of
-        `once_mask` (default: those of `mask` from each window's `first_from` on: first scorings)."""
-        nb = self.luts.target_bytes(gather_pos(b.x, pos), gather_pos(b.y, pos))
+        `score_from` on to `sums` and the log, each charged `target_bytes` (the sidecar's when there is one).
+        With `once` (float64 [3]), also add to it the targets of `once_mask` (default: those of `mask` from
+        each window's `first_from` on: first scorings)."""
+        nb = self.target_bytes(b, pos)
         rec = mask & (pos >= b.rec[:, None])
         sums += _sums(nll, rec, nb)
         if once is not None:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from pgolf import ARTIFACT_LIMIT_BYTES
-from pgolf.data.stream import load_val_tokens
+from pgolf.data.stream import load_val_data
 from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
 from pgolf.eval.core import EvalContext, TargetLog, gather_log
 from pgolf.eval.modes import parse_mode, run_mode
@@ -146,13 +146,22 @@ def evaluate_artifact(
     use_compile = resolve_compile(compile, device)
     rank, world = init_distributed(device)
     model, meta = load_artifact_model(artifact, device)
-    tokens = load_val_tokens(data["val_pattern"], max(S, train_seq), tok.vocab_size, tokenizer=data["tokenizer_path"])
+    val = load_val_data(
+        data["val_pattern"],
+        max(S, train_seq),
+        tok.vocab_size,
+        tokenizer=data["tokenizer_path"],
+        bytes_pattern=data.get("val_bytes_pattern"),
+    )
+    tokens = val.tokens
     if max_tokens is not None:
         keep = min(max(max_tokens // S, 1) * S, tokens.numel() - 1)
         tokens = tokens[: keep + 1]
+    val_bytes = None if val.bytes is None else val.bytes[: tokens.numel()].to(device)  # a CaseOps byte sidecar
     luts = build_byte_luts(load_tokenizer(data["tokenizer_path"]), model.cfg.vocab_size).to(device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    ctx = EvalContext(luts, device, S, batch_windows, autocast_dtype=autocast, compile=use_compile)
+    ctx = EvalContext(luts, device, S, batch_windows, autocast_dtype=autocast, compile=use_compile, val_bytes=val_bytes)
+    ctx.check_tokens(tokens)
     t_all = time.perf_counter()
     results, arrays = run_all(model, tokens, ctx, modes, audit, budget_seconds)
     total = time.perf_counter() - t_all
@@ -177,6 +186,7 @@ def evaluate_artifact(
         "total_bytes": size.total,
         "limit_bytes": size.limit,
         "max_tokens": max_tokens,
+        "byte_count": "tokenizer tables" if val_bytes is None else "sidecar",
         "world_size": world,
         "eval_seconds_total": total,
         "budget_seconds": budget_seconds,

@@ -9,6 +9,17 @@ manifest, then fetches all validation shards, the first N training shards and th
 each download goes to a temporary file and is renamed only when complete and validated (shard header and
 size). Offline, it stops with a message saying the hub cannot be reached.
 
+`--variant sp8192_caseops`: the CaseOps SP8192 data of the final #1 record (PR #1611,
+records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611; transform and
+tokenizer PR #1729), the dataset `romeerp/parameter-golf-caseops-v1` laid out the same way (dataset
+`fineweb10B_sp8192_lossless_caps_caseops_v1_reserved`, tokenizer
+`fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model`), whose validation shards each come with a byte
+sidecar `fineweb_val_bytes_NNNNNN.bin` (BPB counts the original bytes it holds: pgolf/data/stream.py). The
+sidecars are fetched with the validation shards: `stats.files_val_bytes` of them when the manifest gives the
+count, else one per validation shard. The tokenizer must hold the CaseOps control pieces. The hub's manifest
+of a repository other than the default one is kept as `manifest.<owner>__<name>.json`, so that downloads
+from two repositories into one `--out` do not overwrite each other's.
+
 `--endpoint` (or `PGOLF_HF_ENDPOINT`) points it at a mirror; the tests use a local fake of the hub.
 """
 
@@ -21,15 +32,35 @@ import shutil
 import sys
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
-from pgolf.data.shards import ShardError, read_shard_header
+from pgolf.data import caseops
+from pgolf.data.shards import ShardError, read_shard_header, sidecar_name
 from pgolf.io import atomic_path
 
 REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"
 DEFAULT_ENDPOINT = "https://huggingface.co"
-VARIANTS = ("sp1024", "sp8192")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A published dataset: the hub repository, the dataset's name in its manifest, and whether its validation
+    shards carry byte sidecars (and its tokenizer the CaseOps pieces)."""
+
+    repo: str
+    dataset: str
+    caseops: bool = False
+
+
+VARIANTS = {
+    "sp1024": Variant(REPO_ID, "fineweb10B_sp1024"),
+    "sp8192": Variant(REPO_ID, "fineweb10B_sp8192"),
+    "sp8192_caseops": Variant(
+        "romeerp/parameter-golf-caseops-v1", "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", caseops=True
+    ),
+}
 
 
 class DownloadError(RuntimeError):
@@ -70,8 +101,11 @@ def local_path(out: Path, remote_path: str) -> Path:
 
 
 def plan(manifest: dict, variant: str, train_shards: int) -> tuple[list[str], dict]:
-    """Remote paths to fetch (val shards, first N train shards, tokenizer files) and the dataset entry."""
-    name = f"fineweb10B_{variant}"
+    """Remote paths to fetch (val shards and their byte sidecars, first N train shards, tokenizer files) and
+    the dataset entry. DownloadError when the manifest lacks the dataset or its tokenizer, or has fewer
+    training shards than asked for."""
+    v = VARIANTS[variant]
+    name = v.dataset
     entry = next((d for d in manifest.get("datasets", []) if d.get("name") == name), None)
     if entry is None:
         known = [d.get("name") for d in manifest.get("datasets", [])]
@@ -84,10 +118,21 @@ def plan(manifest: dict, variant: str, train_shards: int) -> tuple[list[str], di
     tok = next((t for t in manifest.get("tokenizers", []) if t.get("name") == tok_name), None)
     if tok is None:
         raise DownloadError(f"tokenizer {tok_name!r} of {name} is not in the manifest")
-    files = [f"{REMOTE_ROOT}/datasets/{name}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
+    val = [f"fineweb_val_{i:06d}.bin" for i in range(n_val)]
+    if v.caseops:
+        n_side = int(stats.get("files_val_bytes", n_val))
+        if n_side != n_val:
+            raise DownloadError(f"{name}: the manifest lists {n_side} byte sidecars for {n_val} validation shards")
+        val += [sidecar_name(f) for f in val]
+    files = [f"{REMOTE_ROOT}/datasets/{name}/{f}" for f in val]
     files += [f"{REMOTE_ROOT}/datasets/{name}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     files += [f"{REMOTE_ROOT}/{tok[k]}" for k in ("model_path", "vocab_path") if tok.get(k)]
     return files, entry
+
+
+def manifest_file_name(repo: str) -> str:
+    """Where the hub's manifest of `repo` is kept in `--out`: `manifest.json` for the challenge's repository."""
+    return "manifest.json" if repo == REPO_ID else f"manifest.{repo.replace('/', '__')}.json"
 
 
 def download(
@@ -95,14 +140,20 @@ def download(
     train_shards: int = 80,
     out: str | Path = "data",
     endpoint: str | None = None,
-    repo: str = REPO_ID,
+    repo: str | None = None,
     log=print,
 ) -> Path:
+    """Fetch a variant's validation shards (with their byte sidecars), first `train_shards` training shards and
+    tokenizer into `out`; returns the dataset folder. `repo` (default: the variant's) names a mirror
+    repository. DownloadError for an unknown variant, an unreachable hub, a manifest without the dataset, a
+    file that is not a valid shard, or (CaseOps) a tokenizer without the CaseOps pieces."""
     if variant not in VARIANTS:
-        raise DownloadError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+        raise DownloadError(f"unknown variant {variant!r}; choose one of {tuple(VARIANTS)}")
+    v = VARIANTS[variant]
+    repo = repo or v.repo
     endpoint = endpoint or os.environ.get("PGOLF_HF_ENDPOINT", DEFAULT_ENDPOINT)
     out = Path(out)
-    manifest_file = out / "manifest.json"
+    manifest_file = out / manifest_file_name(repo)
     fetch(resolve_url(endpoint, repo, f"{REMOTE_ROOT}/manifest.json"), manifest_file)
     try:
         manifest = json.loads(manifest_file.read_text())
@@ -120,7 +171,19 @@ def download(
             bad = dest.with_suffix(".bin.invalid")
             dest.rename(bad)
             raise DownloadError(f"{remote}: downloaded file is not a valid shard; kept as {bad.name} for inspection")
+    if v.caseops:
+        model = next(local_path(out, f) for f in files if f.endswith(".model"))
+        _check_caseops_tokenizer(model)
     return out / "datasets" / entry["name"]
+
+
+def _check_caseops_tokenizer(model: Path) -> None:
+    import sentencepiece as spm
+
+    try:
+        caseops.check_tokenizer(spm.SentencePieceProcessor(model_file=str(model)))
+    except (caseops.CaseOpsError, OSError, RuntimeError) as e:
+        raise DownloadError(f"{model}: the CaseOps variant's tokenizer is not a usable CaseOps model ({e})") from e
 
 
 def _valid_shard(path: Path) -> bool:
@@ -133,11 +196,11 @@ def _valid_shard(path: Path) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pgolf.tools.fineweb", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", default="sp1024", choices=VARIANTS)
+    ap.add_argument("--variant", default="sp1024", choices=tuple(VARIANTS))
     ap.add_argument("--train-shards", type=int, default=80, help="first N training shards (10^8 tokens each)")
     ap.add_argument("--out", default="data")
     ap.add_argument("--endpoint", default=None, help=f"hub base URL (default {DEFAULT_ENDPOINT})")
-    ap.add_argument("--repo", default=REPO_ID)
+    ap.add_argument("--repo", default=None, help="hub repository (default: the variant's)")
     a = ap.parse_args(argv)
     try:
         d = download(a.variant, a.train_shards, a.out, a.endpoint, a.repo)

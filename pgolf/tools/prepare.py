@@ -6,7 +6,18 @@ default `text`) documents; splits train/val by whole documents (the first `--val
 challenge does, or a seeded `--val-fraction`); trains a SentencePiece BPE with the challenge settings on
 the train split unless `--tokenizer` gives a `.model`; encodes every document as `[BOS]+pieces`; writes
 `{name}_train_NNNNNN.bin` / `{name}_val_NNNNNN.bin` shards and `manifest.json` (token counts, tokenizer
-hash). A tokenizer trained here is `{name}_{vocab}_bpe_selftrained.model`, a name that the challenge's
+hash).
+
+`--caseops` (with `--tokenizer`, a CaseOps model such as the final #1 record's
+`fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model`; PR #1729, PR #1611 records/track_10min_16mb/
+2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611, its `prepare_caseops_data.py`): every document
+is CaseOps-transformed before encoding (pgolf/data/caseops.py), and every validation shard gets a parallel
+byte sidecar `{name}_val_bytes_NNNNNN.bin` (same format, one uint16 per token: the original UTF-8 bytes the
+token stands for, BOS 0; a document's entries sum to its UTF-8 length). The manifest records the transform and
+the sidecar files (`val.byte_sidecar`), which pgolf/data/stream.py `load_val_data` reads for BPB. A tokenizer
+without the CaseOps control pieces is refused before any document is read.
+
+A tokenizer trained here is `{name}_{vocab}_bpe_selftrained.model`, a name that the challenge's
 published `fineweb_{vocab}_bpe.model` cannot be mistaken for; a given one keeps its own name. The output
 directory is built under a temporary name and renamed into place, so an existing directory is never
 touched (it is refused unless `--overwrite`).
@@ -26,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pgolf.data.shards import SHARD_TOKENS, write_shard
+from pgolf.data import caseops
+from pgolf.data.shards import SHARD_TOKENS, sidecar_name, write_shard
 from pgolf.data.tokenizer import BOS_ID, TokenizerError, TokenizerInfo, load_tokenizer
 from pgolf.io import atomic_dir, atomic_write_bytes, sha256_file
 
@@ -138,8 +150,9 @@ def train_tokenizer(
     return path
 
 
-def encode_documents(sp, docs: Iterable[str], batch: int = 256) -> Iterator[np.ndarray]:
-    """Each document as `[BOS] + pieces` (no EOS, as the challenge export), uint16."""
+def encode_documents(sp, docs: Iterable[str], batch: int = 256, transform=None) -> Iterator[np.ndarray]:
+    """Each document as `[BOS] + pieces` (no EOS, as the challenge export), uint16; `transform` (str -> str,
+    e.g. `caseops.encode`) is applied to each document first."""
     buf: list[str] = []
 
     def flush():
@@ -147,7 +160,7 @@ def encode_documents(sp, docs: Iterable[str], batch: int = 256) -> Iterator[np.n
             yield np.asarray([BOS_ID, *ids], dtype=np.uint16)
 
     for d in docs:
-        buf.append(d)
+        buf.append(transform(d) if transform is not None else d)
         if len(buf) >= batch:
             yield from flush()
             buf = []
@@ -155,31 +168,65 @@ def encode_documents(sp, docs: Iterable[str], batch: int = 256) -> Iterator[np.n
         yield from flush()
 
 
-def write_split(sp, docs: list[str], out: Path, prefix: str, shard_tokens: int) -> dict:
-    """Encode docs and write shards of at most `shard_tokens` tokens; returns manifest stats."""
-    files, buf, buffered, total, n_docs = [], [], 0, 0, 0
+def caseops_documents(sp, docs: Iterable[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each document CaseOps-transformed and encoded, `([BOS] + pieces, [0] + original bytes per piece)`, both
+    uint16 (`caseops.token_bytes`). ValueError naming the document for a count that does not fit uint16."""
+    for k, d in enumerate(docs):
+        ids, nbytes = caseops.token_bytes(sp, d)
+        if nbytes.size and int(nbytes.max()) > np.iinfo(np.uint16).max:
+            raise ValueError(
+                f"document {k}: a token stands for {int(nbytes.max())} original bytes, more than a uint16 byte "
+                "sidecar entry holds"
+            )
+        yield np.asarray([BOS_ID, *ids], dtype=np.uint16), np.concatenate([[0], nbytes]).astype(np.uint16)
+
+
+def write_split(
+    encoded: Iterable[tuple[np.ndarray, np.ndarray | None]], out: Path, prefix: str, shard_tokens: int
+) -> dict:
+    """Write encoded documents (`(ids [n] uint16, original bytes [n] uint16 or None)` each) as shards of at most
+    `shard_tokens` tokens; returns manifest stats. Documents with byte counts (`caseops_documents`) get a
+    parallel sidecar shard beside each token shard (the same cuts), and the stats a `byte_sidecar` entry
+    {files, bytes}."""
+    files, side_files, buf, side, buffered, total, n_docs, n_bytes = [], [], [], [], 0, 0, 0, 0
+    sidecar = None  # whether the documents carry byte counts (all or none of them)
 
     def flush():
-        nonlocal buf, buffered
-        arr = np.concatenate(buf) if buf else np.zeros(0, np.uint16)
+        nonlocal buf, side, buffered
         path = out / f"{prefix}_{len(files):06d}.bin"
-        write_shard(path, arr)
+        write_shard(path, np.concatenate(buf) if buf else np.zeros(0, np.uint16))
         files.append(path.name)
-        buf, buffered = [], 0
+        if sidecar:
+            write_shard(out / sidecar_name(path), np.concatenate(side) if side else np.zeros(0, np.uint16))
+            side_files.append(sidecar_name(path))
+        buf, side, buffered = [], [], 0
 
-    for ids in encode_documents(sp, docs):
+    for ids, nbytes in encoded:
+        if sidecar is None:
+            sidecar = nbytes is not None
+        elif sidecar != (nbytes is not None):
+            raise ValueError(f"{prefix}: document {n_docs} has byte counts {'missing' if sidecar else 'unexpected'}")
+        if nbytes is not None and nbytes.shape != ids.shape:
+            raise ValueError(f"{prefix}: document {n_docs} has {ids.size} tokens but {nbytes.size} byte counts")
         n_docs += 1
         total += ids.size
+        n_bytes += 0 if nbytes is None else int(nbytes.sum(dtype=np.int64))
         while ids.size:
             take = min(ids.size, shard_tokens - buffered)
             buf.append(ids[:take])
-            buffered += take
             ids = ids[take:]
+            if nbytes is not None:
+                side.append(nbytes[:take])
+                nbytes = nbytes[take:]
+            buffered += take
             if buffered == shard_tokens:
                 flush()
     if buffered or not files:
         flush()
-    return {"files": files, "tokens": int(total), "docs": n_docs}
+    stats = {"files": files, "tokens": int(total), "docs": n_docs}
+    if sidecar:
+        stats["byte_sidecar"] = {"files": side_files, "bytes": n_bytes}
+    return stats
 
 
 def prepare(
@@ -198,11 +245,21 @@ def prepare(
     documents: tuple[list[str], list[str]] | None = None,
     source: dict | None = None,
     byte_fallback: bool = True,
+    caseops_transform: bool = False,
 ) -> Path:
-    """Build a shard directory; returns its path. `documents=(train, val)` skips reading and splitting."""
+    """Build a shard directory; returns its path. `documents=(train, val)` skips reading and splitting.
+    `caseops_transform`: CaseOps shards with a validation byte sidecar (module docstring); needs `tokenizer`,
+    a CaseOps model, checked before any document is read (caseops.CaseOpsError, a ValueError, otherwise)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    if caseops_transform:
+        if tokenizer is None:
+            raise ValueError("--caseops needs --tokenizer: a CaseOps SentencePiece model (pieces 4-7 the controls)")
+        try:
+            caseops.check_tokenizer(load_tokenizer(tokenizer))
+        except caseops.CaseOpsError as e:
+            raise caseops.CaseOpsError(f"--caseops: {tokenizer}: {e}") from None
     if documents is None:
         docs = list(read_documents(inputs, text_field, txt_lines))
         if len(docs) < 2:
@@ -224,11 +281,20 @@ def prepare(
             shutil.copyfile(tokenizer, model)
         sp = load_tokenizer(model)
         info = TokenizerInfo.from_path(model)
+        transform = caseops.encode if caseops_transform else None
+        train_enc = ((ids, None) for ids in encode_documents(sp, train_docs, transform=transform))
+        if caseops_transform:
+            val_enc = caseops_documents(sp, val_docs_list)
+        else:
+            val_enc = ((ids, None) for ids in encode_documents(sp, val_docs_list))
+        train = write_split(train_enc, tmp, f"{name}_train", shard_tokens)
+        val = write_split(val_enc, tmp, f"{name}_val", shard_tokens)
         manifest = {
             "name": name,
             "tokenizer": {"file": model.name, "vocab_size": info.vocab_size, "sha256": info.sha256},
-            "train": write_split(sp, train_docs, tmp, f"{name}_train", shard_tokens),
-            "val": write_split(sp, val_docs_list, tmp, f"{name}_val", shard_tokens),
+            "transform": caseops.TRANSFORM if caseops_transform else None,
+            "train": train,
+            "val": val,
             "source": source or {"inputs": [Path(p).name for p in inputs], "sha256": [sha256_file(p) for p in inputs]},
             "split": {"val_docs": val_docs, "val_fraction": val_fraction, "seed": seed},
             "format": {"bos_prefix": True, "eos": False, "shard_tokens": shard_tokens},
@@ -243,8 +309,9 @@ def is_prepared(out: str | Path, tokenizer_file: str) -> bool:
     out = Path(out)
     try:
         m = json.loads((out / "manifest.json").read_text())
-        files = [m["tokenizer"]["file"], *m["train"]["files"], *m["val"]["files"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        sidecar = (m["val"].get("byte_sidecar") or {}).get("files", [])
+        files = [m["tokenizer"]["file"], *m["train"]["files"], *m["val"]["files"], *sidecar]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     return files[0] == tokenizer_file and all((out / f).is_file() for f in files)
 
@@ -263,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--txt-lines", action="store_true", help="each non-empty line of a .txt file is a document")
     ap.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS)
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument(
+        "--caseops",
+        action="store_true",
+        help="CaseOps-transform documents (PR #1729) and write validation byte sidecars; needs a CaseOps --tokenizer",
+    )
     a = ap.parse_args(argv)
     try:
         out = prepare(
@@ -278,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             a.txt_lines,
             a.shard_tokens,
             a.overwrite,
+            caseops_transform=a.caseops,
         )
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -288,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         f"shards; val {m['val']['docs']} docs {m['val']['tokens']} tokens; tokenizer {m['tokenizer']['file']} "
         f"(vocab {m['tokenizer']['vocab_size']}, sha256 {m['tokenizer']['sha256'][:12]}…)"
     )
+    if m["val"].get("byte_sidecar"):
+        sc = m["val"]["byte_sidecar"]
+        print(f"transform {m['transform']}: val byte sidecar {len(sc['files'])} shards, {sc['bytes']} original bytes")
     return 0
 
 

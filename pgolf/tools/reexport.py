@@ -27,7 +27,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from pgolf.data.shards import list_shards
-from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, load_val_tokens
+from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, load_val_data
 from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, check_shards_tokenizer, load_tokenizer
 from pgolf.eval.core import EvalContext
 from pgolf.export.code import project_root
@@ -138,7 +138,14 @@ def validation(
     cfg: DictConfig, data: dict, tok: TokenizerInfo, model_vocab: int, seq_len: int, device: torch.device
 ) -> tuple[torch.Tensor, EvalContext]:
     """The validation tokens (cut to `eval.max_tokens` targets, whole windows) and the eval context."""
-    tokens = load_val_tokens(data["val_pattern"], seq_len, tok.vocab_size, tokenizer=data["tokenizer_path"])
+    val = load_val_data(
+        data["val_pattern"],
+        seq_len,
+        tok.vocab_size,
+        tokenizer=data["tokenizer_path"],
+        bytes_pattern=data.get("val_bytes_pattern"),
+    )
+    tokens = val.tokens
     if cfg.eval.max_tokens:
         n = (min(int(cfg.eval.max_tokens), tokens.numel() - 1) // seq_len) * seq_len
         if n <= 0:
@@ -146,9 +153,16 @@ def validation(
         tokens = tokens[: n + 1]
     luts = build_byte_luts(load_tokenizer(data["tokenizer_path"]), model_vocab).to(device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
+    val_bytes = None if val.bytes is None else val.bytes[: tokens.numel()].to(device)  # a CaseOps byte sidecar
     eval_ctx = EvalContext(
-        luts=luts, device=device, seq_len=seq_len, batch_windows=int(cfg.eval.batch_windows), autocast_dtype=autocast
+        luts=luts,
+        device=device,
+        seq_len=seq_len,
+        batch_windows=int(cfg.eval.batch_windows),
+        autocast_dtype=autocast,
+        val_bytes=val_bytes,
     )
+    eval_ctx.check_tokens(tokens)
     return tokens, eval_ctx
 
 
