@@ -56,6 +56,7 @@ class OptimConfig:
     muon_row_norm: bool
     muon_wd: NonNegFloat
     adam_wd: NonNegFloat
+    embed_wd: NonNegFloat | None  # the embedding group's own AdamW WD (PR #1611); null: adam_wd
     betas: tuple[Beta, Beta]
     adam_eps: PosFloat
     aux_proj_to_muon: bool
