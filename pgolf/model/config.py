@@ -9,7 +9,11 @@ MLP width and activation (relu², LeakyReLU(0.5)², SwiGLU fused or with separat
 SmearGate (V5 and record forms), BigramHash (V5 multiplicative and XOR forms), value embeddings, XSA on the
 last N layers, partial RoPE with NTK base scaling, LN scale, QK-gain init, orthogonal init (optionally
 depth-scaled on the auxiliary projections), depth recurrence, parallel residuals, and fake-quant QAT of the
-quantized matrices. The YAML of conf/model/ instantiates this config, never modules.
+quantized matrices. The final-leaderboard stack (PR #1611,
+records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611, and its lineage
+PR #1493 / #1530 / #1667 / #1787 / #1851) adds depth recurrence with progressive activation, gated U-Net
+skips, the two-lane parallel residual decoder, the sparse attention output gate and the input-dependent
+SmearGate with its BOS mask. The YAML of conf/model/ instantiates this config, never modules.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 MLP_ACTS = ("relu2", "leaky_relu2", "swiglu")
-SMEAR_FORMS = ("none", "v5", "record")
+SMEAR_FORMS = ("none", "v5", "record", "gated")
 BIGRAM_FORMS = ("none", "v5", "xor")
 QAT_MODES = ("off", "late", "always")
+PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
 
 
 @dataclass
@@ -44,6 +49,27 @@ class GPTConfig:
       (records/track_10min_16mb/2026-03-19_smeargate_orthoinit_muonwd) trains with no floor and the fp32
       scale (`qat_scale_floor: false`, `qat_scale_fp16: false`); the floor is only in its export. On a
       512x512 N(0, 1/512) matrix that zeroes about 4.3% of the entries, the floored fp16 form about 28.5%.
+
+    The PR #1611 stack (each off by default; docs/records.md#record_1611):
+
+    - Depth recurrence with progressive activation (`num_loops` > 0; PR #1493 line): the physical layers
+      [loop_start..loop_end] (inclusive) run `num_loops` extra times, so the virtual sequence is
+      [0..loop_start-1] + [loop_start..loop_end] x (num_loops+1) + [loop_end+1..L-1]; its first half (rounded
+      down) is the encoder, the rest the decoder. It acts only while `GPT.looping_active` (a Python flag, so a
+      compiled forward has one graph per state); otherwise the plain split of range(L) is used. Training
+      switches it on at the training fraction `enable_looping_at` (`looping_at`). Exclusive with `recur_*`
+      (the static recurrence of earlier records).
+    - `skip_gates`: U-Net skips as a lerp x <- g x + (1-g) (skip_weights[j] s), g = sigmoid(skip_gates[j]),
+      skip_gates initialised 0 (PR #1611); False: x <- x + skip_weights[j] s.
+    - `parallel_start_layer` > 0: from the first decoder position whose physical layer is >= this, two lanes
+      (PR #1530): attention reads lane0 mixed with x0, the MLP reads lane1, each writes both lanes through
+      the learned `parallel_post_lambdas` [L,2,2] (init 1) on top of `parallel_resid_lambdas` [L,2]
+      (init 1.1); skips go to lane0; the output is `parallel_final_lane` (mean of the lanes, or one lane).
+    - `sparse_attn_gate` (PR #1787): per head y_h <- sigmoid(scale * W_g[h] . u[:gate_window]) y_h after
+      XSA, W_g = `attn_gate_w` [H, gate_window] zero-initialised, u the attention's normed input.
+    - `smear_gate: gated` (PR #1667 with the PR #1851 BOS fix): on the raw embeddings,
+      e_t <- e_t + lambda sigmoid(w . e_t[:gate_window]) e_{t-1} [id_t != smear_bos_id], w [1, gate_window]
+      and lambda (`smear_init`, default 0) zero-initialised; `smear_bos_id` -1 drops the mask (PR #1667).
     """
 
     vocab_size: int = 1024
@@ -85,6 +111,17 @@ class GPTConfig:
     qat_clip_quantile: float = 1.0  # per-row clip for the fake quant: 1.0 = row max (late QAT), V5 0.9999984
     qat_scale_floor: bool = True  # row scale >= 1/(2^(bits-1)-1), the int exports' floor; V5 trains without it
     qat_scale_fp16: bool = True  # row scale rounded to fp16 as the artifact stores it; V5 trains with fp32
+    num_loops: int = 0  # depth recurrence with progressive activation: extra passes over [loop_start..loop_end]
+    loop_start: int = 0
+    loop_end: int = 0  # inclusive (PR #1493 / #1611: layers 3..5)
+    enable_looping_at: float = 0.0  # training fraction at which looping switches on (PR #1611: 0.35)
+    skip_gates: bool = False  # sigmoid-gated lerp U-Net skips (PR #1611)
+    parallel_start_layer: int = 0  # > 0: two-lane parallel decoder from this physical layer (PR #1530); 0 = off
+    parallel_final_lane: str = "mean"  # mean | attn | mlp: the hidden state after the last two-lane block
+    sparse_attn_gate: bool = False  # per-head sigmoid gate of the attention output (PR #1787)
+    sparse_attn_gate_scale: float = 1.0  # PR #1611 runs 0.5
+    gate_window: int = 12  # input channels the sparse attention gate and the gated SmearGate read
+    smear_bos_id: int = 1  # gated SmearGate: no smear into this token (PR #1851); -1 = no mask (PR #1667)
 
     def __post_init__(self):
         self.ve_layers = tuple(int(i) for i in (self.ve_layers or ()))
@@ -118,6 +155,35 @@ class GPTConfig:
                 f"recurrence span [{self.recur_start}, {self.recur_end}) must lie inside 0..{self.num_layers}",
             ),
             (self.vocab_size > 0 and self.num_layers > 0, "vocab_size and num_layers must be positive"),
+            (self.num_loops >= 0, f"num_loops {self.num_loops} must be >= 0"),
+            (
+                self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end < self.num_layers,
+                f"loop span [{self.loop_start}..{self.loop_end}] must satisfy 0 <= loop_start <= loop_end "
+                f"< num_layers {self.num_layers}",
+            ),
+            (
+                self.num_loops == 0 or self.recur_times == 1,
+                "num_loops and recur_times are two forms of depth recurrence; use one",
+            ),
+            (0.0 <= self.enable_looping_at <= 1.0, f"enable_looping_at {self.enable_looping_at} must be in [0, 1]"),
+            (not self.skip_gates or self.unet_skips, "skip_gates needs unet_skips"),
+            (
+                0 <= self.parallel_start_layer < self.num_layers,
+                f"parallel_start_layer {self.parallel_start_layer} must be in 0..{self.num_layers - 1} (0 = off)",
+            ),
+            (
+                self.parallel_start_layer == 0 or not self.parallel_residual,
+                "parallel_residual and parallel_start_layer are two forms of parallel blocks; use one",
+            ),
+            (
+                self.parallel_final_lane in PARALLEL_FINAL_LANES,
+                f"parallel_final_lane {self.parallel_final_lane!r} not in {PARALLEL_FINAL_LANES}",
+            ),
+            (
+                not (self.sparse_attn_gate or self.smear_gate == "gated") or 1 <= self.gate_window <= d,
+                f"gate_window {self.gate_window} must be in 1..model_dim {d}",
+            ),
+            (self.smear_bos_id >= -1, f"smear_bos_id {self.smear_bos_id} must be a token id or -1 (no mask)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -133,11 +199,31 @@ class GPTConfig:
 
     @property
     def layer_schedule(self) -> list[int]:
-        """Physical block index of each virtual layer (depth recurrence repeats a span)."""
-        L, s, e, k = self.num_layers, self.recur_start, self.recur_end, self.recur_times
+        """Physical block index of each virtual layer (depth recurrence repeats a span). With `num_loops`,
+        the looping schedule (the longest, used once looping is active and at evaluation): PR #1611's
+        [0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10]."""
+        L = self.num_layers
+        if self.num_loops > 0:
+            s, e = self.loop_start, self.loop_end + 1
+            return list(range(s)) + list(range(s, e)) * (self.num_loops + 1) + list(range(e, L))
+        s, e, k = self.recur_start, self.recur_end, self.recur_times
         if k == 1:
             return list(range(L))
         return list(range(s)) + list(range(s, e)) * k + list(range(e, L))
+
+    def encoder_decoder(self, looping: bool = True) -> tuple[list[int], list[int]]:
+        """(encoder, decoder) physical layer lists of the U-Net split: the schedule's first half (rounded
+        down) and the rest; with `num_loops` and `looping` False, the plain split of range(num_layers).
+        Without `unet_skips` the encoder is empty. PR #1611 looping: [0,1,2,3,4,5,3,4] / [5,3,4,5,6,7,8,9,10];
+        not looping: [0..4] / [5..10]."""
+        sched = self.layer_schedule if looping or self.num_loops == 0 else list(range(self.num_layers))
+        n_enc = len(sched) // 2 if self.unet_skips else 0
+        return sched[:n_enc], sched[n_enc:]
+
+    def looping_at(self, frac: float) -> bool:
+        """Whether depth recurrence is active at training fraction `frac` (elapsed / budget, 0..1):
+        num_loops > 0 and frac >= enable_looping_at (PR #1611: the first step with frac >= 0.35)."""
+        return self.num_loops > 0 and frac >= self.enable_looping_at
 
     def to_dict(self) -> dict:
         out = asdict(self)

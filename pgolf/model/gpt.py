@@ -1,10 +1,17 @@
 """The GPT of the Parameter Golf record stacks: embedding features, the block schedule (U-Net skips, depth
-recurrence), the tied or untied head with logit softcap, QAT control and incremental decoding.
+recurrence, the two-lane parallel decoder), the tied or untied head with logit softcap, QAT control,
+document-bounded attention over packed rows and incremental decoding.
 
 Every feature sits behind a `GPTConfig` field (pgolf/model/config.py); the blocks are in
-pgolf/model/layers.py, the input features in pgolf/model/embed.py. `GPT.decode` is an incremental decoding
-path with a KV cache (pgolf/model/decode.py; used by PR #1019's self-generated GPTQ calibration); the
-default forward does not use it.
+pgolf/model/layers.py, the input features in pgolf/model/embed.py, document masks in pgolf/model/varlen.py.
+`GPT.decode` is an incremental decoding path with a KV cache (pgolf/model/decode.py; used by PR #1019's
+self-generated GPTQ calibration); the default forward does not use it.
+
+Progressive depth recurrence (PR #1493 / #1611): `GPT.looping_active` is a plain Python attribute, so a
+compiled forward guards on it and holds one graph per state. A new model starts with looping on when it has
+loops (the state every evaluation, export, calibration and TTT pass of PR #1611 uses). The trainer owns the
+switch: at the start of training `model.set_looping(cfg.looping_at(0.0))`, then at the top of each step
+`if not model.looping_active and cfg.looping_at(frac): model.set_looping(True)` (once on, it stays on).
 
 Shapes: B batch, T sequence, d model width, V vocab.
 """
@@ -19,8 +26,21 @@ from torch import nn
 
 from pgolf.model.config import QAT_MODES, GPTConfig
 from pgolf.model.decode import DecodeCache, LayerKV
-from pgolf.model.embed import BigramHash, SmearGate, ValueEmbedding
+from pgolf.model.embed import BigramHash, GatedSmear, SmearGate, ValueEmbedding
 from pgolf.model.layers import Block, CastedLinear, rms_norm, rope_tables
+from pgolf.model.varlen import DocumentMask
+
+
+def softcap_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, cap: float, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of pre-softcap logits z [N,V] against targets [N]: CE(float32(cap*tanh(z/cap))), cap 0 =
+    no softcap. This is the exact unfused form of PR #1787's fused softcapped CE (kept by PR #1611): its
+    kernel's u = 2cap*sigmoid(2z/cap) = cap*tanh(z/cap) + cap differs by a constant that cancels in
+    logsumexp(u) - u_target (tests/test_model_1611.py checks it)."""
+    if cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
 class GPT(nn.Module):
@@ -32,14 +52,25 @@ class GPT(nn.Module):
         d = cfg.model_dim
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.bigram = BigramHash(cfg) if cfg.bigram != "none" else None
-        self.smear = SmearGate(d, cfg.smear_gate, cfg.smear_init) if cfg.smear_gate != "none" else None
+        self.smear = None
+        if cfg.smear_gate == "gated":
+            self.smear = GatedSmear(cfg.gate_window, cfg.smear_bos_id, cfg.smear_init)
+        elif cfg.smear_gate != "none":
+            self.smear = SmearGate(d, cfg.smear_gate, cfg.smear_init)
         self.ve_shared = ValueEmbedding(cfg) if cfg.ve_dim > 0 else None
         self.ve_layer_scales = nn.Parameter(torch.ones(len(cfg.ve_layers))) if cfg.ve_layers else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.schedule = cfg.layer_schedule
-        self.n_enc = len(self.schedule) // 2 if cfg.unet_skips else 0
-        n_skip = min(self.n_enc, len(self.schedule) - self.n_enc)
+        self.schedule = cfg.layer_schedule  # the longest (looping) schedule: one KV-cache / LoRA slot per entry
+        enc, dec = cfg.encoder_decoder(looping=True)
+        self.n_enc = len(enc)
+        n_skip = min(len(enc), len(dec))
         self.skip_weights = nn.Parameter(torch.ones(n_skip, d)) if cfg.unet_skips and n_skip else None
+        self.skip_gates = nn.Parameter(torch.zeros(n_skip, d)) if cfg.skip_gates and n_skip else None
+        self.looping_active = cfg.num_loops > 0
+        self.parallel_resid_lambdas = self.parallel_post_lambdas = None
+        if cfg.parallel_start_layer > 0:  # allocated for every layer as PR #1530 does; only the lane layers use them
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1))
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2, 2))
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(d, cfg.vocab_size, zero_init=True)
         self._ve_slot = {layer: i for i, layer in enumerate(cfg.ve_layers)}
         self.qat_mode = "off"
@@ -98,31 +129,77 @@ class GPT(nn.Module):
         """Whether training forwards fake-quantize now (mode "always", or "late" after its switch)."""
         return any(m.qat for m in self.quantized_linears())
 
+    # ---- depth recurrence ----------------------------------------------------------------------------
+    def set_looping(self, active: bool) -> None:
+        """Switch progressive depth recurrence (`num_loops`) on or off: a Python flag, so a compiled forward
+        recompiles once per state (see the module docstring for the trainer's contract). Raises ValueError
+        when switching on a model without loops."""
+        if active and self.cfg.num_loops == 0:
+            raise ValueError("set_looping(True) on a model with num_loops 0")
+        self.looping_active = bool(active)
+
+    def virtual_layers(self) -> tuple[list[int], int]:
+        """(physical layer of each virtual layer, number of encoder layers) of the current state."""
+        enc, dec = self.cfg.encoder_decoder(looping=self.looping_active)
+        return enc + dec, len(enc)
+
     # ---- forward -------------------------------------------------------------------------------------
     def embed(self, idx: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
         """The blocks' input x0 [B,T,d]: token embedding (+ BigramHash), RMS-normed, with SmearGate before the
-        norm (v5) or after it (record)."""
+        norm (v5, gated) or after it (record)."""
         before_tok = cache.last_token if cache is not None and cache.pos > 0 else None
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx, before_tok)
-        if self.smear is not None and self.smear.form == "v5":
-            return rms_norm(self._smear(x, cache))
+        if self.smear is not None and self.smear.form in ("v5", "gated"):
+            return rms_norm(self._smear(x, idx, cache))
         x = rms_norm(x)
-        return self._smear(x, cache) if self.smear is not None else x
+        return self._smear(x, idx, cache) if self.smear is not None else x
 
-    def _smear(self, x: torch.Tensor, cache: DecodeCache | None) -> torch.Tensor:
-        if cache is None:
-            return self.smear(x)
-        before = cache.smear_in if cache.pos > 0 else None
-        cache.smear_in = x[:, -1:].detach()
+    def _smear(self, x: torch.Tensor, idx: torch.Tensor, cache: DecodeCache | None) -> torch.Tensor:
+        before = None
+        if cache is not None:
+            before = cache.smear_in if cache.pos > 0 else None
+            cache.smear_in = x[:, -1:].detach()
+        if self.smear.form == "gated":
+            return self.smear(x, idx, before)
         return self.smear(x, before)
 
-    def forward_hidden(self, idx: torch.Tensor, lora=None, cache: DecodeCache | None = None) -> torch.Tensor:
+    def _skip(self, k: int, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """x after the U-Net skip of decoder position k (none once the encoder stack is empty)."""
+        if self.skip_weights is None or not skips or k >= self.skip_weights.size(0):
+            return x
+        if self.skip_gates is None:
+            return x + self.skip_weights[k].to(x.dtype) * skips.pop()
+        scaled = self.skip_weights[k].to(x.dtype) * skips.pop()
+        return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[k].to(x.dtype)))  # g x + (1-g) w s
+
+    def forward_hidden(
+        self,
+        idx: torch.Tensor,
+        lora=None,
+        cache: DecodeCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        doc_impl: str = "auto",
+    ) -> torch.Tensor:
         """Final-normed hidden states [B,T,d] (before the output projection). With `cache`, idx holds the
-        next T tokens after the cached prefix (see `decode`)."""
+        next T tokens after the cached prefix (see `decode`). With `cu_seqlens` (int32 [S+1] over the
+        flattened B*T tokens, pgolf/model/varlen.py) no token attends across a segment boundary; positions
+        stay row positions (PR #1530). `doc_impl`: auto | mask | flex. Raises ValueError for cu_seqlens with
+        a cache, or with an input feature that looks back across the boundary unmasked (v5/record SmearGate,
+        BigramHash)."""
         cfg = self.cfg
-        T = idx.size(1)
+        B, T = idx.shape
+        docs = None
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("cu_seqlens (document-bounded attention) cannot be combined with a decode cache")
+            if self.bigram is not None or (self.smear is not None and self.smear.form != "gated"):
+                raise ValueError(
+                    "cu_seqlens: BigramHash and the v5/record SmearGate read the previous token across document "
+                    "boundaries; document-bounded attention supports smear_gate none or gated"
+                )
+            docs = DocumentMask(cu_seqlens.to(idx.device), B, T, doc_impl)
         x = x0 = self.embed(idx, cache)
         r = cfg.rope_dims or cfg.head_dim
         if cache is None:
@@ -130,17 +207,31 @@ class GPT(nn.Module):
         else:
             cos, sin = cache.rope(T)
         ve_base = self.ve_shared(idx) if self.ve_shared is not None else None
+        schedule, n_enc = self.virtual_layers()
         skips: list[torch.Tensor] = []
-        for j, li in enumerate(self.schedule):
-            if self.skip_weights is not None and j >= self.n_enc and skips:
-                x = x + self.skip_weights[j - self.n_enc].to(x.dtype) * skips.pop()
+        lanes: tuple[torch.Tensor, torch.Tensor] | None = None
+        for j, li in enumerate(schedule):
             ve = None
             if ve_base is not None and li in self._ve_slot:
                 ve = ve_base * self.ve_layer_scales[self._ve_slot[li]].to(ve_base.dtype)
             kv = cache.layers[j] if cache is not None else None
-            x = self.blocks[li](x, x0, cos, sin, ve, lora.layer(j) if lora is not None else None, kv)
-            if j < self.n_enc:
+            lo = lora.layer(j) if lora is not None else None
+            if j < n_enc:
+                x = self.blocks[li](x, x0, cos, sin, ve, lo, kv, docs)
                 skips.append(x)
+                continue
+            if lanes is None and 0 < cfg.parallel_start_layer <= li:  # two lanes from here on (PR #1530)
+                lanes = (x, x)
+            if lanes is None:
+                x = self._skip(j - n_enc, x, skips)
+                x = self.blocks[li](x, x0, cos, sin, ve, lo, kv, docs)
+            else:
+                lane0 = self._skip(j - n_enc, lanes[0], skips)  # the skip goes to the attention lane only
+                res, post = self.parallel_resid_lambdas[li], self.parallel_post_lambdas[li]
+                lanes = self.blocks[li].forward_lanes(lane0, lanes[1], x0, res, post, cos, sin, ve, lo, kv, docs)
+        if lanes is not None:
+            lane = cfg.parallel_final_lane
+            x = 0.5 * (lanes[0] + lanes[1]) if lane == "mean" else lanes[0] if lane == "attn" else lanes[1]
         if cache is not None:
             cache.advance(idx)
         return rms_norm(x)
@@ -157,12 +248,20 @@ class GPT(nn.Module):
         c = self.cfg.logit_softcap
         return c * torch.tanh(z / c) if c > 0 else z
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
-        """Logits [B,T,V] without targets; else the fp32 cross-entropy (`mean`, or per target [B,T] with `none`)."""
-        logits = self.logits_from_hidden(self.forward_hidden(idx))
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        reduction: str = "mean",
+        cu_seqlens: torch.Tensor | None = None,
+    ):
+        """Logits [B,T,V] without targets; else the fp32 cross-entropy of the soft-capped logits (`mean`, or
+        per target [B,T] with `none`; `softcap_cross_entropy`). `cu_seqlens`: see `forward_hidden`."""
+        h = self.forward_hidden(idx, cu_seqlens=cu_seqlens)
         if targets is None:
-            return logits
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+            return self.logits_from_hidden(h)
+        z = F.linear(h, self.output_weight())
+        nll = softcap_cross_entropy(z.flatten(0, 1), targets.flatten(), self.cfg.logit_softcap, reduction)
         return nll.view_as(targets) if reduction == "none" else nll
 
     def token_nll(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf.model.config import GPTConfig
+from pgolf.model.varlen import DocumentMask
 from pgolf.quant.numerics import fake_quant_rows
 
 
@@ -77,7 +78,12 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 class Attention(nn.Module):
     """Causal GQA attention [B,T,d] -> [B,T,d]: q/k RMSNorm, (partial) RoPE, per-head q_gain, XSA on the last
-    `xsa_last_n` layers; optional value-embedding and LoRA deltas, and a KV cache for incremental decoding."""
+    `xsa_last_n` layers, the sparse output gate; optional value-embedding and LoRA deltas, a KV cache for
+    incremental decoding, or document-bounded attention over packed rows (`docs`, pgolf/model/varlen.py).
+
+    Sparse attention output gate (PR #1787, kept by PR #1611): `attn_gate_w` [H, gate_window], zero init;
+    per token and head y_h <- sigmoid(scale * attn_gate_w[h] . x[:gate_window]) * y_h, where x is this
+    attention's (normed, LN-scaled) input, after XSA and before the output projection (0.5 at init)."""
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
@@ -89,8 +95,10 @@ class Attention(nn.Module):
         self.proj = CastedLinear(d, d, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((H,), float(cfg.qk_gain_init)))
         self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        self.attn_gate_w = nn.Parameter(torch.zeros(H, cfg.gate_window)) if cfg.sparse_attn_gate else None
+        self.gate_window, self.gate_scale = cfg.gate_window, float(cfg.sparse_attn_gate_scale)
 
-    def forward(self, x, cos, sin, ve=None, lora=None, kv=None):
+    def forward(self, x, cos, sin, ve=None, lora=None, kv=None, docs: DocumentMask | None = None):
         B, T, _ = x.shape
         q = self.c_q(x)
         v = self.c_v(x)
@@ -108,10 +116,15 @@ class Attention(nn.Module):
         if kv is not None:  # incremental decoding: attend to the cached prefix plus these T positions
             k_all, v_all, mask = kv.append(k, v)
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.Hkv != self.H)
+        elif docs is not None:  # packed documents: no attention across a segment boundary (PR #1530)
+            y = docs.attend(q, k, v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.Hkv != self.H)  # [B,H,T,D]
         if self.xsa:
             y = exclusive_self_attention(y, v)
+        if self.attn_gate_w is not None:
+            g = torch.sigmoid(self.gate_scale * F.linear(x[..., : self.gate_window], self.attn_gate_w.to(x.dtype)))
+            y = y * g.transpose(1, 2).unsqueeze(-1)  # [B,T,H] -> [B,H,T,1]
         return self.proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
 
 
@@ -155,8 +168,8 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Residual block [B,T,d] -> [B,T,d]: `resid_mix` with the embedding x0, then attention and MLP, each on the
-    RMS-normed input times `norm_scale` (1/sqrt(layer+1) with LN scale), sequential or parallel
-    (docs/techniques.md#model)."""
+    RMS-normed input times `norm_scale` (1/sqrt(layer+1) of the physical layer with LN scale), sequential or
+    parallel (docs/techniques.md#model); `forward_lanes` is the two-lane form of PR #1530."""
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
@@ -169,12 +182,28 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
         self.parallel = cfg.parallel_residual
 
-    def forward(self, x, x0, cos, sin, ve=None, lora=None, kv=None):
+    def forward(self, x, x0, cos, sin, ve=None, lora=None, kv=None, docs=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         n = rms_norm(x) * self.norm_scale
-        a = self.attn_scale.to(x.dtype) * self.attn(n, cos, sin, ve, lora, kv)
+        a = self.attn_scale.to(x.dtype) * self.attn(n, cos, sin, ve, lora, kv, docs)
         if self.parallel:
             return x + a + self.mlp_scale.to(x.dtype) * self.mlp(n)
         x = x + a
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+
+    def forward_lanes(self, lane0, lane1, x0, resid, post, cos, sin, ve=None, lora=None, kv=None, docs=None):
+        """Two-lane parallel block (PR #1530, kept by PR #1611): lanes [B,T,d], resid [2] (the layer's
+        `parallel_resid_lambdas` row), post [2,2] (its `parallel_post_lambdas`: row 0 attention's, row 1 the
+        MLP's weights into lane 0 and lane 1). Attention reads lane0 mixed with x0 by `resid_mix`, the MLP
+        reads lane1 alone; returns (lane0', lane1') with
+        lane_i' = resid[i] lane_i + post[0,i] a + post[1,i] m."""
+        mix = self.resid_mix.to(lane0.dtype)
+        attn_in = mix[0] * lane0 + mix[1] * x0
+        a = self.attn(rms_norm(attn_in) * self.norm_scale, cos, sin, ve, lora, kv, docs)
+        a = self.attn_scale.to(lane0.dtype) * a
+        m = self.mlp_scale.to(lane1.dtype) * self.mlp(rms_norm(lane1) * self.norm_scale)
+        r, p = resid.to(lane0.dtype), post.to(lane0.dtype)
+        lane0 = r[0] * lane0 + p[0, 0] * a + p[1, 0] * m
+        lane1 = r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
+        return lane0, lane1

@@ -7,8 +7,22 @@ both read, so an optimizer group and an export rule never disagree about what a 
 from __future__ import annotations
 
 # Control tensors: kept fp32 at export and never sent to Muon even when 2-D (the baseline's
-# CONTROL_TENSOR_NAME_PATTERNS, records/track_10min_16mb/2026-03-17_NaiveBaseline).
-CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "smear", "ve_layer_scales")
+# CONTROL_TENSOR_NAME_PATTERNS, records/track_10min_16mb/2026-03-17_NaiveBaseline), plus the gates and lane
+# weights of PR #1611 (its list adds skip_gates, parallel_post_lambdas, parallel_resid_lambdas, attn_gate_w,
+# smear_gate, smear_lambda; pgolf's gated SmearGate is `smear.gate` / `smear.lam`, matched by "smear").
+CONTROL_PATTERNS = (
+    "attn_scale",
+    "mlp_scale",
+    "resid_mix",
+    "q_gain",
+    "skip_weight",
+    "smear",
+    "ve_layer_scales",
+    "skip_gates",
+    "parallel_post_lambdas",
+    "parallel_resid_lambdas",
+    "attn_gate_w",
+)
 # Embedding tables (Adam, the embedding learning rate).
 EMBED_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
 # Projections of the BigramHash and value-embedding tables to model width (Adam scalars unless
