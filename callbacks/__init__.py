@@ -22,11 +22,14 @@ Hook order contract (asserted by tests/test_callbacks.py):
   checkpointing: a checkpoint is only written for a step whose loss was checked, and holds the updated
   average.
 - Validation inside fit (after the step's `on_train_batch_end`): the clock pauses (`on_validation_start`);
-  the averaging swaps its weights in (`on_validation_epoch_start`) and back (`on_validation_epoch_end`,
-  before the module's own hook reduces the sums into `state.last_val`), so both swaps are off the clock;
-  the clock resumes and prints the validation line from `state.last_val` (`on_validation_end`).
-- `on_train_end`: the clock stops; the averaging applies its weights; checkpointing restores the previous
-  SIGTERM handler; the export runs last, on the averaged weights, reading the stopped clock.
+  with `callbacks.averaging.validate=averaged` the averaging swaps its weights in (`on_validation_epoch_start`)
+  and back (`on_validation_epoch_end`, before the module's own hook reduces the sums into `state.last_val`),
+  so both swaps are off the clock; by default (`validate=raw`, as the records) it leaves the raw weights in
+  place; the clock resumes and prints the validation line from `state.last_val` (`on_validation_end`).
+- `on_train_end`: the clock stops (and logs the last step if it was not logged yet); the averaging applies
+  its weights; checkpointing acts on a SIGTERM that came after the last step boundary and installs the
+  handler that stops the run at once on a later one; the export runs last, on the averaged weights,
+  reading the stopped clock.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ def build_callbacks(cfg: DictConfig, run_dir: str | Path, meta: dict) -> Challen
     ck = c.checkpoint
     export_cfg = ExportConfig.from_dict(OmegaConf.to_container(cfg.export, resolve=True))
     eval_cfg = OmegaConf.to_container(cfg.final_eval, resolve=True)
+    progress_every = None if c.progress == "none" else float(c.progress_every_seconds)  # also after training
     return ChallengeCallbacks(
         warmup=CompileWarmup(steps=t.warmup_steps),
         clock=clock,
@@ -97,5 +101,5 @@ def build_callbacks(cfg: DictConfig, run_dir: str | Path, meta: dict) -> Challen
         progress=make_progress_bar(c.progress, clock, c.progress_every_seconds, t.iterations, t.max_wallclock_seconds),
         averaging=None if c.averaging.kind == "none" else optional.get("averaging")(c.averaging),
         checkpoint=Checkpointing(Path(run_dir) / "checkpoints", ck.every_steps, ck.keep, ck.on_sigterm),
-        export=QuantizeExport(clock, export_cfg, run_dir, meta, eval_cfg),
+        export=QuantizeExport(clock, export_cfg, run_dir, meta, eval_cfg, progress_every),
     )

@@ -7,6 +7,14 @@ one is *applied* at the end of training (PRs #549/#1019 collect tight SWA and ne
 the export callback, which Lightning calls later because it comes later in the callback list. SWA reads the
 step's LR scale from `pl_module.state` (set by the LR schedule earlier in the same step).
 
+Periodic validation during training (`train.val_every`) scores the raw weights by default, as the records
+do (their `step:N val_bpb` lines are the training weights'; the averaged weights are only scored after they
+are applied): `validate: raw`. With `validate: averaged` each validation inside fit swaps the averaged
+weights in (`on_validation_epoch_start`) and the raw ones back (`on_validation_epoch_end`), off the
+challenge clock (it pauses for validation first); training continues on exactly the weights it had. The
+run's log says which, once, at the start of training. `pl_module.state.weights` says which weights the GPT
+holds (raw | averaged), so the export knows whether the last validation scored the weights it exports.
+
 Lightning's class averages the whole LightningModule; here the average is over `pl_module.gpt` (the
 compiled wrapper and the byte tables stay out of the copy) and buffers are not averaged (the QAT switch is
 a buffer). Checkpoints hold both the current and the averaged weights (Lightning's format), so a resumed
@@ -17,14 +25,24 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pgolf.optional import register
 from pgolf.runlog import log0
 
+VALIDATE = ("raw", "averaged")  # which weights periodic validation scores (callbacks.averaging.validate)
+
 
 class GPTAveraging(WeightAveraging):
     kind = "average"
+
+    def __init__(self, validate: str = "raw", **kwargs):
+        if validate not in VALIDATE:
+            raise ValueError(f"averaging validate must be raw or averaged, got {validate!r}")
+        super().__init__(**kwargs)
+        self.validate = validate
+        self._swapped = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and self._average_model is None:
@@ -42,10 +60,19 @@ class GPTAveraging(WeightAveraging):
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # averaging is per step only
         return None
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.limit_val_batches:  # periodic validation is on (train.val_every > 0)
+            which = f"the {self.kind.upper()} weights" if self.validate == "averaged" else "the raw training weights"
+            log0(
+                f"{self.kind}:validation during training scores {which} (callbacks.averaging.validate="
+                f"{self.validate}); the {self.kind.upper()} weights are applied at the end of training"
+            )
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self.ready():
             log0(f"{self.kind}:applying {self.kind.upper()} weights ({self.describe()})")
             self._copy(self._average_model.module, pl_module.gpt)
+            pl_module.state.weights = "averaged"
         else:
             log0(f"{self.kind}:no averaged weights collected; exporting the final weights")
 
@@ -55,13 +82,23 @@ class GPTAveraging(WeightAveraging):
     def describe(self) -> str:
         return f"{int(self._average_model.n_averaged)} updates"
 
+    @staticmethod
+    def _in_fit(trainer) -> bool:
+        # Validation inside fit runs in the VALIDATING stage (`trainer.training` is False there); the
+        # function being run is still FITTING.
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        if self.ready() and trainer.training:
+        if self.validate == "averaged" and self.ready() and self._in_fit(trainer):
             self._swap(pl_module.gpt)
+            self._swapped = True
+            pl_module.state.weights = "averaged"
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self.ready() and trainer.training:
+        if self._swapped:
             self._swap(pl_module.gpt)
+            self._swapped = False
+            pl_module.state.weights = "raw"
 
     def _swap(self, gpt) -> None:
         for a, c in zip(self._average_model.module.parameters(), gpt.parameters()):
@@ -96,8 +133,8 @@ class EMA(GPTAveraging):
 
     kind = "ema"
 
-    def __init__(self, decay: float = 0.997):
-        super().__init__(device=None, use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    def __init__(self, decay: float = 0.997, validate: str = "raw"):
+        super().__init__(validate, device=None, use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(decay))
         self.decay = float(decay)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -111,6 +148,7 @@ class EMA(GPTAveraging):
                 p.data = p.data.float()
 
     def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
         # after the compile warm-up restored the initial weights: start the shadow from them
         if trainer.global_step == 0 and self._average_model is not None:
             self._copy(pl_module.gpt, self._average_model.module)
@@ -125,8 +163,8 @@ class SWA(GPTAveraging):
 
     kind = "swa"
 
-    def __init__(self, every: int = 50, threshold: float = 0.2):
-        super().__init__(device=None, use_buffers=False)
+    def __init__(self, every: int = 50, threshold: float = 0.2, validate: str = "raw"):
+        super().__init__(validate, device=None, use_buffers=False)
         self.every, self.threshold = int(every), float(threshold)
         self._started = False
 
@@ -143,14 +181,15 @@ class SWA(GPTAveraging):
 
 @register("averaging")
 def build_averaging(cfg) -> GPTAveraging | None:
-    """The averaging callback of `callbacks.averaging` (kind none | ema | swa); None for none.
+    """The averaging callback of `callbacks.averaging` (kind none | ema | swa, and which weights periodic
+    validation scores: validate raw | averaged); None for none.
 
-    Raises ValueError for an unknown kind."""
+    Raises ValueError for an unknown kind or `validate`."""
     kind = cfg.get("kind", "none") if cfg is not None else "none"
     if kind in (None, "none"):
         return None
     if kind == "ema":
-        return EMA(decay=cfg.ema_decay)
+        return EMA(decay=cfg.ema_decay, validate=cfg.validate)
     if kind == "swa":
-        return SWA(every=cfg.swa_every, threshold=cfg.swa_threshold)
+        return SWA(every=cfg.swa_every, threshold=cfg.swa_threshold, validate=cfg.validate)
     raise ValueError(f"averaging.kind must be none, ema or swa, got {kind!r}")

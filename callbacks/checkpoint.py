@@ -1,4 +1,4 @@
-"""Exact-resume checkpoints and preemption.
+"""Exact-resume checkpoints, preemption, and SIGTERM after training.
 
 A checkpoint is Lightning's (weights, the one optimizer's state — every rank holds all Muon momentum, so
 rank 0's copy is complete —, loop counters, callback states: clock offset, averaging, late-QAT switch; the
@@ -9,7 +9,17 @@ so a crash mid-write never leaves a truncated checkpoint.
 `Checkpointing` saves every `every_steps` optimizer steps (at step boundaries only, after the challenge
 clock has checked the step's loss, so a non-finite step is never saved) and keeps the newest `keep`. On
 SIGTERM (preemption) it saves at the next step boundary — the decision is reduced across ranks, so all
-stop on the same step — marks the run preempted (the export is skipped) and stops training cleanly.
+stop on the same step — marks the run preempted (the export is skipped) and stops training cleanly. One
+that arrives after the last step boundary's check saves `last.ckpt` at the end of training and stops the
+run as below.
+
+From the end of training on (export, round trip, final evaluations: minutes of work that no checkpoint can
+resume), SIGTERM stops the run at once, with or without `on_sigterm`: the handler raises `Terminated` (a
+`SystemExit` with status 143, as a shell reports a process ended by SIGTERM), which unwinds through
+Lightning; pgolf/train/run.py logs one line naming the phase and what was already written. Files are only
+ever written whole (pgolf/io.py's atomic writes remove their temporary file when interrupted), so an
+artifact written before the signal stays, and `results.json` is not written. Lightning restores the
+handlers it found before `fit` when `fit` returns.
 """
 
 from __future__ import annotations
@@ -22,7 +32,28 @@ from pathlib import Path
 import lightning as L
 
 from pgolf.io import atomic_path
-from pgolf.runlog import log0
+from pgolf.runlog import current_phase, log0, set_phase
+
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: the status a shell reports for a process ended by SIGTERM
+
+
+class Terminated(SystemExit):
+    """SIGTERM after training: raised by the handler `Checkpointing` installs at the end of training, so the
+    export or evaluation in progress stops at once. `phase` names it (pgolf.runlog.set_phase); the exit
+    status is EXIT_TERMINATED."""
+
+    def __init__(self, phase: str):
+        super().__init__(EXIT_TERMINATED)
+        self.phase = phase
+
+
+def install_sigterm(handler) -> bool:
+    """Install `handler` for SIGTERM; False (nothing installed) outside the main thread."""
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # signal handlers can only be set from the main thread
+        return False
+    return True
 
 
 class Checkpointing(L.Callback):
@@ -31,25 +62,42 @@ class Checkpointing(L.Callback):
         self.every, self.keep, self.on_sigterm = int(every_steps), int(keep), on_sigterm
         self._last_step = -1
         self._sigterm = False
-        self._prev_handler = None
+        self._launcher = None
         self.saved: list[Path] = []
 
     def on_train_start(self, trainer, pl_module):
         self._last_step = trainer.global_step
         # installed after Lightning's own handler (which would raise mid-accumulation): ours only sets a flag
         if self.on_sigterm:
-            try:
-                self._prev_handler = signal.signal(signal.SIGTERM, self._handle)
-            except ValueError:  # not the main thread
-                self._prev_handler = None
+            install_sigterm(self._handle)
 
     def _handle(self, signum, frame) -> None:
         self._sigterm = True
 
     def on_train_end(self, trainer, pl_module):
-        if self._prev_handler is not None:
-            signal.signal(signal.SIGTERM, self._prev_handler)
-            self._prev_handler = None
+        set_phase("the end of training")
+        self._launcher = trainer.strategy.launcher
+        # A SIGTERM after the last step boundary's check (ours with on_sigterm, else Lightning's flag).
+        late = trainer.received_sigterm
+        if self.on_sigterm and not pl_module.state.preempted:
+            late = trainer.strategy.reduce_boolean_decision(self._sigterm, all=False)
+        install_sigterm(self._terminate)
+        if late and not pl_module.state.preempted:
+            if self.on_sigterm:
+                path = self.save(trainer, "last.ckpt")
+                log0(
+                    f"SIGTERM received at the end of training; checkpoint of step {trainer.global_step} saved to "
+                    f"checkpoints/{path.name}; the export does not run"
+                )
+            raise Terminated(current_phase())
+
+    def _terminate(self, signum, frame) -> None:
+        # Lightning's own handler forwards the signal to the processes its launcher started (DDP on one
+        # machine); ours replaces it, so it forwards too, then unwinds the export or evaluation in progress.
+        kill = getattr(self._launcher, "kill", None)
+        if kill is not None:
+            kill(signum)
+        raise Terminated(current_phase())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -58,13 +106,17 @@ class Checkpointing(L.Callback):
         self._last_step = step
         preempt = trainer.strategy.reduce_boolean_decision(self._sigterm, all=False) if self.on_sigterm else False
         if preempt:
-            path = self.save(trainer, "last.ckpt")
-            pl_module.state.preempted = True
-            log0(f"preempted: SIGTERM received; checkpoint of step {step} saved to checkpoints/{path.name}")
-            log0(f"resume with: python train.py <same overrides> resume={os.path.relpath(path)}")
-            trainer.should_stop = True
+            self.preempt(trainer, pl_module, step)
         elif self.every > 0 and step % self.every == 0:
             self.save(trainer, f"step{step:06d}.ckpt")
+
+    def preempt(self, trainer, pl_module, step: int) -> None:
+        """Save `checkpoints/last.ckpt`, mark the run preempted (no export) and stop training."""
+        path = self.save(trainer, "last.ckpt")
+        pl_module.state.preempted = True
+        log0(f"preempted: SIGTERM received; checkpoint of step {step} saved to checkpoints/{path.name}")
+        log0(f"resume with: python train.py <same overrides> resume={os.path.relpath(path)}")
+        trainer.should_stop = True
 
     def save(self, trainer, name: str) -> Path:
         path = self.dirpath / name

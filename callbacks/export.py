@@ -8,12 +8,25 @@ depends on the training clock and its cap), quantize the weights with the config
 the size target if asked, pack and compress them with the model config, tokenizer identity, provenance
 and calibration record, write the artifact atomically (rank 0), re-read it from disk on every rank,
 de-quantize into a fresh model, re-evaluate, and print the reference's size and round-trip lines. The
-results also go to `results.json` in the run directory.
+results also go to `results.json` in the run directory, its paths relative to the run directory.
+
+No pass over the validation set is made twice for the same number, and the log says when one is reused:
+- the pre-quantization figure is the last validation's (`reusable_validation`) when that validation ran at
+  the final step, on the weights being exported (`state.weights`: raw, or the averaged weights with
+  `callbacks.averaging.validate=averaged`), on the same tokens in the same `seq_len` windows, at the same
+  precision. The training forward (`GolfModule.validation_step`) and the eval forward compute the same
+  sums by different code, which can differ in the last float digits; the figure is a diagnostic.
+- the round trip's standard figure is the pre-quantization one when the export was lossless
+  (pgolf/export/roundtrip.py's `lossless_reuse`).
+The passes that run print progress lines every `progress_every` seconds (callbacks.progress_every_seconds;
+none with callbacks.progress=none). `final_eval.max_tokens` scores only the first N validation targets in
+every pass after training: not the challenge's metric, and results.json says so.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,17 +36,80 @@ import torch
 import torch.distributed as dist
 
 from callbacks.wallclock import ChallengeClock
-from pgolf.eval.core import EvalContext
+from pgolf.eval.core import CAUSAL_REASON, EvalContext, EvalResult
+from pgolf.eval.registry import scoring_line
 from pgolf.export.config import ExportConfig, ExportContext
-from pgolf.export.roundtrip import final_eval_modes, roundtrip_evaluate
-from pgolf.export.stages import export_model
+from pgolf.export.roundtrip import (
+    MAX_TOKENS_REASON,
+    final_eval_modes,
+    final_eval_tokens,
+    roundtrip_evaluate,
+    with_progress,
+)
+from pgolf.export.stages import export_model, pre_quant_diagnostic
 from pgolf.io import atomic_write_bytes
+from pgolf.runlog import log0, set_phase
+
+# Lightning's `trainer.precision` -> the autocast dtype its forward ran under (None: full precision)
+PRECISION_AUTOCAST = {
+    "32-true": None,
+    "32": None,
+    "64-true": None,
+    "bf16-mixed": torch.bfloat16,
+    "16-mixed": torch.float16,
+}
+
+
+def reusable_validation(trainer, pl_module, tokens: torch.Tensor, seq_len: int, autocast) -> EvalResult | None:
+    """The last validation as the float model's standard result on `tokens` (1-D) in `seq_len` windows at
+    precision `autocast`, or None unless it ran at the final step on the weights the GPT holds now, over
+    the same windows, at the same precision."""
+    v = pl_module.state.last_val
+    if v is None or v["step"] != trainer.global_step or v["weights"] != pl_module.state.weights:
+        return None
+    targets = tokens.numel() - 1
+    scored = (targets // seq_len) * seq_len
+    precision = str(trainer.precision)
+    if v["seq_len"] != seq_len or int(v["val_tokens"]) != scored:
+        return None
+    if precision not in PRECISION_AUTOCAST or PRECISION_AUTOCAST[precision] != autocast:
+        return None
+    n = int(v["val_tokens"])
+    return EvalResult(
+        "standard",
+        v["val_loss"],
+        v["val_bpb"],
+        n,
+        v["val_bytes"],
+        0.0,
+        True,
+        CAUSAL_REASON,
+        {"seq_len": seq_len},
+        windows=n // seq_len,
+        targets=targets,
+        distinct=n,
+        scoring=scoring_line(n, n, targets),
+    )
+
+
+def relative(path: str | None, run_dir: Path) -> str | None:
+    """`path` relative to the run directory (results.json keeps no machine paths)."""
+    return None if path is None else os.path.relpath(path, run_dir)
 
 
 class QuantizeExport(L.Callback):
-    def __init__(self, clock: ChallengeClock, cfg: ExportConfig, run_dir: str | Path, meta: dict, eval_cfg: dict):
+    def __init__(
+        self,
+        clock: ChallengeClock,
+        cfg: ExportConfig,
+        run_dir: str | Path,
+        meta: dict,
+        eval_cfg: dict,
+        progress_every: float | None = None,
+    ):
         self.clock = clock
         self.cfg, self.run_dir, self.meta, self.eval_cfg = cfg, Path(run_dir), meta, eval_cfg
+        self.progress_every = progress_every
         if "sliding" in eval_cfg.get("modes", []) and not 0 < eval_cfg["stride"] <= eval_cfg["seq_len"]:
             raise ValueError(
                 f"final_eval.stride={eval_cfg['stride']} must be in 1..{eval_cfg['seq_len']} (the eval sequence length)"
@@ -59,27 +135,56 @@ class QuantizeExport(L.Callback):
             autocast_dtype=autocast,
         )
         ev = self.eval_cfg
+        max_tokens = ev.get("max_tokens")
+        tokens = final_eval_tokens(dm.val_tokens, ev["seq_len"], max_tokens)
+        if max_tokens is not None:
+            log0(
+                f"final_eval:max_tokens={max_tokens}: the first {tokens.numel() - 1:,} of {dm.val_tokens.numel() - 1:,}"
+                f" validation targets: NOT the challenge's metric (results marked compliant: false)"
+            )
         eval_ctx = EvalContext(pl_module.luts, device, ev["seq_len"], ev["batch_windows"], autocast_dtype=autocast)
         t0 = time.perf_counter()
-        report = export_model(
-            pl_module.gpt,
-            self.cfg,
-            self.run_dir,
-            meta,
-            rank=trainer.global_rank,
-            val_tokens=dm.val_tokens,
-            eval_ctx=eval_ctx,
-            ctx=ctx,
-        )
+        set_phase("the pre-quantization evaluation")
+        val = reusable_validation(trainer, pl_module, tokens, ev["seq_len"], autocast)
+        why = f"the validation at step {trainer.global_step} scored these weights on the same windows"
+        progress = with_progress(eval_ctx, "pre_quant", tokens, self.progress_every)
+        pre = pre_quant_diagnostic(pl_module.gpt, tokens, progress, reuse=val, why=why)
+        set_phase("the export")
+        report = export_model(pl_module.gpt, self.cfg, self.run_dir, meta, rank=trainer.global_rank, ctx=ctx)
+        report = replace(report, pre_quant={**pre.to_dict(), **({"reused_from": why} if val is not None else {})})
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         modes = final_eval_modes(ev["modes"], ev["stride"], ev["reference_tail"], ev.get("settings"))
-        results = roundtrip_evaluate(report, dm.val_tokens, replace(eval_ctx, compile=pl_module.compile), modes)
+        results = roundtrip_evaluate(
+            report,
+            tokens,
+            replace(eval_ctx, compile=pl_module.compile),
+            modes,
+            pre=None if val is not None else pre,  # only a pass of the eval code stands in for another
+            float_gpt=pl_module.gpt,
+            progress_every=self.progress_every,
+            max_tokens=max_tokens,
+        )
+        export = report.to_dict()
+        export["path"], export["float_path"] = (
+            relative(report.path, self.run_dir),
+            relative(report.float_path, self.run_dir),
+        )
         self.results = {
-            "export": report.to_dict(),
+            "export": export,
             "export_seconds": round(time.perf_counter() - t0, 2),
             "training": meta["training"],  # steps and challenge-clock time, for compare/submission
             **results,
         }
+        if max_tokens is not None:
+            self.results["final_eval"] = {
+                "max_tokens": int(max_tokens),
+                "targets": tokens.numel() - 1,
+                "of_targets": dm.val_tokens.numel() - 1,
+                "compliant": False,
+                "reason": MAX_TOKENS_REASON,
+            }
+        set_phase("writing results.json")
         if trainer.global_rank == 0:
             atomic_write_bytes(self.run_dir / "results.json", (json.dumps(self.results, indent=2) + "\n").encode())
+        set_phase("the end of the run")

@@ -3,8 +3,10 @@ device-synchronised, one stop step for all.
 
 Not Lightning's Timer: the clock starts after the compile warm-up, pauses during validation, synchronises
 the device at every optimizer-step boundary, and the stop decision is reduced across ranks (any rank over
-the cap stops everyone on the same step). It also prints the reference's step lines and checks the
-training loss of every step: a non-finite loss stops the run with an error before anything is saved.
+the cap stops everyone on the same step). It also prints the reference's step lines (steps 1-`log_first`,
+every `log_every`-th, and always the last step, whatever ended training: the step budget, the clock, or
+preemption) with the same metrics to the loggers, and checks the training loss of every step: a non-finite
+loss stops the run with an error before anything is saved.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class ChallengeClock(L.Callback):
         self._acc_ms = 0.0
         self._t0: float | None = None
         self._last_step = -1
+        self._unlogged: tuple | None = None  # (step, loss, time, lr scale) of the latest step not logged yet
         self.stopped_early = False
 
     # ---- time ------------------------------------------------------------------------------------------
@@ -82,6 +85,8 @@ class ChallengeClock(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._pause(pl_module)
+        if self._unlogged is not None:  # training stopped for another reason (preemption) on a step not yet logged
+            self._log_step(trainer, *self._unlogged)
         if pl_module.device.type == "cuda":
             log0(
                 f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
@@ -105,21 +110,31 @@ class ChallengeClock(L.Callback):
                 "artifact (lower the learning rates, enable clipping, or check the data)"
             )
         pl_module.state.train_time_ms = elapsed
-        if step <= self.log_first or step % self.log_every == 0:
-            log0(
-                f"step:{step}/{self.iterations} train_loss:{loss:.4f} train_time:{elapsed:.0f}ms "
-                f"step_avg:{elapsed / max(step, 1):.2f}ms"
-            )
-            if trainer.loggers:
-                metrics = {"train_loss": loss, "train_time_ms": elapsed, "lr_scale": pl_module.state.lr_scale}
-                for lg in trainer.loggers:  # CSV and W&B alike (logger=wandb keeps csv/metrics.csv)
-                    lg.log_metrics(metrics, step=step)
         reached = self.cap_ms > 0 and elapsed >= self.cap_ms
         reached = trainer.strategy.reduce_boolean_decision(reached, all=False)
+        last = reached or step >= self.iterations  # the step budget or the clock ends training here
+        record = (step, loss, elapsed, pl_module.state.lr_scale)
+        if step <= self.log_first or step % self.log_every == 0 or last:
+            self._log_step(trainer, *record)
+        else:
+            self._unlogged = record
         if reached and not trainer.should_stop:
             self.stopped_early = True
             log0(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{self.iterations}")
             trainer.should_stop = True
+
+    def _log_step(self, trainer, step: int, loss: float | None, elapsed: float, lr_scale: float) -> None:
+        """The reference's step line, and the step's metrics to every logger (CSV and W&B alike)."""
+        self._unlogged = None
+        shown = "nan" if loss is None else f"{loss:.4f}"
+        log0(
+            f"step:{step}/{self.iterations} train_loss:{shown} train_time:{elapsed:.0f}ms "
+            f"step_avg:{elapsed / max(step, 1):.2f}ms"
+        )
+        if trainer.loggers and loss is not None:
+            metrics = {"train_loss": loss, "train_time_ms": elapsed, "lr_scale": lr_scale}
+            for lg in trainer.loggers:  # logger=wandb keeps csv/metrics.csv too
+                lg.log_metrics(metrics, step=step)
 
     # ---- exact resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,20 +1,30 @@
 """The challenge callbacks' wiring: one clock, built first and handed to every callback that reads it; the
 bundle `build_callbacks` returns for each config; and the hook order contract of `callbacks/__init__.py`,
-recorded over a tiny fit on the synthetic corpus."""
+recorded over a tiny fit on the synthetic corpus. Then, over two tiny fits with EMA and a validation at every
+step: which weights validation scores (`callbacks.averaging.validate`), which evaluation passes the export
+reuses, `final_eval.max_tokens`, results.json's relative paths and the progress lines after training."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from callbacks import build_callbacks
 from callbacks.averaging import EMA, SWA
 from callbacks.progress import LineProgressBar
 from callbacks.wallclock import ChallengeClock
+from pgolf.eval.core import EvalContext
+from pgolf.export.roundtrip import MAX_TOKENS_REASON
+from pgolf.export.stages import pre_quant_diagnostic
 from pgolf.tools.datasets import ensure_dataset
 from pgolf.train.build import build_datamodule, build_module, build_trainer, run_meta
 
@@ -130,3 +140,136 @@ def test_hook_order_contract(tmp_path, synth_dir):
     assert module.state.last_val is not None and not module.state.preempted
     assert cbs.export.results["training"] == {"steps": 4, "train_time_ms": round(module.state.train_time_ms, 1)}
     assert 0 < module.state.train_time_ms <= cbs.clock.elapsed_ms()
+
+
+# ---- which weights validation scores; what the export reuses; max_tokens, paths and progress lines ----------
+class WeightRecorder(L.Callback):
+    """The GPT's weights at the start of training, after every optimizer step (after the averaging update) and
+    at the start of every validation (after the averaging's swap, if any): listed after the averaging."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+        self.validated: list[dict] = []
+        self._last = 0
+
+    @staticmethod
+    def weights(pl_module) -> dict:
+        return {k: v.detach().clone() for k, v in pl_module.gpt.state_dict().items()}
+
+    def on_train_start(self, trainer, pl_module):
+        self.initial = self.weights(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self._last:
+            self._last = trainer.global_step
+            self.steps.append(self.weights(pl_module))
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.validated.append(self.weights(pl_module))
+
+
+def fit_captured(run_dir: Path, synth_dir: Path, overrides: list[str], recorder: L.Callback) -> SimpleNamespace:
+    """A tiny in-process fit with every challenge callback (the recorder after the averaging), its stdout."""
+    cfg = compose_cfg([f"data.root={synth_dir.parent}", *overrides])
+    ensure_dataset(cfg.data.prepare, cfg.data.root)
+    dm = build_datamodule(cfg)
+    torch.manual_seed(0)  # the same initial weights in every run
+    module, tok = build_module(cfg, cfg.data.tokenizer_path)
+    cbs = build_callbacks(cfg, run_dir, run_meta(cfg, tok))
+    order = cbs.all
+    order.insert(order.index(cbs.averaging) + 1, recorder)
+    L.seed_everything(int(cfg.seed), verbose=False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        build_trainer(cfg, order, False).fit(module, datamodule=dm)
+    results = json.loads((run_dir / "results.json").read_text())
+    out = out.getvalue()
+    return SimpleNamespace(dir=run_dir, dm=dm, module=module, cbs=cbs, out=out, rec=recorder, results=results)
+
+
+@pytest.fixture(scope="module")
+def validated_runs(tmp_path_factory, synth_dir):
+    """2 steps with EMA (decay 0.5) and a validation after each, once per `callbacks.averaging.validate`; the
+    raw run also evaluates `sliding` after training, on the first 256 validation targets only."""
+    common = [
+        "train.iterations=2",
+        "train.val_every=1",
+        "callbacks.averaging.kind=ema",
+        "callbacks.averaging.ema_decay=0.5",
+        "callbacks.progress=line",
+        "callbacks.progress_every_seconds=0",
+    ]
+    raw_only = ["final_eval.modes=[standard,sliding]", "final_eval.stride=16", "final_eval.max_tokens=256"]
+    return {
+        v: fit_captured(
+            tmp_path_factory.mktemp(v),
+            synth_dir,
+            [*common, f"callbacks.averaging.validate={v}", *(raw_only if v == "raw" else [])],
+            WeightRecorder(),
+        )
+        for v in ("raw", "averaged")
+    }
+
+
+def same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_scores_the_raw_or_the_averaged_weights(validated_runs):
+    """validate=raw (the records' way) scores the training weights; validate=averaged the EMA, swapped in and
+    back: training goes on exactly as with raw, and the log says which weights were scored."""
+    raw, avg = validated_runs["raw"], validated_runs["averaged"]
+    assert len(raw.rec.steps) == len(avg.rec.steps) == 2 and len(raw.rec.validated) == len(avg.rec.validated) == 2
+    assert same(raw.rec.initial, avg.rec.initial)
+    assert all(same(a, b) for a, b in zip(raw.rec.steps, avg.rec.steps))  # the swap back restored every bit
+    assert all(same(v, w) for v, w in zip(raw.rec.validated, raw.rec.steps))
+    ema = dict(avg.rec.initial)
+    for v, w in zip(avg.rec.validated, avg.rec.steps):
+        ema = {k: 0.5 * ema[k] + 0.5 * w[k] if torch.is_floating_point(w[k]) else w[k] for k in w}
+        assert all(torch.allclose(v[k].float(), ema[k].float(), atol=1e-6) for k in v)
+        assert not same(v, w)
+    assert raw.module.state.last_val["val_bpb"] != avg.module.state.last_val["val_bpb"]
+    said = "ema:validation during training scores the {} (callbacks.averaging.validate={})"
+    assert said.format("raw training weights", "raw") in raw.out
+    assert said.format("EMA weights", "averaged") in avg.out
+
+
+def test_the_export_reuses_a_pass_only_where_it_gives_the_same_number(validated_runs):
+    """averaged: the last validation (step 2) scored the EMA weights that are exported: it is the pre-quant
+    figure, and it equals a fresh standard pass on them. raw: it scored other weights, so the pre-quant pass
+    runs; the fp32 export is lossless, so the round trip's standard pass reuses the pre-quant figure."""
+    raw, avg = validated_runs["raw"], validated_runs["averaged"]
+    pre = avg.results["export"]["pre_quant"]
+    assert pre["reused_from"].startswith("the validation at step 2") and pre["seconds"] == 0.0
+    assert pre["val_bpb"] == avg.module.state.last_val["val_bpb"] and pre["tokens"] == pre["targets"]
+    assert "eval_time:0ms (reused: the validation at step 2 scored these weights on the same windows)" in avg.out
+    ctx = EvalContext(avg.module.luts, torch.device("cpu"), 32, 8)
+    fresh = pre_quant_diagnostic(avg.module.gpt, avg.dm.val_tokens, ctx)  # the exported (EMA) weights, eagerly
+    assert fresh.val_bpb == pytest.approx(pre["val_bpb"], rel=1e-6) and fresh.tokens == pre["tokens"]
+    assert "reused_from" not in avg.results["roundtrip"]["standard"]  # a different code path stands in for none
+    rpre, rt = raw.results["export"]["pre_quant"], raw.results["roundtrip"]
+    assert "reused_from" not in rpre and rpre["seconds"] > 0
+    assert rt["standard"]["reused_from"] == "pre_quant" and rt["standard"]["val_bpb"] == rpre["val_bpb"]
+    assert "final_eval:standard reused the DIAGNOSTIC pre_quant figure" in raw.out
+    assert "reused_from" not in rt["sliding"] and rt["sliding"]["seconds"] > 0
+
+
+def test_max_tokens_relative_paths_and_progress_lines(validated_runs):
+    raw = validated_runs["raw"]
+    res, text = raw.results, (raw.dir / "results.json").read_text()
+    assert res["final_eval"] == {
+        "max_tokens": 256,
+        "targets": 256,
+        "of_targets": raw.dm.val_tokens.numel() - 1,
+        "compliant": False,
+        "reason": MAX_TOKENS_REASON,
+    }
+    assert res["export"]["pre_quant"]["targets"] == 256
+    for mode, r in res["roundtrip"].items():
+        assert r["targets"] == 256 and not r["compliant"] and r["reason"].startswith(MAX_TOKENS_REASON), mode
+    assert "final_eval:max_tokens=256: the first 256 of" in raw.out and "NOT the challenge's metric" in raw.out
+    assert res["export"]["path"] == "final_model.fp32.ptz" and res["export"]["float_path"] == "final_model.float.ptz"
+    assert str(raw.dir) not in text and '": "/' not in text  # no machine paths
+    for phase in ("pre_quant", "final_eval sliding"):
+        assert f"progress: {phase} " in raw.out and "eta" in raw.out
+    assert "\r" not in raw.out

@@ -214,3 +214,33 @@ def test_multirun_gives_one_dir_per_seed_and_honours_seed_0(tmp_path, synth_dir)
     bpb = [json.loads((p / "results.json").read_text())["roundtrip"]["standard"]["val_bpb"] for p in dirs]
     assert bpb[0] == bpb[2] != bpb[1]  # seed 0 reproduces itself and differs from seed 1
     assert "seed:0" in (dirs[0] / "train.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.matrix_lr=-0.1", "config error: optim.matrix_lr must be a number >= 0, got -0.1"),
+        ("final_eval.modes=[bogus]", "config error: final_eval.modes[0] = 'bogus' is not an eval mode"),
+    ],
+)
+def test_a_config_error_stops_the_run_before_it_leaves_anything(tmp_path, override, message):
+    """Refused at start-up (status 2, one line naming the key): no training, no run directory, no artifact."""
+    r = run(["train.py", *TINY, override, f"hydra.run.dir={tmp_path / 'run'}"], check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr
+    assert "step:" not in r.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_a_second_run_into_a_finished_run_directory_is_refused(tmp_path):
+    """A finished run's directory (artifact, results.json, checkpoints, metrics, log): a second run into it is
+    refused at start-up and changes nothing there."""
+    d = tmp_path / "run"
+    for name in ("final_model.int8_zlib.ptz", "results.json", "train.log", "csv/metrics.csv", "checkpoints/last.ckpt"):
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(f"the first run's {name}")
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    r = run(["train.py", *TINY, f"hydra.run.dir={d}"], check=False)
+    assert r.returncode == 2 and "step:" not in r.stdout
+    line = r.stderr.strip()
+    assert line.startswith("config error: run directory ") and "already holds another run's outputs" in line
+    assert "(checkpoints, csv, final_model.int8_zlib.ptz, results.json, train.log)" in line and "resume=" in line
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before  # nothing written, .hydra/ included

@@ -1,27 +1,36 @@
 """Training dynamics through the real Lightning stack (in-process, tiny synthetic runs): weight averaging
-applied before export, late QAT, exact resume, preemption, compile warm-up restore, DDP on CPU."""
+applied before export, late QAT, exact resume, preemption, compile warm-up restore, DDP on CPU; the last step
+logged whatever ends training, SIGTERM after training, Lightning's tips silenced."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities._pytree import _tree_flatten
 
 from callbacks import build_callbacks
+from pgolf.export import roundtrip, stages
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import read_artifact
 from pgolf.quant.numerics import fake_quant_rows
 from pgolf.quant.rules import dequantize_state
+from pgolf.runlog import set_log_file
 from pgolf.tools.datasets import ensure_dataset
-from pgolf.train.build import build_datamodule, build_module, build_trainer, run_meta
+from pgolf.train import run
+from pgolf.train.build import build_datamodule, build_module, build_trainer, quiet_lightning, run_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -333,3 +342,127 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, synth_root):
     for mode in ("standard", "sliding"):
         assert r1[mode]["tokens"] == r2[mode]["tokens"]
         assert r1[mode]["val_bpb"] == pytest.approx(r2[mode]["val_bpb"], abs=1e-3)
+
+
+# ---- the last step is logged; SIGTERM after training; Lightning's tips -------------------------------------
+class StopAt(L.Callback):
+    """Stops training at step `step` (after the clock's hook): a stop that is neither the step budget nor the
+    clock, as preemption is."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize(
+    ("stop", "overrides", "logged"),
+    [
+        ("iterations", ["train.iterations=3"], [2, 3]),
+        ("wallclock", ["train.iterations=3", "train.max_wallclock_seconds=1e-9"], [1]),
+        ("other", ["train.iterations=4"], [2]),
+    ],
+)
+def test_the_last_step_is_logged_whatever_ends_training(tmp_path, synth_root, capsys, stop, overrides, logged):
+    """log_every=2 and no first-steps lines: the step lines and metrics.csv still end at the last step."""
+    cfg = compose_cfg([*TINY, f"data.root={synth_root}", "train.log_every=2", "train.grad_accum=1", *overrides])
+    dm = build_datamodule(cfg)
+    module, tok = build_module(cfg, cfg.data.tokenizer_path)
+    cbs = build_callbacks(cfg, tmp_path, run_meta(cfg, tok))
+    cbs.clock.log_first = 0
+    csv = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    extra = [StopAt(2)] if stop == "other" else []
+    build_trainer(cfg, [cbs.clock, cbs.schedule, *extra], [csv]).fit(module, datamodule=dm)
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("step:") and "train_loss" in ln]
+    assert [int(ln.split("/")[0][5:]) for ln in lines] == logged
+    assert lines[-1].startswith(f"step:{logged[-1]}/{cfg.train.iterations} train_loss:")
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    assert [int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:]] == logged
+    if stop == "wallclock":
+        assert out.index(lines[-1]) < out.index("stopping_early: wallclock_cap")
+
+
+@pytest.mark.parametrize(
+    ("where", "phase", "kept"),
+    [
+        (stages, "the pre-quantization evaluation", []),
+        (roundtrip, "the round trip (standard)", ["final_model.float.ptz", "final_model.int8_zlib.ptz"]),
+    ],
+    ids=["pre_quant", "roundtrip"],
+)
+def test_sigterm_after_training_stops_the_run_at_once(tmp_path, synth_root, monkeypatch, where, phase, kept):
+    """A SIGTERM while an evaluation runs after training ends the run right there (the pass it interrupts does
+    not run), with exit status 143 and one line naming the phase; what was written stays, whole."""
+    cfg = compose_cfg([*TINY, f"data.root={synth_root}", "train.iterations=2"])  # int8: a lossy round trip
+    calls = []
+
+    def sigterm(*args, **kwargs):
+        calls.append("signalled")
+        os.kill(os.getpid(), signal.SIGTERM)
+        calls.append("went on")  # never: the handler raises as soon as os.kill returns
+
+    monkeypatch.setattr(where, "run_mode", sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    try:
+        with pytest.raises(SystemExit) as e:
+            run.fit(cfg, run_dir, run.Extras([], []), {"bytes": 0, "sha256": None}, log)
+    finally:
+        set_log_file(None)
+    assert e.value.code == 143 and calls == ["signalled"]
+    last = log.read_text().splitlines()[-1]
+    assert last.startswith(f"terminated: SIGTERM during {phase}; stopping with exit status 143.")
+    assert sorted(p.name for p in run_dir.glob("*.ptz")) == kept and not list(run_dir.rglob("*.tmp"))
+    assert not (run_dir / "results.json").exists() and "No results.json." in last
+    if kept:
+        assert f"Written whole and kept: {', '.join(kept)}." in last
+        read_artifact(run_dir / kept[1])  # complete
+    else:
+        assert "No artifact was written." in last
+    assert signal.getsignal(signal.SIGTERM) == before  # Lightning restores the handler it found
+
+
+def test_lightning_tips_and_its_leafspec_warning_are_silenced_and_nothing_else():
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    lg = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_lightning()
+            L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+            _tree_flatten({"x": (torch.zeros(1), 2)})  # builds torch's deprecated LeafSpec
+            pytree = "lightning.pytorch.utilities._pytree"
+            warnings.warn_explicit("another FutureWarning", FutureWarning, "_pytree.py", 1, module=pytree)
+    finally:
+        lg.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert any(m.startswith("GPU available:") for m in messages)  # Lightning's other lines still come
+    assert not any("Tip:" in m for m in messages)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == ["another FutureWarning"]
+
+
+class SigtermAtTrainEnd(L.Callback):
+    """Sends SIGTERM at the end of training, after the last step boundary's check (listed before checkpointing)."""
+
+    def on_train_end(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_after_the_last_step_saves_the_final_weights_and_stops_before_the_export(tmp_path, synth_root):
+    cfg = compose_cfg([*TINY, f"data.root={synth_root}", "train.iterations=2"])
+    dm = build_datamodule(cfg)
+    module, tok = build_module(cfg, cfg.data.tokenizer_path)
+    cbs = build_callbacks(cfg, tmp_path, run_meta(cfg, tok))
+    order = cbs.all
+    order.insert(order.index(cbs.checkpoint), SigtermAtTrainEnd())
+    with pytest.raises(SystemExit) as e:
+        build_trainer(cfg, order, False).fit(module, datamodule=dm)
+    assert e.value.code == 143 and e.value.phase == "the end of training"
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert not list(tmp_path.glob("*.ptz")) and not (tmp_path / "results.json").exists()

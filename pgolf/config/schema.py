@@ -35,7 +35,7 @@ class TrainConfig:
     val_every: NonNegInt
     log_every: PosInt
     compile: bool
-    compile_backend: str
+    compile_backend: Literal["inductor", "cudagraphs", "aot_eager", "eager"]  # torch.compile's (the last two debug)
     warmup_steps: NonNegInt
 
 
@@ -98,8 +98,8 @@ class FinalEvalConfig:
     reference_tail: bool
     settings: dict[str, dict[str, Any]]  # mode name -> that mode's setting overrides (checked by runtime.py)
     # The first N validation targets only (whole windows): NOT the challenge's metric, so a result with it is
-    # not compliant. Defaults to null until conf/train.yaml's final_eval carries the key.
-    max_tokens: PosInt | None = None
+    # not compliant.
+    max_tokens: PosInt | None
 
     def __post_init__(self):
         unknown = sorted(set(self.settings) - set(self.modes))
@@ -117,6 +117,7 @@ class AveragingConfig:
     ema_decay: Annotated[float, Range(gt=0, lt=1)]
     swa_every: PosInt
     swa_threshold: Fraction
+    validate: Literal["raw", "averaged"]  # the weights periodic validation scores (raw: as the records)
 
 
 @dataclass(frozen=True)

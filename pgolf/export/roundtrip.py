@@ -1,19 +1,31 @@
 """The round trip: the artifact re-read from disk, scored by the final eval modes, printed as the
 reference's `final_<label>_roundtrip` / `final_<label>_sliding_window` lines. A mode run with a record's
 windows or document rules prints the record's metric on those lines and, after them, pgolf's
-each-target-once figure from the same pass (`..._once_exact`)."""
+each-target-once figure from the same pass (`..._once_exact`).
+
+Each pass over the validation set prints progress lines (`EvalProgress`) and names its phase for a SIGTERM
+(pgolf/runlog.py). The standard pass is not run again when it would give the pre-quantization pass's number
+exactly (`lossless_reuse`: the artifact's de-quantized weights are bit-identical to the float weights that
+pass scored, with the same code, windows, precision and no compilation); the log and results.json say so.
+`final_eval.max_tokens` scores only the first N validation targets (`final_eval_tokens`): a quick look, not
+the challenge's metric, so every result is marked `compliant: false`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import fields
 
 import torch
 
-from pgolf.eval.core import EvalContext, EvalResult
+from pgolf.eval.core import EvalContext, EvalResult, TargetLog, dist_info
 from pgolf.eval.modes import get_mode, parse_mode, run_mode
 from pgolf.export.config import ExportReport
 from pgolf.export.weights import load_artifact_model
-from pgolf.runlog import log0
+from pgolf.model.gpt import GPT
+from pgolf.runlog import Progress, log0, set_phase
+
+MAX_TOKENS_REASON = "max_tokens: not the full validation set"  # the words of eval.py's results (pgolf/eval/run.py)
 
 
 def final_eval_modes(
@@ -71,18 +83,106 @@ def log_result(key: str, r: EvalResult) -> None:
         )
 
 
-def roundtrip_evaluate(report: ExportReport, tokens: torch.Tensor, ctx: EvalContext, modes: dict[str, dict]) -> dict:
-    """Re-read the artifact from disk onto `ctx.device`, score `tokens` with every mode of `modes`
+class EvalProgress(TargetLog):
+    """Progress of one evaluation pass: every eval mode hands each batch's scored targets to
+    `EvalContext.log` (`EvalContext.record`); this log counts them into a `pgolf.runlog.Progress` and keeps
+    no per-target arrays (`arrays()` is empty)."""
+
+    def __init__(self, progress: Progress):
+        super().__init__()
+        self.progress = progress
+
+    def add(self, index: torch.Tensor, nll: torch.Tensor, nbytes: torch.Tensor) -> None:
+        self.progress.advance(index.numel())
+
+
+def with_progress(ctx: EvalContext, phase: str, tokens: torch.Tensor, every_seconds: float | None) -> EvalContext:
+    """`ctx` with a log that prints progress lines of `phase` every `every_seconds` (None: none), counting
+    the targets this rank scores against its share of the stream (1-D `tokens`): a mode that re-scores
+    targets can pass 100% a little before it ends."""
+    _, world = dist_info()
+    return dataclasses.replace(
+        ctx, log=EvalProgress(Progress(phase, (tokens.numel() - 1) // world, "targets", every_seconds))
+    )
+
+
+def final_eval_tokens(tokens: torch.Tensor, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """The validation stream (1-D, targets + 1 tokens) the final evaluations score: all of it, or with
+    `max_tokens` its first max_tokens targets rounded down to whole `seq_len` windows (at least one), as
+    eval.py's `max_tokens` does: NOT the challenge's metric."""
+    if max_tokens is None:
+        return tokens
+    keep = min(max(int(max_tokens) // seq_len, 1) * seq_len, tokens.numel() - 1)
+    return tokens[: keep + 1]
+
+
+def lossless_reuse(
+    model: GPT, float_gpt: GPT | None, pre: EvalResult | None, settings: dict, tokens: torch.Tensor, ctx: EvalContext
+) -> bool:
+    """Whether the round trip's standard pass with `settings` would give exactly `pre`, the float model's
+    standard pass (`pgolf.export.stages.pre_quant_diagnostic`, run eagerly with `ctx`'s precision on these
+    `tokens`): the artifact's model `model` has the same config and bit-identical weights as `float_gpt`
+    (a lossless export, e.g. `store: fp32` rules), the windows (`seq_len`) and targets are the same, and the
+    round trip is not compiled (compiled kernels may round differently)."""
+    if pre is None or float_gpt is None or ctx.compile or pre.mode != "standard":
+        return False
+    _, st = parse_mode("standard", settings, seq_len=ctx.seq_len, batch_windows=ctx.batch_windows)
+    if st.seq_len != pre.settings.get("seq_len") or pre.targets != tokens.numel() - 1 or model.cfg != float_gpt.cfg:
+        return False
+    a, b = model.state_dict(), float_gpt.state_dict()
+    if a.keys() != b.keys():
+        return False
+    return all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k].to(a[k].device)) for k in a)
+
+
+def roundtrip_evaluate(
+    report: ExportReport,
+    tokens: torch.Tensor,
+    ctx: EvalContext,
+    modes: dict[str, dict],
+    *,
+    pre: EvalResult | None = None,
+    float_gpt: GPT | None = None,
+    progress_every: float | None = None,
+    max_tokens: int | None = None,
+) -> dict:
+    """Re-read the artifact from disk onto `ctx.device`, score `tokens` (1-D) with every mode of `modes`
     ({name: settings}, see `final_eval_modes`), print the round-trip lines; returns
-    {"roundtrip": {mode: result dict}, "size_ok", "total_bytes"}."""
+    {"roundtrip": {mode: result dict}, "size_ok", "total_bytes"}.
+
+    `pre` (the float model's standard result, computed on these tokens) and `float_gpt` (that model) let
+    the standard mode reuse `pre` when `lossless_reuse` says it would give the same number (its result then
+    has `reused_from: "pre_quant"` and 0 s). `progress_every`: seconds between progress lines (None: none).
+    `max_tokens` (the value `tokens` was cut with, see `final_eval_tokens`) marks every result
+    `compliant: false` (MAX_TOKENS_REASON)."""
     model, _ = load_artifact_model(report.path, ctx.device)
-    res = {name: run_mode(name, settings, model, tokens, ctx) for name, settings in modes.items()}
+    res: dict[str, EvalResult] = {}
+    reused: set[str] = set()
+    for i, (name, settings) in enumerate(modes.items()):
+        set_phase(f"the round trip ({name})")
+        if (settings or {}).get("mode", name) == "standard" and lossless_reuse(
+            model, float_gpt, pre, settings, tokens, ctx
+        ):
+            res[name] = dataclasses.replace(pre, mode=name, seconds=0.0, windows_per_second=0.0)
+            reused.add(name)
+            log0(
+                f"final_eval:{name} reused the DIAGNOSTIC pre_quant figure: the artifact's weights are bit-identical "
+                "to the float weights it scored (same windows, precision, uncompiled)"
+            )
+            continue
+        log0(f"final_eval:{name} ({i + 1}/{len(modes)}) on {tokens.numel() - 1:,} targets", file=False)
+        res[name] = run_mode(
+            name, settings, model, tokens, with_progress(ctx, f"final_eval {name}", tokens, progress_every)
+        )
+    set_phase("the end of the round trip")
     for mode, r in res.items():
         log_result(log_key(report.label, mode), r)
     if not report.size_ok:
         log0(f"FAIL: total submission size {report.total_bytes} bytes exceeds the {report.limit_bytes}-byte limit")
-    return {
-        "roundtrip": {m: r.to_dict() for m, r in res.items()},
-        "size_ok": report.size_ok,
-        "total_bytes": report.total_bytes,
-    }
+    out = {m: r.to_dict() for m, r in res.items()}
+    for m, d in out.items():
+        if m in reused:
+            d["reused_from"] = "pre_quant"
+        if max_tokens is not None:
+            d["compliant"], d["reason"] = False, f"{MAX_TOKENS_REASON}; {d['reason']}"
+    return {"roundtrip": out, "size_ok": report.size_ok, "total_bytes": report.total_bytes}

@@ -153,15 +153,27 @@ def write_artifact_stages(
 
 
 # ---- the stages ----------------------------------------------------------------------------------
-def pre_quant_diagnostic(gpt: GPT, tokens: torch.Tensor, eval_ctx: EvalContext | None) -> EvalResult:
-    """The float model's standard eval of `tokens`, uncompiled, logged as `DIAGNOSTIC pre_quant val_loss:…
-    val_bpb:… eval_time:…ms`; the model's train/eval mode is restored. ValueError without `eval_ctx`."""
+def pre_quant_diagnostic(
+    gpt: GPT, tokens: torch.Tensor, eval_ctx: EvalContext | None, reuse: EvalResult | None = None, why: str = ""
+) -> EvalResult:
+    """The float model's standard eval of `tokens` (1-D), uncompiled, logged as `DIAGNOSTIC pre_quant
+    val_loss:… val_bpb:… eval_time:…ms`; the model's train/eval mode is restored. `eval_ctx.log` receives
+    the scored targets (a progress counter: pgolf/export/roundtrip.py's `with_progress`). With `reuse`, a
+    result that already scored these weights on the same windows (the export callback's last validation;
+    `why` says how it decided), nothing is evaluated: the line gives its figures, 0 ms and `(reused: why)`.
+    ValueError without `eval_ctx` when there is something to evaluate."""
+    if reuse is not None:
+        log0(
+            f"DIAGNOSTIC pre_quant val_loss:{reuse.val_loss:.4f} val_bpb:{reuse.val_bpb:.4f} eval_time:0ms "
+            f"(reused: {why})"
+        )
+        return reuse
     if eval_ctx is None:
         raise ValueError("the pre-quantization eval needs an eval context with the validation tokens")
     was_training = gpt.training
     gpt.eval()
     try:
-        pre = run_mode("standard", {}, gpt, tokens, replace(eval_ctx, compile=False, log=None))
+        pre = run_mode("standard", {}, gpt, tokens, replace(eval_ctx, compile=False))
     finally:
         gpt.train(was_training)
     ms = 1000 * pre.seconds

@@ -4,7 +4,9 @@ config checks that need Lightning itself (`check_lightning_config`), run before 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -162,7 +164,38 @@ def save_resolved_config(cfg: DictConfig, path: str | Path) -> Path | None:
     return Path(path)
 
 
+# Printed by every run, and silenced one by one (no blanket filter):
+# - Lightning 2.6's advertisements, logged at INFO by `rank_zero_info` when a Trainer is built
+#   (trainer/connectors/logger_connector.py: litlogger; callback_connector.py: litmodels);
+# - torch 2.13's FutureWarning on `LeafSpec`, which Lightning's own lightning/pytorch/utilities/_pytree.py
+#   instantiates (`_tree_flatten`) whenever a batch is moved: Lightning's to fix, not pgolf's.
+LIGHTNING_TIP = "💡 Tip:"
+RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+LEAFSPEC_WARNING = dict(
+    message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    category=FutureWarning,
+    module=r"lightning\.pytorch\.utilities\._pytree",
+)
+
+
+class DropLightningTips(logging.Filter):
+    """Drops Lightning's `💡 Tip: ...` advertisement records, and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(LIGHTNING_TIP)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's tips and the LeafSpec FutureWarning from Lightning's _pytree (see above); once."""
+    for name in RANK_ZERO_LOGGERS:
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, DropLightningTips) for f in lg.filters):
+            lg.addFilter(DropLightningTips())
+    warnings.filterwarnings("ignore", **LEAFSPEC_WARNING)
+
+
 def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
+    quiet_lightning()
     tr = OmegaConf.to_container(cfg.trainer, resolve=True)
     strategy = tr.pop("strategy", "auto")
     if isinstance(strategy, dict):

@@ -45,6 +45,7 @@ class GolfModule(L.LightningModule):
         self.luts: ByteLUTs | None = None  # set by the training script from the tokenizer
         self.state = StepState()
         self._val_sums: torch.Tensor | None = None
+        self._val_weights = "raw"  # state.weights when the running validation started
 
     def configure_model(self) -> None:
         if self.compile and self._compiled is None:
@@ -70,6 +71,7 @@ class GolfModule(L.LightningModule):
     # ---- validation: float64 sums, reduced across ranks ------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self._val_weights = self.state.weights  # after the callbacks' hook: an averaging swap has happened
         if self.luts is not None and self.luts.base_bytes.device != self.device:
             self.luts = self.luts.to(self.device)
 
@@ -85,7 +87,16 @@ class GolfModule(L.LightningModule):
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         loss_sum, n, nbytes = (float(v) for v in sums.cpu())
         val_loss, val_bpb = bpb(loss_sum, n, nbytes)
-        self.state.last_val = {"val_loss": val_loss, "val_bpb": val_bpb, "val_tokens": n}
+        dm = self.trainer.datamodule
+        self.state.last_val = {
+            "val_loss": val_loss,
+            "val_bpb": val_bpb,
+            "val_tokens": n,
+            "val_bytes": nbytes,
+            "step": self.trainer.global_step,
+            "weights": self._val_weights,
+            "seq_len": getattr(dm, "eval_seq_len", None),
+        }
         self.log_dict({"val_loss": val_loss, "val_bpb": val_bpb}, rank_zero_only=True, sync_dist=False)
 
     # ---- checkpoints carry the RNG states (Lightning's do not), as tensors and plain types so that

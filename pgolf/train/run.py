@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks import build_callbacks
+from callbacks.checkpoint import Terminated
 from callbacks.header import RunHeader
 from pgolf.export.code import CODE_KEY
 from pgolf.quant.artifact import SizeReport
@@ -58,7 +59,8 @@ def fit(
     reference's log lines; `config_file` (rank 0) the resolved config. `extras` comes from `prepare`.
     `code` is the run's code record (`{"bytes", "sha256"}` of its packed train_gpt.py) and `requirements`
     the versions of the packages that code imports; both go into the artifact's metadata. Returns
-    `results.json`'s contents, or None when the run was preempted (no export)."""
+    `results.json`'s contents, or None when the run was preempted (no export). A SIGTERM after training
+    raises `callbacks.checkpoint.Terminated` (a SystemExit, status 143) after one `terminated:` line."""
     run_dir = Path(run_dir)
     loggers = extras.loggers
     set_log_file(log_file)
@@ -76,6 +78,10 @@ def fit(
     trainer = build.build_trainer(cfg, [header, *challenge.all, *extras.callbacks], loggers)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume)
+    except Terminated as e:  # SIGTERM after training (callbacks/checkpoint.py): stop now, say what is on disk
+        log0(f"terminated: SIGTERM during {e.phase}; stopping with exit status {e.code}. {kept_files(run_dir)}")
+        build.finish_logger(loggers, {}, exit_code=e.code)
+        raise
     except BaseException:
         build.finish_logger(loggers, {}, exit_code=1)  # one finished run per job, also when it fails
         raise
@@ -87,6 +93,15 @@ def fit(
     build.finish_logger(loggers, results)
     log_final_size(results)
     return results
+
+
+def kept_files(run_dir: Path) -> str:
+    """What a terminated run leaves: the artifacts it wrote (whole: written atomically) and whether
+    results.json was written."""
+    names = sorted(p.name for p in Path(run_dir).glob("*.ptz"))
+    written = f"Written whole and kept: {', '.join(names)}." if names else "No artifact was written."
+    results = "results.json was written." if (Path(run_dir) / "results.json").is_file() else "No results.json."
+    return f"{written} {results}"
 
 
 def log_final_size(results: dict) -> None:

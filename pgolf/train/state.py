@@ -7,7 +7,10 @@ renamed field fails loudly instead of falling back to a default. Who writes and 
   their mean once per optimizer step; the compile warm-up clears what its steps added.
 - `lr_scale`: set by the LR schedule before each optimizer step; read by late QAT, SWA and the clock's metrics.
 - `train_time_ms`: set by the clock at each optimizer-step boundary; the export records it.
-- `last_val`: set by `GolfModule.on_validation_epoch_end`; the clock prints it in the validation line.
+- `last_val`: set by `GolfModule.on_validation_epoch_end`; the clock prints it in the validation line; the
+  export reuses it as the pre-quantization figure when it scored the exported weights (callbacks/export.py).
+- `weights`: which weights `pl_module.gpt` holds, `raw` (training's) or `averaged`: set by the averaging
+  callback when it swaps its weights in for validation (and back) and when it applies them at the end.
 - `preempted`: set by checkpointing on SIGTERM; the export is then skipped and `train.py` exits cleanly.
 
 None of it goes into a checkpoint: every field is recomputed by the first step after a resume.
@@ -26,7 +29,9 @@ class StepState:
     micro: int = 0  # micro-batches in loss_sum
     lr_scale: float = 1.0  # multiplier on every group's base LR for the current step (1.0 before the first)
     train_time_ms: float = 0.0  # challenge-clock time at the end of the last optimizer step
-    last_val: dict[str, float] | None = None  # val_loss, val_bpb, val_tokens of the latest validation
+    # the latest validation: val_loss, val_bpb, val_tokens (targets), val_bytes, step, weights, seq_len
+    last_val: dict | None = None
+    weights: str = "raw"  # what pl_module.gpt holds: raw | averaged
     preempted: bool = False  # SIGTERM: a checkpoint was saved and training stopped; no export
 
     def add_loss(self, loss: torch.Tensor) -> None:
