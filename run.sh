@@ -2,7 +2,7 @@
 # pgolf set-up and entry points. Creates .venv on first use (CPU torch 2.13.0 + the project), then:
 #   bash run.sh demo [hydra overrides...]   train the demo model on the Shakespeare corpus (the default job)
 #   bash run.sh test [pytest args...]       run the test suite
-#   bash run.sh setup                       only install
+#   bash run.sh setup                       only install (and lrzip, for the pergroup export codec, where it can)
 # PGOLF_VENV picks another virtual-environment directory.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -22,10 +22,32 @@ setup() {
   fi
 }
 
+# `lrzip` (an external program) compresses the weight groups of the pergroup export codec (PR #1611's
+# per-group container, pgolf/quant/pergroup.py). Installed with apt-get where the machine allows it (root, or
+# passwordless sudo); otherwise one line says so. Never fails the set-up: pergroup_brotli needs no lrzip.
+setup_lrzip() {
+  command -v lrzip >/dev/null 2>&1 && return 0
+  local root=""
+  if [ "$(id -u)" -eq 0 ]; then
+    root=env
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
+    root="sudo -n env"
+  fi
+  if [ -n "$root" ] && command -v apt-get >/dev/null 2>&1; then
+    local apt="$root DEBIAN_FRONTEND=noninteractive timeout 600 apt-get -y -qq"
+    # install from the current package lists; refresh them only if that fails
+    $apt install lrzip >/dev/null 2>&1 || { $apt update >/dev/null 2>&1 && $apt install lrzip >/dev/null 2>&1; } || true
+    command -v lrzip >/dev/null 2>&1 && { echo "installed lrzip (export codec pergroup)"; return 0; }
+  fi
+  echo "lrzip is not installed and could not be (that needs apt-get with root or passwordless sudo): per-group lrzip" \
+    "artifacts (export codec pergroup) will not be available (pergroup_brotli needs no lrzip)"
+  return 0
+}
+
 cmd=${1:-demo}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-  setup) setup ;;
+  setup) setup; setup_lrzip || true ;;
   demo) setup; exec "$VENV/bin/python" train.py "$@" ;;
   test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *) echo "usage: bash run.sh {demo|test|setup} [args...]" >&2; exit 2 ;;

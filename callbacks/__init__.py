@@ -88,6 +88,9 @@ def build_callbacks(cfg: DictConfig, run_dir: str | Path, meta: dict) -> Challen
         o.momentum_start,
         o.muon_momentum,
         o.momentum_warmup_steps,
+        warmdown_frac=t.warmdown_frac,
+        min_lr=t.min_lr,
+        reserve_seconds=t.gptq_reserve_seconds,
     )
     ck = c.checkpoint
     export_cfg = ExportConfig.from_dict(OmegaConf.to_container(cfg.export, resolve=True))

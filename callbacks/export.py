@@ -48,6 +48,7 @@ from pgolf.export.roundtrip import (
 )
 from pgolf.export.stages import export_model, pre_quant_diagnostic
 from pgolf.io import atomic_write_bytes
+from pgolf.quant.artifact import check_codec
 from pgolf.runlog import log0, set_phase
 
 # Lightning's `trainer.precision` -> the autocast dtype its forward ran under (None: full precision)
@@ -115,6 +116,8 @@ class QuantizeExport(L.Callback):
                 f"final_eval.stride={eval_cfg['stride']} must be in 1..{eval_cfg['seq_len']} (the eval sequence length)"
             )
         self.results: dict = {}
+        if cfg.enabled:  # before training: a missing lrzip (the pergroup codec) is found now, not after 10 minutes
+            check_codec(cfg.codec, cfg.level)
 
     def on_train_end(self, trainer, pl_module):
         if not self.cfg.enabled or pl_module.state.preempted:
@@ -142,7 +145,10 @@ class QuantizeExport(L.Callback):
                 f"final_eval:max_tokens={max_tokens}: the first {tokens.numel() - 1:,} of {dm.val_tokens.numel() - 1:,}"
                 f" validation targets: NOT the challenge's metric (results marked compliant: false)"
             )
-        eval_ctx = EvalContext(pl_module.luts, device, ev["seq_len"], ev["batch_windows"], autocast_dtype=autocast)
+        vb = None if dm.val_bytes is None else dm.val_bytes[: tokens.numel()].to(device)  # a CaseOps byte sidecar
+        eval_ctx = EvalContext(
+            pl_module.luts, device, ev["seq_len"], ev["batch_windows"], autocast_dtype=autocast, val_bytes=vb
+        )
         t0 = time.perf_counter()
         set_phase("the pre-quantization evaluation")
         val = reusable_validation(trainer, pl_module, tokens, ev["seq_len"], autocast)

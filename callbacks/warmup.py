@@ -1,7 +1,8 @@
 """Compile-priming warm-up (the baseline train_gpt.py's WARMUP_STEPS): run N real training steps to trigger
 compilation, then restore the initial weights, optimizer state, RNG state and data stream (the warm-up
 reads a separate copy of the stream from micro-step 0, so the real stream is untouched). Runs before the
-challenge clock starts."""
+challenge clock starts. A model with progressive depth recurrence (`model.num_loops`, switched on during
+training) is warmed up in both states, N steps each, so both graphs are compiled off the clock (PR #1611)."""
 
 from __future__ import annotations
 
@@ -31,18 +32,27 @@ class CompileWarmup(L.Callback):
         accum = dm.layout.grad_accum
         strategy = trainer.strategy
         pl_module.train()
-        for k in range(self.steps):
-            for m in range(accum):
-                x, y = (t.to(pl_module.device) for t in stream.batch(k * accum + m))
-                loss = strategy.training_step((x, y), k * accum + m)
-                strategy.backward(loss / accum, opt)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            log0(f"warmup_step:{k + 1}/{self.steps}")
+        gpt = pl_module.gpt
+        was_looping = gpt.looping_active
+        states = [False, True] if gpt.cfg.num_loops > 0 and gpt.cfg.enable_looping_at > 0 else [was_looping]
+        n = 0
+        for looping in states:
+            gpt.looping_active = looping
+            for k in range(self.steps):
+                for m in range(accum):
+                    x, y = (t.to(pl_module.device) for t in stream.batch(n * accum + m))
+                    loss = strategy.training_step((x, y), n * accum + m)
+                    strategy.backward(loss / accum, opt)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                n += 1
+                tag = f" looping:{looping}" if len(states) > 1 else ""
+                log0(f"warmup_step:{k + 1}/{self.steps}{tag}")
+        gpt.looping_active = was_looping
         pl_module.gpt.load_state_dict(model_state)
         opt.load_state_dict(opt_state)
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
         pl_module.state.clear_loss()
-        self.ran = self.steps
+        self.ran = n

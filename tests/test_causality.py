@@ -8,7 +8,11 @@ P-1 on (target P-1 *is* token P), never those of targets before P-1. Over all V 
   own value;
 * both seed SLOT forms (PR #1263, PR #1298) are caught: they fit on the targets they score, so earlier
   targets of the same window move, and the "distribution" over the flipped token's values sums to > 1
-  (each value raises its own probability).
+  (each value raises its own probability);
+* phased TTT in the final #1 record's order (PR #1611: documents by length, longest batch first) scores
+  each target before any update that saw it in *its* order, but earlier targets of the stream move: the
+  flipped token's document is scored first and the global phase and warm-start A carry it to documents
+  that come before it in the stream (its own document's earlier targets stay put).
 Every mode also scores every target exactly once, and its sums equal its audit.
 
 Value 1 of the flipped token is the BOS: it re-cuts the documents LoRA TTT adapts on, so the documents
@@ -34,6 +38,8 @@ from pgolf.model.gpt import GPT
 V, S = 16, 16
 FLIP = 59  # target 58: mid-window (stride 4), chunk 1 of TTT, third chunk of a LoRA document
 BOS_AT = [0, 13, 30, 47, 70, 88]
+PHASED = {"chunk_size": 8, "context": 16, "batch_docs": 2, "chains": 1, "rank": 2, "alpha": 4.0, "lr": 0.05}
+PHASED |= {"prefix_docs": 4, "phases": 2, "global_chunk_tokens": 16, "global_seq_len": 8, "global_lr": 0.05}
 MODES = {  # every registered mode at its conf/eval/ defaults, stride and chunks scaled to the tiny stream
     "standard": {},
     "sliding": {"stride": 4},
@@ -46,9 +52,15 @@ MODES = {  # every registered mode at its conf/eval/ defaults, stride and chunks
     "causal_slot": {"stride": 4},
     "slot_1263": {"stride": 4},
     "slot_1298": {"stride": 4},
+    # chunks of 8 in 16-token windows, 2 documents a batch, one chain; global phases after 2 and 4 documents
+    # (the second trains on the flipped token's document), sequences of 8 in chunks of 16 tokens
+    "phased_ttt": PHASED,
+    "phased_ttt_1611": PHASED,
 }
-CAUSAL = ["standard", "sliding", "ttt", "lora_ttt", "lora_ttt_1090", "causal_slot"]
+CAUSAL = ["standard", "sliding", "ttt", "lora_ttt", "lora_ttt_1090", "causal_slot", "phased_ttt"]
 SEED_SLOT = ["slot_1263", "slot_1298"]
+REORDERED = ["phased_ttt_1611"]  # causal in their own scoring order, not in the stream's
+REORDERED_VALUES = [1, 7]  # values of the flipped token tried for them (BOS re-cuts the documents)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,7 +99,7 @@ def flips():
     for name in MODES:
         base = audit(model, name, toks)
         nll = []
-        for v in range(V):
+        for v in REORDERED_VALUES if name in REORDERED else range(V):
             t = toks.clone()
             t[FLIP] = v
             nll.append(audit(model, name, t)[1]["nll"].astype(np.float64))
@@ -96,7 +108,7 @@ def flips():
 
 
 def test_every_registered_mode_is_flip_tested():
-    assert sorted(MODES) == mode_names() and sorted(CAUSAL + SEED_SLOT) == mode_names()
+    assert sorted(MODES) == mode_names() and sorted(CAUSAL + SEED_SLOT + REORDERED) == mode_names()
 
 
 @pytest.mark.parametrize("name", list(MODES))
@@ -133,6 +145,24 @@ def test_seed_slot_forms_are_detected(flips, name):
     assert moved[FLIP - 4 : FLIP - 1].max() > 1e-3  # the earlier targets of the flipped token's own window
     # each value of the token raises its own probability: the 'distribution' over its values sums to > 1
     assert np.exp(-nll[:, FLIP - 1]).sum() > 1.0 + 1e-3
+
+
+@pytest.mark.parametrize("name", REORDERED)
+def test_record_order_is_score_first_in_its_order_but_moves_earlier_stream_targets(flips, name):
+    (r, a), nll = flips[name]
+    assert r.compliant and "longest batch first" in r.reason
+    base = a["nll"].astype(np.float64)
+    assert np.abs(nll[:, : BOS_AT[3]] - base[: BOS_AT[3]]).max() > 1e-3  # documents before the flipped one moved
+    own = slice(BOS_AT[3], FLIP - 1)  # the flipped token's document, scored first: its earlier targets stay
+    assert (nll[REORDERED_VALUES.index(7), own] == base[own]).all()
+
+
+def test_phased_ttt_carries_a_flip_to_later_documents_only(flips):
+    """Positive control: the documents after the flipped token's batch (scored after the global phase that
+    trained on it, with the A its batch passed on) change; those before it do not."""
+    _, nll = flips["phased_ttt"]
+    assert np.ptp(nll[:, BOS_AT[4] :], axis=0).max() > 1e-3
+    assert np.ptp(nll[:, : FLIP - 1], axis=0).max() == 0.0
 
 
 def test_score_first_ttt_adapts_on_earlier_chunks_only(flips):

@@ -138,7 +138,7 @@ BAD_VALUES = [
     (["seed=-1"], "seed must be an integer in [0, 4294967295], got -1"),
     (["logger=wandb", "logger.mode=online2"], "logger.mode must be one of auto | online | offline | disabled"),
     (["+callbacks.extra.lr.logging_interval=step"], "callbacks.extra.lr needs a _target_ (the callback class"),
-    (["export.codec=rar"], "export: export codec 'rar' is not one of ['lzma', 'zlib', 'zstd']"),
+    (["export.codec=rar"], "export: export codec 'rar' is not one of ['brotli', 'lzma', 'pergroup', "),
     (["model.qat_bits=${oops}"], "Interpolation key 'oops' not found"),
 ]
 

@@ -81,7 +81,7 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="needs calibration data"):
         export_cfg("int6_gptq_zstd", "export.calibration.source=none")
     with pytest.raises(ValueError, match="codec"):
-        ExportConfig.from_dict({"report_codecs": ["brotli"]})
+        ExportConfig.from_dict({"report_codecs": ["bzip2"]})
 
 
 # ---- export + re-export on a tiny model, with record rules made to reach its small matrices -----------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import struct
 
 import pytest
@@ -28,6 +29,7 @@ from pgolf.export.weights import (
 )
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
+from pgolf.quant import pergroup
 from pgolf.quant.artifact import (
     CODECS,
     MAGIC,
@@ -47,6 +49,9 @@ from pgolf.quant.rules import dequantize_state, quantize_state, rules_from_confi
 from pgolf.tools import inspect as inspect_cli
 
 CFG = GPTConfig(vocab_size=64, num_layers=1, model_dim=32, num_heads=4, num_kv_heads=2)
+HAS_LRZIP = shutil.which("lrzip") is not None
+needs_lrzip = pytest.mark.skipif(not HAS_LRZIP, reason="lrzip is not installed (apt-get install lrzip)")
+ALL_CODECS = [pytest.param(c, marks=needs_lrzip) if c == "pergroup" else c for c in sorted(CODECS)]
 RULES = [{"name": "matrix", "ndim": 2, "store": "int", "bits": 6}, {"name": "rest", "store": "fp16"}]
 TOKENIZER = {"name": "t.model", "vocab_size": 64, "sha256": "ab" * 32}
 
@@ -134,7 +139,7 @@ def test_the_streamed_reader_equals_the_in_memory_one_across_chunk_borders(tmp_p
     monkeypatch.setattr(art, "IN_CHUNK", 7)
     monkeypatch.setattr(art, "OUT_CHUNK", 13)
     ref, _ = unpack(raw)
-    for codec in CODECS:
+    for codec in [c for c in CODECS if HAS_LRZIP or c != "pergroup"]:
         got, _ = read_artifact(write(tmp_path, encode_artifact(raw, codec, 1), f"{codec}.ptz"))
         for k, e in ref.items():
             for f in ("data", "q", "scale"):
@@ -376,7 +381,7 @@ def test_header_length_is_bounded(raw):
         unpack(struct.pack("<I", 2 << 20) + raw[4:])
 
 
-@pytest.mark.parametrize("codec", sorted(CODECS))
+@pytest.mark.parametrize("codec", ALL_CODECS)
 def test_declared_lengths_bound_the_stream_for_every_codec(tmp_path, raw, codec):
     with pytest.raises(ArtifactError, match="the tensor payload holds 1 bytes after the last tensor"):
         read_artifact(write(tmp_path, forge_file(raw, len(raw) + 1, codec)))  # the header's table disagrees
@@ -456,7 +461,7 @@ def test_an_over_cap_artifact_is_scored_but_not_compliant(tmp_path, synth_dir):
 def test_max_tokens_is_in_both_schemas():
     assert "max_tokens" in EvalRun.__dataclass_fields__
     base = {"modes": ["standard"], "seq_len": 32, "batch_windows": 8, "stride": 16, "reference_tail": False}
-    assert load(FinalEvalConfig, {**base, "settings": {}}, "final_eval").max_tokens is None
+    assert load(FinalEvalConfig, {**base, "settings": {}, "max_tokens": None}, "final_eval").max_tokens is None
     assert load(FinalEvalConfig, {**base, "settings": {}, "max_tokens": 64}, "final_eval").max_tokens == 64
     with pytest.raises(ConfigError, match=r"final_eval\.max_tokens must be an integer >= 1 or null, got 0"):
         load(FinalEvalConfig, {**base, "settings": {}, "max_tokens": 0}, "final_eval")
@@ -528,3 +533,110 @@ def test_lqer_codes_out_of_range_are_refused(tmp_path):
     bad = pack(entries, {**base, "code": {"bytes": 1000, "sha256": "cd" * 32}})
     with pytest.raises(ArtifactError, match=r"qa: codes must lie in \[-2, 1\]"):
         art.read_artifact(write(tmp_path, art.encode_artifact(bad, "zlib", 9)))
+
+
+# ---- the per-group container (PR #1611; pgolf/quant/pergroup.py) ------------------------------------------
+def framed(cid: int, level: int, raw_len: int, payload: bytes) -> bytes:
+    return PREFIX.pack(MAGIC, VERSION, cid, level, raw_len, _digest(VERSION, cid, level, raw_len, payload)) + payload
+
+
+def reframed(data: bytes, edit) -> bytes:
+    """A pergroup artifact file with its container's streams edited by `edit(list of bytes)`, re-framed
+    and re-checksummed."""
+    _, _, cid, level, raw_len, _ = PREFIX.unpack_from(data)
+    streams = [bytes(x) for x in pergroup.split_container(memoryview(data)[PREFIX.size :])]
+    edit(streams)
+    return framed(cid, level, raw_len, pergroup.pack_container(streams))
+
+
+@pytest.fixture(scope="module")
+def pg_file(raw) -> bytes:
+    return encode_artifact(raw, "pergroup_brotli", 1)
+
+
+def _set(i: int, value: bytes):
+    return lambda st: st.__setitem__(i, value)
+
+
+GROUP = {g: i for i, g in enumerate(pergroup.GROUPS)}
+FORGED_STREAMS = {
+    "group emptied": (_set(GROUP["c_q"], b""), r"stream c_q is empty, but the header routes 1024 bytes to it"),
+    "perms emptied": (_set(pergroup.PERMS, b""), r"stream permutations is empty, but the header routes"),
+    "group too short": (
+        _set(GROUP["tok_emb"], pergroup.brotli_compress(bytes(10))),
+        r"stream tok_emb decompresses to fewer bytes than the 2048 its tensors need",
+    ),
+    "group bomb": (
+        _set(GROUP["mlp.fc"], pergroup.brotli_compress(bytes(8 << 20), 1)),
+        r"stream mlp\.fc decompresses to more bytes than the 2048 its tensors need",
+    ),
+    "group corrupt": (_set(GROUP["c_v"], b"\xff" * 40), r"stream c_v: corrupt brotli data"),
+    "not a permutation": (
+        _set(pergroup.PERMS, pergroup.brotli_compress(bytes(2 * (64 + 32 + 64)))),
+        r"permutations: the order of 'tok_emb\.weight' is not a permutation",
+    ),
+    "remainder corrupt": (_set(pergroup.REMAINDER, b"\x00garbage"), r"stream remainder: corrupt brotli payload"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORGED_STREAMS))
+def test_a_forged_pergroup_stream_is_refused_naming_it(tmp_path, pg_file, case):
+    edit, message = FORGED_STREAMS[case]
+    with pytest.raises(ArtifactError, match=message):
+        read_artifact(write(tmp_path, reframed(pg_file, edit)))
+
+
+def test_a_forged_pergroup_framing_is_refused(tmp_path, pg_file):
+    _, _, cid, level, raw_len, _ = PREFIX.unpack_from(pg_file)
+    payload = pg_file[PREFIX.size :]
+    count8 = payload[:4] + struct.pack("<I", 8) + payload[8:]
+    with pytest.raises(ArtifactError, match="pergroup container: stream count 8, expected 9"):
+        read_artifact(write(tmp_path, framed(cid, level, raw_len, count8)))
+    longer = bytearray(payload)
+    struct.pack_into("<I", longer, 8, struct.unpack_from("<I", payload, 8)[0] + 1)  # tok_emb's length + 1
+    with pytest.raises(ArtifactError, match="corrupt pergroup container: stream lengths add up to"):
+        read_artifact(write(tmp_path, framed(cid, level, raw_len, bytes(longer))))
+    with pytest.raises(ArtifactError, match=r"not a pergroup container \(bad magic bytes\)"):
+        read_artifact(write(tmp_path, framed(cid, level, raw_len, b"XXXX" + payload[4:])))
+
+
+def test_a_stream_for_a_group_the_header_leaves_empty_is_refused(tmp_path):
+    rules = [{"name": "ck", "pattern": r"\.c_k\.", "store": "fp16"}, *RULES]
+    torch.manual_seed(0)
+    entries = quantize_state(GPT(CFG).state_dict(), rules_from_config(rules))
+    data = encode_artifact(pack(entries, {"model": CFG.to_dict(), "tokenizer": TOKENIZER}), "pergroup_brotli", 1)
+    extra = pergroup.brotli_compress(b"x")
+    forged = reframed(data, _set(GROUP["c_k"], extra))
+    with pytest.raises(ArtifactError, match=f"stream c_k holds {len(extra)} bytes, but the header routes nothing"):
+        read_artifact(write(tmp_path, forged))
+
+
+def test_no_pergroup_stream_is_decompressed_before_the_check(tmp_path, pg_file, monkeypatch):
+    decoded = []
+    real = pergroup.Decoder.decode
+    monkeypatch.setattr(pergroup.Decoder, "decode", lambda self: decoded.append(1) or real(self))
+    path = write(tmp_path, pg_file)
+
+    def refuse(header):
+        raise ArtifactError("refused by the check")
+
+    with pytest.raises(ArtifactError, match="refused by the check"):
+        load_artifact(path, check=refuse)
+    header, entries = load_artifact(path, tensors=False)
+    assert decoded == [] and entries == {} and header.codec == "pergroup_brotli"
+    read_model_artifact(path)
+    assert decoded == [1]
+
+
+@needs_lrzip
+def test_a_forged_lrzip_size_is_refused_before_lrzip_runs(tmp_path, raw, monkeypatch):
+    data = encode_artifact(raw, "pergroup", 1)
+
+    def declare(st):
+        st[GROUP["c_q"]] = st[GROUP["c_q"]][:6] + struct.pack("<Q", 1 << 40) + st[GROUP["c_q"]][14:]
+
+    ran = []
+    monkeypatch.setattr(pergroup, "lrzip_decompress", lambda *a, **k: ran.append(a))
+    with pytest.raises(ArtifactError, match=r"stream c_q: lrzip declares 1099511627776 bytes, the header's tensors"):
+        read_artifact(write(tmp_path, reframed(data, declare)))
+    assert ran == []

@@ -32,6 +32,11 @@ class TrainConfig:
     iterations: PosInt
     warmdown_iters: NonNegInt
     max_wallclock_seconds: NonNegFloat
+    warmdown_frac: Fraction  # > 0: warmdown by training fraction (PR #1611: 0.85) instead of warmdown_iters
+    min_lr: Fraction  # the LR multiplier's floor of the fraction warmdown (PR #1611: 0.1)
+    gptq_reserve_seconds: NonNegFloat  # the fraction's budget is the cap minus this (PR #1611: 0.5)
+    doc_attention: bool  # document-bounded attention in training (PR #1530 / #1611)
+    max_seg_len: PosInt  # its longest segment: documents are cut every this many tokens (PR #1611: 2048)
     val_every: NonNegInt
     log_every: PosInt
     compile: bool

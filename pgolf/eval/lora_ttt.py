@@ -121,7 +121,19 @@ class Adapter(nn.Module):
         return out if self.scale == 1.0 else out * self.scale
 
 
-class DocLoRA(nn.Module):
+class AdapterSet(nn.Module):
+    """Per-document adapters of one batch of documents (rows): `select(rows)` picks the documents of the next
+    forward; `head` (an `Adapter` or None) is the LM-head delta `score_and_adapt` adds to the logits."""
+
+    head: Adapter | None
+
+    def select(self, rows: torch.Tensor) -> None:
+        for a in self.modules():
+            if isinstance(a, Adapter):
+                a.rows = rows
+
+
+class DocLoRA(AdapterSet):
     """The `lora` object GPT.forward_hidden takes: `layer(j).delta("q"|"v", x)` per virtual layer j, plus the
     LM-head delta passed to `logits_from_hidden` as a logit bias."""
 
@@ -145,11 +157,6 @@ class DocLoRA(nn.Module):
                         bound = 1.0 / math.sqrt(a.A.size(2))
                         a.A[i].copy_(torch.rand(a.A.shape[1:], generator=g) * 2 * bound - bound)
 
-    def select(self, rows: torch.Tensor) -> None:
-        for a in self.modules():
-            if isinstance(a, Adapter):
-                a.rows = rows
-
     def layer(self, j: int) -> _LayerLoRA:
         return _LayerLoRA(self.q[j] if self.q is not None else None, self.v[j] if self.v is not None else None)
 
@@ -159,7 +166,7 @@ class _LayerLoRA:
         self.q, self.v = q, v
 
     def delta(self, kind: str, x: torch.Tensor):
-        a = self.q if kind == "q" else self.v
+        a = self.q if kind == "q" else self.v if kind == "v" else None
         return a(x) if a is not None else 0.0
 
 
@@ -215,12 +222,35 @@ def doc_plan(doc: tuple[int, int], tokens, st: LoraSettings) -> DocPlan:
 def lora_doc_batch(
     model, toks: torch.Tensor, plans: list[DocPlan], seeds: list[int], st: LoraSettings, ctx: EvalContext, sums, once
 ) -> int:
-    """Score (and adapt on) the documents of `plans` side by side, adding to `sums` (and, unless None, their
-    every target to `once`); returns the number of chunk windows scored. Step i scores chunk i of every
-    document that has one, in windows padded to a length that depends on i only (see the module docstring)."""
-    nch = [-(-p.n // st.chunk_size) for p in plans]
+    """Score (and adapt on) the documents of `plans` side by side with fresh adapters (`DocLoRA`, seeded by
+    `seeds`) and a fresh Adam; see `score_and_adapt`."""
     lora = DocLoRA(model.cfg, len(plans), st, seeds).to(ctx.device)
     opt = torch.optim.Adam(lora.parameters(), lr=st.lr, betas=(st.beta1, st.beta2), eps=st.eps)
+    return score_and_adapt(model, toks, plans, lora, opt, st, ctx, sums, once)
+
+
+def score_and_adapt(
+    model,
+    toks: torch.Tensor,
+    plans: list[DocPlan],
+    lora: AdapterSet,
+    opt: torch.optim.Optimizer,
+    st,
+    ctx: EvalContext,
+    sums: torch.Tensor,
+    once: torch.Tensor | None,
+) -> int:
+    """Score the documents of `plans` side by side, chunk after chunk, each chunk before the step that uses it;
+    returns the number of chunk windows scored. Adds the scored targets to `sums` (float64 [3]) and, unless
+    None, every target forwarded to `once`.
+
+    `lora`: the documents' adapters (row j = document j; its `layer(j)` is handed to `model.forward_hidden`,
+    its `head` delta added to the logits), `opt` their optimizer; `st` gives `chunk_size` and `context`
+    (`chunk_window`). Step i scores chunk i of every document that has one, in windows padded to
+    `min(context, (i+1)·chunk_size)` (a length that depends on i only, see the module docstring), then takes
+    one `opt` step on Σ over documents of each one's mean chunk loss, over the documents whose chunk i is
+    followed by a training step (`DocPlan.steps`), when there is any (PR #77)."""
+    nch = [-(-p.n // st.chunk_size) for p in plans]
     scored_to = torch.tensor([p.scored_to for p in plans], device=ctx.device)
     windows = 0
     for i in range(max(nch)):
@@ -239,7 +269,7 @@ def lora_doc_batch(
             nll = nll_from_logits(logits, b.y)
         ctx.record(sums, b, pos, mask, nll, once, chunk)
         windows += len(rows)
-        if bool(train.any()):  # one Adam step on Σ over documents of each one's mean chunk loss (PR #77)
+        if bool(train.any()):  # one step on Σ over documents of each one's mean chunk loss (PR #77)
             m = (mask & train[:, None]).float()
             loss = (nll * m).sum(1).div(m.sum(1).clamp_min(1.0)).sum()
             opt.zero_grad(set_to_none=True)

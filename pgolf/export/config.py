@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from pgolf import ARTIFACT_LIMIT_BYTES
-from pgolf.quant.artifact import CODECS, DEFAULT_LEVELS
+from pgolf.quant.artifact import CODECS, DEFAULT_LEVELS, LEVELS
 from pgolf.quant.rules import rules_from_config, uses_gptq
 from pgolf.quant.settings import CalibrationConfig, GPTQSettings, LQERSettings, PruneConfig
 
@@ -66,6 +66,11 @@ class ExportConfig:
                 raise ValueError(f"export codec {c!r} is not one of {sorted(CODECS)}")
         if self.level is None:
             self.level = DEFAULT_LEVELS[self.codec]
+        if self.level not in LEVELS[self.codec]:
+            lv = LEVELS[self.codec]
+            raise ValueError(f"export.level {self.level} is not a {self.codec} level ({lv.start}..{lv.stop - 1})")
+        if self.limit_bytes < 1:
+            raise ValueError(f"export.limit_bytes {self.limit_bytes} must be >= 1 (decimal bytes)")
         rules = rules_from_config(self.rules)
         if uses_gptq(rules) and self.calibration.source == "none":
             names = [r.name for r in rules if r.method == "gptq"]

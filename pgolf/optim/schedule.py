@@ -4,6 +4,17 @@ fraction with a floor, and the Muon momentum warm-up); callbacks only apply them
 from __future__ import annotations
 
 
+def train_fraction(
+    step: int, elapsed_ms: float, *, iterations: int, max_wallclock_ms: float, reserve_ms: float = 0.0
+) -> float:
+    """The training fraction of the final records (PR #1611): elapsed / (cap - `reserve_ms`) with a wall-clock
+    cap (the reserve keeps GPTQ's training-data reads inside the budget), else step / iterations; >= 0."""
+    budget = max_wallclock_ms - reserve_ms
+    if max_wallclock_ms > 0 and budget > 0:
+        return max(elapsed_ms, 0.0) / budget
+    return max(step, 0) / max(iterations, 1)
+
+
 def lr_scale(
     step: int,
     elapsed_ms: float,
@@ -27,8 +38,9 @@ def lr_scale(
     last `warmdown_iters` of `iterations` steps.
     """
     if warmdown_frac > 0:
-        budget = max_wallclock_ms - reserve_ms
-        frac = elapsed_ms / budget if max_wallclock_ms > 0 and budget > 0 else step / max(iterations, 1)
+        frac = train_fraction(
+            step, elapsed_ms, iterations=iterations, max_wallclock_ms=max_wallclock_ms, reserve_ms=reserve_ms
+        )
         if frac < 1.0 - warmdown_frac:
             return 1.0
         return max((1.0 - frac) / warmdown_frac, min_lr)

@@ -3,8 +3,8 @@
 File layout (all integers little-endian):
     magic   8 bytes  b"PGOLFART"
     version u16      1
-    codec   u8       1 zlib | 2 zstd | 3 lzma
-    level   u8       compressor level / preset
+    codec   u8       1 zlib | 2 zstd | 3 lzma | 4 brotli | 5 pergroup | 6 pergroup_brotli
+    level   u8       compressor level / preset / brotli quality (pergroup: the groups' lrzip -L level)
     raw_len u64      length of the decompressed payload
     sha256  32 bytes over (version, codec, level, raw_len, compressed payload)
     payload          compressed(raw)
@@ -12,6 +12,15 @@ raw = u32 header length + UTF-8 JSON header + tensor bytes. The header lists eve
 dtype, shape, offset, nbytes, quantization info) and carries the metadata (model config, tokenizer
 identity, provenance). Tensor bytes are grouped by dtype (int8 codes together, then fp16, then fp32...)
 because like values next to each other compress better.
+
+brotli is quality 0..11 with a 2^24-byte window (PR #1611's settings). `pergroup` and `pergroup_brotli` are
+PR #1611's per-group container (pgolf/quant/pergroup.py): the block matrices' and the embedding's int8 codes
+in 7 role groups, rows reordered, transposed, compressed by `lrzip -z` (ZPAQ, an external program: a missing
+one is an error when writing and when reading, never a fallback) or by brotli, and the rest of the payload by
+brotli-11; decompression reproduces the raw payload bit for bit, so everything below applies unchanged. Its
+reader decompresses the remainder first (the header is at its start), learns from the checked header which
+tensors each group holds and how many bytes each stream must give, checks the streams' lengths against that,
+runs the caller's `check`, and only then decompresses the groups, each bounded by its expected size.
 
 Reading is bounded and validates before it allocates: the file's size is checked (stat) before it is read
 (MAX_FILE_BYTES), then the magic and the checksum (truncation or tampering), the declared payload length,
@@ -42,16 +51,20 @@ import zstandard
 
 from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.io import atomic_write_bytes
+from pgolf.quant import pergroup
 from pgolf.quant.numerics import LQER_MODES, LQERFactors
+from pgolf.quant.pergroup import PerGroupError, Routed
 from pgolf.quant.rules import QuantEntry
 
 MAGIC = b"PGOLFART"
 VERSION = 1
 PREFIX = struct.Struct("<8sHBBQ32s")
-CODECS = {"zlib": 1, "zstd": 2, "lzma": 3}
+CODECS = {"zlib": 1, "zstd": 2, "lzma": 3, "brotli": 4, "pergroup": 5, "pergroup_brotli": 6}
 CODEC_NAMES = {v: k for k, v in CODECS.items()}
-DEFAULT_LEVELS = {"zlib": 9, "zstd": 22, "lzma": 9}
-LEVELS = {"zlib": range(0, 10), "zstd": range(0, 23), "lzma": range(0, 10)}  # what a file may declare
+DEFAULT_LEVELS = {"zlib": 9, "zstd": 22, "lzma": 9, "brotli": 11, "pergroup": 9, "pergroup_brotli": 11}
+LEVELS = {"zlib": range(0, 10), "zstd": range(0, 23), "lzma": range(0, 10), "brotli": range(0, 12)}
+LEVELS |= {"pergroup": range(1, 10), "pergroup_brotli": range(0, 12)}  # what a file may declare
+PERGROUP_BACKENDS = {"pergroup": "lrzip", "pergroup_brotli": "brotli"}  # codec -> the groups' compressor
 MAX_RAW_BYTES = 1 << 30  # 1 GiB: far above any 16 MB artifact, far below a bomb
 # An artifact file is never read past this size (checked with stat first): four times the challenge's
 # 16,000,000-byte cap, so an over-cap artifact is still read, scored and reported as not compliant.
@@ -74,20 +87,82 @@ class ArtifactError(ValueError):
     """An artifact is unreadable, corrupt, tampered with, oversized, or was asked of a missing codec."""
 
 
-# ---- compressors (zstandard is a dependency of the package, imported with the module) ----------------
-def compress(data: bytes, codec: str, level: int | None = None) -> bytes:
+# ---- compressors (zstandard and brotli are dependencies of the package, imported with the module) -----
+def check_codec(codec: str, level: int | None = None) -> int:
+    """The level `codec` will use (its default when `level` is None), after checking the codec is known, the
+    level in its range (LEVELS) and the codec's external program present (`lrzip` for pergroup). Raises
+    ArtifactError naming the problem, before any work."""
     if codec not in CODECS:
         raise ArtifactError(f"unknown codec {codec!r}; choose one of {sorted(CODECS)}")
     level = DEFAULT_LEVELS[codec] if level is None else int(level)
+    if level not in LEVELS[codec]:
+        lo, hi = LEVELS[codec][0], LEVELS[codec][-1]
+        raise ArtifactError(f"codec level {level} is out of range for {codec} ({lo}..{hi})")
+    if PERGROUP_BACKENDS.get(codec) == "lrzip":
+        try:
+            pergroup.lrzip_path()
+        except PerGroupError as e:
+            raise ArtifactError(str(e)) from None
+    return level
+
+
+def compress(data: bytes, codec: str, level: int | None = None) -> bytes:
+    """`data` compressed by `codec` at `level` (default DEFAULT_LEVELS). pergroup codecs need `data` to be a
+    payload of `pack` (they route its tensors). Raises ArtifactError (check_codec; a pergroup payload whose
+    header is invalid; lrzip failing)."""
+    level = check_codec(codec, level)
     if codec == "zlib":
         return zlib.compress(data, level)
     if codec == "zstd":
         return zstandard.ZstdCompressor(level=level).compress(data)
-    return lzma.compress(data, format=lzma.FORMAT_XZ, preset=level)
+    if codec == "lzma":
+        return lzma.compress(data, format=lzma.FORMAT_XZ, preset=level)
+    if codec == "brotli":
+        return pergroup.brotli_compress(data, level)
+    table, hlen = _payload_table(data)
+    try:
+        return pergroup.encode(data, _routing(table, hlen), PERGROUP_BACKENDS[codec], level)
+    except ValueError as e:  # PerGroupError included
+        raise ArtifactError(f"{codec}: {e}") from None
+
+
+def _payload_table(raw: bytes) -> tuple[dict[str, TensorRecord], int]:
+    """(tensor table, header length) of a payload to compress with a pergroup codec: its header checked as
+    the reader checks it, the tensor bytes tiling from 0 to the sum of their lengths (bytes after that are
+    kept, as the remainder's; the reader then refuses them against the declared length)."""
+    stream = _Inflate(raw, None, len(raw))
+    try:
+        hb, header = _read_header(stream, len(raw))
+    except ArtifactError as e:
+        raise ArtifactError(f"a pergroup codec compresses a pgolf payload (pack): {e}") from None
+    try:
+        tiled = sum(f["nbytes"] for t in header["tensors"] for f in t["fields"].values())
+    except (KeyError, TypeError, AttributeError):
+        tiled = len(raw) - 4 - len(hb)  # check_table names what is wrong
+    return check_table(header, tiled)[1], len(hb)
+
+
+def _routing(table: dict[str, TensorRecord], hlen: int) -> list[Routed]:
+    """The per-group routing of a checked table: the int code fields, at their offsets in the raw payload."""
+    ints = [(t.name, t.fields["q"]) for t in table.values() if t.kind == "int"]
+    return pergroup.route((name, q.dtype, q.shape, 4 + hlen + q.offset) for name, q in ints)
 
 
 def decompress(data: bytes, codec: str, expected_len: int) -> bytes:
-    """Decompress at most expected_len bytes; anything longer or shorter is an error (bomb-safe)."""
+    """Decompress at most expected_len bytes; anything longer or shorter is an error (bomb-safe). A pergroup
+    payload is decoded through its header, which is checked (check_table) on the way."""
+    if codec in PERGROUP_BACKENDS:
+        stream = _open_stream(data, codec, expected_len)
+        hb, header = _read_header(stream, expected_len)
+        stream.set_table(check_table(header, expected_len - 4 - len(hb))[1], len(hb))
+        rest = stream.read(expected_len - 4 - len(hb))
+        stream.finish()
+        return struct.pack("<I", len(hb)) + hb + rest
+    if codec == "brotli":
+        stream = _open_stream(data, codec, expected_len)
+        out = stream.read(expected_len)
+        stream.finish()
+        return out
     try:
         if codec == "zlib":
             d = zlib.decompressobj()
@@ -199,9 +274,15 @@ def _prefix(data: bytes | memoryview, max_raw_bytes: int) -> tuple[str, int, int
 
 def decode_artifact(data: bytes, max_raw_bytes: int = MAX_RAW_BYTES) -> tuple[bytes, str]:
     """(the whole decompressed payload, codec name) of an artifact file's bytes (nothing in it validated
-    beyond the prefix and its length; `load_artifact` is the validating reader). Raises ArtifactError."""
+    beyond the prefix and its length, except a pergroup payload's header, which its decoding needs;
+    `load_artifact` is the validating reader). Raises ArtifactError."""
     codec, _, raw_len, payload = _prefix(data, max_raw_bytes)
     return decompress(payload, codec, raw_len), codec
+
+
+def _open_stream(src: bytes | memoryview, codec: str, raw_len: int) -> _Inflate:
+    """The decompressed payload of a file's compressed bytes as a bounded stream."""
+    return _GroupInflate(src, codec, raw_len) if codec in PERGROUP_BACKENDS else _Inflate(src, codec, raw_len)
 
 
 class _Inflate:
@@ -218,8 +299,13 @@ class _Inflate:
             self.d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=LZMA_MEMLIMIT)
         elif codec == "zstd":
             self.d = zstandard.ZstdDecompressor().stream_reader(self.src, read_size=IN_CHUNK)
+        elif codec == "brotli":
+            self.d = pergroup.BrotliReader(self.src, IN_CHUNK)
         elif codec is not None:
             raise ArtifactError(f"unknown codec {codec!r}")
+
+    def set_table(self, table: dict[str, TensorRecord], hlen: int) -> None:
+        """Told the checked tensor table once the header is read (the per-group stream routes by it)."""
 
     def _feed(self) -> bytes:
         chunk = self.src[self.pos : self.pos + IN_CHUNK]
@@ -232,7 +318,7 @@ class _Inflate:
             out = bytes(self.src[self.pos : self.pos + n])
             self.pos += len(out)
             return out
-        if self.codec == "zstd":
+        if self.codec in ("zstd", "brotli"):
             return self.d.read(n)
         for _ in range(len(self.src) // IN_CHUNK + 3):  # each round feeds input or returns
             if self.codec == "zlib":
@@ -257,7 +343,9 @@ class _Inflate:
             return self._produce(n)
         except ArtifactError:
             raise
-        except Exception as e:  # zlib.error, lzma.LZMAError (incl. memlimit), zstandard.ZstdError
+        except PerGroupError as e:
+            raise ArtifactError(str(e)) from None
+        except Exception as e:  # zlib.error, lzma.LZMAError (incl. memlimit), zstandard.ZstdError, brotli.error
             raise ArtifactError(f"corrupt {self.codec} payload: {e}") from e
 
     def readinto(self, out: memoryview) -> None:
@@ -284,6 +372,56 @@ class _Inflate:
                 f"payload decompresses to more bytes than the declared {self.raw_len} (corrupt artifact or "
                 "decompression bomb)"
             )
+
+
+class _GroupInflate(_Inflate):
+    """The payload of a per-group container (pgolf/quant/pergroup.py) as a stream: the remainder (brotli,
+    the header at its start) streamed until the header is known; then, told the checked table (`set_table`:
+    the routing, every stream's length checked against it), the routed matrices' bytes, decoded all groups
+    at once on the first read that reaches one (so after the caller's `check`), spliced in at their offsets.
+    Memory: the decoded matrices (each released once read) plus their compressed groups."""
+
+    def __init__(self, src: bytes | memoryview, codec: str, raw_len: int):
+        self.codec, self.raw_len, self.backend = codec, raw_len, PERGROUP_BACKENDS[codec]
+        try:
+            self.streams = pergroup.split_container(src)
+            if self.backend == "lrzip" and any(len(s) for s in self.streams[: len(pergroup.GROUPS)]):
+                pergroup.lrzip_path()
+        except PerGroupError as e:
+            raise ArtifactError(str(e)) from None
+        self.rest = _Inflate(self.streams[pergroup.REMAINDER], "brotli", raw_len)
+        self.pos, self.next = 0, 0
+        self.spans: list[tuple[int, int, int]] | None = None  # (start, end, index into the decoded list)
+        self.decoder: pergroup.Decoder | None = None
+        self.mats: list[memoryview | None] | None = None
+
+    def set_table(self, table: dict[str, TensorRecord], hlen: int) -> None:
+        if self.pos != 4 + hlen:
+            raise ArtifactError(f"pergroup: the table arrived at byte {self.pos}, not after the header ({4 + hlen})")
+        routed = _routing(table, hlen)
+        try:
+            self.decoder = pergroup.Decoder(self.streams, routed, self.backend)
+        except PerGroupError as e:
+            raise ArtifactError(str(e)) from None
+        self.spans = sorted((r.offset, r.offset + r.nbytes, i) for i, r in enumerate(routed))
+
+    def _produce(self, n: int) -> bytes:
+        spans = self.spans or []
+        if self.next < len(spans) and self.pos >= spans[self.next][0]:
+            if self.mats is None:
+                self.mats = [memoryview(m.reshape(-1)).cast("B") for m in self.decoder.decode()]
+            start, end, i = spans[self.next]
+            out = bytes(self.mats[i][self.pos - start : min(end, self.pos + n) - start])
+            if self.pos + len(out) == end:
+                self.mats[i], self.next = None, self.next + 1
+        else:
+            limit = n if self.next >= len(spans) else min(n, spans[self.next][0] - self.pos)
+            try:
+                out = self.rest.produce(limit)
+            except ArtifactError as e:
+                raise ArtifactError(f"pergroup stream remainder: {e}") from None
+        self.pos += len(out)
+        return out
 
 
 # ---- the header ---------------------------------------------------------------------------------
@@ -491,7 +629,8 @@ def check_table(header, payload_bytes: int) -> tuple[dict, dict[str, TensorRecor
     return header["meta"], table
 
 
-def _parse_header(stream: _Inflate, raw_len: int) -> tuple[dict, dict[str, TensorRecord], int]:
+def _read_header(stream: _Inflate, raw_len: int) -> tuple[bytes, object]:
+    """(the header's bytes, its parsed JSON), its length bounded first."""
     if raw_len < 4:
         raise ArtifactError("payload too short for a header")
     (hlen,) = struct.unpack("<I", stream.read(4))
@@ -499,12 +638,18 @@ def _parse_header(stream: _Inflate, raw_len: int) -> tuple[dict, dict[str, Tenso
         raise ArtifactError(
             f"header length {hlen} is oversized (limit {MAX_HEADER_BYTES}) or beyond the payload ({raw_len} bytes)"
         )
+    hb = stream.read(hlen)
     try:
-        header = json.loads(stream.read(hlen).decode("utf-8"))
+        return hb, json.loads(hb.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, a number over 4300 digits, deep nesting
         raise ArtifactError(f"artifact header is not valid JSON: {str(e)[:200]}") from None
-    meta, table = check_table(header, raw_len - 4 - hlen)
-    return meta, table, hlen
+
+
+def _parse_header(stream: _Inflate, raw_len: int) -> tuple[dict, dict[str, TensorRecord], int]:
+    hb, header = _read_header(stream, raw_len)
+    meta, table = check_table(header, raw_len - 4 - len(hb))
+    stream.set_table(table, len(hb))
+    return meta, table, len(hb)
 
 
 def _read_tensors(
@@ -600,12 +745,13 @@ def load_artifact(
     before any tensor is allocated; with `tensors=False` nothing more is decompressed and the entries are
     {}; with `sink`, each entry goes to `sink(name, entry)` once read and the entries returned are {}.
     Memory: the file's bytes plus the stored tensors (at most the declared payload; with `sink`, only the
-    entries not yet complete) plus one OUT_CHUNK. Every problem is an ArtifactError `<path>: <what, naming
-    the field>`."""
+    entries not yet complete) plus one OUT_CHUNK; a pergroup file adds its routed matrices, decoded at once
+    (twice their size while a group is split). Every problem is an ArtifactError `<path>: <what, naming the
+    field>`."""
     data = read_file(path, max_file_bytes)
     try:
         codec, level, raw_len, payload = _prefix(data, MAX_RAW_BYTES)
-        stream = _Inflate(payload, codec, raw_len)
+        stream = _open_stream(payload, codec, raw_len)
         meta, table, hlen = _parse_header(stream, raw_len)
         header = ArtifactHeader(meta, table, codec, level, len(data), raw_len, hlen)
         if check is not None:
@@ -622,7 +768,8 @@ def read_artifact(path: str | Path, **kw) -> tuple[dict[str, QuantEntry], dict]:
 
 
 def codec_sizes(raw: bytes, codecs: list[str], levels: dict[str, int] | None = None) -> dict[str, int]:
-    """File size of the same raw payload under each codec (default levels: zstd-22, lzma-9, zlib-9)."""
+    """File size of the same raw payload under each codec (default levels DEFAULT_LEVELS: zstd-22, lzma-9,
+    zlib-9, brotli-11, pergroup-9, pergroup_brotli-11)."""
     out = {}
     for c in codecs:
         lvl = (levels or {}).get(c, DEFAULT_LEVELS.get(c))

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pgolf import optional
 from pgolf.config.typed import ConfigError
 from pgolf.data.datamodule import GolfDataModule
-from pgolf.data.stream import StreamLayout, default_grad_accum, load_val_tokens
+from pgolf.data.stream import StreamLayout, default_grad_accum, load_val_data
 from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
 from pgolf.export.provenance import provenance
 from pgolf.io import atomic_path, atomic_write_bytes
@@ -88,11 +88,13 @@ def build_extra_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return instantiate_extras(cfg.callbacks.extra, L.Callback, "callbacks.extra")
 
 
-def truncated_val_tokens(pattern: str, seq_len: int, vocab_size: int, max_tokens: int) -> torch.Tensor:
+def truncated_val_tokens(
+    pattern: str, seq_len: int, vocab_size: int, max_tokens: int, bytes_pattern: str | None = None
+) -> torch.Tensor:
     """The validation tokens as the DataModule loads them, cut to the first `max_tokens` targets rounded
     down to whole sequences (at least one): `data.val_max_tokens` of debug runs, never the challenge's
-    metric."""
-    tokens = load_val_tokens(pattern, seq_len, vocab_size)
+    metric. With a byte sidecar (CaseOps data) the DataModule cuts its bytes to the same prefix."""
+    tokens = load_val_data(pattern, seq_len, vocab_size, bytes_pattern=bytes_pattern).tokens
     keep = max(max_tokens // seq_len, 1) * seq_len
     return tokens[: min(keep, tokens.numel() - 1) + 1]
 
@@ -109,10 +111,15 @@ def build_datamodule(cfg: DictConfig) -> GolfDataModule:
         eval_seq_len=d.eval_seq_len,
         val_batch_tokens=d.val_batch_tokens,
         grad_accum=grad_accum_of(cfg),
+        val_bytes_pattern=d.get("val_bytes_pattern"),
     )
     if d.val_max_tokens is not None:  # the DataModule keeps val_tokens that are already set
         dm.val_tokens = truncated_val_tokens(
-            d.val_pattern, max(dm.seq_len, dm.eval_seq_len), d.vocab_size, d.val_max_tokens
+            d.val_pattern,
+            max(dm.seq_len, dm.eval_seq_len),
+            d.vocab_size,
+            d.val_max_tokens,
+            bytes_pattern=d.get("val_bytes_pattern"),
         )
     return dm
 
@@ -127,6 +134,8 @@ def build_module(cfg: DictConfig, tokenizer_path: str) -> tuple[GolfModule, Toke
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         compile=bool(cfg.train.compile),
         compile_backend=cfg.train.get("compile_backend", "inductor"),
+        doc_attention=bool(cfg.train.doc_attention),
+        max_seg_len=int(cfg.train.max_seg_len),
     )
     module.luts = build_byte_luts(sp, cfg.model.vocab_size)
     return module, info

@@ -17,9 +17,10 @@ import lightning as L
 import numpy as np
 import torch
 
-from pgolf.data.tokenizer import ByteLUTs, bpb
+from pgolf.data.tokenizer import BOS_ID, ByteLUTs, bpb
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
+from pgolf.model.varlen import document_cu_seqlens
 from pgolf.optim.groups import build_optimizer
 from pgolf.train.state import StepState
 
@@ -32,6 +33,8 @@ class GolfModule(L.LightningModule):
         compile: bool = False,
         compile_mode: str | None = None,
         compile_backend="inductor",
+        doc_attention: bool = False,
+        max_seg_len: int = 2048,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -46,6 +49,9 @@ class GolfModule(L.LightningModule):
         self.state = StepState()
         self._val_sums: torch.Tensor | None = None
         self._val_weights = "raw"  # state.weights when the running validation started
+        # Document-bounded attention in training (PR #1530 / #1611): segments start at every BOS and every
+        # `max_seg_len` tokens inside a document; built on the host from the batch's ids each step.
+        self.doc_attention, self.max_seg_len = bool(doc_attention), int(max_seg_len)
 
     def configure_model(self) -> None:
         if self.compile and self._compiled is None:
@@ -63,7 +69,11 @@ class GolfModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = self._fwd(x, y)
+        if self.doc_attention:
+            cu = document_cu_seqlens(x.cpu(), BOS_ID, self.max_seg_len).to(x.device)
+            loss = self._fwd(x, y, cu_seqlens=cu)
+        else:
+            loss = self._fwd(x, y)
         # Summed on the device without a sync; the clock callback reads it once per optimizer step.
         self.state.add_loss(loss.detach())
         return loss
@@ -76,9 +86,9 @@ class GolfModule(L.LightningModule):
             self.luts = self.luts.to(self.device)
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
+        x, y, *sidecar = batch  # (x, y) or, with a CaseOps byte sidecar, (x, y, the targets' original bytes)
         nll = self._fwd(x, y, reduction="none")
-        nb = self.luts.target_bytes(x, y)
+        nb = sidecar[0].to(torch.float64) if sidecar else self.luts.target_bytes(x, y)
         self._val_sums += torch.stack(
             (nll.double().sum(), torch.tensor(float(y.numel()), dtype=torch.float64, device=self.device), nb.sum())
         )

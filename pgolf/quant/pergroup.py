@@ -1,0 +1,473 @@
+"""The per-group container of PR #1611 (records/track_10min_16mb/
+2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611, `COMPRESSOR=pergroup`, ported there from the
+PR #1586 line): the int8 codes of the block matrices and the embedding, grouped by role, rows reordered,
+transposed and compressed apart from the rest of the payload. Used by pgolf/quant/artifact.py as the codecs
+`pergroup` (groups through the external `lrzip -z`, ZPAQ, as the record) and `pergroup_brotli` (groups through
+brotli, no external program).
+
+Routing: every int8 code field (`q`) of a 2-D int tensor named `blocks.<i>.<role>.weight` with role in
+{attn.c_k, attn.c_q, attn.c_v, attn.proj, mlp.fc, mlp.proj}, or `tok_emb.weight`, goes to one of 7 groups in
+the fixed order GROUPS, layer order within a group. For the hot groups (tok_emb, c_q, mlp.fc) each matrix's
+rows are reordered by the greedy L1 nearest-neighbour chain (`nn_chain`) and the order is stored as uint16
+(a matrix of more than 65,536 rows keeps its order: uint16 cannot index it). Each matrix is serialised
+transposed (column-major of the permuted matrix) as raw int8; a group is the concatenation of its matrices.
+
+Container (all integers little-endian):
+    magic   4 bytes  b"PGRP"
+    count   u32      9
+    lengths u32 x 9  byte length of each stream
+    streams          7 groups (GROUPS order; empty when no tensor is routed there), remainder, permutations
+The remainder is the payload with the routed bytes cut out (the JSON header, then every other field in
+payload order), brotli quality 11, window 2^24; the permutations (uint16, group then layer order) likewise.
+The record's remainder also carries a shape manifest; here the payload's own JSON header is that manifest:
+the routed tensors, their shapes and offsets are a pure function of it (`route`), so the reader knows every
+stream's decompressed size before it decompresses one.
+
+Reading is bounded: the framing is checked (magic, count, lengths that add up to the container) before
+anything is decompressed; each stream's length is checked against what the header routes to it (empty iff
+nothing; an lrzip stream's declared size equal to the group's), every decompression is capped at the expected
+size plus one byte (brotli streamed with an output limit; lrzip's output read from a pipe and the process
+killed past the cap), and the permutations must be permutations. Every problem is one `PerGroupError` naming
+the stream (pgolf/quant/artifact.py re-raises it as ArtifactError). A missing `lrzip` is an error when
+writing and when reading, never a fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import brotli
+import numpy as np
+
+GROUPS = ("tok_emb", "c_k", "c_q", "c_v", "attn.proj", "mlp.fc", "mlp.proj")
+HOT = frozenset({"tok_emb", "c_q", "mlp.fc"})  # rows reordered by the L1 nearest-neighbour chain
+ROLES = {"attn.c_k": "c_k", "attn.c_q": "c_q", "attn.c_v": "c_v", "attn.proj": "attn.proj"}
+ROLES |= {"mlp.fc": "mlp.fc", "mlp.proj": "mlp.proj"}
+BLOCK_NAME = re.compile(r"blocks\.(\d{1,4})\.(attn\.c_k|attn\.c_q|attn\.c_v|attn\.proj|mlp\.fc|mlp\.proj)\.weight")
+MAGIC = b"PGRP"
+N_STREAMS = len(GROUPS) + 2
+REMAINDER, PERMS = len(GROUPS), len(GROUPS) + 1
+STREAM_NAMES = (*GROUPS, "remainder", "permutations")
+MAX_PERM_ROWS = 1 << 16  # a permutation is stored as uint16
+BROTLI_QUALITY, BROTLI_LGWIN = 11, 24  # the record's brotli settings (remainder, permutations)
+BACKENDS = ("lrzip", "brotli")
+LRZIP_TIMEOUT_S = 900.0  # one group through `lrzip -z` (the record: ~100 s for all 7 on its machine)
+IN_CHUNK = 1 << 20  # compressed bytes handed to brotli per step
+LRZIP_HEADER = 24  # lrzip 0.6 magic: b"LRZI", major 0, minor 6, u64 size at 6, md5 flag at 21, encrypted at 22
+MISSING_LRZIP = (
+    "codec pergroup needs the external program `lrzip` (its ZPAQ back-end compresses the weight groups), "
+    "which is not on PATH: install it (Debian/Ubuntu: apt-get install lrzip; `bash run.sh setup` does where "
+    "it can), or use codec pergroup_brotli"
+)
+
+
+class PerGroupError(ValueError):
+    """A per-group container is malformed, forged or truncated, a stream decompresses to the wrong size, or
+    `lrzip` is missing or failed."""
+
+
+# ---- routing ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Routed:
+    """One int8 matrix of a group: its tensor name, group index (into GROUPS), layer, shape [rows, cols],
+    byte offset in the raw payload, and whether its rows are reordered (`hot`)."""
+
+    name: str
+    group: int
+    layer: int
+    rows: int
+    cols: int
+    offset: int
+    hot: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.cols
+
+
+def group_of(name: str) -> tuple[int, int] | None:
+    """(group index into GROUPS, layer) of a tensor name, or None when the name is routed nowhere."""
+    if name == "tok_emb.weight":
+        return 0, 0
+    m = BLOCK_NAME.fullmatch(name)
+    return (GROUPS.index(ROLES[m[2]]), int(m[1])) if m else None
+
+
+def route(fields: Iterable[tuple[str, str, Sequence[int], int]]) -> list[Routed]:
+    """The routed matrices, in container order (group, then layer, then name), of the int code fields
+    `(tensor name, dtype, shape, byte offset in the raw payload)`: int8, 2-D, non-empty, a routed name."""
+    out = []
+    for name, dtype, shape, offset in fields:
+        where = group_of(name)
+        if where is None or dtype != "int8" or len(shape) != 2 or shape[0] * shape[1] == 0:
+            continue
+        g, layer = where
+        hot = GROUPS[g] in HOT and shape[0] <= MAX_PERM_ROWS
+        out.append(Routed(name, g, layer, int(shape[0]), int(shape[1]), int(offset), hot))
+    return sorted(out, key=lambda r: (r.group, r.layer, r.name))
+
+
+# ---- the row order and the serialisation --------------------------------------------------------------
+def nn_chain(m: np.ndarray) -> np.ndarray:
+    """The greedy L1 nearest-neighbour chain over the rows of `m` [rows, cols] (an integer matrix): start at
+    row 0, then repeatedly append the unused row with the smallest L1 distance to the last appended one, ties
+    to the lowest index. Returns the row order, int64 [rows]. O(rows^2 * cols / 2) byte operations: the used
+    rows are swapped out of a working copy, so each step scans only the unused ones (int8 arithmetic when the
+    matrix's values span at most 127, so no difference overflows; int16 otherwise)."""
+    if m.ndim != 2:
+        raise ValueError(f"nn_chain needs a 2-D matrix, got shape {list(m.shape)}")
+    n = m.shape[0]
+    order = np.zeros(n, dtype=np.int64)
+    if n <= 1:
+        return order
+    narrow = int(m.max()) - int(m.min()) <= 127
+    work = np.array(m, dtype=np.int8 if narrow else np.int16)  # unused rows in work[:left]
+    idx = np.arange(n)  # original index of each working row
+    buf = np.empty_like(work)
+    last = work[0].copy()
+    left = n - 1
+    work[0], idx[0] = work[left], idx[left]
+    for k in range(1, n):
+        b = buf[:left]
+        np.subtract(work[:left], last, out=b)
+        np.abs(b, out=b)
+        dist = b.sum(axis=1, dtype=np.int32)
+        hits = np.flatnonzero(dist == dist.min())
+        j = hits[np.argmin(idx[hits])] if len(hits) > 1 else hits[0]
+        order[k] = idx[j]
+        last = work[j].copy()
+        left -= 1
+        work[j], idx[j] = work[left], idx[left]
+    return order
+
+
+def encode_matrix(m: np.ndarray, order: np.ndarray | None) -> bytes:
+    """The bytes of int8 `m` [rows, cols] with its rows in `order` (None: as they are), column-major
+    (`rows * cols` bytes: column 0 of every row, then column 1, ...)."""
+    p = m if order is None else m[order]
+    return np.ascontiguousarray(p.T).tobytes()
+
+
+def decode_matrix(data: bytes | memoryview, rows: int, cols: int, order: np.ndarray | None) -> np.ndarray:
+    """Inverse of `encode_matrix`: the int8 matrix [rows, cols] in its original row order."""
+    p = np.frombuffer(data, dtype=np.int8, count=rows * cols).reshape(cols, rows).T
+    if order is None:
+        return np.ascontiguousarray(p)
+    out = np.empty((rows, cols), dtype=np.int8)
+    out[order] = p
+    return out
+
+
+# ---- brotli (also the artifact's `brotli` codec) --------------------------------------------------------
+def brotli_compress(data: bytes | memoryview, quality: int = BROTLI_QUALITY) -> bytes:
+    """brotli at `quality` (0..11) with a 2^24-byte window (the record's settings)."""
+    return brotli.compress(bytes(data), quality=quality, lgwin=BROTLI_LGWIN)
+
+
+class BrotliReader:
+    """A brotli stream decompressed at most about `n` bytes at a time (`read(n)`), its input fed `in_chunk`
+    bytes at a time, so memory stays bounded whatever the stream holds. brotli 1.2.1's `process` may
+    return up to about twice its output limit: the excess is kept for the next read. Raises brotli.error on
+    a corrupt stream or bytes after its end."""
+
+    def __init__(self, src: bytes | memoryview, in_chunk: int = IN_CHUNK):
+        self.src, self.pos, self.pending, self.in_chunk = memoryview(src), 0, b"", in_chunk
+        self.d = brotli.Decompressor()
+
+    def read(self, n: int) -> bytes:
+        """Up to n (> 0) bytes; b"" only at the end of the stream (or of a truncated one)."""
+        if not self.pending:
+            self.pending = self._next(n)
+        out, self.pending = self.pending[:n], self.pending[n:]
+        return out
+
+    def _next(self, n: int) -> bytes:
+        idle = 0
+        while True:
+            if self.d.is_finished():
+                if self.pos < len(self.src):
+                    raise brotli.error(f"{len(self.src) - self.pos} bytes after the end of the brotli stream")
+                return b""
+            data = b""
+            if self.d.can_accept_more_data() and self.pos < len(self.src):
+                data = self.src[self.pos : self.pos + self.in_chunk]
+                self.pos += len(data)
+            # with all input taken, process(b"") still gives what the decoder holds (it can accept input
+            # again long before its output is drained)
+            out = self.d.process(data, output_buffer_limit=n)
+            if out:
+                return out
+            if not data:
+                idle += 1
+                if self.d.can_accept_more_data() or idle > 2:
+                    return b""  # it waits for input there is none of: a truncated stream
+
+
+def brotli_decompress(data: bytes | memoryview, expected_len: int, what: str) -> bytes:
+    """The brotli stream `data`, which must decompress to exactly `expected_len` bytes (never more than
+    that plus one chunk is produced). Raises PerGroupError naming `what`."""
+    r, out = BrotliReader(data), bytearray()
+    try:
+        while len(out) <= expected_len:
+            chunk = r.read(expected_len + 1 - len(out))
+            if not chunk:
+                break
+            out += chunk
+    except brotli.error as e:
+        raise PerGroupError(f"pergroup stream {what}: corrupt brotli data ({e})") from None
+    _check_len(len(out), expected_len, what)
+    return bytes(out)
+
+
+def _check_len(got: int, expected_len: int, what: str) -> None:
+    if got != expected_len:
+        more = "more" if got > expected_len else "fewer"
+        raise PerGroupError(
+            f"pergroup stream {what} decompresses to {more} bytes than the {expected_len} its tensors need "
+            "(corrupt or forged artifact)"
+        )
+
+
+# ---- lrzip (external program) ---------------------------------------------------------------------------
+def lrzip_path() -> str:
+    """The `lrzip` executable on PATH. Raises PerGroupError (MISSING_LRZIP) when there is none."""
+    exe = shutil.which("lrzip")
+    if exe is None:
+        raise PerGroupError(MISSING_LRZIP)
+    return exe
+
+
+def _lrzip_env(tmp: str) -> dict[str, str]:
+    # LRZIP=NOCONFIG: a user's lrzip.conf cannot change the settings; its temporary files go to `tmp`.
+    return {**os.environ, "LRZIP": "NOCONFIG", "TMPDIR": tmp, "TMP": tmp}
+
+
+def _nice() -> str:
+    # lrzip renices itself to 19 by default, which starves it on a busy machine: keep the caller's priority.
+    return str(os.nice(0))
+
+
+def lrzip_compress(data: bytes, level: int, timeout: float | None = None) -> bytes:
+    """`lrzip -z -L level` (ZPAQ back-end) of `data`, through temporary files. Raises PerGroupError when
+    lrzip is missing, fails or runs past `timeout` seconds (LRZIP_TIMEOUT_S)."""
+    exe = lrzip_path()
+    with tempfile.TemporaryDirectory(prefix="pgolf-lrzip-") as tmp:
+        src, dst = Path(tmp) / "group.bin", Path(tmp) / "group.lrz"
+        src.write_bytes(data)
+        cmd = [exe, "-z", "-L", str(level), "-N", _nice(), "-Q", "-f", "-o", str(dst), str(src)]
+        try:
+            p = subprocess.run(cmd, env=_lrzip_env(tmp), capture_output=True, timeout=timeout or LRZIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise PerGroupError(f"lrzip -z ran past its {timeout or LRZIP_TIMEOUT_S:g} s timeout") from None
+        if p.returncode != 0 or not dst.is_file():
+            err = p.stderr.decode(errors="replace").strip()[-300:]
+            raise PerGroupError(f"lrzip -z -L {level} failed (exit {p.returncode}): {err}")
+        return dst.read_bytes()
+
+
+def lrzip_declared_len(data: bytes | memoryview, what: str) -> int:
+    """The decompressed size an lrzip 0.6 stream declares in its 24-byte header. Raises PerGroupError
+    naming `what` for a stream that is not an unencrypted lrzip 0.6 one."""
+    head = bytes(data[:LRZIP_HEADER])
+    if len(head) < LRZIP_HEADER or head[:4] != b"LRZI" or head[4] != 0 or head[5] != 6:
+        raise PerGroupError(f"pergroup stream {what} is not an lrzip 0.6 stream (bad magic)")
+    if head[22]:
+        raise PerGroupError(f"pergroup stream {what} is an encrypted lrzip stream")
+    return struct.unpack_from("<Q", head, 6)[0]
+
+
+def lrzip_decompress(data: bytes | memoryview, expected_len: int, what: str, timeout: float | None = None) -> bytes:
+    """`lrzip -d` of `data`, which must declare and produce exactly `expected_len` bytes: its output is read
+    from a pipe and the process killed once it passes the cap. Raises PerGroupError naming `what`."""
+    declared = lrzip_declared_len(data, what)
+    if declared != expected_len:
+        raise PerGroupError(
+            f"pergroup stream {what}: lrzip declares {declared} bytes, the header's tensors need {expected_len}"
+        )
+    exe = lrzip_path()
+    limit = timeout or LRZIP_TIMEOUT_S
+    with tempfile.TemporaryDirectory(prefix="pgolf-lrzip-") as tmp:
+        src = Path(tmp) / "group.lrz"
+        src.write_bytes(data)
+        with open(Path(tmp) / "stderr", "w+b") as err:
+            proc = subprocess.Popen(
+                [exe, "-d", "-N", _nice(), "-Q", "-o", "-", str(src)],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=_lrzip_env(tmp),
+            )
+            expired = threading.Event()
+            timer = threading.Timer(limit, lambda: (expired.set(), proc.kill()))
+            timer.start()
+            out = bytearray()
+            try:
+                while len(out) <= expected_len:
+                    chunk = proc.stdout.read(min(IN_CHUNK, expected_len + 1 - len(out)))
+                    if not chunk:
+                        break
+                    out += chunk
+                if len(out) > expected_len:
+                    proc.kill()  # past the cap: stop it instead of reading on
+            except BaseException:
+                proc.kill()
+                raise
+            finally:
+                rc = proc.wait()
+                timer.cancel()
+                proc.stdout.close()
+            if expired.is_set():
+                raise PerGroupError(f"pergroup stream {what}: lrzip -d ran past its {limit:g} s timeout")
+            if len(out) <= expected_len and rc != 0:
+                err.seek(0)
+                msg = err.read().decode(errors="replace").strip()[-300:]
+                raise PerGroupError(f"pergroup stream {what}: lrzip -d failed (exit {rc}): {msg}")
+    _check_len(len(out), expected_len, what)
+    return bytes(out)
+
+
+# ---- the container --------------------------------------------------------------------------------------
+def pack_container(streams: Sequence[bytes]) -> bytes:
+    """magic, stream count, u32 lengths, then the streams."""
+    if len(streams) != N_STREAMS:
+        raise ValueError(f"a pergroup container holds {N_STREAMS} streams, got {len(streams)}")
+    return MAGIC + struct.pack(f"<I{N_STREAMS}I", N_STREAMS, *map(len, streams)) + b"".join(streams)
+
+
+def split_container(data: bytes | memoryview) -> list[memoryview]:
+    """The N_STREAMS streams of a container, its framing checked (magic, count, lengths that add up to what
+    follows the table). Raises PerGroupError naming the field."""
+    data = memoryview(data)
+    if len(data) < 8 or bytes(data[:4]) != MAGIC:
+        raise PerGroupError("not a pergroup container (bad magic bytes)")
+    (count,) = struct.unpack_from("<I", data, 4)
+    if count != N_STREAMS:
+        raise PerGroupError(f"pergroup container: stream count {count}, expected {N_STREAMS}")
+    table = 8 + 4 * N_STREAMS
+    if len(data) < table:
+        raise PerGroupError("corrupt pergroup container: truncated stream length table")
+    lengths = struct.unpack_from(f"<{N_STREAMS}I", data, 8)
+    if sum(lengths) != len(data) - table:
+        raise PerGroupError(
+            f"corrupt pergroup container: stream lengths add up to {sum(lengths)} bytes, but "
+            f"{len(data) - table} follow the length table (truncated or forged container)"
+        )
+    out, pos = [], table
+    for n in lengths:
+        out.append(data[pos : pos + n])
+        pos += n
+    return out
+
+
+def _pool(jobs: list[Callable[[], object]]) -> list:
+    """The results of `jobs` run in threads (numpy and the lrzip subprocesses release the GIL)."""
+    if len(jobs) <= 1:
+        return [j() for j in jobs]
+    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as ex:
+        return list(ex.map(lambda j: j(), jobs))
+
+
+def encode(raw: bytes | memoryview, routed: Sequence[Routed], backend: str, level: int) -> bytes:
+    """The container of payload `raw` whose routed matrices are `routed` (container order, from `route`):
+    groups through `backend` ("lrzip": `lrzip -z -L level`; "brotli": quality `level`), the remainder and
+    the permutations through brotli-11. Raises PerGroupError when lrzip is missing (before any work) or fails,
+    ValueError for a routed matrix outside `raw` or overlapping another."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown pergroup backend {backend!r} (one of {BACKENDS})")
+    if backend == "lrzip":
+        lrzip_path()
+    raw = memoryview(raw)
+    spans = sorted((r.offset, r.offset + r.nbytes, r.name) for r in routed)
+    for (_, end, name), (start, _, nxt) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"routed tensors {name!r} and {nxt!r} overlap in the payload")
+    if spans and (spans[0][0] < 0 or spans[-1][1] > len(raw)):
+        raise ValueError(f"a routed tensor lies outside the {len(raw)}-byte payload")
+    mats = [np.frombuffer(raw, dtype=np.int8, count=r.nbytes, offset=r.offset).reshape(r.rows, r.cols) for r in routed]
+    hot = [i for i, r in enumerate(routed) if r.hot]
+    orders = dict(zip(hot, _pool([lambda m=mats[i]: nn_chain(m) for i in hot])))
+    groups = [bytearray() for _ in GROUPS]
+    for i, r in enumerate(routed):
+        groups[r.group] += encode_matrix(mats[i], orders.get(i))
+    perms = b"".join(orders[i].astype("<u2").tobytes() for i in hot)
+    rest, pos = bytearray(), 0
+    for start, end, _ in spans:
+        rest += raw[pos:start]
+        pos = end
+    rest += raw[pos:]
+
+    def group_job(data: bytearray) -> Callable[[], bytes]:
+        if not data:
+            return lambda: b""
+        if backend == "lrzip":
+            return lambda: lrzip_compress(bytes(data), level)
+        return lambda: brotli_compress(data, level)
+
+    jobs = [group_job(g) for g in groups]
+    jobs += [lambda: brotli_compress(rest), lambda: brotli_compress(perms) if perms else b""]
+    return pack_container(_pool(jobs))
+
+
+class Decoder:
+    """The routed matrices of a container's streams, checked against the routing (from the payload's
+    header) before anything is decompressed: a group's stream is empty iff no matrix is routed to it, an
+    lrzip stream declares the group's size, the permutation stream is empty iff no matrix is hot.
+    `decode()` then decompresses every group (threads), bounded by the expected sizes. Raises PerGroupError
+    naming the stream."""
+
+    def __init__(self, streams: Sequence[memoryview], routed: Sequence[Routed], backend: str):
+        self.streams, self.routed, self.backend = streams, list(routed), backend
+        self.sizes = [sum(r.nbytes for r in routed if r.group == g) for g in range(len(GROUPS))]
+        self.perm_bytes = 2 * sum(r.rows for r in routed if r.hot)
+        for i, what in enumerate(STREAM_NAMES):
+            want = self.perm_bytes if i == PERMS else 1 if i == REMAINDER else self.sizes[i]
+            n = len(streams[i])
+            if want == 0 and n:
+                raise PerGroupError(f"pergroup stream {what} holds {n} bytes, but the header routes nothing to it")
+            if want and not n:
+                raise PerGroupError(f"pergroup stream {what} is empty, but the header routes {want} bytes to it")
+        if backend == "lrzip" and any(self.sizes):
+            for g, n in enumerate(self.sizes):
+                if n:
+                    declared = lrzip_declared_len(streams[g], GROUPS[g])
+                    if declared != n:
+                        raise PerGroupError(
+                            f"pergroup stream {GROUPS[g]}: lrzip declares {declared} bytes, the header's tensors "
+                            f"need {n}"
+                        )
+            lrzip_path()
+
+    def _group(self, g: int) -> bytes:
+        if not self.sizes[g]:
+            return b""
+        if self.backend == "lrzip":
+            return lrzip_decompress(self.streams[g], self.sizes[g], GROUPS[g])
+        return brotli_decompress(self.streams[g], self.sizes[g], GROUPS[g])
+
+    def decode(self) -> list[np.ndarray]:
+        """Each routed matrix, int8 [rows, cols] in its original row order, in the routing's order."""
+        jobs = [lambda g=g: self._group(g) for g in range(len(GROUPS))]
+        jobs.append(lambda: brotli_decompress(self.streams[PERMS], self.perm_bytes, "permutations"))
+        *groups, perms = _pool(jobs)
+        perm = np.frombuffer(perms, dtype="<u2")
+        out, at, pat = [], [0] * len(GROUPS), 0
+        for r in self.routed:
+            order = None
+            if r.hot:
+                order = perm[pat : pat + r.rows].astype(np.int64)
+                pat += r.rows
+                if not np.array_equal(np.bincount(order, minlength=r.rows), np.ones(r.rows, dtype=np.int64)):
+                    raise PerGroupError(f"pergroup stream permutations: the order of {r.name!r} is not a permutation")
+            out.append(decode_matrix(memoryview(groups[r.group])[at[r.group] : at[r.group] + r.nbytes], r.rows,
+                                     r.cols, order))  # fmt: skip
+            at[r.group] += r.nbytes
+        return out

@@ -1,0 +1,65 @@
+"""experiment=record_1611 (PR #1611, the final leaderboard's #1): the composed recipe, and a tiny version of the
+stack trained on CPU with document-bounded attention, progressive looping and the fraction warmdown."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from test_training import FP32_EXPORT, TINY, compose_cfg
+
+from callbacks import build_callbacks
+from pgolf.config.validate import validate_train
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT, count_params
+from pgolf.optim.groups import build_optimizer
+from pgolf.tools.datasets import ensure_dataset
+from pgolf.train.build import build_datamodule, build_module, build_trainer, run_meta
+
+CONF = TINY  # the tiny synthetic corpus of tests/test_training.py
+
+
+def test_the_composed_recipe_is_the_records():
+    cfg = compose_cfg(["experiment=record_1611"])
+    validate_train(cfg, compose_cfg.__globals__["CONF"])
+    t, o = cfg.train, cfg.optim
+    assert (t.batch_tokens, t.seq_len, t.max_seg_len, t.doc_attention) == (786_432, 98_304, 2048, True)
+    assert (t.warmdown_frac, t.min_lr, t.gptq_reserve_seconds, t.val_every) == (0.85, 0.1, 0.5, 0)
+    assert cfg.callbacks.averaging.ema_decay == 0.9965 and cfg.data.vocab_size == 8192
+    assert (o.ns_kind, o.ns_steps, o.muon_row_norm, o.muon_wd, o.matrix_lr) == ("polar_express", 5, True, 0.095, 0.026)
+    assert (o.momentum_start, o.muon_momentum, o.momentum_warmup_steps) == (0.92, 0.97, 1500)
+    assert list(o.betas) == [0.9, 0.99] and (o.embed_wd, o.adam_wd, o.grad_clip) == (0.085, 0.02, 0.3)
+    model_cfg = GPTConfig.from_dict(dict(cfg.model))
+    with torch.device("meta"):
+        gpt = GPT(model_cfg)
+    assert count_params(gpt) == 35_945_671
+    wd = {g["name"]: (g["base_lr"], g["weight_decay"]) for g in build_optimizer(gpt, dict(o)).param_groups}
+    assert wd == {"matrix": (0.026, 0.095), "embed": (0.03, 0.085), "scalar": (0.02, 0.02)}
+    assert cfg.export.lqer.enabled and cfg.model.enable_looping_at == 0.35
+
+
+def test_the_tiny_stack_trains_with_document_attention_looping_and_the_fraction_warmdown(tmp_path, synth_dir, capsys):
+    over = ["model=tiny_1611", "model.vocab_size=256", "train.iterations=4", "train.warmdown_iters=0"]
+    over += ["train.warmdown_frac=0.5", "train.min_lr=0.25", "train.doc_attention=true", "train.max_seg_len=16"]
+    over += ["model.enable_looping_at=0.5", "train.warmup_steps=0", "train.compile=false"]
+    cfg = compose_cfg([*TINY, f"data.root={synth_dir.parent}", *FP32_EXPORT, *over])
+    ensure_dataset(cfg.data.prepare, cfg.data.root)
+    dm = build_datamodule(cfg)
+    module, tok = build_module(cfg, cfg.data.tokenizer_path)
+    assert module.doc_attention and module.max_seg_len == 16
+    cbs = build_callbacks(cfg, tmp_path / "run", run_meta(cfg, tok))
+    scales, looping = [], []
+
+    class Watch(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # once per step, after the schedule's
+            scales.append(pl_module.state.lr_scale)
+            looping.append(pl_module.gpt.looping_active)
+
+    L.seed_everything(0, verbose=False)
+    trainer = build_trainer(cfg, [*cbs.all[:-1], Watch(), cbs.all[-1]], False)
+    trainer.fit(module, datamodule=dm)
+    out = capsys.readouterr().out
+    # steps 1..4 at fractions 0, .25, .5, .75: looping from the first step with frac >= 0.5 (step 3)
+    assert looping == [False, False, True, True] and "layer_loop:enabled step:2 frac:0.500" in out
+    assert scales == pytest.approx([1.0, 1.0, 1.0, 0.5])  # 1 until frac 0.5, then (1 - frac) / 0.5, floor 0.25
+    assert (tmp_path / "run" / "final_model.fp32.ptz").is_file()
