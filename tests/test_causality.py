@@ -60,7 +60,7 @@ MODES = {  # every registered mode at its conf/eval/ defaults, stride and chunks
 CAUSAL = ["standard", "sliding", "ttt", "lora_ttt", "lora_ttt_1090", "causal_slot", "phased_ttt"]
 SEED_SLOT = ["slot_1263", "slot_1298"]
 REORDERED = ["phased_ttt_1611"]  # causal in their own scoring order, not in the stream's
-REORDERED_VALUES = [1, 7]  # values of the flipped token tried for them (BOS re-cuts the documents)
+REORDERED_VALUES = [1, 12]  # values of the flipped token (7 in the stream) tried for them (1: BOS)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,9 +152,10 @@ def test_record_order_is_score_first_in_its_order_but_moves_earlier_stream_targe
     (r, a), nll = flips[name]
     assert r.compliant and "longest batch first" in r.reason
     base = a["nll"].astype(np.float64)
-    assert np.abs(nll[:, : BOS_AT[3]] - base[: BOS_AT[3]]).max() > 1e-3  # documents before the flipped one moved
+    moved = np.abs(nll[:, : BOS_AT[3]] - base[: BOS_AT[3]]).max(axis=1)
+    assert (moved > 1e-2).all()  # for each value, documents before the flipped one in the stream moved
     own = slice(BOS_AT[3], FLIP - 1)  # the flipped token's document, scored first: its earlier targets stay
-    assert (nll[REORDERED_VALUES.index(7), own] == base[own]).all()
+    assert (nll[REORDERED_VALUES.index(12), own] == base[own]).all()
 
 
 def test_phased_ttt_carries_a_flip_to_later_documents_only(flips):

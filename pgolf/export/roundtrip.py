@@ -21,7 +21,7 @@ import torch
 from pgolf.eval.core import EvalContext, EvalResult, TargetLog, dist_info
 from pgolf.eval.modes import get_mode, parse_mode, run_mode
 from pgolf.export.config import ExportReport
-from pgolf.export.weights import load_artifact_model
+from pgolf.export.weights import load_written_model
 from pgolf.model.gpt import GPT
 from pgolf.runlog import Progress, log0, set_phase
 
@@ -155,7 +155,7 @@ def roundtrip_evaluate(
     has `reused_from: "pre_quant"` and 0 s). `progress_every`: seconds between progress lines (None: none).
     `max_tokens` (the value `tokens` was cut with, see `final_eval_tokens`) marks every result
     `compliant: false` (MAX_TOKENS_REASON)."""
-    model, _ = load_artifact_model(report.path, ctx.device)
+    model, _ = load_written_model(report.path, ctx.device)  # the file this run just wrote
     res: dict[str, EvalResult] = {}
     reused: set[str] = set()
     for i, (name, settings) in enumerate(modes.items()):

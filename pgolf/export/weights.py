@@ -289,3 +289,25 @@ def load_artifact_model(path: str | Path, device: torch.device | str = "cpu") ->
 
     header, _ = load_artifact(path, check=build, sink=copy_in)
     return built["model"].to(device).eval(), header.meta
+
+
+def load_written_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
+    """A fresh GPT, eval mode, from the artifact this run just wrote (the end-of-training round trip): the
+    file read by the format's own bounded, checked reader (`load_artifact`), the model built from the config
+    the run recorded, each tensor de-quantized into it as it is read. The hostile-input model checks of
+    `load_artifact_model` (bounded config fields, the tensor table against a meta-device model) are for
+    artifacts from elsewhere (eval.py, inspect); leaving them out keeps them out of the packed train_gpt.py.
+    Raises ArtifactError for a file that is not a readable artifact, KeyError/RuntimeError for one whose
+    tensors do not fit its own config."""
+    built: dict = {}
+
+    def build(header: ArtifactHeader) -> None:
+        built["model"] = GPT(GPTConfig.from_dict(header.meta["model"]))
+        built["params"] = built["model"].state_dict(keep_vars=True)
+
+    def copy_in(name: str, entry: QuantEntry) -> None:
+        with torch.no_grad():
+            built["params"][name].copy_(dequantize_entry(entry))
+
+    header, _ = load_artifact(path, check=build, sink=copy_in)
+    return built["model"].to(device).eval(), header.meta
