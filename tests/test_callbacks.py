@@ -121,7 +121,8 @@ def test_hook_order_contract(tmp_path, synth_dir):
     L.seed_everything(int(cfg.seed), verbose=False)
     build_trainer(cfg, cbs.all, False).fit(module, datamodule=dm)
 
-    start = [("on_train_start", r, 0) for r in ("warmup", "clock", "qat", "progress", "averaging", "checkpoint")]
+    start = [("on_train_start", r, 0) for r in ("warmup", "clock", "schedule", "qat", "progress", "averaging")]
+    start += [("on_train_start", "checkpoint", 0)]
 
     def step(s: int) -> list:  # optimizer step s (1-based): global_step is s - 1 before it, s after it
         before = [("on_before_optimizer_step", r, s - 1) for r in ("schedule", "qat")]
