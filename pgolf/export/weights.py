@@ -277,18 +277,7 @@ def load_artifact_model(path: str | Path, device: torch.device | str = "cpu") ->
     """A fresh GPT from an artifact, eval mode: the artifact validated first (`check_model_artifact`), then
     the model built from its config, then each tensor de-quantized and copied in as soon as it is read
     (peak memory: the model plus the stored tensors not yet complete). Raises ArtifactError."""
-    built: dict = {}  # the model and its parameters by name, once the artifact is validated
-
-    def build(header: ArtifactHeader) -> None:
-        built["model"] = GPT(check_model_artifact(header))
-        built["params"] = built["model"].state_dict(keep_vars=True)
-
-    def copy_in(name: str, entry: QuantEntry) -> None:
-        with torch.no_grad():
-            built["params"][name].copy_(dequantize_entry(entry))
-
-    header, _ = load_artifact(path, check=build, sink=copy_in)
-    return built["model"].to(device).eval(), header.meta
+    return _load_model(path, check_model_artifact, device)
 
 
 def load_written_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
@@ -299,10 +288,16 @@ def load_written_model(path: str | Path, device: torch.device | str = "cpu") -> 
     artifacts from elsewhere (eval.py, inspect); leaving them out keeps them out of the packed train_gpt.py.
     Raises ArtifactError for a file that is not a readable artifact, KeyError/RuntimeError for one whose
     tensors do not fit its own config."""
-    built: dict = {}
+    return _load_model(path, lambda header: GPTConfig.from_dict(header.meta["model"]), device)
+
+
+def _load_model(path: str | Path, config_of, device) -> tuple[GPT, dict]:
+    """Read `path` with `load_artifact`; `config_of(header)` (run before any tensor is read) gives the model's
+    GPTConfig; each tensor is de-quantized into the fresh model as soon as it is read."""
+    built: dict = {}  # the model and its parameters by name, once the header is accepted
 
     def build(header: ArtifactHeader) -> None:
-        built["model"] = GPT(GPTConfig.from_dict(header.meta["model"]))
+        built["model"] = GPT(config_of(header))
         built["params"] = built["model"].state_dict(keep_vars=True)
 
     def copy_in(name: str, entry: QuantEntry) -> None:
