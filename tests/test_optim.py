@@ -169,6 +169,7 @@ def _train_steps(rank: int, world: int, port: int, out: dict | None, steps: int 
     if world > 1:
         if rank == 0:
             torch.save(m.state_dict(), out)
+        dist.barrier()  # no rank tears gloo down while the other still uses it
         dist.destroy_process_group()
     else:
         return m.state_dict()

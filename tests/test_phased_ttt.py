@@ -290,6 +290,7 @@ def _dist_run(rank, world, port, out):
         res.append((r.val_loss, r.val_bpb, r.tokens, r.bytes, r.windows, gather_log(log)["nll"]))
     if rank == 0:
         torch.save(res, out)
+    dist.barrier()  # no rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 
