@@ -11,10 +11,10 @@ the LightningModule, so the list order is the hook order.
 Hook order contract (asserted by tests/test_callbacks.py):
 
 - `on_train_start`: the compile warm-up runs its steps (in both looping states for a model with progressive
-  depth recurrence) and restores the weights, optimizer, RNG and data position first; then the clock
-  starts; the LR schedule sets the looping state the training fraction calls for; late QAT re-applies a
-  switch restored from a checkpoint; the line progress bar starts its timer; EMA copies the restored initial weights into its shadow; checkpointing
-  installs its SIGTERM handler.
+  depth recurrence) and restores the weights, optimizer, RNG and data position first; then the clock starts;
+  the LR schedule sets the looping state the training fraction calls for; late QAT re-applies a switch
+  restored from a checkpoint; the line progress bar starts its timer; EMA copies the restored initial
+  weights into its shadow; checkpointing installs its SIGTERM handler.
 - Each training step, `on_train_batch_start`: the LR schedule switches depth recurrence on once the
   training fraction reaches `model.enable_looping_at` (never off).
 - Each optimizer step, `on_before_optimizer_step`: the LR schedule sets the LRs, the Muon momentum and
