@@ -146,8 +146,17 @@ class QuantizeExport(L.Callback):
                 f" validation targets: NOT the challenge's metric (results marked compliant: false)"
             )
         vb = None if dm.val_bytes is None else dm.val_bytes[: tokens.numel()].to(device)  # a CaseOps byte sidecar
+        doc = pl_module.max_seg_len if pl_module.doc_attention else None  # as trained: document-bounded windows
+        if doc is not None:
+            log0(f"final_eval: document-bounded windows (attention stops at BOS and every {doc} tokens), as trained")
         eval_ctx = EvalContext(
-            pl_module.luts, device, ev["seq_len"], ev["batch_windows"], autocast_dtype=autocast, val_bytes=vb
+            pl_module.luts,
+            device,
+            ev["seq_len"],
+            ev["batch_windows"],
+            autocast_dtype=autocast,
+            val_bytes=vb,
+            doc_max_seg_len=doc,
         )
         t0 = time.perf_counter()
         set_phase("the pre-quantization evaluation")

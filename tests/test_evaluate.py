@@ -176,3 +176,41 @@ def test_one_and_two_processes_give_the_same_numbers(tmp_path):
         else:  # TTT: gradients summed in another order; seed SLOT: a batch-mean loss over other windows (Adam eps)
             assert a[1] == pytest.approx(b[1], rel=1e-6, abs=0) and np.abs(a[4] - b[4]).max() < TOL[name], name
             assert a[5] is None or a[5]["val_bpb"] == pytest.approx(b[5]["val_bpb"], rel=1e-6, abs=0), name
+
+
+# ---- document-bounded windows (PR #1530 / #1611's eval batches) ----------------------------------------------
+def _per_target(m, toks, lt, doc):
+    log = TargetLog()
+    c = EvalContext(lt, torch.device("cpu"), 16, 4, log=log, doc_max_seg_len=doc)
+    run_mode("standard", {}, m, toks, c)
+    return gather_log(log)
+
+
+def test_document_bounded_windows_never_see_another_document():
+    """Documents start at BOS (id 1). With doc_max_seg_len the NLL of a target depends only on its own document:
+    changing a token of the document before it changes nothing; without it, later targets in the window move."""
+    m, lt = model(), luts()
+    toks = tokens(1 + 16 * 4).clamp(min=2)
+    toks[[0, 9, 21, 40]] = 1  # documents at 0, 9, 21 (crossing the window border at 16), 40
+    other = toks.clone()
+    other[5] = (other[5] + 1) % V if other[5] + 1 < V else 2  # inside the first document
+    a, b = _per_target(m, toks, lt, 16), _per_target(m, other, lt, 16)
+    later = a["index"] >= 9  # targets predicted from the second document on (input position >= its BOS, 9)
+    assert np.array_equal(a["nll"][later], b["nll"][later])
+    assert not np.array_equal(a["nll"][~later], b["nll"][~later])
+    plain_a, plain_b = _per_target(m, toks, lt, None), _per_target(m, other, lt, None)
+    assert not np.array_equal(plain_a["nll"][later], plain_b["nll"][later])  # plain windows do see it
+    # pieces of at most 4 tokens: a target only sees the last few tokens of its piece, so results differ again
+    assert not np.array_equal(_per_target(m, toks, lt, 4)["nll"], a["nll"])
+
+
+def test_a_forged_document_attention_setting_in_the_artifact_is_refused():
+    from pgolf.eval.run import doc_max_seg_len
+    from pgolf.quant.artifact import ArtifactError
+
+    assert doc_max_seg_len({"train": {"doc_attention": True, "max_seg_len": 2048}}) == 2048
+    assert doc_max_seg_len({"train": {"doc_attention": False, "max_seg_len": 2048}}) is None
+    assert doc_max_seg_len({}) is None
+    for bad in ({"doc_attention": "yes", "max_seg_len": 8}, {"doc_attention": True, "max_seg_len": 0}):
+        with pytest.raises(ArtifactError, match="meta.train"):
+            doc_max_seg_len({"train": bad})

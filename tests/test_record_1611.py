@@ -61,5 +61,6 @@ def test_the_tiny_stack_trains_with_document_attention_looping_and_the_fraction_
     out = capsys.readouterr().out
     # steps 1..4 at fractions 0, .25, .5, .75: looping from the first step with frac >= 0.5 (step 3)
     assert looping == [False, False, True, True] and "layer_loop:enabled step:2 frac:0.500" in out
+    assert "final_eval: document-bounded windows (attention stops at BOS and every 16 tokens)" in out
     assert scales == pytest.approx([1.0, 1.0, 1.0, 0.5])  # 1 until frac 0.5, then (1 - frac) / 0.5, floor 0.25
     assert (tmp_path / "run" / "final_model.fp32.ptz").is_file()

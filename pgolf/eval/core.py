@@ -27,8 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pgolf.data.stream import rank_slice
-from pgolf.data.tokenizer import ByteLUTs
+from pgolf.data.tokenizer import BOS_ID, ByteLUTs
 from pgolf.eval.windows import Window
+from pgolf.model.varlen import document_cu_seqlens
 
 CAUSAL_REASON = "each target is scored once from its prefix only; no weights or state adapt to validation tokens"
 
@@ -240,7 +241,8 @@ class EvalContext:
     modes are handed: val_bytes[i] = the original UTF-8 bytes of token i (pgolf/data/stream.py
     `load_val_data`), which every scored target is charged instead of the tables' bytes (the final #1
     record's `eval_val`, PR #1611: BPB = Σ nll / (ln 2 · Σ val_bytes[target])). ValueError for a sidecar
-    that is not 1-D integer."""
+    that is not 1-D integer. doc_max_seg_len: None (plain causal windows), or document-bounded attention in
+    the modes that score windows (standard, sliding, ttt): `attention_kwargs`."""
 
     luts: ByteLUTs
     device: torch.device
@@ -250,6 +252,7 @@ class EvalContext:
     compile: bool = False
     log: TargetLog | None = None
     val_bytes: torch.Tensor | None = None
+    doc_max_seg_len: int | None = None
 
     def __post_init__(self):
         vb = self.val_bytes
@@ -276,6 +279,14 @@ class EvalContext:
 
     def autocast(self):
         return autocast_ctx(self.device, self.autocast_dtype)
+
+    def attention_kwargs(self, x: torch.Tensor) -> dict:
+        """The backbone's keyword arguments for the windows x [B,S]: with `doc_max_seg_len`, document-bounded
+        attention (PR #1530 / #1611's eval batches: a window's attention stops at every BOS and every
+        `doc_max_seg_len` tokens of a document, `cu_seqlens` built on the host); else none (plain causal)."""
+        if not self.doc_max_seg_len:
+            return {}
+        return {"cu_seqlens": document_cu_seqlens(x.cpu(), BOS_ID, self.doc_max_seg_len).to(x.device)}
 
     def zeros(self) -> torch.Tensor:
         """Empty float64 [loss_sum, tokens, bytes] on the device."""
@@ -333,7 +344,7 @@ def score_windows(
     for b in batches(tokens, windows, seq_len, batch_windows):
         pos, mask = score_positions(b, tail or seq_len)
         with ctx.autocast():
-            h = gather_pos(hidden(b.x), pos)
+            h = gather_pos(hidden(b.x, **ctx.attention_kwargs(b.x)), pos)
             logits = model.logits_from_hidden(h)
         ctx.record(sums, b, pos, mask, nll_from_logits(logits, gather_pos(b.y, pos)), once)
     return sums

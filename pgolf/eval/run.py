@@ -26,7 +26,7 @@ from pgolf.eval.modes import parse_mode, run_mode
 from pgolf.export.code import code_of
 from pgolf.export.weights import MAX_SEQ_LEN, load_artifact_model, read_model_artifact
 from pgolf.io import atomic_path, atomic_write_bytes
-from pgolf.quant.artifact import SizeReport
+from pgolf.quant.artifact import ArtifactError, SizeReport
 from pgolf.runlog import log0
 
 
@@ -136,6 +136,7 @@ def evaluate_artifact(
     )
     header, _ = read_model_artifact(artifact, tensors=False)  # everything checked, no tensor allocated
     meta = header.meta
+    doc = doc_max_seg_len(meta)  # before any work: a forged value is refused here
     tok = TokenizerInfo.from_path(data["tokenizer_path"])
     tok.check_matches(meta["tokenizer"], what=f"artifact {Path(artifact).name}")
     train_seq = int(meta.get("train", {}).get("seq_len") or 0)
@@ -160,7 +161,16 @@ def evaluate_artifact(
     val_bytes = None if val.bytes is None else val.bytes[: tokens.numel()].to(device)  # a CaseOps byte sidecar
     luts = build_byte_luts(load_tokenizer(data["tokenizer_path"]), model.cfg.vocab_size).to(device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    ctx = EvalContext(luts, device, S, batch_windows, autocast_dtype=autocast, compile=use_compile, val_bytes=val_bytes)
+    ctx = EvalContext(
+        luts,
+        device,
+        S,
+        batch_windows,
+        autocast_dtype=autocast,
+        compile=use_compile,
+        val_bytes=val_bytes,
+        doc_max_seg_len=doc,
+    )
     ctx.check_tokens(tokens)
     t_all = time.perf_counter()
     results, arrays = run_all(model, tokens, ctx, modes, audit, budget_seconds)
@@ -187,6 +197,7 @@ def evaluate_artifact(
         "limit_bytes": size.limit,
         "max_tokens": max_tokens,
         "byte_count": "tokenizer tables" if val_bytes is None else "sidecar",
+        "doc_max_seg_len": doc,  # document-bounded windows (as the model was trained), or null
         "world_size": world,
         "eval_seconds_total": total,
         "budget_seconds": budget_seconds,
@@ -202,6 +213,21 @@ def evaluate_artifact(
     if rank == 0:
         write_outputs(out_dir, out, arrays if audit else None)
     return out
+
+
+def doc_max_seg_len(meta: dict) -> int | None:
+    """The document-bounded attention an artifact's model was trained with (its recorded `train.doc_attention`
+    and `train.max_seg_len`, PR #1530 / #1611), which its windows are scored with; None for plain causal.
+    Raises ArtifactError for values that are not a bool and an integer in 1..MAX_SEQ_LEN."""
+    train = meta.get("train") or {}
+    if not isinstance(train, dict) or not train.get("doc_attention"):
+        return None
+    if train["doc_attention"] is not True:
+        raise ArtifactError(f"meta.train.doc_attention must be true or false, got {train['doc_attention']!r}")
+    n = train.get("max_seg_len")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SEQ_LEN:
+        raise ArtifactError(f"meta.train.max_seg_len must be an integer in 1..{MAX_SEQ_LEN}, got {n!r}")
+    return n
 
 
 def run_all(model, tokens, ctx: EvalContext, modes: dict, audit: bool, budget_seconds: float) -> tuple[dict, dict]:
