@@ -9,23 +9,37 @@ train_gpt.py refuses, before training, an override that needs a part it does not
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 PARTS: dict[str, Any] = {}  # name -> the registered function or class
 
 
 def register(name: str) -> Callable[[Any], Any]:
-    """Decorator: register the decorated function or class as part `name` (returned unchanged). Raises
+    """Decorator: register the decorated function, class or module as part `name` (returned unchanged). Raises
     ValueError when another object already holds the name."""
 
     def deco(obj):
         old = PARTS.get(name)
-        if old is not None and (old.__module__, old.__qualname__) != (obj.__module__, obj.__qualname__):
-            raise ValueError(f"optional part {name!r} is registered twice ({old.__module__}, {obj.__module__})")
+        if old is not None and _origin(old) != _origin(obj):
+            raise ValueError(f"optional part {name!r} is registered twice ({_origin(old)}, {_origin(obj)})")
         PARTS[name] = obj
         return obj
 
     return deco
+
+
+def _origin(obj) -> str:
+    """Where a registered object comes from: `module.qualname`, or a module's own name (a module can be a part)."""
+    if isinstance(obj, ModuleType):
+        return obj.__name__
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def owner(name: str) -> str:
+    """The module that registered part `name` (KeyError when none did)."""
+    obj = PARTS[name]
+    return obj.__name__ if isinstance(obj, ModuleType) else obj.__module__
 
 
 def get(name: str) -> Any:

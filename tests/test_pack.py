@@ -142,6 +142,7 @@ def test_environment_and_overrides_map_onto_the_config():
 
 GPTQ_PART = {"pgolf.quant.gptq", "pgolf.quant.calibrate", "pgolf.export.gptq_stage"}
 OTHER_PARTS = {"pgolf.export.prune_stage", "pgolf.quant.prune", "pgolf.train.wandb_logger", "callbacks.averaging"}
+OTHER_PARTS |= {"pgolf.quant.pergroup", "pgolf.quant.lqer"}
 
 
 def test_only_the_optional_parts_the_config_uses_are_packed(packs):
@@ -158,6 +159,8 @@ def test_only_the_optional_parts_the_config_uses_are_packed(packs):
     assert set(owners) == set(PART_RULES) and owners["prune"] == "pgolf.export.prune_stage"
     pruned = pack(compose_train(["experiment=baseline", "export.prune.enabled=true"]))
     assert {"pgolf.export.prune_stage", "pgolf.quant.prune"} <= set(pruned.modules)
+    grouped = pack(compose_train(["experiment=baseline", "export.codec=pergroup_brotli", "export.level=11"]))
+    assert "pgolf.quant.pergroup" in grouped.modules and "pgolf.quant.brotli_io" in set(packs["baseline"].modules)
 
 
 def test_a_packed_config_refuses_an_override_that_needs_a_part_it_lacks(packs, monkeypatch):

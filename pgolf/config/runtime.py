@@ -31,6 +31,7 @@ PART_RULES: dict[str, Callable[[dict], bool]] = {
     "wandb": lambda c: c["logger"]["kind"] == "wandb",
     "wandb_finish": lambda c: c["logger"]["kind"] == "wandb",
     "averaging": lambda c: c["callbacks"]["averaging"]["kind"] != "none",
+    "pergroup": lambda c: bool({"pergroup", "pergroup_brotli"} & {c["export"]["codec"], *c["export"]["report_codecs"]}),
 }
 
 

@@ -49,11 +49,11 @@ import numpy as np
 import torch
 import zstandard
 
-from pgolf import ARTIFACT_LIMIT_BYTES
+from pgolf import ARTIFACT_LIMIT_BYTES, optional
 from pgolf.io import atomic_write_bytes
-from pgolf.quant import pergroup
+from pgolf.quant import pergroup as _pergroup_part  # noqa: F401  (registers the optional part: pgolf/optional.py)
+from pgolf.quant.brotli_io import BrotliReader, brotli_compress
 from pgolf.quant.numerics import LQER_MODES, LQERFactors
-from pgolf.quant.pergroup import PerGroupError, Routed
 from pgolf.quant.rules import QuantEntry
 
 MAGIC = b"PGOLFART"
@@ -83,6 +83,15 @@ STORE_FIELDS = {"raw": ("data",), "fp16": ("data",), "fp32": ("data",), "int": (
 LQER_FIELDS = ("lqer_qa", "lqer_sa", "lqer_qb", "lqer_sb")  # an int matrix's LQER factors (all or none)
 
 
+def _pg():
+    """pgolf/quant/pergroup.py, the optional part `pergroup` (left out of a packed train_gpt.py whose export does
+    not use the per-group codecs). Raises ArtifactError when it is not loaded."""
+    try:
+        return optional.get("pergroup")
+    except LookupError as e:
+        raise ArtifactError(f"the per-group codecs are not in this program: {e}") from None
+
+
 class ArtifactError(ValueError):
     """An artifact is unreadable, corrupt, tampered with, oversized, or was asked of a missing codec."""
 
@@ -100,8 +109,8 @@ def check_codec(codec: str, level: int | None = None) -> int:
         raise ArtifactError(f"codec level {level} is out of range for {codec} ({lo}..{hi})")
     if PERGROUP_BACKENDS.get(codec) == "lrzip":
         try:
-            pergroup.lrzip_path()
-        except PerGroupError as e:
+            _pg().lrzip_path()
+        except ValueError as e:  # PerGroupError
             raise ArtifactError(str(e)) from None
     return level
 
@@ -118,10 +127,10 @@ def compress(data: bytes, codec: str, level: int | None = None) -> bytes:
     if codec == "lzma":
         return lzma.compress(data, format=lzma.FORMAT_XZ, preset=level)
     if codec == "brotli":
-        return pergroup.brotli_compress(data, level)
+        return brotli_compress(data, level)
     table, hlen = _payload_table(data)
     try:
-        return pergroup.encode(data, _routing(table, hlen), PERGROUP_BACKENDS[codec], level)
+        return _pg().encode(data, _routing(table, hlen), PERGROUP_BACKENDS[codec], level)
     except ValueError as e:  # PerGroupError included
         raise ArtifactError(f"{codec}: {e}") from None
 
@@ -142,10 +151,10 @@ def _payload_table(raw: bytes) -> tuple[dict[str, TensorRecord], int]:
     return check_table(header, tiled)[1], len(hb)
 
 
-def _routing(table: dict[str, TensorRecord], hlen: int) -> list[Routed]:
+def _routing(table: dict[str, TensorRecord], hlen: int) -> list:
     """The per-group routing of a checked table: the int code fields, at their offsets in the raw payload."""
     ints = [(t.name, t.fields["q"]) for t in table.values() if t.kind == "int"]
-    return pergroup.route((name, q.dtype, q.shape, 4 + hlen + q.offset) for name, q in ints)
+    return _pg().route((name, q.dtype, q.shape, 4 + hlen + q.offset) for name, q in ints)
 
 
 def decompress(data: bytes, codec: str, expected_len: int) -> bytes:
@@ -300,7 +309,7 @@ class _Inflate:
         elif codec == "zstd":
             self.d = zstandard.ZstdDecompressor().stream_reader(self.src, read_size=IN_CHUNK)
         elif codec == "brotli":
-            self.d = pergroup.BrotliReader(self.src, IN_CHUNK)
+            self.d = BrotliReader(self.src, IN_CHUNK)
         elif codec is not None:
             raise ArtifactError(f"unknown codec {codec!r}")
 
@@ -343,7 +352,7 @@ class _Inflate:
             return self._produce(n)
         except ArtifactError:
             raise
-        except PerGroupError as e:
+        except ValueError as e:  # PerGroupError
             raise ArtifactError(str(e)) from None
         except Exception as e:  # zlib.error, lzma.LZMAError (incl. memlimit), zstandard.ZstdError, brotli.error
             raise ArtifactError(f"corrupt {self.codec} payload: {e}") from e
@@ -384,15 +393,15 @@ class _GroupInflate(_Inflate):
     def __init__(self, src: bytes | memoryview, codec: str, raw_len: int):
         self.codec, self.raw_len, self.backend = codec, raw_len, PERGROUP_BACKENDS[codec]
         try:
-            self.streams = pergroup.split_container(src)
-            if self.backend == "lrzip" and any(len(s) for s in self.streams[: len(pergroup.GROUPS)]):
-                pergroup.lrzip_path()
-        except PerGroupError as e:
+            self.streams = _pg().split_container(src)
+            if self.backend == "lrzip" and any(len(s) for s in self.streams[: len(_pg().GROUPS)]):
+                _pg().lrzip_path()
+        except ValueError as e:  # PerGroupError
             raise ArtifactError(str(e)) from None
-        self.rest = _Inflate(self.streams[pergroup.REMAINDER], "brotli", raw_len)
+        self.rest = _Inflate(self.streams[_pg().REMAINDER], "brotli", raw_len)
         self.pos, self.next = 0, 0
         self.spans: list[tuple[int, int, int]] | None = None  # (start, end, index into the decoded list)
-        self.decoder: pergroup.Decoder | None = None
+        self.decoder = None  # a _pg().Decoder once the table is known
         self.mats: list[memoryview | None] | None = None
 
     def set_table(self, table: dict[str, TensorRecord], hlen: int) -> None:
@@ -400,8 +409,8 @@ class _GroupInflate(_Inflate):
             raise ArtifactError(f"pergroup: the table arrived at byte {self.pos}, not after the header ({4 + hlen})")
         routed = _routing(table, hlen)
         try:
-            self.decoder = pergroup.Decoder(self.streams, routed, self.backend)
-        except PerGroupError as e:
+            self.decoder = _pg().Decoder(self.streams, routed, self.backend)
+        except ValueError as e:  # PerGroupError
             raise ArtifactError(str(e)) from None
         self.spans = sorted((r.offset, r.offset + r.nbytes, i) for i, r in enumerate(routed))
 

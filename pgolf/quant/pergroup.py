@@ -39,6 +39,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -48,6 +49,9 @@ from pathlib import Path
 
 import brotli
 import numpy as np
+
+from pgolf.optional import register
+from pgolf.quant.brotli_io import IN_CHUNK, BrotliReader, brotli_compress
 
 GROUPS = ("tok_emb", "c_k", "c_q", "c_v", "attn.proj", "mlp.fc", "mlp.proj")
 HOT = frozenset({"tok_emb", "c_q", "mlp.fc"})  # rows reordered by the L1 nearest-neighbour chain
@@ -59,10 +63,8 @@ N_STREAMS = len(GROUPS) + 2
 REMAINDER, PERMS = len(GROUPS), len(GROUPS) + 1
 STREAM_NAMES = (*GROUPS, "remainder", "permutations")
 MAX_PERM_ROWS = 1 << 16  # a permutation is stored as uint16
-BROTLI_QUALITY, BROTLI_LGWIN = 11, 24  # the record's brotli settings (remainder, permutations)
 BACKENDS = ("lrzip", "brotli")
 LRZIP_TIMEOUT_S = 900.0  # one group through `lrzip -z` (the record: ~100 s for all 7 on its machine)
-IN_CHUNK = 1 << 20  # compressed bytes handed to brotli per step
 LRZIP_HEADER = 24  # lrzip 0.6 magic: b"LRZI", major 0, minor 6, u64 size at 6, md5 flag at 21, encrypted at 22
 MISSING_LRZIP = (
     "codec pergroup needs the external program `lrzip` (its ZPAQ back-end compresses the weight groups), "
@@ -169,50 +171,6 @@ def decode_matrix(data: bytes | memoryview, rows: int, cols: int, order: np.ndar
 
 
 # ---- brotli (also the artifact's `brotli` codec) --------------------------------------------------------
-def brotli_compress(data: bytes | memoryview, quality: int = BROTLI_QUALITY) -> bytes:
-    """brotli at `quality` (0..11) with a 2^24-byte window (the record's settings)."""
-    return brotli.compress(bytes(data), quality=quality, lgwin=BROTLI_LGWIN)
-
-
-class BrotliReader:
-    """A brotli stream decompressed at most about `n` bytes at a time (`read(n)`), its input fed `in_chunk`
-    bytes at a time, so memory stays bounded whatever the stream holds. brotli 1.2.1's `process` may
-    return up to about twice its output limit: the excess is kept for the next read. Raises brotli.error on
-    a corrupt stream or bytes after its end."""
-
-    def __init__(self, src: bytes | memoryview, in_chunk: int = IN_CHUNK):
-        self.src, self.pos, self.pending, self.in_chunk = memoryview(src), 0, b"", in_chunk
-        self.d = brotli.Decompressor()
-
-    def read(self, n: int) -> bytes:
-        """Up to n (> 0) bytes; b"" only at the end of the stream (or of a truncated one)."""
-        if not self.pending:
-            self.pending = self._next(n)
-        out, self.pending = self.pending[:n], self.pending[n:]
-        return out
-
-    def _next(self, n: int) -> bytes:
-        idle = 0
-        while True:
-            if self.d.is_finished():
-                if self.pos < len(self.src):
-                    raise brotli.error(f"{len(self.src) - self.pos} bytes after the end of the brotli stream")
-                return b""
-            data = b""
-            if self.d.can_accept_more_data() and self.pos < len(self.src):
-                data = self.src[self.pos : self.pos + self.in_chunk]
-                self.pos += len(data)
-            # with all input taken, process(b"") still gives what the decoder holds (it can accept input
-            # again long before its output is drained)
-            out = self.d.process(data, output_buffer_limit=n)
-            if out:
-                return out
-            if not data:
-                idle += 1
-                if self.d.can_accept_more_data() or idle > 2:
-                    return b""  # it waits for input there is none of: a truncated stream
-
-
 def brotli_decompress(data: bytes | memoryview, expected_len: int, what: str) -> bytes:
     """The brotli stream `data`, which must decompress to exactly `expected_len` bytes (never more than
     that plus one chunk is produced). Raises PerGroupError naming `what`."""
@@ -471,3 +429,8 @@ class Decoder:
                                      r.cols, order))  # fmt: skip
             at[r.group] += r.nbytes
         return out
+
+
+# The per-group codecs are an optional part (pgolf/optional.py): pgolf/quant/artifact.py reaches this module
+# through `optional.get("pergroup")`, so a packed train_gpt.py whose export does not use them leaves it out.
+register("pergroup")(sys.modules[__name__])

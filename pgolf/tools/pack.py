@@ -207,7 +207,7 @@ def part_modules() -> dict[str, str]:
     missing = sorted(set(PART_RULES) - set(optional.PARTS))
     if missing:
         raise PackError(f"optional parts {missing} have a rule in PART_RULES but no module registers them")
-    return {name: optional.PARTS[name].__module__ for name in PART_RULES}
+    return {name: optional.owner(name) for name in PART_RULES}
 
 
 def dropped_parts(config: dict) -> set[str]:
