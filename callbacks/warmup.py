@@ -40,8 +40,8 @@ class CompileWarmup(L.Callback):
             gpt.looping_active = looping
             for k in range(self.steps):
                 for m in range(accum):
-                    x, y = (t.to(pl_module.device) for t in stream.batch(n * accum + m))
-                    loss = strategy.training_step((x, y), n * accum + m)
+                    batch = tuple(t.to(pl_module.device) for t in stream.batch(n * accum + m))
+                    loss = strategy.training_step(batch, n * accum + m)
                     strategy.backward(loss / accum, opt)
                 opt.step()
                 opt.zero_grad(set_to_none=True)

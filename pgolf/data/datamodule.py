@@ -39,6 +39,7 @@ class GolfDataModule(L.LightningDataModule):
         val_batch_tokens: int = 524_288,
         grad_accum: int | str = "auto",
         val_bytes_pattern: str | None = None,
+        doc_seg_len: int | None = None,
     ):
         super().__init__()
         self.train_pattern, self.val_pattern = train_pattern, val_pattern
@@ -48,6 +49,7 @@ class GolfDataModule(L.LightningDataModule):
         self.val_batch_tokens = val_batch_tokens
         self.grad_accum_cfg = grad_accum
         self.val_bytes_pattern = val_bytes_pattern  # the byte sidecar's shards (null: those the manifest names)
+        self.doc_seg_len = doc_seg_len  # train batches carry cu_seqlens (document-bounded attention); None: not
         self.val_tokens: torch.Tensor | None = None
         self.val_bytes: torch.Tensor | None = None  # int32 [len(val_tokens)]: the sidecar, aligned with val_tokens
         self.layout: StreamLayout | None = None
@@ -94,7 +96,7 @@ class GolfDataModule(L.LightningDataModule):
         world, rank = self.world()
         stream = TokenStream(list_shards(self.train_pattern), self.vocab_size)
         start = self._start_micro_step if start_micro_step is None else start_micro_step
-        return TrainStream(stream, self.layout, rank, start)
+        return TrainStream(stream, self.layout, rank, start, self.doc_seg_len)
 
     def train_dataloader(self) -> DataLoader:
         pin = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from pgolf.data.shards import ShardError, is_byte_sidecar, list_shards, open_shard, read_shard_header
 from pgolf.data.tokenizer import BOS_ID, MANIFEST, TokenizerError, check_shards_tokenizer, is_caseops_tokenizer
+from pgolf.model.varlen import document_cu_seqlens
 
 
 @dataclass(frozen=True)
@@ -257,18 +258,30 @@ def default_grad_accum(world_size: int, base: int = 8) -> int:
 
 
 class TrainStream(IterableDataset):
-    """Yields this rank's `(x, y)` micro-batches, each `[local/T, T]` int64, from micro-step `start` on."""
+    """Yields this rank's `(x, y)` micro-batches, each `[local/T, T]` int64, from micro-step `start` on; with
+    `doc_seg_len`, `(x, y, cu_seqlens)`: the document segments of x for document-bounded attention (PR #1530's
+    loader: built here on the host, before the batch goes to the device)."""
 
-    def __init__(self, stream: TokenStream, layout: StreamLayout, rank: int, start_micro_step: int = 0):
+    def __init__(
+        self,
+        stream: TokenStream,
+        layout: StreamLayout,
+        rank: int,
+        start_micro_step: int = 0,
+        doc_seg_len: int | None = None,
+    ):
         super().__init__()
         self.stream, self.layout, self.rank = stream, layout, rank
-        self.start_micro_step = start_micro_step
+        self.start_micro_step, self.doc_seg_len = start_micro_step, doc_seg_len
 
-    def batch(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, micro_step: int) -> tuple[torch.Tensor, ...]:
         lay = self.layout
         span = self.stream.read(micro_step * lay.chunk + self.rank * (lay.local + 1), lay.local + 1)
         t = torch.from_numpy(span)
-        return t[:-1].view(-1, lay.seq_len), t[1:].view(-1, lay.seq_len)
+        x, y = t[:-1].view(-1, lay.seq_len), t[1:].view(-1, lay.seq_len)
+        if self.doc_seg_len is None:
+            return x, y
+        return x, y, document_cu_seqlens(x, BOS_ID, self.doc_seg_len)
 
     def __iter__(self):
         step = self.start_micro_step

@@ -74,7 +74,7 @@ def train_sequences(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count:
     """The first `count` contiguous `length`-token sequences of a training stream of (x, y) micro-batches.
     Each micro-batch's inputs are one contiguous span; it is cut into `length`-token pieces."""
     rows, have = [], 0
-    for x, _ in batches:
+    for x, *_ in batches:  # (x, y) or, with document-bounded attention, (x, y, cu_seqlens)
         flat = x.reshape(-1)
         k = flat.numel() // length
         if k == 0:

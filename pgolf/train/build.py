@@ -112,6 +112,7 @@ def build_datamodule(cfg: DictConfig) -> GolfDataModule:
         val_batch_tokens=d.val_batch_tokens,
         grad_accum=grad_accum_of(cfg),
         val_bytes_pattern=d.get("val_bytes_pattern"),
+        doc_seg_len=int(t.max_seg_len) if t.doc_attention else None,
     )
     if d.val_max_tokens is not None:  # the DataModule keeps val_tokens that are already set
         dm.val_tokens = truncated_val_tokens(

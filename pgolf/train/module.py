@@ -17,10 +17,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from pgolf.data.tokenizer import BOS_ID, ByteLUTs, bpb
+from pgolf.data.tokenizer import ByteLUTs, bpb
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
-from pgolf.model.varlen import document_cu_seqlens
 from pgolf.optim.groups import build_optimizer
 from pgolf.train.state import StepState
 
@@ -50,7 +49,7 @@ class GolfModule(L.LightningModule):
         self._val_sums: torch.Tensor | None = None
         self._val_weights = "raw"  # state.weights when the running validation started
         # Document-bounded attention in training (PR #1530 / #1611): segments start at every BOS and every
-        # `max_seg_len` tokens inside a document; built on the host from the batch's ids each step.
+        # `max_seg_len` tokens inside a document; the train stream builds them on the host with each batch.
         self.doc_attention, self.max_seg_len = bool(doc_attention), int(max_seg_len)
 
     def configure_model(self) -> None:
@@ -68,12 +67,8 @@ class GolfModule(L.LightningModule):
         return self._fwd(idx, targets)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        if self.doc_attention:
-            cu = document_cu_seqlens(x.cpu(), BOS_ID, self.max_seg_len).to(x.device)
-            loss = self._fwd(x, y, cu_seqlens=cu)
-        else:
-            loss = self._fwd(x, y)
+        x, y, *cu = batch  # with document-bounded attention the stream adds the batch's cu_seqlens
+        loss = self._fwd(x, y, cu_seqlens=cu[0]) if cu else self._fwd(x, y)
         # Summed on the device without a sync; the clock callback reads it once per optimizer step.
         self.state.add_loss(loss.detach())
         return loss
