@@ -6,22 +6,21 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from test_training import FP32_EXPORT, TINY, compose_cfg
+from test_training import CONF, FP32_EXPORT, TINY, compose_cfg
 
 from callbacks import build_callbacks
 from pgolf.config.validate import validate_train
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT, count_params
+from pgolf.model.varlen import document_cu_seqlens
 from pgolf.optim.groups import build_optimizer
 from pgolf.tools.datasets import ensure_dataset
 from pgolf.train.build import build_datamodule, build_module, build_trainer, run_meta
 
-CONF = TINY  # the tiny synthetic corpus of tests/test_training.py
-
 
 def test_the_composed_recipe_is_the_records():
     cfg = compose_cfg(["experiment=record_1611"])
-    validate_train(cfg, compose_cfg.__globals__["CONF"])
+    validate_train(cfg, CONF)
     t, o = cfg.train, cfg.optim
     assert (t.batch_tokens, t.seq_len, t.max_seg_len, t.doc_attention) == (786_432, 98_304, 2048, True)
     assert (t.warmdown_frac, t.min_lr, t.gptq_reserve_seconds, t.val_every) == (0.85, 0.1, 0.5, 0)
@@ -64,3 +63,5 @@ def test_the_tiny_stack_trains_with_document_attention_looping_and_the_fraction_
     assert "final_eval: document-bounded windows (attention stops at BOS and every 16 tokens)" in out
     assert scales == pytest.approx([1.0, 1.0, 1.0, 0.5])  # 1 until frac 0.5, then (1 - frac) / 0.5, floor 0.25
     assert (tmp_path / "run" / "final_model.fp32.ptz").is_file()
+    x, _, cu = dm.train_stream(0).batch(0)  # the stream builds the segments on the host, with the batch
+    assert torch.equal(cu, document_cu_seqlens(x, 1, 16)) and cu.dtype == torch.int32

@@ -121,12 +121,16 @@ def decode(text: str) -> str:
     return "".join(out)
 
 
+def _code_points(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(code points uint32 [len], their UTF-8 lengths int64 [len]) of `text`."""
+    cp = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    return cp, (1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)).astype(np.int64)
+
+
 def char_bytes(transformed: str) -> np.ndarray:
     """For each character of a CaseOps string, the original UTF-8 bytes it stands for (int64 [len]):
     markers and ESC 0, an escaped control character 3, any other character its UTF-8 length."""
-    cp = np.frombuffer(transformed.encode("utf-32-le"), dtype="<u4")
-    out = 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
-    out = out.astype(np.int64)
+    cp, out = _code_points(transformed)
     escaped_upto = -1  # the position of the last control character taken literally
     for i in np.flatnonzero((cp >= 0xE001) & (cp <= 0xE004)).tolist():
         if i - 1 > escaped_upto and i > 0 and cp[i - 1] == 0xE004:  # after an ESC that is a marker itself
@@ -161,8 +165,7 @@ def token_bytes(sp, original: str) -> tuple[list[int], np.ndarray]:
     # original bytes before each UTF-8 byte offset of the transformed text: charge each character at its
     # first byte, so a span that starts inside a character (byte fallback) takes none of it
     at_byte = np.zeros(len(raw) + 1, dtype=np.int64)
-    cp = np.frombuffer(transformed.encode("utf-32-le"), dtype="<u4")
-    width = (1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)).astype(np.int64)
+    _, width = _code_points(transformed)
     starts = np.concatenate([[0], np.cumsum(width)[:-1]]) if len(width) else width
     np.add.at(at_byte, starts + 1, per_char)
     before = np.cumsum(at_byte)
