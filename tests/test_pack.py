@@ -20,7 +20,18 @@ from pgolf.config.typed import ConfigError
 from pgolf.export.code import code_record
 from pgolf.quant.artifact import read_artifact, write_artifact
 from pgolf.tools import packsource, submission
-from pgolf.tools.pack import SCRIPT, check_no_machine_paths, compose_train, pack, part_modules, unpack
+from pgolf.tools.pack import (
+    ALPHABET,
+    BOOTSTRAP,
+    SCRIPT,
+    check_no_machine_paths,
+    compose_train,
+    decode_payload,
+    encode_payload,
+    pack,
+    part_modules,
+    unpack,
+)
 from pgolf.tools.packsource import PackError, compact, drop_registrations, shake, strip, unparse
 from pgolf.train.standalone import check_config, run_config
 
@@ -343,3 +354,33 @@ def test_submission_folder_holds_the_verified_script_and_runs_from_inside(runs, 
     write_artifact(artifact, entries, {**meta, "code": {"bytes": 1, "sha256": "0" * 64}}, "zlib")
     with pytest.raises(submission.SubmissionError, match="artifact records code"):
         submission.assemble([runs[0][0], other], tmp_path / "o4", name="x", github_id="y")
+
+
+@pytest.mark.parametrize("n", [0, 1, 25, 26, 27, 52, 1000])
+def test_payload_encoding_round_trips_and_is_one_byte_per_character(n):
+    """Every length (whole and partial chunks), every byte value: the bootstrap's own decoder line (run as the
+    packed file runs it) and `decode_payload` give the bytes back; the text is ASCII inside a "..." literal
+    and 30 characters per 26 bytes."""
+    blob = bytes(range(256)) * (n // 256) + os.urandom(n % 256)
+    text = encode_payload(blob)
+    assert len(text) == 30 * -(-n // 26) and text.isascii() and not set(text) - set(ALPHABET)
+    assert decode_payload(text, n) == blob
+    lines = BOOTSTRAP.splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith("for j"))
+    env = {"P": text, "D": bytearray()}
+    exec("\n".join(lines[at : at + 2]), env)
+    assert bytes(env["D"][:n]) == blob
+    src = f'P="{text}"\n'
+    assert len(src.encode()) == len(text) + 5  # one UTF-8 byte per character
+    ns: dict = {}
+    exec(compile(src, "x", "exec"), ns)
+    assert ns["P"] == text
+
+
+def test_payload_alphabet_and_decoder_refuse_what_a_literal_cannot_hold():
+    assert len(ALPHABET) == 123 and 123**30 >= 256**26
+    assert not {"\0", "\n", "\r", '"', "\\"} & set(ALPHABET)
+    with pytest.raises(ValueError, match="outside the alphabet"):
+        decode_payload('"' * 30, 1)
+    with pytest.raises(ValueError, match="whole chunks"):
+        decode_payload("a" * 29, 1)
