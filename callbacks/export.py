@@ -133,6 +133,8 @@ class QuantizeExport(L.Callback):
             seed=int(self.meta.get("seed", 0)),
             train_time_ms=self.clock.elapsed_ms(),
             cap_ms=self.clock.cap_ms,
+            clock_ms=self.clock.elapsed_ms,
+            run_clock=lambda: self.clock.running(pl_module),
             train_batches=lambda: iter(dm.train_stream(start_micro_step=0)),
             device=device,
             autocast_dtype=autocast,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -55,6 +56,18 @@ class ChallengeClock(L.Callback):
         if self._t0 is None:
             device_sync(pl_module)
             self._t0 = time.perf_counter()
+
+    @contextmanager
+    def running(self, pl_module):
+        """Run the clock over a block after training: work that reads training data once the last step is
+        done (GPTQ calibration, PR #1611's `gptq_reserve_seconds`) is counted on the clock that timed
+        training, so the artifact can record when it started and ended on it. The stop decision is not
+        re-made (no steps run); the caller compares against `cap_ms`."""
+        self._resume(pl_module)
+        try:
+            yield self
+        finally:
+            self._pause(pl_module)
 
     def on_train_start(self, trainer, pl_module):
         self._last_step = trainer.global_step

@@ -274,3 +274,21 @@ def test_max_tokens_relative_paths_and_progress_lines(validated_runs):
     for phase in ("pre_quant", "final_eval sliding"):
         assert f"progress: {phase} " in raw.out and "eta" in raw.out
     assert "\r" not in raw.out
+
+
+def test_the_challenge_clock_runs_over_a_block_after_training(monkeypatch):
+    """`running` counts the block's time on the clock (GPTQ calibration after the last step) and nothing
+    outside it; the clock is paused again afterwards, even when the block fails."""
+    ticks = iter([100.0, 103.0, 200.0, 201.5, 300.0, 302.0])
+    monkeypatch.setattr("callbacks.wallclock.time.perf_counter", lambda: next(ticks))
+    cpu = SimpleNamespace(device=torch.device("cpu"))  # no device sync on CPU
+    clock = ChallengeClock(max_wallclock_seconds=600)
+    clock._resume(cpu)  # training: 100 s -> 103 s
+    clock._pause(cpu)
+    assert clock.elapsed_ms() == 3000.0
+    with clock.running(cpu):
+        pass  # 200 s -> 201.5 s
+    assert clock.elapsed_ms() == 4500.0
+    with pytest.raises(RuntimeError), clock.running(cpu):
+        raise RuntimeError("calibration failed")  # 300 s -> 302 s
+    assert clock.elapsed_ms() == 6500.0 and clock._t0 is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,8 @@ def test_gptq_export_at_the_end_of_training_records_calibration(tmp_path, synth_
     )
     assert "gptq:calibrating source:train count:2 length:32" in r.stdout and "gptq:hessians layers:12" in r.stdout
     assert "calibration: source:train inside_training_budget:True compliant:true" in r.stdout
+    stamp = re.search(r"gptq:challenge_clock start:([\d.]+)s end:([\d.]+)s cap:600.0s \(challenge\)", r.stdout)
+    assert stamp and 0 < float(stamp[1]) <= float(stamp[2]) < 600
     res = json.loads((tmp_path / "results.json").read_text())
     cal = res["export"]["calibration"]
     assert cal["compliant"] and cal["inside_training_budget"] and res["export"]["timings"]["gptq"] >= 0

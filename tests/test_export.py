@@ -4,6 +4,7 @@ calibration + pruning, the saved float weights, and the re-export command on the
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,10 @@ def test_train_data_calibration_after_the_deadline_is_flagged(tmp_path, tiny, sy
     cal = read_artifact(rep.path)[1]["calibration"]
     assert cal["source"] == "train" and cal["compliant"] is False and cal["inside_training_budget"] is False
     assert rep.calibration == cal
+    # no challenge clock given (a re-export): the stamps are the recorded training time plus the stage's seconds
+    assert cal["clock"] == "derived" and cal["clock_start_ms"] == 599_999.0
+    want_end = 599_999.0 + 1000.0 * (cal["seconds"] + cal["hessian_seconds"])
+    assert cal["clock_end_ms"] == pytest.approx(want_end, abs=0.11) and cal["clock_end_ms"] > 600_000.0
     out = capsys.readouterr().out
     assert "compliant:false" in out and "WARNING: calibration not compliant: training data read after" in out
 
@@ -253,3 +258,45 @@ def test_reexport_reads_a_lightning_checkpoint(tmp_path, synth_dir):
         )
     )  # fmt: skip
     assert res["roundtrip"]["standard"]["tokens"] > 0 and "quant_gap_bpb" not in res
+
+
+class FakeClock:
+    """A challenge clock at 590 s that advances 4 s per block it is run over."""
+
+    def __init__(self):
+        self.ms, self.runs = 590_000.0, 0
+
+    def elapsed_ms(self):
+        return self.ms
+
+    @contextmanager
+    def running(self):
+        self.runs += 1
+        yield
+        self.ms += 4_000.0
+
+
+@pytest.mark.parametrize("cap_s", [600, 592])
+def test_train_data_calibration_is_stamped_on_the_challenge_clock(tmp_path, tiny, synth_dir, capsys, cap_s):
+    """Calibration and Hessians run on the clock that timed training: the artifact and the log give when
+    they started and ended on it, and compliance is `end <= cap` (PR #1611's gptq_reserve_seconds)."""
+    from pgolf.data.shards import list_shards
+    from pgolf.data.stream import StreamLayout, TokenStream, TrainStream
+
+    model, meta = tiny
+    stream = TokenStream(list_shards(str(synth_dir / "synth_train_*.bin")))
+    batches = lambda: iter(TrainStream(stream, StreamLayout(64, 32, 1, 1), rank=0))
+    cfg = export_cfg("int6_gptq_zstd", *SMALL, "export.calibration.count=2", "export.calibration.length=32")
+    clock = FakeClock()
+    ctx = ExportContext(
+        seed=0, train_time_ms=589_000.0, cap_ms=1000.0 * cap_s, train_batches=batches,
+        clock_ms=clock.elapsed_ms, run_clock=clock.running,
+    )  # fmt: skip
+    rep = export_model(model, cfg, tmp_path, meta, ctx=ctx)
+    cal = read_artifact(rep.path)[1]["calibration"]
+    assert clock.runs == 1 and cal["clock"] == "challenge"
+    assert (cal["clock_start_ms"], cal["clock_end_ms"]) == (590_000.0, 594_000.0)
+    assert cal["compliant"] is (cap_s == 600) and cal["inside_training_budget"] is (cap_s == 600)
+    out = capsys.readouterr().out
+    assert f"gptq:challenge_clock start:590.000s end:594.000s cap:{cap_s:.1f}s (challenge)" in out
+    assert "clock_start_ms:590000.0 clock_end_ms:594000.0 clock:challenge" in inspect(rep.path)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -103,11 +104,19 @@ class ExportConfig:
 @dataclass
 class ExportContext:
     """What the export needs from the run besides the weights: the seed (for self-generation), the training
-    clock (for calibration compliance), the training stream (train-data calibration), device and autocast."""
+    clock (for calibration compliance), the training stream (train-data calibration), device and autocast.
+
+    Inside a training run the challenge clock itself is given: `clock_ms()` reads it (ms) and `run_clock()`
+    is a context manager that runs it over a block, so calibration and Hessians (which read training data)
+    are timed on the clock that timed training, and the artifact records when they started and ended on it
+    (PR #1611's `gptq_reserve_seconds` budget). Without them (re-export) the stamps are derived: the
+    recorded training time, then the calibration's own seconds."""
 
     seed: int = 0
     train_time_ms: float | None = None
     cap_ms: float | None = None
+    clock_ms: Callable[[], float] | None = None
+    run_clock: Callable[[], AbstractContextManager] | None = None
     train_batches: Callable[[], Iterable] | None = None
     device: torch.device | None = None
     autocast_dtype: torch.dtype | None = None

@@ -6,6 +6,8 @@ a rule uses `method: gptq`; the quantization itself is the part `gptq` (pgolf/qu
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from pgolf.export.config import ExportConfig, ExportContext
 from pgolf.model.gpt import GPT
 from pgolf.optional import register
@@ -21,25 +23,50 @@ def calibration_hessians(gpt: GPT, cfg: ExportConfig, ctx: ExportContext) -> tup
     """Calibration sequences from the configured source, then the Hessians of every quantized linear;
     returns (hessians, the artifact's `calibration` record) and logs both steps."""
     c = cfg.calibration
-    batches = ctx.train_batches() if c.source == "train" and ctx.train_batches is not None else None
-    seqs, info = calibrate(
-        gpt, c, seed=ctx.seed, train_batches=batches, device=ctx.device, autocast_dtype=ctx.autocast_dtype
-    )
-    log0(
-        f"gptq:calibrating source:{c.source} count:{info['count']} length:{info['length']} "
-        f"time:{info['seconds']:.1f}s tokens_per_s:{info['tokens_per_s']:.0f}"
-    )
-    H, hinfo = collect_hessians(
-        gpt,
-        seqs,
-        batch=cfg.gptq.batch,
-        damp=cfg.gptq.hessian_damp,
-        device=ctx.device,
-        autocast_dtype=ctx.autocast_dtype,
-        output_head=needs_output_hessian(gpt, rules_from_config(cfg.rules)),
-    )
+    start = ctx.clock_ms() if ctx.clock_ms is not None else ctx.train_time_ms
+    with ctx.run_clock() if ctx.run_clock is not None else nullcontext():
+        batches = ctx.train_batches() if c.source == "train" and ctx.train_batches is not None else None
+        seqs, info = calibrate(
+            gpt, c, seed=ctx.seed, train_batches=batches, device=ctx.device, autocast_dtype=ctx.autocast_dtype
+        )
+        log0(
+            f"gptq:calibrating source:{c.source} count:{info['count']} length:{info['length']} "
+            f"time:{info['seconds']:.1f}s tokens_per_s:{info['tokens_per_s']:.0f}"
+        )
+        H, hinfo = collect_hessians(
+            gpt,
+            seqs,
+            batch=cfg.gptq.batch,
+            damp=cfg.gptq.hessian_damp,
+            device=ctx.device,
+            autocast_dtype=ctx.autocast_dtype,
+            output_head=needs_output_hessian(gpt, rules_from_config(cfg.rules)),
+        )
     log0(f"gptq:hessians layers:{hinfo['layers']} tokens:{hinfo['tokens']} time:{hinfo['seconds']:.1f}s")
     used = info["seconds"] + hinfo["seconds"]
-    comp = compliance(c.source, used, ctx.train_time_ms, ctx.cap_ms)
-    record = {**info, "hessian_seconds": hinfo["seconds"], "hessian_layers": hinfo["layers"], **comp}
+    stamps = clock_stamps(start, used, ctx)
+    if stamps["clock_end_ms"] is not None:
+        used = (stamps["clock_end_ms"] - stamps["clock_start_ms"]) / 1000.0
+    comp = compliance(c.source, used, start, ctx.cap_ms)
+    record = {**info, "hessian_seconds": hinfo["seconds"], "hessian_layers": hinfo["layers"], **stamps, **comp}
+    cap = f"{ctx.cap_ms / 1000:.1f}s" if ctx.cap_ms else "none"
+    if stamps["clock_start_ms"] is not None:
+        log0(
+            f"gptq:challenge_clock start:{stamps['clock_start_ms'] / 1000:.3f}s "
+            f"end:{stamps['clock_end_ms'] / 1000:.3f}s cap:{cap} ({stamps['clock']})"
+        )
     return H, record
+
+
+def clock_stamps(start_ms: float | None, seconds: float, ctx: ExportContext) -> dict:
+    """When calibration + Hessians started and ended on the challenge clock (ms, 0.1 ms), for the artifact's
+    `calibration` record: read from the clock that timed training when the export has it (`clock: challenge`),
+    else the recorded training time and the stage's own `seconds` (`clock: derived`); None without a
+    training time."""
+    if start_ms is None:
+        return {"clock_start_ms": None, "clock_end_ms": None, "clock": "none"}
+    if ctx.clock_ms is not None:
+        end, kind = ctx.clock_ms(), "challenge"
+    else:
+        end, kind = start_ms + 1000.0 * seconds, "derived"
+    return {"clock_start_ms": round(start_ms, 1), "clock_end_ms": round(end, 1), "clock": kind}

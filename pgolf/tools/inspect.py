@@ -98,7 +98,8 @@ def _calibration_lines(cal) -> list[str]:
         return ["calibration: (not recorded)"]
     if not isinstance(cal, dict):
         return [_raw("calibration", cal)]
-    keys = ("count", "length", "temperature", "seed", "seconds", "inside_training_budget")
+    keys = ("count", "length", "temperature", "seed", "seconds", "clock_start_ms", "clock_end_ms", "clock")
+    keys += ("inside_training_budget",)
     extra = " ".join(f"{k}:{cal[k]}" for k in keys if k in cal)
     lines = [f"calibration: source:{cal.get('source')} {extra} compliant:{cal.get('compliant')}".rstrip()]
     if cal.get("reason"):
