@@ -250,7 +250,29 @@ def test_phased_ttt_1611_config_is_the_records():
     assert (st.prefix_docs, st.phases, st.global_lr, st.global_momentum) == (2500, 3, 1e-3, 0.9)
     assert (st.global_chunk_tokens, st.global_seq_len, st.global_grad_clip) == (32768, 2048, 1.0)
     assert (st.order, st.warm_start_a, st.global_doc_bounded, st.chains) == ("length", True, True, 8)
+    assert st.last_chunk_window == "chunk_end"
     assert parse_mode("phased_ttt", {}, seq_len=2048)[1] == PhasedSettings(order="stream")
+    assert parse_mode("phased_ttt_1611", {}, seq_len=2048)[1].last_chunk_window == "chunk_end"
+
+
+@pytest.mark.parametrize(
+    "doc,i,start_window,end_window",
+    [
+        ((0, 2047), 42, (16, 2031, 2000), (0, 2047, 2016)),  # the reviewer's case: 2,047 targets, last chunk 31
+        ((100, 5000), 104, (100 + 2992, 2008, 2000), (100 + 2952, 2048, 2040)),  # 5,000 = 104*48 + 8
+        ((7, 4800), 99, (7 + 2752, 2048, 2000), (7 + 2752, 2048, 2000)),  # whole chunks: the same window
+        ((0, 30), 0, (0, 30, 0), (0, 30, 0)),  # a short document: its whole self
+    ],
+)
+def test_last_chunk_window_is_the_records_window_ending_at_the_document_end(doc, i, start_window, end_window):
+    """PR #1611: chunk c is scored in `[max(0, end_c - 2048), end_c)`, end_c = min(48(c+1), n); pgolf's
+    `chunk_start` window starts where a full chunk's would. (start, length, score_from) in stream positions."""
+    s, n = doc
+    assert chunk_window(doc, i, PhasedSettings(last_chunk_window="chunk_start")) == start_window
+    got = chunk_window(doc, i, PhasedSettings(last_chunk_window="chunk_end"))
+    end_c = min(48 * (i + 1), n)
+    want = (s + max(0, end_c - 2048), end_c - max(0, end_c - 2048), 48 * i - max(0, end_c - 2048))
+    assert got == want == end_window
 
 
 @pytest.mark.parametrize(
@@ -260,6 +282,7 @@ def test_phased_ttt_1611_config_is_the_records():
         ({"chunk_size": 64, "context": 32}, "chunk_size 64 must be in 1..context 32"),
         ({"global_seq_len": 64, "global_chunk_tokens": 32}, "global_seq_len 64"),
         ({"chains": 0}, "chains 0 must be > 0"),
+        ({"last_chunk_window": "doc_end"}, "last_chunk_window 'doc_end' not in"),
         ({"phases": 0}, "phases 0 must be > 0"),
         ({"beta2": 1.0}, "betas must be in"),
         ({"seq_len": 16}, r"unknown settings \['seq_len'\]"),

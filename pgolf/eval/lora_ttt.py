@@ -55,6 +55,11 @@ LORA_REASON = (
     "uses it, from a context window fixed by the chunk's start (PR #77)"
 )
 INITS = ("uniform", "normal")
+# Where the window of a document's last, partial chunk starts (`last_chunk_window`): `chunk_start` (pgolf):
+# `context - chunk_size` before the chunk's start, as a full chunk's would, so no window depends on where its
+# document ends; `chunk_end` (the records: PR #77, PR #1611): `context` tokens before the chunk's end, the
+# document's end, which the next BOS (a later token) places: up to `chunk_size - 1` more tokens of context.
+LAST_CHUNK_WINDOWS = ("chunk_start", "chunk_end")
 
 
 @dataclass
@@ -78,6 +83,7 @@ class LoraSettings:
     score_min_tokens: int = 0  # documents of fewer tokens are not scored (PR #1090: 5)
     score_doc_end: bool = True  # score a document's last target, the next document's BOS (PR #1090: false)
     score_min_chunk: int = 1  # a document's final chunk of fewer targets is not scored (PR #1090: 2)
+    last_chunk_window: str = "chunk_start"  # chunk_start (pgolf) | chunk_end (the records); LAST_CHUNK_WINDOWS
 
     def __post_init__(self):
         self.context = int(self.context or self.seq_len)
@@ -93,6 +99,10 @@ class LoraSettings:
             (self.a_std >= 0 and self.b_std >= 0, f"a_std {self.a_std} and b_std {self.b_std} must be >= 0"),
             (self.score_min_tokens >= 0, f"score_min_tokens {self.score_min_tokens} must be >= 0"),
             (1 <= self.score_min_chunk <= self.chunk_size, f"score_min_chunk must be in 1..{self.chunk_size}"),
+            (
+                self.last_chunk_window in LAST_CHUNK_WINDOWS,
+                f"last_chunk_window {self.last_chunk_window!r} not in {LAST_CHUNK_WINDOWS}",
+            ),
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
@@ -181,15 +191,21 @@ def documents(tokens: torch.Tensor, bos_id: int) -> list[tuple[int, int]]:
     return [(s, e - s) for s, e in zip(starts, ends)]
 
 
-def chunk_window(doc: tuple[int, int], i: int, st: LoraSettings) -> tuple[int, int, int]:
-    """Window (start, length, score_from) scoring chunk i of a document. The window starts `context -
-    chunk_size` tokens before the chunk start (within the document), so a target's context never depends on
-    where its document ends (PR #77 ends the window at the chunk end, which a later BOS can move). Its
-    length is at most `min(context, (i+1)·chunk_size)`."""
+def chunk_window(doc: tuple[int, int], i: int, st) -> tuple[int, int, int]:
+    """Window (start, length, score_from) scoring chunk i of a document `doc` = (first target, target count),
+    in token positions; `st` gives `chunk_size`, `context` and `last_chunk_window`. With `chunk_start` the
+    window starts `context - chunk_size` tokens before the chunk start (within the document), so a target's
+    context never depends on where its document ends; with `chunk_end` (PR #77, PR #1611: `[max(0, end_c -
+    context), end_c)`) it is the `context` tokens before the chunk's end, which for a document's last,
+    partial chunk is the document's end (placed by the next BOS, a later token). The two differ only on a
+    last partial chunk. Its length is at most `min(context, (i+1)·chunk_size)`."""
     s, n = doc
     c0 = s + i * st.chunk_size
     c1 = s + min((i + 1) * st.chunk_size, n)
-    w0 = max(s, c0 - (st.context - st.chunk_size))
+    if st.last_chunk_window == "chunk_end":
+        w0 = max(s, c1 - st.context)
+    else:
+        w0 = max(s, c0 - (st.context - st.chunk_size))
     return w0, c1 - w0, c0 - w0
 
 

@@ -48,11 +48,16 @@ scores then depend on the documents scored before it, which may come later in th
 document's length (through the order): flipping a later token moves earlier targets.
 
 Deviations from the record, each to keep every score a function of earlier tokens and the metric
-independent of the number of processes: a document's last chunk is scored in a window that starts where a
-full chunk's would (`lora_ttt.chunk_window`; the record ends it at the document's end, which a later BOS
-moves, giving up to `chunk_size`−1 more tokens of context, only in documents longer than `context`); fresh
-A is drawn from generators seeded with `seed·1000003 + q·batch_docs + row` (the record: the GPU's global
-generator); the static chains above.
+independent of the number of processes: in `phased_ttt`, a document's last, partial chunk is scored in a
+window that starts where a full chunk's would (`last_chunk_window: chunk_start`, `lora_ttt.chunk_window`);
+the record ends it at the document's end (`chunk_end`, the default of `phased_ttt_1611`), which the next BOS
+places, giving up to `chunk_size`−1 more tokens of context to every document whose last chunk is partial and
+whose window is cut by `context` (e.g. a document of 2,047 targets: window [0, 2047) against [16, 2031));
+fresh A is drawn from generators seeded with `seed·1000003 + q·batch_docs + row` (the record: the GPU's global
+generator); the static chains above. On one GPU the record has one A lineage and checks the phase boundaries
+after every batch: `chains: 1` reproduces that schedule (with `chains: 8` the boundaries are checked after
+every round of 8 batches, so the phases fire at different document counts; on 8 GPUs the record's own
+counts depend on timing).
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ from torch import nn
 from pgolf.data.stream import rank_slice
 from pgolf.data.tokenizer import BOS_ID
 from pgolf.eval.core import EvalContext, Scored, dist_info, reduce_sums, unwrap
-from pgolf.eval.lora_ttt import Adapter, AdapterSet, DocPlan, documents, score_and_adapt
+from pgolf.eval.lora_ttt import LAST_CHUNK_WINDOWS, Adapter, AdapterSet, DocPlan, documents, score_and_adapt
 from pgolf.eval.registry import Mode, register
 from pgolf.eval.ttt import all_reduce_grads, ttt_model, ttt_params
 from pgolf.model.varlen import document_cu_seqlens
@@ -107,6 +112,7 @@ class PhasedSettings:
     global_doc_bounded: bool = True  # document-bounded attention in the global phases (cu_seqlens from BOS)
     bos_id: int = BOS_ID
     seed: int = 0  # fresh A of queue entry q, row j: generator seeded with seed·1000003 + q·batch_docs + j
+    last_chunk_window: str = "chunk_start"  # chunk_start (pgolf) | chunk_end (PR #1611); lora_ttt.chunk_window
 
     def __post_init__(self):
         self.warm_start_a, self.global_doc_bounded = bool(self.warm_start_a), bool(self.global_doc_bounded)
@@ -128,6 +134,10 @@ class PhasedSettings:
             ),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0, "betas must be in [0, 1), eps > 0"),
             (0 <= self.global_momentum < 1, f"global_momentum {self.global_momentum} must be in [0, 1)"),
+            (
+                self.last_chunk_window in LAST_CHUNK_WINDOWS,
+                f"last_chunk_window {self.last_chunk_window!r} not in {LAST_CHUNK_WINDOWS}",
+            ),
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
@@ -343,8 +353,21 @@ def phased_rule(st: PhasedSettings) -> tuple[bool, str]:
         "; the record's order (PR #1611): documents sorted by length, longest batch first: score before update "
         "holds in that scoring order, but a document's scores depend on documents scored before it that may come "
         "later in the stream, and on every document's length (the stream-order flip test moves earlier targets)"
+        + (
+            "; a document's last chunk is scored in the window ending at the document's end (placed by the next BOS)"
+            if st.last_chunk_window == "chunk_end"
+            else ""
+        )
     )
 
 
 register(Mode("phased_ttt", PhasedSettings, run_phased_ttt, phased_rule))
-register(Mode("phased_ttt_1611", PhasedSettings, run_phased_ttt, phased_rule, {"order": "length"}))
+register(
+    Mode(
+        "phased_ttt_1611",
+        PhasedSettings,
+        run_phased_ttt,
+        phased_rule,
+        {"order": "length", "last_chunk_window": "chunk_end"},
+    )
+)
