@@ -25,10 +25,10 @@ from pgolf.quant.rules import (
     clip_search_rows,
     dequantize_int,
     quantize_rows,
-    quantize_rows_sdclip,
     quantize_tensor_by_rule,
     rules_from_config,
 )
+from pgolf.quant.sdclip import quantize_rows_sdclip
 from pgolf.quant.settings import GPTQSettings
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -19,10 +19,11 @@ from omegaconf import OmegaConf
 from pgolf.model import gpt as gpt_module
 from pgolf.model.banks import bank_layout, from_record_1611, to_record_1611
 from pgolf.model.config import GPTConfig
-from pgolf.model.embed import GatedSmear
+from pgolf.model.doc_attention import DocumentMask
 from pgolf.model.gpt import GPT, count_params, softcap_cross_entropy
 from pgolf.model.layers import rms_norm, rope_tables
-from pgolf.model.varlen import DocumentMask, document_cu_seqlens
+from pgolf.model.record_1611 import GatedSmear, forward_lanes
+from pgolf.model.varlen import document_cu_seqlens
 from pgolf.optim.groups import partition_params
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -232,7 +233,7 @@ def test_lane_block_formula():
     cos, sin = rope_tables(5, 16, 1e4, 0, "cpu")
     a = blk.attn_scale * blk.attn(rms_norm(blk.resid_mix[0] * l0 + blk.resid_mix[1] * x0), cos, sin)
     mo = blk.mlp_scale * blk.mlp(rms_norm(l1))
-    n0, n1 = blk.forward_lanes(l0, l1, x0, r, P, cos, sin)
+    n0, n1 = forward_lanes(blk, l0, l1, x0, r, P, cos, sin)
     assert torch.allclose(n0, r[0] * l0 + P[0, 0] * a + P[1, 0] * mo, atol=1e-5)
     assert torch.allclose(n1, r[1] * l1 + P[0, 1] * a + P[1, 1] * mo, atol=1e-5)
     m(tokens(), tokens(seed=1)).backward()

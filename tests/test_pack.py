@@ -384,3 +384,63 @@ def test_payload_alphabet_and_decoder_refuse_what_a_literal_cannot_hold():
         decode_payload('"' * 30, 1)
     with pytest.raises(ValueError, match="whole chunks"):
         decode_payload("a" * 29, 1)
+
+
+# ---- optional parts of the model and the quantization rules ------------------------------------------------
+NEW_PARTS = {"pgolf.quant.sdclip", "pgolf.model.doc_attention", "pgolf.model.decode", "pgolf.model.record_1611"}
+
+
+def test_sdclip_doc_attention_decode_and_the_1611_model_are_packed_only_when_used(packs):
+    """SDClip rules, document-bounded attention, the KV-cache decoding of AR calibration and the PR #1611 model
+    features (gated SmearGate, two lanes) are optional parts: left out of the record-stack packs, in PR
+    #1611's; the imports that only register them or only annotate with them go with them."""
+    for exp in ("baseline", "record_1298", "record_1263"):
+        assert not NEW_PARTS & set(packs[exp].modules), exp
+    _, sources = unpack(packs["record_1263"].script)
+    gpt, layers, rules = (sources[f"pgolf.{m}"] for m in ("model.gpt", "model.layers", "quant.rules"))
+    assert not re.search(r"model\.decode|model import.*(decode|doc_attention|record_1611)", gpt)
+    assert "doc_attention" not in layers and not re.search(r"import.*sdclip", rules)
+    r1611 = set(pack(compose_train(["experiment=record_1611"])).modules)
+    assert NEW_PARTS - {"pgolf.model.decode"} <= r1611 and "pgolf.model.decode" not in r1611
+    ar = pack(compose_train(["experiment=record_1263", "export.calibration.source=ar"]))
+    assert "pgolf.model.decode" in ar.modules
+
+
+def test_an_import_only_annotations_use_goes_with_its_dropped_module():
+    src = (
+        "from pkg.a import Used, OnlyAnnotated\nfrom pkg.b import Other\n"
+        "def f(x: OnlyAnnotated, y: Other) -> Used:\n    return Used(x)\n"
+    )
+    tree = ast.parse(src)
+    keys = {"pkg.__init__": 0, "pkg.a": 0, "pkg.b": 0}
+    drop_registrations(tree, keys, {"pkg.a"})  # pkg.b is kept: its name stays although only an annotation uses it
+    assert [[a.name for a in s.names] for s in tree.body[:2]] == [["Used"], ["Other"]]
+
+
+def test_a_program_without_a_part_refuses_what_needs_it(monkeypatch):
+    """Without its module (a packed file whose config did not use it), an SDClip rule is a ValueError naming
+    the part (a ConfigError when the export config is checked), a gated SmearGate or two-lane model and a
+    forward with `cu_seqlens` a LookupError; everything else still builds and runs."""
+    import torch
+
+    from pgolf.model.config import GPTConfig
+    from pgolf.model.gpt import GPT
+    from pgolf.quant.rules import QuantRule
+
+    for name in ("sdclip", "model_1611", "doc_attention", "decode"):
+        monkeypatch.delitem(optional.PARTS, name)
+    with pytest.raises(ValueError, match="clip sdclip: optional part 'sdclip' is not in this program"):
+        QuantRule(store="int", clip="sdclip", sigmas=12.85, scale_floor=False, name="m")
+    with pytest.raises(ValueError, match="sigmas applies only to store: int with clip: sdclip"):
+        QuantRule(store="int", sigmas=12.85)
+    QuantRule(store="int", clip="search")
+    small = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
+    with pytest.raises(LookupError, match="'model_1611' is not in this program"):
+        GPT(GPTConfig(**small, smear_gate="gated"))
+    m = GPT(GPTConfig(**small))
+    x = torch.randint(0, 64, (1, 8))
+    assert m(x).shape == (1, 8, 64)
+    with pytest.raises(LookupError, match="'doc_attention' is not in this program"):
+        m(x, cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32))
+    with pytest.raises(LookupError, match="'decode' is not in this program"):
+        m.new_cache(1, 8)

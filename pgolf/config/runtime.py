@@ -21,6 +21,17 @@ from pgolf.export.roundtrip import final_eval_plan
 from pgolf.optim.newton_schulz import ns_coefficients
 from pgolf.quant.rules import config_uses_gptq
 
+# The eval modes that run document-bounded attention (phased TTT's global phases, `global_doc_bounded`).
+DOC_ATTENTION_MODES = ("phased_ttt", "phased_ttt_1611")
+
+
+def uses_doc_attention(config: dict) -> bool:
+    """Whether a run of the plain config passes `cu_seqlens` to the model (pgolf/model/doc_attention.py):
+    training with `train.doc_attention` (its final evaluations then score document-bounded windows too), or
+    a final evaluation by one of DOC_ATTENTION_MODES."""
+    return bool(config["train"]["doc_attention"] or set(DOC_ATTENTION_MODES) & set(config["final_eval"]["modes"]))
+
+
 # Optional part (pgolf/optional.py) -> whether a run of a plain config needs it. The packer leaves out the
 # modules of the parts a packed config does not need.
 PART_RULES: dict[str, Callable[[dict], bool]] = {
@@ -32,6 +43,10 @@ PART_RULES: dict[str, Callable[[dict], bool]] = {
     "wandb_finish": lambda c: c["logger"]["kind"] == "wandb",
     "averaging": lambda c: c["callbacks"]["averaging"]["kind"] != "none",
     "pergroup": lambda c: bool({"pergroup", "pergroup_brotli"} & {c["export"]["codec"], *c["export"]["report_codecs"]}),
+    "sdclip": lambda c: any(r.get("clip") == "sdclip" for r in c["export"]["rules"]),
+    "doc_attention": lambda c: uses_doc_attention(c),
+    "model_1611": lambda c: c["model"]["smear_gate"] == "gated" or c["model"]["parallel_start_layer"] > 0,
+    "decode": lambda c: config_uses_gptq(c) and c["export"]["calibration"]["source"] == "ar",
 }
 
 

@@ -1,15 +1,23 @@
 """The state of incremental decoding: per-layer preallocated keys and values and the look-back of the
-input features. `GPT.new_cache` builds one and `GPT.decode` advances it (used by the AR self-generated
-GPTQ calibration of PR #1019).
+input features. `GPT.new_cache` builds one (`new_cache`) and `GPT.decode` advances it (used by the AR
+self-generated GPTQ calibration of PR #1019).
+
+An optional part of the runtime (pgolf/optional.py, `decode`): `GPT.new_cache` reaches `new_cache` through
+`optional.get("decode")`, so a packed train_gpt.py whose export does not self-generate its calibration
+leaves this module out.
 
 Shapes: B batch, T new positions, Hkv KV heads, D head dim.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
+
+from pgolf.model.layers import rope_tables
+from pgolf.optional import register
 
 
 class LayerKV:
@@ -55,3 +63,29 @@ class DecodeCache:
     def advance(self, idx: torch.Tensor) -> None:
         self.pos += idx.size(1)
         self.last_token = idx[:, -1:]
+
+
+def new_cache(model, batch: int, max_len: int, device=None, dtype: torch.dtype = torch.float32) -> DecodeCache:
+    """An empty KV cache of `model` (a GPT: one LayerKV [batch, Hkv, max_len, D] per entry of its
+    `schedule`) for up to `max_len` positions, on `device` (default: the model's).
+
+    RoPE: the cache encodes every position with the table of a `max_len`-long forward, so with NTK
+    scaling a cached decode of a `max_len` sequence gives exactly the logits of one full
+    forward of that sequence. The reference's cache-less generation instead re-runs the growing prefix,
+    whose RoPE base changes once the prefix passes `rope_ntk_base_len` (PR #1019's generator); we keep the base of
+    the final length, which is the one the model was trained with when max_len = train seq_len."""
+    cfg = model.cfg
+    device = device if device is not None else model.tok_emb.weight.device
+    r = cfg.rope_dims or cfg.head_dim
+    cos, sin = rope_tables(max_len, r, cfg.rope_base, cfg.rope_ntk_base_len, device)
+    layers = [
+        LayerKV(
+            torch.zeros(batch, cfg.num_kv_heads, max_len, cfg.head_dim, device=device, dtype=dtype),
+            torch.zeros(batch, cfg.num_kv_heads, max_len, cfg.head_dim, device=device, dtype=dtype),
+        )
+        for _ in model.schedule
+    ]
+    return DecodeCache(layers=layers, cos=cos, sin=sin, max_len=max_len)
+
+
+register("decode")(sys.modules[__name__])

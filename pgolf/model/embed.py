@@ -1,6 +1,6 @@
-"""The input-side features of the record stacks: SmearGate (the 1.1556 record and PR #549 forms, and the
-input-dependent gated form of PR #1667 / #1851), BigramHash and value embeddings
-(docs/techniques.md#smeargate).
+"""The input-side features of the record stacks: SmearGate (the 1.1556 record and PR #549 forms; the
+input-dependent gated form of PR #1667 / #1851 is pgolf/model/record_1611.py's `GatedSmear`), BigramHash and
+value embeddings (docs/techniques.md#smeargate).
 
 Each looks at the token ids (or the embedded inputs) and adds to, or mixes into, what the blocks read. The
 `before` arguments carry the one position of look-back across the boundary of an incremental decode step.
@@ -32,33 +32,6 @@ class SmearGate(nn.Module):
         else:
             prev = torch.cat((before.to(x.dtype), x[:, :-1]), dim=1)
         return g * x + (1 - g) * prev if self.form == "v5" else (1 - g) * x + g * prev
-
-
-class GatedSmear(nn.Module):
-    """Input-dependent SmearGate on the raw token embeddings e [B,T,d] (PR #1667, modded-nanogpt; BOS mask of
-    PR #1851, kept by PR #1611):
-
-        e_t <- e_t + lam * sigmoid(w . e_t[:window]) * e_{t-1} * [id_t != bos_id]      (t >= 1)
-
-    `gate` = w [1, window] and `lam` [1] start at 0 (the identity). The gate reads the current token; the BOS
-    mask stops the last token of one packed document leaking into the next one's BOS (bos_id -1: no mask, the
-    PR #1667 form)."""
-
-    form = "gated"
-
-    def __init__(self, window: int, bos_id: int, init: float | None):
-        super().__init__()
-        self.window, self.bos_id = window, bos_id
-        self.gate = nn.Parameter(torch.zeros(1, window))
-        self.lam = nn.Parameter(torch.full((1,), float(init if init is not None else 0.0)))
-
-    def forward(self, e, idx, before=None):  # e [B,T,d], idx [B,T]; `before` [B,1,d]: the raw embedding before e
-        g = self.lam.to(e.dtype) * torch.sigmoid(F.linear(e[..., : self.window], self.gate.to(e.dtype)))  # [B,T,1]
-        if self.bos_id >= 0:
-            g = g * (idx != self.bos_id).unsqueeze(-1).to(e.dtype)
-        if before is None:  # position 0 of the sequence is left as it is
-            return torch.cat((e[:, :1], e[:, 1:] + g[:, 1:] * e[:, :-1]), dim=1)
-        return e + g * torch.cat((before.to(e.dtype), e[:, :-1]), dim=1)
 
 
 class BigramHash(nn.Module):

@@ -3,7 +3,8 @@ recurrence, the two-lane parallel decoder), the tied or untied head with logit s
 document-bounded attention over packed rows and incremental decoding.
 
 Every feature sits behind a `GPTConfig` field (pgolf/model/config.py); the blocks are in
-pgolf/model/layers.py, the input features in pgolf/model/embed.py, document masks in pgolf/model/varlen.py.
+pgolf/model/layers.py, the input features in pgolf/model/embed.py, document masks in
+pgolf/model/doc_attention.py (an optional part, pgolf/optional.py: `optional.get("doc_attention")`).
 `GPT.decode` is an incremental decoding path with a KV cache (pgolf/model/decode.py; used by PR #1019's
 self-generated GPTQ calibration); the default forward does not use it.
 
@@ -24,11 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pgolf import optional
+from pgolf.model import decode as _decode  # noqa: F401  (registers the optional part `decode`)
+from pgolf.model import doc_attention as _doc_attention  # noqa: F401  (registers the optional part `doc_attention`)
+from pgolf.model import record_1611 as _record_1611  # noqa: F401  (registers the optional part `model_1611`)
 from pgolf.model.config import QAT_MODES, GPTConfig
-from pgolf.model.decode import DecodeCache, LayerKV
-from pgolf.model.embed import BigramHash, GatedSmear, SmearGate, ValueEmbedding
+from pgolf.model.decode import DecodeCache
+from pgolf.model.embed import BigramHash, SmearGate, ValueEmbedding
 from pgolf.model.layers import Block, CastedLinear, rms_norm, rope_tables
-from pgolf.model.varlen import DocumentMask
 
 
 def softcap_cross_entropy(
@@ -54,7 +58,7 @@ class GPT(nn.Module):
         self.bigram = BigramHash(cfg) if cfg.bigram != "none" else None
         self.smear = None
         if cfg.smear_gate == "gated":
-            self.smear = GatedSmear(cfg.gate_window, cfg.smear_bos_id, cfg.smear_init)
+            self.smear = optional.get("model_1611").GatedSmear(cfg.gate_window, cfg.smear_bos_id, cfg.smear_init)
         elif cfg.smear_gate != "none":
             self.smear = SmearGate(d, cfg.smear_gate, cfg.smear_init)
         self.ve_shared = ValueEmbedding(cfg) if cfg.ve_dim > 0 else None
@@ -184,10 +188,11 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Final-normed hidden states [B,T,d] (before the output projection). With `cache`, idx holds the
         next T tokens after the cached prefix (see `decode`). With `cu_seqlens` (int32 [S+1] over the
-        flattened B*T tokens, pgolf/model/varlen.py) no token attends across a segment boundary; positions
-        stay row positions (PR #1530). `doc_impl`: auto | mask | flex. Raises ValueError for cu_seqlens with
-        a cache, or with an input feature that looks back across the boundary unmasked (v5/record SmearGate,
-        BigramHash)."""
+        flattened B*T tokens, pgolf/model/varlen.py) no token attends across a segment boundary
+        (pgolf/model/doc_attention.py); positions stay row positions (PR #1530). `doc_impl`: auto | mask |
+        flex. Raises ValueError for cu_seqlens with a cache, or with an input feature that looks back across
+        the boundary unmasked (v5/record SmearGate, BigramHash); LookupError when the optional part
+        `doc_attention` is not in this program."""
         cfg = self.cfg
         B, T = idx.shape
         docs = None
@@ -199,7 +204,7 @@ class GPT(nn.Module):
                     "cu_seqlens: BigramHash and the v5/record SmearGate read the previous token across document "
                     "boundaries; document-bounded attention supports smear_gate none or gated"
                 )
-            docs = DocumentMask(cu_seqlens.to(idx.device), B, T, doc_impl)
+            docs = optional.get("doc_attention")(cu_seqlens.to(idx.device), B, T, doc_impl)  # a DocumentMask
         x = x0 = self.embed(idx, cache)
         r = cfg.rope_dims or cfg.head_dim
         if cache is None:
@@ -210,6 +215,7 @@ class GPT(nn.Module):
         schedule, n_enc = self.virtual_layers()
         skips: list[torch.Tensor] = []
         lanes: tuple[torch.Tensor, torch.Tensor] | None = None
+        forward_lanes = optional.get("model_1611").forward_lanes if cfg.parallel_start_layer > 0 else None
         for j, li in enumerate(schedule):
             ve = None
             if ve_base is not None and li in self._ve_slot:
@@ -228,7 +234,7 @@ class GPT(nn.Module):
             else:
                 lane0 = self._skip(j - n_enc, lanes[0], skips)  # the skip goes to the attention lane only
                 res, post = self.parallel_resid_lambdas[li], self.parallel_post_lambdas[li]
-                lanes = self.blocks[li].forward_lanes(lane0, lanes[1], x0, res, post, cos, sin, ve, lo, kv, docs)
+                lanes = forward_lanes(self.blocks[li], lane0, lanes[1], x0, res, post, cos, sin, ve, lo, kv, docs)
         if lanes is not None:
             lane = cfg.parallel_final_lane
             x = 0.5 * (lanes[0] + lanes[1]) if lane == "mean" else lanes[0] if lane == "attn" else lanes[1]
@@ -270,25 +276,9 @@ class GPT(nn.Module):
 
     # ---- incremental decoding ------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int, device=None, dtype: torch.dtype = torch.float32) -> DecodeCache:
-        """An empty KV cache for up to `max_len` positions.
-
-        RoPE: the cache encodes every position with the table of a `max_len`-long forward, so with NTK
-        scaling a cached decode of a `max_len` sequence gives exactly the logits of one full
-        forward of that sequence. The reference's cache-less generation instead re-runs the growing prefix,
-        whose RoPE base changes once the prefix passes `rope_ntk_base_len` (PR #1019's generator); we keep the base of
-        the final length, which is the one the model was trained with when max_len = train seq_len."""
-        cfg = self.cfg
-        device = device if device is not None else self.tok_emb.weight.device
-        r = cfg.rope_dims or cfg.head_dim
-        cos, sin = rope_tables(max_len, r, cfg.rope_base, cfg.rope_ntk_base_len, device)
-        layers = [
-            LayerKV(
-                torch.zeros(batch, cfg.num_kv_heads, max_len, cfg.head_dim, device=device, dtype=dtype),
-                torch.zeros(batch, cfg.num_kv_heads, max_len, cfg.head_dim, device=device, dtype=dtype),
-            )
-            for _ in self.schedule
-        ]
-        return DecodeCache(layers=layers, cos=cos, sin=sin, max_len=max_len)
+        """An empty KV cache for up to `max_len` positions: pgolf/model/decode.py `new_cache` (RoPE tables of a
+        `max_len`-long forward), the optional part `decode` (LookupError when it is not in this program)."""
+        return optional.get("decode").new_cache(self, batch, max_len, device, dtype)
 
     def decode(self, idx: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
         """Logits [B,T,V] of the next T tokens idx [B,T] after the cached prefix; appends them to the cache."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf.model.config import GPTConfig
-from pgolf.model.varlen import DocumentMask
+from pgolf.model.doc_attention import DocumentMask
 from pgolf.quant.numerics import fake_quant_rows
 
 
@@ -79,7 +79,8 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     """Causal GQA attention [B,T,d] -> [B,T,d]: q/k RMSNorm, (partial) RoPE, per-head q_gain, XSA on the last
     `xsa_last_n` layers, the sparse output gate; optional value-embedding and LoRA deltas, a KV cache for
-    incremental decoding, or document-bounded attention over packed rows (`docs`, pgolf/model/varlen.py).
+    incremental decoding, or document-bounded attention over packed rows (`docs`, a DocumentMask of
+    pgolf/model/doc_attention.py).
 
     Sparse attention output gate (PR #1787, kept by PR #1611): `attn_gate_w` [H, gate_window], zero init;
     per token and head y_h <- sigmoid(scale * attn_gate_w[h] . x[:gate_window]) * y_h, where x is this
@@ -169,7 +170,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Residual block [B,T,d] -> [B,T,d]: `resid_mix` with the embedding x0, then attention and MLP, each on the
     RMS-normed input times `norm_scale` (1/sqrt(layer+1) of the physical layer with LN scale), sequential or
-    parallel (docs/techniques.md#model); `forward_lanes` is the two-lane form of PR #1530."""
+    parallel (docs/techniques.md#model); pgolf/model/record_1611.py's `forward_lanes` is the two-lane form of
+    PR #1530."""
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
@@ -191,19 +193,3 @@ class Block(nn.Module):
             return x + a + self.mlp_scale.to(x.dtype) * self.mlp(n)
         x = x + a
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
-
-    def forward_lanes(self, lane0, lane1, x0, resid, post, cos, sin, ve=None, lora=None, kv=None, docs=None):
-        """Two-lane parallel block (PR #1530, kept by PR #1611): lanes [B,T,d], resid [2] (the layer's
-        `parallel_resid_lambdas` row), post [2,2] (its `parallel_post_lambdas`: row 0 attention's, row 1 the
-        MLP's weights into lane 0 and lane 1). Attention reads lane0 mixed with x0 by `resid_mix`, the MLP
-        reads lane1 alone; returns (lane0', lane1') with
-        lane_i' = resid[i] lane_i + post[0,i] a + post[1,i] m."""
-        mix = self.resid_mix.to(lane0.dtype)
-        attn_in = mix[0] * lane0 + mix[1] * x0
-        a = self.attn(rms_norm(attn_in) * self.norm_scale, cos, sin, ve, lora, kv, docs)
-        a = self.attn_scale.to(lane0.dtype) * a
-        m = self.mlp_scale.to(lane1.dtype) * self.mlp(rms_norm(lane1) * self.norm_scale)
-        r, p = resid.to(lane0.dtype), post.to(lane0.dtype)
-        lane0 = r[0] * lane0 + p[0, 0] * a + p[1, 0] * m
-        lane1 = r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
-        return lane0, lane1

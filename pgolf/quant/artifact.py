@@ -291,13 +291,18 @@ def decode_artifact(data: bytes, max_raw_bytes: int = MAX_RAW_BYTES) -> tuple[by
 
 def _open_stream(src: bytes | memoryview, codec: str, raw_len: int) -> _Inflate:
     """The decompressed payload of a file's compressed bytes as a bounded stream."""
-    return _GroupInflate(src, codec, raw_len) if codec in PERGROUP_BACKENDS else _Inflate(src, codec, raw_len)
+    return _Inflate(src, codec, raw_len)
 
 
 class _Inflate:
     """The decompressed payload as a stream, produced at most `n` bytes at a time from compressed input fed
     IN_CHUNK bytes at a time, so memory stays bounded whatever the stream declares. `codec` None: `src` is
-    the payload itself."""
+    the payload itself. A per-group container (pgolf/quant/pergroup.py `PayloadStream`, the optional part
+    `pergroup`) streams its remainder (brotli, the header at its start) until the header is known; then, told
+    the checked table (`set_table`: the routing, every stream's length checked against it), the routed
+    matrices' bytes, decoded all groups at once on the first read that reaches one (so after the caller's
+    `check`), spliced in at their offsets. Memory: the decoded matrices (each released once read) plus their
+    compressed groups."""
 
     def __init__(self, src: bytes | memoryview, codec: str | None, raw_len: int):
         self.src, self.codec, self.raw_len = memoryview(src), codec, raw_len
@@ -310,11 +315,23 @@ class _Inflate:
             self.d = zstandard.ZstdDecompressor().stream_reader(self.src, read_size=IN_CHUNK)
         elif codec == "brotli":
             self.d = BrotliReader(self.src, IN_CHUNK)
+        elif codec in PERGROUP_BACKENDS:
+            try:
+                self.d = _pg().PayloadStream(
+                    self.src, PERGROUP_BACKENDS[codec], lambda rest: _Inflate(rest, "brotli", raw_len)
+                )
+            except ValueError as e:  # PerGroupError
+                raise ArtifactError(str(e)) from None
         elif codec is not None:
             raise ArtifactError(f"unknown codec {codec!r}")
 
     def set_table(self, table: dict[str, TensorRecord], hlen: int) -> None:
         """Told the checked tensor table once the header is read (the per-group stream routes by it)."""
+        if self.codec in PERGROUP_BACKENDS:
+            try:
+                self.d.set_table(_routing(table, hlen), hlen)
+            except ValueError as e:  # PerGroupError
+                raise ArtifactError(str(e)) from None
 
     def _feed(self) -> bytes:
         chunk = self.src[self.pos : self.pos + IN_CHUNK]
@@ -327,7 +344,7 @@ class _Inflate:
             out = bytes(self.src[self.pos : self.pos + n])
             self.pos += len(out)
             return out
-        if self.codec in ("zstd", "brotli"):
+        if self.codec in ("zstd", "brotli") or self.codec in PERGROUP_BACKENDS:
             return self.d.read(n)
         for _ in range(len(self.src) // IN_CHUNK + 3):  # each round feeds input or returns
             if self.codec == "zlib":
@@ -381,56 +398,6 @@ class _Inflate:
                 f"payload decompresses to more bytes than the declared {self.raw_len} (corrupt artifact or "
                 "decompression bomb)"
             )
-
-
-class _GroupInflate(_Inflate):
-    """The payload of a per-group container (pgolf/quant/pergroup.py) as a stream: the remainder (brotli,
-    the header at its start) streamed until the header is known; then, told the checked table (`set_table`:
-    the routing, every stream's length checked against it), the routed matrices' bytes, decoded all groups
-    at once on the first read that reaches one (so after the caller's `check`), spliced in at their offsets.
-    Memory: the decoded matrices (each released once read) plus their compressed groups."""
-
-    def __init__(self, src: bytes | memoryview, codec: str, raw_len: int):
-        self.codec, self.raw_len, self.backend = codec, raw_len, PERGROUP_BACKENDS[codec]
-        try:
-            self.streams = _pg().split_container(src)
-            if self.backend == "lrzip" and any(len(s) for s in self.streams[: len(_pg().GROUPS)]):
-                _pg().lrzip_path()
-        except ValueError as e:  # PerGroupError
-            raise ArtifactError(str(e)) from None
-        self.rest = _Inflate(self.streams[_pg().REMAINDER], "brotli", raw_len)
-        self.pos, self.next = 0, 0
-        self.spans: list[tuple[int, int, int]] | None = None  # (start, end, index into the decoded list)
-        self.decoder = None  # a _pg().Decoder once the table is known
-        self.mats: list[memoryview | None] | None = None
-
-    def set_table(self, table: dict[str, TensorRecord], hlen: int) -> None:
-        if self.pos != 4 + hlen:
-            raise ArtifactError(f"pergroup: the table arrived at byte {self.pos}, not after the header ({4 + hlen})")
-        routed = _routing(table, hlen)
-        try:
-            self.decoder = _pg().Decoder(self.streams, routed, self.backend)
-        except ValueError as e:  # PerGroupError
-            raise ArtifactError(str(e)) from None
-        self.spans = sorted((r.offset, r.offset + r.nbytes, i) for i, r in enumerate(routed))
-
-    def _produce(self, n: int) -> bytes:
-        spans = self.spans or []
-        if self.next < len(spans) and self.pos >= spans[self.next][0]:
-            if self.mats is None:
-                self.mats = [memoryview(m.reshape(-1)).cast("B") for m in self.decoder.decode()]
-            start, end, i = spans[self.next]
-            out = bytes(self.mats[i][self.pos - start : min(end, self.pos + n) - start])
-            if self.pos + len(out) == end:
-                self.mats[i], self.next = None, self.next + 1
-        else:
-            limit = n if self.next >= len(spans) else min(n, spans[self.next][0] - self.pos)
-            try:
-                out = self.rest.produce(limit)
-            except ArtifactError as e:
-                raise ArtifactError(f"pergroup stream remainder: {e}") from None
-        self.pos += len(out)
-        return out
 
 
 # ---- the header ---------------------------------------------------------------------------------

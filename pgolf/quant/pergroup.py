@@ -431,6 +431,53 @@ class Decoder:
         return out
 
 
+class PayloadStream:
+    """The raw payload of a container as a stream (pgolf/quant/artifact.py reads a pergroup artifact through
+    it): the remainder, streamed by `remainder(stream)` (an object whose `produce(n)` gives up to n bytes, b""
+    at its end; the artifact's bounded brotli stream), until the header is known; then, told the routing
+    (`set_table`, after the caller checked the header: every stream's length checked against it, `Decoder`),
+    the routed matrices' bytes, decoded all groups at once on the first read that reaches one, spliced in at
+    their offsets. Memory: the decoded matrices (each released once read) plus their compressed groups.
+    Raises PerGroupError naming the stream (the remainder's errors prefixed `pergroup stream remainder:`)."""
+
+    def __init__(self, data: bytes | memoryview, backend: str, remainder: Callable[[memoryview], object]):
+        self.backend = backend
+        self.streams = split_container(data)
+        if backend == "lrzip" and any(len(s) for s in self.streams[: len(GROUPS)]):
+            lrzip_path()
+        self.rest = remainder(self.streams[REMAINDER])
+        self.pos, self.next = 0, 0
+        self.spans: list[tuple[int, int, int]] | None = None  # (start, end, index into the decoded list)
+        self.decoder: Decoder | None = None  # once the routing is known
+        self.mats: list[memoryview | None] | None = None
+
+    def set_table(self, routed: Sequence[Routed], hlen: int) -> None:
+        """Told the routing (`route` of the checked header) once the `hlen`-byte header was read."""
+        if self.pos != 4 + hlen:
+            raise PerGroupError(f"pergroup: the table arrived at byte {self.pos}, not after the header ({4 + hlen})")
+        self.decoder = Decoder(self.streams, routed, self.backend)
+        self.spans = sorted((r.offset, r.offset + r.nbytes, i) for i, r in enumerate(routed))
+
+    def read(self, n: int) -> bytes:
+        """Up to n (> 0) bytes of the payload; b"" only at its end."""
+        spans = self.spans or []
+        if self.next < len(spans) and self.pos >= spans[self.next][0]:
+            if self.mats is None:
+                self.mats = [memoryview(m.reshape(-1)).cast("B") for m in self.decoder.decode()]
+            start, end, i = spans[self.next]
+            out = bytes(self.mats[i][self.pos - start : min(end, self.pos + n) - start])
+            if self.pos + len(out) == end:
+                self.mats[i], self.next = None, self.next + 1
+        else:
+            limit = n if self.next >= len(spans) else min(n, spans[self.next][0] - self.pos)
+            try:
+                out = self.rest.produce(limit)
+            except ValueError as e:  # the artifact's ArtifactError
+                raise PerGroupError(f"pergroup stream remainder: {e}") from None
+        self.pos += len(out)
+        return out
+
+
 # The per-group codecs are an optional part (pgolf/optional.py): pgolf/quant/artifact.py reaches this module
 # through `optional.get("pergroup")`, so a packed train_gpt.py whose export does not use them leaves it out.
 register("pergroup")(sys.modules[__name__])

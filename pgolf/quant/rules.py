@@ -8,7 +8,8 @@ list), `max_numel` / `min_numel`, `ndim`. Storage: `raw` (as is), `fp16`, `fp32`
 dtype on load), or `int` with `bits` (2..8), `granularity` (`row` or `tensor`), `clip` (a per-row quantile
 such as 0.9999984, `max`, `search` = GPTQ-lite's one clip level per matrix, `search_rows` = the best
 level for each row; the levels are `clips`; or `sdclip` = SDClip, PR #1394: a row scale
-`fp16(sigmas·std(w_r)/qmax)` with no search, `sigmas` per rule as PR #1586's per-class sigmas) and `method`
+`fp16(sigmas·std(w_r)/qmax)` with no search, `sigmas` per rule as PR #1586's per-class sigmas, in
+pgolf/quant/sdclip.py, an optional part) and `method`
 (`rtn` round-to-nearest, or `gptq` = full-Hessian GPTQ with the same clip choice, arXiv:2210.17323,
 `pgolf/quant/gptq.py`).
 
@@ -26,7 +27,6 @@ pgolf/quant/lqer.py): it de-quantizes to `diag(s)·q + A·B`.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -35,6 +35,7 @@ import torch
 
 from pgolf import optional
 from pgolf.model.roles import CONTROL_PATTERNS
+from pgolf.quant import sdclip as _sdclip_part  # noqa: F401  (registers the optional part `sdclip`: pgolf/optional.py)
 from pgolf.quant.numerics import (
     GPTQ_LITE_CLIPS,
     LQERFactors,
@@ -43,7 +44,6 @@ from pgolf.quant.numerics import (
     round_codes,
     round_codes_or_zero,
     scale_from_clip,
-    sdclip_scale_rows,
 )
 from pgolf.quant.settings import GPTQSettings
 
@@ -118,26 +118,13 @@ class QuantRule:
         self._control_set = self._resolve_control_patterns(who)
 
     def _check_sdclip(self, who: str) -> None:
-        """`clip: sdclip` needs `sigmas` (a positive number) and a per-row fp16 scale with its own floor;
-        `sigmas` means nothing without it."""
-        sd = self.store == "int" and self.clip == "sdclip"
-        if not sd:
-            if self.sigmas is not None:
-                raise ValueError(f"{who}: sigmas applies only to store: int with clip: sdclip")
-            return
-        k = self.sigmas
-        if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k) or k <= 0:
-            raise ValueError(f"{who}: clip sdclip needs sigmas, a positive number (e.g. 12.85), got {k!r}")
-        if self.granularity != "row":
-            raise ValueError(f"{who}: clip sdclip is per row (granularity: row)")
-        if self.scale_floor:
-            raise ValueError(
-                f"{who}: clip sdclip has its own scale floor (1e-10, PR #1394), not 1/qmax: set scale_floor: false"
-            )
-        if self.divide_by != "fp16":
-            raise ValueError(f"{who}: clip sdclip computes codes with the stored fp16 scale (divide_by: fp16)")
-        if self.clips is not None:
-            raise ValueError(f"{who}: clips applies to clip search/search_rows, not sdclip")
+        """`sigmas` means nothing without `clip: sdclip`; a `clip: sdclip` rule is checked by the optional
+        part `sdclip` (pgolf/quant/sdclip.py `check_rule`): ValueError naming the rule, also when the part is
+        not in this program."""
+        if self.store == "int" and self.clip == "sdclip":
+            _sdclip(who).check_rule(self, who)
+        elif self.sigmas is not None:
+            raise ValueError(f"{who}: sigmas applies only to store: int with clip: sdclip")
 
     def _resolve_control_patterns(self, who: str) -> tuple[str, ...]:
         cp = self.control_patterns
@@ -181,6 +168,15 @@ class QuantRule:
         if self.min_numel is not None and t.numel() < self.min_numel:
             return False
         return self.ndim is None or t.ndim == self.ndim
+
+
+def _sdclip(who: str):
+    """pgolf/quant/sdclip.py, the optional part `sdclip` (left out of a packed train_gpt.py whose export rules do
+    not use it). Raises ValueError naming `who` when it is not loaded."""
+    try:
+        return optional.get("sdclip")
+    except LookupError as e:
+        raise ValueError(f"{who}: clip sdclip: {e}") from None
 
 
 def rules_from_config(rules: list[dict]) -> list[QuantRule]:
@@ -227,22 +223,6 @@ def quantize_rows(
     # 0/0 := 0 where an unfloored fp16 scale underflows (an all-zero row, e.g. a zero-init gate)
     q = round_codes_or_zero(w, s32 if divide_by == "fp32" else s16, qmax, qmin).to(torch.int8)
     return q, s16.half().view(-1)
-
-
-def quantize_rows_sdclip(
-    w: torch.Tensor, bits: int, sigmas: float, full_range: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest per row of w [rows, cols >= 2] with SDClip scales (PR #1394): (q int8 [rows, cols],
-    scale fp16 [rows]); `s_r = fp16(max(sigmas·std(w_r)/qmax, 1e-10))` (`sdclip_scale_rows`),
-    `q = clamp(round(w/s_r), ±qmax)` ([-qmax-1, qmax] with `full_range`): weights beyond the clamp are
-    clipped by it, with no clip search. A row whose fp16 scale underflows to 0 stores codes 0 (it
-    de-quantizes to 0 whatever its codes), as `gptq_quantize` with sigmas does. Raises ValueError for a
-    tensor that is not 2-D or has fewer than 2 columns."""
-    s = sdclip_scale_rows(w, bits, sigmas)
-    qmin, qmax = code_bounds(bits, full_range)
-    q = round_codes(w.float(), torch.where(s == 0, 1.0, s.float())[:, None], qmax, qmin)
-    q[s == 0] = 0
-    return q.to(torch.int8), s
 
 
 def quantize_tensor(
@@ -342,7 +322,7 @@ def quantize_tensor_by_rule(
     per_row = rule.clip == "search_rows"
     if rule.clip == "sdclip":
         check_rule_fits(name, t, rule)
-        q, s = _quantize_sdclip(t, rule, hessian, gptq, info)
+        q, s = _sdclip(f"quant rule {rule.name or rule.pattern!r}").quantize(t, rule, hessian, gptq, info)
     elif rule.granularity == "tensor" or t.ndim != 2:
         clip = 1.0 if isinstance(rule.clip, str) else float(rule.clip)
         q, s = quantize_tensor(t, bits, clip, floor, full_range=full)
@@ -373,26 +353,6 @@ def quantize_tensor_by_rule(
     return QuantEntry(
         kind="int", shape=shape, orig_dtype=orig, q=q.contiguous(), scale=s.contiguous(), bits=bits, info=info
     )
-
-
-def _quantize_sdclip(
-    t: torch.Tensor, rule: QuantRule, hessian: torch.Tensor | None, gptq: GPTQSettings | None, info: dict
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDClip codes and scales of a matrix by `rule` (PR #1394): full GPTQ with SDClip scales when the rule
-    says `method: gptq` and there is a Hessian, else round-to-nearest with SDClip scales (`info["method"]`
-    `rtn`, or `rtn_fallback` for a GPTQ rule without a Hessian). Fills `info` (clip, sigmas)."""
-    bits, full, k = int(rule.bits), rule.code_range == "full", float(rule.sigmas)
-    info.update(clip="sdclip", sigmas=k)
-    if rule.method == "gptq" and hessian is not None:
-        g = gptq or GPTQSettings()
-        q, s, ginfo = optional.get("gptq")(
-            t, hessian, bits, (), block_size=g.block_size, damp=g.damp, act_order=g.act_order,
-            full_range=full, sigmas=k,
-        )  # fmt: skip
-        info.update(ginfo)
-        return q, s
-    info["method"] = "rtn" if rule.method == "rtn" else "rtn_fallback"
-    return quantize_rows_sdclip(t, bits, k, full)
 
 
 def check_rule_fits(name: str, t: torch.Tensor, rule: QuantRule) -> None:

@@ -5,8 +5,9 @@ source made small with the standard library's `ast`.
   package is `name.__init__`.
 - `collect`: the modules reachable from an entry over its imports (module level and inside functions;
   each import also loads the packages above the module). An import that only registers something (its
-  bound name is never used in the importing module) of a module in `drop` is removed from the source
-  first, so an eval mode the experiment does not run is not packed. A tool module is never reachable
+  bound name is never used in the importing module, or only in function annotations) of a module in `drop`
+  is removed from the source first, so an eval mode or an optional part the experiment does not use is not
+  packed. A tool module is never reachable
   (tests/test_imports.py); meeting one raises PackError.
 - `minify`: docstrings, comments, function annotations and `if __name__ == "__main__":` blocks removed,
   then `shake` drops the top-level functions and classes that no packed code names, `unparse` writes the
@@ -131,10 +132,14 @@ def import_targets(node: ast.Import | ast.ImportFrom, where: str) -> list[tuple[
     return out + [(f"{node.module}.{a.name}", a.asname or a.name) for a in node.names]
 
 
-def used_names(tree: ast.AST) -> set[str]:
-    """Every Name and the dotted form of every attribute chain read in `tree`."""
+def used_names(tree: ast.AST, annotations: bool = True) -> set[str]:
+    """Every Name and the dotted form of every attribute chain read in `tree`; with `annotations` False,
+    not those read only in function annotations (`strip` removes them)."""
+    skip = set() if annotations else {id(n) for a in _function_annotations(tree) for n in ast.walk(a)}
     out = set()
     for n in ast.walk(tree):
+        if id(n) in skip:
+            continue
         if isinstance(n, ast.Name):
             out.add(n.id)
         elif isinstance(n, ast.Attribute) and (d := dotted(n)):
@@ -142,17 +147,32 @@ def used_names(tree: ast.AST) -> set[str]:
     return out
 
 
+def _function_annotations(tree: ast.AST) -> list[ast.expr]:
+    """The argument and return annotations of every function in `tree`."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            a = node.args
+            args = [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]
+            out += [x.annotation for x in args if x is not None and x.annotation is not None]
+            if node.returns is not None:
+                out.append(node.returns)
+    return out
+
+
 def drop_registrations(tree: ast.Module, keys: dict, drop: set[str]) -> None:
     """Remove from `tree`'s module-level imports those of modules in `drop` whose bound names the module
-    never uses (`from pgolf.eval import slot  # registers its modes`); an import whose name is used stays."""
+    never uses (`from pgolf.eval import slot  # registers its modes`), and the names imported from such a
+    module that only function annotations use (`from pgolf.model.decode import DecodeCache` for
+    `cache: DecodeCache | None`; `strip` removes the annotations); an import whose name is used stays."""
     hits = [s for s in tree.body if isinstance(s, ast.Import | ast.ImportFrom) and _imports_any(s, keys, drop)]
     if not hits:
         return
-    used = used_names(tree)
+    used, annotated = used_names(tree, annotations=False), used_names(tree)
     kept = []
     for stmt in tree.body:
         if any(stmt is h for h in hits):
-            stmt = _without_dropped(stmt, keys, drop, used)
+            stmt = _without_dropped(stmt, keys, drop, used, annotated)
         if stmt is not None:
             kept.append(stmt)
     tree.body = kept
@@ -162,15 +182,19 @@ def _imports_any(stmt: ast.Import | ast.ImportFrom, keys: dict, drop: set[str]) 
     return not getattr(stmt, "level", 0) and any(module_of(name, keys) in drop for name, _ in import_targets(stmt, ""))
 
 
-def _without_dropped(stmt: ast.Import | ast.ImportFrom, keys: dict, drop: set[str], used: set[str]):
-    """`stmt` less its aliases that import a module of `drop` and bind a name `used` lacks; None if empty."""
+def _without_dropped(
+    stmt: ast.Import | ast.ImportFrom, keys: dict, drop: set[str], used: set[str], annotated: set[str]
+):
+    """`stmt` less its aliases of a module of `drop` that bind a name `used` (outside function annotations)
+    lacks: a module, or a name the annotations use (`annotated`); None if empty."""
     aliases = []
     for a in stmt.names:
         name = a.name if isinstance(stmt, ast.Import) else f"{stmt.module}.{a.name}"
         bound = a.asname or (a.name if isinstance(stmt, ast.ImportFrom) else a.name)
         is_module = module_of(name, keys) == name or module_of(name, keys) == f"{name}.{INIT}"
         in_use = bound in used or any(u.startswith(bound + ".") for u in used)
-        if not (is_module and module_of(name, keys) in drop and not in_use):
+        droppable = is_module or bound in annotated
+        if not (droppable and module_of(name, keys) in drop and not in_use):
             aliases.append(a)
     if not aliases:
         return None
