@@ -417,8 +417,9 @@ def reproduce_lines(sub: dict, packed: list[str], cmds: list[str]) -> list[str]:
         "```",
         "",
         f"`{SCRIPT}` ({sub['bytes_code']:,} bytes, sha256 `{sub['code_sha256']}`) holds the runtime and the resolved "
-        "config (compressed, in one ASCII string literal); each run writes `logs/<RUN_ID>.txt`, the artifact and `results.json` "
-        "here. `ITERATIONS`, `MAX_WALLCLOCK_SECONDS`, `VAL_LOSS_EVERY` and `key=value` arguments override the config.",
+        "config (compressed, in one ASCII string literal); each run writes `logs/<RUN_ID>.txt`, the artifact and "
+        "`results.json` here. `ITERATIONS`, `MAX_WALLCLOCK_SECONDS`, `VAL_LOSS_EVERY` and `key=value` arguments "
+        "override the config.",
         "",
         "The same runs from the pgolf repository (which packs this file from `conf/`):",
         "",
