@@ -3,8 +3,9 @@
 At `on_train_end` (after any weight-averaging callback listed before it has swapped in its weights, and
 after the challenge clock, handed in at construction, has stopped):
 evaluate the float model (`DIAGNOSTIC pre_quant`), save the float weights for re-export, calibrate and
-collect Hessians if the scheme uses GPTQ (self-generated, or from the training stream, whose compliance
-depends on the training clock and its cap), quantize the weights with the configured scheme, prune to
+collect Hessians if the scheme uses GPTQ (self-generated, or from the training data: the training stream,
+or PR #1611's shuffled windows of the training shards; their compliance depends on the training clock and
+its cap), quantize the weights with the configured scheme, prune to
 the size target if asked, pack and compress them with the model config, tokenizer identity, provenance
 and calibration record, write the artifact atomically (rank 0), re-read it from disk on every rank,
 de-quantize into a fresh model, re-evaluate, and print the reference's size and round-trip lines. The
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from callbacks.wallclock import ChallengeClock
+from pgolf.data.shards import list_shards
 from pgolf.eval.core import CAUSAL_REASON, EvalContext, EvalResult
 from pgolf.eval.registry import scoring_line
 from pgolf.export.config import ExportConfig, ExportContext
@@ -136,6 +138,9 @@ class QuantizeExport(L.Callback):
             clock_ms=self.clock.elapsed_ms,
             run_clock=lambda: self.clock.running(pl_module),
             train_batches=lambda: iter(dm.train_stream(start_micro_step=0)),
+            train_files=lambda: list_shards(dm.train_pattern),  # sorted, as the stream reads them
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
             device=device,
             autocast_dtype=autocast,
         )

@@ -47,6 +47,7 @@ PART_RULES: dict[str, Callable[[dict], bool]] = {
     "doc_attention": lambda c: uses_doc_attention(c),
     "model_1611": lambda c: c["model"]["smear_gate"] == "gated" or c["model"]["parallel_start_layer"] > 0,
     "decode": lambda c: config_uses_gptq(c) and c["export"]["calibration"]["source"] == "ar",
+    "shuffled_calibration": lambda c: config_uses_gptq(c) and c["export"]["calibration"]["source"] == "train_shuffled",
 }
 
 

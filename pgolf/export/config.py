@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 
@@ -77,7 +78,12 @@ class ExportConfig:
             names = [r.name for r in rules if r.method == "gptq"]
             raise ValueError(
                 f"export rules {names} use method gptq, which needs calibration data: set export.calibration.source "
-                "to ar (self-generated) or train"
+                "to ar (self-generated), train or train_shuffled"
+            )
+        if self.gptq.hessian_norm == "batches" and self.calibration.count % self.gptq.batch:
+            raise ValueError(
+                f"export.gptq.hessian_norm=batches divides by whole batches: calibration.count "
+                f"{self.calibration.count} is not a multiple of gptq.batch {self.gptq.batch}"
             )
         if self.lqer.enabled and not uses_gptq(rules):
             raise ValueError("export.lqer.enabled corrects the matrices of method: gptq rules, and no rule uses gptq")
@@ -104,7 +110,9 @@ class ExportConfig:
 @dataclass
 class ExportContext:
     """What the export needs from the run besides the weights: the seed (for self-generation), the training
-    clock (for calibration compliance), the training stream (train-data calibration), device and autocast.
+    clock (for calibration compliance), the training stream (`train` calibration), the sorted training shard
+    files with the process's rank and the run's world size (`train_shuffled` calibration, PR #1611: rank r
+    reads `files[r::world_size]`; the export calibrates on rank 0), device and autocast.
 
     Inside a training run the challenge clock itself is given: `clock_ms()` reads it (ms) and `run_clock()`
     is a context manager that runs it over a block, so calibration and Hessians (which read training data)
@@ -118,6 +126,9 @@ class ExportContext:
     clock_ms: Callable[[], float] | None = None
     run_clock: Callable[[], AbstractContextManager] | None = None
     train_batches: Callable[[], Iterable] | None = None
+    train_files: Callable[[], list[Path]] | None = None
+    rank: int = 0
+    world_size: int = 1
     device: torch.device | None = None
     autocast_dtype: torch.dtype | None = None
 

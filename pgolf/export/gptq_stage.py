@@ -1,7 +1,9 @@
 """The export's full-GPTQ stage (optional part `gptq_calibration`, pgolf/optional.py): calibration sequences
 from the configured source, then the Hessians of every quantized linear (PR #1019,
-records/track_10min_16mb/2026-03-25_ValCalib_GPTQ_XSA_BigramHash3072). pgolf/export/stages.py runs it when
-a rule uses `method: gptq`; the quantization itself is the part `gptq` (pgolf/quant/gptq.py).
+records/track_10min_16mb/2026-03-25_ValCalib_GPTQ_XSA_BigramHash3072), divided by `gptq.hessian_norm` and
+left where GPTQ will run (`gptq.device`: cpu, as the records, or the model's device). pgolf/export/stages.py
+runs it when a rule uses `method: gptq`; the quantization itself is the part `gptq` (pgolf/quant/gptq.py),
+which runs where the Hessian it is given lives.
 """
 
 from __future__ import annotations
@@ -26,8 +28,17 @@ def calibration_hessians(gpt: GPT, cfg: ExportConfig, ctx: ExportContext) -> tup
     start = ctx.clock_ms() if ctx.clock_ms is not None else ctx.train_time_ms
     with ctx.run_clock() if ctx.run_clock is not None else nullcontext():
         batches = ctx.train_batches() if c.source == "train" and ctx.train_batches is not None else None
+        files = ctx.train_files() if c.source == "train_shuffled" and ctx.train_files is not None else None
         seqs, info = calibrate(
-            gpt, c, seed=ctx.seed, train_batches=batches, device=ctx.device, autocast_dtype=ctx.autocast_dtype
+            gpt,
+            c,
+            seed=ctx.seed,
+            train_batches=batches,
+            train_files=files,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            device=ctx.device,
+            autocast_dtype=ctx.autocast_dtype,
         )
         log0(
             f"gptq:calibrating source:{c.source} count:{info['count']} length:{info['length']} "
@@ -41,14 +52,28 @@ def calibration_hessians(gpt: GPT, cfg: ExportConfig, ctx: ExportContext) -> tup
             device=ctx.device,
             autocast_dtype=ctx.autocast_dtype,
             output_head=needs_output_hessian(gpt, rules_from_config(cfg.rules)),
+            norm=cfg.gptq.hessian_norm,
+            out_device="cpu" if cfg.gptq.device == "cpu" else None,
         )
-    log0(f"gptq:hessians layers:{hinfo['layers']} tokens:{hinfo['tokens']} time:{hinfo['seconds']:.1f}s")
+    log0(
+        f"gptq:hessians layers:{hinfo['layers']} tokens:{hinfo['tokens']} batches:{hinfo['batches']} "
+        f"divided_by:{hinfo['divided_by']} ({hinfo['norm']}) gptq_device:{cfg.gptq.device} "
+        f"time:{hinfo['seconds']:.1f}s"
+    )
     used = info["seconds"] + hinfo["seconds"]
     stamps = clock_stamps(start, used, ctx)
     if stamps["clock_end_ms"] is not None:
         used = (stamps["clock_end_ms"] - stamps["clock_start_ms"]) / 1000.0
     comp = compliance(c.source, used, start, ctx.cap_ms)
-    record = {**info, "hessian_seconds": hinfo["seconds"], "hessian_layers": hinfo["layers"], **stamps, **comp}
+    record = {
+        **info,
+        "hessian_seconds": hinfo["seconds"],
+        "hessian_layers": hinfo["layers"],
+        "hessian_norm": hinfo["norm"],
+        "hessian_divisor": hinfo["divided_by"],
+        **stamps,
+        **comp,
+    }
     cap = f"{ctx.cap_ms / 1000:.1f}s" if ctx.cap_ms else "none"
     if stamps["clock_start_ms"] is not None:
         log0(

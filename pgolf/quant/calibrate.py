@@ -9,18 +9,25 @@ Two sources, chosen by the export config's `calibration.source`:
   table is the one of a `length`-token forward (see `GPT.new_cache`). No training or validation data is
   read, so it is compliant whenever it runs.
 * `train`: `count` sequences of `length` tokens from the start of the training stream (as PR #1263
-  calibrated on 32 training batches). Reading training data after the training window closed is not
-  allowed (PRs #535/#569/#593/#609), so this source is compliant only if training time plus
-  calibration time fits under the training cap.
+  calibrated on 32 training batches).
+* `train_shuffled`: `count` windows of `length` tokens drawn by PR #1611's `ShuffledSequenceLoader`
+  (pgolf/data/shuffled.py) from rank 0's shard files `files[0::world_size]`, RNG seed = the rank (0) unless
+  `seed` is set: the inputs (first `length` tokens) of each `length + 1`-token window, in draw order, so
+  forwards of 48 rows are the record's calibration batches (16 × 48 × 2048 as PR #1611 runs it).
+Reading training data after the training window closed is not allowed (PRs #535/#569/#593/#609), so the two
+training-data sources are compliant only if training time plus calibration time fits under the training cap.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
+from pgolf import optional
+from pgolf.data import shuffled as _shuffled_part  # noqa: F401  (registers the optional part shuffled_calibration)
 from pgolf.quant.gptq import cpu_threads
 from pgolf.quant.settings import CalibrationConfig
 
@@ -90,22 +97,56 @@ def train_sequences(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count:
     return torch.cat(rows)[:count].long().cpu()
 
 
+def shuffled_sequences(
+    files: Sequence[str | os.PathLike],
+    count: int,
+    length: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """The inputs [count, length] (int64, CPU) of the first `count` windows PR #1611's
+    `ShuffledSequenceLoader` draws for `rank` of `world_size` from the sorted training shard `files` (seed:
+    the rank unless given), in draw order (pgolf/data/shuffled.py, the optional part `shuffled_calibration`).
+    ValueError when the rank owns no whole window; LookupError when the part is not in this program."""
+    loader = optional.get("shuffled_calibration").ShuffledSequenceLoader(
+        files, length, rank, world_size, seed, vocab_size
+    )
+    x, _ = loader.next_batch(count)
+    return x
+
+
 def calibrate(
     model,
     cfg: CalibrationConfig,
     *,
     seed: int,
     train_batches: Iterable | None = None,
+    train_files: Sequence[str | os.PathLike] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
     device=None,
     autocast_dtype=None,
 ) -> tuple[torch.Tensor, dict]:
-    """(sequences [count, length], info) from the configured source; info has the timing."""
+    """(sequences [count, length], info) from the configured source; info has the timing. `train_batches`
+    feed `train`; `train_files` (the sorted training shards), `rank` and `world_size` (overridden by
+    `cfg.world_size`) feed `train_shuffled`. ValueError when the source's input is missing."""
     if cfg.source == "none":
-        raise ValueError("calibration.source is none, but GPTQ needs calibration sequences (ar or train)")
+        raise ValueError("calibration.source is none, but GPTQ needs calibration sequences (ar, train, train_shuffled)")
     t0 = time.perf_counter()
-    seed = int(cfg.seed if cfg.seed is not None else seed)
+    world = int(cfg.world_size or world_size)
+    if cfg.source == "train_shuffled":
+        seed = int(cfg.seed) if cfg.seed is not None else rank
+    else:
+        seed = int(cfg.seed if cfg.seed is not None else seed)
     if cfg.source == "ar":
         seqs = generate(model, cfg.count, cfg.length, cfg.temperature, seed, cfg.batch, device, autocast_dtype)
+    elif cfg.source == "train_shuffled":
+        if not train_files:
+            raise ValueError("calibration.source=train_shuffled needs the training shard files")
+        vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
+        seqs = shuffled_sequences(train_files, cfg.count, cfg.length, rank, world, seed, vocab)
     else:
         if train_batches is None:
             raise ValueError("calibration.source=train needs the training stream (a data module)")
@@ -123,4 +164,6 @@ def calibrate(
     }
     if cfg.source == "ar":
         info.update(temperature=cfg.temperature, seed=seed, batch=cfg.batch, kv_cache=True)
+    elif cfg.source == "train_shuffled":
+        info.update(seed=seed, rank=rank, world_size=world, files=len(train_files[rank::world]))
     return seqs, info

@@ -2,7 +2,9 @@
 
 `collect_hessians`: forward hooks on the model's `quantized_linears()` accumulate `Σ XᵀX` of each linear's
 input over calibration sequences (c_q/c_k/c_v read the same tensor, so its `XᵀX` is computed once and
-added to all three), divided by the number of sequences like the reference, optionally damped.
+added to all three), divided by the number of sequences (PR #1019) or of forward batches (PR #1611),
+optionally moved to another device first (PR #1611 moves them to the CPU, where its GPTQ runs), optionally
+damped.
 
 `gptq_quantize`: one matrix W [rows, cols] with its Hessian H [cols, cols] -> per-row intN codes and fp16
 scales. Dead inputs (diag H = 0) get diag 1 and a zero weight column; damping `damp·mean(diag H)·I`;
@@ -135,7 +137,7 @@ def gptq_quantize(
     qmin, qmax = code_bounds(bits, full_range)
     rows = w.size(0)
     s_sd = sdclip_scale_rows(w, bits, sigmas) if sigmas is not None else None
-    # runs where the Hessian lives (the GPU during a training-end export)
+    # runs where the Hessian lives: the CPU, or the GPU during a training-end export with gptq.device=model
     Wp, Hp, perm, n_dead = prepare_hessian(w.to(H.device, dtype), H.to(dtype), damp, act_order)
     U = _robust_upper_cholesky_of_inverse(Hp)
     inv = torch.argsort(perm)
@@ -232,13 +234,13 @@ def _forward_sequences(
     autocast_dtype: torch.dtype | None,
     after_batch: Callable[[], None],
     on_hidden: Callable[[torch.Tensor], None] | None = None,
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """`model.forward_hidden` over token ids [N, T], `batch` rows at a time, in eval mode (restored after);
-    `on_hidden` receives each batch's final-normed hidden states [B, T, d]. Returns (sequences, tokens)
-    seen."""
+    `on_hidden` receives each batch's final-normed hidden states [B, T, d]. Returns (sequences, tokens,
+    batches) seen."""
     was_training = model.training
     model.eval()
-    n_seq = n_tok = 0
+    n_seq = n_tok = n_batch = 0
     try:
         for i in range(0, seqs.size(0), batch):
             xb = seqs[i : i + batch].to(device)
@@ -248,10 +250,11 @@ def _forward_sequences(
                 on_hidden(h)
             n_seq += xb.size(0)
             n_tok += xb.numel()
+            n_batch += 1
             after_batch()
     finally:
         model.train(was_training)
-    return n_seq, n_tok
+    return n_seq, n_tok, n_batch
 
 
 @torch.no_grad()
@@ -264,13 +267,19 @@ def collect_hessians(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     output_head: bool = False,
+    norm: str = "sequences",
+    out_device: torch.device | str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """`Σ XᵀX` (fp32) of the input of every quantized linear over `sequences` [N, T] (token ids), divided
-    by the number of sequences, plus `damp·mean(diag)·I` (the PR #1019 record adds 0.01 here). With
-    `output_head`, also the output projection's (`output_head_name`: `tok_emb.weight` when tied), whose
+    """`Σ XᵀX` (fp32) of the input of every quantized linear over `sequences` [N, T] (token ids), fed `batch`
+    rows per forward; moved to `out_device` (None: stays on `device`), then divided by `norm`: `sequences`
+    (N, PR #1019) or `batches` (the number of forwards, ⌈N/batch⌉: PR #1611 divides by
+    GPTQ_CALIBRATION_BATCHES after `.cpu()`); plus `damp·mean(diag)·I` (the PR #1019 record adds 0.01 here).
+    With `output_head`, also the output projection's (`output_head_name`: `tok_emb.weight` when tied), whose
     input X is the final-normed hidden state [B·T, d] that `forward_hidden` returns (PR #1611's hook on
-    `final_norm`). Returns ({weight name: H [in, in] on the model's device}, info); raises ValueError with
-    no sequences."""
+    `final_norm`). Returns ({weight name: H [in, in] on `out_device` or the forward's device}, info); raises
+    ValueError with no sequences or an unknown `norm`."""
+    if norm not in ("sequences", "batches"):
+        raise ValueError(f"collect_hessians: norm {norm!r} is not sequences or batches")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     targets = linear_names(model)
     H = {
@@ -290,14 +299,25 @@ def collect_hessians(
     t0 = time.perf_counter()
     seqs = sequences if isinstance(sequences, torch.Tensor) else torch.cat(list(sequences))
     with xtx_hooks(targets, H) as forget:
-        n_seq, n_tok = _forward_sequences(model, seqs, batch, device, autocast_dtype, forget, on_hidden)
+        n_seq, n_tok, n_batch = _forward_sequences(model, seqs, batch, device, autocast_dtype, forget, on_hidden)
     if n_seq == 0:
         raise ValueError("no calibration sequences to collect Hessians from")
+    if out_device is not None:
+        H = {name: h.to(out_device) for name, h in H.items()}
+    n = n_seq if norm == "sequences" else n_batch
     for h in H.values():
-        h /= n_seq
+        h /= n
         if damp > 0:
             h += damp * torch.mean(torch.diag(h)) * torch.eye(h.size(0), device=h.device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    info = {"layers": len(H), "sequences": n_seq, "tokens": n_tok, "seconds": round(time.perf_counter() - t0, 3)}
+    info = {
+        "layers": len(H),
+        "sequences": n_seq,
+        "batches": n_batch,
+        "tokens": n_tok,
+        "norm": norm,
+        "divided_by": n,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     return H, info

@@ -8,24 +8,43 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+HESSIAN_NORMS = ("sequences", "batches")
+GPTQ_DEVICES = ("cpu", "model")
+
 
 @dataclass
 class GPTQSettings:
     """The export config's `gptq` section (docs/techniques.md#full-gptq): the column loop's block size and
     damping, act-order, the damping added to each Hessian when it is collected (the reference damps there
-    too, so twice in all), and how many calibration sequences go through the model per forward."""
+    too, so twice in all), how many calibration sequences go through the model per forward (`batch`), what
+    `Σ XᵀX` is divided by (`hessian_norm`) and where GPTQ runs (`device`).
+
+    hessian_norm: `sequences` (PR #1019: the number of calibration sequences) or `batches` (PR #1611: the
+    number of forward batches of `batch` sequences, GPTQ_CALIBRATION_BATCHES=16 of 48).
+    device: `cpu` moves the Hessians to the CPU once collected (before they are divided) and runs GPTQ there
+    (Cholesky, column loop, error propagation, in fp32); `model` leaves them, and GPTQ, on the model's device
+    (the GPU at a training-end export: faster, but not the records' arithmetic). cpu is the default because
+    every record with full GPTQ runs it on the CPU: PR #1019 accumulates its Hessians on the CPU, PR #1611
+    moves them there (`hessians[name].cpu() / n`) before `gptq_mixed_quantize`. On a CPU-only run both are
+    the same."""
 
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = True
     hessian_damp: float = 0.01
     batch: int = 8
+    hessian_norm: str = "sequences"
+    device: str = "cpu"
 
     def __post_init__(self):
         if self.block_size < 1 or self.batch < 1:
             raise ValueError(f"gptq.block_size ({self.block_size}) and gptq.batch ({self.batch}) must be >= 1")
         if self.damp < 0 or self.hessian_damp < 0:
             raise ValueError("gptq.damp and gptq.hessian_damp must be >= 0")
+        if self.hessian_norm not in HESSIAN_NORMS:
+            raise ValueError(f"gptq.hessian_norm {self.hessian_norm!r} not in {HESSIAN_NORMS}")
+        if self.device not in GPTQ_DEVICES:
+            raise ValueError(f"gptq.device {self.device!r} not in {GPTQ_DEVICES}")
 
 
 @dataclass
@@ -56,17 +75,23 @@ class LQERSettings:
         return asdict(self)
 
 
-SOURCES = ("none", "ar", "train")
+SOURCES = ("none", "ar", "train", "train_shuffled")
+TRAIN_SOURCES = ("train", "train_shuffled")  # read training data: compliant only inside the training budget
 
 
 @dataclass
 class CalibrationConfig:
-    source: str = "none"  # none | ar | train
+    """The export config's `calibration` section (pgolf/quant/calibrate.py): where GPTQ's calibration
+    sequences come from and how many. `world_size` (train_shuffled): the rank-0 shard files are
+    `files[0::world_size]`; None = the run's world size (a re-export: 1; set 8 for an 8-GPU record's)."""
+
+    source: str = "none"  # none | ar | train | train_shuffled
     count: int = 64
     length: int = 2048
     temperature: float = 0.8
-    seed: int | None = None  # None: the run's seed
+    seed: int | None = None  # None: the run's seed (ar); train_shuffled: the rank (PR #1611)
     batch: int = 8  # sequences generated together (ar)
+    world_size: int | None = None
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -75,6 +100,8 @@ class CalibrationConfig:
             raise ValueError(
                 f"calibration needs count >= 1, length >= 2, batch >= 1 (got {self.count}, {self.length}, {self.batch})"
             )
+        if self.world_size is not None and self.world_size < 1:
+            raise ValueError(f"calibration.world_size {self.world_size} must be >= 1 (or null: the run's)")
         if self.temperature < 0:
             raise ValueError(f"calibration.temperature {self.temperature} must be >= 0 (0 = greedy)")
 
@@ -101,7 +128,8 @@ def compliance(source: str, seconds: float, train_time_ms: float | None, cap_ms:
     """Whether calibration ran inside the training time budget and whether it was allowed (PRs #535/#569/#593/#609).
 
     The calibration is counted from the end of training: inside iff train time + calibration time <= cap.
-    Self-generation reads no data, so it is compliant either way; training data is compliant only inside."""
+    Self-generation reads no data, so it is compliant either way; training data (`train`, `train_shuffled`)
+    is compliant only inside."""
     inside = None
     if cap_ms and cap_ms > 0 and train_time_ms is not None:
         inside = train_time_ms + 1000.0 * seconds <= cap_ms

@@ -113,8 +113,9 @@ def reexport(cfg: DictConfig) -> dict:
 def export_context(
     cfg: DictConfig, export_cfg: ExportConfig, meta: dict, data: dict, vocab_size: int, device: torch.device
 ) -> ExportContext:
-    """The seed, the recorded training clock and cap (or `cap_seconds`) and the training stream, as
-    `GolfDataModule.train_stream(0)` reads it on one rank (calibration-length rows)."""
+    """The seed, the recorded training clock and cap (or `cap_seconds`), the training stream as
+    `GolfDataModule.train_stream(0)` reads it on one rank (calibration-length rows), and the sorted training
+    shards as rank 0 of a world of 1 (`export.calibration.world_size=8` reads an 8-GPU run's rank-0 files)."""
     cap_s = cfg.cap_seconds if cfg.cap_seconds is not None else meta.get("train", {}).get("max_wallclock_seconds")
     calib_len = export_cfg.calibration.length
 
@@ -129,6 +130,9 @@ def export_context(
         train_time_ms=(meta.get("training") or {}).get("train_time_ms"),
         cap_ms=1000.0 * float(cap_s) if cap_s else None,
         train_batches=train_batches,
+        train_files=lambda: list_shards(data["train_pattern"]),
+        rank=0,
+        world_size=1,
         device=device,
         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
     )
