@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,14 @@ def test_environment_and_overrides_map_onto_the_config():
         run_config(payload, ["model=tiny"], {})
     with pytest.raises(ConfigError, match="iteration"):
         check_config(run_config(payload, ["train.iteration=5"], {}))
+    # a key may index a list, as in train.py (docs/export.md: export.rules.3.bits=5)
+    n = len(payload["config"]["export"]["rules"])
+    cfg = run_config(payload, [f"export.rules.{n - 1}.bits=5", "data.dir=${data.root}/other"], {})
+    assert cfg.export.rules[n - 1].bits == 5 and cfg.data.dir == "./data/other"
+    assert cfg.export.rules[0] == payload["config"]["export"]["rules"][0]
+    for bad, match in [(f"export.rules.{n}.bits=5", "list index out of range"), ("export.rules.x.bits=5", "'x'")]:
+        with pytest.raises(ConfigError, match=match):
+            run_config(payload, [bad], {})
 
 
 GPTQ_PART = {"pgolf.quant.gptq", "pgolf.quant.calibrate", "pgolf.export.gptq_stage"}
@@ -356,34 +365,71 @@ def test_submission_folder_holds_the_verified_script_and_runs_from_inside(runs, 
         submission.assemble([runs[0][0], other], tmp_path / "o4", name="x", github_id="y")
 
 
-@pytest.mark.parametrize("n", [0, 1, 25, 26, 27, 52, 1000])
+def decoder_lines(blob: bytes) -> str:
+    """The bootstrap's decoding lines (alphabet, payload, CRC-checked decode) for `blob`, as `pack` fills them."""
+    lines = BOOTSTRAP.splitlines()
+    first = next(i for i, x in enumerate(lines) if x.startswith("B="))
+    last = next(i for i, x in enumerate(lines) if x.startswith("except"))
+    src = "\n".join(lines[first : last + 1])
+    src = src.replace("{alphabet}", ALPHABET).replace("{length}", str(len(blob)))
+    return src.replace("{crc}", str(zlib.crc32(blob))).replace("{payload}", encode_payload(blob))
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 32, 1000])
 def test_payload_encoding_round_trips_and_is_one_byte_per_character(n):
-    """Every length (whole and partial chunks), every byte value: the bootstrap's own decoder line (run as the
-    packed file runs it) and `decode_payload` give the bytes back; the text is ASCII inside a "..." literal
-    and 30 characters per 26 bytes."""
+    """Every length (whole and partial chunks), every byte value: the bootstrap's own decoding lines (run as
+    the packed file runs them) and `decode_payload` give the bytes back; the text is ASCII inside a "..."
+    literal and 19 characters per 16 bytes."""
     blob = bytes(range(256)) * (n // 256) + os.urandom(n % 256)
     text = encode_payload(blob)
-    assert len(text) == 30 * -(-n // 26) and text.isascii() and not set(text) - set(ALPHABET)
+    assert len(text) == 19 * -(-n // 16) and text.isascii() and not set(text) - set(ALPHABET)
     assert decode_payload(text, n) == blob
-    lines = BOOTSTRAP.splitlines()
-    at = next(i for i, x in enumerate(lines) if x.startswith("for j"))
-    env = {"P": text, "D": bytearray()}
-    exec("\n".join(lines[at : at + 2]), env)
-    assert bytes(env["D"][:n]) == blob
-    src = f'P="{text}"\n'
-    assert len(src.encode()) == len(text) + 5  # one UTF-8 byte per character
-    ns: dict = {}
-    exec(compile(src, "x", "exec"), ns)
-    assert ns["P"] == text
+    src = decoder_lines(blob)
+    assert len(src.encode()) == len(src)  # one UTF-8 byte per character
+    env = {"__file__": "train_gpt.py", "sys": sys, "zlib": zlib}
+    exec(compile(src, "train_gpt.py", "exec"), env)
+    assert bytes(env["D"]) == blob and env["P"] == text and env["B"] == ALPHABET
 
 
-def test_payload_alphabet_and_decoder_refuse_what_a_literal_cannot_hold():
-    assert len(ALPHABET) == 123 and 123**30 >= 256**26
-    assert not {"\0", "\n", "\r", '"', "\\"} & set(ALPHABET)
+def test_payload_alphabet_is_safe_for_literals_terminals_and_line_splitters():
+    """No character a "..." literal cannot hold, none a terminal acts on (ESC, BEL, SO, ...) or answers (ENQ),
+    none str.splitlines breaks a line at: a packed file has as many lines for every reader."""
+    assert len(ALPHABET) == len(set(ALPHABET)) == 109 and 109**19 >= 256**16 and ALPHABET.isascii()
+    assert not {
+        "\0",
+        "\n",
+        "\r",
+        '"',
+        "\\",
+        "\x05",
+        "\x07",
+        "\x08",
+        "\x0e",
+        "\x0f",
+        "\x18",
+        "\x1a",
+        "\x1b",
+        "\x7f",
+    } & set(ALPHABET)
+    assert len(("x" + ALPHABET + "x").splitlines()) == 1
     with pytest.raises(ValueError, match="outside the alphabet"):
-        decode_payload('"' * 30, 1)
+        decode_payload('"' * 19, 1)
     with pytest.raises(ValueError, match="whole chunks"):
-        decode_payload("a" * 29, 1)
+        decode_payload("a" * 18, 1)
+
+
+def test_a_damaged_payload_stops_the_file_with_one_line(tmp_path):
+    """A changed payload character is caught by the CRC-32 before any embedded code runs: one line naming the
+    file, exit 1, no traceback; the packed file splits into the same lines for every reader."""
+    script = pack(compose_train(["experiment=baseline"])).script
+    text = script.decode()
+    assert len(text.splitlines()) == text.count("\n") == len(BOOTSTRAP.splitlines())
+    at = text.index('P="') + 200
+    bad = text[:at] + ALPHABET[(ALPHABET.index(text[at]) + 1) % len(ALPHABET)] + text[at + 1 :]
+    (tmp_path / SCRIPT).write_text(bad, encoding="utf-8")
+    r = subprocess.run([sys.executable, "-I", SCRIPT], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "the embedded code is damaged (payload checksum)" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 # ---- optional parts of the model and the quantization rules ------------------------------------------------
@@ -444,3 +490,16 @@ def test_a_program_without_a_part_refuses_what_needs_it(monkeypatch):
         m(x, cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32))
     with pytest.raises(LookupError, match="'decode' is not in this program"):
         m.new_cache(1, 8)
+
+
+def test_the_pack_command_writes_the_script_and_its_requirements(tmp_path, capsys):
+    from pgolf.tools.pack import main
+
+    assert main(["experiment=baseline", "--out", str(tmp_path / "out")]) == 0
+    script = (tmp_path / "out" / SCRIPT).read_bytes()
+    reqs = (tmp_path / "out" / "requirements.txt").read_text().splitlines()
+    assert script == pack(compose_train(["experiment=baseline"])).script
+    names = [r.split("==")[0] for r in reqs]
+    assert {"brotli", "torch", "lightning", "omegaconf"} <= set(names) and all("==" in r for r in reqs)
+    out = capsys.readouterr().out
+    assert f"{len(script)} bytes sha256:" in out and "requirements.txt: brotli==" in out

@@ -12,8 +12,8 @@ lines) and calls `pgolf.train.standalone.main`. The file needs the packages of i
 nothing else: no pgolf install, no conf/. Compressed self-extracting scripts are how the records ship their
 code (records/track_10min_16mb/2026-04-03_MuonEqR_DepthRecurrence_WD090_AllInt6: lzma + base85; the final
 leaderboard's #1, PR #1611: python-minifier + brotli-11 + base85; brotli is 2-3% smaller than lzma here).
-The literal uses a 123-letter ASCII alphabet instead of base85 (`ALPHABET`): 1.154 bytes per compressed
-byte instead of 1.25, about 7.5% off every packed file.
+The literal uses a 109-letter ASCII alphabet instead of base85 (`ALPHABET`): 1.1875 bytes per compressed
+byte instead of 1.25, about 5% off every packed file.
 
 Only what the experiment needs is packed: the eval modes of `final_eval.modes` (and `standard`, which the
 export's float diagnostic runs), and the optional parts of the runtime (pgolf/optional.py: full GPTQ and its
@@ -42,6 +42,7 @@ import json
 import re
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -56,6 +57,7 @@ from pgolf.config.runtime import PART_RULES, check_runtime
 from pgolf.config.validate import exit_on_config_error, plain, validate_train
 from pgolf.eval.modes import get_mode, mode_names
 from pgolf.export.code import code_record, package_versions, project_root
+from pgolf.io import atomic_write_bytes
 from pgolf.tools.packsource import WORD, Module, PackError, collect, minify, runtime_modules, scan_imports
 
 ENTRY = "pgolf.train.standalone"
@@ -69,16 +71,24 @@ RUN_KEYS = ("seed", "resume", "variant", "callbacks.progress", "callbacks.progre
 RUN_KEYS += ("callbacks.checkpoint", "callbacks.extra")
 BROTLI = {"quality": 11, "lgwin": 24}  # the strongest setting
 BOOTSTRAP_PACKAGES = ("brotli",)  # what the bootstrap itself imports beyond the standard library
-# The payload's text encoding: 30 characters of a 123-letter alphabet (every ASCII character but NUL, the
-# two line ends, the double quote and the backslash, all legal inside a "..." literal and one UTF-8 byte each)
-# carry 26 bytes (123**30 >= 256**26): 1.154 characters per byte against base85's 1.25.
-ALPHABET = "".join(chr(i) for i in range(1, 128) if i not in (10, 13, 34, 92))
-CHUNK_CHARS, CHUNK_BYTES = 30, 26
-BOOTSTRAP = """import brotli,importlib.abc as A,importlib.util as U,json,sys
+# The payload's text encoding: base-109 digits over the characters a "..." literal holds in one UTF-8 byte
+# that no terminal acts on and no line splitter breaks at: printable ASCII but `"` and `\`, the tab, and the
+# C0 controls terminals ignore (not BEL, BS, LF, VT, FF, CR, SO, SI, CAN, SUB, ESC, nor ENQ, which some
+# terminals answer; not \x1c-\x1e, which str.splitlines breaks at). 19 characters carry 16 bytes
+# (109**19 >= 256**16): 1.1875 characters per byte against base85's 1.25. A CRC-32 of the compressed bytes
+# makes a damaged file stop with one line instead of running different code.
+SAFE_CONTROLS = (1, 2, 3, 4, 6, *range(16, 24), 25, 31, 9)
+ALPHABET = "".join(chr(i) for i in (*SAFE_CONTROLS, *range(32, 127)) if chr(i) not in '"\\')
+CHUNK_CHARS, CHUNK_BYTES = 19, 16
+BOOTSTRAP = """import brotli,importlib.abc as A,importlib.util as U,json,sys,zlib
+B="{alphabet}"
 P="{payload}";D=bytearray()
-for j in range(0,len(P),30):
- n=sum((o-1-(o>10)-(o>13)-(o>34)-(o>92))*123**i for i,o in enumerate(map(ord,P[j:j+30])));D+=n.to_bytes(26,"little")
-M,*S=brotli.decompress(D[:{length}]).decode().split("\\0")
+try:
+ for j in range(0,len(P),19):D+=sum(B.find(c)*109**i for i,c in enumerate(P[j:j+19])).to_bytes(16,"little")
+ D=D[:{length}]
+ if zlib.crc32(D)!={crc}:raise ValueError
+except Exception:sys.exit(__file__+": the embedded code is damaged (payload checksum); pack it again")
+M,*S=brotli.decompress(D).decode().split("\\0")
 M=json.loads(M);S=dict(s.split("\\n",1)for s in S)
 class L(A.MetaPathFinder,A.Loader):
  def find_spec(s,n,p=None,t=None):
@@ -94,15 +104,15 @@ if __name__=="__main__":sys.exit(__import__(M["entry"],fromlist=["_"]).{entry_fu
 
 def encode_payload(blob: bytes) -> str:
     """`blob` as text of `ALPHABET` (the bootstrap's decoder is its inverse): zero-padded to whole chunks of
-    `CHUNK_BYTES`, each read as a little-endian integer and written as `CHUNK_CHARS` base-123 digits, least
-    significant first. The length of `blob` is written into the bootstrap."""
+    `CHUNK_BYTES`, each read as a little-endian integer and written as `CHUNK_CHARS` base-109 digits, least
+    significant first. The length and CRC-32 of `blob` are written into the bootstrap."""
     pad = -len(blob) % CHUNK_BYTES
     data = blob + bytes(pad)
     out = []
     for j in range(0, len(data), CHUNK_BYTES):
         n = int.from_bytes(data[j : j + CHUNK_BYTES], "little")
         for _ in range(CHUNK_CHARS):
-            n, d = divmod(n, 123)
+            n, d = divmod(n, len(ALPHABET))
             out.append(ALPHABET[d])
     return "".join(out)
 
@@ -116,7 +126,7 @@ def decode_payload(text: str, length: int) -> bytes:
     out = bytearray()
     for j in range(0, len(text), CHUNK_CHARS):
         try:
-            n = sum(index[c] * 123**i for i, c in enumerate(text[j : j + CHUNK_CHARS]))
+            n = sum(index[c] * len(ALPHABET) ** i for i, c in enumerate(text[j : j + CHUNK_CHARS]))
         except KeyError as e:
             raise ValueError(f"payload character {e.args[0]!r} is outside the alphabet") from None
         out += n.to_bytes(CHUNK_BYTES, "little")
@@ -292,7 +302,8 @@ def pack(cfg: DictConfig | dict, root: Path | None = None) -> Packed:
     )
     blob = brotli.compress(text.encode(), **BROTLI)
     boot = BOOTSTRAP.replace("{entry_function}", ENTRY_FUNCTION)
-    boot = boot.replace("{length}", str(len(blob)))
+    boot = boot.replace("{length}", str(len(blob))).replace("{crc}", str(zlib.crc32(blob)))
+    boot = boot.replace("{alphabet}", ALPHABET)
     script = boot.replace("{payload}", encode_payload(blob)).encode()
     return Packed(script, tuple(sources), payload, time.perf_counter() - t0)
 
@@ -301,7 +312,7 @@ def unpack(script: bytes) -> tuple[dict, dict[str, str]]:
     """(the payload, {module key: packed source}) of a packed train_gpt.py, read as its bootstrap reads it.
     Raises ValueError for a file the packer did not write."""
     m = re.search(r'^P="([^"]*)";', script.decode(errors="replace"), re.M)
-    n = re.search(rb"brotli\.decompress\(D\[:(\d+)\]\)", script)
+    n = re.search(rb"D=D\[:(\d+)\]", script)
     if m is None or n is None:
         raise ValueError(f"not a packed {SCRIPT}: no payload")
     head, *mods = brotli.decompress(decode_payload(m[1], int(n[1]))).decode().split("\0")
@@ -311,7 +322,9 @@ def unpack(script: bytes) -> tuple[dict, dict[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pgolf.tools.pack", description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (experiment=record_1263 ...)")
-    ap.add_argument("--out", required=True, help="the folder to write train_gpt.py into (created if absent)")
+    ap.add_argument(
+        "--out", required=True, help="the folder to write train_gpt.py and requirements.txt into (created if absent)"
+    )
     ap.add_argument("--modules", action="store_true", help="also list the packed modules")
     args = ap.parse_args(argv)
     with exit_on_config_error():
@@ -319,10 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     packed = pack(cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / SCRIPT).write_bytes(packed.script)
+    atomic_write_bytes(out / SCRIPT, packed.script)
+    reqs = [f"{k}=={v}" for k, v in packed.requirements.items()]
+    atomic_write_bytes(out / "requirements.txt", "".join(f"{r}\n" for r in reqs).encode())
     c = packed.code
     print(f"{out / SCRIPT}: {c['bytes']} bytes sha256:{c['sha256']} ({cfg.name}, {len(packed.modules)} modules)")
-    print(f"requirements: {' '.join(f'{k}=={v}' for k, v in packed.requirements.items())}")
+    print(f"{out / 'requirements.txt'}: {' '.join(reqs)}")
     print(f"pack_time: {packed.seconds:.2f}s")
     if args.modules:
         print("\n".join(packed.modules))

@@ -42,31 +42,41 @@ ENV_KEYS = {
 }
 
 
-def parse_overrides(args: list[str]) -> DictConfig:
-    """`key=value` arguments (a leading `+` is accepted) as an OmegaConf dotlist; values are parsed as YAML.
-    Raises ConfigError for an argument that is not `key=value`."""
-    items = []
+def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
+    """`key=value` arguments (a leading `+` is accepted) as (dotted key, value) pairs; values are parsed as
+    YAML, as OmegaConf's dotlist does (`[1,2]`, `{a: 1}`, `1e-3`, `null`). A key may index a list
+    (`export.rules.3.bits=5`). Raises ConfigError for an argument that is not `key=value`."""
+    out = []
     for a in args:
-        key, eq, _ = a.partition("=")
+        key, eq, value = a.removeprefix("+").partition("=")
         if not eq or not key or key.startswith(("~", "-")):
             raise ConfigError(f"{a!r} is not an override of the form key=value (e.g. train.iterations=50)")
-        items.append(a.removeprefix("+"))
-    try:
-        return OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+        try:
+            out.append((key, OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]), resolve=False)["v"]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{a}: {str(e).splitlines()[0]}") from None
+    return out
 
 
-def merge_overrides(cfg: DictConfig, over: DictConfig) -> DictConfig:
-    """`over` merged into `cfg`. A group picked by name (`model=tiny`) is refused: the packed config has no
-    groups. Raises ConfigError."""
-    for key in over:
-        if key in cfg and OmegaConf.is_dict(cfg[key]) and not OmegaConf.is_dict(over[key]):
+def merge_overrides(cfg: DictConfig, over: list[tuple[str, object]]) -> DictConfig:
+    """The overrides `over` ((dotted key, value) pairs) applied to `cfg` in order, a dict value merged into a
+    dict node. A group picked by name (`model=tiny`) is refused: the packed config has no groups. Raises
+    ConfigError naming the key (a list index out of range or not an integer, a key under a plain value)."""
+    for key, value in over:
+        try:
+            node = OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
+        except (OmegaConfBaseException, TypeError, IndexError, ValueError) as e:
+            raise ConfigError(f"{key}={value}: {str(e).splitlines()[0]}") from None
+        if OmegaConf.is_dict(node) and not isinstance(value, dict):
             raise ConfigError(
-                f"{key}={over[key]}: the packed train_gpt.py holds one resolved config, no config groups; "
+                f"{key}={value}: the packed train_gpt.py holds one resolved config, no config groups; "
                 f"set its keys one by one ({key}.<name>=value)"
             )
-    return OmegaConf.merge(cfg, over)
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except (OmegaConfBaseException, TypeError, IndexError, ValueError) as e:
+            raise ConfigError(f"{key}={value}: {str(e).splitlines()[0]}") from None
+    return cfg
 
 
 def run_config(packed: Mapping, argv: list[str], env: Mapping[str, str]) -> DictConfig:
