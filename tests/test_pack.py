@@ -158,6 +158,11 @@ def test_environment_and_overrides_map_onto_the_config():
     for bad, match in [(f"export.rules.{n}.bits=5", "list index out of range"), ("export.rules.x.bits=5", "'x'")]:
         with pytest.raises(ConfigError, match=match):
             run_config(payload, [bad], {})
+    # Hydra's grammar, as train.py parses it: {k:v} without spaces; a sweep is refused
+    cfg = run_config(payload, ["+final_eval.settings={sliding:{stride:32}}"], {})
+    assert cfg.final_eval.settings == {"sliding": {"stride": 32}}
+    with pytest.raises(ConfigError, match="a sweep"):
+        run_config(payload, ["seed=1,2"], {})
 
 
 GPTQ_PART = {"pgolf.quant.gptq", "pgolf.quant.calibrate", "pgolf.export.gptq_stage"}

@@ -7,9 +7,10 @@ As the reference script (openai/parameter-golf `train_gpt.py`) does, it reads `S
 `VAL_LOSS_EVERY` (`ENV_KEYS`), writes its log to `logs/{RUN_ID}.txt` and its artifact and `results.json`
 into the current folder, and runs alone or under `torchrun --standalone --nproc_per_node=N` (the process
 count is taken from torchrun's environment). Command-line arguments are overrides in Hydra's form,
-`train.iterations=50 final_eval.modes=[standard,sliding]`, merged with OmegaConf's dotlist and checked by
-the same typed schema as `train.py` (pgolf/config/); there are no config groups to pick (`model=tiny`):
-the file holds one resolved config. The run is `pgolf.train.run.fit`, as under `train.py`.
+`train.iterations=50 final_eval.modes=[standard,sliding]`, parsed by Hydra's own override parser (the
+values `train.py` would get: `{a:1}`, lists, `null`, interpolations; a key may index a list), applied to the
+config and checked by the same typed schema as `train.py` (pgolf/config/); there are no config groups to
+pick (`model=tiny`): the file holds one resolved config. The run is `pgolf.train.run.fit`, as under `train.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -42,15 +45,38 @@ ENV_KEYS = {
 }
 
 
+def _check_form(arg: str) -> None:
+    key, eq, _ = arg.removeprefix("+").partition("=")
+    if not eq or not key or key.startswith(("~", "-")):
+        raise ConfigError(f"{arg!r} is not an override of the form key=value (e.g. train.iterations=50)")
+
+
 def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
-    """`key=value` arguments (a leading `+` is accepted) as (dotted key, value) pairs; values are parsed as
-    YAML, as OmegaConf's dotlist does (`[1,2]`, `{a: 1}`, `1e-3`, `null`). A key may index a list
-    (`export.rules.3.bits=5`). Raises ConfigError for an argument that is not `key=value`."""
+    """Command-line `key=value` arguments (a leading `+` is accepted) as (dotted key, value) pairs, parsed by
+    Hydra's override parser as `train.py`'s are (`[a,b]`, `{a:1}`, `1e-3`, `null`, `${data.root}/x`). A key
+    may index a list (`export.rules.3.bits=5`). Raises ConfigError for an argument that is not `key=value`,
+    a syntax error (Hydra's message) or a sweep (`a=1,2`: sweeps are `train.py -m`)."""
+    for a in args:
+        _check_form(a)
+    try:
+        overrides = OverridesParser.create().parse_overrides(list(args))
+    except OverrideParseException as e:
+        raise ConfigError(f"{' '.join(args)}: {str(e).splitlines()[0]}") from None
+    out = []
+    for o in overrides:
+        if o.is_sweep_override():
+            raise ConfigError(f"{o.input_line}: a sweep; the packed file runs one config (sweeps: train.py -m)")
+        out.append((o.key_or_group, o.value()))
+    return out
+
+
+def parse_env(args: list[str]) -> list[tuple[str, object]]:
+    """`key=value` pairs built from the environment variables (`ENV_KEYS`), values parsed as YAML scalars
+    (a path stays a string whatever characters it holds). Raises ConfigError naming the pair."""
     out = []
     for a in args:
-        key, eq, value = a.removeprefix("+").partition("=")
-        if not eq or not key or key.startswith(("~", "-")):
-            raise ConfigError(f"{a!r} is not an override of the form key=value (e.g. train.iterations=50)")
+        _check_form(a)
+        key, _, value = a.partition("=")
         try:
             out.append((key, OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]), resolve=False)["v"]))
         except OmegaConfBaseException as e:
@@ -85,7 +111,7 @@ def run_config(packed: Mapping, argv: list[str], env: Mapping[str, str]) -> Dict
     devices of this node, the node count, and with more than one process the packed distributed strategy."""
     cfg = OmegaConf.create(dict(packed["config"]))
     from_env = [f"{key}={env[var]}" for var, key in ENV_KEYS.items() if env.get(var)]
-    cfg = merge_overrides(cfg, parse_overrides(from_env))
+    cfg = merge_overrides(cfg, parse_env(from_env))
     cfg = merge_overrides(cfg, parse_overrides(argv))
     if "WORLD_SIZE" in env:
         world = int(env["WORLD_SIZE"])
