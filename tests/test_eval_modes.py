@@ -386,7 +386,7 @@ def test_ttt_qat_keep_scores_in_eval_mode_and_changes_only_adapted_chunks():
     assert np.abs(keep[first:] - off[first:]).max() > 1e-5
     r = run("ttt", SMALL["ttt"] | {"qat": "keep"}, m=m, toks=toks)
     assert r.compliant and "QAT fake quant is on in TTT's training forwards" in r.reason
-    with pytest.raises(ValueError, match="YAML reads a bare off as false"):
+    with pytest.raises(ValueError, match="ttt.qat must be a string, got False .YAML reads a bare off/on/yes/no"):
         run("ttt", {"qat": False})
 
 

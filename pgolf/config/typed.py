@@ -114,7 +114,10 @@ def convert(value, tp, where: str):
     try:
         return _convert(value, tp, where)
     except _Mismatch:
-        raise ConfigError(f"{where} must be {describe(tp)}, got {value!r}") from None
+        hint = ""
+        if isinstance(value, bool) and tp is str:  # `off`, `on`, `yes`, `no` unquoted
+            hint = " (YAML reads a bare off/on/yes/no as false/true: quote it)"
+        raise ConfigError(f"{where} must be {describe(tp)}, got {value!r}{hint}") from None
 
 
 def _convert(value, tp, where: str):

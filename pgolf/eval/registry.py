@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pgolf.config.typed import load
 from pgolf.data.tokenizer import bpb
 from pgolf.eval.core import EvalContext, EvalResult, Scored, reduce_sums, sync
 
@@ -73,7 +74,9 @@ def parse_mode(name: str, settings: dict | None, *, seq_len: int, batch_windows:
     shared = {"seq_len": seq_len, "batch_windows": batch_windows}
     shared = {k: int(s.pop(k, None) or v) for k, v in shared.items() if k in names}
     kw = {**mode.defaults, **shared, **s}
-    return mode, mode.settings(**kw)
+    # typed as the config schema types a group: a wrong type names the mode and key, before the dataclass's own
+    # range checks (whose messages get the mode's name in front)
+    return mode, load(mode.settings, kw, name)
 
 
 def run_mode(name: str, settings: dict, model, tokens: torch.Tensor, ctx: EvalContext) -> EvalResult:
