@@ -6,8 +6,9 @@ Every key is validated first (pgolf/config/: `config error: ...`, exit status 2,
 Loads only the artifact (weights, model config and tokenizer identity inside it), validated before anything
 is allocated (pgolf/export/weights.py), refuses a tokenizer whose hash or vocab size differs, runs the
 selected modes on the validation split, and writes `eval_result.json` (score, the artifact's bytes with its
-code, and a verdict: score-before-adapt, the 16,000,000-byte cap, the time budget; and with `audit=true`
-the per-target NLL/bytes in `audit.npz`). A bad artifact, tokenizer, data or setting is one line
+code, and a verdict: score-before-adapt, the 16,000,000-byte cap, the time budget, the artifact's own GPTQ
+calibration record (`calibration_ok`; the record is copied and printed); and with `audit=true` the
+per-target NLL/bytes in `audit.npz`). A bad artifact, tokenizer, data or setting is one line
 `error: ...` on stderr, exit status 2. `max_tokens=N` scores only the first N validation targets: a quick
 look, not the challenge's metric (`compliant: false`). Under torchrun the windows are split across
 processes and the sums reduced.

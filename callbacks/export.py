@@ -1,7 +1,8 @@
 """Quantize-and-export at the end of training, then the round trip (docs/techniques.md#export-pipeline, STYLE 8).
 
-At `on_train_end` (after any weight-averaging callback listed before it has swapped in its weights, and
-after the challenge clock, handed in at construction, has stopped):
+At `setup` (before any training step): a training-data calibration that could not be read at the end is
+refused (`check_calibration_source`). At `on_train_end` (after any weight-averaging callback listed before
+it has swapped in its weights, and after the challenge clock, handed in at construction, has stopped):
 evaluate the float model (`DIAGNOSTIC pre_quant`), save the float weights for re-export, calibrate and
 collect Hessians if the scheme uses GPTQ (self-generated, or from the training data: the training stream,
 or PR #1611's shuffled windows of the training shards; their compliance depends on the training clock and
@@ -9,7 +10,8 @@ its cap), quantize the weights with the configured scheme, prune to
 the size target if asked, pack and compress them with the model config, tokenizer identity, provenance
 and calibration record, write the artifact atomically (rank 0), re-read it from disk on every rank,
 de-quantize into a fresh model, re-evaluate, and print the reference's size and round-trip lines. The
-results also go to `results.json` in the run directory, its paths relative to the run directory.
+results also go to `results.json` in the run directory, its paths relative to the run directory, with the
+artifact's compliance (`artifact_compliance`: calibration, size, full validation; as eval.py judges it).
 
 No pass over the validation set is made twice for the same number, and the log says when one is reused:
 - the pre-quantization figure is the last validation's (`reusable_validation`) when that validation ran at
@@ -37,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from callbacks.wallclock import ChallengeClock
+from pgolf import optional
 from pgolf.data.shards import list_shards
 from pgolf.eval.core import CAUSAL_REASON, EvalContext, EvalResult
 from pgolf.eval.registry import scoring_line
@@ -51,6 +54,8 @@ from pgolf.export.roundtrip import (
 from pgolf.export.stages import export_model, pre_quant_diagnostic
 from pgolf.io import atomic_write_bytes
 from pgolf.quant.artifact import check_codec
+from pgolf.quant.rules import rules_from_config, uses_gptq
+from pgolf.quant.settings import CalibrationConfig
 from pgolf.runlog import log0, set_phase
 
 # Lightning's `trainer.precision` -> the autocast dtype its forward ran under (None: full precision)
@@ -100,6 +105,71 @@ def relative(path: str | None, run_dir: Path) -> str | None:
     return None if path is None else os.path.relpath(path, run_dir)
 
 
+def check_calibration_source(c: CalibrationConfig, files: list[Path], dm, world_size: int) -> None:
+    """Refuse, before training, a training-data calibration the export could not read at the end of it.
+
+    `train`: each calibration sequence is cut from one training micro-batch, so `c.length` must not exceed a
+    micro-batch's tokens (`dm.layout.local`). `train_shuffled`: builds the export's `ShuffledSequenceLoader`
+    (pgolf/data/shuffled.py, PR #1611; shard files memory-mapped, nothing read) for rank 0 of the calibration
+    world (`c.world_size`, else the run's `world_size`) over the sorted training shards `files`; its
+    ValueError (the rank owns no file, or its files hold no `c.length + 1`-token window) becomes a ValueError
+    naming the setting. Asking for more windows than rank 0's files hold in one pass is allowed (the loader
+    draws a fresh phase and order when every window is used, so windows repeat, shifted): one WARNING line.
+    Other sources read no training data: nothing to check."""
+    if c.source == "train":
+        local = dm.layout.local
+        if c.length > local:
+            raise ValueError(
+                f"export.calibration.source=train cuts each calibration sequence from one training micro-batch "
+                f"of {local} tokens per rank: export.calibration.length={c.length} is longer (lower it, or use "
+                "train_shuffled)"
+            )
+    elif c.source == "train_shuffled":
+        world = int(c.world_size or world_size)
+        seed = int(c.seed) if c.seed is not None else 0  # the export calibrates on rank 0: seed = the rank
+        loader_cls = optional.get("shuffled_calibration").ShuffledSequenceLoader
+        try:
+            loader = loader_cls(files, c.length, 0, world, seed, dm.vocab_size)
+        except ValueError as e:
+            raise ValueError(
+                f"export.calibration.source=train_shuffled (length={c.length}, world_size={world}) cannot draw "
+                f"calibration windows: {e}; lower export.calibration.length or export.calibration.world_size"
+            ) from None
+        windows = sum(loader.remaining())
+        if c.count > windows:
+            log0(
+                f"WARNING: export.calibration.count={c.count} is more than the {windows} {c.length + 1}-token "
+                f"windows rank 0 of {world} owns ({len(loader.files)} shard files): windows repeat after a reset"
+            )
+
+
+def artifact_compliance(results: dict, max_tokens: int | None) -> dict:
+    """results.json's `compliance`, the artifact's side of the verdict eval.py gives (pgolf/eval/run.py):
+    its GPTQ calibration was compliant (`calibration_ok`: the export's calibration record; training data read
+    only inside the training time budget, PRs #535/#569/#593/#609), code + model fit the limit (`size_ok`),
+    the whole validation split was scored (`full_validation`), and the reasons it is not. A non-compliant
+    calibration also marks every round-trip mode of `results` `compliant: false` (edited in place), as
+    eval.py marks its modes; each mode keeps its own score-before-adapt rule. Logs one `compliance:` line."""
+    cal = results["export"].get("calibration")
+    cal_ok = cal is None or cal.get("compliant") is True  # no record: no GPTQ (or a rank that wrote nothing)
+    reasons = []
+    if not cal_ok:
+        why = f"calibration: {cal.get('reason', 'no reason recorded')}"
+        reasons.append(why)
+        for r in results.get("roundtrip", {}).values():
+            r["compliant"], r["reason"] = False, f"{why}; {r['reason']}"
+    size_ok = bool(results["export"]["size_ok"])
+    if not size_ok:
+        e = results["export"]
+        reasons.append(f"size: {e['total_bytes']:,} bytes (model + code) is over the {e['limit_bytes']:,}-byte limit")
+    if max_tokens is not None:
+        reasons.append(MAX_TOKENS_REASON)
+    verdict = {"calibration_ok": cal_ok, "size_ok": size_ok, "full_validation": max_tokens is None, "reasons": reasons}
+    flags = " ".join(f"{k}:{str(v).lower()}" for k, v in verdict.items() if k != "reasons")
+    log0(f"compliance: {flags}" + "".join(f" | {r}" for r in reasons))
+    return verdict
+
+
 class QuantizeExport(L.Callback):
     def __init__(
         self,
@@ -120,6 +190,13 @@ class QuantizeExport(L.Callback):
         self.results: dict = {}
         if cfg.enabled:  # before training: a missing lrzip (the pergroup codec) is found now, not after 10 minutes
             check_codec(cfg.codec, cfg.level)
+
+    def setup(self, trainer, pl_module, stage):
+        # before any training step (the datamodule has set up its batch layout): calibration data the export
+        # cannot read fails now, not after the training run
+        if stage == "fit" and self.cfg.enabled and uses_gptq(rules_from_config(self.cfg.rules)):
+            dm = trainer.datamodule
+            check_calibration_source(self.cfg.calibration, list_shards(dm.train_pattern), dm, trainer.world_size)
 
     def on_train_end(self, trainer, pl_module):
         if not self.cfg.enabled or pl_module.state.preempted:
@@ -206,6 +283,7 @@ class QuantizeExport(L.Callback):
                 "compliant": False,
                 "reason": MAX_TOKENS_REASON,
             }
+        self.results["compliance"] = artifact_compliance(self.results, max_tokens)
         set_phase("writing results.json")
         if trainer.global_rank == 0:
             atomic_write_bytes(self.run_dir / "results.json", (json.dumps(self.results, indent=2) + "\n").encode())

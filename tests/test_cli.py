@@ -101,6 +101,7 @@ def test_train_writes_artifact_logs_and_results(trained):
     res = json.loads((d / "results.json").read_text())
     assert res["size_ok"] and res["export"]["model_bytes"] == (d / "final_model.int8_zlib.ptz").stat().st_size
     assert (d / "final_model.float.ptz").is_file() and res["export"]["calibration"]["source"] == "none"
+    assert res["compliance"] == {"calibration_ok": True, "size_ok": True, "full_validation": True, "reasons": []}
     assert (d / "train.log").read_text().count("step:") >= 3
     assert (d / ".hydra" / "config.yaml").is_file() and (d / "csv" / "metrics.csv").is_file()
 
@@ -192,6 +193,8 @@ def test_gptq_export_at_the_end_of_training_records_calibration(tmp_path, synth_
     res = json.loads((tmp_path / "results.json").read_text())
     cal = res["export"]["calibration"]
     assert cal["compliant"] and cal["inside_training_budget"] and res["export"]["timings"]["gptq"] >= 0
+    assert res["compliance"]["calibration_ok"] and res["roundtrip"]["standard"]["compliant"]
+    assert "compliance: calibration_ok:true size_ok:true full_validation:true" in r.stdout
     from pgolf.quant.artifact import read_artifact
 
     entries, meta = read_artifact(tmp_path / "final_model.int6_gptq_zstd.ptz")
@@ -247,3 +250,59 @@ def test_a_second_run_into_a_finished_run_directory_is_refused(tmp_path):
     assert line.startswith("config error: run directory ") and "already holds another run's outputs" in line
     assert "(checkpoints, csv, final_model.int8_zlib.ptz, results.json, train.log)" in line and "resume=" in line
     assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before  # nothing written, .hydra/ included
+
+
+def test_a_train_shuffled_calibration_that_cannot_work_stops_before_training(tmp_path, synth_dir):
+    """The synthetic training shard holds no 50,001-token window: refused at setup, before any step (it used
+    to fail after the whole training run)."""
+    r = run(
+        [
+            "train.py",
+            *TINY,
+            "train.iterations=2",
+            f"data.root={synth_dir.parent}",
+            f"hydra.run.dir={tmp_path}",
+            "export=int6_gptq_zstd",
+            "export.calibration.source=train_shuffled",
+            "export.calibration.count=2",
+            "export.calibration.length=50000",
+        ],
+        check=False,
+    )
+    assert r.returncode != 0 and "hold no 50001-token window" in r.stderr
+    assert "export.calibration.source=train_shuffled (length=50000, world_size=1)" in r.stderr
+    assert "step:" not in r.stdout and not list(tmp_path.glob("*.ptz"))
+
+
+def test_reexport_counts_the_code_a_script_making_its_artifact_holds(trained, synth_dir, tmp_path, capsys):
+    """The run's train_gpt.py (int8_zlib: no GPTQ part) is beside its float weights: the re-export counts its
+    config packed with the GPTQ export; weights without it keep the run's bytes and say which parts lack."""
+    import shutil
+
+    from pgolf.quant.artifact import read_artifact
+    from pgolf.tools.reexport import main as reexport_main
+
+    d, _ = trained
+    trained_code = json.loads((d / "results.json").read_text())["export"]["code_bytes"]
+    common = ["--export", "int6_gptq_zstd", "data=synthetic", f"data.root={synth_dir.parent}", "eval.enabled=false"]
+    common += ["export.calibration.count=2", "export.calibration.length=32"]
+    assert reexport_main([str(d / "final_model.float.ptz"), *common, f"out_dir={tmp_path / 'a'}"]) == 0
+    res = json.loads((tmp_path / "a" / "reexport_int6_gptq_zstd.json").read_text())
+    code = res["code"]
+    assert code["source"] == "packed" and code["training_bytes"] == trained_code
+    assert {"gptq", "gptq_calibration"} <= set(code["added_parts"]) and code["bytes"] > trained_code + 1000
+    assert res["export"]["code_bytes"] == code["bytes"]
+    meta = read_artifact(tmp_path / "a" / "final_model.int6_gptq_zstd.ptz")[1]
+    assert meta["code"] == {"bytes": code["bytes"], "sha256": code["sha256"]}  # what eval.py counts
+    out = capsys.readouterr().out
+    assert f"reexport: code_bytes:{code['bytes']}: the training run's train_gpt.py config" in out
+    assert f"Code size: {code['bytes']} bytes" in out
+
+    (tmp_path / "w").mkdir()
+    shutil.copy(d / "final_model.float.ptz", tmp_path / "w")  # no train_gpt.py beside it
+    assert reexport_main([str(tmp_path / "w" / "final_model.float.ptz"), *common]) == 0
+    res = json.loads((tmp_path / "w" / "reexport" / "reexport_int6_gptq_zstd.json").read_text())
+    assert res["code"]["source"] == "training" and res["export"]["code_bytes"] == trained_code
+    out = capsys.readouterr().out
+    assert f"WARNING: code bytes {trained_code} are the training run's train_gpt.py (no train_gpt.py beside" in out
+    assert "optional parts this export needs, ['gptq', 'gptq_calibration'" in out

@@ -180,15 +180,32 @@ def test_model_yaml_repeats_the_gptconfig_defaults():
 
 
 def test_export_yaml_repeats_the_exportconfig_defaults():
+    """conf/export/int8_zlib.yaml, the base of every export config, sets every key of ExportConfig and of each
+    of its sections (gptq, calibration, prune, lqer) to the dataclass default: a field added to a dataclass
+    but not to the YAML cannot be overridden from the command line (`Key 'device' is not in struct`)."""
     from pgolf.export.config import ExportConfig
     from pgolf.quant.rules import rules_from_config
 
-    y = ExportConfig.from_dict(OmegaConf.to_container(OmegaConf.load(CONF / "export" / "int8_zlib.yaml")))
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / "export" / "int8_zlib.yaml"))
+    assert set(raw) == {f.name for f in dataclasses.fields(ExportConfig)}
     d = ExportConfig()
+    sections = [f.name for f in dataclasses.fields(ExportConfig) if dataclasses.is_dataclass(getattr(d, f.name))]
+    assert {"gptq", "calibration", "prune", "lqer"} <= set(sections)
+    for name in sections:
+        keys = {f.name for f in dataclasses.fields(getattr(d, name))}
+        assert set(raw[name]) == keys, f"export.{name}: missing {sorted(keys - set(raw[name]))}"
+    y = ExportConfig.from_dict(raw)
     for f in dataclasses.fields(ExportConfig):
         if f.name != "rules":  # the YAML spells the rules' scale_floor default out
             assert getattr(y, f.name) == getattr(d, f.name), f.name
     assert rules_from_config(y.rules) == rules_from_config(d.rules)
+
+
+def test_the_newer_gptq_and_calibration_keys_override_in_every_export_config():
+    over = ["export.gptq.device=model", "export.gptq.hessian_norm=batches", "export.calibration.world_size=8"]
+    for name in ("int8_zlib", "int6_gptq_zstd", "int6_gptq_lzma"):
+        e = compose_cfg([f"export={name}", *over]).export
+        assert (e.gptq.device, e.gptq.hessian_norm, e.calibration.world_size) == ("model", "batches", 8), name
 
 
 def test_schema_constants_match_the_runtime():

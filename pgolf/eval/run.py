@@ -87,11 +87,18 @@ def check_eval_args(*, batch_windows, seq_len, budget_seconds, max_tokens, modes
 
 
 def compliance(
-    first: dict, total_bytes: int, seconds: float, budget_seconds: float, max_tokens: int | None
+    first: dict,
+    total_bytes: int,
+    seconds: float,
+    budget_seconds: float,
+    max_tokens: int | None,
+    calibration: dict | None = None,
 ) -> tuple[bool, list[str]]:
     """(the run's verdict, the reasons it is not compliant): the headline mode scores before it adapts
-    (its own rule), code + model fit ARTIFACT_LIMIT_BYTES, the modes ran within the eval budget, and the
-    whole validation split was scored (no `max_tokens`). `seconds`: the modes' wall time."""
+    (its own rule), code + model fit ARTIFACT_LIMIT_BYTES, the modes ran within the eval budget, the
+    whole validation split was scored (no `max_tokens`), and the artifact's GPTQ calibration was compliant
+    (its `calibration` record, `calibration_ok`: training data read only inside the training time budget,
+    PRs #535/#569/#593/#609). `seconds`: the modes' wall time."""
     reasons = []
     if not first["compliant"]:
         reasons.append(f"score-before-adapt: {first['mode']}: {first['reason']}")
@@ -101,7 +108,37 @@ def compliance(
         reasons.append(f"time: the evaluation took {seconds:.1f}s, over the {budget_seconds}s budget")
     if max_tokens is not None:
         reasons.append(MAX_TOKENS_REASON)
+    ok, why = calibration_ok(calibration)
+    if not ok:
+        reasons.append(f"calibration: {why}")
     return not reasons, reasons
+
+
+def calibration_ok(record) -> tuple[bool, str]:
+    """(whether the artifact's `calibration` record, pgolf/export/gptq_stage.py, says its GPTQ calibration
+    was compliant, the record's reason). No record (an artifact without GPTQ, or written before records
+    existed) is compliant; a record that is not a mapping with `compliant: true` is not."""
+    if record is None:
+        return True, "no calibration record"
+    if not isinstance(record, dict):
+        return False, f"the artifact's calibration record is not a mapping: {record!r}"
+    reason = str(record.get("reason", "no reason recorded"))
+    return record.get("compliant") is True, reason
+
+
+def log_calibration(record) -> None:
+    """The artifact's calibration record as one `calibration: source:… compliant:… clock_start_ms:…
+    clock_end_ms:… reason:…` line (none without a record)."""
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        log0(f"calibration: {record!r}")
+        return
+    keys = ("source", "compliant", "inside_training_budget", "clock_start_ms", "clock_end_ms", "clock")
+    parts = " ".join(
+        f"{k}:{str(record[k]).lower() if isinstance(record[k], bool) else record[k]}" for k in keys if k in record
+    )
+    log0(f"calibration: {parts} reason:{record.get('reason')}")
 
 
 def evaluate_artifact(
@@ -128,7 +165,9 @@ def evaluate_artifact(
     `seq_len` windows (at least one): a quick look, NOT the challenge's metric, so the result is marked
     `compliant: false`. The result records the artifact's bytes, its code bytes (recorded in the artifact)
     and their total, and a verdict (`compliant`, `compliance`: score-before-adapt, the 16,000,000-byte cap,
-    the eval time budget, the full validation set); an over-cap artifact is still scored."""
+    the eval time budget, the full validation set, the artifact's GPTQ calibration: `calibration_ok`, its
+    record copied as `calibration`); an over-cap artifact is still scored. A non-compliant calibration
+    also marks every mode's result `compliant: false`, as the end-of-training round trip does."""
     if not modes:
         raise ValueError("no eval mode selected (eval=[standard,sliding,...])")
     check_eval_args(
@@ -179,17 +218,25 @@ def evaluate_artifact(
     code = code_of(meta)  # the packed train_gpt.py the artifact records (pgolf/export/code.py), else code_bytes
     size = SizeReport(header.file_bytes, code["bytes"] if code["sha256"] else int(meta.get("code_bytes", 0)))
     within = total <= budget_seconds
-    ok, reasons = compliance(first, size.total, total, budget_seconds, max_tokens)
+    calibration = meta.get("calibration")
+    cal_ok, cal_reason = calibration_ok(calibration)
+    ok, reasons = compliance(first, size.total, total, budget_seconds, max_tokens, calibration)
+    score_before_adapt = first["compliant"]
+    if not cal_ok:  # every mode scored this artifact: none is compliant (as results.json's round trip)
+        for r in results.values():
+            r["compliant"], r["reason"] = False, f"calibration: {cal_reason}; {r['reason']}"
     out = {
         **{k: first[k] for k in ("mode", "val_loss", "val_bpb", "tokens", "bytes", "seconds")},
         "compliant": ok,
         "compliance": {
-            "score_before_adapt": first["compliant"],
+            "score_before_adapt": score_before_adapt,
             "size_ok": size.ok,
             "within_budget": within,
             "full_validation": max_tokens is None,
+            "calibration_ok": cal_ok,
             "reasons": reasons,
         },
+        "calibration": calibration,  # the artifact's GPTQ calibration record (null: no GPTQ)
         "artifact": Path(artifact).name,
         "artifact_bytes": size.model_bytes,
         "code_bytes": size.code_bytes,
@@ -209,6 +256,7 @@ def evaluate_artifact(
         f"artifact_bytes:{size.model_bytes} code_bytes:{size.code_bytes} total_bytes:{size.total} "
         f"limit_bytes:{size.limit} size_ok:{str(size.ok).lower()}"
     )
+    log_calibration(calibration)
     log0(f"compliant:{str(ok).lower()}" + "".join(f" | {r}" for r in reasons))
     if rank == 0:
         write_outputs(out_dir, out, arrays if audit else None)

@@ -26,11 +26,13 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from pgolf.config.runtime import needed_parts
+from pgolf.config.validate import plain
 from pgolf.data.shards import list_shards
 from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, load_val_data
 from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, check_shards_tokenizer, load_tokenizer
 from pgolf.eval.core import EvalContext
-from pgolf.export.code import project_root
+from pgolf.export.code import CODE_KEY, code_of, code_record, project_root
 from pgolf.export.config import ExportConfig, ExportContext, ExportReport
 from pgolf.export.provenance import provenance
 from pgolf.export.roundtrip import roundtrip_evaluate
@@ -39,6 +41,8 @@ from pgolf.export.weights import load_weights, model_from_weights
 from pgolf.io import atomic_write_bytes
 from pgolf.runlog import log0, set_log_file
 from pgolf.tools.datasets import ensure_dataset
+from pgolf.tools.pack import SCRIPT, compose_conf, pack, unpack
+from pgolf.tools.packsource import PackError
 
 
 def compose_config(weights: str, overrides: list[str]) -> DictConfig:
@@ -86,6 +90,7 @@ def reexport(cfg: DictConfig) -> dict:
     set_log_file(out_dir / f"reexport_{export_cfg.label}.log")
     log0(f"reexport: weights {weights.name} -> {art} with export {export_cfg.label}")
     ctx = export_context(cfg, export_cfg, meta, data, tok.vocab_size, device)
+    code = reexport_code(weights, meta, OmegaConf.to_container(cfg.export, resolve=True))
     tokens, eval_ctx = (None, None)
     if cfg.eval.enabled:
         tokens, eval_ctx = validation(cfg, data, tok, model.cfg.vocab_size, seq_len, device)
@@ -93,12 +98,12 @@ def reexport(cfg: DictConfig) -> dict:
         model,
         export_cfg,
         out_dir,
-        output_meta(meta, tok, weights),
+        {**output_meta(meta, tok, weights), CODE_KEY: {"bytes": code["bytes"], "sha256": code["sha256"]}},
         val_tokens=tokens if cfg.eval.pre_quant else None,
         eval_ctx=eval_ctx,
         ctx=ctx,
     )
-    result = {"weights": str(weights), "export": report.to_dict()}
+    result = {"weights": str(weights), "export": report.to_dict(), "code": code}
     if tokens is not None:
         result.update(roundtrip_and_gap(report, tokens, eval_ctx))
     log0(
@@ -108,6 +113,53 @@ def reexport(cfg: DictConfig) -> dict:
     )
     atomic_write_bytes(res_path, (json.dumps(result, indent=2) + "\n").encode())
     return result
+
+
+def reexport_code(weights: Path, meta: dict, export: dict) -> dict:
+    """The code record a train_gpt.py that makes this artifact would have: `{"bytes", "sha256", "source",
+    "training_bytes", "added_parts"}`.
+
+    The float weights record only the training run's code (`meta["code"]`, pgolf/export/code.py), whose packed
+    config may leave out optional parts (pgolf/config/runtime.py `needed_parts`: GPTQ, its calibration, SDClip,
+    LQER, pruning, ...) the re-export's `export` (a plain export group) needs. When the run's train_gpt.py
+    lies beside the weights and its length and sha256 are the recorded ones, its config (the packed payload)
+    with `export` replaced is packed with this checkout (pgolf/tools/pack.py) and that file's length is the
+    code (`source: packed`; logged with the parts it adds). Otherwise the training run's bytes are kept
+    (`source: training`) with a WARNING line naming the parts this export needs beyond a default config's,
+    which the training script lacks unless its config used them."""
+    rec = code_of(meta)
+    out = {**rec, "training_bytes": rec["bytes"], "added_parts": []}
+    script = weights.parent / SCRIPT
+    why = f"no {SCRIPT} beside the weights"
+    if rec["sha256"] is None:
+        why = "the weights record no code hash"
+    elif script.is_file():
+        data = script.read_bytes()
+        why = f"{SCRIPT} beside the weights is not the training run's (its length and sha256 differ)"
+        if code_record(data) == {"bytes": rec["bytes"], "sha256": rec["sha256"]}:
+            try:
+                config = unpack(data)[0]["config"]
+                packed = pack({**config, "export": export})
+            except (PackError, ValueError, KeyError, OSError) as e:
+                why = f"its config could not be packed with this export: {e}"
+            else:
+                added = [p for p in needed_parts(packed.payload["config"]) if p not in needed_parts(config)]
+                out.update(packed.code, source="packed", added_parts=added)
+                log0(
+                    f"reexport: code_bytes:{out['bytes']}: the training run's {SCRIPT} config with export="
+                    f"{export['label']}, packed from this checkout (the training run's: {rec['bytes']} bytes; "
+                    f"optional parts added: {added or 'none'})"
+                )
+                return out
+    base = plain(compose_conf())
+    added = [p for p in needed_parts({**base, "export": export}) if p not in needed_parts(base)]
+    out.update(source="training", added_parts=added)
+    log0(
+        f"WARNING: code bytes {rec['bytes']} are the training run's {SCRIPT} ({why}): a {SCRIPT} that makes this "
+        f"artifact also holds the optional parts this export needs, {added or 'none'}, unless the training "
+        "config used them"
+    )
+    return out
 
 
 def export_context(
