@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -403,3 +404,21 @@ def test_debug_smoke_runs_on_a_truncated_val_set(tmp_path, synth_dir):
     assert "step:5/5 train_loss:" in r.stdout and "model_params:74312" in r.stdout  # the tiny model
     res = json.loads((tmp_path / "results.json").read_text())
     assert list(res["roundtrip"]) == ["standard"] and res["roundtrip"]["standard"]["tokens"] == 768
+
+
+def test_the_readme_lists_every_config_of_every_group():
+    """README's Configuration table names every YAML of every group under conf/ (it went stale once)."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| group | options |") :].split("\n\n")[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        group = line.split("|")[1].strip().split()[0].strip("`")
+        rows[group] = set(re.findall(r"`([\w/*]+)`", line.split("|")[2]))
+    for group, listed in rows.items():
+        folder = root / "conf" / group
+        if not folder.is_dir():
+            continue  # hydra/launcher: Hydra's own plugins besides conf/hydra/launcher
+        names = {p.stem for p in folder.glob("*.yaml")} | {f"{p.name}/*" for p in folder.iterdir() if p.is_dir()}
+        assert names <= listed, f"README's {group} row lacks {sorted(names - listed)}"
+    assert {"model", "data", "optim", "export", "eval", "experiment"} <= set(rows)
