@@ -300,3 +300,26 @@ def test_train_data_calibration_is_stamped_on_the_challenge_clock(tmp_path, tiny
     out = capsys.readouterr().out
     assert f"gptq:challenge_clock start:590.000s end:594.000s cap:{cap_s:.1f}s (challenge)" in out
     assert "clock_start_ms:590000.0 clock_end_ms:594000.0 clock:challenge" in inspect(rep.path)
+
+
+def test_reexport_scores_document_bounded_weights_as_trained(tmp_path, tiny, synth_dir, capsys):
+    """Weights trained with `train.doc_attention` are scored in document-bounded windows by the re-export, as by
+    eval.py and the training round trip (pgolf.eval.run.doc_max_seg_len): the pre-quantization figure differs
+    from plain causal windows on the same weights and tokens."""
+    _, meta = tiny
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**(TINY_MODEL | {"smear_gate": "none", "bigram": "none"})))  # document-bounded capable
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # zero-initialised projections would hide the attention
+    common = ["data=synthetic", f"data.root={synth_dir.parent}", *SMALL, "eval.batch_windows=8"]
+    common += ["export=int6_rtn_zstd", "eval.max_tokens=256"]
+    pre = {}
+    for doc in (False, True):
+        m = {**meta, "model": model.cfg.to_dict(), "train": {**meta["train"], "doc_attention": doc, "max_seg_len": 8}}
+        w = save_float_weights(tmp_path / f"w{doc}" / "final_model.float.ptz", model.state_dict(), m)
+        r = reexport(compose_config(str(w), [*common, f"out_dir={tmp_path / f'out{doc}'}"]))
+        pre[doc] = r["export"]["pre_quant"]["val_bpb"]
+    out = capsys.readouterr().out
+    assert out.count("reexport: document-bounded windows (attention stops at BOS and every 8 tokens)") == 1
+    assert pre[True] != pre[False]

@@ -32,6 +32,7 @@ from pgolf.data.shards import list_shards
 from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, load_val_data
 from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, check_shards_tokenizer, load_tokenizer
 from pgolf.eval.core import EvalContext
+from pgolf.eval.run import doc_max_seg_len
 from pgolf.export.code import CODE_KEY, code_of, code_record, project_root
 from pgolf.export.config import ExportConfig, ExportContext, ExportReport
 from pgolf.export.provenance import provenance
@@ -93,7 +94,10 @@ def reexport(cfg: DictConfig) -> dict:
     code = reexport_code(weights, meta, OmegaConf.to_container(cfg.export, resolve=True))
     tokens, eval_ctx = (None, None)
     if cfg.eval.enabled:
-        tokens, eval_ctx = validation(cfg, data, tok, model.cfg.vocab_size, seq_len, device)
+        doc = doc_max_seg_len(meta)  # as trained: document-bounded windows, as eval.py and the training round trip
+        if doc is not None:
+            log0(f"reexport: document-bounded windows (attention stops at BOS and every {doc} tokens), as trained")
+        tokens, eval_ctx = validation(cfg, data, tok, model.cfg.vocab_size, seq_len, device, doc)
     report = export_model(
         model,
         export_cfg,
@@ -191,9 +195,16 @@ def export_context(
 
 
 def validation(
-    cfg: DictConfig, data: dict, tok: TokenizerInfo, model_vocab: int, seq_len: int, device: torch.device
+    cfg: DictConfig,
+    data: dict,
+    tok: TokenizerInfo,
+    model_vocab: int,
+    seq_len: int,
+    device: torch.device,
+    doc: int | None = None,
 ) -> tuple[torch.Tensor, EvalContext]:
-    """The validation tokens (cut to `eval.max_tokens` targets, whole windows) and the eval context."""
+    """The validation tokens (cut to `eval.max_tokens` targets, whole windows) and the eval context; `doc`:
+    the document-bounded attention the weights were trained with (`pgolf.eval.run.doc_max_seg_len`)."""
     val = load_val_data(
         data["val_pattern"],
         seq_len,
@@ -217,6 +228,7 @@ def validation(
         batch_windows=int(cfg.eval.batch_windows),
         autocast_dtype=autocast,
         val_bytes=val_bytes,
+        doc_max_seg_len=doc,
     )
     eval_ctx.check_tokens(tokens)
     return tokens, eval_ctx
