@@ -68,6 +68,16 @@ def python() -> str:
     return sys.executable
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for a test's gloo rendezvous: a fixed port can still
+    be held by an earlier test's process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` run only where CUDA is available."""
     if torch.cuda.is_available():

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 
 from pgolf.data.tokenizer import ByteLUTs
 from pgolf.eval.core import EvalContext, TargetLog, gather_log
@@ -162,7 +163,7 @@ def test_one_and_two_processes_give_the_same_numbers(tmp_path):
     finally:
         torch.set_num_threads(n_threads)
     out = str(tmp_path / "two.pt")
-    mp.spawn(_dist_eval, args=(2, 29541, out), nprocs=2, join=True)
+    mp.spawn(_dist_eval, args=(2, free_port(), out), nprocs=2, join=True)
     two = torch.load(out, weights_only=False)
     for name, a, b in zip(["standard", "sliding", *ADAPTIVE], one, two):
         assert a[2:4] == b[2:4], name  # the same targets and bytes

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 import pgolf.optim.muon_adam as muon_adam
 from pgolf.model.config import GPTConfig
@@ -180,7 +181,7 @@ def test_distributed_muon_matches_single_process(tmp_path, world):
     """4 optimizer steps of a 3-layer model (18 Muon matrices split over the ranks by balanced_owners)."""
     single = _train_steps(0, 1, 0, None)
     out = str(tmp_path / "dist.pt")
-    mp.spawn(_train_steps, args=(world, 29533 + world, out), nprocs=world, join=True)
+    mp.spawn(_train_steps, args=(world, free_port(), out), nprocs=world, join=True)
     multi = torch.load(out)
     for k in single:
         assert torch.equal(single[k], multi[k]), k

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -322,7 +323,7 @@ def test_one_and_two_processes_give_the_same_numbers(tmp_path):
     """2 chains, 2 ranks: each rank runs one chain; the global phases split each chunk's sequences. The
     documents scored before the first phase agree bit for bit, the rest to float32 summation order."""
     out = str(tmp_path / "two.pt")
-    mp.spawn(_dist_run, args=(2, 29547, out), nprocs=2, join=True)
+    mp.spawn(_dist_run, args=(2, free_port(), out), nprocs=2, join=True)
     two = torch.load(out, weights_only=False)
     for (name, b), order in zip(zip(("phased_ttt", "phased_ttt_1611"), two, strict=True), ("stream", "length")):
         r, a = run(SMALL, name=name)

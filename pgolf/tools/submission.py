@@ -56,8 +56,9 @@ WORLD_LINE = re.compile(r"^world_size:(\d+) ", re.M)
 
 # A character of a path component: what ends a path in text is whitespace, `/` or one of these delimiters.
 COMPONENT = r"[^\s/'\"`:,;()\[\]{}<>|=]"
-# An absolute path: a slash not inside a word, a URL (`//`) or a relative path, then two or more components.
-ABS_PATH = re.compile(rf"(?<![\w.~/-])/(?:{COMPONENT}+/)+{COMPONENT}*")
+# An absolute path: a slash not inside a word, a URL (`//`), a relative path or after an interpolation
+# (`${data.root}/datasets`), then two or more components.
+ABS_PATH = re.compile(rf"(?<![\w.~/}}-])/(?:{COMPONENT}+/)+{COMPONENT}*")
 
 
 class SubmissionError(ValueError):
