@@ -3,10 +3,15 @@
 #   train   baseline 200 steps and record_1263 50 steps (bf16 + compile, random tokens): ms/step, memory
 #   run     record_1298 for 300 steps on FineWeb-format shards (EMA, late QAT, GPTQ export, round trip)
 #   eval    every eval mode on the record_1263 model over a 1M-token slice, extrapolated to FineWeb val
-# Data for `run`: shards + tokenizer under data/fineweb_sample (python -m pgolf.tools.prepare ... --out there).
+#   pack    the packed record_1263 train_gpt.py, 50 steps under torchrun --nproc_per_node=1, against train.py on
+#           the same data and steps (step_avg of both logs)
+#   frontier  record_1611 50 steps on CaseOps shards with its export end to end (SDClip GPTQ + LQER, per-group
+#           codec, calibration on the challenge clock) and phased TTT (phased_ttt_1611) on a validation slice
+# Data for `run` and `pack`: shards + tokenizer under data/fineweb_sample (python -m pgolf.tools.prepare ... --out
+# there); for `frontier`: CaseOps sp8192 shards under data/fineweb_sample_caseops (prepare --caseops).
 # Each step has its own time limit and log; a failing step does not stop the others.
 set -u
-part=${1:?part: train | run | eval}
+part=${1:?part: train | run | eval | pack | frontier}
 out=${2:-bench/results/gpu}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -37,6 +42,27 @@ case "$part" in
   eval)
     step eval_modes 580 $py bench/eval_bench.py experiment=record_1263 --tokens 1048576 --compile \
       --modes standard,sliding,slot_1263,slot_1298,causal_slot,ttt,lora_ttt --json "$out/eval_modes.json"
+    ;;
+  pack)
+    rm -rf "$out/packed" && $py -m pgolf.tools.pack experiment=record_1263 --out "$out/packed" >"$out/pack.log" 2>&1
+    cat "$out/pack.log"
+    abs=$(cd "$data" && pwd)
+    step record_1263_packed 420 env -C "$out/packed" DATA_PATH="$abs" TOKENIZER_PATH="$abs/fineweb_1024_bpe.model" \
+      ITERATIONS=50 MAX_WALLCLOCK_SECONDS=0 RUN_ID=packed50 torchrun --standalone --nproc_per_node=1 train_gpt.py \
+      train.log_every=10 'final_eval.modes=[standard]' final_eval.max_tokens=1048576
+    step record_1263_train_py 420 $py train.py experiment=record_1263 data.dir=$data \
+      data.tokenizer_path=$data/fineweb_1024_bpe.model train.iterations=50 train.max_wallclock_seconds=0 \
+      train.log_every=10 'final_eval.modes=[standard]' final_eval.max_tokens=1048576 hydra.run.dir=outputs/gpu_pack_ref
+    grep -h "step:50/" "$out/record_1263_packed.log" "$out/record_1263_train_py.log"
+    ;;
+  frontier)
+    cdata=data/fineweb_sample_caseops
+    step record_1611_run 570 $py train.py experiment=record_1611 data.dir=$cdata \
+      data.tokenizer_path=$cdata/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model train.iterations=50 train.max_wallclock_seconds=0 \
+      train.log_every=10 final_eval.max_tokens=262144 callbacks.progress=line callbacks.progress_every_seconds=30 \
+      hydra.run.dir=outputs/gpu_record_1611
+    cp outputs/gpu_record_1611/results.json "$out/record_1611_results.json" 2>/dev/null
+    grep -h "gptq:\|calibration\|export_time\|phased\|Total submission" "$out/record_1611_run.log" | tail -n 30
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
