@@ -422,3 +422,12 @@ def test_the_readme_lists_every_config_of_every_group():
         names = {p.stem for p in folder.glob("*.yaml")} | {f"{p.name}/*" for p in folder.iterdir() if p.is_dir()}
         assert names <= listed, f"README's {group} row lacks {sorted(names - listed)}"
     assert {"model", "data", "optim", "export", "eval", "experiment"} <= set(rows)
+
+
+def test_a_document_start_token_outside_the_vocabulary_is_refused_before_training():
+    """`bos_id` of a TTT mode is where its documents start: an id the model's vocabulary lacks would leave one
+    document and run for minutes; refused at start-up naming the mode (model.vocab_size 1024 here)."""
+    over = ["final_eval.modes=[standard,lora_ttt]"]
+    validate(over + ["+final_eval.settings.lora_ttt.bos_id=1023"])
+    msg = config_error(validate, over + ["+final_eval.settings.lora_ttt.bos_id=1024"])
+    assert "final_eval.settings.lora_ttt.bos_id=1024 is not a token id" in msg and "vocab_size=1024" in msg

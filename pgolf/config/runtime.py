@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from pgolf import optional
 from pgolf.config.typed import ConfigError, load
 from pgolf.config.validate import plain
+from pgolf.eval.registry import parse_mode
 from pgolf.export.config import ExportConfig
 from pgolf.export.roundtrip import final_eval_plan
 from pgolf.optim.newton_schulz import ns_coefficients
@@ -80,11 +81,25 @@ def check_final_eval(final_eval: dict) -> dict[str, dict]:
         raise ConfigError(f"final_eval: {e}") from None
 
 
+def check_bos_ids(plan: dict[str, dict], final_eval: dict, vocab_size: int) -> None:
+    """A mode setting `bos_id` (where documents start: the TTT modes) must be a token id of the model's
+    vocabulary, else no document would ever start. Raises ConfigError naming the mode."""
+    for name, settings in plan.items():
+        st = parse_mode(name, settings, seq_len=final_eval["seq_len"], batch_windows=final_eval["batch_windows"])[1]
+        bos = getattr(st, "bos_id", None)
+        if bos is not None and not 0 <= bos < vocab_size:
+            raise ConfigError(
+                f"final_eval.settings.{name}.bos_id={bos} is not a token id of the model's vocabulary "
+                f"(model.vocab_size={vocab_size})"
+            )
+
+
 def check_runtime(cfg: DictConfig) -> ExportConfig:
     """The checks of this module on a composed conf/train.yaml that passed `validate_train`."""
     d = plain(cfg)
     check_optim(d["optim"])
-    check_final_eval(d["final_eval"])
+    plan = check_final_eval(d["final_eval"])
+    check_bos_ids(plan, d["final_eval"], int(d["model"]["vocab_size"]))
     return check_export(d["export"])
 
 
