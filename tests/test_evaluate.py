@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import free_port
+from conftest import end_spawned_rank, free_port
 
 from pgolf.data.tokenizer import ByteLUTs
 from pgolf.eval.core import EvalContext, TargetLog, gather_log
@@ -153,6 +153,7 @@ def _dist_eval(rank, world, port, out):
         torch.save(res, out)
     dist.barrier()  # no rank tears gloo down while the other still uses it (a SIGABRT seen once in CI)
     dist.destroy_process_group()
+    end_spawned_rank()
 
 
 def test_one_and_two_processes_give_the_same_numbers(tmp_path):

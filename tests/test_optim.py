@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import end_spawned_rank, free_port
 
 import pgolf.optim.muon_adam as muon_adam
 from pgolf.model.config import GPTConfig
@@ -172,6 +172,7 @@ def _train_steps(rank: int, world: int, port: int, out: dict | None, steps: int 
             torch.save(m.state_dict(), out)
         dist.barrier()  # no rank tears gloo down while the other still uses it
         dist.destroy_process_group()
+        end_spawned_rank()
     else:
         return m.state_dict()
 

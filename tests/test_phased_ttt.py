@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import end_spawned_rank, free_port
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -316,6 +316,7 @@ def _dist_run(rank, world, port, out):
         torch.save(res, out)
     dist.barrier()  # no rank tears gloo down while the other still uses it
     dist.destroy_process_group()
+    end_spawned_rank()
 
 
 @pytest.mark.slow  # two spawned processes (gloo): a few seconds of process start-up
