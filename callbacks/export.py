@@ -55,7 +55,7 @@ from pgolf.export.stages import export_model, pre_quant_diagnostic
 from pgolf.io import atomic_write_bytes
 from pgolf.quant.artifact import check_codec
 from pgolf.quant.rules import rules_from_config, uses_gptq
-from pgolf.quant.settings import CalibrationConfig
+from pgolf.quant.settings import CalibrationConfig, calibration_ok
 from pgolf.runlog import log0, set_phase
 
 # Lightning's `trainer.precision` -> the autocast dtype its forward ran under (None: full precision)
@@ -150,11 +150,10 @@ def artifact_compliance(results: dict, max_tokens: int | None) -> dict:
     the whole validation split was scored (`full_validation`), and the reasons it is not. A non-compliant
     calibration also marks every round-trip mode of `results` `compliant: false` (edited in place), as
     eval.py marks its modes; each mode keeps its own score-before-adapt rule. Logs one `compliance:` line."""
-    cal = results["export"].get("calibration")
-    cal_ok = cal is None or cal.get("compliant") is True  # no record: no GPTQ (or a rank that wrote nothing)
+    cal_ok, cal_reason = calibration_ok(results["export"].get("calibration"))  # none: no GPTQ, or rank > 0
     reasons = []
     if not cal_ok:
-        why = f"calibration: {cal.get('reason', 'no reason recorded')}"
+        why = f"calibration: {cal_reason}"
         reasons.append(why)
         for r in results.get("roundtrip", {}).values():
             r["compliant"], r["reason"] = False, f"{why}; {r['reason']}"

@@ -27,6 +27,7 @@ from pgolf.export.code import code_of
 from pgolf.export.weights import MAX_SEQ_LEN, load_artifact_model, read_model_artifact
 from pgolf.io import atomic_path, atomic_write_bytes
 from pgolf.quant.artifact import ArtifactError, SizeReport
+from pgolf.quant.settings import calibration_ok
 from pgolf.runlog import log0
 
 
@@ -112,18 +113,6 @@ def compliance(
     if not ok:
         reasons.append(f"calibration: {why}")
     return not reasons, reasons
-
-
-def calibration_ok(record) -> tuple[bool, str]:
-    """(whether the artifact's `calibration` record, pgolf/export/gptq_stage.py, says its GPTQ calibration
-    was compliant, the record's reason). No record (an artifact without GPTQ, or written before records
-    existed) is compliant; a record that is not a mapping with `compliant: true` is not."""
-    if record is None:
-        return True, "no calibration record"
-    if not isinstance(record, dict):
-        return False, f"the artifact's calibration record is not a mapping: {record!r}"
-    reason = str(record.get("reason", "no reason recorded"))
-    return record.get("compliant") is True, reason
 
 
 def log_calibration(record) -> None:

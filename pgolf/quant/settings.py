@@ -153,3 +153,16 @@ def compliance(source: str, seconds: float, train_time_ms: float | None, cap_ms:
             "(PRs #535/#569/#593/#609)"
         )
     return {"inside_training_budget": inside, "compliant": False, "reason": reason}
+
+
+def calibration_ok(record) -> tuple[bool, str]:
+    """(whether an artifact's `calibration` record (`compliance` above, pgolf/export/gptq_stage.py) says its
+    GPTQ calibration was compliant, the record's reason). No record (an artifact without GPTQ, or written
+    before records existed) is compliant; a record that is not a mapping with `compliant: true` is not. The
+    one rule eval.py (pgolf/eval/run.py) and the end-of-training results (callbacks/export.py) apply."""
+    if record is None:
+        return True, "no calibration record"
+    if not isinstance(record, dict):
+        return False, f"the artifact's calibration record is not a mapping: {record!r}"
+    reason = str(record.get("reason", "no reason recorded"))
+    return record.get("compliant") is True, reason
