@@ -51,12 +51,13 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def perturbed_tiny_gpt(vocab: int):
-    """A 2-layer 32-wide GPT moved off its zero init, so every position and feature matters."""
+def perturbed_tiny_gpt(vocab: int, layers: int = 2, **kw):
+    """A 32-wide GPT (2 layers unless told; other GPTConfig fields in `kw`) moved off its zero init, so every
+    position and feature matters."""
     from pgolf.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=vocab, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2))
+    m = GPT(GPTConfig(vocab_size=vocab, num_layers=layers, model_dim=32, num_heads=4, num_kv_heads=2, **kw))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.1)

@@ -25,6 +25,7 @@ from pgolf.tools.pack import (
     ALPHABET,
     BOOTSTRAP,
     SCRIPT,
+    bootstrap,
     check_no_machine_paths,
     compose_train,
     decode_payload,
@@ -372,12 +373,10 @@ def test_submission_folder_holds_the_verified_script_and_runs_from_inside(runs, 
 
 def decoder_lines(blob: bytes) -> str:
     """The bootstrap's decoding lines (alphabet, payload, CRC-checked decode) for `blob`, as `pack` fills them."""
-    lines = BOOTSTRAP.splitlines()
+    lines = bootstrap(blob).splitlines()
     first = next(i for i, x in enumerate(lines) if x.startswith("B="))
     last = next(i for i, x in enumerate(lines) if x.startswith("except"))
-    src = "\n".join(lines[first : last + 1])
-    src = src.replace("{alphabet}", ALPHABET).replace("{length}", str(len(blob)))
-    return src.replace("{crc}", str(zlib.crc32(blob))).replace("{payload}", encode_payload(blob))
+    return "\n".join(lines[first : last + 1])
 
 
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 32, 1000])

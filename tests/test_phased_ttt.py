@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import end_spawned_rank, free_port
+from conftest import end_spawned_rank, free_port, perturbed_tiny_gpt
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -23,7 +23,6 @@ from pgolf.eval.core import EvalContext, TargetLog, gather_log, score_windows
 from pgolf.eval.lora_ttt import chunk_window, documents
 from pgolf.eval.modes import parse_mode, run_mode
 from pgolf.eval.phased_ttt import PhasedLoRA, PhasedSettings, global_sgd, phase_bounds, phased_queue
-from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 from pgolf.model.layers import rms_norm, rope_tables
 
@@ -46,13 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny(layers: int = 3, **kw) -> GPT:
     """A GPT of width 32 moved off its zero init (every feature matters)."""
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=V, num_layers=layers, model_dim=32, num_heads=4, num_kv_heads=2, **kw))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-        m.tok_emb.weight.normal_(0.0, 0.1)
-    return m.eval()
+    return perturbed_tiny_gpt(V, layers, **kw)
 
 
 def luts() -> ByteLUTs:

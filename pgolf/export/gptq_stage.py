@@ -61,10 +61,11 @@ def calibration_hessians(gpt: GPT, cfg: ExportConfig, ctx: ExportContext) -> tup
         f"time:{hinfo['seconds']:.1f}s"
     )
     used = info["seconds"] + hinfo["seconds"]
-    stamps = clock_stamps(start, used, ctx)
-    if stamps["clock_end_ms"] is not None:
-        used = (stamps["clock_end_ms"] - stamps["clock_start_ms"]) / 1000.0
+    start, end, kind = clock_span(start, used, ctx)
+    if start is not None:  # on the clock: compliance is `end <= cap`
+        used = (end - start) / 1000.0
     comp = compliance(c.source, used, start, ctx.cap_ms)
+    stamps = {"clock_start_ms": start, "clock_end_ms": end, "clock": kind}
     record = {
         **info,
         "hessian_seconds": hinfo["seconds"],
@@ -75,23 +76,20 @@ def calibration_hessians(gpt: GPT, cfg: ExportConfig, ctx: ExportContext) -> tup
         **comp,
     }
     cap = f"{ctx.cap_ms / 1000:.1f}s" if ctx.cap_ms else "none"
-    if stamps["clock_start_ms"] is not None:
-        log0(
-            f"gptq:challenge_clock start:{stamps['clock_start_ms'] / 1000:.3f}s "
-            f"end:{stamps['clock_end_ms'] / 1000:.3f}s cap:{cap} ({stamps['clock']})"
-        )
+    if start is not None:
+        log0(f"gptq:challenge_clock start:{start / 1000:.3f}s end:{end / 1000:.3f}s cap:{cap} ({kind})")
     return H, record
 
 
-def clock_stamps(start_ms: float | None, seconds: float, ctx: ExportContext) -> dict:
-    """When calibration + Hessians started and ended on the challenge clock (ms, 0.1 ms), for the artifact's
-    `calibration` record: read from the clock that timed training when the export has it (`clock: challenge`),
-    else the recorded training time and the stage's own `seconds` (`clock: derived`); None without a
-    training time."""
+def clock_span(start_ms: float | None, seconds: float, ctx: ExportContext) -> tuple:
+    """(start, end, kind): when calibration + Hessians started and ended on the challenge clock, in ms rounded
+    to 0.1 ms, for the artifact's `calibration` record. Read from the clock that timed training when the export
+    has it (`challenge`), else the recorded training time plus the stage's own `seconds` (`derived`); (None,
+    None, `none`) without a training time."""
     if start_ms is None:
-        return {"clock_start_ms": None, "clock_end_ms": None, "clock": "none"}
+        return None, None, "none"
     if ctx.clock_ms is not None:
         end, kind = ctx.clock_ms(), "challenge"
     else:
         end, kind = start_ms + 1000.0 * seconds, "derived"
-    return {"clock_start_ms": round(start_ms, 1), "clock_end_ms": round(end, 1), "clock": kind}
+    return round(start_ms, 1), round(end, 1), kind

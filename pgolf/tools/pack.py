@@ -84,7 +84,7 @@ BOOTSTRAP = """import brotli,importlib.abc as A,importlib.util as U,json,sys,zli
 B="{alphabet}"
 P="{payload}";D=bytearray()
 try:
- for j in range(0,len(P),19):D+=sum(B.find(c)*109**i for i,c in enumerate(P[j:j+19])).to_bytes(16,"little")
+ for j in range(0,len(P),{k}):D+=sum(B.find(c)*{base}**i for i,c in enumerate(P[j:j+{k}])).to_bytes({w},"little")
  D=D[:{length}]
  if zlib.crc32(D)!={crc}:raise ValueError
 except Exception:sys.exit(__file__+": the embedded code is damaged (payload checksum); pack it again")
@@ -115,6 +115,18 @@ def encode_payload(blob: bytes) -> str:
             n, d = divmod(n, len(ALPHABET))
             out.append(ALPHABET[d])
     return "".join(out)
+
+
+def bootstrap(blob: bytes) -> str:
+    """The packed file's text for the compressed payload `blob`: `BOOTSTRAP` with the encoding's constants, the
+    alphabet, the payload's length and CRC-32, the entry function and the encoded payload (last: its text may
+    hold any `{...}`)."""
+    fill = {"k": CHUNK_CHARS, "base": len(ALPHABET), "w": CHUNK_BYTES, "length": len(blob)}  # k chars -> w bytes
+    fill |= {"crc": zlib.crc32(blob), "entry_function": ENTRY_FUNCTION, "alphabet": ALPHABET}
+    text = BOOTSTRAP
+    for key, value in fill.items():
+        text = text.replace("{" + key + "}", str(value))
+    return text.replace("{payload}", encode_payload(blob))
 
 
 def decode_payload(text: str, length: int) -> bytes:
@@ -301,10 +313,7 @@ def pack(cfg: DictConfig | dict, root: Path | None = None) -> Packed:
         [json.dumps(payload, sort_keys=True, separators=(",", ":"))] + [f"{k}\n{s}" for k, s in sources.items()]
     )
     blob = brotli.compress(text.encode(), **BROTLI)
-    boot = BOOTSTRAP.replace("{entry_function}", ENTRY_FUNCTION)
-    boot = boot.replace("{length}", str(len(blob))).replace("{crc}", str(zlib.crc32(blob)))
-    boot = boot.replace("{alphabet}", ALPHABET)
-    script = boot.replace("{payload}", encode_payload(blob)).encode()
+    script = bootstrap(blob).encode()
     return Packed(script, tuple(sources), payload, time.perf_counter() - t0)
 
 
