@@ -261,3 +261,28 @@ def test_a_training_run_exports_with_the_records_calibration(tmp_path, synth_dir
     assert (cal["source"], cal["count"], cal["length"], cal["seed"]) == ("train_shuffled", 4, 16, 0)
     assert (cal["rank"], cal["world_size"], cal["files"]) == (0, 1, 1)
     assert (cal["hessian_norm"], cal["hessian_divisor"]) == ("batches", 2)
+
+
+def test_a_train_shuffled_calibration_that_cannot_work_stops_before_training(tmp_path, synth_dir):
+    """The synthetic training shard holds no 50,001-token window: refused at setup, before any step (it used
+    to fail after the whole training run); nothing is exported."""
+    import lightning as L
+    from test_training import TINY, compose_cfg
+
+    from callbacks import build_callbacks
+    from pgolf.tools.datasets import ensure_dataset
+    from pgolf.train.build import build_datamodule, build_module, build_trainer, run_meta
+
+    over = ["export=int6_gptq_zstd", "export.calibration.source=train_shuffled", "export.calibration.count=2"]
+    over += ["export.calibration.length=50000", "train.iterations=2", "train.warmup_steps=0"]
+    cfg = compose_cfg([*TINY, f"data.root={synth_dir.parent}", *over])
+    ensure_dataset(cfg.data.prepare, cfg.data.root)
+    dm = build_datamodule(cfg)
+    module, tok = build_module(cfg, cfg.data.tokenizer_path)
+    cbs = build_callbacks(cfg, tmp_path / "run", run_meta(cfg, tok))
+    L.seed_everything(0, verbose=False)
+    trainer = build_trainer(cfg, cbs.all, False)
+    with pytest.raises(ValueError, match="hold no 50001-token window") as e:
+        trainer.fit(module, datamodule=dm)
+    assert "export.calibration.source=train_shuffled (length=50000, world_size=1)" in str(e.value)
+    assert trainer.global_step == 0 and not list((tmp_path / "run").glob("*.ptz"))

@@ -422,11 +422,10 @@ def test_payload_alphabet_is_safe_for_literals_terminals_and_line_splitters():
         decode_payload("a" * 18, 1)
 
 
-def test_a_damaged_payload_stops_the_file_with_one_line(tmp_path):
+def test_a_damaged_payload_stops_the_file_with_one_line(tmp_path, packs):
     """A changed payload character is caught by the CRC-32 before any embedded code runs: one line naming the
     file, exit 1, no traceback; the packed file splits into the same lines for every reader."""
-    script = pack(compose_train(["experiment=baseline"])).script
-    text = script.decode()
+    text = packs["baseline"].script.decode()
     assert len(text.splitlines()) == text.count("\n") == len(BOOTSTRAP.splitlines())
     at = text.index('P="') + 200
     bad = text[:at] + ALPHABET[(ALPHABET.index(text[at]) + 1) % len(ALPHABET)] + text[at + 1 :]
@@ -496,13 +495,13 @@ def test_a_program_without_a_part_refuses_what_needs_it(monkeypatch):
         m.new_cache(1, 8)
 
 
-def test_the_pack_command_writes_the_script_and_its_requirements(tmp_path, capsys):
+def test_the_pack_command_writes_the_script_and_its_requirements(tmp_path, capsys, packs):
     from pgolf.tools.pack import main
 
     assert main(["experiment=baseline", "--out", str(tmp_path / "out")]) == 0
     script = (tmp_path / "out" / SCRIPT).read_bytes()
     reqs = (tmp_path / "out" / "requirements.txt").read_text().splitlines()
-    assert script == pack(compose_train(["experiment=baseline"])).script
+    assert script == packs["baseline"].script
     names = [r.split("==")[0] for r in reqs]
     assert {"brotli", "torch", "lightning", "omegaconf"} <= set(names) and all("==" in r for r in reqs)
     out = capsys.readouterr().out
