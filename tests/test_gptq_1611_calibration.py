@@ -234,11 +234,9 @@ def test_gptq_device_cpu_moves_the_hessians_off_the_gpu():
     assert q.device.type == "cpu" and torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
-def test_a_training_run_exports_with_the_records_calibration(tmp_path, synth_dir):
-    """The export callback hands the run's training shards, rank and world size to the 1611 export: the artifact's
-    calibration record names the shuffled windows of rank 0 and the Hessians divided by the batches."""
-    import json
-
+def tiny_run(run_dir, synth_dir, over: list[str]):
+    """(trainer, module, datamodule) of test_training's tiny run on the synthetic data with `over`, built as
+    train.py builds them (callbacks writing into `run_dir`), seeded, not yet fitted."""
     import lightning as L
     from test_training import TINY, compose_cfg
 
@@ -246,17 +244,26 @@ def test_a_training_run_exports_with_the_records_calibration(tmp_path, synth_dir
     from pgolf.tools.datasets import ensure_dataset
     from pgolf.train.build import build_datamodule, build_module, build_trainer, run_meta
 
-    over = ["export=sdclip_gptq_1611", "export.calibration.count=4", "export.calibration.length=16"]
-    over += ["export.gptq.batch=2", "export.rules.2.max_numel=64", "export.codec=zstd", "export.level=3"]
-    over += ["export.report_codecs=[]", "export.save_float=false", "train.iterations=1", "train.warmup_steps=0"]
-    over += ["final_eval.max_tokens=256"]
     cfg = compose_cfg([*TINY, f"data.root={synth_dir.parent}", *over])
     ensure_dataset(cfg.data.prepare, cfg.data.root)
     dm = build_datamodule(cfg)
     module, tok = build_module(cfg, cfg.data.tokenizer_path)
-    cbs = build_callbacks(cfg, tmp_path / "run", run_meta(cfg, tok))
+    cbs = build_callbacks(cfg, run_dir, run_meta(cfg, tok))
     L.seed_everything(0, verbose=False)
-    build_trainer(cfg, cbs.all, False).fit(module, datamodule=dm)
+    return build_trainer(cfg, cbs.all, False), module, dm
+
+
+def test_a_training_run_exports_with_the_records_calibration(tmp_path, synth_dir):
+    """The export callback hands the run's training shards, rank and world size to the 1611 export: the artifact's
+    calibration record names the shuffled windows of rank 0 and the Hessians divided by the batches."""
+    import json
+
+    over = ["export=sdclip_gptq_1611", "export.calibration.count=4", "export.calibration.length=16"]
+    over += ["export.gptq.batch=2", "export.rules.2.max_numel=64", "export.codec=zstd", "export.level=3"]
+    over += ["export.report_codecs=[]", "export.save_float=false", "train.iterations=1", "train.warmup_steps=0"]
+    over += ["final_eval.max_tokens=256"]
+    trainer, module, dm = tiny_run(tmp_path / "run", synth_dir, over)
+    trainer.fit(module, datamodule=dm)
     cal = json.loads((tmp_path / "run" / "results.json").read_text())["export"]["calibration"]
     assert (cal["source"], cal["count"], cal["length"], cal["seed"]) == ("train_shuffled", 4, 16, 0)
     assert (cal["rank"], cal["world_size"], cal["files"]) == (0, 1, 1)
@@ -266,22 +273,9 @@ def test_a_training_run_exports_with_the_records_calibration(tmp_path, synth_dir
 def test_a_train_shuffled_calibration_that_cannot_work_stops_before_training(tmp_path, synth_dir):
     """The synthetic training shard holds no 50,001-token window: refused at setup, before any step (it used
     to fail after the whole training run); nothing is exported."""
-    import lightning as L
-    from test_training import TINY, compose_cfg
-
-    from callbacks import build_callbacks
-    from pgolf.tools.datasets import ensure_dataset
-    from pgolf.train.build import build_datamodule, build_module, build_trainer, run_meta
-
     over = ["export=int6_gptq_zstd", "export.calibration.source=train_shuffled", "export.calibration.count=2"]
     over += ["export.calibration.length=50000", "train.iterations=2", "train.warmup_steps=0"]
-    cfg = compose_cfg([*TINY, f"data.root={synth_dir.parent}", *over])
-    ensure_dataset(cfg.data.prepare, cfg.data.root)
-    dm = build_datamodule(cfg)
-    module, tok = build_module(cfg, cfg.data.tokenizer_path)
-    cbs = build_callbacks(cfg, tmp_path / "run", run_meta(cfg, tok))
-    L.seed_everything(0, verbose=False)
-    trainer = build_trainer(cfg, cbs.all, False)
+    trainer, module, dm = tiny_run(tmp_path / "run", synth_dir, over)
     with pytest.raises(ValueError, match="hold no 50001-token window") as e:
         trainer.fit(module, datamodule=dm)
     assert "export.calibration.source=train_shuffled (length=50000, world_size=1)" in str(e.value)
