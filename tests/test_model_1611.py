@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from pgolf.model import doc_attention
 from pgolf.model import gpt as gpt_module
 from pgolf.model.banks import bank_layout, from_record_1611, to_record_1611
 from pgolf.model.config import GPTConfig
-from pgolf.model.doc_attention import DocumentMask
+from pgolf.model.doc_attention import DocumentMask, segment_groups
 from pgolf.model.gpt import GPT, count_params, softcap_cross_entropy
 from pgolf.model.layers import rms_norm, rope_tables
 from pgolf.model.record_1611 import GatedSmear, forward_lanes
@@ -351,6 +352,28 @@ def test_flex_document_attention_equals_the_mask(tiny_cfg):
     with torch.no_grad():
         flex = m.logits_from_hidden(m.forward_hidden(x, cu_seqlens=cu, doc_impl="flex"))
         assert (flex - m(x, cu_seqlens=cu)).abs().max() < 1e-10
+
+
+def test_long_rows_are_attended_in_groups_of_whole_segments(tiny_cfg, monkeypatch):
+    """A row longer than MASK_GROUP_TOKENS (here 8) is cut at segment starts into groups of at most 8 tokens (a
+    longer segment alone): logits and gradients equal the one-mask forward's (float64, to 1e-12 relative), and
+    no [T,T] mask of the whole row is built."""
+    assert segment_groups(torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3]), 8) == [
+        (0, 5),
+        (5, 14),
+        (14, 16),
+    ]
+    m, x, cu = packed(tiny_cfg)  # documents of 11, 8 and 11 tokens
+    m = m.double()
+    x_ref = m(x, cu_seqlens=cu)
+    (g_ref,) = torch.autograd.grad(x_ref.square().sum(), [m.tok_emb.weight])
+    monkeypatch.setattr(doc_attention, "MASK_GROUP_TOKENS", 8)
+    mask = DocumentMask(cu, 1, 30, impl="mask")
+    assert mask.dense is None and [(a, b) for a, b, _ in mask.groups[0]] == [(0, 11), (11, 19), (19, 30)]
+    got = m(x, cu_seqlens=cu)
+    (g,) = torch.autograd.grad(got.square().sum(), [m.tok_emb.weight])
+    torch.testing.assert_close(got, x_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-10)  # |g| up to ~100
 
 
 def test_document_mask_rejects_bad_input(tiny_cfg):

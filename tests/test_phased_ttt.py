@@ -224,6 +224,31 @@ def test_global_sgd_step_is_the_mean_loss_sgd_step_with_document_bounded_attenti
     assert not m.training and not any(p.requires_grad for p in m.parameters())
 
 
+def test_flat_global_packing_is_the_records_one_row_per_rank():
+    """PR #1611 (`global_packing: flat`): a rank's sequences form one row whose segments start at every BOS and
+    every `global_seq_len` tokens from a document start, so the document at 12 keeps its context past the
+    sequence start at 16 (rows: cut there). Documents 2, 0, 1 concatenated: BOS at 0, 11, 12, 21, 22; one
+    step on the first chunk of 24 tokens (3 sequences of 8), the second skipped."""
+    m, toks = tiny(**TINY_1611), stream()
+    docs = [documents(toks, 1)[i] for i in (2, 0, 1)]
+    ids = torch.cat([toks[s : s + n + 1] for s, n in docs])
+    assert torch.nonzero(ids[:24] == 1).flatten().tolist() == [0, 11, 12, 21, 22]
+    x, y = ids[:24].view(1, 24), ids[1:25].view(1, 24)
+    cu = {"flat": [0, 8, 11, 12, 20, 21, 22, 24], "rows": [0, 8, 11, 12, 16, 21, 22, 24]}
+    for packing in ("flat", "rows"):
+        st = settings(global_grad_clip=0.0, global_chunk_tokens=24, global_packing=packing)
+        ref, got = copy.deepcopy(m).train(), copy.deepcopy(m)
+        c = torch.tensor(cu[packing], dtype=torch.int32)
+        shape = (1, 24) if packing == "flat" else (3, 8)  # rows: no smear or context across a row start
+        grads = torch.autograd.grad(ref(x.view(shape), y.view(shape), cu_seqlens=c), list(ref.parameters()))
+        assert global_sgd(got, toks, docs, st, EvalContext(luts(), CPU, 16)) == 1
+        for p, g, w in zip(got.parameters(), grads, ref.parameters(), strict=True):
+            torch.testing.assert_close(p.detach(), w.detach() - st.global_lr * g, atol=1e-6, rtol=1e-5)
+        if packing == "flat":
+            flat = [p.detach().clone() for p in got.parameters()]
+    assert max((a - p.detach()).abs().max().item() for a, p in zip(flat, got.parameters(), strict=True)) > 1e-6
+
+
 # ---- queue, phases, config, settings -----------------------------------------------------------------
 def test_queue_orders_and_phase_boundaries():
     docs = [(0, 5), (5, 9), (14, 2), (16, 9), (25, 7)]
@@ -244,6 +269,7 @@ def test_phased_ttt_1611_config_is_the_records():
     assert (st.prefix_docs, st.phases, st.global_lr, st.global_momentum) == (2500, 3, 1e-3, 0.9)
     assert (st.global_chunk_tokens, st.global_seq_len, st.global_grad_clip) == (32768, 2048, 1.0)
     assert (st.order, st.warm_start_a, st.global_doc_bounded, st.chains) == ("length", True, True, 8)
+    assert st.global_packing == "flat" and st.last_chunk_window == "chunk_end"
     assert st.last_chunk_window == "chunk_end"
     assert parse_mode("phased_ttt", {}, seq_len=2048)[1] == PhasedSettings(order="stream")
     assert parse_mode("phased_ttt_1611", {}, seq_len=2048)[1].last_chunk_window == "chunk_end"
@@ -301,7 +327,7 @@ def _dist_run(rank, world, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     res = []
-    for name in ("phased_ttt", "phased_ttt_1611"):
+    for name in ("phased_ttt", "phased_ttt_1611"):  # 1611: global_packing flat
         log = TargetLog()
         r = run_mode(name, SMALL, tiny(**TINY_1611), stream(), EvalContext(luts(), CPU, 16, 4, log=log))
         res.append((r.val_loss, r.val_bpb, r.tokens, r.bytes, r.windows, gather_log(log)["nll"]))
@@ -314,15 +340,19 @@ def _dist_run(rank, world, port, out):
 
 @pytest.mark.slow  # two spawned processes (gloo): a few seconds of process start-up
 def test_one_and_two_processes_give_the_same_numbers(tmp_path):
-    """2 chains, 2 ranks: each rank runs one chain; the global phases split each chunk's sequences. The
-    documents scored before the first phase agree bit for bit, the rest to float32 summation order."""
+    """2 chains, 2 ranks: each rank runs one chain; the global phases split each chunk's 2 sequences. The
+    documents scored before the first phase agree bit for bit, the rest to float32 summation order. With
+    `global_packing: flat` (phased_ttt_1611) a rank's row is its share, one sequence here: 2 processes
+    equal 1 process with `rows`, and differ from 1 process with `flat` (one row of 2 sequences)."""
     out = str(tmp_path / "two.pt")
     mp.spawn(_dist_run, args=(2, free_port(), out), nprocs=2, join=True)
     two = torch.load(out, weights_only=False)
     for (name, b), order in zip(zip(("phased_ttt", "phased_ttt_1611"), two, strict=True), ("stream", "length")):
-        r, a = run(SMALL, name=name)
+        r, a = run(SMALL | {"global_packing": "rows"}, name=name)
         assert (r.tokens, r.bytes, r.windows) == b[2:5], name
         first = targets_scored_by(stream(), settings(order=order), 2)
         np.testing.assert_array_equal(a["nll"][first], b[5][first])
         assert np.abs(a["nll"] - b[5]).max() < 1e-4, name
         assert r.val_bpb == pytest.approx(b[1], rel=1e-6, abs=0), name
+    flat = run(SMALL, name="phased_ttt_1611")[1]["nll"]
+    assert np.abs(flat - two[1][5]).max() > 1e-3  # one row of 2 sequences: documents keep context past row 1

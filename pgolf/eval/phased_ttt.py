@@ -25,7 +25,8 @@ fewer than `batch_docs` documents, which does not pass its A on). The record kee
 GPU and claims batches from a file-locked counter (work stealing), so which batches share an A lineage
 depends on timing and on the number of GPUs. Here the queue is assigned statically: queue entry q belongs
 to chain q mod `chains` (the record's 8 GPUs: 8), chains to ranks round-robin (chain c on rank c mod world),
-and the queue runs in rounds of `chains` entries. The result is the same at any world size.
+and the queue runs in rounds of `chains` entries. The result is the same at any world size, except through
+`global_packing: flat` (below).
 
 Global phases (PR #1626): boundaries `prefix_docs·(p+1)/phases` documents. After each round, if the
 documents scored so far (while phases remain) reach the next boundary, the first `boundary` of them in
@@ -33,11 +34,17 @@ scoring order (batch, then position in it; the record sorts the same way) are co
 document's tokens up to and including the next BOS, as the record does) and the base model takes SGD steps
 on them: chunks of `global_chunk_tokens` (the last chunk skipped), one step per chunk on its sequences of
 `global_seq_len` split across ranks, lr cosine over chunks `global_lr·½(1+cos(πc/(C−1)))`, momentum,
-global-norm clip, document-bounded attention when `global_doc_bounded` (segments start at every BOS and
-at every row start: each sequence is a row; the record flattens a rank's sequences into one row cut at
-BOS and every 2048 tokens from a document start). The gradient is the mean over every rank's targets (one
-all-reduce; the record averages per-rank means, equal when ranks get equal shares). Scoring then resumes
-with the updated base model. The phases train a copy: the model handed in is unchanged.
+global-norm clip, document-bounded attention when `global_doc_bounded`. How a rank's sequences meet the
+attention is `global_packing`: `rows` (pgolf's `phased_ttt`) makes each sequence a row, so segments start
+at every BOS and at every row start; `flat` (the record's, `phased_ttt_1611`) joins a rank's sequences
+into one row, whose segments start at every BOS and every `global_seq_len` tokens from a document start, so
+a document that crosses a sequence boundary keeps its context, except across ranks: a rank's row is its
+share, so with `flat` the global phases depend on the number of processes, as the record's do. The gradient is the mean over every rank's
+targets (one all-reduce; the record averages per-rank means, equal when ranks get equal shares). Scoring
+then resumes with the updated base model. The phases train a copy: the model handed in is unchanged.
+
+The per-document AdamW is PyTorch's fused kernel on a GPU (the record's `fused=True`), the default
+(foreach) one elsewhere.
 
 Order (`order`): `stream` (pgolf): batches of consecutive documents in stream order. Every document,
 chain predecessor and global-phase document that can influence a document's scores precedes it in the
@@ -79,6 +86,7 @@ from pgolf.eval.ttt import all_reduce_grads, ttt_model, ttt_params
 from pgolf.model.varlen import document_cu_seqlens
 
 ORDERS = ("stream", "length")
+PACKINGS = ("rows", "flat")  # global phases: a sequence per row (pgolf) | a rank's sequences in one row (PR #1611)
 KINDS = ("q", "k", "v", "o", "mlp")  # per virtual block slot; plus the LM head
 PHASED_REASON = (
     "phased score-first TTT: each chunk is scored before the LoRA step that uses it, a document's last chunk is "
@@ -110,6 +118,7 @@ class PhasedSettings:
     global_seq_len: int = 2048
     global_grad_clip: float = 1.0  # global-norm clip; 0 = off
     global_doc_bounded: bool = True  # document-bounded attention in the global phases (cu_seqlens from BOS)
+    global_packing: str = "rows"  # rows (pgolf): a row per sequence | flat (PR #1611): a rank's sequences in one row
     bos_id: int = BOS_ID
     seed: int = 0  # fresh A of queue entry q, row j: generator seeded with seed·1000003 + q·batch_docs + j
     last_chunk_window: str = "chunk_start"  # chunk_start (pgolf) | chunk_end (PR #1611); lora_ttt.chunk_window
@@ -134,6 +143,7 @@ class PhasedSettings:
             ),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0, "betas must be in [0, 1), eps > 0"),
             (0 <= self.global_momentum < 1, f"global_momentum {self.global_momentum} must be in [0, 1)"),
+            (self.global_packing in PACKINGS, f"global_packing {self.global_packing!r} not in {PACKINGS}"),
             (
                 self.last_chunk_window in LAST_CHUNK_WINDOWS,
                 f"last_chunk_window {self.last_chunk_window!r} not in {LAST_CHUNK_WINDOWS}",
@@ -250,8 +260,9 @@ def global_sgd(model, tokens: torch.Tensor, docs: list[tuple[int, int]], st: Pha
     """One global phase: SGD on every parameter of `model` (a GPT, adapted in place) over the concatenated
     tokens of `docs` ((first target, targets) each; its tokens up to and including the next BOS) of the
     stream `tokens` (1-D, on the device). Chunks of `global_chunk_tokens` targets, the last skipped; per
-    chunk one step on its `global_seq_len` sequences, split across ranks, at `global_lr_at`. Returns the
-    steps taken. The parameters are frozen again afterwards, the model in eval mode."""
+    chunk one step on its `global_seq_len` sequences, split across ranks, at `global_lr_at`, as rows or one
+    flat row (`global_packing`). Returns the steps taken. The parameters are frozen again afterwards, the
+    model in eval mode."""
     if not docs:
         return 0
     ids = torch.cat([tokens[s : s + n + 1] for s, n in docs])
@@ -273,6 +284,8 @@ def global_sgd(model, tokens: torch.Tensor, docs: list[tuple[int, int]], st: Pha
             if b > a:
                 seq = ids[start + torch.arange(a, b, device=ids.device)[:, None] * S + offs]  # [n, S+1]
                 x, y = seq[:, :-1], seq[:, 1:]
+                if st.global_packing == "flat":  # PR #1611: the rank's span of tokens as one row
+                    x, y = x.reshape(1, -1), y.reshape(1, -1)
                 cu = document_cu_seqlens(x, st.bos_id, S) if st.global_doc_bounded else None
                 with ctx.autocast():
                     loss = model(x, y, reduction="sum", cu_seqlens=cu)
@@ -303,7 +316,10 @@ def phased_batch(
     else:
         lora.draw_a([st.seed * 1_000_003 + q * st.batch_docs + j for j in range(len(ids))])
     betas = (st.beta1, st.beta2)
-    opt = torch.optim.AdamW(lora.parameters(), lr=st.lr, betas=betas, eps=st.eps, weight_decay=st.weight_decay)
+    fused = torch.device(ctx.device).type == "cuda"  # the record's fused AdamW
+    opt = torch.optim.AdamW(
+        lora.parameters(), lr=st.lr, betas=betas, eps=st.eps, weight_decay=st.weight_decay, fused=fused
+    )
     plans = [DocPlan(s, n, s + n, -(-n // st.chunk_size) - 1) for s, n in (docs[d] for d in ids)]
     with lora.attached(model):
         windows = score_and_adapt(model, toks, plans, lora, opt, st, ctx, sums, None)
@@ -368,6 +384,6 @@ register(
         PhasedSettings,
         run_phased_ttt,
         phased_rule,
-        {"order": "length", "last_chunk_window": "chunk_end"},
+        {"order": "length", "last_chunk_window": "chunk_end", "global_packing": "flat"},
     )
 )

@@ -7,8 +7,12 @@ equals per-document positions up to rounding. Here `cu_seqlens` runs over the fl
 [B,T] batch (the records use B = 1); tokens of different rows never attend to each other in any case. Two
 exact implementations of the same mask:
 
-- `mask`: `F.scaled_dot_product_attention` with a boolean block-diagonal causal mask [B,1,T,T] (any device
-  and dtype; memory O(B·T²), so for tests, CPU runs and short rows);
+- `mask`: `F.scaled_dot_product_attention` with a boolean block-diagonal causal mask (any device and dtype;
+  for tests and CPU runs). Rows of up to `MASK_GROUP_TOKENS` tokens take one [B,1,T,T] mask; a longer row
+  (a packed row of PR #1611's global TTT phases, 16 sequences of 2048) is cut at segment starts into
+  groups of whole segments of at most `MASK_GROUP_TOKENS` tokens (a longer segment alone), each attended
+  with its own mask: no token attends across a segment, so the result is the same up to rounding, in
+  memory O(T·MASK_GROUP_TOKENS) instead of O(T²);
 - `flex`: `torch.nn.attention.flex_attention` with a document `BlockMask` (PyTorch's block-sparse kernel:
   fused and block-skipping under torch.compile on a GPU, fp32 or bf16, GQA native). On the CPU it has no
   backward and runs unfused (it materialises the scores) when not compiled.
@@ -34,6 +38,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from pgolf.optional import register
 
 DOC_IMPLS = ("auto", "mask", "flex")
+MASK_GROUP_TOKENS = 4096  # `mask`: longer rows are attended in groups of whole segments (module docstring)
 
 
 def document_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -51,6 +56,28 @@ def document_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
     return torch.bucketize(pos, cu_seqlens[1:], right=True).view(B, T)
 
 
+def _doc_mask(doc: torch.Tensor) -> torch.Tensor:
+    """[..., T, T] bool: query t may attend to key s (s <= t, same segment), from segment ids `doc` [..., T]."""
+    T = doc.size(-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return (doc[..., :, None] == doc[..., None, :]) & causal
+
+
+def segment_groups(doc: torch.Tensor, limit: int | None = None) -> list[tuple[int, int]]:
+    """[(start, end)] cutting one row's tokens (segment ids `doc` [T], non-decreasing) into consecutive groups of
+    whole segments of at most `limit` tokens (default `MASK_GROUP_TOKENS`); a longer segment is a group alone."""
+    limit = MASK_GROUP_TOKENS if limit is None else limit
+    T = doc.numel()
+    cuts = (torch.nonzero(doc[1:] != doc[:-1]).flatten() + 1).tolist()
+    groups, start = [], 0
+    for s, e in zip([0, *cuts], [*cuts, T], strict=True):
+        if e - start > limit and s > start:
+            groups.append((start, s))
+            start = s
+    groups.append((start, T))
+    return groups
+
+
 @register("doc_attention")
 class DocumentMask:
     """Document-causal attention for one forward: built once from `cu_seqlens`, used by every layer.
@@ -66,9 +93,13 @@ class DocumentMask:
             impl = "flex" if self.doc.is_cuda else "mask"
         self.impl = impl
         self.dense = self.block = None
-        if impl == "mask":
-            causal = torch.ones(T, T, dtype=torch.bool, device=self.doc.device).tril()
-            self.dense = ((self.doc[:, :, None] == self.doc[:, None, :]) & causal)[:, None]  # [B,1,T,T]
+        self.groups = None
+        if impl == "mask" and T > MASK_GROUP_TOKENS:
+            self.groups = [
+                [(a, b, _doc_mask(self.doc[r, a:b])) for a, b in segment_groups(self.doc[r])] for r in range(B)
+            ]
+        elif impl == "mask":
+            self.dense = _doc_mask(self.doc)[:, None]  # [B,1,T,T]
         else:
             doc = self.doc
 
@@ -79,6 +110,17 @@ class DocumentMask:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         gqa = k.size(1) != q.size(1)
+        if self.groups is not None:
+            rows = []
+            for r, groups in enumerate(self.groups):
+                parts = [
+                    F.scaled_dot_product_attention(
+                        q[r : r + 1, :, a:b], k[r : r + 1, :, a:b], v[r : r + 1, :, a:b], attn_mask=m, enable_gqa=gqa
+                    )
+                    for a, b, m in groups
+                ]
+                rows.append(torch.cat(parts, dim=2))
+            return torch.cat(rows, dim=0)
         if self.dense is not None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense, enable_gqa=gqa)
         return flex_attention(q, k, v, block_mask=self.block, enable_gqa=gqa)
