@@ -39,9 +39,10 @@ attention is `global_packing`: `rows` (pgolf's `phased_ttt`) makes each sequence
 at every BOS and at every row start; `flat` (the record's, `phased_ttt_1611`) joins a rank's sequences
 into one row, whose segments start at every BOS and every `global_seq_len` tokens from a document start, so
 a document that crosses a sequence boundary keeps its context, except across ranks: a rank's row is its
-share, so with `flat` the global phases depend on the number of processes, as the record's do. The gradient is the mean over every rank's
-targets (one all-reduce; the record averages per-rank means, equal when ranks get equal shares). Scoring
-then resumes with the updated base model. The phases train a copy: the model handed in is unchanged.
+share, so with `flat` the global phases depend on the number of processes, as the record's do. The
+gradient is the mean over every rank's targets (one all-reduce; the record averages per-rank means, equal
+when ranks get equal shares). Scoring then resumes with the updated base model. The phases train a copy:
+the model handed in is unchanged.
 
 The per-document AdamW is PyTorch's fused kernel on a GPU (the record's `fused=True`), the default
 (foreach) one elsewhere.
