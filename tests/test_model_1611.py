@@ -20,7 +20,7 @@ from pgolf.model import doc_attention
 from pgolf.model import gpt as gpt_module
 from pgolf.model.banks import bank_layout, from_record_1611, to_record_1611
 from pgolf.model.config import GPTConfig
-from pgolf.model.doc_attention import DocumentMask, segment_groups
+from pgolf.model.doc_attention import DocumentMask, pick_impl, segment_groups
 from pgolf.model.gpt import GPT, count_params, softcap_cross_entropy
 from pgolf.model.layers import rms_norm, rope_tables
 from pgolf.model.record_1611 import GatedSmear, forward_lanes
@@ -374,6 +374,14 @@ def test_long_rows_are_attended_in_groups_of_whole_segments(tiny_cfg, monkeypatc
     (g,) = torch.autograd.grad(got.square().sum(), [m.tok_emb.weight])
     torch.testing.assert_close(got, x_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-10)  # |g| up to ~100
+    # `auto`: flex on CUDA inside torch.compile or for rows up to MASK_GROUP_TOKENS; the grouped mask for a
+    # longer eager row (eager flex would materialise [T,T] scores) and on the CPU
+    assert [pick_impl(True, True, 30), pick_impl(True, False, 8), pick_impl(True, False, 30)] == [
+        "flex",
+        "flex",
+        "mask",
+    ]
+    assert pick_impl(False, True, 8) == "mask"
 
 
 def test_document_mask_rejects_bad_input(tiny_cfg):

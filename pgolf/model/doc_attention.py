@@ -17,7 +17,9 @@ exact implementations of the same mask:
   fused and block-skipping under torch.compile on a GPU, fp32 or bf16, GQA native). On the CPU it has no
   backward and runs unfused (it materialises the scores) when not compiled.
 
-`auto` picks `flex` on CUDA and `mask` elsewhere. (torch.nn.attention.varlen.varlen_attn is the closer
+`auto` (`pick_impl`) picks `flex` on CUDA and `mask` elsewhere, but `mask` also on CUDA for a row longer than
+`MASK_GROUP_TOKENS` outside torch.compile (phased TTT's eager global phases): eager flex attention
+materialises the [T,T] scores, the grouped mask does not. (torch.nn.attention.varlen.varlen_attn is the closer
 analogue of the records' FA3 call, but it takes fp16/bf16 only and needs CUDA, so it could not be checked
 here; flex covers every dtype and traces with fullgraph=True.) For long rows build the block mask inside
 the compiled forward (as `GPT.forward` does), where `create_block_mask` is compiled too.
@@ -56,6 +58,12 @@ def document_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
     return torch.bucketize(pos, cu_seqlens[1:], right=True).view(B, T)
 
 
+def pick_impl(cuda: bool, compiling: bool, T: int) -> str:
+    """`auto`'s implementation for rows of T tokens: `flex` on CUDA, except an eager row longer than
+    `MASK_GROUP_TOKENS` (eager flex materialises the [T,T] scores); `mask` elsewhere."""
+    return "flex" if cuda and (compiling or T <= MASK_GROUP_TOKENS) else "mask"
+
+
 def _doc_mask(doc: torch.Tensor) -> torch.Tensor:
     """[..., T, T] bool: query t may attend to key s (s <= t, same segment), from segment ids `doc` [..., T]."""
     T = doc.size(-1)
@@ -90,7 +98,7 @@ class DocumentMask:
             raise ValueError(f"document attention impl {impl!r} not in {DOC_IMPLS}")
         self.doc = document_ids(cu_seqlens, B, T)  # [B,T]
         if impl == "auto":
-            impl = "flex" if self.doc.is_cuda else "mask"
+            impl = pick_impl(self.doc.is_cuda, torch.compiler.is_compiling(), T)
         self.impl = impl
         self.dense = self.block = None
         self.groups = None
