@@ -95,3 +95,28 @@ def test_bigram_scores_exactly_the_standard_eval_targets(tmp_path, synth_dir, on
     total = load_val_tokens(data["val_pattern"], 1, 256).numel() - 1  # every validation target
     assert total - r["tokens"] < max(eval_seq, train_seq)  # all but the unscored tail
     assert bigram.DEFAULT_SEQ_LEN == OmegaConf.load(ROOT / "conf" / "train.yaml").train.seq_len  # the demo's
+
+
+def test_bad_data_found_at_set_up_ends_the_run_with_one_line(tmp_path, synth_dir, capsys):
+    """A validation shard holding a token id outside the vocabulary is found when the data module reads it
+    (inside Trainer.fit): `fit` (train.py and the packed train_gpt.py) ends with one `data error:` line naming
+    the file, position and problem, in the log too, exit status 1, no traceback and no artifact."""
+    from test_training import TINY, compose_cfg
+
+    from pgolf.train.run import EXIT_DATA_ERROR, fit, prepare
+
+    root = tmp_path / "synthetic"
+    shutil.copytree(synth_dir, root / "shards")
+    val = next((root / "shards").glob("synth_val_*.bin"))
+    raw = bytearray(val.read_bytes())
+    raw[256 * 4 + 2 * 7 : 256 * 4 + 2 * 8] = (300).to_bytes(2, "little")  # token 7 := 300 >= vocab 256
+    val.write_bytes(bytes(raw))
+    cfg = compose_cfg([*TINY, f"data.root={root}", "data.prepare=null", "train.iterations=1"])
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        fit(cfg, run_dir, prepare(cfg, run_dir), {"bytes": 1, "sha256": "0" * 64}, run_dir / "train.log")
+    assert e.value.code == EXIT_DATA_ERROR == 1
+    line = f"data error: {val}: token id 300 at position 7 is >= vocab size 256 (shards and tokenizer do not match)"
+    assert line in capsys.readouterr().out.splitlines()
+    assert line in (run_dir / "train.log").read_text().splitlines()
+    assert not list(run_dir.glob("*.ptz"))

@@ -20,12 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks import build_callbacks
 from callbacks.checkpoint import Terminated
 from callbacks.header import RunHeader
+from pgolf.data.shards import ShardError
+from pgolf.data.tokenizer import TokenizerError
 from pgolf.export.code import CODE_KEY
 from pgolf.quant.artifact import SizeReport
 from pgolf.runlog import log0, set_log_file
 from pgolf.train import build
 
 EXIT_OVER_LIMIT = 3  # the exit status of a run whose artifact is over the limit with export.fail_over_limit
+EXIT_DATA_ERROR = 1  # the exit status of a run stopped by bad data (shards, byte sidecar, tokenizer)
+DATA_ERRORS = (ShardError, TokenizerError)
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,10 @@ def fit(
     `code` is the run's code record (`{"bytes", "sha256"}` of its packed train_gpt.py) and `requirements`
     the versions of the packages that code imports; both go into the artifact's metadata. Returns
     `results.json`'s contents, or None when the run was preempted (no export). A SIGTERM after training
-    raises `callbacks.checkpoint.Terminated` (a SystemExit, status 143) after one `terminated:` line."""
+    raises `callbacks.checkpoint.Terminated` (a SystemExit, status 143) after one `terminated:` line. Bad
+    data (a ShardError or TokenizerError: shards, byte sidecar or tokenizer that do not match, found when
+    they are read, at set-up) ends the run with one `data error:` line and SystemExit(EXIT_DATA_ERROR); the
+    run directory keeps its log."""
     run_dir = Path(run_dir)
     loggers = extras.loggers
     set_log_file(log_file)
@@ -68,16 +75,20 @@ def fit(
         build.save_resolved_config(cfg, config_file)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
-    dm = build.build_datamodule(cfg)
-    module, tokenizer = build.build_module(cfg, cfg.data.tokenizer_path)
-    meta = {**build.run_meta(cfg, tokenizer), CODE_KEY: dict(code), "requirements": dict(requirements or {})}
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    header = RunHeader(lambda tr, pl: build.log_header(cfg, pl, tr.datamodule, tokenizer, tr.world_size, code))
-    challenge = build_callbacks(cfg, run_dir, meta)
-    trainer = build.build_trainer(cfg, [header, *challenge.all, *extras.callbacks], loggers)
     try:
+        dm = build.build_datamodule(cfg)
+        module, tokenizer = build.build_module(cfg, cfg.data.tokenizer_path)
+        meta = {**build.run_meta(cfg, tokenizer), CODE_KEY: dict(code), "requirements": dict(requirements or {})}
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        header = RunHeader(lambda tr, pl: build.log_header(cfg, pl, tr.datamodule, tokenizer, tr.world_size, code))
+        challenge = build_callbacks(cfg, run_dir, meta)
+        trainer = build.build_trainer(cfg, [header, *challenge.all, *extras.callbacks], loggers)
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume)
+    except DATA_ERRORS as e:  # the data does not match its config: the message names the file and the problem
+        log0(f"data error: {e}")
+        build.finish_logger(loggers, {}, exit_code=EXIT_DATA_ERROR)
+        raise SystemExit(EXIT_DATA_ERROR) from None
     except Terminated as e:  # SIGTERM after training (callbacks/checkpoint.py): stop now, say what is on disk
         log0(f"terminated: SIGTERM during {e.phase}; stopping with exit status {e.code}. {kept_files(run_dir)}")
         build.finish_logger(loggers, {}, exit_code=e.code)
