@@ -120,3 +120,7 @@ def test_bad_data_found_at_set_up_ends_the_run_with_one_line(tmp_path, synth_dir
     assert line in capsys.readouterr().out.splitlines()
     assert line in (run_dir / "train.log").read_text().splitlines()
     assert not list(run_dir.glob("*.ptz"))
+    val.unlink()  # no validation shard: the same one line, naming the pattern
+    with pytest.raises(SystemExit) as e:
+        fit(cfg, run_dir, prepare(cfg, run_dir), {"bytes": 1, "sha256": "0" * 64}, run_dir / "train.log")
+    assert e.value.code == 1 and f"data error: {cfg.data.val_pattern}: no shard files match" in capsys.readouterr().out

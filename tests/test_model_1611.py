@@ -374,6 +374,8 @@ def test_long_rows_are_attended_in_groups_of_whole_segments(tiny_cfg, monkeypatc
     (g,) = torch.autograd.grad(got.square().sum(), [m.tok_emb.weight])
     torch.testing.assert_close(got, x_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-10)  # |g| up to ~100
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the groups are host values: one mask
+    assert DocumentMask(cu, 1, 30, impl="mask").groups is None
     # `auto`: flex on CUDA inside torch.compile or for rows up to MASK_GROUP_TOKENS; the grouped mask for a
     # longer eager row (eager flex would materialise [T,T] scores) and on the CPU
     assert [pick_impl(True, True, 30), pick_impl(True, False, 8), pick_impl(True, False, 30)] == [

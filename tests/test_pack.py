@@ -31,6 +31,7 @@ from pgolf.tools.pack import (
     decode_payload,
     encode_payload,
     pack,
+    packed_config,
     part_modules,
     unpack,
 )
@@ -124,6 +125,15 @@ def test_the_pack_is_the_recipe_not_the_run():
     assert cfg["data"]["dir"] == "${data.root}/datasets/fineweb10B_sp1024" and cfg["data"]["root"] == "./data"
     assert cfg["logger"]["kind"] == "none" and cfg["trainer"]["strategy"] == "auto" and "seed" in cfg
     assert payload["distributed_strategy"]["_target_"].endswith("DDPStrategy")
+
+
+def test_a_byte_sidecar_pattern_follows_the_data_folder():
+    """A CaseOps run's byte sidecar pattern is reset like the shard patterns (`DATA_PATH` moves all three);
+    before, an absolute one stopped train.py with the packer's absolute-path error."""
+    over = ["experiment=record_1611", "data.dir=/d/sp", "data.val_bytes_pattern=/d/sp/fineweb_val_bytes_*.bin"]
+    cfg, _ = packed_config(compose_train(over))
+    assert cfg["data"]["val_bytes_pattern"] == "${data.dir}/fineweb_val_bytes_*.bin"
+    assert packed_config(compose_train(["experiment=baseline"]))[0]["data"]["val_bytes_pattern"] is None
 
 
 def test_a_config_with_an_absolute_path_is_not_packed():

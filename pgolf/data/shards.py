@@ -98,10 +98,10 @@ def open_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.nda
 
 
 def list_shards(pattern: str) -> list[Path]:
-    """The files matching the glob `pattern`, sorted; FileNotFoundError when none does."""
+    """The files matching the glob `pattern`, sorted; ShardError when none does."""
     files = sorted(Path(p) for p in glob.glob(str(pattern)))
     if not files:
-        raise FileNotFoundError(f"no shard files match {pattern!r}")
+        raise ShardError(f"{pattern}: no shard files match")
     return files
 
 

@@ -45,10 +45,10 @@ class ValData:
 
 def val_token_files(pattern: str) -> list[Path]:
     """The validation token shards matching the glob `pattern`, sorted, without byte sidecar shards (a pattern
-    `fineweb_val_*.bin` matches `fineweb_val_bytes_*.bin` too). FileNotFoundError when none is left."""
+    `fineweb_val_*.bin` matches `fineweb_val_bytes_*.bin` too). ShardError when none is left."""
     files = [p for p in list_shards(pattern) if not is_byte_sidecar(p)]
     if not files:
-        raise FileNotFoundError(f"no validation token shards match {pattern!r} (only byte sidecar shards)")
+        raise ShardError(f"{pattern}: no validation token shards match (only byte sidecar shards)")
     return files
 
 

@@ -184,7 +184,7 @@ def check_shards_tokenizer(pattern: str | os.PathLike, tokenizer: str | os.PathL
     in each shard folder's manifest.json (pgolf/tools/prepare.py) must be the file's. Shards without a
     manifest (the challenge's published export has none) are accepted with a log line saying that they
     were not checked. Returns the manifests checked. Raises TokenizerError naming both tokenizer files and
-    both hashes, or a malformed manifest; FileNotFoundError when no shard matches."""
+    both hashes, or a malformed manifest; ShardError (pgolf/data/shards.py) when no shard matches."""
     tok = Path(tokenizer)
     folders = sorted({p.parent for p in list_shards(str(pattern))})
     checked, sha = [], None

@@ -146,6 +146,11 @@ class PhasedSettings:
             (0 <= self.global_momentum < 1, f"global_momentum {self.global_momentum} must be in [0, 1)"),
             (self.global_packing in PACKINGS, f"global_packing {self.global_packing!r} not in {PACKINGS}"),
             (
+                self.global_packing != "flat" or self.global_doc_bounded,
+                "global_packing flat needs global_doc_bounded true (without document bounds a flat row would attend "
+                "across every document of a rank's share)",
+            ),
+            (
                 self.last_chunk_window in LAST_CHUNK_WINDOWS,
                 f"last_chunk_window {self.last_chunk_window!r} not in {LAST_CHUNK_WINDOWS}",
             ),

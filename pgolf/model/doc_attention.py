@@ -8,8 +8,9 @@ equals per-document positions up to rounding. Here `cu_seqlens` runs over the fl
 exact implementations of the same mask:
 
 - `mask`: `F.scaled_dot_product_attention` with a boolean block-diagonal causal mask (any device and dtype;
-  for tests and CPU runs). Rows of up to `MASK_GROUP_TOKENS` tokens take one [B,1,T,T] mask; a longer row
-  (a packed row of PR #1611's global TTT phases, 16 sequences of 2048) is cut at segment starts into
+  for tests and CPU runs). Rows of up to `MASK_GROUP_TOKENS` tokens, and any row inside torch.compile (the
+  groups are host values a full graph cannot hold), take one [B,1,T,T] mask; a longer eager row (a packed
+  row of PR #1611's global TTT phases, 16 sequences of 2048) is cut at segment starts into
   groups of whole segments of at most `MASK_GROUP_TOKENS` tokens (a longer segment alone), each attended
   with its own mask: no token attends across a segment, so the result is the same up to rounding, in
   memory O(T·MASK_GROUP_TOKENS) instead of O(T²);
@@ -102,7 +103,7 @@ class DocumentMask:
         self.impl = impl
         self.dense = self.block = None
         self.groups = None
-        if impl == "mask" and T > MASK_GROUP_TOKENS:
+        if impl == "mask" and T > MASK_GROUP_TOKENS and not torch.compiler.is_compiling():  # groups: host values
             self.groups = [
                 [(a, b, _doc_mask(self.doc[r, a:b])) for a, b in segment_groups(self.doc[r])] for r in range(B)
             ]

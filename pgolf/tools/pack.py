@@ -213,8 +213,9 @@ def packed_config(cfg: DictConfig | dict) -> tuple[dict, object]:
     shard_dir, tok = Path(data["dir"]).name, Path(data["tokenizer_path"]).name
     data.update(root="./data", dir=f"${{data.root}}/datasets/{shard_dir}", prepare=None)
     data.update(tokenizer_path=f"${{data.root}}/tokenizers/{tok}")
-    for k in ("train_pattern", "val_pattern"):
-        data[k] = f"${{data.dir}}/{Path(data[k]).name}"
+    for k in ("train_pattern", "val_pattern", "val_bytes_pattern"):
+        if data.get(k) is not None:
+            data[k] = f"${{data.dir}}/{Path(data[k]).name}"
     tr = d["trainer"]
     strategy = tr["strategy"] if isinstance(tr["strategy"], dict) else _ddp_strategy(tr["accelerator"])
     tr.update(devices=1, num_nodes=1, strategy="auto")
