@@ -193,6 +193,23 @@ def test_collect_hessians_matches_explicit_inputs():
     Hd, _ = collect_hessians(m, seqs, batch=5, damp=0.01)
     h0 = H["blocks.0.mlp.fc.weight"]
     assert torch.allclose(Hd["blocks.0.mlp.fc.weight"], h0 + 0.01 * h0.diag().mean() * torch.eye(32), atol=1e-5)
+    # bit for bit the records' accumulation: `H.addmm_(X.T, X)` per linear and batch (3 batches of 2 x 512
+    # tokens; `H += X.T @ X` rounds differently at this size)
+    big = torch.randint(0, 64, (6, 512), generator=torch.Generator().manual_seed(1))
+    Hb, _ = collect_hessians(m, big, batch=2)
+    fc = m.blocks[0].mlp.proj
+    d = fc.in_features
+    ref = torch.zeros(d, d)
+
+    def add(mod, args, out) -> None:  # a hook that returns nothing (a returned tensor replaces the output)
+        ref.addmm_(args[0].reshape(-1, d).T, args[0].reshape(-1, d))
+
+    hook = fc.register_forward_hook(add)
+    with torch.no_grad():
+        for i in range(0, 6, 2):
+            m.forward_hidden(big[i : i + 2])
+    hook.remove()
+    assert torch.equal(Hb["blocks.0.mlp.proj.weight"], ref / 6)
 
 
 @pytest.mark.parametrize("act_order", [True, False])

@@ -188,25 +188,18 @@ def linear_names(model: nn.Module) -> dict[nn.Module, str]:
 
 
 @contextlib.contextmanager
-def xtx_hooks(targets: dict[nn.Module, str], H: dict[str, torch.Tensor]) -> Iterator[Callable[[], None]]:
+def xtx_hooks(targets: dict[nn.Module, str], H: dict[str, torch.Tensor]) -> Iterator[None]:
     """Forward hooks that add each target linear's input `XᵀX` (fp32) into `H[its weight name]` while the
-    block runs; yields `forget`, to call after each batch (drops the cached `XᵀX`). c_q/c_k/c_v read the
-    same tensor, so its `XᵀX` is computed once and added to all three."""
-    last: dict = {"x": None, "xtx": None}
+    block runs, as the records' GPTQ hooks do (`H.addmm_(X.T, X)` per linear, PR #1019 ... PR #1611: the same
+    rounding; c_q/c_k/c_v read the same X and each accumulates its own)."""
 
     def hook(mod, args, out):
-        x = args[0]
-        if x is not last["x"]:
-            x2 = x.detach().reshape(-1, x.size(-1)).float()
-            last["x"], last["xtx"] = x, x2.T @ x2
-        H[targets[mod]] += last["xtx"]
-
-    def forget() -> None:
-        last["x"] = last["xtx"] = None
+        x = args[0].detach().reshape(-1, args[0].size(-1)).float()
+        H[targets[mod]].addmm_(x.T, x)
 
     handles = [m.register_forward_hook(hook) for m in targets]
     try:
-        yield forget
+        yield
     finally:
         for h in handles:
             h.remove()
@@ -232,7 +225,6 @@ def _forward_sequences(
     batch: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
-    after_batch: Callable[[], None],
     on_hidden: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[int, int, int]:
     """`model.forward_hidden` over token ids [N, T], `batch` rows at a time, in eval mode (restored after);
@@ -251,7 +243,6 @@ def _forward_sequences(
             n_seq += xb.size(0)
             n_tok += xb.numel()
             n_batch += 1
-            after_batch()
     finally:
         model.train(was_training)
     return n_seq, n_tok, n_batch
@@ -298,8 +289,8 @@ def collect_hessians(
 
     t0 = time.perf_counter()
     seqs = sequences if isinstance(sequences, torch.Tensor) else torch.cat(list(sequences))
-    with xtx_hooks(targets, H) as forget:
-        n_seq, n_tok, n_batch = _forward_sequences(model, seqs, batch, device, autocast_dtype, forget, on_hidden)
+    with xtx_hooks(targets, H):
+        n_seq, n_tok, n_batch = _forward_sequences(model, seqs, batch, device, autocast_dtype, on_hidden)
     if n_seq == 0:
         raise ValueError("no calibration sequences to collect Hessians from")
     if out_device is not None:
