@@ -1,8 +1,8 @@
 """Full-Hessian GPTQ (arXiv:2210.17323; PR #535 lineage, the PR #1019 variant) and the Hessians it needs.
 
 `collect_hessians`: forward hooks on the model's `quantized_linears()` accumulate `Σ XᵀX` of each linear's
-input over calibration sequences (c_q/c_k/c_v read the same tensor, so its `XᵀX` is computed once and
-added to all three), divided by the number of sequences (PR #1019) or of forward batches (PR #1611),
+input over calibration sequences (`H.addmm_(X.T, X)` per linear and batch, the records' rounding),
+divided by the number of sequences (PR #1019) or of forward batches (PR #1611),
 optionally moved to another device first (PR #1611 moves them to the CPU, where its GPTQ runs), optionally
 damped.
 
