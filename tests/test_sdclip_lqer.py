@@ -146,9 +146,9 @@ def test_lqer_asym_lowers_the_error_with_exact_packing():
     assert torch.equal(c.q, e.q) and torch.equal(c.scale, e.scale)
     U, S, Vh = torch.linalg.svd(w - dequantize_int(e.q, e.scale), full_matrices=False)
     A, B = U[:, :4] * S[:4], Vh[:4]
-    assert f.qa.shape == (256, 4) and f.qb.shape == (4, 512) and f.sa.shape == (1,) and f.sb.shape == (32,)
+    assert f.qa.shape == (256, 4) and f.qb.shape == (4, 512) and f.sa.shape == () and f.sb.shape == (32,)
     assert f.qa.dtype == f.qb.dtype == torch.int8 and f.sa.dtype == f.sb.dtype == torch.float16
-    assert f.sa[0] == (A.abs().max() / 1.5).half()
+    assert f.sa == (A.abs().max() / 1.5).half()  # one 0-d scale, as the record stores it
     assert torch.equal(f.qa, torch.clamp(torch.round(A / f.sa.float()), -2, 1).to(torch.int8))
     assert f.qa.min() >= -2 and f.qa.max() == 1  # max|A|/s_A = 1.5 rounds to 2, clamped to 1
     Bg = B.reshape(32, 64)
@@ -225,13 +225,32 @@ def test_lqer_zero_error_and_bad_inputs():
     e = quantize_state({"z": z}, [gptq_rule()])["z"]
     out, rep = apply_lqer({"z": e}, {"z": z}, LQERSettings())
     f = out["z"].lqer
-    assert f.sa[0] == 0 and (f.qa == 0).all() and torch.equal(dequantize_entry(out["z"]), z)
+    assert f.sa == 0 and (f.qa == 0).all() and torch.equal(dequantize_entry(out["z"]), z)
     with pytest.raises(ValueError, match="no tensor z"):
         apply_lqer({"z": e}, {}, LQERSettings())
     with pytest.raises(ValueError, match=r"z is \(8, 32\)"):
         apply_lqer({"z": e}, {"z": torch.zeros(8, 32)}, LQERSettings())
     with pytest.raises(ValueError, match="already carries"):
         apply_lqer(out, {"z": z}, LQERSettings())
+
+
+def test_the_a_scale_is_0d_as_the_record_stores_it_and_earlier_artifacts_still_read(tmp_path):
+    """The asymmetric factors' one A scale is a 0-d fp16 tensor (the record's torch scalar), through the
+    artifact too; an artifact written before (the scale as [1]) reads as 0-d with the same weights."""
+    from pgolf.quant import artifact
+
+    w = clipped_matrix(32, 128)
+    e = quantize_state({"m": w}, [gptq_rule(sigmas=4.0)])["m"]
+    out, _ = apply_lqer({"m": e}, {"m": w}, LQERSettings(top_k=1))
+    new, _ = artifact.unpack(artifact.pack(out, {}))
+    old_form = replace(out["m"], lqer=replace(out["m"].lqer, sa=out["m"].lqer.sa.reshape(1)))
+    old, _ = artifact.unpack(artifact.pack({"m": old_form}, {}))
+    path = tmp_path / "m.ptz"  # the per-group container routes the factors to its remainder stream
+    artifact.write_artifact(path, {"blocks.0.mlp.fc.weight": out["m"]}, {}, "pergroup_brotli")
+    grouped = {"m": artifact.read_artifact(path)[0]["blocks.0.mlp.fc.weight"]}
+    for got in (new, old, grouped):
+        assert got["m"].lqer.sa.shape == () and torch.equal(got["m"].lqer.sa, out["m"].lqer.sa)
+        assert torch.equal(dequantize_entry(got["m"]), dequantize_entry(out["m"]))
 
 
 def test_check_factors_and_settings_reject_bad_values():

@@ -112,12 +112,13 @@ def pack_lqer_asym(
     """PR #1797's asymmetric packing of the factors A [rows, r] and B [r, cols] (B.numel() % group == 0):
     A as INT2 with one fp16 scale `s_A = fp16(max(max|A|, 1e-10) / 1.5)`, `q_A = clamp(round(A/s_A), -2, 1)`;
     B flattened row-major into groups of `group` consecutive values, `s_g = fp16(max(max|group|, 1e-10) /
-    7.5)`, `q_B = clamp(round(B/s_g), -8, 7)`. Returns (q_A int8 [rows, r], s_A fp16 [1], q_B int8 [r, cols],
-    s_B fp16 [r·cols/group]). Raises ValueError when B's size is not a multiple of `group`."""
+    7.5)`, `q_B = clamp(round(B/s_g), -8, 7)`. Returns (q_A int8 [rows, r], s_A fp16 [] (a 0-d scalar, as the
+    record stores it), q_B int8 [r, cols], s_B fp16 [r·cols/group]). Raises ValueError when B's size is not a
+    multiple of `group`."""
     if group < 1 or B.numel() % group:
         raise ValueError(f"asymmetric LQER needs B's {B.numel()} values in groups of {group}")
     A, B = A.float(), B.float()
-    sa = (A.abs().amax().clamp_min(CLAMP_MIN) / LQER_A_DIV).half().reshape(1)
+    sa = (A.abs().amax().clamp_min(CLAMP_MIN) / LQER_A_DIV).half()
     qa = round_codes_or_zero(A, sa.float(), LQER_A_QMAX, LQER_A_QMIN)
     Bg = B.reshape(-1, group)
     sb = (Bg.abs().amax(dim=1).clamp_min(CLAMP_MIN) / LQER_B_DIV).half()
@@ -161,7 +162,8 @@ class LQERFactors:
     """The quantized low-rank factors of one matrix's quantization error E ≈ A·B (LQER, PR #1797 as used by
     PR #1611; built by pgolf/quant/lqer.py), for a matrix [rows, cols] and rank r:
 
-    - `mode` "asym": `qa` int8 [rows, r] in [-2, 1] with one scale `sa` fp16 [1]; `qb` int8 [r, cols] in
+    - `mode` "asym": `qa` int8 [rows, r] in [-2, 1] with one scale `sa` fp16 [] (0-d; [1] in artifacts written
+      before 2026-11-30, read as 0-d); `qb` int8 [r, cols] in
       [-8, 7] with a scale per `group` consecutive values of B flattened row-major, `sb` fp16 [r·cols/group];
     - `mode` "sym" (the fallback when r·cols is not a multiple of the group): `qa` and `qb` in ±(2^(bits-1)-1)
       with a scale per row, `sa` fp16 [rows], `sb` fp16 [r]; `group` 0.
@@ -200,7 +202,7 @@ class LQERFactors:
         if self.mode == "asym":
             if self.group < 1 or (r * cols) % self.group:
                 raise ValueError(f"{what}.group {self.group} must divide r·cols = {r * cols}")
-            want_sa, want_sb = (1,), ((r * cols) // self.group,)
+            want_sa, want_sb = (), ((r * cols) // self.group,)
             ranges = ((LQER_A_QMIN, LQER_A_QMAX), (LQER_B_QMIN, LQER_B_QMAX))
         else:
             if not 2 <= self.bits <= 8:
