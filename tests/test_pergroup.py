@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import struct
 
+import brotli
 import numpy as np
 import pytest
 import torch
@@ -117,7 +118,9 @@ def test_pergroup_round_trip_is_bit_exact(tmp_path, raw_entries, codec):
     assert [n for n, s in zip(STREAM_NAMES, streams) if not s] == []  # every group holds a matrix here
     hot = ["tok_emb.weight"] + [f"blocks.{i}.{r}.weight" for i in range(2) for r in ("attn.c_q", "mlp.fc")]
     rows = sum(entries[n].shape[0] for n in hot)
-    assert len(pergroup.brotli_decompress(streams[PERMS], 2 * rows, "permutations")) == 2 * rows
+    perms = pergroup.brotli_decompress(streams[PERMS], 2 * rows, "permutations")
+    assert len(perms) == 2 * rows
+    assert bytes(streams[PERMS]) == brotli.compress(perms, quality=11)  # the record's call: the default window
 
 
 def test_a_group_without_tensors_is_an_empty_stream_and_the_remainder_keeps_the_rest():

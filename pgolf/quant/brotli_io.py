@@ -10,9 +10,9 @@ BROTLI_QUALITY, BROTLI_LGWIN = 11, 24  # the record's brotli settings
 IN_CHUNK = 1 << 20  # compressed bytes handed to brotli per step
 
 
-def brotli_compress(data: bytes | memoryview, quality: int = BROTLI_QUALITY) -> bytes:
-    """brotli at `quality` (0..11) with a 2^24-byte window (the record's settings)."""
-    return brotli.compress(bytes(data), quality=quality, lgwin=BROTLI_LGWIN)
+def brotli_compress(data: bytes | memoryview, quality: int = BROTLI_QUALITY, lgwin: int = BROTLI_LGWIN) -> bytes:
+    """brotli at `quality` (0..11) with a 2^`lgwin`-byte window (default 24: the record's settings)."""
+    return brotli.compress(bytes(data), quality=quality, lgwin=lgwin)
 
 
 class BrotliReader:

@@ -63,6 +63,7 @@ N_STREAMS = len(GROUPS) + 2
 REMAINDER, PERMS = len(GROUPS), len(GROUPS) + 1
 STREAM_NAMES = (*GROUPS, "remainder", "permutations")
 MAX_PERM_ROWS = 1 << 16  # a permutation is stored as uint16
+PERMS_LGWIN = 22  # the permutations stream: brotli's default window, as PR #1611 writes it (the rest: 2^24)
 BACKENDS = ("lrzip", "brotli")
 LRZIP_TIMEOUT_S = 900.0  # one group through `lrzip -z` (the record: ~100 s for all 7 on its machine)
 LRZIP_HEADER = 24  # lrzip 0.6 magic: b"LRZI", major 0, minor 6, u64 size at 6, md5 flag at 21, encrypted at 22
@@ -371,7 +372,8 @@ def encode(raw: bytes | memoryview, routed: Sequence[Routed], backend: str, leve
         return lambda: brotli_compress(data, level)
 
     jobs = [group_job(g) for g in groups]
-    jobs += [lambda: brotli_compress(rest), lambda: brotli_compress(perms) if perms else b""]
+    # the permutations as PR #1611 compresses them: brotli quality 11 with its default window (2^22)
+    jobs += [lambda: brotli_compress(rest), lambda: brotli_compress(perms, lgwin=PERMS_LGWIN) if perms else b""]
     return pack_container(_pool(jobs))
 
 
