@@ -203,7 +203,7 @@ def check_shards_tokenizer(pattern: str | os.PathLike, tokenizer: str | os.PathL
         sha = sha or sha256_file(tok)
         if sha != want:
             raise TokenizerError(
-                f"tokenizer {tok} (sha256 {sha[:16]}) did not make the shards {pattern}: their {manifest} names "
+                f"{tok}: this tokenizer (sha256 {sha[:16]}) did not make the shards {pattern}: their {manifest} names "
                 f"{made_by} (sha256 {want[:16]}); use that tokenizer (data.tokenizer_path) or prepare the shards again"
             )
         checked.append(manifest)
