@@ -55,7 +55,7 @@ from pgolf.export.stages import export_model, pre_quant_diagnostic
 from pgolf.io import atomic_write_bytes
 from pgolf.quant.artifact import check_codec
 from pgolf.quant.rules import rules_from_config, uses_gptq
-from pgolf.quant.settings import CalibrationConfig, calibration_ok
+from pgolf.quant.settings import CalibrationConfig, calibration_verdict, mark_not_compliant
 from pgolf.runlog import log0, set_phase
 
 # Lightning's `trainer.precision` -> the autocast dtype its forward ran under (None: full precision)
@@ -150,20 +150,23 @@ def artifact_compliance(results: dict, max_tokens: int | None) -> dict:
     the whole validation split was scored (`full_validation`), and the reasons it is not. A non-compliant
     calibration also marks every round-trip mode of `results` `compliant: false` (edited in place), as
     eval.py marks its modes; each mode keeps its own score-before-adapt rule. Logs one `compliance:` line."""
-    cal_ok, cal_reason = calibration_ok(results["export"].get("calibration"))  # none: no GPTQ, or rank > 0
+    why = calibration_verdict(results["export"].get("calibration"))  # no record: no GPTQ, or rank > 0
     reasons = []
-    if not cal_ok:
-        why = f"calibration: {cal_reason}"
+    if why is not None:
         reasons.append(why)
-        for r in results.get("roundtrip", {}).values():
-            r["compliant"], r["reason"] = False, f"{why}; {r['reason']}"
+        mark_not_compliant(results.get("roundtrip", {}).values(), why)
     size_ok = bool(results["export"]["size_ok"])
     if not size_ok:
         e = results["export"]
         reasons.append(f"size: {e['total_bytes']:,} bytes (model + code) is over the {e['limit_bytes']:,}-byte limit")
     if max_tokens is not None:
         reasons.append(MAX_TOKENS_REASON)
-    verdict = {"calibration_ok": cal_ok, "size_ok": size_ok, "full_validation": max_tokens is None, "reasons": reasons}
+    verdict = {
+        "calibration_ok": why is None,
+        "size_ok": size_ok,
+        "full_validation": max_tokens is None,
+        "reasons": reasons,
+    }
     flags = " ".join(f"{k}:{str(v).lower()}" for k, v in verdict.items() if k != "reasons")
     log0(f"compliance: {flags}" + "".join(f" | {r}" for r in reasons))
     return verdict

@@ -12,12 +12,12 @@ import torch
 from callbacks.export import artifact_compliance, check_calibration_source
 from pgolf.data.shards import list_shards
 from pgolf.data.tokenizer import TokenizerInfo
-from pgolf.eval.run import MAX_TOKENS_REASON, calibration_ok, evaluate_artifact
+from pgolf.eval.run import MAX_TOKENS_REASON, evaluate_artifact
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import encode_artifact, pack
 from pgolf.quant.rules import quantize_state, rules_from_config
-from pgolf.quant.settings import CalibrationConfig, compliance
+from pgolf.quant.settings import CalibrationConfig, calibration_ok, compliance
 
 RULES = [{"name": "matrix", "ndim": 2, "store": "int", "bits": 6}, {"name": "rest", "store": "fp16"}]
 # the record gptq_stage.py writes for training data read after the deadline (pgolf/quant/settings.py)

@@ -27,7 +27,7 @@ from pgolf.export.code import code_of
 from pgolf.export.weights import MAX_SEQ_LEN, load_artifact_model, read_model_artifact
 from pgolf.io import atomic_path, atomic_write_bytes
 from pgolf.quant.artifact import ArtifactError, SizeReport
-from pgolf.quant.settings import calibration_ok
+from pgolf.quant.settings import calibration_verdict, mark_not_compliant
 from pgolf.runlog import log0
 
 
@@ -93,13 +93,13 @@ def compliance(
     seconds: float,
     budget_seconds: float,
     max_tokens: int | None,
-    calibration: dict | None = None,
+    calibration: str | None = None,
 ) -> tuple[bool, list[str]]:
     """(the run's verdict, the reasons it is not compliant): the headline mode scores before it adapts
     (its own rule), code + model fit ARTIFACT_LIMIT_BYTES, the modes ran within the eval budget, the
     whole validation split was scored (no `max_tokens`), and the artifact's GPTQ calibration was compliant
-    (its `calibration` record, `calibration_ok`: training data read only inside the training time budget,
-    PRs #535/#569/#593/#609). `seconds`: the modes' wall time."""
+    (`calibration`: None, or the reason it is not, `calibration_verdict` of its record: training data read only
+    inside the training time budget, PRs #535/#569/#593/#609). `seconds`: the modes' wall time."""
     reasons = []
     if not first["compliant"]:
         reasons.append(f"score-before-adapt: {first['mode']}: {first['reason']}")
@@ -109,9 +109,8 @@ def compliance(
         reasons.append(f"time: the evaluation took {seconds:.1f}s, over the {budget_seconds}s budget")
     if max_tokens is not None:
         reasons.append(MAX_TOKENS_REASON)
-    ok, why = calibration_ok(calibration)
-    if not ok:
-        reasons.append(f"calibration: {why}")
+    if calibration is not None:
+        reasons.append(calibration)
     return not reasons, reasons
 
 
@@ -208,12 +207,11 @@ def evaluate_artifact(
     size = SizeReport(header.file_bytes, code["bytes"] if code["sha256"] else int(meta.get("code_bytes", 0)))
     within = total <= budget_seconds
     calibration = meta.get("calibration")
-    cal_ok, cal_reason = calibration_ok(calibration)
-    ok, reasons = compliance(first, size.total, total, budget_seconds, max_tokens, calibration)
+    cal_why = calibration_verdict(calibration)
+    ok, reasons = compliance(first, size.total, total, budget_seconds, max_tokens, cal_why)
     score_before_adapt = first["compliant"]
-    if not cal_ok:  # every mode scored this artifact: none is compliant (as results.json's round trip)
-        for r in results.values():
-            r["compliant"], r["reason"] = False, f"calibration: {cal_reason}; {r['reason']}"
+    if cal_why is not None:  # every mode scored this artifact: none is compliant (as results.json's round trip)
+        mark_not_compliant(results.values(), cal_why)
     out = {
         **{k: first[k] for k in ("mode", "val_loss", "val_bpb", "tokens", "bytes", "seconds")},
         "compliant": ok,
@@ -222,7 +220,7 @@ def evaluate_artifact(
             "size_ok": size.ok,
             "within_budget": within,
             "full_validation": max_tokens is None,
-            "calibration_ok": cal_ok,
+            "calibration_ok": cal_why is None,
             "reasons": reasons,
         },
         "calibration": calibration,  # the artifact's GPTQ calibration record (null: no GPTQ)

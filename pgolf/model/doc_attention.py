@@ -98,12 +98,13 @@ class DocumentMask:
         if impl not in DOC_IMPLS:
             raise ValueError(f"document attention impl {impl!r} not in {DOC_IMPLS}")
         self.doc = document_ids(cu_seqlens, B, T)  # [B,T]
+        compiling = torch.compiler.is_compiling()
         if impl == "auto":
-            impl = pick_impl(self.doc.is_cuda, torch.compiler.is_compiling(), T)
+            impl = pick_impl(self.doc.is_cuda, compiling, T)
         self.impl = impl
         self.dense = self.block = None
         self.groups = None
-        if impl == "mask" and T > MASK_GROUP_TOKENS and not torch.compiler.is_compiling():  # groups: host values
+        if impl == "mask" and T > MASK_GROUP_TOKENS and not compiling:  # the groups are host values
             self.groups = [
                 [(a, b, _doc_mask(self.doc[r, a:b])) for a, b in segment_groups(self.doc[r])] for r in range(B)
             ]

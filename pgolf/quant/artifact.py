@@ -535,14 +535,15 @@ def _check_lqer_fields(fields: dict[str, FieldRecord], lqi: dict, shape: tuple[i
         group = _int(lqi.get("group"), f"{what}.info.lqer.group", 1, r * cols)
         if (r * cols) % group:
             raise ArtifactError(f"{what}.info.lqer.group {group} must divide r*cols = {r * cols}")
-        want_sa, want_sb = (), ((r * cols) // group,)
+        want_sa = (1,) if sa.shape == (1,) else ()  # one 0-d scale; [1] in artifacts written before 2026-11-30
+        want_sb = ((r * cols) // group,)
     else:
         _int(lqi.get("bits"), f"{what}.info.lqer.bits", 2, 8)
         want_sa, want_sb = (rows,), (r,)
     for k, f, dt, want in (
         ("lqer_qa", qa, "int8", (rows, r)),
         ("lqer_qb", qb, "int8", (r, cols)),
-        ("lqer_sa", sa, "float16", (1,) if want_sa == () and sa.shape == (1,) else want_sa),  # [1]: written before
+        ("lqer_sa", sa, "float16", want_sa),
         ("lqer_sb", sb, "float16", want_sb),
     ):
         if f.dtype != dt or f.shape != want:

@@ -76,7 +76,6 @@ class LQERSettings:
 
 
 SOURCES = ("none", "ar", "train", "train_shuffled")
-TRAIN_SOURCES = ("train", "train_shuffled")  # read training data: compliant only inside the training budget
 
 
 @dataclass
@@ -166,3 +165,16 @@ def calibration_ok(record) -> tuple[bool, str]:
         return False, f"the artifact's calibration record is not a mapping: {record!r}"
     reason = str(record.get("reason", "no reason recorded"))
     return record.get("compliant") is True, reason
+
+
+def calibration_verdict(record) -> str | None:
+    """None when `calibration_ok(record)`, else the verdict's reason `calibration: <the record's reason>`."""
+    ok, reason = calibration_ok(record)
+    return None if ok else f"calibration: {reason}"
+
+
+def mark_not_compliant(modes, why: str) -> None:
+    """Every mode result of `modes` (dicts with `compliant` and `reason`) `compliant: false`, `why` in front of
+    its own reason: every mode scored the same artifact (eval.py's results and results.json's round trip)."""
+    for r in modes:
+        r["compliant"], r["reason"] = False, f"{why}; {r['reason']}"

@@ -70,17 +70,17 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
     return out
 
 
-def parse_env(args: list[str]) -> list[tuple[str, object]]:
-    """`key=value` pairs built from the environment variables (`ENV_KEYS`), values parsed as YAML scalars
-    (a path stays a string whatever characters it holds). Raises ConfigError naming the pair."""
+def parse_env(env: Mapping[str, str]) -> list[tuple[str, object]]:
+    """(config key, value) of the environment variables of `ENV_KEYS` that are set in `env`, values parsed as
+    YAML scalars (a path stays a string whatever characters it holds). Raises ConfigError naming the pair."""
     out = []
-    for a in args:
-        _check_form(a)
-        key, _, value = a.partition("=")
+    for var, key in ENV_KEYS.items():
+        if not env.get(var):
+            continue
         try:
-            out.append((key, OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]), resolve=False)["v"]))
+            out.append((key, OmegaConf.to_container(OmegaConf.from_dotlist([f"v={env[var]}"]), resolve=False)["v"]))
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{a}: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"{key}={env[var]}: {str(e).splitlines()[0]}") from None
     return out
 
 
@@ -110,8 +110,7 @@ def run_config(packed: Mapping, argv: list[str], env: Mapping[str, str]) -> Dict
     overrides `argv`, then the process layout of torchrun (`WORLD_SIZE`, `LOCAL_WORLD_SIZE`): the
     devices of this node, the node count, and with more than one process the packed distributed strategy."""
     cfg = OmegaConf.create(dict(packed["config"]))
-    from_env = [f"{key}={env[var]}" for var, key in ENV_KEYS.items() if env.get(var)]
-    cfg = merge_overrides(cfg, parse_env(from_env))
+    cfg = merge_overrides(cfg, parse_env(env))
     cfg = merge_overrides(cfg, parse_overrides(argv))
     if "WORLD_SIZE" in env:
         world = int(env["WORLD_SIZE"])
