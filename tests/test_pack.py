@@ -36,7 +36,7 @@ from pgolf.tools.pack import (
     unpack,
 )
 from pgolf.tools.packsource import PackError, compact, drop_registrations, shake, strip, unparse
-from pgolf.train.standalone import check_config, run_config
+from pgolf.train.standalone import check_config, config_path, run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -174,6 +174,17 @@ def test_environment_and_overrides_map_onto_the_config():
     assert cfg.final_eval.settings == {"sliding": {"stride": 32}}
     with pytest.raises(ConfigError, match="a sweep"):
         run_config(payload, ["seed=1,2"], {})
+
+
+def test_a_reused_run_id_keeps_the_earlier_runs_config(tmp_path):
+    logs = tmp_path / "logs"
+    assert config_path(logs, "seed0") == logs / "seed0.yaml"
+    logs.mkdir()
+    (logs / "seed0.yaml").write_text("seed: 0\n")
+    assert config_path(logs, "seed0") == logs / "seed0.2.yaml"
+    (logs / "seed0.2.yaml").write_text("seed: 1\n")
+    assert config_path(logs, "seed0") == logs / "seed0.3.yaml"
+    assert config_path(logs, "seed1") == logs / "seed1.yaml"
 
 
 GPTQ_PART = {"pgolf.quant.gptq", "pgolf.quant.calibrate", "pgolf.export.gptq_stage"}

@@ -153,5 +153,18 @@ def main(packed: Mapping, script: str | Path, argv: list[str] | None = None, env
         check_config(cfg)
         extras = prepare(cfg, ".")
     versions = package_versions(packed["requirements"])
-    results = fit(cfg, ".", extras, code, logs / f"{run_id}.txt", logs / f"{run_id}.yaml", versions)
+    config_file = config_path(logs, run_id)
+    if config_file.name != f"{run_id}.yaml" and int(env.get("RANK", 0)) == 0:
+        print(f"{logs / run_id}.yaml is kept from an earlier run with RUN_ID={run_id}; this run's: {config_file}")
+    results = fit(cfg, ".", extras, code, logs / f"{run_id}.txt", config_file, versions)
     return exit_status(cfg, results)
+
+
+def config_path(logs: Path, run_id: str) -> Path:
+    """Where a run writes its resolved config: `logs/{run_id}.yaml`, or, when an earlier run with the same
+    `RUN_ID` left one (its log `logs/{run_id}.txt` is appended to, as the reference does), the first free
+    `logs/{run_id}.{k}.yaml`, k = 2, 3, ...: an earlier run's config is never overwritten."""
+    path, k = logs / f"{run_id}.yaml", 2
+    while path.exists():
+        path, k = logs / f"{run_id}.{k}.yaml", k + 1
+    return path
