@@ -1,6 +1,7 @@
 """Weight averaging (EMA: PR #287; SWA: PR #162, tight SWA of PR #414) on Lightning's `WeightAveraging` callback.
 
-EMA: an fp32 shadow of the GPT's parameters, initialised from the (restored) initial weights and updated
+EMA: an fp32 shadow of the GPT's parameters (bf16 embedding tables included, applied rounded to bf16 as the
+records' `load_state_dict` rounds them), initialised from the (restored) initial weights and updated
 after every optimizer step from step 1: θ_ema ← d·θ_ema + (1-d)·θ (d = 0.997 in the records). SWA: a
 uniform average of the weights taken every `every` steps once the LR scale is below `threshold`. Either
 one is *applied* at the end of training (PRs #549/#1019 collect tight SWA and never apply it), before
@@ -43,15 +44,18 @@ class GPTAveraging(WeightAveraging):
         super().__init__(**kwargs)
         self.validate = validate
         self._swapped = False
+        self._raw: list[torch.Tensor] | None = None  # the raw weights while the averaged ones are swapped in
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and self._average_model is None:
             self._average_model = AveragedModel(pl_module.gpt, device=self._device, use_buffers=False, **self._kwargs)
+            for p in self._average_model.module.parameters():  # an fp32 average, bf16 tables included
+                p.data = p.data.float()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step_idx = trainer.global_step - 1
         if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx, module=pl_module):
-            self._average_model.update_parameters(pl_module.gpt)
+            self._average_model.update_parameters(_Float(pl_module.gpt))
             self._latest_update_step = trainer.global_step
 
     def should_update(self, step_idx=None, epoch_idx=None, module=None) -> bool:  # noqa: ARG002
@@ -101,10 +105,15 @@ class GPTAveraging(WeightAveraging):
             pl_module.state.weights = "raw"
 
     def _swap(self, gpt) -> None:
-        for a, c in zip(self._average_model.module.parameters(), gpt.parameters()):
-            tmp = a.data.clone()
-            a.data.copy_(c.data)
-            c.data.copy_(tmp)
+        """Averaged weights in (rounded to the GPT's dtypes), or the raw ones back; the average is untouched."""
+        if self._raw is None:
+            self._raw = [p.detach().clone() for p in gpt.parameters()]
+            self._copy(self._average_model.module, gpt)
+        else:
+            with torch.no_grad():
+                for p, r in zip(gpt.parameters(), self._raw):
+                    p.copy_(r)
+            self._raw = None
 
     @staticmethod
     def _copy(src, dst) -> None:
@@ -128,6 +137,20 @@ class GPTAveraging(WeightAveraging):
             self._average_model.load_state_dict(state)
 
 
+class _Float:
+    """What `AveragedModel.update_parameters` reads of the GPT: its parameters in fp32 (a bf16 embedding table
+    is averaged in fp32, as the records' EMA adds `t.float()`)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def parameters(self):
+        return (p.detach().float() for p in self.module.parameters())
+
+    def buffers(self):
+        return self.module.buffers()
+
+
 class EMA(GPTAveraging):
     """θ_ema ← decay·θ_ema + (1-decay)·θ after every step, from the initial weights (EMA of PR #287)."""
 
@@ -144,8 +167,6 @@ class EMA(GPTAveraging):
             # AveragedModel's first update would copy the weights; the reference's shadow starts at the
             # initial weights and the first update already averages (n_averaged = 1 makes it do so).
             self._average_model.n_averaged.fill_(1)
-            for p in self._average_model.module.parameters():
-                p.data = p.data.float()
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)

@@ -156,6 +156,42 @@ def test_export_with_gptq_selfgen_calibration_and_pruning(tmp_path, tiny):
     assert f"codec zstd-22: model {rep.model_bytes} bytes" in out
 
 
+def test_bf16_tables_are_quantized_from_their_bf16_values_and_come_back_bf16(tmp_path, tiny):
+    """`embed_dtype: bf16` (the records' precision policy): the artifact records bf16 as the tables' original
+    dtype and the round trip rounds the dequantized table to bf16, as the records' `(q * s).to(bf16)`; the
+    codes are those of the same values held in fp32, and the float weights are saved as bf16."""
+    model, meta = tiny
+    cfg16 = GPTConfig(**{**TINY_MODEL, "ve_dim": 32, "ve_layers": [1], "embed_dtype": "bf16"})
+    torch.manual_seed(0)
+    m16 = GPT(cfg16)
+    with torch.no_grad():
+        for p in m16.parameters():
+            p.add_((torch.randn(p.shape) * 0.05).to(p.dtype))
+    m32 = GPT(GPTConfig(**{**cfg16.to_dict(), "embed_dtype": "fp32"}))
+    m32.load_state_dict({k: v.float() for k, v in m16.state_dict().items()})
+    tables = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
+    assert {k for k, v in m16.state_dict().items() if v.dtype == torch.bfloat16} == set(tables)
+    over = ["export.rules.2.max_numel=1000", "export.calibration.source=ar", "export.calibration.count=3"]
+    over += ["export.calibration.length=16", "export.gptq.batch=3", "export.report_codecs=[]", "export.codec=zlib"]
+    cfg = export_cfg("sdclip_gptq_1611", *over)  # tables over 1,000 values: int7 GPTQ (int6 the others)
+    reps = {n: export_model(m.eval(), cfg, tmp_path / n, meta) for n, m in (("bf16", m16), ("fp32", m32))}
+    e16, _ = read_artifact(reps["bf16"].path)
+    e32, _ = read_artifact(reps["fp32"].path)
+    for k in tables:
+        assert (e16[k].orig_dtype, e32[k].orig_dtype) == ("bfloat16", "float32")
+        assert e16[k].kind == e32[k].kind == "int" and e16[k].bits == (7 if k == "tok_emb.weight" else 6)
+        for f in ("q", "scale", "data"):  # the same GPTQ codes and scales
+            a, b = getattr(e16[k], f), getattr(e32[k], f)
+            assert (a is None) == (b is None) and (a is None or torch.equal(a.float(), b.float())), (k, f)
+    rt, _ = load_artifact_model(reps["bf16"].path)
+    deq = dequantize_state(e32)
+    for k, v in rt.state_dict().items():
+        assert torch.equal(v, deq[k].to(v.dtype)), k
+        assert v.dtype == (torch.bfloat16 if k in tables else torch.float32), k
+    state, _ = load_weights(reps["bf16"].float_path)
+    assert all(torch.equal(v, state[k]) and v.dtype == state[k].dtype for k, v in m16.state_dict().items())
+
+
 def test_stopwatch_times_named_stages_in_order(monkeypatch):
     clock = Stopwatch()
     ticks = iter([10.0, 10.25049, 20.0])

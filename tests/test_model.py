@@ -127,6 +127,36 @@ def test_each_feature_changes_the_output(feature):
         assert not torch.allclose(off(x), on(x), atol=1e-5), f"{feature} had no effect"
 
 
+def test_bf16_tables_are_the_fp32_init_rounded_and_read_in_fp32_outside_autocast():
+    """`embed_dtype: bf16`, the records' policy: the token, BigramHash and VE tables are initialised in fp32
+    and rounded (same RNG draws); outside autocast they are read in fp32, so the model computes exactly what
+    the fp32 model with the rounded tables computes; under autocast the lookups stay bf16."""
+    over = dict(bigram="xor", ve_dim=32, ve_layers=[1], smear_gate="record")
+    torch.manual_seed(0)
+    m32 = GPT(GPTConfig(**{**SMALL, **over}))
+    torch.manual_seed(0)
+    m16 = GPT(GPTConfig(**{**SMALL, **over, "embed_dtype": "bf16"}))
+    tables = {"tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"}
+    s32, s16 = m32.state_dict(), m16.state_dict()
+    assert {k for k, v in s16.items() if v.dtype == torch.bfloat16} == tables
+    assert all(torch.equal(s16[k], s32[k].bfloat16() if k in tables else s32[k]) for k in s32)
+    assert not all(torch.equal(s32[k], s16[k].float()) for k in tables)  # the rounding is real
+    with torch.no_grad():
+        for k in tables:
+            s32[k].copy_(s16[k].float())
+    x = tokens()
+    assert torch.equal(m16(x, x), m32(x, x)) and m16.output_weight().dtype == torch.float32
+    m16(x, x).backward()
+    m32(x, x).backward()
+    for k, p in m16.named_parameters():
+        q = dict(m32.named_parameters())[k]
+        assert p.grad.dtype == p.dtype and (p.grad.float() - q.grad).norm() <= 1e-2 * q.grad.norm(), k
+    with torch.autocast("cpu", torch.bfloat16):
+        assert m16.tok_emb(x).dtype == m16.bigram(x).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="embed_dtype"):
+        GPTConfig(**{**SMALL, "embed_dtype": "fp16"})
+
+
 def test_qat_off_in_eval_mode_and_late_qat_switches_with_a_flag():
     x = tokens()
     ref = build()

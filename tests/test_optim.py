@@ -41,7 +41,7 @@ def test_adam_groups_match_torch_adamw_step_for_step():
     ]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     ours = MuonAdam([dict(kind="adam", params=ps, lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.04)])
-    ref = torch.optim.AdamW(qs, lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.04, foreach=False)
+    ref = torch.optim.AdamW(qs, lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.04, fused=True)
     for step in range(25):
         for p, q in zip(ps, qs):
             g = torch.randn_like(p)
@@ -52,6 +52,36 @@ def test_adam_groups_match_torch_adamw_step_for_step():
         ref.step()
         for p, q in zip(ps, qs):
             assert torch.equal(p, q), f"diverged at step {step}"
+
+
+def test_a_bf16_table_steps_as_the_records_fused_adam_steps_it():
+    """The records keep their embedding tables as bf16 parameters stepped by fused Adam(W) (fp32 arithmetic,
+    bf16 moments, one rounding per step); one group may mix them with fp32 parameters."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(64, 16).bfloat16()), torch.nn.Parameter(torch.randn(16))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ours = MuonAdam([dict(kind="adam", params=ps, lr=0.03, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.085)])
+    ref = torch.optim.AdamW(qs, lr=0.03, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.085, fused=True)
+    start = ps[0].detach().clone()
+    for step in range(10):
+        for p, q in zip(ps, qs):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(ps, qs):
+            assert torch.equal(p, q), f"diverged at step {step}"
+    assert ps[0].dtype == ours.state[ps[0]]["exp_avg"].dtype == ours.state[ps[0]]["exp_avg_sq"].dtype == torch.bfloat16
+    assert not torch.equal(ps[0], start)
+    # what the fused kernel's single rounding is not: the same AdamW step computed in bf16 op by op
+    p = torch.nn.Parameter(start.clone())
+    torch.manual_seed(0)
+    p.grad = torch.randn_like(p)
+    torch.optim.AdamW([p], lr=0.03, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.085, foreach=False).step()
+    q = torch.nn.Parameter(start.clone())
+    q.grad = p.grad.clone()
+    MuonAdam([dict(kind="adam", params=[q], lr=0.03, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.085)]).step()
+    assert not torch.equal(p, q)
 
 
 def test_embedding_weight_decay_is_its_own_when_set():

@@ -182,10 +182,10 @@ def pre_quant_diagnostic(
 
 
 def float_state(gpt: GPT) -> dict[str, torch.Tensor]:
-    """The state dict on the CPU, floating-point tensors as fp32 (what is quantized and saved)."""
-    return {
-        k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in gpt.state_dict().items()
-    }
+    """The state dict on the CPU (what is quantized and saved), each tensor in its parameter dtype: fp32, or
+    bf16 for the embedding tables of `embed_dtype: bf16`, which the artifact records as their original dtype
+    and dequantizes back to, as the records' `(q * s).to(bf16)` does."""
+    return {k: v.detach().cpu() for k, v in gpt.state_dict().items()}
 
 
 def artifact_meta(gpt: GPT, cfg: ExportConfig, meta: dict, rules: list[QuantRule], n_code: int) -> dict:

@@ -25,6 +25,7 @@ SMEAR_FORMS = ("none", "v5", "record", "gated")
 BIGRAM_FORMS = ("none", "v5", "xor")
 QAT_MODES = ("off", "late", "always")
 PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
+EMBED_DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -70,6 +71,12 @@ class GPTConfig:
     - `smear_gate: gated` (PR #1667 with the PR #1851 BOS fix): on the raw embeddings,
       e_t <- e_t + lambda sigmoid(w . e_t[:gate_window]) e_{t-1} [id_t != smear_bos_id], w [1, gate_window]
       and lambda (`smear_init`, default 0) zero-initialised; `smear_bos_id` -1 drops the mask (PR #1667).
+    - `embed_dtype: bf16`: the records' precision policy (every record from the baseline to PR #1611 builds
+      the model in bf16 and restores all but the embedding tables to fp32): the token, BigramHash and value
+      embedding tables are bf16 parameters, initialised in fp32 and rounded, stepped by fused AdamW with bf16
+      moments. Under autocast their lookups stay bf16 as in the records; outside it (CPU fp32 runs) they
+      are read in fp32, and the tied output projection is always read in fp32 (under autocast that is the
+      same bf16 matmul and the same bf16 gradient).
     """
 
     vocab_size: int = 1024
@@ -122,6 +129,7 @@ class GPTConfig:
     sparse_attn_gate_scale: float = 1.0  # PR #1611 runs 0.5
     gate_window: int = 12  # input channels the sparse attention gate and the gated SmearGate read
     smear_bos_id: int = 1  # gated SmearGate: no smear into this token (PR #1851); -1 = no mask (PR #1667)
+    embed_dtype: str = "fp32"  # fp32 | bf16: the embedding tables' parameter dtype (the records': bf16)
 
     def __post_init__(self):
         self.ve_layers = tuple(int(i) for i in (self.ve_layers or ()))
@@ -186,6 +194,7 @@ class GPTConfig:
                 f"gate_window {self.gate_window} must be in 1..model_dim {d}",
             ),
             (self.smear_bos_id >= -1, f"smear_bos_id {self.smear_bos_id} must be a token id or -1 (no mask)"),
+            (self.embed_dtype in EMBED_DTYPES, f"embed_dtype {self.embed_dtype!r} not in {EMBED_DTYPES}"),
         ]
         for ok, msg in checks:
             if not ok:

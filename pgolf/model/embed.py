@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf.model.config import GPTConfig
-from pgolf.model.layers import CastedLinear
+from pgolf.model.layers import CastedLinear, lookup
 
 
 class SmearGate(nn.Module):
@@ -70,7 +70,7 @@ class BigramHash(nn.Module):
         return h.long()
 
     def forward(self, idx, before=None):
-        e = self.embed(self.indices(idx, before))
+        e = lookup(self.embed, self.indices(idx, before))
         if self.proj is not None:
             e = self.proj(e)
         return e * self.scale.to(e.dtype) if self.scale is not None else e
@@ -90,5 +90,5 @@ class ValueEmbedding(nn.Module):
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, idx):  # [B,T] -> [B,T,kv_dim]
-        e = self.proj(self.embed(idx))
+        e = self.proj(lookup(self.embed, idx))
         return e * self.scale.to(e.dtype)

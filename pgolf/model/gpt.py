@@ -32,7 +32,7 @@ from pgolf.model import record_1611 as _record_1611  # noqa: F401  (registers th
 from pgolf.model.config import QAT_MODES, GPTConfig
 from pgolf.model.decode import DecodeCache
 from pgolf.model.embed import BigramHash, SmearGate, ValueEmbedding
-from pgolf.model.layers import Block, CastedLinear, rms_norm, rope_tables
+from pgolf.model.layers import Block, CastedLinear, lookup, rms_norm, rope_tables
 
 
 def softcap_cross_entropy(
@@ -80,6 +80,13 @@ class GPT(nn.Module):
         self.qat_mode = "off"
         self.reset_parameters()
         self.set_qat(cfg.qat)
+        if cfg.embed_dtype == "bf16":  # the records' policy: built (and initialised) in fp32, tables rounded
+            for m in self.embedding_tables():
+                m.to(torch.bfloat16)
+
+    def embedding_tables(self) -> list[nn.Embedding]:
+        """The embedding tables the model has: token, BigramHash, value embedding."""
+        return [self.tok_emb] + [m.embed for m in (self.bigram, self.ve_shared) if m is not None]
 
     def reset_parameters(self):
         cfg = self.cfg
@@ -152,7 +159,7 @@ class GPT(nn.Module):
         """The blocks' input x0 [B,T,d]: token embedding (+ BigramHash), RMS-normed, with SmearGate before the
         norm (v5, gated) or after it (record)."""
         before_tok = cache.last_token if cache is not None and cache.pos > 0 else None
-        x = self.tok_emb(idx)
+        x = lookup(self.tok_emb, idx)
         if self.bigram is not None:
             x = x + self.bigram(idx, before_tok)
         if self.smear is not None and self.smear.form in ("v5", "gated"):
@@ -244,7 +251,8 @@ class GPT(nn.Module):
 
     def output_weight(self) -> torch.Tensor:
         """The output projection [V,d]: the token embedding when tied, else the head."""
-        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return w.float() if w.dtype == torch.bfloat16 else w  # autocast rounds it back to bf16 exactly
 
     def logits_from_hidden(self, h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B,T,V] of hidden states h [B,T,d], plus an optional bias [V], soft-capped c*tanh(z/c)."""

@@ -17,6 +17,15 @@ from pgolf.model.doc_attention import DocumentMask
 from pgolf.quant.numerics import fake_quant_rows
 
 
+def lookup(table: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+    """table(idx) [*idx.shape, dim]: a bf16 table's rows stay bf16 under autocast (the records' lookups) and
+    are read in fp32 outside it, so a CPU fp32 run computes in fp32 (`GPTConfig.embed_dtype`)."""
+    e = table(idx)
+    if e.dtype == torch.bfloat16 and not torch.is_autocast_enabled(e.device.type):
+        e = e.float()
+    return e
+
+
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """Parameter-free RMSNorm over the last dimension (any shape [..., d])."""
     return F.rms_norm(x, (x.size(-1),))

@@ -12,8 +12,9 @@ the scheduled lr. Distributed: each matrix is orthogonalized by one rank (`balan
 are shared with one all-reduce of a flat buffer (zeros elsewhere, so the sum is exact) — every rank then
 applies every update.
 
-Adam (the records' AdamW groups): PyTorch's AdamW arithmetic (decoupled `p *= 1 - lr*wd`), checked step for step against
-`torch.optim.AdamW` in the tests.
+Adam (the records' AdamW groups): PyTorch's fused AdamW kernel, as the records run it (`fused=True`; decoupled
+`p *= 1 - lr*wd`), checked step for step against `torch.optim.AdamW(fused=True)` in the tests, for fp32 and bf16
+parameters.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.optim.adamw import adamw
 
 from pgolf.optim.newton_schulz import newton_schulz, ns_coefficients, row_normalize
 
@@ -81,33 +83,38 @@ class MuonAdam(torch.optim.Optimizer):
 
     # ---- Adam ----------------------------------------------------------------------------------------
     def _adam_step(self, g: dict) -> None:
+        """One AdamW step of group `g` by PyTorch's fused kernel (`torch.optim.AdamW(fused=True)`, the records'
+        `fused=True`): fp32 arithmetic for every parameter dtype, so a bf16 embedding table (`model.embed_dtype:
+        bf16`) keeps bf16 moments and is rounded once per step, as the records' bf16 tables are."""
         params = [p for p in g["params"] if p.grad is not None]
         if not params:
             return
-        lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
-        beta1, beta2 = g["betas"]
-        grads, avgs, sqs, steps = [], [], [], []
         for p in params:
             st = self.state[p]
             if not st:
-                st["step"] = torch.tensor(0.0)
+                st["step"] = torch.zeros((), device=p.device)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            grads.append(p.grad)
-            avgs.append(st["exp_avg"])
-            sqs.append(st["exp_avg_sq"])
-            steps.append(st["step"])
-        torch._foreach_add_(steps, 1.0)
-        if wd != 0:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_lerp_(avgs, grads, 1 - beta1)
-        torch._foreach_mul_(sqs, beta2)
-        torch._foreach_addcmul_(sqs, grads, grads, 1 - beta2)
-        for p, m, v, s in zip(params, avgs, sqs, steps):  # per-tensor step counts (params may join late)
-            t = s.item()
-            bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-            denom = (v.sqrt() / bc2**0.5).add_(eps)
-            p.addcdiv_(m, denom, value=-lr / bc1)
+            elif st["step"].device != p.device:  # a checkpoint's step, loaded onto the CPU
+                st["step"] = st["step"].to(p.device, torch.float32)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = g["betas"]
+        adamw(
+            params,
+            [p.grad for p in params],
+            [st["exp_avg"] for st in states],
+            [st["exp_avg_sq"] for st in states],
+            [],
+            [st["step"] for st in states],  # per tensor: parameters may join late
+            fused=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=g["lr"],
+            weight_decay=g["weight_decay"],
+            eps=g["eps"],
+            maximize=False,
+        )
 
     # ---- Muon ----------------------------------------------------------------------------------------
     def _muon_step(self, g: dict) -> None:
