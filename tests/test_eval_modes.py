@@ -27,7 +27,7 @@ from pgolf.eval.lora_ttt import Adapter, DocLoRA, LoraSettings, chunk_window, do
 from pgolf.eval.modes import Mode, mode_names, parse_mode, register, run_mode
 from pgolf.eval.run import evaluate_artifact
 from pgolf.eval.slot import SlotSettings, slot_batch
-from pgolf.eval.ttt import TTTSettings, train_chunk, ttt_model, ttt_params
+from pgolf.eval.ttt import TTTSettings, all_reduce_grads, train_chunk, ttt_model, ttt_params
 from pgolf.eval.windows import sliding_windows
 from pgolf.export.config import ExportConfig, ExportReport
 from pgolf.export.roundtrip import final_eval_modes, final_eval_plan, roundtrip_evaluate
@@ -628,3 +628,17 @@ def test_every_mode_on_cuda_matches_cpu_and_runs_in_bf16(name):
         )
         assert bf.tokens == cpu.tokens and math.isfinite(bf.val_loss)
         assert bf.val_loss == pytest.approx(cpu.val_loss, rel=0.05)
+
+
+def test_the_flat_gradient_all_reduce_keeps_each_parameters_dtype():
+    """A bf16 embedding table (`embed_dtype: bf16`) beside fp32 parameters: the flat buffer is fp32, each
+    gradient comes back scaled in its own parameter's dtype; a missing one as zeros."""
+    ps = [torch.nn.Parameter(torch.randn(4, 3).bfloat16()), torch.nn.Parameter(torch.randn(5))]
+    ps.append(torch.nn.Parameter(torch.randn(2)))
+    grads = [torch.randn(4, 3).bfloat16(), torch.randn(5)]
+    ps[0].grad, ps[1].grad = grads[0].clone(), grads[1].clone()
+    all_reduce_grads(ps, 0.5)
+    assert [p.grad.dtype for p in ps] == [torch.bfloat16, torch.float32, torch.float32]
+    assert torch.equal(ps[0].grad, (grads[0].float() * 0.5).bfloat16()) and torch.equal(ps[1].grad, grads[1] * 0.5)
+    assert torch.equal(ps[2].grad, torch.zeros(2))
+

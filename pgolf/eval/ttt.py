@@ -89,7 +89,9 @@ def chunk_windows(windows, chunk_tokens: int, chunks: int) -> list[list]:
 
 
 def all_reduce_grads(params: list[nn.Parameter], scale: float) -> None:
-    """Sum every rank's gradient (one flat all-reduce) and scale; a missing gradient counts as zero."""
+    """Sum every rank's gradient (one flat all-reduce) and scale; a missing gradient counts as zero. The flat
+    buffer has the widest dtype of the gradients (fp32 beside a bf16 table's gradient, `embed_dtype: bf16`);
+    each gradient comes back in its parameter's dtype."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     _, world = dist_info()
@@ -98,7 +100,8 @@ def all_reduce_grads(params: list[nn.Parameter], scale: float) -> None:
     flat.mul_(scale)
     i = 0
     for p in params:
-        p.grad = flat[i : i + p.numel()].view_as(p).clone()
+        g = flat[i : i + p.numel()].view_as(p)
+        p.grad = g.to(p.dtype) if g.dtype != p.dtype else g.clone()
         i += p.numel()
 
 
