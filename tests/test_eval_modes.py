@@ -641,4 +641,3 @@ def test_the_flat_gradient_all_reduce_keeps_each_parameters_dtype():
     assert [p.grad.dtype for p in ps] == [torch.bfloat16, torch.float32, torch.float32]
     assert torch.equal(ps[0].grad, (grads[0].float() * 0.5).bfloat16()) and torch.equal(ps[1].grad, grads[1] * 0.5)
     assert torch.equal(ps[2].grad, torch.zeros(2))
-
