@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities._pytree import _tree_flatten
 
 from callbacks import build_callbacks
+from pgolf.config.typed import ConfigError
 from pgolf.export import roundtrip, stages
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
@@ -31,6 +32,7 @@ from pgolf.runlog import set_log_file
 from pgolf.tools.datasets import ensure_dataset
 from pgolf.train import run
 from pgolf.train.build import build_datamodule, build_module, build_trainer, quiet_lightning, run_meta
+from pgolf.train.module import check_checkpoint_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -221,9 +223,11 @@ def step_lines(out: str) -> list[str]:
 
 def test_resume_is_bit_identical(tmp_path, synth_root):
     """8 steps straight vs 4 steps + resume from the step-4 checkpoint (EMA, late QAT switching at step 6,
-    Muon momentum and Adam moments, data position): identical losses and identical final weights."""
+    Muon momentum and Adam moments, data position, a bf16 embedding table): identical losses and identical
+    final weights. A config whose model differs from the checkpoint's (an fp32 table) is refused."""
     common = [
         *TINY,
+        "model.embed_dtype=bf16",
         f"data.root={synth_root}",
         *FP32_EXPORT,
         "train.iterations=8",
@@ -254,6 +258,15 @@ def test_resume_is_bit_identical(tmp_path, synth_root):
     ra = json.loads((tmp_path / "a" / "results.json").read_text())["roundtrip"]["standard"]["val_bpb"]
     rb = json.loads((tmp_path / "b" / "results.json").read_text())["roundtrip"]["standard"]["val_bpb"]
     assert ra == rb
+    state = torch.load(ck, map_location="cpu", weights_only=True)["state_dict"]
+    assert state["gpt.tok_emb.weight"].dtype == torch.bfloat16
+    cfg = compose_cfg(common)
+    check_checkpoint_tensors(build_module(cfg, cfg.data.tokenizer_path)[0].state_dict(), state)
+    cfg = compose_cfg([*common, "model.embed_dtype=fp32"])
+    fp32 = build_module(cfg, cfg.data.tokenizer_path)[0].state_dict()
+    want = r"gpt\.tok_emb\.weight \(256, 64\) bfloat16 \(the config's model: .* float32\)"
+    with pytest.raises(ConfigError, match=want):
+        check_checkpoint_tensors(fp32, state)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, synth_root):

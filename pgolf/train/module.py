@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from pgolf.config.typed import ConfigError
 from pgolf.data.tokenizer import ByteLUTs, bpb
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
@@ -117,6 +118,7 @@ class GolfModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint_tensors(self.state_dict(), checkpoint.get("state_dict", {}))
         rng = checkpoint.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
@@ -129,3 +131,21 @@ class GolfModule(L.LightningModule):
 
     def configure_optimizers(self):
         return build_optimizer(self.gpt, self.optim_cfg)
+
+
+def check_checkpoint_tensors(model: dict, checkpoint: dict) -> None:
+    """A resumed checkpoint's weights have the shapes and dtypes of the config's model, before Lightning
+    loads them (a load would round an fp32 table into a bf16 one, or fail on a shape with a traceback).
+    `model`, `checkpoint`: state dicts {name: tensor}. Raises ConfigError naming the first mismatches."""
+    bad = [
+        f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')} (the config's model: {tuple(model[k].shape)} "
+        f"{str(model[k].dtype).removeprefix('torch.')})"
+        for k, v in checkpoint.items()
+        if k in model and (tuple(v.shape) != tuple(model[k].shape) or v.dtype != model[k].dtype)
+    ]
+    if bad:
+        raise ConfigError(
+            f"resume: the checkpoint does not match this config's model: {'; '.join(bad[:4])}"
+            f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}; resume with the overrides of the run that "
+            "wrote it (model.embed_dtype: a table's dtype is never converted on resume)"
+        )

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks import build_callbacks
 from callbacks.checkpoint import Terminated
 from callbacks.header import RunHeader
+from pgolf.config.typed import ConfigError
 from pgolf.data.shards import ShardError
 from pgolf.data.tokenizer import TokenizerError
 from pgolf.export.code import CODE_KEY
@@ -28,6 +29,7 @@ from pgolf.runlog import log0, set_log_file
 from pgolf.train import build
 
 EXIT_OVER_LIMIT = 3  # the exit status of a run whose artifact is over the limit with export.fail_over_limit
+EXIT_CONFIG_ERROR = 2  # the exit status of a config error (pgolf/config/validate.py `exit_on_config_error`)
 EXIT_DATA_ERROR = 1  # the exit status of a run stopped by bad data (shards, byte sidecar, tokenizer)
 DATA_ERRORS = (ShardError, TokenizerError)
 
@@ -67,7 +69,8 @@ def fit(
     raises `callbacks.checkpoint.Terminated` (a SystemExit, status 143) after one `terminated:` line. Bad
     data (a ShardError or TokenizerError: shards, byte sidecar or tokenizer that do not match, found when
     they are read, at set-up) ends the run with one `data error:` line and SystemExit(EXIT_DATA_ERROR); the
-    run directory keeps its log."""
+    run directory keeps its log. A resumed checkpoint whose weights are not the config's model (shapes, dtypes)
+    ends it with one `config error:` line and SystemExit(EXIT_CONFIG_ERROR) before any step."""
     run_dir = Path(run_dir)
     loggers = extras.loggers
     set_log_file(log_file)
@@ -85,6 +88,10 @@ def fit(
         challenge = build_callbacks(cfg, run_dir, meta)
         trainer = build.build_trainer(cfg, [header, *challenge.all, *extras.callbacks], loggers)
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume)
+    except ConfigError as e:  # found at fit start: a resumed checkpoint that is not this config's model
+        log0(f"config error: {e}")
+        build.finish_logger(loggers, {}, exit_code=EXIT_CONFIG_ERROR)
+        raise SystemExit(EXIT_CONFIG_ERROR) from None
     except DATA_ERRORS as e:  # the data does not match its config: the message names the file and the problem
         log0(f"data error: {e}")
         build.finish_logger(loggers, {}, exit_code=EXIT_DATA_ERROR)
