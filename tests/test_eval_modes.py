@@ -296,8 +296,10 @@ def test_slot_runs_the_backbone_once_per_batch(form):
 
 
 # ---- TTT -----------------------------------------------------------------------------------------------
-def test_ttt_without_learning_is_sliding_and_leaves_the_model_alone():
-    m = model()
+@pytest.mark.parametrize("embed_dtype", ["fp32", "bf16"])
+def test_ttt_without_learning_is_sliding_and_leaves_the_model_alone(embed_dtype):
+    """With a bf16 token table (the records' policy) TTT trains it too: its gradient comes back bf16."""
+    m = perturbed_tiny_gpt(V, embed_dtype=embed_dtype)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     sl = nll_of("sliding", {"stride": 4}, m=m)
     np.testing.assert_array_equal(nll_of("ttt", {**SMALL["ttt"], "lr": 0.0}, m=m), sl)
@@ -306,6 +308,11 @@ def test_ttt_without_learning_is_sliding_and_leaves_the_model_alone():
     assert not np.array_equal(adapted, sl)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # TTT trains a copy
     assert all(p.requires_grad for p in m.parameters())
+    if embed_dtype == "bf16":  # the adapting modes run on a bf16 table too
+        assert m.tok_emb.weight.dtype == torch.bfloat16
+        for name in ("lora_ttt", "slot_1298"):
+            nll = nll_of(name, SMALL[name], m=m)
+            assert np.isfinite(nll).all() and not np.array_equal(nll, sl), name
 
 
 def test_ttt_step_is_the_mean_loss_sgd_step_and_frozen_blocks_stay():
