@@ -254,3 +254,34 @@ def test_muoneq_r_normalises_rows_before_newton_schulz(monkeypatch):
     # decoupled weight decay with the scheduled lr, then the orthogonalized step
     o = real(seen[0], ns_coefficients("polar_express", 5), dtype=torch.float32) * math.sqrt(2.0)
     assert torch.allclose(p.detach(), before * (1 - 0.02 * 0.04) - 0.02 * o, atol=1e-6)
+
+
+def test_bf16_momentum_is_parallel_muons_buffer(monkeypatch):
+    """`momentum_dtype: bf16` (Parallel Muon, PR #399, the banked records' single-GPU path): the gradient is
+    copied to bf16, buf <- mu*buf + g and Nesterov's g + mu*buf round in bf16, Newton-Schulz gets that bf16
+    update. fp32 keeps the baseline's fp32 buffer; the two differ."""
+    seen = []
+    real = muon_adam.newton_schulz
+    monkeypatch.setattr(muon_adam, "newton_schulz", lambda u, *a, **k: seen.append(u.clone()) or real(u, *a, **k))
+    torch.manual_seed(0)
+    grads = [torch.randn(32, 16) for _ in range(3)]
+    outs = {}
+    for dtype in ("bf16", "fp32"):
+        p = torch.nn.Parameter(torch.randn(32, 16, generator=torch.Generator().manual_seed(1)))
+        group = dict(kind="muon", params=[p], lr=0.02, momentum=0.95, ns_steps=5, momentum_dtype=dtype)
+        opt = MuonAdam([group])
+        seen.clear()
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        outs[dtype] = (p.detach().clone(), [u.clone() for u in seen], opt.state[p]["momentum_buffer"])
+    buf = torch.zeros(32, 16, dtype=torch.bfloat16)
+    for g, u in zip(grads, outs["bf16"][1]):
+        gb = g.bfloat16()
+        buf = buf * 0.95 + gb  # buf.mul_(momentum).add_(g), in bf16
+        assert u.dtype == torch.bfloat16 and torch.equal(u, gb.add(buf, alpha=0.95))  # Nesterov, PR #399's form
+    assert torch.equal(outs["bf16"][2], buf) and outs["fp32"][2].dtype == torch.float32
+    assert all(u.dtype == torch.float32 for u in outs["fp32"][1])
+    assert not torch.equal(outs["bf16"][0], outs["fp32"][0])
+    with pytest.raises(ValueError, match="momentum_dtype"):
+        MuonAdam([dict(kind="muon", params=[torch.nn.Parameter(torch.randn(4, 4))], momentum_dtype="fp16")])

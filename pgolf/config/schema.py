@@ -59,6 +59,7 @@ class OptimConfig:
     ns_kind: Literal["quintic", "polar_express"]
     ns_steps: PosInt
     muon_row_norm: bool
+    muon_momentum_dtype: Literal["fp32", "bf16"]  # bf16: Parallel Muon's bf16 momentum (PR #399; banked records)
     muon_wd: NonNegFloat
     adam_wd: NonNegFloat
     embed_wd: NonNegFloat | None  # the embedding group's own AdamW WD (PR #1611); null: adam_wd

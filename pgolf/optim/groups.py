@@ -92,6 +92,7 @@ def build_optimizer(model: nn.Module, cfg: dict) -> MuonAdam:
                 ns_steps=int(cfg.get("ns_steps", 5)),
                 ns_kind=str(cfg.get("ns_kind", "quintic")),
                 row_norm=bool(cfg.get("muon_row_norm", False)),
+                momentum_dtype=str(cfg.get("muon_momentum_dtype", "fp32")),
                 weight_decay=float(cfg.get("muon_wd", 0.0)),
             )
         )

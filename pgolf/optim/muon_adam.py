@@ -5,8 +5,8 @@
 step counting, zero_grad and gradient clipping see one optimizer (docs/techniques.md#optimizer). Every group keeps its
 `base_lr`; the schedule callback sets `lr = base_lr * scale`.
 
-Muon (the baseline train_gpt.py, modded-nanogpt): Nesterov momentum, optional MuonEq-R row
-normalisation (PR #1298), Newton-Schulz
+Muon (the baseline train_gpt.py, modded-nanogpt): Nesterov momentum (fp32, or bf16 as Parallel Muon keeps it,
+PR #399: `momentum_dtype`), optional MuonEq-R row normalisation (PR #1298), Newton-Schulz
 (pgolf/optim/newton_schulz.py), the shape scale sqrt(max(1, rows/cols)), and decoupled weight decay with
 the scheduled lr. Distributed: each matrix is orthogonalized by one rank (`balanced_owners`) and the updates
 are shared with one all-reduce of a flat buffer (zeros elsewhere, so the sum is exact) — every rank then
@@ -29,6 +29,7 @@ from torch.optim.adamw import adamw
 from pgolf.optim.newton_schulz import newton_schulz, ns_coefficients, row_normalize
 
 KINDS = ("muon", "adam", "frozen")
+MOMENTUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # Muon's momentum buffer (and gradient) dtype
 
 
 class MuonAdam(torch.optim.Optimizer):
@@ -52,6 +53,7 @@ class MuonAdam(torch.optim.Optimizer):
             ns_steps=5,
             ns_kind="quintic",
             row_norm=False,
+            momentum_dtype="fp32",
         )
         for g in param_groups:
             if g.get("kind") not in KINDS:
@@ -67,6 +69,11 @@ class MuonAdam(torch.optim.Optimizer):
                 if bad:
                     raise ValueError(f"Muon group {g.get('name')!r} holds non-matrix parameters {bad}")
                 ns_coefficients(g["ns_kind"], g["ns_steps"])  # validate early
+                if g["momentum_dtype"] not in MOMENTUM_DTYPES:
+                    raise ValueError(
+                        f"Muon group {g.get('name')!r}: momentum_dtype {g['momentum_dtype']!r} not in "
+                        f"{tuple(MOMENTUM_DTYPES)}"
+                    )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -123,7 +130,7 @@ class MuonAdam(torch.optim.Optimizer):
             return
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
-        self._update_momentum(params, g["momentum"])
+        self._update_momentum(params, g["momentum"], MOMENTUM_DTYPES[g["momentum_dtype"]])
         lr, wd = g["lr"], g["weight_decay"]
         for p, o in zip(params, self._orthogonal_updates(g, world, rank)):
             if o is None or p.grad is None:
@@ -132,20 +139,20 @@ class MuonAdam(torch.optim.Optimizer):
                 p.mul_(1 - lr * wd)  # decoupled weight decay with the scheduled lr (as the records' Muon)
             p.add_(o.to(p.dtype), alpha=-lr)
 
-    def _update_momentum(self, params: list[torch.Tensor], mu: float) -> None:
+    def _update_momentum(self, params: list[torch.Tensor], mu: float, dtype: torch.dtype) -> None:
         # Momentum for every matrix on every rank (cheap, elementwise; gradients are already averaged), so each
         # rank's optimizer state is complete and a rank-0 checkpoint resumes exactly. Only Newton-Schulz, the
-        # expensive part, is split across ranks.
+        # expensive part, is split across ranks. `dtype` bf16: Parallel Muon's (PR #399) gradient copied to
+        # bf16 and a bf16 buffer, so buf <- mu*buf + g rounds in bf16 as in the banked records.
         live = [p for p in params if p.grad is not None]
         bufs = []
         for p in live:
             st = self.state[p]
             if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p.grad)
+                st["momentum_buffer"] = torch.zeros_like(p.grad, dtype=dtype)
             bufs.append(st["momentum_buffer"])
-        if live:
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, [p.grad for p in live])
+        for p, b in zip(live, bufs):  # per tensor: a CPU foreach multiply would round mu itself to bf16
+            b.mul_(mu).add_(p.grad.to(b.dtype))
 
     def _orthogonal_updates(self, g: dict, world: int, rank: int) -> list[torch.Tensor | None]:
         """Each parameter's scaled Newton-Schulz update (None where this rank has none to apply). With several
@@ -162,7 +169,7 @@ class MuonAdam(torch.optim.Optimizer):
         for i, p in enumerate(params):
             if owners[i] == rank and p.grad is not None:
                 buf = self.state[p]["momentum_buffer"]
-                u = p.grad.add(buf, alpha=mu) if g["nesterov"] else buf
+                u = p.grad.to(buf.dtype).add(buf, alpha=mu) if g["nesterov"] else buf  # Nesterov in buf's dtype
                 if g["row_norm"]:
                     u = row_normalize(u)
                 o = newton_schulz(u, coeffs, dtype=ns_dtype)
