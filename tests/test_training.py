@@ -223,11 +223,12 @@ def step_lines(out: str) -> list[str]:
 
 def test_resume_is_bit_identical(tmp_path, synth_root):
     """8 steps straight vs 4 steps + resume from the step-4 checkpoint (EMA, late QAT switching at step 6,
-    Muon momentum and Adam moments, data position, a bf16 embedding table): identical losses and identical
+    bf16 Muon momentum and Adam moments, data position, a bf16 embedding table): identical losses and identical
     final weights. A config whose model differs from the checkpoint's (an fp32 table) is refused."""
     common = [
         *TINY,
         "model.embed_dtype=bf16",
+        "optim.muon_momentum_dtype=bf16",
         f"data.root={synth_root}",
         *FP32_EXPORT,
         "train.iterations=8",

@@ -150,6 +150,8 @@ class MuonAdam(torch.optim.Optimizer):
             st = self.state[p]
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.zeros_like(p.grad, dtype=dtype)
+            elif st["momentum_buffer"].dtype != dtype:  # load_state_dict casts state to the parameter's dtype:
+                st["momentum_buffer"] = st["momentum_buffer"].to(dtype)  # a resumed bf16 buffer, exactly back
             bufs.append(st["momentum_buffer"])
         for p, b in zip(live, bufs):  # per tensor: a CPU foreach multiply would round mu itself to bf16
             b.mul_(mu).add_(p.grad.to(b.dtype))
