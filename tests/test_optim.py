@@ -115,6 +115,19 @@ def test_newton_schulz_brings_singular_values_near_one(kind, steps, lo, hi):
 def test_row_normalize_gives_unit_rows():
     U = torch.randn(64, 32) * torch.rand(64, 1) * 10
     assert torch.allclose(row_normalize(U).norm(dim=1), torch.ones(64), atol=1e-6)
+    assert torch.allclose(row_normalize(U, form="bf16_eps").norm(dim=1), torch.ones(64), atol=1e-6)
+
+
+def test_pr1298_row_norm_rounds_the_norm_in_the_updates_dtype():
+    """On a bf16 update (bf16 momentum), PR #1298's U / (||U|| + 1e-7) in bf16 differs from the MuonEq-R
+    record's fp32 norm with a clamp; a zero row stays zero in both."""
+    U = (torch.randn(256, 64) * torch.rand(256, 1) * 10).bfloat16()
+    U[3] = 0
+    ours = row_normalize(U, form="bf16_eps")
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, U / (U.norm(dim=-1, keepdim=True) + 1e-7))
+    assert not torch.equal(ours, row_normalize(U)) and not ours[3].any() and not row_normalize(U)[3].any()
+    with pytest.raises(ValueError, match="row norm form"):
+        row_normalize(U, form="bf16")
 
 
 def test_partition_places_every_parameter_once():
@@ -285,3 +298,5 @@ def test_bf16_momentum_is_parallel_muons_buffer(monkeypatch):
     assert not torch.equal(outs["bf16"][0], outs["fp32"][0])
     with pytest.raises(ValueError, match="momentum_dtype"):
         MuonAdam([dict(kind="muon", params=[torch.nn.Parameter(torch.randn(4, 4))], momentum_dtype="fp16")])
+    with pytest.raises(ValueError, match="row_norm_form"):
+        MuonAdam([dict(kind="muon", params=[torch.nn.Parameter(torch.randn(4, 4))], row_norm_form="bf16")])

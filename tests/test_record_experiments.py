@@ -136,6 +136,7 @@ def test_newton_schulz_of_each_experiment(exp):
     coeffs = ns_coefficients(o.ns_kind, o.ns_steps)
     assert coeffs == (list(POLAR_EXPRESS[:5]) if exp == "record_1298" else [QUINTIC] * 5)
     assert o.muon_row_norm == (exp == "record_1298")
+    assert o.muon_row_norm_form == ("bf16_eps" if exp == "record_1298" else "fp32_clamp")
 
 
 def test_v5_trains_with_the_unfloored_fp32_ste_scale():

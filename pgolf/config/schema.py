@@ -59,6 +59,7 @@ class OptimConfig:
     ns_kind: Literal["quintic", "polar_express"]
     ns_steps: PosInt
     muon_row_norm: bool
+    muon_row_norm_form: Literal["fp32_clamp", "bf16_eps"]  # bf16_eps: PR #1298's own (docs/techniques.md#muoneq-r)
     muon_momentum_dtype: Literal["fp32", "bf16"]  # bf16: Parallel Muon's bf16 momentum (PR #399; banked records)
     muon_wd: NonNegFloat
     adam_wd: NonNegFloat

@@ -93,6 +93,7 @@ def build_optimizer(model: nn.Module, cfg: dict) -> MuonAdam:
                 ns_kind=str(cfg.get("ns_kind", "quintic")),
                 row_norm=bool(cfg.get("muon_row_norm", False)),
                 momentum_dtype=str(cfg.get("muon_momentum_dtype", "fp32")),
+                row_norm_form=str(cfg.get("muon_row_norm_form", "fp32_clamp")),
                 weight_decay=float(cfg.get("muon_wd", 0.0)),
             )
         )

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw
 
-from pgolf.optim.newton_schulz import newton_schulz, ns_coefficients, row_normalize
+from pgolf.optim.newton_schulz import ROW_NORM_FORMS, newton_schulz, ns_coefficients, row_normalize
 
 KINDS = ("muon", "adam", "frozen")
 MOMENTUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # Muon's momentum buffer (and gradient) dtype
@@ -54,6 +54,7 @@ class MuonAdam(torch.optim.Optimizer):
             ns_kind="quintic",
             row_norm=False,
             momentum_dtype="fp32",
+            row_norm_form="fp32_clamp",
         )
         for g in param_groups:
             if g.get("kind") not in KINDS:
@@ -69,6 +70,10 @@ class MuonAdam(torch.optim.Optimizer):
                 if bad:
                     raise ValueError(f"Muon group {g.get('name')!r} holds non-matrix parameters {bad}")
                 ns_coefficients(g["ns_kind"], g["ns_steps"])  # validate early
+                if g["row_norm_form"] not in ROW_NORM_FORMS:
+                    raise ValueError(
+                        f"Muon group {g.get('name')!r}: row_norm_form {g['row_norm_form']!r} not in {ROW_NORM_FORMS}"
+                    )
                 if g["momentum_dtype"] not in MOMENTUM_DTYPES:
                     raise ValueError(
                         f"Muon group {g.get('name')!r}: momentum_dtype {g['momentum_dtype']!r} not in "
@@ -173,7 +178,7 @@ class MuonAdam(torch.optim.Optimizer):
                 buf = self.state[p]["momentum_buffer"]
                 u = p.grad.to(buf.dtype).add(buf, alpha=mu) if g["nesterov"] else buf  # Nesterov in buf's dtype
                 if g["row_norm"]:
-                    u = row_normalize(u)
+                    u = row_normalize(u, form=g["row_norm_form"])
                 o = newton_schulz(u, coeffs, dtype=ns_dtype)
                 o = o * math.sqrt(max(1.0, p.size(0) / p.size(1)))
                 if flat is not None:
