@@ -30,9 +30,10 @@ from pgolf.quant.numerics import fake_quant_rows
 from pgolf.quant.rules import dequantize_state
 from pgolf.runlog import set_log_file
 from pgolf.tools.datasets import ensure_dataset
+from pgolf.train import module as module_mod
 from pgolf.train import run
 from pgolf.train.build import build_datamodule, build_module, build_trainer, quiet_lightning, run_meta
-from pgolf.train.module import check_checkpoint_tensors
+from pgolf.train.module import check_checkpoint_tensors, clip_local_then_average
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -335,10 +336,13 @@ def test_compile_warmup_restores_everything(tmp_path, synth_root):
 
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, synth_root):
     """trainer=ddp_cpu: 2 gloo ranks, grad accumulation 4 each (8/world), the reference's rank slicing:
-    the same tokens per step as 1 process with accumulation 8, so the losses agree to float rounding."""
+    the same tokens per step as 1 process with accumulation 8, so the losses agree to float rounding, the
+    gradient clip (on the averaged gradients) included. `optim.grad_clip_scope=local` clips each rank's own
+    gradients before the average (the banked records): the result moves."""
     base = [
         *TINY,
         f"data.root={synth_root}",
+        "optim.grad_clip=0.05",
         "train.iterations=3",
         "final_eval.modes=[standard,sliding]",
         "final_eval.stride=16",
@@ -356,6 +360,49 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, synth_root):
     for mode in ("standard", "sliding"):
         assert r1[mode]["tokens"] == r2[mode]["tokens"]
         assert r1[mode]["val_bpb"] == pytest.approx(r2[mode]["val_bpb"], abs=1e-3)
+    local = [f"hydra.run.dir={tmp_path / 'local'}", "trainer=ddp_cpu", "optim.grad_clip_scope=local"]
+    local = run_cli([*base, *local, "final_eval.modes=[standard]", "train.warmup_steps=0"])
+    assert local.returncode == 0, local.stderr[-3000:]
+    # Muon and Adam are nearly scale-invariant, so the clip's place moves the result a little, but it moves it:
+    # without the local hook the two runs would agree bit for bit (a clip of identical averaged gradients)
+    r3 = json.loads((tmp_path / "local" / "results.json").read_text())["roundtrip"]
+    assert r3["standard"]["val_bpb"] != r2["standard"]["val_bpb"]
+    assert r3["standard"]["val_bpb"] == pytest.approx(r2["standard"]["val_bpb"], abs=1e-2)
+
+
+def _local_grads(rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    return [torch.randn(6, 4, generator=g) * (rank + 1), torch.randn(5, generator=g).bfloat16() * (rank + 1)]
+
+
+def _clipped(gs: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).float() for g in gs]))  # as torch
+    return [g * min(1.0, max_norm / (float(norm) + 1e-6)) for g in gs]
+
+
+def test_local_clipping_clips_each_ranks_gradients_before_the_average(monkeypatch):
+    """optim.grad_clip_scope=local (the banked records, no DDP): rank 0 clips its own gradients to the global
+    norm, then they are averaged with rank 1's (clipped on rank 1: the all-reduce is simulated); each gradient
+    keeps its dtype, a missing one stays missing."""
+    other = _clipped(_local_grads(1), 0.5)
+    sums = iter([other[0].reshape(-1), other[1].reshape(-1)])  # by dtype, in first-seen order: fp32, bf16
+
+    def all_reduce(flat, op):
+        flat.add_(next(sums))
+
+    monkeypatch.setattr(module_mod.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(module_mod.dist, "all_reduce", all_reduce)
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in _local_grads(0)] + [torch.nn.Parameter(torch.zeros(3))]
+    for p, g in zip(params, _local_grads(0)):
+        p.grad = g.clone()
+    clip_local_then_average(params, 0.5)
+    assert params[2].grad is None and [p.grad.dtype for p in params[:2]] == [torch.float32, torch.bfloat16]
+    mine = _clipped(_local_grads(0), 0.5)
+    for i in range(2):
+        want = (mine[i].float() + other[i].float()) / 2
+        assert torch.allclose(params[i].grad.float(), want, rtol=1e-2 if i else 1e-5, atol=1e-6), i
+    averaged = [(a.float() + b.float()) / 2 for a, b in zip(_local_grads(0), _local_grads(1))]  # clip after: other
+    assert not torch.allclose(params[0].grad, _clipped(averaged, 0.5)[0], rtol=1e-3)
 
 
 # ---- the last step is logged; SIGTERM after training; Lightning's tips -------------------------------------

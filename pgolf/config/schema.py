@@ -68,6 +68,7 @@ class OptimConfig:
     adam_eps: PosFloat
     aux_proj_to_muon: bool
     grad_clip: NonNegFloat
+    grad_clip_scope: Literal["averaged", "local"]  # local: each rank's own gradients, then averaged (banked records)
     frozen: list[str]  # glob patterns of parameters in no optimizer group (PR #1090's smear gate)
 
 

@@ -16,6 +16,7 @@ import random
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pgolf.config.typed import ConfigError
 from pgolf.data.tokenizer import ByteLUTs, bpb
@@ -132,6 +133,27 @@ class GolfModule(L.LightningModule):
     def configure_optimizers(self):
         return build_optimizer(self.gpt, self.optim_cfg)
 
+    # ---- gradient clipping on each rank's local gradients (optim.grad_clip_scope: local) -------------------
+    @property
+    def local_clip(self) -> bool:
+        """Clip each rank's local gradients, then average them, as the banked records do (they run no DDP: PR
+        #399's Parallel Muon, #549, #1019, #1298, #1611); only with several processes (alone both are one)."""
+        return self.optim_cfg.get("grad_clip_scope", "averaged") == "local" and self.trainer.world_size > 1
+
+    def on_fit_start(self) -> None:
+        if self.local_clip:  # DDP keeps each rank's gradients; configure_gradient_clipping averages them
+            ddp = self.trainer.strategy.model
+            if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+                raise ConfigError("optim.grad_clip_scope=local needs the DDP strategy with several processes")
+            ddp.register_comm_hook(None, keep_local_gradients)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if not self.local_clip:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        clip_local_then_average(params, float(gradient_clip_val or 0.0))
+        return None
+
 
 def check_checkpoint_tensors(model: dict, checkpoint: dict) -> None:
     """A resumed checkpoint's weights have the shapes and dtypes of the config's model, before Lightning
@@ -149,3 +171,33 @@ def check_checkpoint_tensors(model: dict, checkpoint: dict) -> None:
             f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}; resume with the overrides of the run that "
             "wrote it (model.embed_dtype: a table's dtype is never converted on resume)"
         )
+
+
+def keep_local_gradients(_state, bucket):  # no annotations: DDP rejects string ones (postponed evaluation)
+    """A DDP communication hook that communicates nothing: each rank keeps its own gradients (the bucket's
+    buffer as it is), for `clip_local_then_average` to clip and average."""
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def clip_local_then_average(params: list[torch.Tensor], max_norm: float) -> None:
+    """The banked records' order (no DDP; PR #399's Parallel Muon, #549 to #1611): clip this rank's local
+    gradients to global norm `max_norm` (torch.nn.utils.clip_grad_norm_, as the records; 0: no clip), then
+    average every gradient over the ranks (a sum in each gradient's dtype, divided by the world size), in
+    place. Needs an initialised process group."""
+    live = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(live, max_norm)
+    world = dist.get_world_size()
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in live:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world)
+        i = 0
+        for g in grads:
+            g.copy_(flat[i : i + g.numel()].view_as(g))
+            i += g.numel()
