@@ -118,8 +118,9 @@ def test_parameter_count_is_the_records(exp):
 @pytest.mark.parametrize("exp", [*RECORDS, "record_1611", "demo"])
 def test_precision_policy_of_each_experiment(exp):
     """Every record keeps its embedding tables as bf16 parameters; the banked ones (Parallel Muon, PR #399:
-    #549, #1019, #1298, #1611) keep bf16 Muon momentum and clip each rank's local gradients, the others (the baseline's Muon: baseline, V5,
-    #1263's non-banked code, #1090) fp32; the demo is fp32 throughout."""
+    #549, #1019, #1298, #1611) keep bf16 Muon momentum and clip each rank's local gradients, the others (the
+    baseline's Muon: baseline, V5, #1263's non-banked code, #1090) fp32 and the averaged gradients; the demo is
+    fp32 throughout."""
     cfg = composed(exp)
     assert cfg.model.embed_dtype == ("fp32" if exp == "demo" else "bf16")
     banked = exp in ("record_549", "record_1019", "record_1298", "record_1611")
