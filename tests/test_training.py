@@ -315,47 +315,41 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, synth_root):
     assert not list(tmp_path.glob("*.ptz"))
 
 
-def test_compile_warmup_restores_everything(tmp_path, synth_root):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, synth_root):
+    """A 3-step run in one process with gradient clipping (the reference of the compile and DDP tests)."""
+    base = [*TINY, f"data.root={synth_root}", "optim.grad_clip=0.05", "train.iterations=3"]
+    base += ["final_eval.modes=[standard,sliding]", "final_eval.stride=16"]
+    d = tmp_path_factory.mktemp("one") / "run"
+    one = run_cli([*base, f"hydra.run.dir={d}"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    return base, d, one
+
+
+def test_compile_warmup_restores_everything(tmp_path, one_process):
     """With compile on (eager backend, so the numerics are the eager ones) the 3 warm-up steps must leave
     no trace: weights, optimizer state, data position and RNG are restored before the clock starts."""
-    base = [*TINY, f"data.root={synth_root}", "train.iterations=4", "final_eval.modes=[standard]"]
-    plain = run_cli([*base, f"hydra.run.dir={tmp_path / 'p'}"])
-    comp = run_cli(
-        [
-            *base,
-            f"hydra.run.dir={tmp_path / 'c'}",
-            "train.compile=true",
-            "train.compile_backend=eager",
-            "train.warmup_steps=3",
-        ]
-    )
-    assert plain.returncode == 0 and comp.returncode == 0, comp.stderr[-2000:]
+    base, _, plain = one_process
+    over = ["train.compile=true", "train.compile_backend=eager", "train.warmup_steps=3", "final_eval.modes=[standard]"]
+    comp = run_cli([*base, f"hydra.run.dir={tmp_path / 'c'}", *over])
+    assert comp.returncode == 0, comp.stderr[-2000:]
     assert "warmup_step:3/3" in comp.stdout
     assert step_lines(plain.stdout) == step_lines(comp.stdout)
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, synth_root):
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, one_process):
     """trainer=ddp_cpu: 2 gloo ranks, grad accumulation 4 each (8/world), the reference's rank slicing:
     the same tokens per step as 1 process with accumulation 8, so the losses agree to float rounding, the
     gradient clip (on the averaged gradients) included. `optim.grad_clip_scope=local` clips each rank's own
     gradients before the average (the banked records): the result moves."""
-    base = [
-        *TINY,
-        f"data.root={synth_root}",
-        "optim.grad_clip=0.05",
-        "train.iterations=3",
-        "final_eval.modes=[standard,sliding]",
-        "final_eval.stride=16",
-    ]
-    one = run_cli([*base, f"hydra.run.dir={tmp_path / 'one'}"])
+    base, one_dir, one = one_process
     two = run_cli([*base, f"hydra.run.dir={tmp_path / 'two'}", "trainer=ddp_cpu"])
-    assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-3000:]
     assert "world_size:2 grad_accum_steps:4" in two.stdout
     l1 = [float(s.split("train_loss:")[1].split()[0]) for s in step_lines(one.stdout)]
     l2 = [float(s.split("train_loss:")[1].split()[0]) for s in step_lines(two.stdout)]
     assert l1 == pytest.approx(l2, abs=2e-4)
-    r1 = json.loads((tmp_path / "one" / "results.json").read_text())["roundtrip"]
+    r1 = json.loads((one_dir / "results.json").read_text())["roundtrip"]
     r2 = json.loads((tmp_path / "two" / "results.json").read_text())["roundtrip"]
     for mode in ("standard", "sliding"):
         assert r1[mode]["tokens"] == r2[mode]["tokens"]
