@@ -127,7 +127,7 @@ def test_precision_policy_of_each_experiment(exp):
     assert cfg.optim.muon_momentum_dtype == ("bf16" if banked else "fp32")
     assert cfg.optim.grad_clip_scope == ("local" if banked else "averaged")  # the banked code runs no DDP
     tiny = GPT(GPTConfig(vocab_size=64, num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2))  # the groups only
-    matrix = build_optimizer(tiny, OmegaConf.to_container(cfg.optim)).param_groups[0]
+    matrix = build_optimizer(tiny, OmegaConf.to_container(cfg.optim) | {"frozen": []}).param_groups[0]
     assert matrix["kind"] == "muon" and matrix["momentum_dtype"] == cfg.optim.muon_momentum_dtype
 
 
