@@ -118,14 +118,20 @@ def test_row_normalize_gives_unit_rows():
     assert torch.allclose(row_normalize(U, form="bf16_eps").norm(dim=1), torch.ones(64), atol=1e-6)
 
 
-def test_pr1298_row_norm_rounds_the_norm_in_the_updates_dtype():
-    """On a bf16 update (bf16 momentum), PR #1298's U / (||U|| + 1e-7) in bf16 differs from the MuonEq-R
-    record's fp32 norm with a clamp; a zero row stays zero in both."""
-    U = (torch.randn(256, 64) * torch.rand(256, 1) * 10).bfloat16()
-    U[3] = 0
-    ours = row_normalize(U, form="bf16_eps")
-    assert ours.dtype == torch.bfloat16 and torch.equal(ours, U / (U.norm(dim=-1, keepdim=True) + 1e-7))
-    assert not torch.equal(ours, row_normalize(U)) and not ours[3].any() and not row_normalize(U)[3].any()
+def test_row_norm_forms_are_the_records_expressions():
+    """`fp32_clamp` is the MuonEq-R record's / PR #1611's `U / U.float().norm().clamp_min(1e-7).to(U.dtype)`,
+    `bf16_eps` PR #1298's `U / (U.norm() + 1e-7)`, on a bf16 update (bf16 momentum) and an fp32 one: the norm
+    is rounded to U's dtype in both, so they differ only where + 1e-7 and the clamp do (small rows)."""
+    for dtype in (torch.bfloat16, torch.float32):
+        U = (torch.randn(256, 64) * torch.rand(256, 1) * 10).to(dtype)
+        U[3] = 0
+        U[4] *= 1e-5
+        meqr = U / U.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(U.dtype)
+        pr1298 = U / (U.norm(dim=-1, keepdim=True) + 1e-7)
+        assert torch.equal(row_normalize(U), meqr) and torch.equal(row_normalize(U, form="bf16_eps"), pr1298)
+        assert row_normalize(U).dtype == dtype and not row_normalize(U)[3].any()
+        if dtype == torch.float32:
+            assert not torch.equal(meqr[4], pr1298[4])
     with pytest.raises(ValueError, match="row norm form"):
         row_normalize(U, form="bf16")
 
@@ -301,3 +307,27 @@ def test_bf16_momentum_is_parallel_muons_buffer(monkeypatch):
         MuonAdam([dict(kind="muon", params=[torch.nn.Parameter(torch.randn(4, 4))], momentum_dtype="fp16")])
     with pytest.raises(ValueError, match="row_norm_form"):
         MuonAdam([dict(kind="muon", params=[torch.nn.Parameter(torch.randn(4, 4))], row_norm_form="bf16")])
+
+
+def test_shape_scale_in_the_update_or_in_the_step_size(monkeypatch):
+    """The baseline scales the (bf16) Newton-Schulz update by sqrt(max(1, rows/cols)); Parallel Muon (PR #399)
+    applies it in the step size, p.add_(update, alpha=-lr * scale): on a 32x16 matrix (scale sqrt 2) with bf16
+    Newton-Schulz the two differ by the update's rounding."""
+    seen = []
+    real = muon_adam.newton_schulz
+    monkeypatch.setattr(muon_adam, "newton_schulz", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    start = torch.randn(32, 16, generator=torch.Generator().manual_seed(2))
+    grad = torch.randn(32, 16, generator=torch.Generator().manual_seed(3))
+    out = {}
+    for form in ("update", "step"):
+        p = torch.nn.Parameter(start.clone())
+        p.grad = grad.clone()
+        MuonAdam([dict(kind="muon", params=[p], lr=0.02, shape_scale=form)], ns_dtype=torch.bfloat16).step()
+        out[form] = p.detach()
+    o = seen[-1]
+    assert o.dtype == torch.bfloat16
+    assert torch.equal(out["step"], start.add(o.float(), alpha=-0.02 * math.sqrt(2.0)))
+    assert torch.equal(out["update"], start.add((o * math.sqrt(2.0)).float(), alpha=-0.02))
+    assert not torch.equal(out["step"], out["update"])
+    with pytest.raises(ValueError, match="shape_scale"):
+        MuonAdam([dict(kind="muon", params=[torch.nn.Parameter(torch.randn(4, 4))], shape_scale="x")])

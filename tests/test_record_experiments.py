@@ -126,9 +126,11 @@ def test_precision_policy_of_each_experiment(exp):
     banked = exp in ("record_549", "record_1019", "record_1298", "record_1611")
     assert cfg.optim.muon_momentum_dtype == ("bf16" if banked else "fp32")
     assert cfg.optim.grad_clip_scope == ("local" if banked else "averaged")  # the banked code runs no DDP
+    assert cfg.optim.muon_shape_scale == ("step" if banked else "update")
     tiny = GPT(GPTConfig(vocab_size=64, num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2))  # the groups only
     matrix = build_optimizer(tiny, OmegaConf.to_container(cfg.optim) | {"frozen": []}).param_groups[0]
     assert matrix["kind"] == "muon" and matrix["momentum_dtype"] == cfg.optim.muon_momentum_dtype
+    assert matrix["shape_scale"] == cfg.optim.muon_shape_scale
 
 
 @pytest.mark.parametrize("exp", RECORDS)

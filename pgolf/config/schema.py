@@ -61,6 +61,7 @@ class OptimConfig:
     muon_row_norm: bool
     muon_row_norm_form: Literal["fp32_clamp", "bf16_eps"]  # bf16_eps: PR #1298's own (docs/techniques.md#muoneq-r)
     muon_momentum_dtype: Literal["fp32", "bf16"]  # bf16: Parallel Muon's bf16 momentum (PR #399; banked records)
+    muon_shape_scale: Literal["update", "step"]  # step: sqrt(max(1, rows/cols)) in the step size (PR #399)
     muon_wd: NonNegFloat
     adam_wd: NonNegFloat
     embed_wd: NonNegFloat | None  # the embedding group's own AdamW WD (PR #1611); null: adam_wd

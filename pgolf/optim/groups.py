@@ -94,6 +94,7 @@ def build_optimizer(model: nn.Module, cfg: dict) -> MuonAdam:
                 row_norm=bool(cfg.get("muon_row_norm", False)),
                 momentum_dtype=str(cfg.get("muon_momentum_dtype", "fp32")),
                 row_norm_form=str(cfg.get("muon_row_norm_form", "fp32_clamp")),
+                shape_scale=str(cfg.get("muon_shape_scale", "update")),
                 weight_decay=float(cfg.get("muon_wd", 0.0)),
             )
         )

@@ -29,6 +29,9 @@ from torch.optim.adamw import adamw
 from pgolf.optim.newton_schulz import ROW_NORM_FORMS, newton_schulz, ns_coefficients, row_normalize
 
 KINDS = ("muon", "adam", "frozen")
+# Where sqrt(max(1, rows/cols)) is applied: to the update in the Newton-Schulz dtype (the baseline's Muon), or
+# in the step size (PR #399's Parallel Muon: p.add_(update, alpha=-lr * scale)).
+SHAPE_SCALES = ("update", "step")
 MOMENTUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # Muon's momentum buffer (and gradient) dtype
 
 
@@ -55,6 +58,7 @@ class MuonAdam(torch.optim.Optimizer):
             row_norm=False,
             momentum_dtype="fp32",
             row_norm_form="fp32_clamp",
+            shape_scale="update",
         )
         for g in param_groups:
             if g.get("kind") not in KINDS:
@@ -73,6 +77,10 @@ class MuonAdam(torch.optim.Optimizer):
                 if g["row_norm_form"] not in ROW_NORM_FORMS:
                     raise ValueError(
                         f"Muon group {g.get('name')!r}: row_norm_form {g['row_norm_form']!r} not in {ROW_NORM_FORMS}"
+                    )
+                if g["shape_scale"] not in SHAPE_SCALES:
+                    raise ValueError(
+                        f"Muon group {g.get('name')!r}: shape_scale {g['shape_scale']!r} not in {SHAPE_SCALES}"
                     )
                 if g["momentum_dtype"] not in MOMENTUM_DTYPES:
                     raise ValueError(
@@ -137,12 +145,13 @@ class MuonAdam(torch.optim.Optimizer):
         rank = dist.get_rank() if world > 1 else 0
         self._update_momentum(params, g["momentum"], MOMENTUM_DTYPES[g["momentum_dtype"]])
         lr, wd = g["lr"], g["weight_decay"]
+        in_step = g["shape_scale"] == "step"
         for p, o in zip(params, self._orthogonal_updates(g, world, rank)):
             if o is None or p.grad is None:
                 continue
             if wd != 0:
                 p.mul_(1 - lr * wd)  # decoupled weight decay with the scheduled lr (as the records' Muon)
-            p.add_(o.to(p.dtype), alpha=-lr)
+            p.add_(o.to(p.dtype), alpha=-lr * (shape_scale(p) if in_step else 1.0))
 
     def _update_momentum(self, params: list[torch.Tensor], mu: float, dtype: torch.dtype) -> None:
         # Momentum for every matrix on every rank (cheap, elementwise; gradients are already averaged), so each
@@ -180,7 +189,8 @@ class MuonAdam(torch.optim.Optimizer):
                 if g["row_norm"]:
                     u = row_normalize(u, form=g["row_norm_form"])
                 o = newton_schulz(u, coeffs, dtype=ns_dtype)
-                o = o * math.sqrt(max(1.0, p.size(0) / p.size(1)))
+                if g["shape_scale"] == "update":
+                    o = o * shape_scale(p)
                 if flat is not None:
                     flat[offset : offset + sizes[i]] = o.reshape(-1)
                 else:
@@ -198,6 +208,11 @@ class MuonAdam(torch.optim.Optimizer):
         if key not in self._owner_cache:
             self._owner_cache[key] = balanced_owners(shapes, world)
         return self._owner_cache[key]
+
+
+def shape_scale(p: torch.Tensor) -> float:
+    """Muon's sqrt(max(1, rows/cols)) of a matrix [rows, cols] (the baseline train_gpt.py)."""
+    return math.sqrt(max(1.0, p.size(0) / p.size(1)))
 
 
 def balanced_owners(shapes: list[tuple[int, int]], world: int) -> list[int]:

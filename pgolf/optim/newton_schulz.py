@@ -51,12 +51,12 @@ ROW_NORM_FORMS = ("fp32_clamp", "bf16_eps")
 def row_normalize(U: torch.Tensor, eps: float = 1e-7, form: str = "fp32_clamp") -> torch.Tensor:
     """MuonEq-R (PR #1298): every row of the update U [rows, cols] to unit L2 norm, in U's dtype.
 
-    `fp32_clamp` (the MuonEq-R record's, PR #1787's and PR #1611's): U_i / max(||U_i||, eps) with the norm and
-    the division in fp32. `bf16_eps` (PR #1298's own): U_i / (||U_i|| + eps) computed in U's dtype (bf16 on
-    its bank shard), the norm rounded to that dtype first. Raises ValueError for another form."""
+    `fp32_clamp` (the MuonEq-R record's, PR #1787's and PR #1611's `row_normalize`): U_i / max(||U_i||, eps)
+    with the norm computed in fp32, then rounded to U's dtype for the division. `bf16_eps` (PR #1298's own):
+    U_i / (||U_i|| + eps) in U's dtype (bf16 on its bank shard). Both round the norm to U's dtype, so they
+    differ only where + eps and the clamp do. Raises ValueError for another form."""
     if form == "fp32_clamp":
-        n = U.float().norm(dim=-1, keepdim=True).clamp_min(eps)
-        return (U.float() / n).to(U.dtype)
+        return U / U.float().norm(dim=-1, keepdim=True).clamp_min(eps).to(U.dtype)
     if form == "bf16_eps":
         return U / (U.norm(dim=-1, keepdim=True) + eps)
     raise ValueError(f"row norm form {form!r} not in {ROW_NORM_FORMS}")
