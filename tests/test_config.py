@@ -431,3 +431,11 @@ def test_a_document_start_token_outside_the_vocabulary_is_refused_before_trainin
     validate(over + ["+final_eval.settings.lora_ttt.bos_id=1023"])
     msg = config_error(validate, over + ["+final_eval.settings.lora_ttt.bos_id=1024"])
     assert "final_eval.settings.lora_ttt.bos_id=1024 is not a token id" in msg and "vocab_size=1024" in msg
+
+
+def test_local_clipping_refuses_fp16_mixed_precision():
+    """optim.grad_clip_scope=local averages after clipping; fp16's loss scaler would check each rank's local
+    gradients, so that pair is refused before anything runs; bf16-mixed (the records') is fine."""
+    msg = config_error(validate, ["optim.grad_clip_scope=local", "trainer.precision=16-mixed"])
+    assert "optim.grad_clip_scope=local cannot run with trainer.precision=16-mixed" in msg
+    validate(["optim.grad_clip_scope=local", "trainer.precision=bf16-mixed"])

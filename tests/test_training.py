@@ -33,7 +33,7 @@ from pgolf.tools.datasets import ensure_dataset
 from pgolf.train import module as module_mod
 from pgolf.train import run
 from pgolf.train.build import build_datamodule, build_module, build_trainer, quiet_lightning, run_meta
-from pgolf.train.module import check_checkpoint_tensors, clip_local_then_average
+from pgolf.train.module import check_checkpoint_momentum, check_checkpoint_tensors, clip_local_then_average
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -266,6 +266,10 @@ def test_resume_is_bit_identical(tmp_path, synth_root):
     check_checkpoint_tensors(build_module(cfg, cfg.data.tokenizer_path)[0].state_dict(), state)
     cfg = compose_cfg([*common, "model.embed_dtype=fp32"])
     fp32 = build_module(cfg, cfg.data.tokenizer_path)[0].state_dict()
+    whole = torch.load(ck, map_location="cpu", weights_only=True)
+    check_checkpoint_momentum({"muon_momentum_dtype": "bf16"}, whole)
+    with pytest.raises(ConfigError, match="Muon momentum is bf16 but optim.muon_momentum_dtype=fp32"):
+        check_checkpoint_momentum({"muon_momentum_dtype": "fp32"}, whole)
     want = r"gpt\.tok_emb\.weight \(256, 64\) bfloat16 \(the config's model: .* float32\)"
     with pytest.raises(ConfigError, match=want):
         check_checkpoint_tensors(fp32, state)

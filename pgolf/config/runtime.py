@@ -94,10 +94,23 @@ def check_bos_ids(plan: dict[str, dict], final_eval: dict, vocab_size: int) -> N
             )
 
 
+def check_clip_scope(config: dict) -> None:
+    """`optim.grad_clip_scope: local` averages the gradients itself after clipping, which fp16 mixed precision
+    cannot follow: its loss scaler checks each rank's local gradients for overflow, so one rank could skip a
+    step the others take. Raises ConfigError for that pair (no record trains in fp16)."""
+    precision = str(config["trainer"].get("precision", ""))
+    if config["optim"]["grad_clip_scope"] == "local" and precision.startswith("16"):
+        raise ConfigError(
+            f"optim.grad_clip_scope=local cannot run with trainer.precision={precision} (the fp16 loss scaler would "
+            "check each rank's local gradients); use bf16-mixed or 32-true, or grad_clip_scope=averaged"
+        )
+
+
 def check_runtime(cfg: DictConfig) -> ExportConfig:
     """The checks of this module on a composed conf/train.yaml that passed `validate_train`."""
     d = plain(cfg)
     check_optim(d["optim"])
+    check_clip_scope(d)
     plan = check_final_eval(d["final_eval"])
     check_bos_ids(plan, d["final_eval"], int(d["model"]["vocab_size"]))
     return check_export(d["export"])

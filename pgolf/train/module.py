@@ -120,6 +120,7 @@ class GolfModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_tensors(self.state_dict(), checkpoint.get("state_dict", {}))
+        check_checkpoint_momentum(self.optim_cfg, checkpoint)
         rng = checkpoint.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
@@ -171,6 +172,21 @@ def check_checkpoint_tensors(model: dict, checkpoint: dict) -> None:
             f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}; resume with the overrides of the run that "
             "wrote it (model.embed_dtype: a table's dtype is never converted on resume)"
         )
+
+
+def check_checkpoint_momentum(optim: dict, checkpoint: dict) -> None:
+    """A resumed checkpoint's Muon momentum has the config's `optim.muon_momentum_dtype` (torch's
+    load_state_dict would cast an fp32 buffer to bf16 silently; checkpoints without the field hold fp32).
+    Raises ConfigError."""
+    want = optim.get("muon_momentum_dtype", "fp32")
+    for state in checkpoint.get("optimizer_states", []):
+        for g in state.get("param_groups", []):
+            have = g.get("momentum_dtype", "fp32")
+            if g.get("kind") == "muon" and have != want:
+                raise ConfigError(
+                    f"resume: the checkpoint's Muon momentum is {have} but optim.muon_momentum_dtype={want}; resume "
+                    "with the overrides of the run that wrote it"
+                )
 
 
 def keep_local_gradients(_state, bucket):  # no annotations: DDP rejects string ones (postponed evaluation)
