@@ -23,6 +23,7 @@ from pgolf.data.tokenizer import ByteLUTs, bpb
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 from pgolf.optim.groups import build_optimizer
+from pgolf.runlog import log0
 from pgolf.train.state import StepState
 
 
@@ -147,6 +148,7 @@ class GolfModule(L.LightningModule):
             if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
                 raise ConfigError("optim.grad_clip_scope=local needs the DDP strategy with several processes")
             ddp.register_comm_hook(None, keep_local_gradients)
+            log0("grad_clip: each rank's local gradients are clipped, then averaged (optim.grad_clip_scope=local)")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if not self.local_clip:
