@@ -70,6 +70,7 @@ TINY = [
     "train.warmdown_iters=3",
     "train.log_every=2",
     "final_eval.batch_windows=8",
+    "final_eval.seq_len=24",  # the round trip's windows, not the training length: eval.py defaults to them
     "final_eval.stride=16",
     "callbacks.progress=line",
     "callbacks.progress_every_seconds=0",

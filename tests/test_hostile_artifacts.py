@@ -259,8 +259,26 @@ def test_non_positive_lengths_are_refused_before_any_work(tmp_path, kw, message)
 @pytest.mark.parametrize("value", [-7, 0, "32", 10**9, 32.0])
 def test_a_forged_training_seq_len_is_refused(tmp_path, raw, value):
     path = write(tmp_path, encode_artifact(edited(raw, lambda h: h["meta"].update(train={"seq_len": value})), "zlib"))
-    with pytest.raises(ArtifactError, match=r"meta\.train\.seq_len must be an integer in \[1, 16384\]"):
+    with pytest.raises(ArtifactError, match=r"meta\.train\.seq_len must be an integer in \[1, 1048576\]"):
         read_model_artifact(path, tensors=False)
+
+
+@pytest.mark.parametrize("value", [-7, 0, "32", 98_304, 32.0])
+def test_a_forged_final_eval_seq_len_is_refused(tmp_path, raw, value):
+    """The round trip's window length (eval.py's default) is a window: at most 16,384 tokens."""
+    path = write(
+        tmp_path, encode_artifact(edited(raw, lambda h: h["meta"].update(final_eval={"seq_len": value})), "zlib")
+    )
+    with pytest.raises(ArtifactError, match=r"meta\.final_eval\.seq_len must be an integer in \[1, 16384\]"):
+        read_model_artifact(path, tensors=False)
+
+
+def test_pr1611s_packed_training_rows_are_accepted(tmp_path, raw):
+    """PR #1611 trains on rows of 98,304 tokens and scores 2,048-token windows: its artifact is read."""
+    meta = {"train": {"seq_len": 98_304}, "final_eval": {"seq_len": 2048}}
+    path = write(tmp_path, encode_artifact(edited(raw, lambda h: h["meta"].update(meta)), "zlib"))
+    header, _ = read_model_artifact(path, tensors=False)
+    assert header.meta["train"]["seq_len"] == 98_304 and header.meta["final_eval"]["seq_len"] == 2048
 
 
 # ---- item 5: a tensor listed twice ------------------------------------------------------------------------

@@ -167,7 +167,8 @@ def evaluate_artifact(
     tok = TokenizerInfo.from_path(data["tokenizer_path"])
     tok.check_matches(meta["tokenizer"], what=f"artifact {Path(artifact).name}")
     train_seq = int(meta.get("train", {}).get("seq_len") or 0)
-    S = _positive_int(seq_len or train_seq or data.get("eval_seq_len") or 1024, "seq_len", MAX_SEQ_LEN)
+    run_seq = int(meta.get("final_eval", {}).get("seq_len") or 0)  # the round trip's windows (PR #1611: 2048)
+    S = _positive_int(seq_len or run_seq or train_seq or data.get("eval_seq_len") or 1024, "seq_len", MAX_SEQ_LEN)
     for name, settings in modes.items():
         parse_mode(name, settings, seq_len=S, batch_windows=batch_windows)
     device = pick_device(accelerator)

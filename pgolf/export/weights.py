@@ -38,6 +38,8 @@ FLOAT_KIND = "float_weights"
 # more parameters than 2^26 cannot be a legal artifact, and this bounds eval's memory (4 bytes a parameter).
 MAX_MODEL_PARAMS = 1 << 26
 MAX_SEQ_LEN = 1 << 14  # 8x the records' 2048: a window length from metadata or the command line
+# A training row: PR #1611 trains on packed rows of 98,304 tokens (786,432 / 8 ranks); eval never allocates one.
+MAX_TRAIN_SEQ_LEN = 1 << 20
 MAX_CODE_BYTES = MAX_FILE_BYTES
 # Float weights are raw fp32 (4 bytes a parameter, zstd-3): their file cap follows the parameter cap.
 MAX_FLOAT_FILE_BYTES = 4 * MAX_MODEL_PARAMS + MAX_FILE_BYTES
@@ -214,7 +216,8 @@ def _check_tokenizer(tok, cfg: GPTConfig) -> None:
 
 
 def _check_meta(meta: dict, cfg: GPTConfig, require_tokenizer: bool) -> None:
-    """The metadata evaluation reads besides the model config: tokenizer, train.seq_len, code record."""
+    """The metadata evaluation reads besides the model config: tokenizer, train.seq_len, final_eval.seq_len,
+    code record."""
     if "tokenizer" in meta or require_tokenizer:
         if "tokenizer" not in meta:
             raise ArtifactError("metadata has no tokenizer identity (meta.tokenizer)")
@@ -223,7 +226,12 @@ def _check_meta(meta: dict, cfg: GPTConfig, require_tokenizer: bool) -> None:
     if not isinstance(train, dict):
         raise ArtifactError(f"meta.train must be a JSON object, got {type(train).__name__}")
     if train.get("seq_len") is not None:
-        _int(train["seq_len"], "meta.train.seq_len", 1, MAX_SEQ_LEN)
+        _int(train["seq_len"], "meta.train.seq_len", 1, MAX_TRAIN_SEQ_LEN)
+    final = meta.get("final_eval", {})
+    if not isinstance(final, dict):
+        raise ArtifactError(f"meta.final_eval must be a JSON object, got {type(final).__name__}")
+    if final.get("seq_len") is not None:
+        _int(final["seq_len"], "meta.final_eval.seq_len", 1, MAX_SEQ_LEN)
     if "code" in meta:
         code = meta["code"]
         if not isinstance(code, dict) or "bytes" not in code:
@@ -239,7 +247,8 @@ def check_model_artifact(header: ArtifactHeader, *, require_tokenizer: bool = Tr
     """Check an artifact's metadata and tensor table against its model config, before anything is
     allocated (the `check` of `load_artifact`); returns the config. Raises ArtifactError naming the field:
     a missing or forged config, a model over MAX_MODEL_PARAMS, a tokenizer identity that is missing (with
-    `require_tokenizer`) or malformed, a non-positive or oversized `train.seq_len`, a negative code size, a
+    `require_tokenizer`) or malformed, a non-positive or oversized `train.seq_len` or `final_eval.seq_len`, a
+    negative code size, a
     tensor the model lacks, a missing tensor, a shape or original dtype that is not the model's."""
     meta = header.meta
     if "model" not in meta:

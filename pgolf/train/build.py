@@ -245,6 +245,7 @@ def run_meta(cfg: DictConfig, tokenizer: TokenizerInfo) -> dict:
         "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256},
         "data": {"train_pattern": Path(cfg.data.train_pattern).name, "val_pattern": Path(cfg.data.val_pattern).name},
         "train": OmegaConf.to_container(cfg.train, resolve=True),
+        "final_eval": {"seq_len": int(cfg.final_eval.seq_len)},  # eval.py's default windows: the round trip's
         "provenance": provenance(),
     }
 
