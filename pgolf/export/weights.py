@@ -248,8 +248,8 @@ def check_model_artifact(header: ArtifactHeader, *, require_tokenizer: bool = Tr
     allocated (the `check` of `load_artifact`); returns the config. Raises ArtifactError naming the field:
     a missing or forged config, a model over MAX_MODEL_PARAMS, a tokenizer identity that is missing (with
     `require_tokenizer`) or malformed, a non-positive or oversized `train.seq_len` or `final_eval.seq_len`, a
-    negative code size, a
-    tensor the model lacks, a missing tensor, a shape or original dtype that is not the model's."""
+    negative code size, a tensor the model lacks, a missing tensor, a shape or original dtype that is not the
+    model's."""
     meta = header.meta
     if "model" not in meta:
         raise ArtifactError("metadata has no model config (meta.model)")

@@ -33,6 +33,7 @@ KINDS = ("muon", "adam", "frozen")
 # in the step size (PR #399's Parallel Muon: p.add_(update, alpha=-lr * scale)).
 SHAPE_SCALES = ("update", "step")
 MOMENTUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # Muon's momentum buffer (and gradient) dtype
+CHOICES = {"row_norm_form": ROW_NORM_FORMS, "shape_scale": SHAPE_SCALES, "momentum_dtype": MOMENTUM_DTYPES}
 
 
 class MuonAdam(torch.optim.Optimizer):
@@ -74,19 +75,9 @@ class MuonAdam(torch.optim.Optimizer):
                 if bad:
                     raise ValueError(f"Muon group {g.get('name')!r} holds non-matrix parameters {bad}")
                 ns_coefficients(g["ns_kind"], g["ns_steps"])  # validate early
-                if g["row_norm_form"] not in ROW_NORM_FORMS:
-                    raise ValueError(
-                        f"Muon group {g.get('name')!r}: row_norm_form {g['row_norm_form']!r} not in {ROW_NORM_FORMS}"
-                    )
-                if g["shape_scale"] not in SHAPE_SCALES:
-                    raise ValueError(
-                        f"Muon group {g.get('name')!r}: shape_scale {g['shape_scale']!r} not in {SHAPE_SCALES}"
-                    )
-                if g["momentum_dtype"] not in MOMENTUM_DTYPES:
-                    raise ValueError(
-                        f"Muon group {g.get('name')!r}: momentum_dtype {g['momentum_dtype']!r} not in "
-                        f"{tuple(MOMENTUM_DTYPES)}"
-                    )
+                for key, allowed in CHOICES.items():
+                    if g[key] not in allowed:
+                        raise ValueError(f"Muon group {g.get('name')!r}: {key} {g[key]!r} not in {tuple(allowed)}")
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -88,14 +88,12 @@ def fit(
         challenge = build_callbacks(cfg, run_dir, meta)
         trainer = build.build_trainer(cfg, [header, *challenge.all, *extras.callbacks], loggers)
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume)
-    except ConfigError as e:  # found at fit start: a resumed checkpoint that is not this config's model
-        log0(f"config error: {e}")
-        build.finish_logger(loggers, {}, exit_code=EXIT_CONFIG_ERROR)
-        raise SystemExit(EXIT_CONFIG_ERROR) from None
-    except DATA_ERRORS as e:  # the data does not match its config: the message names the file and the problem
-        log0(f"data error: {e}")
-        build.finish_logger(loggers, {}, exit_code=EXIT_DATA_ERROR)
-        raise SystemExit(EXIT_DATA_ERROR) from None
+    except (ConfigError, *DATA_ERRORS) as e:  # the message names the file, or the checkpoint, and the problem
+        # a config error found at fit start (a resumed checkpoint that is not this config's model), or bad data
+        what, status = ("config", EXIT_CONFIG_ERROR) if isinstance(e, ConfigError) else ("data", EXIT_DATA_ERROR)
+        log0(f"{what} error: {e}")
+        build.finish_logger(loggers, {}, exit_code=status)
+        raise SystemExit(status) from None
     except Terminated as e:  # SIGTERM after training (callbacks/checkpoint.py): stop now, say what is on disk
         log0(f"terminated: SIGTERM during {e.phase}; stopping with exit status {e.code}. {kept_files(run_dir)}")
         build.finish_logger(loggers, {}, exit_code=e.code)

@@ -32,6 +32,7 @@ from pgolf.config.typed import ConfigError, PosInt, convert, load
 from pgolf.config.validate import MODEL_SHAPE_KEYS, exit_on_config_error, plain
 from pgolf.eval.modes import mode_names
 from pgolf.export.code import code_record, package_versions
+from pgolf.runlog import global_rank
 from pgolf.train.run import exit_status, fit, prepare
 
 # The reference's environment variables -> the config keys they set (before the command-line overrides).
@@ -154,7 +155,7 @@ def main(packed: Mapping, script: str | Path, argv: list[str] | None = None, env
         extras = prepare(cfg, ".")
     versions = package_versions(packed["requirements"])
     config_file = config_path(logs, run_id)
-    if config_file.name != f"{run_id}.yaml" and int(env.get("RANK", 0)) == 0:
+    if config_file.name != f"{run_id}.yaml" and global_rank() == 0:
         print(f"{logs / run_id}.yaml is kept from an earlier run with RUN_ID={run_id}; this run's: {config_file}")
     results = fit(cfg, ".", extras, code, logs / f"{run_id}.txt", config_file, versions)
     return exit_status(cfg, results)
