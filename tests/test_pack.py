@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pgolf import optional
-from pgolf.config.runtime import PART_RULES, check_parts
+from pgolf.config.runtime import PART_RULES, check_parts, uses_doc_attention
 from pgolf.config.typed import ConfigError
 from pgolf.export.code import code_record
 from pgolf.quant.artifact import read_artifact, write_artifact
@@ -35,7 +35,15 @@ from pgolf.tools.pack import (
     part_modules,
     unpack,
 )
-from pgolf.tools.packsource import PackError, compact, drop_registrations, shake, strip, unparse
+from pgolf.tools.packsource import (
+    PackError,
+    compact,
+    drop_mode_registrations,
+    drop_registrations,
+    shake,
+    strip,
+    unparse,
+)
 from pgolf.train.standalone import check_config, config_path, run_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,11 +62,12 @@ TINY = [
     "callbacks.progress=none",
 ]
 # The records' model bytes: their largest artifact minus their script's code bytes (baseline: the
-# openai/parameter-golf train_gpt.py log; PR #1263 and PR #1298: the records' logs and submission.json).
+# openai/parameter-golf train_gpt.py log; PR #1263, PR #1298 and PR #1611: the records' logs and submission.json).
 RECORD_MODEL_BYTES = {
     "baseline": 15_863_489 - 47_642,
     "record_1263": 15_890_549 - 73_198,
     "record_1298": 15_824_588 - 60_868,
+    "record_1611": 15_907_550 - 31_999,
 }
 # The child's first lines: drop the editable install's finder (a .pth in the venv installs it) and prove that
 # neither pgolf nor callbacks can be imported, then run train_gpt.py as `python train_gpt.py ARGS` would.
@@ -470,10 +479,60 @@ def test_sdclip_doc_attention_decode_and_the_1611_model_are_packed_only_when_use
     gpt, layers, rules = (sources[f"pgolf.{m}"] for m in ("model.gpt", "model.layers", "quant.rules"))
     assert not re.search(r"model\.decode|model import.*(decode|doc_attention|record_1611)", gpt)
     assert "doc_attention" not in layers and not re.search(r"import.*sdclip", rules)
-    r1611 = set(pack(compose_train(["experiment=record_1611"])).modules)
+    r1611 = set(packs["record_1611"].modules)
     assert NEW_PARTS - {"pgolf.model.decode"} <= r1611 and "pgolf.model.decode" not in r1611
     ar = pack(compose_train(["experiment=record_1263", "export.calibration.source=ar"]))
     assert "pgolf.model.decode" in ar.modules
+
+
+def test_an_unused_mode_is_not_registered_and_its_run_function_is_not_packed():
+    src = (
+        "from pkg.registry import Mode, register\ndef run_a(): return 1\ndef rule(): return 2\n"
+        "def helper(): return 3\ndef run_b(): return helper()\n"
+        'register(Mode("a", dict, run_a, rule))\nregister(\n    Mode("b", dict, run_b, rule))\nprint("a")\n'
+    )
+    tree = ast.parse(src)
+    drop_mode_registrations(tree, {"a", "c"})
+    shake({"m": tree})
+    out = ast.unparse(tree)
+    assert "run_a" not in out and "Mode('a'" not in out and "print('a')" in out  # only the registration goes
+    assert "def rule" in out and "def helper" in out and "Mode('b', dict, run_b, rule)" in out
+    drop_mode_registrations(tree, {"b"})
+    shake({"m": tree})
+    assert "def " not in ast.unparse(tree)
+
+
+def test_record_1611_packs_the_modes_phased_ttt_needs_but_registers_only_its_own(packs):
+    """PR #1611's phased TTT imports helpers of pgolf/eval/ttt.py and lora_ttt.py: those modules are packed,
+    their modes (ttt, lora_ttt, lora_ttt_1090) and the other phased form are not registered, and their run
+    functions are not packed."""
+    _, sources = unpack(packs["record_1611"].script)
+    assert {"pgolf.eval.ttt", "pgolf.eval.lora_ttt", "pgolf.eval.phased_ttt"} <= set(sources)
+    registered = re.findall(r"Mode\(['\"](\w+)['\"]", "".join(sources.values()))
+    assert sorted(registered) == ["phased_ttt_1611", "standard"]
+    assert "def run_ttt(" not in sources["pgolf.eval.ttt"] and "def run_lora_ttt(" not in sources["pgolf.eval.lora_ttt"]
+    assert "def run_phased_ttt(" in sources["pgolf.eval.phased_ttt"]
+
+
+def test_a_mode_named_by_another_modes_settings_is_packed(tmp_path):
+    """`final_eval.settings.sliding.mode=ttt` runs the ttt mode under the name sliding: its module is packed
+    and registered, and the packed file accepts its own config and goes on to read the data (it refused the
+    config before: unknown mode 'ttt'). Such a mode counts for the document-attention part too."""
+    packed = pack(compose_train(["final_eval.modes=[standard,sliding]", "+final_eval.settings={sliding:{mode:ttt}}"]))
+    assert "pgolf.eval.ttt" in packed.modules
+    (tmp_path / SCRIPT).write_bytes(packed.script)
+    r = subprocess.run(
+        [sys.executable, "-I", "-c", NO_PGOLF, "train.iterations=1", "data.dir=nowhere"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and out.startswith("data error: ") and "tokenizer file not found" in out, out[-2000:]
+    assert uses_doc_attention(
+        {"train": {"doc_attention": False}, "final_eval": {"modes": ["a"], "settings": {"a": {"mode": "phased_ttt"}}}}
+    )
 
 
 def test_an_import_only_annotations_use_goes_with_its_dropped_module():

@@ -26,11 +26,18 @@ from pgolf.quant.rules import config_uses_gptq
 DOC_ATTENTION_MODES = ("phased_ttt", "phased_ttt_1611")
 
 
+def run_modes(final_eval: dict) -> set[str]:
+    """The registered eval modes a plain `final_eval` config runs: each name of `modes`, or the mode its own
+    settings name (`final_eval.settings.<name>.mode`)."""
+    settings = final_eval.get("settings") or {}
+    return {(settings.get(name) or {}).get("mode", name) for name in final_eval["modes"]}
+
+
 def uses_doc_attention(config: dict) -> bool:
     """Whether a run of the plain config passes `cu_seqlens` to the model (pgolf/model/doc_attention.py):
     training with `train.doc_attention` (its final evaluations then score document-bounded windows too), or
     a final evaluation by one of DOC_ATTENTION_MODES."""
-    return bool(config["train"]["doc_attention"] or set(DOC_ATTENTION_MODES) & set(config["final_eval"]["modes"]))
+    return bool(config["train"]["doc_attention"] or set(DOC_ATTENTION_MODES) & run_modes(config["final_eval"]))
 
 
 # Optional part (pgolf/optional.py) -> whether a run of a plain config needs it. The packer leaves out the

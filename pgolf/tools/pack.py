@@ -15,11 +15,12 @@ leaderboard's #1, PR #1611: python-minifier + brotli-11 + base85; brotli is 2-3%
 The literal uses a 109-letter ASCII alphabet instead of base85 (`ALPHABET`): 1.1875 bytes per compressed
 byte instead of 1.25, about 5% off every packed file.
 
-Only what the experiment needs is packed: the eval modes of `final_eval.modes` (and `standard`, which the
-export's float diagnostic runs), and the optional parts of the runtime (pgolf/optional.py: full GPTQ and its
-calibration, pruning, W&B, weight averaging) that pgolf/config/runtime.py's `PART_RULES` say the config
-uses; the registration imports of the other mode and part modules are left out of the packed copies of the
-modules that import them.
+Only what the experiment needs is packed: the eval modes of `final_eval.modes` (a mode that another's
+settings name counts; and `standard`, which the export's float diagnostic runs; the other modes are neither
+registered nor packed, even where their module is), and the optional parts of the runtime
+(pgolf/optional.py: full GPTQ and its calibration, pruning, W&B, weight averaging) that
+pgolf/config/runtime.py's `PART_RULES` say the config uses; the registration imports of the other mode and
+part modules are left out of the packed copies of the modules that import them.
 
 The packed config is the recipe. What differs between the runs of one recipe is reset so that they share
 one file and one code hash: the seed, resume and variant, the logger (none: the log is
@@ -53,7 +54,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from pgolf import optional
-from pgolf.config.runtime import PART_RULES, check_runtime
+from pgolf.config.runtime import PART_RULES, check_runtime, run_modes
 from pgolf.config.validate import exit_on_config_error, plain, validate_train
 from pgolf.eval.modes import get_mode, mode_names
 from pgolf.export.code import code_record, package_versions, project_root
@@ -256,11 +257,16 @@ def mode_modules(keys: dict[str, Path]) -> dict[str, str]:
     return out
 
 
+def needed_modes(config: dict) -> set[str]:
+    """The eval modes of `final_eval.modes` (names the packed file's check requires registered), those they
+    run (`run_modes`: a mode named by another's settings) and `ALWAYS_MODES`."""
+    return {*config["final_eval"]["modes"], *run_modes(config["final_eval"]), *ALWAYS_MODES}
+
+
 def dropped_modes(config: dict, keys: dict[str, Path]) -> set[str]:
     """The mode modules (`pgolf.eval.slot`) that register none of the modes the run uses."""
     owners = mode_modules(keys)
-    need = {owners[m] for m in (*config["final_eval"]["modes"], *ALWAYS_MODES)}
-    return set(owners.values()) - need
+    return set(owners.values()) - {owners[m] for m in needed_modes(config)}
 
 
 def part_modules() -> dict[str, str]:
@@ -302,7 +308,8 @@ def pack(cfg: DictConfig | dict, root: Path | None = None) -> Packed:
     t0 = time.perf_counter()
     config, strategy = packed_config(cfg)
     keys = runtime_modules(root or project_root())
-    modules = collect(ENTRY, keys, dropped_modes(config, keys) | dropped_parts(config))
+    unused = set(mode_names()) - needed_modes(config)
+    modules = collect(ENTRY, keys, dropped_modes(config, keys) | dropped_parts(config), unused)
     sources = minify(modules, config_words(config) | {ENTRY_FUNCTION})
     payload = {
         "entry": ENTRY,

@@ -7,7 +7,9 @@ source made small with the standard library's `ast`.
   each import also loads the packages above the module). An import that only registers something (its
   bound name is never used in the importing module, or only in function annotations) of a module in `drop`
   is removed from the source first, so an eval mode or an optional part the experiment does not use is not
-  packed. A tool module is never reachable
+  packed; so is the registration of an unused eval mode whose module another mode needs
+  (`register(Mode("ttt", ...))` in pgolf/eval/ttt.py, whose helpers phased TTT imports), and with it, through
+  `shake`, the mode's run function and rule. A tool module is never reachable
   (tests/test_imports.py); meeting one raises PackError.
 - `minify`: docstrings, comments, function annotations and `if __name__ == "__main__":` blocks removed,
   then `shake` drops the top-level functions and classes that no packed code names, `unparse` writes the
@@ -202,6 +204,25 @@ def _without_dropped(
     return stmt
 
 
+def drop_mode_registrations(tree: ast.Module, modes: set[str]) -> None:
+    """Remove from `tree` the module-level registrations of the eval modes `modes`: the statements
+    `register(Mode("<name>", ...))` of pgolf/eval/registry.py whose name is in `modes`."""
+    tree.body = [s for s in tree.body if _registered_mode(s) not in modes]
+
+
+def _registered_mode(stmt: ast.stmt) -> str | None:
+    """The mode name of a `register(Mode("<name>", ...))` statement, else None."""
+    call = stmt.value if isinstance(stmt, ast.Expr) else None
+    if not (isinstance(call, ast.Call) and dotted(call.func) == "register" and len(call.args) == 1):
+        return None
+    mode = call.args[0]
+    if isinstance(mode, ast.Call) and dotted(mode.func) == "Mode" and mode.args:
+        name = mode.args[0]
+        if isinstance(name, ast.Constant) and isinstance(name.value, str):
+            return name.value
+    return None
+
+
 def scan_imports(mod: Module, keys: dict) -> None:
     """Fill `mod.imports` (runtime modules) and `mod.external` (third-party top-level names but the
     OPTIONAL_PACKAGES), imported anywhere in the module. Raises PackError for a tool module."""
@@ -225,9 +246,12 @@ def _imports_with_scope(tree: ast.AST, in_function: bool = False):
         yield from _imports_with_scope(child, fn)
 
 
-def collect(entry: str, keys: dict[str, Path], drop: set[str] = frozenset()) -> dict[str, Module]:
+def collect(
+    entry: str, keys: dict[str, Path], drop: set[str] = frozenset(), unregister: set[str] = frozenset()
+) -> dict[str, Module]:
     """The modules reachable from `entry` (a key of `keys`), in a stable order (sorted keys), their imports
-    of `drop` removed where they only register. Raises PackError."""
+    of `drop` removed where they only register, and the registrations of the eval modes `unregister`
+    removed. Raises PackError."""
     if entry not in keys:
         raise PackError(f"the entry module {entry} is not in the runtime folders")
     seen: dict[str, Module] = {}
@@ -238,6 +262,7 @@ def collect(entry: str, keys: dict[str, Path], drop: set[str] = frozenset()) -> 
             continue
         tree = ast.parse(keys[key].read_text(encoding="utf-8"), filename=str(keys[key]))
         drop_registrations(tree, keys, set(drop))
+        drop_mode_registrations(tree, set(unregister))
         mod = Module(key, tree)
         scan_imports(mod, keys)
         seen[key] = mod
