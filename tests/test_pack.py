@@ -18,6 +18,7 @@ import pytest
 from pgolf import optional
 from pgolf.config.runtime import PART_RULES, check_parts, uses_doc_attention
 from pgolf.config.typed import ConfigError
+from pgolf.eval import registry
 from pgolf.export.code import code_record
 from pgolf.quant.artifact import read_artifact, write_artifact
 from pgolf.tools import packsource, submission
@@ -508,28 +509,28 @@ def test_record_1611_packs_the_modes_phased_ttt_needs_but_registers_only_its_own
     functions are not packed."""
     _, sources = unpack(packs["record_1611"].script)
     assert {"pgolf.eval.ttt", "pgolf.eval.lora_ttt", "pgolf.eval.phased_ttt"} <= set(sources)
-    registered = re.findall(r"Mode\(['\"](\w+)['\"]", "".join(sources.values()))
-    assert sorted(registered) == ["phased_ttt_1611", "standard"]
+    assert registered_modes(packs["record_1611"].script) == {"phased_ttt_1611", "standard"}
     assert "def run_ttt(" not in sources["pgolf.eval.ttt"] and "def run_lora_ttt(" not in sources["pgolf.eval.lora_ttt"]
     assert "def run_phased_ttt(" in sources["pgolf.eval.phased_ttt"]
 
 
-def test_a_mode_named_by_another_modes_settings_is_packed(tmp_path):
+def registered_modes(script: bytes) -> set[str]:
+    """The eval modes a packed file registers (its `register(Mode("<name>", ...))` statements)."""
+    return set(re.findall(r"Mode\(['\"](\w+)['\"]", "".join(unpack(script)[1].values())))
+
+
+def test_a_mode_named_by_another_modes_settings_is_packed(monkeypatch):
     """`final_eval.settings.sliding.mode=ttt` runs the ttt mode under the name sliding: its module is packed
-    and registered, and the packed file accepts its own config and goes on to read the data (it refused the
-    config before: unknown mode 'ttt'). Such a mode counts for the document-attention part too."""
+    and registered, and the packed config passes the packed file's own check with only the file's modes
+    registered (it refused it before: unknown mode 'ttt'). Such a mode counts for document attention too."""
     packed = pack(compose_train(["final_eval.modes=[standard,sliding]", "+final_eval.settings={sliding:{mode:ttt}}"]))
-    assert "pgolf.eval.ttt" in packed.modules
-    (tmp_path / SCRIPT).write_bytes(packed.script)
-    r = subprocess.run(
-        [sys.executable, "-I", "-c", NO_PGOLF, "train.iterations=1", "data.dir=nowhere"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    out = r.stdout + r.stderr
-    assert r.returncode == 1 and out.startswith("data error: ") and "tokenizer file not found" in out, out[-2000:]
+    assert "pgolf.eval.ttt" in packed.modules and registered_modes(packed.script) == {"standard", "sliding", "ttt"}
+    modes = {k: v for k, v in registry._MODES.items() if k in registered_modes(packed.script)}
+    monkeypatch.setattr(registry, "_MODES", modes)  # as in the packed file
+    check_config(run_config(packed.payload, [], {}))
+    del modes["ttt"]
+    with pytest.raises(ConfigError, match="unknown mode 'ttt'"):
+        check_config(run_config(packed.payload, [], {}))
     assert uses_doc_attention(
         {"train": {"doc_attention": False}, "final_eval": {"modes": ["a"], "settings": {"a": {"mode": "phased_ttt"}}}}
     )
