@@ -31,17 +31,23 @@ from pgolf.tools.pack import (
     compose_train,
     decode_payload,
     encode_payload,
+    extra_refs,
     pack,
     packed_config,
+    packed_modules,
     part_modules,
     unpack,
 )
 from pgolf.tools.packsource import (
+    Module,
     PackError,
     compact,
     drop_mode_registrations,
     drop_registrations,
+    minify,
+    runtime_modules,
     shake,
+    shaken,
     strip,
     unparse,
 )
@@ -235,15 +241,33 @@ def test_a_packed_config_refuses_an_override_that_needs_a_part_it_lacks(packs, m
 def test_compact_is_cached_and_a_bad_cache_entry_is_recomputed(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     src = "def f(alpha, beta):\n    total = alpha + beta\n    return total * total\n"
-    out = compact(src)
-    assert "total" not in out and "alpha" in out  # locals renamed, arguments (keywords) kept
+    out = compact(src, {"f"})
+    assert "total" not in out and "alpha" in out and "def f(" in out  # locals renamed, arguments (keywords) kept
     ns = {}
     exec(out, ns)
     assert ns["f"](beta=2, alpha=1) == 9
     (entry,) = packsource.cache_dir().glob("*.py")
-    assert entry.read_text() == out and compact(src) == out
+    assert entry.read_text() == out and compact(src, {"f"}) == out
     entry.write_text("def broken(:\n")  # a damaged cache entry is not used
-    assert compact(src) == out and entry.read_text() == out
+    assert compact(src, {"f"}) == out and entry.read_text() == out
+    assert "def f(" not in compact(src)  # a module-level name nothing keeps is renamed (another cache entry)
+
+
+def test_minify_renames_the_module_level_names_nothing_else_can_name():
+    a = (
+        "import math\nLIMIT = 3\ndef _helper(v):\n    return math.sqrt(v) + len([v])\n"
+        "def public(v):\n    return _helper(v) * LIMIT\nclass Shape:\n    pass\n"
+        "def by_name():\n    return Shape\nNAMES = ['by_name']\n"
+    )
+    b = "from pkg.a import public\ndef main():\n    return public(4.0)\n"
+    mods = {k: Module(k, ast.parse(src)) for k, src in (("pkg.a", a), ("pkg.b", b))}
+    out = minify(mods, {"main"})
+    for kept in ("def public(", "class Shape", "def by_name(", "len(", "def main("):  # another module, a class,
+        assert kept in out["pkg.a"] + out["pkg.b"], kept  # a word of a string, a builtin, the entry
+    assert "_helper" not in out["pkg.a"] and "LIMIT" not in out["pkg.a"]
+    ns = {}
+    exec(out["pkg.a"], ns)
+    assert ns["public"](4.0) == 9.0 and ns["by_name"]() is ns["Shape"]
 
 
 def test_minify_drops_what_nothing_uses(tmp_path):
@@ -510,8 +534,11 @@ def test_record_1611_packs_the_modes_phased_ttt_needs_but_registers_only_its_own
     _, sources = unpack(packs["record_1611"].script)
     assert {"pgolf.eval.ttt", "pgolf.eval.lora_ttt", "pgolf.eval.phased_ttt"} <= set(sources)
     assert registered_modes(packs["record_1611"].script) == {"phased_ttt_1611", "standard"}
-    assert "def run_ttt(" not in sources["pgolf.eval.ttt"] and "def run_lora_ttt(" not in sources["pgolf.eval.lora_ttt"]
-    assert "def run_phased_ttt(" in sources["pgolf.eval.phased_ttt"]
+    config = packs["record_1611"].payload["config"]
+    trees = shaken(packed_modules(config, runtime_modules(ROOT)), extra_refs(config))
+    defs = {k: {n.name for n in t.body if isinstance(n, ast.FunctionDef)} for k, t in trees.items()}
+    assert not {"run_ttt", "ttt_rule"} & defs["pgolf.eval.ttt"] and "all_reduce_grads" in defs["pgolf.eval.ttt"]
+    assert "run_lora_ttt" not in defs["pgolf.eval.lora_ttt"] and "run_phased_ttt" in defs["pgolf.eval.phased_ttt"]
 
 
 def registered_modes(script: bytes) -> set[str]:

@@ -6,12 +6,13 @@ composes and validates the config exactly as `train.py` does (conf/, pgolf/confi
 `DIR/train_gpt.py`: a bootstrap of a few lines, then one string literal holding, brotli-compressed, the
 resolved config and the source of every runtime module the run imports (pgolf/tools/packsource.py: found
 over the import graph from pgolf/train/standalone.py, docstrings, comments and function annotations removed,
-unused top-level definitions dropped, local names shortened by python-minifier). The bootstrap installs a
-meta-path importer over the embedded sources (tracebacks name `train_gpt.py/pgolf/...` and show the packed
-lines) and calls `pgolf.train.standalone.main`. The file needs the packages of its requirements.txt and
-nothing else: no pgolf install, no conf/. Compressed self-extracting scripts are how the records ship their
-code (records/track_10min_16mb/2026-04-03_MuonEqR_DepthRecurrence_WD090_AllInt6: lzma + base85; the final
-leaderboard's #1, PR #1611: python-minifier + brotli-11 + base85; brotli is 2-3% smaller than lzma here).
+unused top-level definitions dropped, local and module-private names shortened by python-minifier). The
+bootstrap installs a meta-path importer over the embedded sources (tracebacks name `train_gpt.py/pgolf/...`
+and show the packed lines) and calls `pgolf.train.standalone.main`. The file needs the packages of its
+requirements.txt and nothing else: no pgolf install, no conf/. Compressed self-extracting scripts are how the
+records ship their code (records/track_10min_16mb/2026-04-03_MuonEqR_DepthRecurrence_WD090_AllInt6: lzma +
+base85; the final leaderboard's #1, PR #1611: python-minifier + brotli-11 + base85; brotli is 2-3% smaller
+than lzma here).
 The literal uses a 109-letter ASCII alphabet instead of base85 (`ALPHABET`): 1.1875 bytes per compressed
 byte instead of 1.25, about 5% off every packed file.
 
@@ -302,15 +303,25 @@ def distributions(tops: set[str]) -> list[str]:
     return sorted({(dists.get(t) or [t])[0] for t in tops})
 
 
+def packed_modules(config: dict, keys: dict[str, Path]) -> dict[str, Module]:
+    """The runtime modules (of `keys`, `runtime_modules`) a run of the packed `config` imports, without the
+    eval modes and optional parts it does not use (`collect`). Raises PackError."""
+    unused = set(mode_names()) - needed_modes(config)
+    return collect(ENTRY, keys, dropped_modes(config, keys) | dropped_parts(config), unused)
+
+
+def extra_refs(config: dict) -> set[str]:
+    """The names the packed code is used by from outside: the config's words and the bootstrap's entry."""
+    return config_words(config) | {ENTRY_FUNCTION}
+
+
 def pack(cfg: DictConfig | dict, root: Path | None = None) -> Packed:
     """Pack the validated config `cfg` (a composed conf/train.yaml) with the runtime under `root` (default:
     this checkout). Raises PackError (pgolf/tools/packsource.py) when the runtime cannot be packed."""
     t0 = time.perf_counter()
     config, strategy = packed_config(cfg)
-    keys = runtime_modules(root or project_root())
-    unused = set(mode_names()) - needed_modes(config)
-    modules = collect(ENTRY, keys, dropped_modes(config, keys) | dropped_parts(config), unused)
-    sources = minify(modules, config_words(config) | {ENTRY_FUNCTION})
+    modules = packed_modules(config, runtime_modules(root or project_root()))
+    sources = minify(modules, extra_refs(config))
     payload = {
         "entry": ENTRY,
         "config": config,

@@ -14,16 +14,18 @@ source made small with the standard library's `ast`.
 - `minify`: docstrings, comments, function annotations and `if __name__ == "__main__":` blocks removed,
   then `shake` drops the top-level functions and classes that no packed code names, `unparse` writes the
   tree back, and python-minifier (a maintained minifier, https://github.com/dflook/python-minifier)
-  renames local variables, folds constants and writes the smallest layout (`compact`; no literal hoisting:
-  it makes the compressed file larger). Class-level annotations stay (dataclass fields and the typed config
-  schema need them); so does every statement that runs at import. python-minifier takes about a second
-  over a whole experiment, so its output is cached per module source (`$XDG_CACHE_HOME/pgolf/minify`,
-  keyed by the source, the minifier's version and options and the Python version).
+  renames local variables and the module-level names nothing outside the module can name (`kept_globals`),
+  folds constants and writes the smallest layout (`compact`; no literal hoisting: it makes the compressed
+  file larger). Class-level annotations stay (dataclass fields and the typed config schema need them); so
+  does every statement that runs at import. python-minifier takes about a second over a whole experiment,
+  so its output is cached per module source (`$XDG_CACHE_HOME/pgolf/minify`, keyed by the source, the
+  names kept, the minifier's version and options and the Python version).
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
 import hashlib
 import importlib.metadata
 import io
@@ -370,14 +372,16 @@ def _multiline_string(src: str) -> bool:
 
 
 MINIFIER_VERSION = importlib.metadata.version("python-minifier")
-# python-minifier's settings: module-level names stay (other modules import them); class attribute
-# annotations stay (dataclass fields); literals are not hoisted into names (lzma/brotli compress repeated
-# literals better than the extra assignments).
+# python-minifier's settings: module-level names are renamed too, but those another packed module, the config
+# or the bootstrap may name (`compact`'s `keep`), every class (its name shows in reprs, pickles and Lightning's
+# callback state keys) and every word of the module's own string literals (`__all__`, getattr by name) stay;
+# class attribute annotations stay (dataclass fields); literals are not hoisted into names (lzma/brotli
+# compress repeated literals better than the extra assignments).
 MINIFIER_OPTIONS = dict(
     remove_literal_statements=True,
     hoist_literals=False,
     rename_locals=True,
-    rename_globals=False,
+    rename_globals=True,
     remove_annotations=python_minifier.RemoveAnnotationsOptions(remove_class_attribute_annotations=False),
 )
 
@@ -388,11 +392,12 @@ def cache_dir() -> Path:
     return Path(base) / "pgolf" / "minify"
 
 
-def compact(src: str) -> str:
-    """`src` through python-minifier (`MINIFIER_OPTIONS`), read from / written to the cache (`cache_dir`).
-    A cache entry that cannot be read, does not parse or cannot be written is recomputed; the result is the
-    same either way."""
-    key = "\0".join([MINIFIER_VERSION, repr(MINIFIER_OPTIONS), sys.version, src])
+def compact(src: str, keep: set[str] = frozenset()) -> str:
+    """`src` through python-minifier (`MINIFIER_OPTIONS`), its module-level names renamed but those of `keep`
+    (`kept_globals`), read from / written to the cache (`cache_dir`). A cache entry that cannot be read, does
+    not parse or cannot be written is recomputed; the result is the same either way."""
+    keep = sorted(keep)
+    key = "\0".join([MINIFIER_VERSION, repr(MINIFIER_OPTIONS), sys.version, repr(keep), src])
     path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()}.py"
     try:
         cached = path.read_text(encoding="utf-8")
@@ -400,7 +405,7 @@ def compact(src: str) -> str:
         return cached
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
         pass
-    out = python_minifier.minify(src, **MINIFIER_OPTIONS).rstrip("\n") + "\n"
+    out = python_minifier.minify(src, preserve_globals=keep, **MINIFIER_OPTIONS).rstrip("\n") + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, out.encode())
@@ -409,8 +414,54 @@ def compact(src: str) -> str:
     return out
 
 
-def minify(modules: dict[str, Module], extra_refs: set[str] = frozenset()) -> dict[str, str]:
-    """{key: small source} of the collected modules (`strip`, `shake`, `unparse`, `compact`)."""
+def global_names(tree: ast.Module) -> set[str]:
+    """The names `tree` binds at module level: definitions, imports and assignment targets (the names of
+    `global` statements inside functions are not included: `kept_globals` adds them)."""
+    out = set()
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        n = todo.pop()
+        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            out.add(n.name)
+        elif isinstance(n, ast.Import | ast.ImportFrom):
+            out |= {a.asname or a.name.partition(".")[0] for a in n.names}
+        elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+            out.add(n.id)
+        elif not isinstance(n, ast.Lambda | ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp):
+            todo.extend(ast.iter_child_nodes(n))
+    return out
+
+
+def kept_globals(tree: ast.Module, named: set[str]) -> set[str]:
+    """The module-level names of `tree` (`global_names` and those of `global` statements) python-minifier
+    must not rename: those of `named` (what the other packed modules, the config's words and the bootstrap's
+    entry may name: `references`), every class, the words of the module's own string literals; and Python's
+    builtins (python-minifier would bind short aliases of them per module, which makes the file shorter and
+    its compressed payload longer)."""
+    names, keep = global_names(tree), set(named)
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ClassDef):
+            keep.add(n.name)
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str):
+            keep.update(WORD.findall(n.value))
+        elif isinstance(n, ast.Global):
+            names.update(n.names)
+    return (names & keep) | set(dir(builtins))
+
+
+def shaken(modules: dict[str, Module], extra_refs: set[str] = frozenset()) -> dict[str, ast.Module]:
+    """{key: tree} of the collected modules, `strip`ped and `shake`n (`extra_refs`: names used from outside)."""
     trees = {k: strip(m.tree) for k, m in modules.items()}
     shake(trees, extra_refs)
-    return {k: compact(unparse(t)) for k, t in trees.items()}
+    return trees
+
+
+def minify(modules: dict[str, Module], extra_refs: set[str] = frozenset()) -> dict[str, str]:
+    """{key: small source} of the collected modules (`shaken`, `unparse`, `compact` with `kept_globals`)."""
+    trees = shaken(modules, extra_refs)
+    refs = {k: references(t) for k, t in trees.items()}
+    out = {}
+    for k, t in trees.items():
+        named = set(extra_refs).union(*(r for j, r in refs.items() if j != k))
+        out[k] = compact(unparse(t), kept_globals(t, named))
+    return out
