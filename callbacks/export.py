@@ -40,12 +40,14 @@ import torch.distributed as dist
 
 from callbacks.wallclock import ChallengeClock
 from pgolf import optional
+from pgolf.config.typed import ConfigError
 from pgolf.data.shards import list_shards
 from pgolf.eval.core import CAUSAL_REASON, EvalContext, EvalResult
-from pgolf.eval.registry import scoring_line
+from pgolf.eval.registry import parse_mode, scoring_line
 from pgolf.export.config import ExportConfig, ExportContext
 from pgolf.export.roundtrip import (
     MAX_TOKENS_REASON,
+    VAL_MAX_TOKENS_REASON,
     final_eval_modes,
     final_eval_tokens,
     roundtrip_evaluate,
@@ -143,11 +145,28 @@ def check_calibration_source(c: CalibrationConfig, files: list[Path], dm, world_
             )
 
 
-def artifact_compliance(results: dict, max_tokens: int | None) -> dict:
+def check_eval_windows(final_eval: dict, targets: int) -> None:
+    """Refuse, before training, a final evaluation whose window (`seq_len`, the mode's own or
+    `final_eval.seq_len`) is longer than the `targets` validation targets the run holds (after
+    `data.val_max_tokens`): it would score no target, and a mode that scores none is an error after training
+    (pgolf/eval/registry.py `run_mode`). Raises ConfigError naming the mode."""
+    ev = final_eval
+    for name, own in final_eval_modes(ev["modes"], ev["stride"], ev["reference_tail"], ev.get("settings")).items():
+        st = parse_mode(name, own, seq_len=ev["seq_len"], batch_windows=ev["batch_windows"])[1]
+        n = getattr(st, "seq_len", 0)
+        if n > targets:
+            raise ConfigError(
+                f"final_eval: mode {name} scores windows of seq_len={n} tokens, longer than the {targets:,} "
+                "validation targets of this run: it would score none (set a shorter seq_len)"
+            )
+
+
+def artifact_compliance(results: dict, partial: str | None) -> dict:
     """results.json's `compliance`, the artifact's side of the verdict eval.py gives (pgolf/eval/run.py):
     its GPTQ calibration was compliant (`calibration_ok`: the export's calibration record; training data read
     only inside the training time budget, PRs #535/#569/#593/#609), code + model fit the limit (`size_ok`),
-    the whole validation split was scored (`full_validation`), and the reasons it is not. A non-compliant
+    the whole validation split was scored (`full_validation`; `partial`: why not, if not), and the reasons it
+    is not. A non-compliant
     calibration also marks every round-trip mode of `results` `compliant: false` (edited in place), as
     eval.py marks its modes; each mode keeps its own score-before-adapt rule. Logs one `compliance:` line."""
     why = calibration_verdict(results["export"].get("calibration"))  # no record: no GPTQ, or rank > 0
@@ -159,12 +178,12 @@ def artifact_compliance(results: dict, max_tokens: int | None) -> dict:
     if not size_ok:
         e = results["export"]
         reasons.append(f"size: {e['total_bytes']:,} bytes (model + code) is over the {e['limit_bytes']:,}-byte limit")
-    if max_tokens is not None:
-        reasons.append(MAX_TOKENS_REASON)
+    if partial is not None:
+        reasons.append(partial)
     verdict = {
         "calibration_ok": why is None,
         "size_ok": size_ok,
-        "full_validation": max_tokens is None,
+        "full_validation": partial is None,
         "reasons": reasons,
     }
     flags = " ".join(f"{k}:{str(v).lower()}" for k, v in verdict.items() if k != "reasons")
@@ -194,10 +213,14 @@ class QuantizeExport(L.Callback):
             check_codec(cfg.codec, cfg.level)
 
     def setup(self, trainer, pl_module, stage):
-        # before any training step (the datamodule has set up its batch layout): calibration data the export
-        # cannot read fails now, not after the training run
-        if stage == "fit" and self.cfg.enabled and uses_gptq(rules_from_config(self.cfg.rules)):
-            dm = trainer.datamodule
+        # before any training step (the datamodule has set up its batch layout and validation tokens): final
+        # evaluations that would score nothing and calibration data the export cannot read fail now, not after
+        # the training run
+        if stage != "fit" or not self.cfg.enabled:
+            return
+        dm = trainer.datamodule
+        check_eval_windows(self.eval_cfg, final_eval_tokens(dm.val_tokens, self.eval_cfg["seq_len"], None).numel() - 1)
+        if uses_gptq(rules_from_config(self.cfg.rules)):
             check_calibration_source(self.cfg.calibration, list_shards(dm.train_pattern), dm, trainer.world_size)
 
     def on_train_end(self, trainer, pl_module):
@@ -226,10 +249,18 @@ class QuantizeExport(L.Callback):
         ev = self.eval_cfg
         max_tokens = ev.get("max_tokens")
         tokens = final_eval_tokens(dm.val_tokens, ev["seq_len"], max_tokens)
+        partial = None
         if max_tokens is not None:
+            partial = MAX_TOKENS_REASON
             log0(
                 f"final_eval:max_tokens={max_tokens}: the first {tokens.numel() - 1:,} of {dm.val_tokens.numel() - 1:,}"
                 f" validation targets: NOT the challenge's metric (results marked compliant: false)"
+            )
+        if dm.val_cut_from is not None:
+            partial = VAL_MAX_TOKENS_REASON if partial is None else f"{partial}; {VAL_MAX_TOKENS_REASON}"
+            log0(
+                f"final_eval: data.val_max_tokens cut the validation split to its first {dm.val_tokens.numel() - 1:,}"
+                f" of {dm.val_cut_from:,} targets: NOT the challenge's metric (results marked compliant: false)"
             )
         vb = None if dm.val_bytes is None else dm.val_bytes[: tokens.numel()].to(device)  # a CaseOps byte sidecar
         doc = pl_module.max_seg_len if pl_module.doc_attention else None  # as trained: document-bounded windows
@@ -264,7 +295,7 @@ class QuantizeExport(L.Callback):
             pre=None if val is not None else pre,  # only a pass of the eval code stands in for another
             float_gpt=pl_module.gpt,
             progress_every=self.progress_every,
-            max_tokens=max_tokens,
+            partial=partial,
         )
         export = report.to_dict()
         export["path"], export["float_path"] = (
@@ -285,7 +316,7 @@ class QuantizeExport(L.Callback):
                 "compliant": False,
                 "reason": MAX_TOKENS_REASON,
             }
-        self.results["compliance"] = artifact_compliance(self.results, max_tokens)
+        self.results["compliance"] = artifact_compliance(self.results, partial)
         set_phase("writing results.json")
         if trainer.global_rank == 0:
             atomic_write_bytes(self.run_dir / "results.json", (json.dumps(self.results, indent=2) + "\n").encode())

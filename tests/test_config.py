@@ -266,10 +266,10 @@ def test_truncated_val_tokens(synth_dir):
 
     pattern = str(synth_dir / "synth_val_*.bin")
     full = load_val_tokens(pattern, 32, 256)
-    cut = truncated_val_tokens(pattern, 32, 256, 100)
-    assert cut.numel() == 3 * 32 + 1 and (cut == full[: cut.numel()]).all()
-    assert truncated_val_tokens(pattern, 32, 256, 10).numel() == 33  # at least one sequence
-    assert truncated_val_tokens(pattern, 32, 256, 10**9).numel() == full.numel()
+    cut, of = truncated_val_tokens(pattern, 32, 256, 100)
+    assert cut.numel() == 3 * 32 + 1 and (cut == full[: cut.numel()]).all() and of == full.numel() - 1
+    assert truncated_val_tokens(pattern, 32, 256, 10)[0].numel() == 33  # at least one sequence
+    assert truncated_val_tokens(pattern, 32, 256, 10**9)[0].numel() == full.numel()
 
 
 # ---- Lightning conventions: trainer pass-through, max_steps, extra callbacks and loggers by _target_ ---------------
@@ -404,6 +404,9 @@ def test_debug_smoke_runs_on_a_truncated_val_set(tmp_path, synth_dir):
     assert "step:5/5 train_loss:" in r.stdout and "model_params:74312" in r.stdout  # the tiny model
     res = json.loads((tmp_path / "results.json").read_text())
     assert list(res["roundtrip"]) == ["standard"] and res["roundtrip"]["standard"]["tokens"] == 768
+    # a cut split is not the challenge's metric: results.json and the log say so (they said full_validation:true)
+    assert res["compliance"]["full_validation"] is False and not res["roundtrip"]["standard"]["compliant"]
+    assert "compliance: calibration_ok:true size_ok:true full_validation:false | data.val_max_tokens" in r.stdout
 
 
 def test_the_readme_lists_every_config_of_every_group():
@@ -431,6 +434,25 @@ def test_a_document_start_token_outside_the_vocabulary_is_refused_before_trainin
     validate(over + ["+final_eval.settings.lora_ttt.bos_id=1023"])
     msg = config_error(validate, over + ["+final_eval.settings.lora_ttt.bos_id=1024"])
     assert "final_eval.settings.lora_ttt.bos_id=1024 is not a token id" in msg and "vocab_size=1024" in msg
+
+
+def test_an_eval_window_is_capped_and_must_fit_the_validation_split():
+    """final_eval.seq_len and a mode's own seq_len stop at eval.py's 16384; a window longer than the run's
+    validation targets is refused when the data is set up, before training (it scored nothing and reported
+    val_bpb 0.0 as compliant)."""
+    from callbacks.export import check_eval_windows
+
+    assert "final_eval.seq_len must be an integer in [1, 16384], got 16385" in config_error(
+        validate, ["final_eval.seq_len=16385"]
+    )
+    msg = config_error(validate, ["+final_eval.settings.standard.seq_len=250000"])
+    assert "eval mode standard: seq_len must be at most 16384" in msg
+    ev = {"modes": ["standard", "sliding"], "seq_len": 64, "batch_windows": 4, "stride": 32, "reference_tail": False}
+    check_eval_windows(ev, 64)
+    with pytest.raises(ConfigError, match="mode standard scores windows of seq_len=64 tokens, longer than the 63 "):
+        check_eval_windows(ev, 63)
+    with pytest.raises(ConfigError, match="mode sliding scores windows of seq_len=128"):
+        check_eval_windows({**ev, "settings": {"sliding": {"seq_len": 128}}}, 100)
 
 
 def test_local_clipping_refuses_fp16_mixed_precision():

@@ -216,11 +216,31 @@ def test_lora_1090_config_is_the_pr_1090_form():
         ("ttt", {"chunk_tokens": 0}, "chunk_tokens 0"),
         ("lora_ttt", {"targets": ["q", "k"]}, r"targets \['k'\]"),
         ("lora_ttt", {"chunk_size": 64, "context": 32}, "chunk_size 64"),
+        ("sliding", {"seq_len": 16385}, r"eval mode sliding: seq_len must be at most 16384 \(eval.py's cap\)"),
     ],
 )
 def test_bad_mode_settings_fail_clearly(name, settings, match):
     with pytest.raises(ValueError, match=match):
         run(name, settings)
+
+
+def test_a_name_running_another_mode_logs_its_lines(capsys):
+    """`final_eval.settings.sliding.mode=standard` runs the standard mode under the name sliding; its lines
+    have no stride (the round trip died with KeyError: 'stride' after training)."""
+    from pgolf.export.roundtrip import log_key, log_result
+
+    r = run("sliding", {"mode": "standard"})
+    log_result(log_key("int8_zlib", "sliding"), r)
+    out = capsys.readouterr().out
+    assert f"final_int8_zlib_sliding_window val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:" in out
+
+
+def test_a_mode_that_scores_no_target_is_an_error_not_a_zero():
+    """Standard windows longer than the stream score nothing: an error naming the mode, where the result
+    was val_bpb 0.0 (and a compliant one in results.json)."""
+    assert run("standard", {}, toks=tokens(S + 1)).tokens == S
+    with pytest.raises(ValueError, match=rf"eval mode standard scored no targets .* of the {S - 1} validation"):
+        run("standard", {}, toks=tokens(S))
 
 
 # ---- SLOT ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from callbacks.export import artifact_compliance, check_calibration_source
 from pgolf.data.shards import list_shards
 from pgolf.data.tokenizer import TokenizerInfo
 from pgolf.eval.run import MAX_TOKENS_REASON, evaluate_artifact
+from pgolf.export.roundtrip import VAL_MAX_TOKENS_REASON
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import encode_artifact, pack
@@ -107,8 +108,9 @@ def test_results_json_states_the_artifacts_compliance(capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("compliance: calibration_ok:false size_ok:true full_validation:true | calibration: ")
     r = results({"source": "ar", "compliant": True, "reason": "self-generated"}, size_ok=False)
-    v = artifact_compliance(r, 64)
+    v = artifact_compliance(r, VAL_MAX_TOKENS_REASON)
     assert v["calibration_ok"] and not v["size_ok"] and not v["full_validation"] and len(v["reasons"]) == 2
+    assert v["reasons"][1] == "data.val_max_tokens: not the full validation set"
     assert all(m["compliant"] for m in r["roundtrip"].values())
     assert artifact_compliance(results(None), None)["reasons"] == []  # no record: no GPTQ
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
+from pgolf import MAX_SEQ_LEN
 from pgolf.config.typed import Fraction, Momentum, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
 from pgolf.model.config import GPTConfig
+
+EvalSeqLen = Annotated[int, Range(ge=1, le=MAX_SEQ_LEN)]  # an eval window: eval.py's cap too
 
 LearningRate = NonNegFloat
 Beta = Momentum
@@ -84,7 +87,7 @@ class DataConfig:
     tokenizer_path: str
     vocab_size: PosInt
     prepare: str | None  # one of PREPARE_STEPS, none or null (the shards already exist)
-    eval_seq_len: PosInt | None
+    eval_seq_len: EvalSeqLen | None
     val_batch_tokens: PosInt
     val_max_tokens: PosInt | None  # debug runs only: a truncated validation split is not the challenge's metric
     # a CaseOps dataset's per-token byte sidecar shards (glob); null: those its manifest names, if any
@@ -101,7 +104,7 @@ class FinalEvalConfig:
     are those of conf/eval/ (checked by pgolf/config/validate.py)."""
 
     modes: list[str]
-    seq_len: PosInt
+    seq_len: EvalSeqLen
     batch_windows: PosInt
     stride: PosInt
     reference_tail: bool

@@ -52,6 +52,7 @@ class GolfDataModule(L.LightningDataModule):
         self.doc_seg_len = doc_seg_len  # train batches carry cu_seqlens (document-bounded attention); None: not
         self.val_tokens: torch.Tensor | None = None
         self.val_bytes: torch.Tensor | None = None  # int32 [len(val_tokens)]: the sidecar, aligned with val_tokens
+        self.val_cut_from: int | None = None  # the split's target count when val_tokens is a prefix of it
         self.layout: StreamLayout | None = None
         self._start_micro_step = 0
         self._shards_checked = False

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pgolf import MAX_SEQ_LEN
 from pgolf.config.typed import load
 from pgolf.data.tokenizer import bpb
 from pgolf.eval.core import EvalContext, EvalResult, Scored, reduce_sums, sync
@@ -61,7 +62,8 @@ def get_mode(name: str) -> Mode:
 
 def parse_mode(name: str, settings: dict | None, *, seq_len: int, batch_windows: int = 32) -> tuple[Mode, Any]:
     """(the mode, its settings object) for the config `settings` of the eval named `name`. Keys the settings
-    dataclass lacks are refused; `seq_len`/`batch_windows` absent or null take the values given here."""
+    dataclass lacks are refused; `seq_len`/`batch_windows` absent or null take the values given here. Raises
+    ValueError naming the mode (an unknown key or mode, a bad value, a `seq_len` above MAX_SEQ_LEN)."""
     s = dict(settings or {})
     try:
         mode = get_mode(s.pop("mode", name))
@@ -76,7 +78,10 @@ def parse_mode(name: str, settings: dict | None, *, seq_len: int, batch_windows:
     kw = {**mode.defaults, **shared, **s}
     # typed as the config schema types a group: a wrong type names the mode and key, before the dataclass's own
     # range checks (whose messages get the mode's name in front)
-    return mode, load(mode.settings, kw, name)
+    st = load(mode.settings, kw, name)
+    if getattr(st, "seq_len", 1) > MAX_SEQ_LEN:
+        raise ValueError(f"eval mode {name}: seq_len must be at most {MAX_SEQ_LEN} (eval.py's cap), got {st.seq_len}")
+    return mode, st
 
 
 def run_mode(name: str, settings: dict, model, tokens: torch.Tensor, ctx: EvalContext) -> EvalResult:
@@ -86,7 +91,8 @@ def run_mode(name: str, settings: dict, model, tokens: torch.Tensor, ctx: EvalCo
     weights work on a copy or on adapters, so the model is unchanged afterwards. The wall time includes the
     cross-rank reduction of the sums. The result says how many of the stream's targets the metric scored
     (`targets`, `distinct`, `scoring`) and, for a metric that re-scores or skips targets (the records'),
-    carries pgolf's each-target-once figure from the same pass (`once`)."""
+    carries pgolf's each-target-once figure from the same pass (`once`). Raises ValueError when the mode
+    scored no target (a window longer than `tokens`): its val_bpb would read 0.0."""
     mode, st = parse_mode(name, settings, seq_len=ctx.seq_len, batch_windows=ctx.batch_windows)
     compliant, reason = mode.rule(st)
     sync(ctx.device)
@@ -96,6 +102,11 @@ def run_mode(name: str, settings: dict, model, tokens: torch.Tensor, ctx: EvalCo
     once = None if scored.once is None else [float(v) for v in reduce_sums(scored.once).cpu()]
     sync(ctx.device)
     seconds = time.perf_counter() - t0
+    if n == 0:
+        raise ValueError(
+            f"eval mode {name} scored no targets ({n:.0f} targets, {nbytes:.0f} bytes) of the {tokens.numel() - 1:,} "
+            f"validation targets: a window of seq_len={getattr(st, 'seq_len', '?')} is longer than them"
+        )
     val_loss, val_bpb = bpb(loss_sum, n, nbytes)
     info = {k: list(v) if isinstance(v, tuple) else v for k, v in {**asdict(st), **scored.info}.items()}
     res = EvalResult(name, val_loss, val_bpb, int(n), nbytes, seconds, compliant, reason, info, scored.windows)

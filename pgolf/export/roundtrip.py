@@ -26,6 +26,7 @@ from pgolf.model.gpt import GPT
 from pgolf.runlog import Progress, log0, set_phase
 
 MAX_TOKENS_REASON = "max_tokens: not the full validation set"  # the words of eval.py's results (pgolf/eval/run.py)
+VAL_MAX_TOKENS_REASON = "data.val_max_tokens: not the full validation set"  # a debug run's cut split
 
 
 def final_eval_modes(
@@ -72,7 +73,7 @@ def log_key(label: str, mode: str) -> str:
 
 def log_result(key: str, r: EvalResult) -> None:
     """The reference's two lines for one mode; for a record's metric, pgolf's each-target-once figure after."""
-    extra = f" stride:{r.settings['stride']}" if r.mode == "sliding" else ""
+    extra = f" stride:{r.settings['stride']}" if "stride" in r.settings and r.mode == "sliding" else ""
     log0(f"{key} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{1000 * r.seconds:.0f}ms")
     log0(f"{key}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
     if r.once is not None:
@@ -144,7 +145,7 @@ def roundtrip_evaluate(
     pre: EvalResult | None = None,
     float_gpt: GPT | None = None,
     progress_every: float | None = None,
-    max_tokens: int | None = None,
+    partial: str | None = None,
 ) -> dict:
     """Re-read the artifact from disk onto `ctx.device`, score `tokens` (1-D) with every mode of `modes`
     ({name: settings}, see `final_eval_modes`), print the round-trip lines; returns
@@ -153,8 +154,8 @@ def roundtrip_evaluate(
     `pre` (the float model's standard result, computed on these tokens) and `float_gpt` (that model) let
     the standard mode reuse `pre` when `lossless_reuse` says it would give the same number (its result then
     has `reused_from: "pre_quant"` and 0 s). `progress_every`: seconds between progress lines (None: none).
-    `max_tokens` (the value `tokens` was cut with, see `final_eval_tokens`) marks every result
-    `compliant: false` (MAX_TOKENS_REASON)."""
+    `partial`: why `tokens` is not the whole validation split (MAX_TOKENS_REASON, VAL_MAX_TOKENS_REASON), if
+    it is not; it marks every result `compliant: false`."""
     model, _ = load_written_model(report.path, ctx.device)  # the file this run just wrote
     res: dict[str, EvalResult] = {}
     reused: set[str] = set()
@@ -183,6 +184,6 @@ def roundtrip_evaluate(
     for m, d in out.items():
         if m in reused:
             d["reused_from"] = "pre_quant"
-        if max_tokens is not None:
-            d["compliant"], d["reason"] = False, f"{MAX_TOKENS_REASON}; {d['reason']}"
+        if partial is not None:
+            d["compliant"], d["reason"] = False, f"{partial}; {d['reason']}"
     return {"roundtrip": out, "size_ok": report.size_ok, "total_bytes": report.total_bytes}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from pgolf import MAX_SEQ_LEN
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import (
@@ -37,7 +38,6 @@ FLOAT_KIND = "float_weights"
 # A 16,000,000-byte artifact holds at most 64M dense 2-bit codes (2 bits is the fewest pgolf quantizes to);
 # more parameters than 2^26 cannot be a legal artifact, and this bounds eval's memory (4 bytes a parameter).
 MAX_MODEL_PARAMS = 1 << 26
-MAX_SEQ_LEN = 1 << 14  # 8x the records' 2048: a window length from metadata or the command line
 # A training row: PR #1611 trains on packed rows of 98,304 tokens (786,432 / 8 ranks); eval never allocates one.
 MAX_TRAIN_SEQ_LEN = 1 << 20
 MAX_CODE_BYTES = MAX_FILE_BYTES

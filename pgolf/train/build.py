@@ -90,13 +90,14 @@ def build_extra_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 def truncated_val_tokens(
     pattern: str, seq_len: int, vocab_size: int, max_tokens: int, bytes_pattern: str | None = None
-) -> torch.Tensor:
-    """The validation tokens as the DataModule loads them, cut to the first `max_tokens` targets rounded
-    down to whole sequences (at least one): `data.val_max_tokens` of debug runs, never the challenge's
-    metric. With a byte sidecar (CaseOps data) the DataModule cuts its bytes to the same prefix."""
+) -> tuple[torch.Tensor, int]:
+    """(the validation tokens as the DataModule loads them, cut to the first `max_tokens` targets rounded
+    down to whole sequences (at least one), the number of targets of the whole split): `data.val_max_tokens`
+    of debug runs, never the challenge's metric. With a byte sidecar (CaseOps data) the DataModule cuts its
+    bytes to the same prefix."""
     tokens = load_val_data(pattern, seq_len, vocab_size, bytes_pattern=bytes_pattern).tokens
     keep = max(max_tokens // seq_len, 1) * seq_len
-    return tokens[: min(keep, tokens.numel() - 1) + 1]
+    return tokens[: min(keep, tokens.numel() - 1) + 1], tokens.numel() - 1
 
 
 def build_datamodule(cfg: DictConfig) -> GolfDataModule:
@@ -115,13 +116,15 @@ def build_datamodule(cfg: DictConfig) -> GolfDataModule:
         doc_seg_len=int(t.max_seg_len) if t.doc_attention else None,
     )
     if d.val_max_tokens is not None:  # the DataModule keeps val_tokens that are already set
-        dm.val_tokens = truncated_val_tokens(
+        dm.val_tokens, full = truncated_val_tokens(
             d.val_pattern,
             max(dm.seq_len, dm.eval_seq_len),
             d.vocab_size,
             d.val_max_tokens,
             bytes_pattern=d.get("val_bytes_pattern"),
         )
+        if dm.val_tokens.numel() - 1 < full:
+            dm.val_cut_from = full
     return dm
 
 
