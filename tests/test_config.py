@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -453,6 +454,17 @@ def test_an_eval_window_is_capped_and_must_fit_the_validation_split():
         check_eval_windows(ev, 63)
     with pytest.raises(ConfigError, match="mode sliding scores windows of seq_len=128"):
         check_eval_windows({**ev, "settings": {"sliding": {"seq_len": 128}}}, 100)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for a machine without CUDA")
+def test_a_gpu_config_on_a_machine_without_cuda_is_a_config_error(tmp_path):
+    """The records' experiments ask for a GPU; on a CPU machine one line says how to run there (Lightning's
+    MisconfigurationException traceback before)."""
+    from pgolf.train.run import prepare
+
+    msg = config_error(prepare, compose_cfg(["experiment=baseline"]), tmp_path)
+    assert msg.startswith("trainer.accelerator=gpu, but this machine has no CUDA device: run on the CPU with")
+    prepare(compose_cfg(["experiment=baseline", "trainer=cpu"]), tmp_path)
 
 
 def test_local_clipping_refuses_fp16_mixed_precision():

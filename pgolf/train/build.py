@@ -67,6 +67,18 @@ def check_lightning_config(cfg: DictConfig) -> None:
         raise ConfigError(f"train.{e}") from None
 
 
+def check_accelerator(cfg: DictConfig) -> None:
+    """`trainer.accelerator` gpu (or cuda) needs a CUDA device on this machine (the records' experiments ask
+    for one). Raises ConfigError saying how to run on the CPU, where Lightning raised a
+    MisconfigurationException traceback."""
+    acc = str(cfg.trainer.get("accelerator", "auto"))
+    if acc in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={acc}, but this machine has no CUDA device: run on the CPU with trainer=cpu "
+            "(train.py) or trainer.accelerator=cpu (a packed train_gpt.py)"
+        )
+
+
 def instantiate_extras(specs: DictConfig, base: type, where: str) -> list:
     """`{name: {_target_: class path, **kwargs}}` instantiated in order (hydra.utils.instantiate), each an
     instance of `base`. Raises ConfigError naming `where.name`."""

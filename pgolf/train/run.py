@@ -44,9 +44,11 @@ class Extras:
 
 
 def prepare(cfg: DictConfig, run_dir: str | Path) -> Extras:
-    """The checks that need Lightning (trainer keys, the batch layout) and the extra callbacks and
-    loggers, before any data is prepared. Raises ConfigError."""
+    """The checks that need Lightning (trainer keys, the batch layout) or the machine (a CUDA device for
+    `trainer.accelerator=gpu`) and the extra callbacks and loggers, before any data is prepared. Raises
+    ConfigError."""
     build.check_lightning_config(cfg)
+    build.check_accelerator(cfg)
     return Extras(build.build_extra_callbacks(cfg), build.build_logger(cfg, Path(run_dir)))
 
 
