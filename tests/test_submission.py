@@ -79,21 +79,31 @@ def eval_result(bpb: float) -> dict:
 
 
 def fake_run(
-    sweep: Path, seed: int, script: bytes, log_lines: list[str], data_dir: Path, variant: str = "leaky", bpb=1.2
+    sweep: Path,
+    seed: int,
+    script: bytes,
+    log_lines: list[str],
+    data_dir: Path,
+    variant: str = "leaky",
+    bpb=1.2,
+    config: dict | None = None,
 ) -> Path:
-    """A finished run directory as train.py leaves it, with `log_lines` (may name `{run}`) in its train.log."""
+    """A finished run directory as train.py leaves it, with `log_lines` (may name `{run}`) in its train.log;
+    `config` is added to its .hydra/config.yaml."""
     d = sweep / f"{seed}_seed{seed}"
     (d / ".hydra").mkdir(parents=True)
-    cfg = {"name": "tiny", "seed": seed, "variant": variant, "trainer": {"devices": 1}}
+    cfg = {"name": "tiny", "seed": seed, "variant": variant, "trainer": {"devices": 1}, **(config or {})}
     (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    overrides = ["model=tiny", f"data.dir={data_dir}", "train.note='a  b'", f"seed={seed}"]
+    overrides = ["model=tiny", f"data.dir={data_dir}", "train.note='a  b'", "final_eval.modes=[standard]"]
+    overrides.append(f"seed={seed}")
     (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     code = code_record(script)
     meta = {"code": code, "requirements": {"torch": "2.13.0+cu128"}, "provenance": {"device": "cpu", "torch": "2.13"}}
     size = write_artifact(d / ARTIFACT, {}, meta, "zlib") + code["bytes"]
     export = {"path": f"{d}/{ARTIFACT}", "total_bytes": size, "model_bytes": size - code["bytes"]}
     res = {"export": {**export, "code_bytes": code["bytes"]}, "roundtrip": {"standard": eval_result(bpb + seed / 1e3)}}
-    (d / "results.json").write_text(json.dumps({**res, "size_ok": True}))
+    compliance = {"calibration_ok": True, "size_ok": True, "full_validation": True, "reasons": []}
+    (d / "results.json").write_text(json.dumps({**res, "size_ok": True, "total_bytes": size, "compliance": compliance}))
     head = [f"code_bytes:{code['bytes']} code_sha256:{code['sha256']}", "world_size:1 local_rank:0"]
     steps = [f"step:{s}/4 train_loss:{5 - s / 10:.4f} train_time:{100 * s}ms step_avg:100.00ms" for s in (1, 2, 3, 4)]
     (d / "train.log").write_text("\n".join([*head, *(x.format(run=d) for x in log_lines), *steps]) + "\n")
@@ -144,8 +154,11 @@ def test_submission_folder_holds_no_machine_path(tmp_path, home, script):
     assert sub["blurb"] == "made in . from ~/notes.md" and sub["seeds"] == [0, 1]
     assert sub["code_sha256"] == code_record(script)["sha256"] and (out / SCRIPT).read_bytes() == script
     readme = (out / "README.md").read_text()
-    assert "python train.py -m model=tiny data.dir=<path>/shards train.note='a  b' seed=0,1" in readme
+    note = "'train.note='\"'\"'a  b'\"'\"''"  # shlex.quote of `train.note='a  b'`
+    cmd = f"python train.py -m model=tiny data.dir=<path>/shards {note} 'final_eval.modes=[standard]' seed=0,1"
+    assert [x for x in readme.splitlines() if "train.py" in x] == [cmd]  # the sweep only, its arguments quoted
     assert "SEED=1 RUN_ID=seed1 DATA_PATH=./data/datasets/fineweb10B_sp1024" in readme
+    assert "FineWeb export `fineweb10B_sp1024`" in readme and "cached_challenge_fineweb.py --variant sp1024" in readme
     assert (out / "requirements.txt").read_text().splitlines()[1:] == ["torch==2.13.0"]
 
 
@@ -173,3 +186,111 @@ def test_without_scipy_a_baseline_comparison_stops_with_one_line(tmp_path, home,
     assert submission.main(args) == 2
     assert capsys.readouterr().err == "error: the Welch t-test needs scipy: pip install pgolf[analysis]\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["x"]
+
+
+# ---- refusals: every run given is checked, none is dropped --------------------------------------------------
+def edit_results(run: Path, **changes) -> None:
+    """Change keys of the run's results.json (`export__key` for a key of its `export`)."""
+    res = json.loads((run / "results.json").read_text())
+    for k, v in changes.items():
+        node, key = (res["export"], k[len("export__") :]) if k.startswith("export__") else (res, k)
+        node[key] = v
+    (run / "results.json").write_text(json.dumps(res))
+
+
+def refused(args: list, capsys) -> str:
+    """The one error line of `main(args)`, checked to exit 2 and write no folder."""
+    out = Path(args[args.index("--out") + 1])
+    assert submission.main([*map(str, args), "--name", "x", "--github-id", "y"]) == 2
+    err = capsys.readouterr().err
+    assert not out.exists() and err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_a_run_over_the_limit_or_not_compliant_or_with_stale_sizes_is_refused(tmp_path, home, script, capsys):
+    runs = [fake_run(tmp_path / "sw", s, script, [], tmp_path / "d") for s in (0, 1)]
+    out = tmp_path / "records" / "x"
+    good = json.loads((runs[1] / "results.json").read_text())
+    size = good["export"]["total_bytes"]
+
+    edit_results(runs[1], size_ok=False, total_bytes=17_000_000, export__size_ok=False, export__total_bytes=17_000_000)
+    assert "sw/1_seed1: its size check failed (results.json size_ok: false)" in refused([*runs, "--out", out], capsys)
+    (runs[1] / "results.json").write_text(json.dumps(good))
+    edit_results(runs[1], compliance={**good["compliance"], "full_validation": False, "reasons": ["max_tokens"]})
+    assert "sw/1_seed1: not compliant (results.json compliance: max_tokens)" in refused([*runs, "--out", out], capsys)
+    # an older results.json next to a newer artifact: its sizes are not the file's
+    (runs[1] / "results.json").write_text(json.dumps(good))
+    edit_results(runs[1], total_bytes=size + 7, export__total_bytes=size + 7, export__model_bytes=size + 7 - 54)
+    err = refused([*runs, "--out", out], capsys)
+    assert f"sw/1_seed1: results.json export.model_bytes is {size + 7 - 54}, but the files measure" in err
+    (runs[1] / "results.json").write_text(json.dumps(good))
+    edit_results(runs[1], export__sha256="0" * 64)
+    assert "sw/1_seed1: results.json export.sha256 is 000" in refused([*runs, "--out", out], capsys)
+    # measured, not read: artifact + code over the run's limit
+    (runs[1] / "results.json").write_text(json.dumps(good))
+    edit_results(runs[1], export__limit_bytes=size - 1)
+    assert f"sw/1_seed1: {ARTIFACT} + {SCRIPT} is {size:,} bytes, over the {size - 1:,}-byte limit" in refused(
+        [*runs, "--out", out], capsys
+    )
+    (runs[1] / "results.json").write_text(json.dumps(good))
+    assert submission.main([*map(str, runs), "--out", str(out), "--name", "x", "--github-id", "y"]) == 0
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["compliant"] and sub["size_ok"] and sub["bytes_total"] == size
+    assert sub["seed_results"]["1"]["model_bytes"] == (runs[1] / ARTIFACT).stat().st_size
+
+
+def test_no_given_run_is_dropped(tmp_path, home, script, capsys):
+    a = [fake_run(tmp_path / "a", s, script, [], tmp_path / "d") for s in (0, 1)]
+    out = tmp_path / "records" / "x"
+    # the same seed from different code: the code check comes first, over every run
+    other = fake_run(tmp_path / "z", 1, script + b"# other\n", [], tmp_path / "d")
+    assert "the runs were made by different code (a/0_seed0: " in refused([*a, other, "--out", out], capsys)
+    # the same seed twice from one code
+    again = fake_run(tmp_path / "b", 1, script, [], tmp_path / "d")
+    err = refused([*a, again, "--out", out], capsys)
+    assert "group tiny[leaky] has seed 1 2 times (a/1_seed1, b/1_seed1); give each seed once" in err
+    # the same directory twice, given or also found in a given sweep
+    assert "a/1_seed1: the same run given twice (as a/1_seed1 and as a/1_seed1)" in refused(
+        [*a, a[1], "--out", out], capsys
+    )
+    assert "a/0_seed0: the same run given twice (in the sweep" in refused([tmp_path / "a", a[0], "--out", out], capsys)
+    # a run without results.json, given or in a given sweep
+    (a[1] / "results.json").unlink()
+    msg = "a/1_seed1: no results.json (an unfinished or failed run); leave it out"
+    assert msg in refused([*a, "--out", out], capsys)
+    assert msg in refused([tmp_path / "a", "--out", out], capsys)
+
+
+def test_configs_that_differ_outside_the_recipe_give_a_note_without_a_missing_option(tmp_path, home, script, capsys):
+    loggers = {0: "none", 1: "wandb"}
+    runs = [
+        fake_run(tmp_path / "a", s, script, [], tmp_path / "d", config={"logger": {"kind": k}})
+        for s, k in loggers.items()
+    ]
+    out = tmp_path / "records" / "x"
+    assert submission.main([*map(str, runs), "--out", str(out), "--name", "x", "--github-id", "y"]) == 0
+    notes = [x for x in capsys.readouterr().out.splitlines() if x.startswith("note: the runs' configs")]
+    assert notes == [f"note: the runs' configs differ in logger.kind, outside the recipe that their one {SCRIPT} holds"]
+
+
+def test_the_reproduce_section_names_the_runs_own_data(tmp_path, home, script, monkeypatch):
+    packed = {"data": {"dir": "./data/datasets/shards", "tokenizer_path": "./data/tokenizers/demo.model"}}
+    monkeypatch.setattr(submission, "unpack", lambda s: ({"config": packed}, {}))
+    demo = {"data": {"dir": "data/demo/shards", "prepare": "demo"}}
+    runs = [fake_run(tmp_path / "a", s, script, [], tmp_path / "d", config=demo) for s in (0, 1)]
+    out = tmp_path / "records" / "x"
+    submission.assemble(runs, out, name="x", github_id="y")
+    readme = (out / "README.md").read_text()
+    assert "FineWeb:" not in readme and "cached_challenge_fineweb" not in readme
+    assert (
+        "with the runs' own data, not FineWeb (pgolf's `data=demo` corpus, which the runs read from "
+        "`data/demo/shards`; the shards in `./data/datasets/shards` and the tokenizer at "
+        "`./data/tokenizers/demo.model`):"
+    ) in readme
+
+
+def test_requirements_drop_local_version_labels():
+    assert submission.public_version("2.13.0+cpu") == "2.13.0" == submission.public_version("2.13.0")
+    code = submission.Code(b"", "0" * 64, {"numpy": "2.4.6", "torch": "2.13.0+cu128"}, 1, {})
+    lines = submission.requirement_lines(code)
+    assert lines[1:] == ["numpy==2.4.6", "torch==2.13.0"] and "(builds: torch 2.13.0+cu128)" in lines[0]

@@ -15,12 +15,21 @@
   `eval_mode` (the scored mode), `eval_modes` (every mode's mean, std, per-seed values and compliance)
   and `code_sha256`;
 * `train_seed<SEED>.log`: each run's train log;
-* `requirements.txt`: the packages train_gpt.py imports, pinned to the versions the runs recorded.
+* `requirements.txt`: the packages train_gpt.py imports, pinned to the versions the runs recorded, without
+  local version labels (`torch==2.13.0` for `2.13.0+cu128`: `public_version`).
 
 No text file of the folder holds a path of the machine: the repository (and, in a train log, the run's own
 directory) becomes `.` and the home directory `~`, where they stand as whole path components (`/tmp/pg` is
 not a prefix of `/tmp/pg_work`); any other absolute path becomes `<path>/<its last component>`; a known
 machine path still there after that (as in `file:///home/...`) stops the folder with an error.
+
+Every run given is a run of the submission; none is dropped. A run directory is given, or found in a given
+sweep folder. The tool refuses, with one line naming the runs and nothing written: runs whose
+directories hold different train_gpt.py files (checked first, over every run), the same run directory
+twice, a run without results.json or eval results, runs of several groups or one seed twice, a run whose
+size check failed or whose results.json `compliance` is not compliant, a recorded byte count or sha256
+(results.json, the artifact's code record, an eval_result.json of the artifact) that the files disagree
+with, and an artifact + train_gpt.py over the limit. The sizes written are measured from the files.
 
 Before writing, the folder is verified: the script compiles, and its sha256 is the code hash that every
 run recorded in its artifact and its log (`code_sha256:`); runs of different code do not form one
@@ -34,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -42,12 +52,14 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
+from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.export.code import CODE_KEY, code_record
 from pgolf.io import atomic_dir
 from pgolf.quant.artifact import ArtifactError, load_artifact
 from pgolf.tools.compare import DIAGNOSTIC_MODES, ModeStats, compare_to, mode_order, mode_stats
+from pgolf.tools.fineweb import VARIANTS
 from pgolf.tools.pack import SCRIPT, unpack
-from pgolf.tools.runs import CompareError, load_runs
+from pgolf.tools.runs import CompareError, eval_result_files, find_runs, flat_config, is_run_dir, load_run
 from pgolf.tools.stats import MissingScipyError
 
 TRACK = "10min_16mb"
@@ -119,22 +131,160 @@ def requirements(root: Path | None = None) -> list[str]:
         return re.findall(r'"([^"]+)"', block[1]) if block else []
 
 
-def artifact_meta(run) -> dict:
-    """The metadata of the run's artifact (empty when the artifact is absent or unreadable)."""
-    name = Path(run.export.get("path", "")).name
-    path = run.path / name if name else None
-    if path is None or not path.is_file():
-        return {}
+def label_of(d: Path) -> str:
+    """A run directory as `<sweep or time>/<job>` (as `Run.label`; no machine paths in messages)."""
+    return "/".join(x for x in (d.parent.name, d.name) if x)
+
+
+def run_dirs(paths) -> list[Path]:
+    """The run directories of `paths`, each given (a run directory: `.hydra/config.yaml` and a train.log or
+    results.json) or found in a given sweep folder (`pgolf.tools.runs.find_runs`). Nothing is dropped: a
+    directory reached twice (given twice, or given and also found in a given sweep) raises SubmissionError
+    naming it; a path that is neither raises CompareError."""
+    dirs: list[Path] = []
+    where: dict[Path, str] = {}
+    for p in map(Path, paths):
+        found = [p] if p.is_dir() and is_run_dir(p) else find_runs([p])
+        for d in found:
+            key = d.resolve()
+            how = f"as {label_of(p)}" if d == p else f"in the sweep {label_of(p)}"
+            if key in where:
+                raise SubmissionError(f"{label_of(d)}: the same run given twice ({where[key]} and {how}); give it once")
+            where[key] = how
+            dirs.append(d)
+    return dirs
+
+
+def read_scripts(dirs: list[Path]) -> bytes:
+    """The train_gpt.py that every run directory holds, checked to be one file before anything else is read
+    (runs of different code do not form one submission). Raises SubmissionError naming the runs."""
+    scripts = {}
+    for d in dirs:
+        f = d / SCRIPT
+        if not f.is_file():
+            raise SubmissionError(f"{label_of(d)}: no {SCRIPT} (a run made before the packer cannot be submitted)")
+        scripts[label_of(d)] = f.read_bytes()
+    if len(set(scripts.values())) > 1:
+        shas = ", ".join(f"{k}: {code_record(v)['sha256'][:12]}" for k, v in scripts.items())
+        raise SubmissionError(f"the runs were made by different code ({shas}); give runs of one {SCRIPT}")
+    return next(iter(scripts.values()))
+
+
+def load_given(dirs: list[Path]) -> list:
+    """The finished runs of `dirs` (`pgolf.tools.runs.load_run`), every one of them: a directory without
+    results.json or without any eval result (an unfinished or failed run) raises SubmissionError naming it."""
+    runs = []
+    for d in dirs:
+        if not (d / "results.json").is_file():
+            raise SubmissionError(f"{label_of(d)}: no results.json (an unfinished or failed run); leave it out")
+        try:
+            run = load_run(d)
+        except (OSError, ValueError) as e:
+            raise SubmissionError(f"{label_of(d)}: unreadable run ({e})") from None
+        if not run.modes:
+            raise SubmissionError(f"{run.label}: results.json holds no eval result (a failed run); leave it out")
+        runs.append(run)
+    return runs
+
+
+def check_seeds(runs) -> None:
+    """One group, each seed once (the same seed twice is not an independent sample). Raises SubmissionError."""
+    groups = list(dict.fromkeys(r.identity.group for r in runs))
+    if len(groups) != 1:
+        raise SubmissionError(f"the runs form {len(groups)} groups ({', '.join(groups)}); give the runs of one")
+    by_seed: dict[int, list[str]] = {}
+    for r in runs:
+        by_seed.setdefault(r.seed, []).append(r.label)
+    for seed, labels in by_seed.items():
+        if len(labels) > 1:
+            raise SubmissionError(
+                f"group {groups[0]} has seed {seed} {len(labels)} times ({', '.join(labels)}); give each seed once"
+            )
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A run's artifact as measured on disk."""
+
+    name: str
+    model_bytes: int  # the file's length
+    total_bytes: int  # the file's length + the length of train_gpt.py (what the challenge counts)
+    meta: dict  # its validated metadata
+
+
+def artifact_of(run, code_bytes: int) -> Artifact:
+    """The run's artifact (results.json's `export.path`, in the run directory), its header validated
+    (`load_artifact`, no tensor read) and its size measured from the file. Raises SubmissionError naming the
+    run when it is absent or unreadable."""
+    name = Path(run.export.get("path") or "").name
+    if not name:
+        raise SubmissionError(f"{run.label}: results.json names no artifact (export.path)")
+    path = run.path / name
+    if not path.is_file():
+        raise SubmissionError(f"{run.label}: its artifact {name} is not in the run directory")
     try:
-        header, _ = load_artifact(path, tensors=False)  # the header, validated; no tensor is read
-    except ArtifactError:
-        return {}
-    return header.meta
+        header, _ = load_artifact(path, tensors=False)
+    except ArtifactError as e:
+        raise SubmissionError(f"{run.label}: its artifact {name} is unreadable ({e})") from None
+    n = path.stat().st_size
+    return Artifact(name, n, n + code_bytes, header.meta)
 
 
-def provenance_of(run) -> dict:
-    """What the artifact records about where it was trained (empty when the artifact is absent)."""
-    return artifact_meta(run).get("provenance", {})
+def recorded_sizes(run, art: Artifact) -> list[tuple[str, object, int]]:
+    """(where, recorded value, measured value) of every byte count and sha256 that the run's records give
+    about its artifact: results.json's `export` and top level, the artifact's code record and each
+    eval_result.json of this artifact file."""
+    e, res = run.export, run.results
+    code_bytes = art.total_bytes - art.model_bytes
+    out = [
+        ("results.json export.model_bytes", e.get("model_bytes"), art.model_bytes),
+        ("results.json export.code_bytes", e.get("code_bytes"), code_bytes),
+        ("results.json export.total_bytes", e.get("total_bytes"), art.total_bytes),
+        ("results.json total_bytes", res.get("total_bytes"), art.total_bytes),
+        (f"the artifact's {CODE_KEY}.bytes", (art.meta.get(CODE_KEY) or {}).get("bytes"), code_bytes),
+    ]
+    for key in ("sha256", "artifact_sha256"):
+        if e.get(key) is not None:
+            out.append((f"results.json export.{key}", e[key], sha256_of(run.path / art.name)))
+    for f in eval_result_files(run.path):
+        doc = json.loads(f.read_text())
+        if doc.get("artifact") == art.name:
+            where = str(f.relative_to(run.path))
+            out += [(f"{where} artifact_bytes", doc.get("artifact_bytes"), art.model_bytes)]
+            out += [(f"{where} total_bytes", doc.get("total_bytes"), art.total_bytes)]
+    return [(w, v, m) for w, v, m in out if v is not None]
+
+
+def sha256_of(path: Path) -> str:
+    return code_record(path.read_bytes())["sha256"]
+
+
+def check_size(run, art: Artifact) -> None:
+    """Refuse (SubmissionError naming the run and why) a run whose size check failed or whose artifact
+    verdict is not compliant (results.json's `size_ok`, `export.size_ok`, `compliance`), whose recorded
+    sizes or hashes disagree with the artifact file (an older results.json next to a newer artifact), or
+    whose measured artifact + code is over the limit (`export.limit_bytes`, else 16,000,000 decimal bytes:
+    the challenge README)."""
+    res, e = run.results, run.export
+    for where, ok in (("size_ok", res.get("size_ok")), ("export.size_ok", e.get("size_ok"))):
+        if ok is False:
+            raise SubmissionError(f"{run.label}: its size check failed (results.json {where}: false)")
+    comp = res.get("compliance") or {}
+    failed = [k for k, v in comp.items() if v is False]
+    if failed or comp.get("reasons"):
+        why = "; ".join(comp.get("reasons") or []) or ", ".join(f"{k}: false" for k in failed)
+        raise SubmissionError(f"{run.label}: not compliant (results.json compliance: {why})")
+    for where, recorded, measured in recorded_sizes(run, art):
+        if recorded != measured:
+            raise SubmissionError(
+                f"{run.label}: {where} is {recorded}, but the files measure {measured} ({art.name} + {SCRIPT}); "
+                "results.json is not this artifact's"
+            )
+    limit = int(e.get("limit_bytes") or ARTIFACT_LIMIT_BYTES)
+    if art.total_bytes > limit:
+        raise SubmissionError(
+            f"{run.label}: {art.name} + {SCRIPT} is {art.total_bytes:,} bytes, over the {limit:,}-byte limit"
+        )
 
 
 @dataclass(frozen=True)
@@ -145,54 +295,56 @@ class Code:
     sha256: str
     versions: dict[str, str]  # {distribution: version} the runs imported (their artifacts' `requirements`)
     world_size: int  # processes per run (the runs' `world_size:` log line)
+    artifacts: dict[str, Artifact]  # run label -> its artifact, measured
 
 
-def verify_code(runs) -> Code:
-    """The train_gpt.py of the runs, checked: every run directory holds the same file, it compiles, and its
-    sha256 is the code hash recorded in every run's artifact and train.log. Raises SubmissionError."""
-    scripts = {}
-    for r in runs:
-        f = r.path / SCRIPT
-        if not f.is_file():
-            raise SubmissionError(f"{r.label}: no {SCRIPT} (a run made before the packer cannot be submitted)")
-        scripts[r.label] = f.read_bytes()
-    if len(set(scripts.values())) > 1:
-        shas = ", ".join(f"{k}: {code_record(v)['sha256'][:12]}" for k, v in scripts.items())
-        raise SubmissionError(f"the runs were made by different code ({shas}); give runs of one {SCRIPT}")
-    script = next(iter(scripts.values()))
+def verify_code(runs, script: bytes) -> Code:
+    """The runs' train_gpt.py (`script`, the one file every run directory holds: `read_scripts`), checked: it
+    compiles, its sha256 is the code hash recorded in every run's artifact and train.log, and every run's
+    artifact passes `check_size`. Raises SubmissionError."""
     try:
         compile(script.decode("utf-8"), SCRIPT, "exec")
     except (SyntaxError, UnicodeDecodeError) as e:
         raise SubmissionError(f"{SCRIPT} does not compile: {e}") from None
     sha = code_record(script)["sha256"]
-    versions, worlds = [], []
+    versions, worlds, artifacts = [], [], {}
     for r in runs:
-        meta = artifact_meta(r)
-        recorded = meta.get(CODE_KEY, {}).get("sha256")
+        art = artifact_of(r, len(script))
+        meta = art.meta
+        recorded = (meta.get(CODE_KEY) or {}).get("sha256")
         if recorded != sha:
             raise SubmissionError(f"{r.label}: its artifact records code {recorded}, not {SCRIPT}'s {sha}")
         log = (r.path / "train.log").read_text(errors="replace") if (r.path / "train.log").is_file() else ""
         logged = [m[2] for m in CODE_LINE.finditer(log)]
         if not logged or set(logged) != {sha}:
             raise SubmissionError(f"{r.label}: its train.log records code {logged or 'none'}, not {SCRIPT}'s {sha}")
+        check_size(r, art)
+        artifacts[r.label] = art
         versions.append(meta.get("requirements") or {})
         worlds += [int(m[1]) for m in WORLD_LINE.finditer(log)]
     if any(v != versions[0] for v in versions):
         raise SubmissionError("the runs recorded different package versions; give runs of one environment")
-    return Code(script, sha, versions[0], max(worlds, default=1))
+    return Code(script, sha, versions[0], max(worlds, default=1), artifacts)
+
+
+def public_version(version: str) -> str:
+    """`version` without its local version label (PEP 440: `2.13.0+cu128` -> `2.13.0`): the label names a
+    build of one index (the CPU or a CUDA wheel), which pip does not find on PyPI; `==2.13.0` lets pip
+    resolve the platform's build."""
+    return version.split("+", 1)[0]
 
 
 def requirement_lines(code: Code) -> list[str]:
-    """requirements.txt: the packages the script imports at the runs' versions (a local build tag such as
-    `+cu128` is left to the index: pip resolves `torch==2.13.0` to the platform's build); without recorded
-    versions, the project's pinned runtime requirements."""
+    """requirements.txt: the packages the script imports at the runs' versions, local labels dropped
+    (`public_version`; the builds the runs used are named in the comment line); without recorded versions,
+    the project's pinned runtime requirements."""
     if not code.versions:
         return ["# pgolf runtime requirements (pyproject.toml)", *requirements()]
-    builds = ", ".join(f"{d} {v}" for d, v in code.versions.items() if "+" in v)
+    builds = ", ".join(f"{d} {v}" for d, v in code.versions.items() if public_version(v) != v)
     head = "# the packages train_gpt.py imports, at the versions the runs used" + (
         f" (builds: {builds})" if builds else ""
     )
-    return [head, *(f"{d}=={v.split('+')[0]}" for d, v in code.versions.items())]
+    return [head, *(f"{d}=={public_version(v)}" for d, v in code.versions.items())]
 
 
 def pick_mode(runs, stats: dict[str, ModeStats], mode: str | None) -> str:
@@ -206,35 +358,32 @@ def pick_mode(runs, stats: dict[str, ModeStats], mode: str | None) -> str:
     return min(ok, key=lambda s: s.bpb_mean).mode
 
 
-def run_commands(runs) -> list[str]:
-    """The command lines that reproduce the runs: the sweep over the seeds and one seed alone."""
+def run_command(runs) -> str:
+    """The pgolf command line that made the runs (the Hydra overrides they share, shell-quoted), as one
+    multirun over their seeds (`-m seed=A,B,C`), or one run for a single seed."""
     per_run = []
     for r in runs:
         f = r.path / ".hydra" / "overrides.yaml"
         per_run.append([o for o in (yaml.safe_load(f.read_text()) or []) if o.split("=")[0] != "seed"])
     common = [o for o in per_run[0] if all(o in p for p in per_run)]
-    seeds = ",".join(str(r.seed) for r in runs)
-    devices = runs[0].config.get("trainer", {}).get("devices", 1)
-    multi = isinstance(devices, int) and devices > 1
-    launch = ["torchrun", "--standalone", f"--nproc_per_node={devices}"] if multi else ["python"]
-    return [
-        " ".join(["python", "train.py", "-m", *common, f"seed={seeds}"]),
-        " ".join([*launch, "train.py", *common, f"seed={runs[0].seed}"]),
-    ]
+    multi = ["-m"] if len(runs) > 1 else []
+    return shlex.join(["python", "train.py", *multi, *common, f"seed={','.join(str(r.seed) for r in runs)}"])
 
 
-def seed_results_of(runs, s: ModeStats, mode: str) -> dict[str, dict]:
-    """Per seed (as a string): the scored mode's val_loss/val_bpb, sizes, steps and step time."""
+def seed_results_of(runs, s: ModeStats, mode: str, code: Code) -> dict[str, dict]:
+    """Per seed (as a string): the scored mode's val_loss/val_bpb, sizes (measured from the files: the
+    artifact, and artifact + train_gpt.py as `artifact_bytes`), steps and step time."""
     by_seed = {r.seed: r for r in runs}
     seed_results = {}
     for seed in s.seeds:
         r = by_seed[seed]
         steps, ms = r.steps, r.train_time_ms
+        art = code.artifacts[r.label]
         seed_results[str(seed)] = {
             "val_loss": round(r.modes[mode]["val_loss"], 8),
             "val_bpb": round(r.modes[mode]["val_bpb"], 8),
-            "artifact_bytes": r.artifact_bytes,
-            "model_bytes": r.export.get("model_bytes"),
+            "artifact_bytes": art.total_bytes,
+            "model_bytes": art.model_bytes,
             "steps": steps,
             "train_time_ms": ms,
             "step_avg_ms": round(ms / steps, 2) if steps and ms is not None else None,
@@ -292,9 +441,9 @@ def build(
     stats = {m: s for m in mode_order(runs) if (s := mode_stats(runs, group, m)) is not None}
     mode = pick_mode(runs, stats, mode)
     s = stats[mode]
-    prov = next((p for p in (provenance_of(r) for r in runs) if p), {})
-    sizes = [r.artifact_bytes for r in runs if r.artifact_bytes is not None]
-    seed_results = seed_results_of(runs, s, mode)
+    prov = next((p for p in (code.artifacts[r.label].meta.get("provenance") for r in runs) if p), {})
+    sizes = [code.artifacts[r.label].total_bytes for r in runs]  # measured; each within the limit (check_size)
+    seed_results = seed_results_of(runs, s, mode, code)
     steps_all = [v["steps"] for v in seed_results.values() if v["steps"]]
     avg_all = [v["step_avg_ms"] for v in seed_results.values() if v["step_avg_ms"]]
     sub = {
@@ -310,7 +459,7 @@ def build(
         "val_bpb": round(s.bpb_mean, 8),
         "val_loss_std": round(s.loss_std, 8) if s.n > 1 else None,
         "val_bpb_std": round(s.bpb_std, 8) if s.n > 1 else None,
-        "compliant": s.compliant,
+        "compliant": s.compliant,  # the scored mode's rules; every run's size and verdict were checked
         "seeds": s.seeds,
         "seed_results": seed_results,
         "eval_modes": eval_modes_of(stats),
@@ -319,7 +468,7 @@ def build(
         "bytes_total": max(sizes) if sizes else None,
         "bytes_code": len(code.script),
         "code_sha256": code.sha256,
-        "size_ok": all(r.results.get("size_ok", r.export.get("size_ok", False)) for r in runs),
+        "size_ok": True,  # refused otherwise (check_size), measured from the files
         "train_steps_mean": round(sum(steps_all) / len(steps_all), 2) if steps_all else None,
         "step_avg_ms_mean": round(sum(avg_all) / len(avg_all), 2) if avg_all else None,
         "hardware": hardware or prov.get("device", "unknown"),
@@ -375,7 +524,7 @@ def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str, code: Code) 
         lines.append(f"- `{m}`{star}: {st.bpb_mean:.8f} ± {st.bpb_std:.8f}, {comp}{'; ' + note if note else ''}")
     if "comparison" in sub:
         lines += significance_lines(sub["comparison"])
-    lines += reproduce_lines(sub, packed_commands(runs, code), run_commands(runs))
+    lines += reproduce_lines(sub, packed_commands(runs, code), run_command(runs), data_source(runs, code))
     return "\n".join(lines) + "\n"
 
 
@@ -393,24 +542,50 @@ def significance_lines(c: dict) -> list[str]:
     ]
 
 
-def packed_commands(runs, code: Code) -> list[str]:
-    """One command per seed that runs train_gpt.py from inside the folder, with its environment (the data
-    paths are the script's defaults, under ./data)."""
+def packed_data(code: Code) -> tuple[str, str]:
+    """(shard folder, tokenizer) as the packed config names them, under ./data (pgolf/tools/pack.py)."""
     payload, _ = unpack(code.script)
     data = OmegaConf.create(payload["config"]).data
-    env = f"DATA_PATH={data.dir} TOKENIZER_PATH={data.tokenizer_path}"
-    run = f"torchrun --standalone --nproc_per_node={code.world_size} {SCRIPT}"
+    return str(data.dir), str(data.tokenizer_path)
+
+
+def packed_commands(runs, code: Code) -> list[str]:
+    """One command per seed that runs train_gpt.py from inside the folder, with its environment (the data
+    paths are the script's defaults, under ./data), shell-quoted."""
+    shards, tokenizer = packed_data(code)
+    env = shlex.join([f"DATA_PATH={shards}", f"TOKENIZER_PATH={tokenizer}"])
+    run = shlex.join(["torchrun", "--standalone", f"--nproc_per_node={code.world_size}", SCRIPT])
     return [f"SEED={r.seed} RUN_ID=seed{r.seed} {env} {run}" for r in runs]
 
 
-def reproduce_lines(sub: dict, packed: list[str], cmds: list[str]) -> list[str]:
+def data_source(runs, code: Code) -> str:
+    """README's sentence on the runs' data: the challenge's FineWeb export when the shard folder is one of
+    its datasets (`pgolf.tools.fineweb.VARIANTS`), else the runs' own data, named by folder and tokenizer
+    (and the pgolf corpus that prepared it, e.g. `data=demo`)."""
+    shards, tokenizer = packed_data(code)
+    folder = Path(shards).name
+    variant = next((k for k, v in VARIANTS.items() if v.dataset == folder), None)
+    where = f"the shards in `{shards}` and the tokenizer at `{tokenizer}`"
+    if variant == "sp1024":
+        return (
+            f"the challenge's FineWeb export `{folder}` ({where}: `python3 data/cached_challenge_fineweb.py "
+            "--variant sp1024` of openai/parameter-golf)"
+        )
+    if variant is not None:
+        fetch = f"python -m pgolf.tools.fineweb --variant {variant}"
+        return f"the FineWeb export `{folder}` of `{VARIANTS[variant].repo}` ({where}: `{fetch}` of pgolf)"
+    data = runs[0].config.get("data", {})
+    made = f"pgolf's `data={data['prepare']}` corpus, which " if data.get("prepare") else ""
+    return f"the runs' own data, not FineWeb ({made}the runs read from `{data.get('dir')}`; {where})"
+
+
+def reproduce_lines(sub: dict, packed: list[str], cmd: str, data: str) -> list[str]:
     """README's reproduce and environment sections."""
     return [
         "",
         "## Reproduce",
         "",
-        "From inside this folder, with the data under `./data` (FineWeb: `python3 data/cached_challenge_fineweb.py "
-        "--variant sp1024` of openai/parameter-golf):",
+        f"From inside this folder, with {data}:",
         "",
         "```bash",
         "pip install -r requirements.txt",
@@ -425,7 +600,7 @@ def reproduce_lines(sub: dict, packed: list[str], cmds: list[str]) -> list[str]:
         "The same runs from the pgolf repository (which packs this file from `conf/`):",
         "",
         "```bash",
-        *cmds,
+        cmd,
         "```",
         "",
         "Each job writes its directory with the resolved config, `train.log`, `csv/metrics.csv`, the artifact and "
@@ -457,20 +632,20 @@ def assemble(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SubmissionError(f"{out} already exists and is not empty; choose another --out")
-    runs, notes = load_runs(run_paths)
-    if not runs:
-        raise SubmissionError("no finished runs among the given directories")
-    groups = list(dict.fromkeys(r.identity.group for r in runs))
-    if len(groups) != 1:
-        raise SubmissionError(f"the runs form {len(groups)} groups ({', '.join(groups)}); give the runs of one")
+    dirs = run_dirs(run_paths)
+    script = read_scripts(dirs)  # first: runs of different code refuse, whatever else is wrong with them
+    runs = load_given(dirs)
+    code = verify_code(runs, script)
+    check_seeds(runs)
     baseline_runs = []
     if baseline:
-        baseline_runs, bnotes = load_runs(baseline)
-        notes += bnotes
-        if len({r.identity.group for r in baseline_runs}) != 1:
-            raise SubmissionError("the --baseline runs must form one group")
+        baseline_runs = load_given(run_dirs(baseline))
+        try:
+            check_seeds(baseline_runs)
+        except SubmissionError as e:
+            raise SubmissionError(f"--baseline: {e}") from None
+    notes = config_notes(runs)
     runs = sorted(runs, key=lambda r: r.seed)
-    code = verify_code(runs)
     sub, text = build(
         runs,
         baseline_runs,
@@ -491,6 +666,19 @@ def assemble(
     if len(runs) < 3:
         print(f"note: {len(runs)} seed(s); records show the gain over >= 3 seeds (challenge README)")
     return out
+
+
+def config_notes(runs) -> list[str]:
+    """A note when the runs' configs differ in more than their seed. They share one train_gpt.py (checked),
+    which holds the recipe, so such keys are the ones the packer resets (logger, progress bar, checkpointing,
+    data folders, devices: pgolf/tools/pack.py) or Hydra's own; the note names them."""
+    flats = [flat_config(r.config) for r in runs]
+    keys = sorted({k for f in flats for k in f} - {"seed"})
+    diff = [k for k in keys if len({f.get(k) for f in flats}) > 1]
+    if not diff:
+        return []
+    shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+    return [f"the runs' configs differ in {shown}, outside the recipe that their one {SCRIPT} holds"]
 
 
 def machine_prefixes(run=None) -> dict[str, str]:
