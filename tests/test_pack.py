@@ -19,7 +19,7 @@ from pgolf import optional
 from pgolf.config.runtime import PART_RULES, check_parts, uses_doc_attention
 from pgolf.config.typed import ConfigError
 from pgolf.eval import registry
-from pgolf.export.code import code_record
+from pgolf.export.code import code_record, requirement_pins
 from pgolf.quant.artifact import read_artifact, write_artifact
 from pgolf.tools import packsource, submission
 from pgolf.tools.pack import (
@@ -51,7 +51,7 @@ from pgolf.tools.packsource import (
     strip,
     unparse,
 )
-from pgolf.train.standalone import check_config, config_path, run_config
+from pgolf.train.standalone import check_config, check_run_id, config_path, main, run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -201,6 +201,23 @@ def test_a_reused_run_id_keeps_the_earlier_runs_config(tmp_path):
     (logs / "seed0.2.yaml").write_text("seed: 1\n")
     assert config_path(logs, "seed0") == logs / "seed0.3.yaml"
     assert config_path(logs, "seed1") == logs / "seed1.yaml"
+
+
+@pytest.mark.parametrize("run_id", ["../outside", "/abs/x", "a/b", "..", ".hidden", "-x", "x" * 129, "a\nb", "é"])
+def test_a_run_id_that_is_not_a_plain_file_name_is_refused_before_anything_is_written(
+    run_id, tmp_path, monkeypatch, capsys
+):
+    """RUN_ID names logs/<RUN_ID>.txt: a path out of logs/ (written outside the folder before), a hidden or
+    over-long name, a newline: one config error line, exit 2, nothing written."""
+    (tmp_path / SCRIPT).write_bytes(b"# packed\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main({"config": {}}, tmp_path / SCRIPT, [], {"RUN_ID": run_id})
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"config error: RUN_ID={run_id!r} must be a plain file name")
+    assert [p.name for p in tmp_path.iterdir()] == [SCRIPT]
+    for ok in ("seed42", "2026-11-30_run.1", "a" * 128):
+        check_run_id(ok)
 
 
 GPTQ_PART = {"pgolf.quant.gptq", "pgolf.quant.calibrate", "pgolf.export.gptq_stage"}
@@ -614,3 +631,66 @@ def test_the_pack_command_writes_the_script_and_its_requirements(tmp_path, capsy
     assert {"brotli", "torch", "lightning", "omegaconf"} <= set(names) and all("==" in r for r in reqs)
     out = capsys.readouterr().out
     assert f"{len(script)} bytes sha256:" in out and "requirements.txt: brotli==" in out
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("experiment=nosuch", "Could not find 'experiment/nosuch' (one of baseline | "),
+        ("train.iteration=5", "train.iteration is not a key of group train (did you mean iterations?)"),
+        ("seed=1,2", "seed=1,2 is a sweep; a pack is of one config"),
+        ("seed=range(1,3)", "seed=range(1,3) is a sweep; a pack is of one config"),
+        ("seed=[", "seed=[: no viable alternative"),
+        ("train.iterations=abc", "train.iterations must be an integer >= 1, got 'abc'"),
+    ],
+)
+def test_the_pack_command_gives_a_config_problem_as_one_line_and_writes_nothing(tmp_path, capsys, override, words):
+    from pgolf.tools.pack import main
+
+    with pytest.raises(SystemExit) as e:
+        main([override, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("config error: ") and words in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_pack_command_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    from pgolf.tools.pack import main
+
+    (tmp_path / "afile").write_text("x")
+    for out in ("afile", "afile/sub"):
+        assert main(["experiment=baseline", "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --out {tmp_path / out}: {tmp_path / 'afile'} is a file, not a folder\n"
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_the_pack_command_replaces_a_different_file_only_with_force(tmp_path, capsys, monkeypatch):
+    """A user's own train_gpt.py (or another config's) is kept unless --force; packing the same config again is
+    fine; requirements.txt pins public releases (no local `+cpu` label). The pack is faked: only main() runs."""
+    from pgolf.tools import pack as tool
+
+    fake = tool.Packed(b"packed\n", ("m",), {"requirements": ["brotli", "torch"]}, 0.0)
+    monkeypatch.setattr(tool, "pack", lambda cfg: fake)
+    monkeypatch.setattr(tool, "package_versions", lambda d: {"brotli": "1.2.1", "torch": "2.13.0+cpu"})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / SCRIPT).write_text("print('mine')\n")
+    assert tool.main(["experiment=baseline", "--out", str(out)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {out / SCRIPT} exists and differs from this pack; give --force to replace it\n"
+    )
+    assert (out / SCRIPT).read_text() == "print('mine')\n" and not (out / "requirements.txt").exists()
+    assert tool.main(["experiment=baseline", "--out", str(out), "--force"]) == 0
+    assert (out / SCRIPT).read_bytes() == fake.script
+    assert (out / "requirements.txt").read_text() == "brotli==1.2.1\ntorch==2.13.0\n"
+    assert tool.main(["experiment=baseline", "--out", str(out)]) == 0  # the same pack again: idempotent
+    (out / "requirements.txt").write_text("torch==2.12.0\n")
+    assert tool.main(["experiment=baseline", "--out", str(out)]) == 2
+    assert "requirements.txt exists and differs" in capsys.readouterr().err
+
+
+def test_requirement_pins_drop_the_local_version_label():
+    versions = {"brotli": "1.2.1", "torch": "2.13.0+cpu", "x": "missing"}
+    assert requirement_pins(versions) == ["brotli==1.2.1", "torch==2.13.0", "x"]

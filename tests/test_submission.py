@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf.export.code import code_record
+from pgolf.export.code import code_record, public_version
 from pgolf.quant.artifact import write_artifact
 from pgolf.tools import submission
 from pgolf.tools.pack import SCRIPT
@@ -290,7 +290,7 @@ def test_the_reproduce_section_names_the_runs_own_data(tmp_path, home, script, m
 
 
 def test_requirements_drop_local_version_labels():
-    assert submission.public_version("2.13.0+cpu") == "2.13.0" == submission.public_version("2.13.0")
+    assert public_version("2.13.0+cpu") == "2.13.0" == public_version("2.13.0")
     code = submission.Code(b"", "0" * 64, {"numpy": "2.4.6", "torch": "2.13.0+cu128"}, 1, {})
     lines = submission.requirement_lines(code)
     assert lines[1:] == ["numpy==2.4.6", "torch==2.13.0"] and "(builds: torch 2.13.0+cu128)" in lines[0]

@@ -70,3 +70,17 @@ def package_versions(dists: Iterable[str]) -> dict[str, str]:
         except PackageNotFoundError:
             out[d] = "missing"
     return out
+
+
+def public_version(version: str) -> str:
+    """`version` without its PEP 440 local version label (`2.13.0+cu128` -> `2.13.0`): the label names a build
+    of one index (the CPU or a CUDA wheel), which pip does not find on PyPI; `==2.13.0` lets pip resolve the
+    platform's build."""
+    return version.split("+", 1)[0]
+
+
+def requirement_pins(versions: Mapping[str, str]) -> list[str]:
+    """requirements.txt lines (`dist==version`) of `versions` ({distribution: version}, as `package_versions`
+    records them), the local version label dropped (`public_version`). A distribution that was "missing" is
+    named without a version. The recorded versions keep their labels (provenance)."""
+    return [d if v == "missing" else f"{d}=={public_version(v)}" for d, v in versions.items()]

@@ -52,13 +52,18 @@ from pathlib import Path
 import brotli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from pgolf import optional
 from pgolf.config.runtime import PART_RULES, check_runtime, run_modes
-from pgolf.config.validate import exit_on_config_error, plain, validate_train
+from pgolf.config.schema import TrainRun
+from pgolf.config.typed import ConfigError
+from pgolf.config.validate import check_overrides, exit_on_config_error, plain, validate_train
 from pgolf.eval.modes import get_mode, mode_names
-from pgolf.export.code import code_record, package_versions, project_root
+from pgolf.export.code import code_record, package_versions, project_root, requirement_pins
 from pgolf.io import atomic_write_bytes
 from pgolf.tools.packsource import WORD, Module, PackError, collect, minify, runtime_modules, scan_imports
 
@@ -347,22 +352,80 @@ def unpack(script: bytes) -> tuple[dict, dict[str, str]]:
     return json.loads(head), dict(s.split("\n", 1) for s in mods)
 
 
+def compose_command(overrides: list[str]) -> DictConfig:
+    """`compose_train` for the command line: a misspelled key is named before Hydra composes (as train.py
+    does, `check_overrides`), a sweep (`seed=1,2`, `range(...)`) is refused (a pack is of one config) and
+    Hydra's own errors (an unknown `experiment=`, a syntax error) become one line. Raises ConfigError."""
+    check_overrides(overrides, TrainRun, conf_dir())
+    parser = OverridesParser.create()
+    for arg in overrides:
+        try:
+            parsed = parser.parse_overrides([arg])
+        except OverrideParseException as e:
+            raise ConfigError(f"{arg}: {str(e).splitlines()[0]}") from None
+        if any(o.is_sweep_override() for o in parsed):
+            raise ConfigError(f"{arg} is a sweep; a pack is of one config: give each key one value")
+    try:
+        return compose_train(overrides)
+    except MissingConfigException as e:  # an unknown group option: Hydra lists the options over many lines
+        options = f" (one of {' | '.join(e.options)})" if e.options else ""
+        raise ConfigError(str(e).splitlines()[0] + options) from None
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(" ".join(line.strip() for line in str(e).splitlines() if line.strip())) from None
+
+
+def out_problem(out: Path) -> str | None:
+    """Why `out` cannot be the output folder (it, or the nearest of its parents that exists, is not a
+    folder), else None."""
+    for p in (out, *out.parents):
+        if p.exists():
+            return None if p.is_dir() else f"--out {out}: {p} is a file, not a folder"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command: pack, refuse to replace a different file unless --force, write. Config problems are
+    `config error: ...` (exit status 2), the others `error: ...` (2); nothing is written after either."""
     ap = argparse.ArgumentParser(prog="python -m pgolf.tools.pack", description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (experiment=record_1263 ...)")
     ap.add_argument(
         "--out", required=True, help="the folder to write train_gpt.py and requirements.txt into (created if absent)"
     )
+    ap.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a train_gpt.py or requirements.txt in --out that differs from the pack (without it the "
+        "pack refuses, naming the file; an identical file is rewritten either way)",
+    )
     ap.add_argument("--modules", action="store_true", help="also list the packed modules")
     args = ap.parse_args(argv)
-    with exit_on_config_error():
-        cfg = compose_train(args.overrides)
-    packed = pack(cfg)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / SCRIPT, packed.script)
-    reqs = [f"{k}=={v}" for k, v in packed.requirements.items()]
-    atomic_write_bytes(out / "requirements.txt", "".join(f"{r}\n" for r in reqs).encode())
+    problem = out_problem(out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    with exit_on_config_error():
+        cfg = compose_command(args.overrides)
+    try:
+        packed = pack(cfg)
+    except PackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    reqs = requirement_pins(packed.requirements)
+    files = {out / SCRIPT: packed.script, out / "requirements.txt": "".join(f"{r}\n" for r in reqs).encode()}
+    for path, data in files.items():
+        if path.exists() and not path.is_file():
+            print(f"error: {path} is not a file", file=sys.stderr)
+            return 2
+        if path.exists() and not args.force and path.read_bytes() != data:
+            print(f"error: {path} exists and differs from this pack; give --force to replace it", file=sys.stderr)
+            return 2
+    try:
+        for path, data in files.items():
+            atomic_write_bytes(path, data)
+    except OSError as e:
+        print(f"error: --out {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     c = packed.code
     print(f"{out / SCRIPT}: {c['bytes']} bytes sha256:{c['sha256']} ({cfg.name}, {len(packed.modules)} modules)")
     print(f"{out / 'requirements.txt'}: {' '.join(reqs)}")

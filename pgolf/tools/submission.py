@@ -53,7 +53,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from pgolf import ARTIFACT_LIMIT_BYTES
-from pgolf.export.code import CODE_KEY, code_record
+from pgolf.export.code import CODE_KEY, code_record, public_version, requirement_pins
 from pgolf.io import atomic_dir
 from pgolf.quant.artifact import ArtifactError, load_artifact
 from pgolf.tools.compare import DIAGNOSTIC_MODES, ModeStats, compare_to, mode_order, mode_stats
@@ -327,13 +327,6 @@ def verify_code(runs, script: bytes) -> Code:
     return Code(script, sha, versions[0], max(worlds, default=1), artifacts)
 
 
-def public_version(version: str) -> str:
-    """`version` without its local version label (PEP 440: `2.13.0+cu128` -> `2.13.0`): the label names a
-    build of one index (the CPU or a CUDA wheel), which pip does not find on PyPI; `==2.13.0` lets pip
-    resolve the platform's build."""
-    return version.split("+", 1)[0]
-
-
 def requirement_lines(code: Code) -> list[str]:
     """requirements.txt: the packages the script imports at the runs' versions, local labels dropped
     (`public_version`; the builds the runs used are named in the comment line); without recorded versions,
@@ -344,7 +337,7 @@ def requirement_lines(code: Code) -> list[str]:
     head = "# the packages train_gpt.py imports, at the versions the runs used" + (
         f" (builds: {builds})" if builds else ""
     )
-    return [head, *(f"{d}=={public_version(v)}" for d, v in code.versions.items())]
+    return [head, *requirement_pins(code.versions)]
 
 
 def pick_mode(runs, stats: dict[str, ModeStats], mode: str | None) -> str:

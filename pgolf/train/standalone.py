@@ -16,6 +16,7 @@ pick (`model=tiny`): the file holds one resolved config. The run is `pgolf.train
 from __future__ import annotations
 
 import os
+import re
 import sys
 import uuid
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ from pgolf.export.code import code_record, package_versions
 from pgolf.runlog import global_rank
 from pgolf.train.run import exit_status, fit, prepare
 
+RUN_ID_FORM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # The reference's environment variables -> the config keys they set (before the command-line overrides).
 ENV_KEYS = {
     "SEED": "seed",
@@ -150,6 +152,7 @@ def main(packed: Mapping, script: str | Path, argv: list[str] | None = None, env
     run_id = env.get("RUN_ID") or str(uuid.uuid4())
     logs = Path("logs")
     with exit_on_config_error():
+        check_run_id(run_id)
         cfg = run_config(packed, argv, env)
         check_config(cfg)
         extras = prepare(cfg, ".")
@@ -159,6 +162,17 @@ def main(packed: Mapping, script: str | Path, argv: list[str] | None = None, env
         print(f"{logs / run_id}.yaml is kept from an earlier run with RUN_ID={run_id}; this run's: {config_file}")
     results = fit(cfg, ".", extras, code, logs / f"{run_id}.txt", config_file, versions)
     return exit_status(cfg, results)
+
+
+def check_run_id(run_id: str) -> None:
+    """`RUN_ID` names the files `logs/{RUN_ID}.txt` and `.yaml`: a plain file name (RUN_ID_FORM) that
+    cannot leave `logs/` (`..`, `/`), hide (a leading `.`), read as an option (`-`) or exceed a file
+    system's name length. Raises ConfigError naming the value."""
+    if not RUN_ID_FORM.fullmatch(run_id):
+        raise ConfigError(
+            f"RUN_ID={run_id!r} must be a plain file name (it names logs/<RUN_ID>.txt): 1-128 letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit"
+        )
 
 
 def config_path(logs: Path, run_id: str) -> Path:
