@@ -217,6 +217,7 @@ def test_lora_1090_config_is_the_pr_1090_form():
         ("lora_ttt", {"targets": ["q", "k"]}, r"targets \['k'\]"),
         ("lora_ttt", {"chunk_size": 64, "context": 32}, "chunk_size 64"),
         ("sliding", {"seq_len": 16385}, r"eval mode sliding: seq_len must be at most 16384 \(eval.py's cap\)"),
+        ("standard", {"seq_len": "abc"}, r"standard.seq_len must be an integer, got 'abc'"),  # was int()'s words
     ],
 )
 def test_bad_mode_settings_fail_clearly(name, settings, match):

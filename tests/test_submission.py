@@ -99,6 +99,7 @@ def fake_run(
     (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     code = code_record(script)
     meta = {"code": code, "requirements": {"torch": "2.13.0+cu128"}, "provenance": {"device": "cpu", "torch": "2.13"}}
+    meta["seed"] = seed
     size = write_artifact(d / ARTIFACT, {}, meta, "zlib") + code["bytes"]
     export = {"path": f"{d}/{ARTIFACT}", "total_bytes": size, "model_bytes": size - code["bytes"]}
     res = {"export": {**export, "code_bytes": code["bytes"]}, "roundtrip": {"standard": eval_result(bpb + seed / 1e3)}}
@@ -233,6 +234,11 @@ def test_a_run_over_the_limit_or_not_compliant_or_with_stale_sizes_is_refused(tm
         [*runs, "--out", out], capsys
     )
     (runs[1] / "results.json").write_text(json.dumps(good))
+    # another seed's artifact of the same size in the run's folder
+    art = (runs[1] / ARTIFACT).read_bytes()
+    (runs[1] / ARTIFACT).write_bytes((runs[0] / ARTIFACT).read_bytes())
+    assert "sw/1_seed1: its artifact records seed 0, but the run's seed is 1" in refused([*runs, "--out", out], capsys)
+    (runs[1] / ARTIFACT).write_bytes(art)
     assert submission.main([*map(str, runs), "--out", str(out), "--name", "x", "--github-id", "y"]) == 0
     sub = json.loads((out / "submission.json").read_text())
     assert sub["compliant"] and sub["size_ok"] and sub["bytes_total"] == size

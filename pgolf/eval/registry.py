@@ -74,7 +74,7 @@ def parse_mode(name: str, settings: dict | None, *, seq_len: int, batch_windows:
     if unknown:
         raise ValueError(f"eval mode {name}: unknown settings {unknown} (the settings of {mode.name}: {sorted(names)})")
     shared = {"seq_len": seq_len, "batch_windows": batch_windows}
-    shared = {k: int(s.pop(k, None) or v) for k, v in shared.items() if k in names}
+    shared = {k: v if (x := s.pop(k, None)) is None else x for k, v in shared.items() if k in names}
     kw = {**mode.defaults, **shared, **s}
     # typed as the config schema types a group: a wrong type names the mode and key, before the dataclass's own
     # range checks (whose messages get the mode's name in front)

@@ -300,8 +300,8 @@ class Code:
 
 def verify_code(runs, script: bytes) -> Code:
     """The runs' train_gpt.py (`script`, the one file every run directory holds: `read_scripts`), checked: it
-    compiles, its sha256 is the code hash recorded in every run's artifact and train.log, and every run's
-    artifact passes `check_size`. Raises SubmissionError."""
+    compiles, its sha256 is the code hash recorded in every run's artifact and train.log, every artifact
+    records its run's seed, and every run's artifact passes `check_size`. Raises SubmissionError."""
     try:
         compile(script.decode("utf-8"), SCRIPT, "exec")
     except (SyntaxError, UnicodeDecodeError) as e:
@@ -314,6 +314,10 @@ def verify_code(runs, script: bytes) -> Code:
         recorded = (meta.get(CODE_KEY) or {}).get("sha256")
         if recorded != sha:
             raise SubmissionError(f"{r.label}: its artifact records code {recorded}, not {SCRIPT}'s {sha}")
+        if meta.get("seed") is not None and meta["seed"] != r.seed:
+            raise SubmissionError(
+                f"{r.label}: its artifact records seed {meta['seed']}, but the run's seed is {r.seed}"
+            )
         log = (r.path / "train.log").read_text(errors="replace") if (r.path / "train.log").is_file() else ""
         logged = [m[2] for m in CODE_LINE.finditer(log)]
         if not logged or set(logged) != {sha}:
