@@ -264,9 +264,11 @@ def test_compact_is_cached_and_a_bad_cache_entry_is_recomputed(tmp_path, monkeyp
     exec(out, ns)
     assert ns["f"](beta=2, alpha=1) == 9
     (entry,) = packsource.cache_dir().glob("*.py")
-    assert entry.read_text() == out and compact(src, {"f"}) == out
-    entry.write_text("def broken(:\n")  # a damaged cache entry is not used
-    assert compact(src, {"f"}) == out and entry.read_text() == out
+    assert entry.read_text().startswith(out + "# sha256:") and compact(src, {"f"}) == out
+    stored = entry.read_text()
+    for damaged in ("def broken(:\n", stored.replace("alpha", "alphx", 1), stored[:-5]):  # not used, rewritten
+        entry.write_text(damaged)
+        assert compact(src, {"f"}) == out and entry.read_text() == stored
     assert "def f(" not in compact(src)  # a module-level name nothing keeps is renamed (another cache entry)
 
 

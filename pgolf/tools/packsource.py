@@ -386,6 +386,9 @@ MINIFIER_OPTIONS = dict(
 )
 
 
+CACHE_CHECK = "# sha256:"  # the last line of a cache entry: the checksum of the lines above it
+
+
 def cache_dir() -> Path:
     """Where `compact` keeps python-minifier's output: `$XDG_CACHE_HOME/pgolf/minify` (default ~/.cache)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -394,21 +397,22 @@ def cache_dir() -> Path:
 
 def compact(src: str, keep: set[str] = frozenset()) -> str:
     """`src` through python-minifier (`MINIFIER_OPTIONS`), its module-level names renamed but those of `keep`
-    (`kept_globals`), read from / written to the cache (`cache_dir`). A cache entry that cannot be read, does
-    not parse or cannot be written is recomputed; the result is the same either way."""
+    (`kept_globals`), read from / written to the cache (`cache_dir`; an entry is the output and a last line
+    with its sha256). An entry that cannot be read, whose checksum does not match or that cannot be written
+    is recomputed; the result is the same either way."""
     keep = sorted(keep)
     key = "\0".join([MINIFIER_VERSION, repr(MINIFIER_OPTIONS), sys.version, repr(keep), src])
     path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()}.py"
     try:
-        cached = path.read_text(encoding="utf-8")
-        ast.parse(cached)
-        return cached
-    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        cached, _, check = path.read_text(encoding="utf-8").rpartition(CACHE_CHECK)
+        if check == hashlib.sha256(cached.encode()).hexdigest() + "\n":
+            return cached
+    except (OSError, UnicodeDecodeError, ValueError):
         pass
     out = python_minifier.minify(src, preserve_globals=keep, **MINIFIER_OPTIONS).rstrip("\n") + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, out.encode())
+        atomic_write_bytes(path, f"{out}{CACHE_CHECK}{hashlib.sha256(out.encode()).hexdigest()}\n".encode())
     except OSError:
         pass
     return out
