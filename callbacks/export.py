@@ -219,7 +219,7 @@ class QuantizeExport(L.Callback):
         if stage != "fit" or not self.cfg.enabled:
             return
         dm = trainer.datamodule
-        check_eval_windows(self.eval_cfg, final_eval_tokens(dm.val_tokens, self.eval_cfg["seq_len"], None).numel() - 1)
+        check_eval_windows(self.eval_cfg, dm.val_tokens.numel() - 1)
         if uses_gptq(rules_from_config(self.cfg.rules)):
             check_calibration_source(self.cfg.calibration, list_shards(dm.train_pattern), dm, trainer.world_size)
 

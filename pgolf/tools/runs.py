@@ -231,15 +231,23 @@ def flat_config(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def config_differences(runs: list[Run]) -> str | None:
+    """The config keys (flattened, the seed aside) in which `runs` differ, the first six named
+    (`a.b, c and 3 more`); None when they differ only in the seed."""
+    flats = [flat_config(r.config) for r in runs]
+    keys = sorted({k for f in flats for k in f} - {"seed"})
+    diff = [k for k in keys if len({f.get(k) for f in flats}) > 1]
+    if not diff:
+        return None
+    return ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+
+
 def mixed_config_notes(runs: list[Run]) -> list[str]:
     """Warn when the runs of one group differ in more than their seed (they are not replicates)."""
     notes = []
     for g in dict.fromkeys(r.identity.group for r in runs):
-        flats = [flat_config(r.config) for r in runs if r.identity.group == g]
-        keys = sorted({k for f in flats for k in f} - {"seed"})
-        diff = [k for k in keys if len({f.get(k) for f in flats}) > 1]
-        if diff:
-            shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+        shown = config_differences([r for r in runs if r.identity.group == g])
+        if shown:
             notes.append(
                 f"group {g} mixes runs whose configs differ in {shown}: not replicates of one config "
                 "(name the variants with variant=..., or group with --by KEY)"

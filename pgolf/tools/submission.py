@@ -59,7 +59,7 @@ from pgolf.quant.artifact import ArtifactError, load_artifact
 from pgolf.tools.compare import DIAGNOSTIC_MODES, ModeStats, compare_to, mode_order, mode_stats
 from pgolf.tools.fineweb import VARIANTS
 from pgolf.tools.pack import SCRIPT, unpack
-from pgolf.tools.runs import CompareError, eval_result_files, find_runs, flat_config, is_run_dir, load_run
+from pgolf.tools.runs import CompareError, config_differences, eval_result_files, find_runs, is_run_dir, load_run
 from pgolf.tools.stats import MissingScipyError
 
 TRACK = "10min_16mb"
@@ -669,13 +669,8 @@ def config_notes(runs) -> list[str]:
     """A note when the runs' configs differ in more than their seed. They share one train_gpt.py (checked),
     which holds the recipe, so such keys are the ones the packer resets (logger, progress bar, checkpointing,
     data folders, devices: pgolf/tools/pack.py) or Hydra's own; the note names them."""
-    flats = [flat_config(r.config) for r in runs]
-    keys = sorted({k for f in flats for k in f} - {"seed"})
-    diff = [k for k in keys if len({f.get(k) for f in flats}) > 1]
-    if not diff:
-        return []
-    shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
-    return [f"the runs' configs differ in {shown}, outside the recipe that their one {SCRIPT} holds"]
+    shown = config_differences(runs)
+    return [f"the runs' configs differ in {shown}, outside the recipe that their one {SCRIPT} holds"] if shown else []
 
 
 def machine_prefixes(run=None) -> dict[str, str]:
