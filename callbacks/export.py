@@ -145,12 +145,14 @@ def check_calibration_source(c: CalibrationConfig, files: list[Path], dm, world_
             )
 
 
-def check_eval_windows(final_eval: dict, targets: int) -> None:
+def check_eval_windows(final_eval: dict, val_tokens: torch.Tensor) -> None:
     """Refuse, before training, a final evaluation whose window (`seq_len`, the mode's own or
-    `final_eval.seq_len`) is longer than the `targets` validation targets the run holds (after
-    `data.val_max_tokens`): it would score no target, and a mode that scores none is an error after training
-    (pgolf/eval/registry.py `run_mode`). Raises ConfigError naming the mode."""
+    `final_eval.seq_len`) is longer than the validation targets it will score: those of `val_tokens` (after
+    `data.val_max_tokens`), cut by `final_eval.max_tokens` (`final_eval_tokens`). It would score no target,
+    and a mode that scores none is an error after training (pgolf/eval/registry.py `run_mode`). Raises
+    ConfigError naming the mode."""
     ev = final_eval
+    targets = final_eval_tokens(val_tokens, ev["seq_len"], ev.get("max_tokens")).numel() - 1
     for name, own in final_eval_modes(ev["modes"], ev["stride"], ev["reference_tail"], ev.get("settings")).items():
         st = parse_mode(name, own, seq_len=ev["seq_len"], batch_windows=ev["batch_windows"])[1]
         n = getattr(st, "seq_len", 0)
@@ -219,7 +221,7 @@ class QuantizeExport(L.Callback):
         if stage != "fit" or not self.cfg.enabled:
             return
         dm = trainer.datamodule
-        check_eval_windows(self.eval_cfg, dm.val_tokens.numel() - 1)
+        check_eval_windows(self.eval_cfg, dm.val_tokens)
         if uses_gptq(rules_from_config(self.cfg.rules)):
             check_calibration_source(self.cfg.calibration, list_shards(dm.train_pattern), dm, trainer.world_size)
 

@@ -449,11 +449,14 @@ def test_an_eval_window_is_capped_and_must_fit_the_validation_split():
     msg = config_error(validate, ["+final_eval.settings.standard.seq_len=250000"])
     assert "eval mode standard: seq_len must be at most 16384" in msg
     ev = {"modes": ["standard", "sliding"], "seq_len": 64, "batch_windows": 4, "stride": 32, "reference_tail": False}
-    check_eval_windows(ev, 64)
+    check_eval_windows(ev, torch.zeros(65))
     with pytest.raises(ConfigError, match="mode standard scores windows of seq_len=64 tokens, longer than the 63 "):
-        check_eval_windows(ev, 63)
+        check_eval_windows(ev, torch.zeros(64))
     with pytest.raises(ConfigError, match="mode sliding scores windows of seq_len=128"):
-        check_eval_windows({**ev, "settings": {"sliding": {"seq_len": 128}}}, 100)
+        check_eval_windows({**ev, "settings": {"sliding": {"seq_len": 128}}}, torch.zeros(101))
+    # final_eval.max_tokens keeps whole windows of final_eval.seq_len: one of 64 here, too few for 128
+    with pytest.raises(ConfigError, match="mode sliding scores windows of seq_len=128 tokens, longer than the 64 "):
+        check_eval_windows({**ev, "max_tokens": 10, "settings": {"sliding": {"seq_len": 128}}}, torch.zeros(1001))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for a machine without CUDA")
