@@ -20,6 +20,7 @@ from pgolf.config.runtime import PART_RULES, check_parts, uses_doc_attention
 from pgolf.config.typed import ConfigError
 from pgolf.eval import registry
 from pgolf.export.code import code_record, requirement_pins
+from pgolf.io import sha256_file
 from pgolf.quant.artifact import read_artifact, write_artifact
 from pgolf.tools import packsource, submission
 from pgolf.tools.pack import (
@@ -406,6 +407,14 @@ def test_packed_script_runs_without_pgolf_like_train_py(runs, synth_dir, tmp_pat
         [sys.executable, "-m", "pgolf.tools.inspect", str(artifact)], cwd=ROOT, capture_output=True, text=True
     )
     assert ins.returncode == 0 and f"code: train_gpt.py {len(script)} bytes sha256:" in ins.stdout
+    # the run's record, and a submission made from the folder it ran in
+    record = json.loads((folder / "logs" / "seed0.json").read_text())
+    assert record["artifact"]["sha256"] == sha256_file(artifact) and record["results"]["roundtrip"] == res
+    out = tmp_path / "records" / "alone"
+    assert submission.main([str(folder), "--out", str(out), "--name", "Alone", "--github-id", "someone"]) == 0
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["seeds"] == [0] and sub["seed_results"]["0"]["model_bytes"] == artifact.stat().st_size
+    assert (out / "train_seed0.log").read_text() == log and (out / SCRIPT).read_bytes() == script
 
 
 # ---- the records folder ---------------------------------------------------------------------------------------

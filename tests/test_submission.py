@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,10 +15,13 @@ import pytest
 import yaml
 
 from pgolf.export.code import code_record, public_version
+from pgolf.io import sha256_file
 from pgolf.quant.artifact import write_artifact
 from pgolf.tools import submission
 from pgolf.tools.pack import SCRIPT
+from pgolf.tools.runs import load_runs
 from pgolf.tools.submission import SubmissionError, find_machine_paths, prefix_pattern, scrub_obj, scrub_paths
+from pgolf.train.standalone import write_run_record
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT = "final_model.int8_zlib.ptz"
@@ -300,3 +305,108 @@ def test_requirements_drop_local_version_labels():
     code = submission.Code(b"", "0" * 64, {"numpy": "2.4.6", "torch": "2.13.0+cu128"}, 1, {})
     lines = submission.requirement_lines(code)
     assert lines[1:] == ["numpy==2.4.6", "torch==2.13.0"] and "(builds: torch 2.13.0+cu128)" in lines[0]
+
+
+# ---- runs of a packed train_gpt.py in one folder --------------------------------------------------------------
+def packed_seed_runs(folder: Path, seeds, script: bytes, data: Path, args=(), bpb=1.2) -> None:
+    """Runs of a packed train_gpt.py in `folder`, one after the other, as `pgolf.train.standalone.main` leaves
+    them: each replaces the artifact and results.json, and keeps logs/<RUN_ID>.txt, .yaml and its record
+    (written by the runtime's own `write_run_record`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SCRIPT).write_bytes(script)
+    logs = folder / "logs"
+    logs.mkdir(exist_ok=True)
+    code = code_record(script)
+    cwd = Path.cwd()
+    try:
+        os.chdir(folder)  # the packed script writes into the folder it runs in
+        for seed in seeds:
+            run_id = f"seed{seed}"
+            meta = {"code": code, "requirements": {"torch": "2.13.0"}, "provenance": {"device": "cpu"}, "seed": seed}
+            model = write_artifact(Path(ARTIFACT), {}, {**meta, "pad": "x" * seed}, "zlib")  # sizes differ
+            export = {"path": ARTIFACT, "model_bytes": model, "code_bytes": code["bytes"]}
+            res = {"export": {**export, "total_bytes": model + code["bytes"]}, "size_ok": True}
+            res |= {"roundtrip": {"standard": eval_result(bpb + seed / 1e3)}, "total_bytes": model + code["bytes"]}
+            res["compliance"] = {"calibration_ok": True, "size_ok": True, "full_validation": True, "reasons": []}
+            Path("results.json").write_text(json.dumps(res))
+            (logs / f"{run_id}.yaml").write_text(yaml.safe_dump({"name": "tiny", "seed": seed, "data": {"dir": "x"}}))
+            lines = [f"code_bytes:{code['bytes']} code_sha256:{code['sha256']}", "world_size:8 grad_accum_steps:1"]
+            lines += [f"step:4/4 train_loss:4.0 train_time:{400 + seed}ms step_avg:100.00ms"]
+            lines += [f"Serialized model int8+zlib: {model} bytes", f"Code size: {code['bytes']} bytes"]
+            (logs / f"{run_id}.txt").write_text("\n".join(lines) + "\n")
+            env = {"SEED": str(seed), "RUN_ID": run_id, "DATA_PATH": str(data), "ITERATIONS": "4", "HOME": "h"}
+            write_run_record(logs / f"{run_id}.json", run_id, res, env, list(args))
+    finally:
+        os.chdir(cwd)
+
+
+def test_packed_runs_in_one_folder_form_a_submission(tmp_path, home, script, capsys):
+    folder = tmp_path / "records_run"
+    packed_seed_runs(folder, (1, 2, 3), script, tmp_path / "data", args=["train.lr_scale=0.5"])
+    record = json.loads((folder / "logs" / "seed3.json").read_text())
+    assert record["artifact"]["sha256"] == sha256_file(folder / ARTIFACT) and record["config"] == "seed3.yaml"
+    assert record["command"] == {
+        "env": {"RUN_ID": "seed3", "SEED": "3", "DATA_PATH": str(tmp_path / "data"), "ITERATIONS": "4"},
+        "args": ["train.lr_scale=0.5"],
+    }
+    out = tmp_path / "records" / "x"
+    assert submission.main([str(folder), "--out", str(out), "--name", "x", "--github-id", "y"]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: records_run/logs/seed1: its artifact {ARTIFACT} was replaced by a later run" in printed
+    assert "records_run/logs/seed3: its artifact" not in printed  # measured: still the folder's file
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "README.md",
+        "requirements.txt",
+        "submission.json",
+        SCRIPT,
+        *(f"train_seed{s}.log" for s in (1, 2, 3)),
+    ]
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["seeds"] == [1, 2, 3] and sub["seed_results"]["3"]["model_bytes"] == (folder / ARTIFACT).stat().st_size
+    sizes = [json.loads((folder / "logs" / f"seed{s}.json").read_text())["artifact"]["bytes"] for s in (1, 2, 3)]
+    assert [sub["seed_results"][str(s)]["model_bytes"] for s in (1, 2, 3)] == sizes and len(set(sizes)) == 3
+    assert (out / "train_seed2.log").read_text() == (folder / "logs" / "seed2.txt").read_text()
+    readme = (out / "README.md").read_text()
+    assert "Artifact bytes of seed(s) 1, 2: as their runs recorded them" in readme
+    assert (  # the runs' own command, the data paths the packed config's
+        "SEED=2 RUN_ID=seed2 DATA_PATH=./data/datasets/fineweb10B_sp1024 ITERATIONS=4 "
+        "TOKENIZER_PATH=./data/tokenizers/sp.model torchrun --standalone --nproc_per_node=8 train_gpt.py "
+        "train.lr_scale=0.5"
+    ) in readme
+    assert "python train.py" not in readme and str(tmp_path) not in readme
+    # the records one by one pick runs out of the folder
+    two = [folder / "logs" / f"seed{s}.json" for s in (1, 3)]
+    assert submission.main([*map(str, two), "--out", str(tmp_path / "two"), "--name", "x", "--github-id", "y"]) == 0
+    assert json.loads((tmp_path / "two" / "submission.json").read_text())["seeds"] == [1, 3]
+    runs, notes = load_runs([folder])  # and compare reads them
+    assert [r.label for r in runs] == [f"records_run/logs/seed{s}" for s in (1, 2, 3)] and not notes
+
+
+def test_a_packed_run_without_its_own_record_or_log_is_refused(tmp_path, home, script, capsys):
+    folder = tmp_path / "f"
+    packed_seed_runs(folder, (1, 2), script, tmp_path / "data")
+    out = tmp_path / "records" / "x"
+    # a run that did not finish: a log without a record; given in its folder, it counts
+    (folder / "logs" / "seed9.txt").write_text("code_bytes:1 code_sha256:" + "0" * 64 + "\n")
+    err = refused([folder, "--out", out], capsys)
+    assert "f/logs/seed9.txt: a run without its record logs/seed9.json" in err
+    assert "give the runs' records one by one (<folder>/logs/<RUN_ID>.json)" in err
+    assert load_runs([folder])[1] == ["skipped f/logs/seed9.txt: no record (unfinished or failed run)"]
+    records = [folder / "logs" / f"seed{s}.json" for s in (1, 2)]
+    assert submission.main([*map(str, records), "--out", str(out), "--name", "x", "--github-id", "y"]) == 0
+    # a record whose sizes its log does not give; a log holding two runs (a reused RUN_ID)
+    log = (folder / "logs" / "seed1.txt").read_text()
+    (folder / "logs" / "seed1.txt").write_text(
+        re.sub(r"Serialized model int8\+zlib: \d+", "Serialized model x: 5", log)
+    )
+    err = refused([*records, "--out", tmp_path / "o2"], capsys)
+    assert "f/logs/seed1: its log's Serialized model line is 5, but its record gives" in err
+    (folder / "logs" / "seed1.txt").write_text(log + log)
+    err = refused([*records, "--out", tmp_path / "o3"], capsys)
+    assert "f/logs/seed1: its log logs/seed1.txt holds 2 runs (RUN_ID was reused)" in err
+    (folder / "logs" / "seed1.txt").write_text(log)
+    (folder / "logs" / "seed1.json").write_text("[1, 2]")  # not a record
+    assert "f/logs/seed1: unreadable run (seed1.json: not a packed run's record" in refused(
+        [*records, "--out", tmp_path / "o4"], capsys
+    )

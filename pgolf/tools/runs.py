@@ -5,6 +5,10 @@ modes, the float model's `pre_quant` diagnostic), `train.log` (the reference's `
 `eval_result.json` of a later `python eval.py ... out_dir=RUN/eval` up to two levels below it. Runs are
 grouped by experiment and variant (`pgolf.train.identity.RunIdentity`, or `--by KEY...`); a group's runs
 should differ only in their seed.
+
+A packed `train_gpt.py` (pgolf/tools/pack.py) run in a folder leaves, per run, `logs/<RUN_ID>.txt` (its
+log), `.yaml` (its resolved config) and `.json` (its record: command, artifact, results;
+`pgolf.train.standalone.write_run_record`); `load_packed_run` reads one such run from its record.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pgolf.train.identity import RunIdentity, identity_of_dir
 
 TRAIN_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:([\d.]+)ms")
 VAL_LINE = re.compile(r"^step:(\d+)/\d+ val_loss:(\S+) val_bpb:(\S+) train_time:([\d.]+)ms")
+RECORD_MAX_BYTES = 1 << 24
 STOP_LINE = re.compile(r"^stopping_early: wallclock_cap train_time:([\d.]+)ms step:(\d+)/")
 
 
@@ -41,6 +46,7 @@ class Run:
     train_curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, time ms)
     val_curve: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, loss, bpb, ms)
     stopped: tuple[int, float] | None = None  # (step, ms) of a `stopping_early: wallclock_cap` line
+    record: dict | None = None  # a packed run's record (logs/<RUN_ID>.json); None for a train.py run
 
     @property
     def seed(self) -> int:
@@ -48,8 +54,16 @@ class Run:
 
     @property
     def label(self) -> str:
-        """The run directory as `<sweep or time>/<job>` (no machine paths in tables)."""
+        """The run directory as `<sweep or time>/<job>`, a packed run as `<folder>/logs/<RUN_ID>` (no machine
+        paths in tables)."""
+        if self.record is not None:
+            return f"{self.path.name}/logs/{self.record['stem']}"
         return f"{self.path.parent.name}/{self.path.name}"
+
+    @property
+    def log_file(self) -> Path:
+        """The run's log of the reference's lines: `train.log`, or a packed run's `logs/<RUN_ID>.txt`."""
+        return self.path / "logs" / self.record["log"] if self.record is not None else self.path / "train.log"
 
     @property
     def export(self) -> dict:
@@ -153,16 +167,20 @@ def eval_result_files(run_dir: Path) -> list[Path]:
     return sorted({f for f in files if f.is_file()}, key=lambda f: (f.stat().st_mtime, str(f)))
 
 
+def _result_modes(run: Run, where: str) -> None:
+    pre = run.results.get("export", {}).get("pre_quant")
+    if pre:
+        run.modes["pre_quant"], run.sources["pre_quant"] = pre, f"{where} (float model)"
+    for mode, r in run.results.get("roundtrip", {}).items():
+        run.modes[mode], run.sources[mode] = r, where
+
+
 def load_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     res_file = run_dir / "results.json"
     results = json.loads(res_file.read_text()) if res_file.is_file() else {}
     run = Run(run_dir, identity_of_dir(run_dir), _config(run_dir), results)
-    pre = results.get("export", {}).get("pre_quant")
-    if pre:
-        run.modes["pre_quant"], run.sources["pre_quant"] = pre, "results.json (float model)"
-    for mode, r in results.get("roundtrip", {}).items():
-        run.modes[mode], run.sources[mode] = r, "results.json"
+    _result_modes(run, "results.json")
     for f in eval_result_files(run_dir):  # later evaluations of the artifact (eval.py) take precedence
         for mode, r in json.loads(f.read_text()).get("results", {}).items():
             rel = str(f.relative_to(run_dir))
@@ -175,6 +193,69 @@ def load_run(run_dir: str | Path) -> Run:
         run.train_curve, run.val_curve, run.stopped = parse_train_log(log.read_text(errors="replace"))
     elif (run_dir / "csv" / "metrics.csv").is_file():
         run.train_curve = parse_metrics_csv((run_dir / "csv" / "metrics.csv").read_text())
+    return run
+
+
+def is_packed_folder(p: Path) -> bool:
+    """A folder where a packed train_gpt.py ran: the script and its `logs/` (not a train.py run directory,
+    which keeps its packed script too)."""
+    return (p / "train_gpt.py").is_file() and (p / "logs").is_dir() and not is_run_dir(p)
+
+
+def is_packed_record(p: Path) -> bool:
+    """A packed run's record, `<folder>/logs/<RUN_ID>.json`."""
+    return p.suffix == ".json" and p.parent.name == "logs" and is_packed_folder(p.parent.parent)
+
+
+def packed_runs(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(records, orphan logs) of a packed folder: every `logs/*.json` record, and every `logs/*.txt` that no
+    record names (a run that did not finish, or one from before records were kept). Raises ValueError naming
+    a record that is not JSON."""
+    logs = folder / "logs"
+    records = sorted(logs.glob("*.json"))
+    named = {read_record(r).get("log") for r in records}
+    return records, [log for log in sorted(logs.glob("*.txt")) if log.name not in named]
+
+
+def read_record(path: Path) -> dict:
+    """A packed run's record (a JSON object of at most RECORD_MAX_BYTES). Raises ValueError naming it."""
+    if path.stat().st_size > RECORD_MAX_BYTES:
+        raise ValueError(f"{path.name}: over {RECORD_MAX_BYTES:,} bytes, not a packed run's record")
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path.name}: not a packed run's record (not a JSON object)")
+    return doc
+
+
+def _plain_name(value, what: str, record: Path) -> str:
+    if not isinstance(value, str) or not value or Path(value).name != value or value.startswith("."):
+        raise ValueError(f"{record.name}: its {what} {value!r} is not a file name in logs/")
+    return value
+
+
+def load_packed_run(record: str | Path) -> Run:
+    """One run of a packed train_gpt.py from its record `<folder>/logs/<RUN_ID>.json`: the config from the
+    `.yaml` it names, the results and curves from the record and the log it names. Group: the config's
+    `name` (and `variant`). Raises ValueError (or OSError) naming the file that is missing or malformed."""
+    record = Path(record)
+    folder = record.parent.parent
+    doc = read_record(record)
+    if not isinstance(doc.get("results"), dict):
+        raise ValueError(f"{record.name}: not a packed run's record (no results)")
+    doc = {**doc, "stem": record.stem}
+    log = _plain_name(doc.get("log"), "log", record)
+    cfg_name = _plain_name(doc.get("config"), "config", record)
+    cfg = OmegaConf.to_container(OmegaConf.load(folder / "logs" / cfg_name), resolve=True)
+    if not isinstance(cfg, dict) or "seed" not in cfg:
+        raise ValueError(f"logs/{cfg_name}: not a run's resolved config (no seed)")
+    ident = RunIdentity(str(cfg.get("name", "?")), int(cfg["seed"]), str(cfg.get("variant") or ""), ())
+    run = Run(folder, ident, cfg, doc["results"], record=doc)
+    _result_modes(run, f"logs/{record.name}")
+    if (folder / "logs" / log).is_file():
+        run.train_curve, run.val_curve, run.stopped = parse_train_log(run.log_file.read_text(errors="replace"))
     return run
 
 
@@ -194,12 +275,30 @@ def regroup(run: Run, keys: list[str]) -> Run:
     return run
 
 
+def results_file(run: Run) -> Path:
+    """Where the run's results were read: results.json, or a packed run's record."""
+    return run.path / "logs" / f"{run.record['stem']}.json" if run.record is not None else run.path / "results.json"
+
+
 def load_runs(paths: list[str | Path], by: list[str] | None = None) -> tuple[list[Run], list[str]]:
-    """Finished runs (with results) and notes about the directories that were left out."""
-    runs, notes = [], []
-    for d in find_runs(paths):
+    """Finished runs (with results) and notes about the directories that were left out. A path is a run
+    directory, a folder searched for them, a folder of packed runs (its records) or a packed run's record."""
+    runs, notes, found, rest = [], [], [], []
+    for p in map(Path, paths):
+        if p.is_dir() and is_packed_folder(p):
+            try:
+                records, orphans = packed_runs(p)
+            except ValueError as e:
+                raise CompareError(f"{p.name}/logs/{e}") from None
+            found += records
+            notes += [f"skipped {p.name}/logs/{log.name}: no record (unfinished or failed run)" for log in orphans]
+        elif p.is_file() and is_packed_record(p):
+            found.append(p)
+        else:
+            rest.append(p)
+    for d in found + (find_runs(rest) if rest else []):
         try:
-            run = load_run(d)
+            run = load_packed_run(d) if d.is_file() else load_run(d)
         except (OSError, ValueError) as e:
             notes.append(f"skipped {d.parent.name}/{d.name}: {e}")
             continue
@@ -214,7 +313,7 @@ def load_runs(paths: list[str | Path], by: list[str] | None = None) -> tuple[lis
     keep = []
     for (g, seed), rs in groups.items():
         if len(rs) > 1:  # the same seed twice is not an independent sample: keep the newest
-            rs = sorted(rs, key=lambda r: (r.path / "results.json").stat().st_mtime)
+            rs = sorted(rs, key=lambda r: results_file(r).stat().st_mtime)
             notes.append(f"group {g} has seed {seed} {len(rs)} times: kept {rs[-1].label} only")
         keep.append(rs[-1])
     order = {id(r): i for i, r in enumerate(runs)}

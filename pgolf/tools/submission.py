@@ -24,12 +24,19 @@ not a prefix of `/tmp/pg_work`); any other absolute path becomes `<path>/<its la
 machine path still there after that (as in `file:///home/...`) stops the folder with an error.
 
 Every run given is a run of the submission; none is dropped. A run directory is given, or found in a given
-sweep folder. The tool refuses, with one line naming the runs and nothing written: runs whose
-directories hold different train_gpt.py files (checked first, over every run), the same run directory
-twice, a run without results.json or eval results, runs of several groups or one seed twice, a run whose
-size check failed or whose results.json `compliance` is not compliant, a recorded byte count or sha256
-(results.json, the artifact's code record, an eval_result.json of the artifact) that the files disagree
-with, and an artifact + train_gpt.py over the limit. The sizes written are measured from the files.
+sweep folder. Runs of a packed `train_gpt.py` made in one folder (as the challenge's seed runs are:
+`SEED=... RUN_ID=... torchrun ... train_gpt.py`, each leaving `logs/<RUN_ID>.txt`, `.yaml` and `.json`) are
+given as the folder (every run in it) or as their records, `<folder>/logs/<RUN_ID>.json`; such a run's
+artifact is measured when it is still the file in the folder, else its sizes are the ones its record and its
+log's size lines give (they must agree), which the README says.
+
+The tool refuses, with one line naming the runs and nothing written: runs whose directories hold
+different train_gpt.py files (checked first, over every run), the same run twice, a run without
+results.json (or record) or eval results, a packed run's log without its record or holding several runs
+(a reused RUN_ID), runs of several groups or one seed twice, a run whose size check failed or whose
+results.json `compliance` is not compliant, a recorded byte count or sha256 (results.json, the artifact's
+code record, an eval_result.json of the artifact, a packed run's log) that the files disagree with, and an
+artifact + train_gpt.py over the limit. The sizes written are measured from the files (but see above).
 
 Before writing, the folder is verified: the script compiles, and its sha256 is the code hash that every
 run recorded in its artifact and its log (`code_sha256:`); runs of different code do not form one
@@ -59,11 +66,25 @@ from pgolf.quant.artifact import ArtifactError, load_artifact
 from pgolf.tools.compare import DIAGNOSTIC_MODES, ModeStats, compare_to, mode_order, mode_stats
 from pgolf.tools.fineweb import VARIANTS
 from pgolf.tools.pack import SCRIPT, unpack
-from pgolf.tools.runs import CompareError, config_differences, eval_result_files, find_runs, is_run_dir, load_run
+from pgolf.tools.runs import (
+    CompareError,
+    config_differences,
+    eval_result_files,
+    find_runs,
+    is_packed_folder,
+    is_packed_record,
+    is_run_dir,
+    load_packed_run,
+    load_run,
+    packed_runs,
+)
 from pgolf.tools.stats import MissingScipyError
 
 TRACK = "10min_16mb"
 CODE_LINE = re.compile(r"^code_bytes:(\d+) code_sha256:([0-9a-f]{64})$", re.M)  # pgolf/train/build.py log_header
+# The size lines every run's log ends with (pgolf/train/run.py log_final_size): model and code bytes.
+MODEL_LINE = re.compile(r"^Serialized model \S+: (\d+) bytes$", re.M)
+CODE_SIZE_LINE = re.compile(r"^Code size: (\d+) bytes$", re.M)
 WORLD_LINE = re.compile(r"^world_size:(\d+) ", re.M)
 
 # A character of a path component: what ends a path in text is whitespace, `/` or one of these delimiters.
@@ -132,19 +153,45 @@ def requirements(root: Path | None = None) -> list[str]:
 
 
 def label_of(d: Path) -> str:
-    """A run directory as `<sweep or time>/<job>` (as `Run.label`; no machine paths in messages)."""
+    """A run directory as `<sweep or time>/<job>`, a packed run's record as `<folder>/logs/<RUN_ID>` (as
+    `Run.label`; no machine paths in messages)."""
+    if is_packed_record(d):
+        return f"{d.parent.parent.name}/logs/{d.stem}"
     return "/".join(x for x in (d.parent.name, d.name) if x)
 
 
+def packed_found(folder: Path) -> list[Path]:
+    """The records of every run in a packed folder (`pgolf.tools.runs.packed_runs`). A log without a record
+    raises SubmissionError: a run given (in its folder) is a run of the submission."""
+    try:
+        records, orphans = packed_runs(folder)
+    except ValueError as e:
+        raise SubmissionError(f"{folder.name}/logs/{e}") from None
+    if orphans:
+        raise SubmissionError(
+            f"{folder.name}/logs/{orphans[0].name}: a run without its record logs/{orphans[0].stem}.json (unfinished, "
+            "failed, or made by an older train_gpt.py); give the runs' records one by one (<folder>/logs/<RUN_ID>.json)"
+        )
+    if not records:
+        raise SubmissionError(f"{folder.name}: a folder of packed runs without any run record (logs/<RUN_ID>.json)")
+    return records
+
+
 def run_dirs(paths) -> list[Path]:
-    """The run directories of `paths`, each given (a run directory: `.hydra/config.yaml` and a train.log or
-    results.json) or found in a given sweep folder (`pgolf.tools.runs.find_runs`). Nothing is dropped: a
-    directory reached twice (given twice, or given and also found in a given sweep) raises SubmissionError
-    naming it; a path that is neither raises CompareError."""
+    """The runs of `paths`, each given (a run directory: `.hydra/config.yaml` and a train.log or
+    results.json; a packed run's record `<folder>/logs/<RUN_ID>.json`) or found in a given sweep folder
+    (`pgolf.tools.runs.find_runs`) or folder of packed runs (every `logs/<RUN_ID>.json`: `packed_found`).
+    Nothing is dropped: a run reached twice (given twice, or given and also found in a given folder) raises
+    SubmissionError naming it; a path that is none of these raises CompareError."""
     dirs: list[Path] = []
     where: dict[Path, str] = {}
     for p in map(Path, paths):
-        found = [p] if p.is_dir() and is_run_dir(p) else find_runs([p])
+        if p.is_file() and is_packed_record(p):
+            found = [p]
+        elif p.is_dir() and is_packed_folder(p):
+            found = packed_found(p)
+        else:
+            found = [p] if p.is_dir() and is_run_dir(p) else find_runs([p])
         for d in found:
             key = d.resolve()
             how = f"as {label_of(p)}" if d == p else f"in the sweep {label_of(p)}"
@@ -160,7 +207,7 @@ def read_scripts(dirs: list[Path]) -> bytes:
     (runs of different code do not form one submission). Raises SubmissionError naming the runs."""
     scripts = {}
     for d in dirs:
-        f = d / SCRIPT
+        f = (d.parent.parent if d.is_file() else d) / SCRIPT
         if not f.is_file():
             raise SubmissionError(f"{label_of(d)}: no {SCRIPT} (a run made before the packer cannot be submitted)")
         scripts[label_of(d)] = f.read_bytes()
@@ -175,14 +222,14 @@ def load_given(dirs: list[Path]) -> list:
     results.json or without any eval result (an unfinished or failed run) raises SubmissionError naming it."""
     runs = []
     for d in dirs:
-        if not (d / "results.json").is_file():
+        if d.is_dir() and not (d / "results.json").is_file():
             raise SubmissionError(f"{label_of(d)}: no results.json (an unfinished or failed run); leave it out")
         try:
-            run = load_run(d)
+            run = load_packed_run(d) if d.is_file() else load_run(d)
         except (OSError, ValueError) as e:
             raise SubmissionError(f"{label_of(d)}: unreadable run ({e})") from None
         if not run.modes:
-            raise SubmissionError(f"{run.label}: results.json holds no eval result (a failed run); leave it out")
+            raise SubmissionError(f"{run.label}: its results hold no eval result (a failed run); leave it out")
         runs.append(run)
     return runs
 
@@ -210,6 +257,7 @@ class Artifact:
     model_bytes: int  # the file's length
     total_bytes: int  # the file's length + the length of train_gpt.py (what the challenge counts)
     meta: dict  # its validated metadata
+    measured: bool = True  # False: a later packed run in its folder replaced the file; as its run recorded it
 
 
 def artifact_of(run, code_bytes: int) -> Artifact:
@@ -220,6 +268,12 @@ def artifact_of(run, code_bytes: int) -> Artifact:
     if not name:
         raise SubmissionError(f"{run.label}: results.json names no artifact (export.path)")
     path = run.path / name
+    if run.record is not None:
+        rec = run.record.get("artifact") or {}
+        if rec.get("name") != name or not isinstance(rec.get("bytes"), int) or not isinstance(rec.get("meta"), dict):
+            raise SubmissionError(f"{run.label}: its record names no artifact {name} (artifact: name, bytes, meta)")
+        if not path.is_file() or sha256_of(path) != rec.get("sha256"):  # a later run in the folder replaced it
+            return Artifact(name, rec["bytes"], rec["bytes"] + code_bytes, rec["meta"], measured=False)
     if not path.is_file():
         raise SubmissionError(f"{run.label}: its artifact {name} is not in the run directory")
     try:
@@ -244,8 +298,15 @@ def recorded_sizes(run, art: Artifact) -> list[tuple[str, object, int]]:
         (f"the artifact's {CODE_KEY}.bytes", (art.meta.get(CODE_KEY) or {}).get("bytes"), code_bytes),
     ]
     for key in ("sha256", "artifact_sha256"):
-        if e.get(key) is not None:
+        if e.get(key) is not None and art.measured:
             out.append((f"results.json export.{key}", e[key], sha256_of(run.path / art.name)))
+    if not art.measured:  # as its run recorded it: the record's results and the log's last size lines agree
+        log = run.log_file.read_text(errors="replace") if run.log_file.is_file() else ""
+        for where, line in (("Serialized model", MODEL_LINE), ("Code size", CODE_SIZE_LINE)):
+            found = line.findall(log)
+            logged = int(found[-1]) if found else "missing"
+            out.append((f"its log's {where} line", logged, art.model_bytes if line is MODEL_LINE else code_bytes))
+        return [(w, v, m) for w, v, m in out if v is not None]
     for f in eval_result_files(run.path):
         doc = json.loads(f.read_text())
         if doc.get("artifact") == art.name:
@@ -276,10 +337,11 @@ def check_size(run, art: Artifact) -> None:
         raise SubmissionError(f"{run.label}: not compliant (results.json compliance: {why})")
     for where, recorded, measured in recorded_sizes(run, art):
         if recorded != measured:
-            raise SubmissionError(
-                f"{run.label}: {where} is {recorded}, but the files measure {measured} ({art.name} + {SCRIPT}); "
-                "results.json is not this artifact's"
-            )
+            if art.measured:
+                why = f"the files measure {measured} ({art.name} + {SCRIPT}); results.json is not this artifact's"
+            else:
+                why = f"its record gives {measured} ({art.name}, since replaced by a later run); its records disagree"
+            raise SubmissionError(f"{run.label}: {where} is {recorded}, but {why}")
     limit = int(e.get("limit_bytes") or ARTIFACT_LIMIT_BYTES)
     if art.total_bytes > limit:
         raise SubmissionError(
@@ -318,10 +380,17 @@ def verify_code(runs, script: bytes) -> Code:
             raise SubmissionError(
                 f"{r.label}: its artifact records seed {meta['seed']}, but the run's seed is {r.seed}"
             )
-        log = (r.path / "train.log").read_text(errors="replace") if (r.path / "train.log").is_file() else ""
+        log = r.log_file.read_text(errors="replace") if r.log_file.is_file() else ""
         logged = [m[2] for m in CODE_LINE.finditer(log)]
         if not logged or set(logged) != {sha}:
-            raise SubmissionError(f"{r.label}: its train.log records code {logged or 'none'}, not {SCRIPT}'s {sha}")
+            raise SubmissionError(
+                f"{r.label}: its {r.log_file.name} records code {logged or 'none'}, not {SCRIPT}'s {sha}"
+            )
+        if r.record is not None and len(logged) > 1:
+            raise SubmissionError(
+                f"{r.label}: its log logs/{r.log_file.name} holds {len(logged)} runs (RUN_ID was reused); "
+                "a submission needs each run's own log"
+            )
         check_size(r, art)
         artifacts[r.label] = art
         versions.append(meta.get("requirements") or {})
@@ -355,9 +424,12 @@ def pick_mode(runs, stats: dict[str, ModeStats], mode: str | None) -> str:
     return min(ok, key=lambda s: s.bpb_mean).mode
 
 
-def run_command(runs) -> str:
+def run_command(runs) -> str | None:
     """The pgolf command line that made the runs (the Hydra overrides they share, shell-quoted), as one
-    multirun over their seeds (`-m seed=A,B,C`), or one run for a single seed."""
+    multirun over their seeds (`-m seed=A,B,C`), or one run for a single seed; None for runs of a packed
+    train_gpt.py (their config is the packed one, with no overrides of pgolf's conf/)."""
+    if any(r.record is not None for r in runs):
+        return None
     per_run = []
     for r in runs:
         f = r.path / ".hydra" / "overrides.yaml"
@@ -512,6 +584,14 @@ def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str, code: Code) 
     mean = ["mean ± std", "", "", "", f"{sub['val_loss']:.8f}"]
     mean += [f"{stats[m].bpb_mean:.8f} ± {stats[m].bpb_std:.8f}" for m in modes]
     lines += ["| " + " | ".join(mean) + " |", ""]
+    recorded = [str(r.seed) for r in runs if not code.artifacts[r.label].measured]
+    if recorded:
+        lines += [
+            f"Artifact bytes of seed(s) {', '.join(recorded)}: as their runs recorded them (`logs/<RUN_ID>.json` and "
+            "the log's size lines), a later run in the same folder having replaced their artifact files; the others "
+            "are measured from the files.",
+            "",
+        ]
     lines += ["Eval modes (val_bpb of the round-tripped artifact unless marked):", ""]
     for m in modes:
         st = stats[m]
@@ -548,11 +628,21 @@ def packed_data(code: Code) -> tuple[str, str]:
 
 def packed_commands(runs, code: Code) -> list[str]:
     """One command per seed that runs train_gpt.py from inside the folder, with its environment (the data
-    paths are the script's defaults, under ./data), shell-quoted."""
+    paths are the script's defaults, under ./data), shell-quoted. A packed run's command is the one its
+    record gives (its environment variables and arguments), with the data paths so replaced."""
     shards, tokenizer = packed_data(code)
-    env = shlex.join([f"DATA_PATH={shards}", f"TOKENIZER_PATH={tokenizer}"])
-    run = shlex.join(["torchrun", "--standalone", f"--nproc_per_node={code.world_size}", SCRIPT])
-    return [f"SEED={r.seed} RUN_ID=seed{r.seed} {env} {run}" for r in runs]
+    data = {"DATA_PATH": shards, "TOKENIZER_PATH": tokenizer}
+    run = ["torchrun", "--standalone", f"--nproc_per_node={code.world_size}", SCRIPT]
+    out = []
+    for r in runs:
+        env, args = {"SEED": str(r.seed), "RUN_ID": f"seed{r.seed}"}, []
+        if r.record is not None:
+            command = r.record.get("command") or {}
+            env = {"SEED": str(r.seed), "RUN_ID": r.record.get("run_id", "")} | dict(command.get("env") or {})
+            args = [str(a) for a in command.get("args") or []]
+        env |= data
+        out.append(shlex.join([f"{k}={v}" for k, v in env.items()] + run + args))
+    return out
 
 
 def data_source(runs, code: Code) -> str:
@@ -593,6 +683,19 @@ def reproduce_lines(sub: dict, packed: list[str], cmd: str, data: str) -> list[s
         "config (compressed, in one ASCII string literal); each run writes `logs/<RUN_ID>.txt`, the artifact and "
         "`results.json` here. `ITERATIONS`, `MAX_WALLCLOCK_SECONDS`, `VAL_LOSS_EVERY` and `key=value` arguments "
         "override the config.",
+        *(pgolf_lines(cmd) if cmd is not None else []),
+        "",
+        "## Environment",
+        "",
+        f"- hardware: {sub['hardware']}",
+        f"- PyTorch {sub['pytorch_version']}; code at git {sub['git_sha']}"
+        + (" (uncommitted changes)" if sub["git_dirty"] else ""),
+        "- requirements: `requirements.txt`; train logs: " + ", ".join(f"`train_seed{s}.log`" for s in sub["seeds"]),
+    ]
+
+
+def pgolf_lines(cmd: str) -> list[str]:
+    return [
         "",
         "The same runs from the pgolf repository (which packs this file from `conf/`):",
         "",
@@ -602,13 +705,6 @@ def reproduce_lines(sub: dict, packed: list[str], cmd: str, data: str) -> list[s
         "",
         "Each job writes its directory with the resolved config, `train.log`, `csv/metrics.csv`, the artifact and "
         "`results.json`; `python eval.py artifact=<job dir>/<artifact>` re-scores an artifact.",
-        "",
-        "## Environment",
-        "",
-        f"- hardware: {sub['hardware']}",
-        f"- PyTorch {sub['pytorch_version']}; code at git {sub['git_sha']}"
-        + (" (uncommitted changes)" if sub["git_dirty"] else ""),
-        "- requirements: `requirements.txt`; train logs: " + ", ".join(f"`train_seed{s}.log`" for s in sub["seeds"]),
     ]
 
 
@@ -641,7 +737,12 @@ def assemble(
             check_seeds(baseline_runs)
         except SubmissionError as e:
             raise SubmissionError(f"--baseline: {e}") from None
-    notes = config_notes(runs)
+    notes = config_notes(runs) + [
+        f"{r.label}: its artifact {code.artifacts[r.label].name} was replaced by a later run in its folder; its "
+        "sizes are the ones its record and its log give"
+        for r in runs
+        if not code.artifacts[r.label].measured
+    ]
     runs = sorted(runs, key=lambda r: r.seed)
     sub, text = build(
         runs,
@@ -698,9 +799,9 @@ def write_folder(tmp: Path, runs, sub: dict, text: str, code: Code) -> None:
     README.md and requirements.txt, every text file with machine paths scrubbed (`machine_prefixes`,
     `scrub_paths`). SubmissionError when a run has no train.log or a machine path would be left."""
     for r in runs:
-        log = r.path / "train.log"
+        log = r.log_file
         if not log.is_file():
-            raise SubmissionError(f"{r.label}: no train.log")
+            raise SubmissionError(f"{r.label}: no {log.name}")
         name = f"train_seed{r.seed}.log"
         (tmp / name).write_text(checked_text(name, log.read_text(errors="replace"), machine_prefixes(r)))
     (tmp / SCRIPT).write_bytes(code.script)

@@ -4,17 +4,19 @@ its bootstrap calls `main`).
 
 As the reference script (openai/parameter-golf `train_gpt.py`) does, it reads `SEED`, `RUN_ID`,
 `DATA_PATH` (the shard folder), `TOKENIZER_PATH`, `MAX_WALLCLOCK_SECONDS`, `ITERATIONS` and
-`VAL_LOSS_EVERY` (`ENV_KEYS`), writes its log to `logs/{RUN_ID}.txt` and its artifact and `results.json`
-into the current folder, and runs alone or under `torchrun --standalone --nproc_per_node=N` (the process
-count is taken from torchrun's environment). Command-line arguments are overrides in Hydra's form,
-`train.iterations=50 final_eval.modes=[standard,sliding]`, parsed by Hydra's own override parser (the
-values `train.py` would get: `{a:1}`, lists, `null`, interpolations; a key may index a list), applied to the
-config and checked by the same typed schema as `train.py` (pgolf/config/); there are no config groups to
-pick (`model=tiny`): the file holds one resolved config. The run is `pgolf.train.run.fit`, as under `train.py`.
+`VAL_LOSS_EVERY` (`ENV_KEYS`), writes its log to `logs/{RUN_ID}.txt`, its resolved config and its record
+(`write_run_record`) beside it, and its artifact and `results.json` into the current folder, and runs alone
+or under `torchrun --standalone --nproc_per_node=N` (the process count is taken from torchrun's
+environment). Command-line arguments are overrides in Hydra's form, `train.iterations=50
+final_eval.modes=[standard,sliding]`, parsed by Hydra's own override parser (the values `train.py` would
+get: `{a:1}`, lists, `null`, interpolations; a key may index a list), applied to the config and checked by
+the same typed schema as `train.py` (pgolf/config/); there are no config groups to pick (`model=tiny`): the
+file holds one resolved config. The run is `pgolf.train.run.fit`, as under `train.py`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -33,6 +35,8 @@ from pgolf.config.typed import ConfigError, PosInt, convert, load
 from pgolf.config.validate import MODEL_SHAPE_KEYS, exit_on_config_error, plain
 from pgolf.eval.modes import mode_names
 from pgolf.export.code import code_record, package_versions
+from pgolf.io import atomic_write_bytes, sha256_file
+from pgolf.quant.artifact import load_artifact
 from pgolf.runlog import global_rank
 from pgolf.train.run import exit_status, fit, prepare
 
@@ -161,7 +165,31 @@ def main(packed: Mapping, script: str | Path, argv: list[str] | None = None, env
     if config_file.name != f"{run_id}.yaml" and global_rank() == 0:
         print(f"{logs / run_id}.yaml is kept from an earlier run with RUN_ID={run_id}; this run's: {config_file}")
     results = fit(cfg, ".", extras, code, logs / f"{run_id}.txt", config_file, versions)
+    if results is not None and global_rank() == 0:
+        write_run_record(config_file.with_suffix(".json"), run_id, results, env, argv)
     return exit_status(cfg, results)
+
+
+def write_run_record(path: Path, run_id: str, results: dict, env: Mapping[str, str], argv: list[str]) -> None:
+    """Keep this run's record when a later run in the same folder replaces `results.json` and the artifact
+    (as the challenge's seed runs do): `logs/<RUN_ID>.json` (`.N.json` beside a `.N.yaml`, `config_path`)
+    holds the log's and config's names, the command (the environment variables of `ENV_KEYS` and `RUN_ID`,
+    and the arguments), the artifact's name, length, sha256 and metadata (read back from the file), and
+    results.json's contents. `pgolf.tools.submission` reads it. Written atomically; raises OSError."""
+    art, name = None, (results.get("export") or {}).get("path")
+    if name and Path(name).is_file():
+        header, _ = load_artifact(name, tensors=False)
+        art = {"name": name, "bytes": Path(name).stat().st_size, "sha256": sha256_file(name), "meta": header.meta}
+    set_env = {v: env[v] for v in ("RUN_ID", *ENV_KEYS) if v in env}
+    record = {
+        "run_id": run_id,
+        "log": f"{run_id}.txt",
+        "config": path.with_suffix(".yaml").name,
+        "command": {"env": set_env, "args": list(argv)},
+        "artifact": art,
+        "results": results,
+    }
+    atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def check_run_id(run_id: str) -> None:
