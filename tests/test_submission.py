@@ -392,7 +392,7 @@ def test_a_packed_run_without_its_own_record_or_log_is_refused(tmp_path, home, s
     err = refused([folder, "--out", out], capsys)
     assert "f/logs/seed9.txt: a run without its record logs/seed9.json" in err
     assert "give the runs' records one by one (<folder>/logs/<RUN_ID>.json)" in err
-    assert load_runs([folder])[1] == ["skipped f/logs/seed9.txt: no record (unfinished or failed run)"]
+    assert load_runs([folder])[1] == ["skipped f/logs/seed9.txt: no record (unfinished or failed)"]
     records = [folder / "logs" / f"seed{s}.json" for s in (1, 2)]
     assert submission.main([*map(str, records), "--out", str(out), "--name", "x", "--github-id", "y"]) == 0
     # a record whose sizes its log does not give; a log holding two runs (a reused RUN_ID)

@@ -57,7 +57,7 @@ class Run:
         """The run directory as `<sweep or time>/<job>`, a packed run as `<folder>/logs/<RUN_ID>` (no machine
         paths in tables)."""
         if self.record is not None:
-            return f"{self.path.name}/logs/{self.record['stem']}"
+            return f"{self.path.resolve().name}/logs/{self.record['stem']}"
         return f"{self.path.parent.name}/{self.path.name}"
 
     @property
@@ -289,9 +289,9 @@ def load_runs(paths: list[str | Path], by: list[str] | None = None) -> tuple[lis
             try:
                 records, orphans = packed_runs(p)
             except ValueError as e:
-                raise CompareError(f"{p.name}/logs/{e}") from None
+                raise CompareError(f"{p.resolve().name}/logs/{e}") from None
             found += records
-            notes += [f"skipped {p.name}/logs/{log.name}: no record (unfinished or failed run)" for log in orphans]
+            notes += [f"skipped {p.resolve().name}/logs/{o.name}: no record (unfinished or failed)" for o in orphans]
         elif p.is_file() and is_packed_record(p):
             found.append(p)
         else:

@@ -156,24 +156,25 @@ def label_of(d: Path) -> str:
     """A run directory as `<sweep or time>/<job>`, a packed run's record as `<folder>/logs/<RUN_ID>` (as
     `Run.label`; no machine paths in messages)."""
     if is_packed_record(d):
-        return f"{d.parent.parent.name}/logs/{d.stem}"
+        return f"{d.parent.parent.resolve().name}/logs/{d.stem}"
     return "/".join(x for x in (d.parent.name, d.name) if x)
 
 
 def packed_found(folder: Path) -> list[Path]:
     """The records of every run in a packed folder (`pgolf.tools.runs.packed_runs`). A log without a record
     raises SubmissionError: a run given (in its folder) is a run of the submission."""
+    name = folder.resolve().name
     try:
         records, orphans = packed_runs(folder)
     except ValueError as e:
-        raise SubmissionError(f"{folder.name}/logs/{e}") from None
+        raise SubmissionError(f"{name}/logs/{e}") from None
     if orphans:
         raise SubmissionError(
-            f"{folder.name}/logs/{orphans[0].name}: a run without its record logs/{orphans[0].stem}.json (unfinished, "
+            f"{name}/logs/{orphans[0].name}: a run without its record logs/{orphans[0].stem}.json (unfinished, "
             "failed, or made by an older train_gpt.py); give the runs' records one by one (<folder>/logs/<RUN_ID>.json)"
         )
     if not records:
-        raise SubmissionError(f"{folder.name}: a folder of packed runs without any run record (logs/<RUN_ID>.json)")
+        raise SubmissionError(f"{name}: a folder of packed runs without any run record (logs/<RUN_ID>.json)")
     return records
 
 
