@@ -52,7 +52,7 @@ from pgolf.tools.packsource import (
     strip,
     unparse,
 )
-from pgolf.train.standalone import check_config, check_run_id, config_path, main, run_config
+from pgolf.train.standalone import check_config, check_run_id, config_path, main, run_config, set_by
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -191,6 +191,11 @@ def test_environment_and_overrides_map_onto_the_config():
     assert cfg.final_eval.settings == {"sliding": {"stride": 32}}
     with pytest.raises(ConfigError, match="a sweep"):
         run_config(payload, ["seed=1,2"], {})
+    # a bad value from the environment is named by its variable, unless the command line set the key
+    msg = "train.iterations must be an integer >= 1, got -3"
+    assert set_by(msg, {"ITERATIONS": "-3"}, []) == " (set by ITERATIONS=-3)"
+    assert set_by(msg, {"ITERATIONS": "-3"}, ["train.iterations=-3"]) == ""
+    assert set_by("train.iterations_x must be", {"ITERATIONS": "5"}, []) == ""
 
 
 def test_a_reused_run_id_keeps_the_earlier_runs_config(tmp_path):

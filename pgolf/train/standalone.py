@@ -158,7 +158,10 @@ def main(packed: Mapping, script: str | Path, argv: list[str] | None = None, env
     with exit_on_config_error():
         check_run_id(run_id)
         cfg = run_config(packed, argv, env)
-        check_config(cfg)
+        try:
+            check_config(cfg)
+        except ConfigError as e:
+            raise ConfigError(str(e) + set_by(str(e), env, argv)) from None
         extras = prepare(cfg, ".")
     versions = package_versions(packed["requirements"])
     config_file = config_path(logs, run_id)
@@ -190,6 +193,16 @@ def write_run_record(path: Path, run_id: str, results: dict, env: Mapping[str, s
         "results": results,
     }
     atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def set_by(message: str, env: Mapping[str, str], argv: list[str]) -> str:
+    """` (set by VAR=value)` when `message` is about the config key of an environment variable of `ENV_KEYS`
+    that the command line did not override, else ''."""
+    args = {a.removeprefix("+").partition("=")[0] for a in argv}
+    for var, key in ENV_KEYS.items():
+        if var in env and key not in args and message.startswith(f"{key} "):
+            return f" (set by {var}={env[var]})"
+    return ""
 
 
 def check_run_id(run_id: str) -> None:
