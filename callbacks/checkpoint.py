@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -115,7 +116,7 @@ class Checkpointing(L.Callback):
         path = self.save(trainer, "last.ckpt")
         pl_module.state.preempted = True
         log0(f"preempted: SIGTERM received; checkpoint of step {step} saved to checkpoints/{path.name}")
-        log0(f"resume with: python train.py <same overrides> resume={os.path.relpath(path)}")
+        log0(f"resume with: {resume_command()} resume={os.path.relpath(path)}")
         trainer.should_stop = True
 
     def save(self, trainer, name: str) -> Path:
@@ -131,3 +132,12 @@ class Checkpointing(L.Callback):
                     if old.exists():
                         os.unlink(old)
         return path
+
+
+def resume_command() -> str:
+    """How the run was started, for the resume hint: `train.py`'s overrides, or the packed train_gpt.py's
+    environment variables (the same `RUN_ID`) and overrides."""
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train.py"
+    if prog == "train.py":
+        return "python train.py <same overrides>"
+    return f"<same environment, RUN_ID included> python {prog} <same overrides>"

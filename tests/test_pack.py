@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from callbacks.checkpoint import resume_command
 from pgolf import optional
 from pgolf.config.runtime import PART_RULES, check_parts, uses_doc_attention
 from pgolf.config.typed import ConfigError
@@ -196,6 +197,14 @@ def test_environment_and_overrides_map_onto_the_config():
     assert set_by(msg, {"ITERATIONS": "-3"}, []) == " (set by ITERATIONS=-3)"
     assert set_by(msg, {"ITERATIONS": "-3"}, ["train.iterations=-3"]) == ""
     assert set_by("train.iterations_x must be", {"ITERATIONS": "5"}, []) == ""
+    assert set_by(msg, {"ITERATIONS": "-3"}, ["++train.iterations=-5"]) == ""
+
+
+def test_the_resume_hint_names_the_script_that_ran(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train_gpt.py", "train.log_every=5"])
+    assert resume_command() == "<same environment, RUN_ID included> python train_gpt.py <same overrides>"
+    monkeypatch.setattr(sys, "argv", ["/repo/train.py", "model=tiny"])
+    assert resume_command() == "python train.py <same overrides>"
 
 
 def test_a_reused_run_id_keeps_the_earlier_runs_config(tmp_path):

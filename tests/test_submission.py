@@ -4,6 +4,7 @@ hash) that holds no absolute path of the machine."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -13,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from pgolf.export.code import code_record, public_version
 from pgolf.io import sha256_file
 from pgolf.quant.artifact import write_artifact
 from pgolf.tools import submission
-from pgolf.tools.pack import SCRIPT
+from pgolf.tools.pack import SCRIPT, compose_train
 from pgolf.tools.runs import load_runs
 from pgolf.tools.submission import SubmissionError, find_machine_paths, prefix_pattern, scrub_obj, scrub_paths
 from pgolf.train.standalone import write_run_record
@@ -308,10 +310,19 @@ def test_requirements_drop_local_version_labels():
 
 
 # ---- runs of a packed train_gpt.py in one folder --------------------------------------------------------------
-def packed_seed_runs(folder: Path, seeds, script: bytes, data: Path, args=(), bpb=1.2) -> None:
+@functools.cache
+def tiny_config() -> dict:
+    """A resolved config of the tiny experiment, as a packed run writes it to logs/<RUN_ID>.yaml."""
+    return OmegaConf.to_container(compose_train(["model=tiny", "data=synthetic"]), resolve=True)
+
+
+def packed_seed_runs(
+    folder: Path, seeds, script: bytes, data: Path, args=(), bpb=1.2, config=None, world=8, run_ids=None
+) -> None:
     """Runs of a packed train_gpt.py in `folder`, one after the other, as `pgolf.train.standalone.main` leaves
     them: each replaces the artifact and results.json, and keeps logs/<RUN_ID>.txt, .yaml and its record
-    (written by the runtime's own `write_run_record`)."""
+    (written by the runtime's own `write_run_record`). `config` (dotted key -> value) overrides the config
+    of the last seed."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SCRIPT).write_bytes(script)
     logs = folder / "logs"
@@ -320,48 +331,60 @@ def packed_seed_runs(folder: Path, seeds, script: bytes, data: Path, args=(), bp
     cwd = Path.cwd()
     try:
         os.chdir(folder)  # the packed script writes into the folder it runs in
-        for seed in seeds:
-            run_id = f"seed{seed}"
+        for i, seed in enumerate(seeds):
+            run_id = run_ids[i] if run_ids else f"seed{seed}"
             meta = {"code": code, "requirements": {"torch": "2.13.0"}, "provenance": {"device": "cpu"}, "seed": seed}
             model = write_artifact(Path(ARTIFACT), {}, {**meta, "pad": "x" * seed}, "zlib")  # sizes differ
             export = {"path": ARTIFACT, "model_bytes": model, "code_bytes": code["bytes"]}
+            std = eval_result(bpb + seed / 1e3)
             res = {"export": {**export, "total_bytes": model + code["bytes"]}, "size_ok": True}
-            res |= {"roundtrip": {"standard": eval_result(bpb + seed / 1e3)}, "total_bytes": model + code["bytes"]}
+            res |= {"roundtrip": {"standard": std}, "total_bytes": model + code["bytes"]}
             res["compliance"] = {"calibration_ok": True, "size_ok": True, "full_validation": True, "reasons": []}
+            res["training"] = {"steps": 4, "train_time_ms": 400.0 + seed}
             Path("results.json").write_text(json.dumps(res))
-            (logs / f"{run_id}.yaml").write_text(yaml.safe_dump({"name": "tiny", "seed": seed, "data": {"dir": "x"}}))
-            lines = [f"code_bytes:{code['bytes']} code_sha256:{code['sha256']}", "world_size:8 grad_accum_steps:1"]
+            cfg = OmegaConf.create(tiny_config())
+            cfg.seed, cfg.data.dir = seed, str(data)
+            for k, v in (config or {}).items() if seed == seeds[-1] else ():
+                OmegaConf.update(cfg, k, v)
+            OmegaConf.save(cfg, logs / f"{run_id}.yaml")
+            lines = [f"seed:{seed}", f"code_bytes:{code['bytes']} code_sha256:{code['sha256']}"]
+            lines += [f"world_size:{world} grad_accum_steps:1"]
             lines += [f"step:4/4 train_loss:4.0 train_time:{400 + seed}ms step_avg:100.00ms"]
             lines += [f"Serialized model int8+zlib: {model} bytes", f"Code size: {code['bytes']} bytes"]
-            (logs / f"{run_id}.txt").write_text("\n".join(lines) + "\n")
+            lines += [f"final_int8_zlib_roundtrip_exact val_loss:{std['val_loss']:.8f} val_bpb:{std['val_bpb']:.8f}"]
+            with open(logs / f"{run_id}.txt", "a") as f:  # appended to, as the reference does
+                f.write("\n".join(lines) + "\n")
             env = {"SEED": str(seed), "RUN_ID": run_id, "DATA_PATH": str(data), "ITERATIONS": "4", "HOME": "h"}
             write_run_record(logs / f"{run_id}.json", run_id, res, env, list(args))
     finally:
         os.chdir(cwd)
 
 
+def edit_record(folder: Path, stem: str, edit) -> None:
+    f = folder / "logs" / f"{stem}.json"
+    doc = json.loads(f.read_text())
+    edit(doc)
+    f.write_text(json.dumps(doc))
+
+
 def test_packed_runs_in_one_folder_form_a_submission(tmp_path, home, script, capsys):
     folder = tmp_path / "records_run"
-    packed_seed_runs(folder, (1, 2, 3), script, tmp_path / "data", args=["train.lr_scale=0.5"])
+    data_args = [f"data.dir={tmp_path / 'data'}", f"+data.tokenizer_path={tmp_path / 't.model'}"]
+    packed_seed_runs(folder, (1, 2, 3), script, tmp_path / "data", args=["train.log_every=5", *data_args])
     record = json.loads((folder / "logs" / "seed3.json").read_text())
     assert record["artifact"]["sha256"] == sha256_file(folder / ARTIFACT) and record["config"] == "seed3.yaml"
     assert record["command"] == {
         "env": {"RUN_ID": "seed3", "SEED": "3", "DATA_PATH": str(tmp_path / "data"), "ITERATIONS": "4"},
-        "args": ["train.lr_scale=0.5"],
+        "args": ["train.log_every=5", *data_args],
     }
     out = tmp_path / "records" / "x"
     assert submission.main([str(folder), "--out", str(out), "--name", "x", "--github-id", "y"]) == 0
     printed = capsys.readouterr().out
-    assert f"note: records_run/logs/seed1: its artifact {ARTIFACT} was replaced by a later run" in printed
+    assert f"note: records_run/logs/seed1: its artifact {ARTIFACT} is no longer in its folder" in printed
     assert "records_run/logs/seed3: its artifact" not in printed  # measured: still the folder's file
     names = sorted(p.name for p in out.iterdir())
-    assert names == [
-        "README.md",
-        "requirements.txt",
-        "submission.json",
-        SCRIPT,
-        *(f"train_seed{s}.log" for s in (1, 2, 3)),
-    ]
+    logs = [f"train_seed{s}.log" for s in (1, 2, 3)]
+    assert names == ["README.md", "requirements.txt", "submission.json", SCRIPT, *logs]
     sub = json.loads((out / "submission.json").read_text())
     assert sub["seeds"] == [1, 2, 3] and sub["seed_results"]["3"]["model_bytes"] == (folder / ARTIFACT).stat().st_size
     sizes = [json.loads((folder / "logs" / f"seed{s}.json").read_text())["artifact"]["bytes"] for s in (1, 2, 3)]
@@ -369,15 +392,22 @@ def test_packed_runs_in_one_folder_form_a_submission(tmp_path, home, script, cap
     assert (out / "train_seed2.log").read_text() == (folder / "logs" / "seed2.txt").read_text()
     readme = (out / "README.md").read_text()
     assert "Artifact bytes of seed(s) 1, 2: as their runs recorded them" in readme
-    assert (  # the runs' own command, the data paths the packed config's
+    assert "the others are measured from the files." in readme
+    assert (  # the run's own command; the data paths are the packed config's, the machine's are dropped
         "SEED=2 RUN_ID=seed2 DATA_PATH=./data/datasets/fineweb10B_sp1024 ITERATIONS=4 "
         "TOKENIZER_PATH=./data/tokenizers/sp.model torchrun --standalone --nproc_per_node=8 train_gpt.py "
-        "train.lr_scale=0.5"
+        "train.log_every=5\n"
     ) in readme
     assert "python train.py" not in readme and str(tmp_path) not in readme
-    # the records one by one pick runs out of the folder
-    two = [folder / "logs" / f"seed{s}.json" for s in (1, 3)]
-    assert submission.main([*map(str, two), "--out", str(tmp_path / "two"), "--name", "x", "--github-id", "y"]) == 0
+    # the records one by one pick runs out of the folder, also as relative paths
+    cwd = Path.cwd()
+    try:
+        os.chdir(folder / "logs")
+        assert (
+            submission.main(["seed1.json", "seed3.json", "--out", "../../two", "--name", "x", "--github-id", "y"]) == 0
+        )
+    finally:
+        os.chdir(cwd)
     assert json.loads((tmp_path / "two" / "submission.json").read_text())["seeds"] == [1, 3]
     runs, notes = load_runs([folder])  # and compare reads them
     assert [r.label for r in runs] == [f"records_run/logs/seed{s}" for s in (1, 2, 3)] and not notes
@@ -395,18 +425,125 @@ def test_a_packed_run_without_its_own_record_or_log_is_refused(tmp_path, home, s
     assert load_runs([folder])[1] == ["skipped f/logs/seed9.txt: no record (unfinished or failed)"]
     records = [folder / "logs" / f"seed{s}.json" for s in (1, 2)]
     assert submission.main([*map(str, records), "--out", str(out), "--name", "x", "--github-id", "y"]) == 0
-    # a record whose sizes its log does not give; a log holding two runs (a reused RUN_ID)
+    # a record whose sizes its log does not give
     log = (folder / "logs" / "seed1.txt").read_text()
-    (folder / "logs" / "seed1.txt").write_text(
-        re.sub(r"Serialized model int8\+zlib: \d+", "Serialized model x: 5", log)
-    )
+    lied = re.sub(r"Serialized model int8\+zlib: \d+", "Serialized model x: 5", log)
+    (folder / "logs" / "seed1.txt").write_text(lied)
     err = refused([*records, "--out", tmp_path / "o2"], capsys)
     assert "f/logs/seed1: its log's Serialized model line is 5, but its record gives" in err
-    (folder / "logs" / "seed1.txt").write_text(log + log)
-    err = refused([*records, "--out", tmp_path / "o3"], capsys)
-    assert "f/logs/seed1: its log logs/seed1.txt holds 2 runs (RUN_ID was reused)" in err
+    # a resumed run's log holds its first part too: one record names it, so it is the run's own log
+    (folder / "logs" / "seed1.txt").write_text(log.replace("seed:1\n", "seed:1\nterminated: SIGTERM\n") + log)
+    assert submission.main([*map(str, records), "--out", str(tmp_path / "o3"), "--name", "x", "--github-id", "y"]) == 0
+    # a reused RUN_ID: two records name one log
     (folder / "logs" / "seed1.txt").write_text(log)
+    (folder / "logs" / "seed1.2.json").write_bytes((folder / "logs" / "seed1.json").read_bytes())
+    err = refused([*records, "--out", tmp_path / "o4"], capsys)
+    assert "f/logs/seed1: its log logs/seed1.txt is also the log of seed1.2.json (RUN_ID was reused)" in err
+    (folder / "logs" / "seed9.txt").unlink()
+    assert "seed1.txt: the log of 2 runs (seed1.2.json, seed1.json: RUN_ID was reused)" in refused(
+        [folder, "--out", tmp_path / "o5"], capsys
+    )
+    (folder / "logs" / "seed1.2.json").unlink()
     (folder / "logs" / "seed1.json").write_text("[1, 2]")  # not a record
     assert "f/logs/seed1: unreadable run (seed1.json: not a packed run's record" in refused(
-        [*records, "--out", tmp_path / "o4"], capsys
+        [*records, "--out", tmp_path / "o6"], capsys
     )
+    # a file that is no run at all: one line
+    for f in (folder / "logs" / "seed2.txt", folder / "results.json"):
+        assert "not a run directory" in refused([f, "--out", tmp_path / "o7"], capsys)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda d: d["results"].update(roundtrip="x"), "results.export or results.roundtrip has the wrong type"),
+        (lambda d: d["results"]["roundtrip"]["standard"].update(val_bpb="1.1"), "results.roundtrip.standard has"),
+        (lambda d: d.update(artifact="x"), "artifact has the wrong type"),
+        (lambda d: d.update(command=["x"]), "command has the wrong type"),
+        (lambda d: d["command"].update(env="x"), "command has the wrong type"),
+        (lambda d: d.update(config="seed1.txt"), "logs/seed1.txt: not a run's resolved config"),
+        (lambda d: d.update(config="../x.yaml"), "its config '../x.yaml' is not a file name in logs/"),
+        (lambda d: d.update(config="nosuch.yaml"), "logs/nosuch.yaml: missing"),
+    ],
+)
+def test_a_malformed_record_is_one_line(tmp_path, home, script, capsys, edit, match):
+    folder = tmp_path / "f"
+    packed_seed_runs(folder, (1, 2), script, tmp_path / "data")
+    edit_record(folder, "seed1", edit)
+    err = refused([folder, "--out", tmp_path / "o"], capsys)
+    assert match in err and str(tmp_path) not in err
+
+
+def set_cap(folder: Path, seconds: float) -> None:
+    for f in (folder / "logs").glob("*.yaml"):
+        cfg = OmegaConf.load(f)
+        cfg.train.max_wallclock_seconds = seconds
+        OmegaConf.save(cfg, f)
+
+
+def test_a_packed_run_must_agree_with_its_log_its_artifact_and_the_track(tmp_path, home, script, capsys):
+    folder = tmp_path / "f"
+    packed_seed_runs(folder, (1, 2), script, tmp_path / "data")
+    out = tmp_path / "o"
+    good = (folder / "logs" / "seed1.json").read_text()
+    # a score or a seed that the log does not give
+    edit_record(folder, "seed1", lambda d: d["results"]["roundtrip"]["standard"].update(val_bpb=0.9))
+    assert "f/logs/seed1: its record's standard val_bpb 0.90000000 is in no `_exact` line" in refused(
+        [folder, "--out", out], capsys
+    )
+    (folder / "logs" / "seed1.json").write_text(good)
+    edit_record(folder, "seed1", lambda d: d["command"]["env"].update(SEED="7"))
+    assert "f/logs/seed1: its config's seed 1 is not the seed its log ([1]) and command (SEED=7) give" in refused(
+        [folder, "--out", out], capsys
+    )
+    (folder / "logs" / "seed1.json").write_text(good)
+    # the last run's artifact (results.json is its) must be the file it recorded
+    art = (folder / ARTIFACT).read_bytes()
+    (folder / ARTIFACT).write_bytes(b"XXXX" + art[4:])
+    err = refused([folder, "--out", out], capsys)
+    assert f"f/logs/seed2: its artifact {ARTIFACT} is not the one it recorded, and no later run replaced it" in err
+    (folder / ARTIFACT).unlink()
+    assert f"f/logs/seed2: its artifact {ARTIFACT} is missing" in refused([folder, "--out", out], capsys)
+    (folder / ARTIFACT).write_bytes(art)
+    # the limit is the track's, whatever the run set
+    size = json.loads(good)["results"]["export"]["total_bytes"]
+    edit_record(folder, "seed1", lambda d: d["results"]["export"].update(limit_bytes=10**9))
+    assert submission.main([str(folder), "--out", str(out), "--name", "x", "--github-id", "y"]) == 0  # within
+    monkeypatch_limit = submission.ARTIFACT_LIMIT_BYTES
+    try:
+        submission.ARTIFACT_LIMIT_BYTES = size - 1
+        assert f"+ {SCRIPT} is {size:,} bytes, over the {size - 1:,}-byte limit" in refused(
+            [folder, "--out", tmp_path / "o2"], capsys
+        )
+    finally:
+        submission.ARTIFACT_LIMIT_BYTES = monkeypatch_limit
+    # over 10 minutes of training without the track's wall-clock cap
+    edit_record(folder, "seed1", lambda d: d["results"]["training"].update(train_time_ms=700_000.0))
+    set_cap(folder, 0)
+    assert "f/logs/seed1: it trained 700.0 s without a wall-clock cap of at most 600 s" in refused(
+        [folder, "--out", tmp_path / "o3"], capsys
+    )
+    set_cap(folder, 600)  # capped: the clock stopped it at a step past 600 s
+    assert submission.main([str(folder), "--out", str(tmp_path / "o4"), "--name", "x", "--github-id", "y"]) == 0
+
+
+def test_runs_of_different_recipes_or_the_same_label_are_told_apart(tmp_path, home, script, capsys):
+    folder = tmp_path / "f"
+    packed_seed_runs(folder, (1, 2, 3), script, tmp_path / "data", config={"train.iterations": 8})
+    assert "the runs ran different recipes (their configs differ in train.iterations" in refused(
+        [folder, "--out", tmp_path / "o"], capsys
+    )
+    # what the packer resets (logger, data folders, devices) is not the recipe
+    other = tmp_path / "g"
+    packed_seed_runs(other, (1, 2), script, tmp_path / "elsewhere", config={"logger.kind": "wandb"}, world=2)
+    assert submission.main([str(other), "--out", str(tmp_path / "o1"), "--name", "x", "--github-id", "y"]) == 0
+    readme = (tmp_path / "o1" / "README.md").read_text()
+    assert "--nproc_per_node=2" in readme and "--nproc_per_node=8" not in readme  # each run's own process count
+    # two folders of one name, runs of one RUN_ID: each run keeps its own sizes
+    a, b = tmp_path / "a" / "f", tmp_path / "b" / "f"
+    packed_seed_runs(a, (1,), script, tmp_path / "data", run_ids=["main"])
+    packed_seed_runs(b, (2,), script, tmp_path / "data", run_ids=["main"])
+    assert submission.main([str(b), str(a), "--out", str(tmp_path / "o2"), "--name", "x", "--github-id", "y"]) == 0
+    sub = json.loads((tmp_path / "o2" / "submission.json").read_text())
+    sizes = {s: json.loads((d / "logs" / "main.json").read_text())["artifact"]["bytes"] for s, d in ((1, a), (2, b))}
+    assert {s: sub["seed_results"][str(s)]["model_bytes"] for s in (1, 2)} == sizes and len(set(sizes.values())) == 2

@@ -61,6 +61,11 @@ class Run:
         return f"{self.path.parent.name}/{self.path.name}"
 
     @property
+    def key(self) -> tuple[str, str]:
+        """What tells runs apart (two runs may share a label): the resolved directory and the record's stem."""
+        return str(self.path.resolve()), self.record["stem"] if self.record is not None else ""
+
+    @property
     def log_file(self) -> Path:
         """The run's log of the reference's lines: `train.log`, or a packed run's `logs/<RUN_ID>.txt`."""
         return self.path / "logs" / self.record["log"] if self.record is not None else self.path / "train.log"
@@ -111,6 +116,11 @@ def find_runs(paths: list[str | Path], max_depth: int = 4) -> list[Path]:
     for p in map(Path, paths):
         if not p.exists():
             raise CompareError(f"{p}: no such directory")
+        if not p.is_dir():
+            raise CompareError(
+                f"{p.name}: not a run directory, a folder of runs, a folder of packed runs or a packed run's record "
+                "(<folder>/logs/<RUN_ID>.json)"
+            )
         if is_run_dir(p):
             found.append(p)
             continue
@@ -203,27 +213,48 @@ def is_packed_folder(p: Path) -> bool:
 
 
 def is_packed_record(p: Path) -> bool:
-    """A packed run's record, `<folder>/logs/<RUN_ID>.json`."""
+    """A packed run's record, `<folder>/logs/<RUN_ID>.json` (a relative path too)."""
+    p = p.absolute()
     return p.suffix == ".json" and p.parent.name == "logs" and is_packed_folder(p.parent.parent)
 
 
 def packed_runs(folder: Path) -> tuple[list[Path], list[Path]]:
     """(records, orphan logs) of a packed folder: every `logs/*.json` record, and every `logs/*.txt` that no
     record names (a run that did not finish, or one from before records were kept). Raises ValueError naming
-    a record that is not JSON."""
+    a record that is not a JSON object, or a log that two records name (a reused RUN_ID)."""
     logs = folder / "logs"
     records = sorted(logs.glob("*.json"))
-    named = {read_record(r).get("log") for r in records}
+    named: dict[object, list[str]] = {}
+    for r in records:
+        named.setdefault(read_record(r).get("log"), []).append(r.name)
+    for log, recs in named.items():
+        if len(recs) > 1:
+            raise ValueError(
+                f"{log}: the log of {len(recs)} runs ({', '.join(recs)}: RUN_ID was reused); a submission needs "
+                "each run's own log: give the records of the other runs one by one"
+            )
     return records, [log for log in sorted(logs.glob("*.txt")) if log.name not in named]
+
+
+def records_naming(folder: Path, log: str) -> list[str]:
+    """The names of the records in `folder/logs` that name `log` as their log (unreadable ones left out)."""
+    out = []
+    for r in sorted((folder / "logs").glob("*.json")):
+        try:
+            if read_record(r).get("log") == log:
+                out.append(r.name)
+        except ValueError:
+            continue
+    return out
 
 
 def read_record(path: Path) -> dict:
     """A packed run's record (a JSON object of at most RECORD_MAX_BYTES). Raises ValueError naming it."""
-    if path.stat().st_size > RECORD_MAX_BYTES:
-        raise ValueError(f"{path.name}: over {RECORD_MAX_BYTES:,} bytes, not a packed run's record")
+    if not path.is_file() or path.stat().st_size > RECORD_MAX_BYTES:
+        raise ValueError(f"{path.name}: not a file of at most {RECORD_MAX_BYTES:,} bytes, not a packed run's record")
     try:
         doc = json.loads(path.read_text())
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if not isinstance(doc, dict):
         raise ValueError(f"{path.name}: not a packed run's record (not a JSON object)")
@@ -236,22 +267,77 @@ def _plain_name(value, what: str, record: Path) -> str:
     return value
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_record(doc: dict, name: str) -> None:
+    """The fields of a packed run's record (`pgolf.train.standalone.write_run_record`) have their types: a
+    results object whose eval modes have numeric val_loss and val_bpb, an artifact object (or null) with a
+    name, a length, a sha256 and the metadata, a command with its environment and arguments. Raises
+    ValueError naming the record and the field."""
+
+    def bad(field: str) -> ValueError:
+        return ValueError(f"{name}: not a packed run's record ({field} has the wrong type)")
+
+    res = doc.get("results")
+    if not isinstance(res, dict):
+        raise bad("results")
+    if not isinstance(res.get("export", {}), dict) or not isinstance(res.get("roundtrip", {}), dict):
+        raise bad("results.export or results.roundtrip")
+    modes = {
+        **res.get("roundtrip", {}),
+        "pre_quant": res.get("export", {}).get("pre_quant") or {"val_loss": 0, "val_bpb": 0},
+    }
+    for mode, r in modes.items():
+        if not isinstance(r, dict) or not _number(r.get("val_loss")) or not _number(r.get("val_bpb")):
+            raise bad(f"results.roundtrip.{mode}")
+    art = doc.get("artifact")
+    if art is not None and not (
+        isinstance(art, dict)
+        and isinstance(art.get("name"), str)
+        and isinstance(art.get("bytes"), int)
+        and isinstance(art.get("sha256"), str)
+        and isinstance(art.get("meta"), dict)
+    ):
+        raise bad("artifact")
+    cmd = doc.get("command", {"env": {}, "args": []})
+    if not (
+        isinstance(cmd, dict)
+        and isinstance(cmd.get("env", {}), dict)
+        and all(isinstance(v, str) for v in cmd.get("env", {}).values())
+        and isinstance(cmd.get("args", []), list)
+        and all(isinstance(v, str) for v in cmd.get("args", []))
+    ):
+        raise bad("command")
+    if not isinstance(doc.get("run_id", ""), str):
+        raise bad("run_id")
+
+
+def _packed_config(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"logs/{path.name}: missing (the run's resolved config)")
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:  # YAML or OmegaConf: the file is not a config this run wrote
+        raise ValueError(f"logs/{path.name}: not a run's resolved config ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
+        raise ValueError(f"logs/{path.name}: not a run's resolved config (no integer seed)")
+    return cfg
+
+
 def load_packed_run(record: str | Path) -> Run:
     """One run of a packed train_gpt.py from its record `<folder>/logs/<RUN_ID>.json`: the config from the
     `.yaml` it names, the results and curves from the record and the log it names. Group: the config's
     `name` (and `variant`). Raises ValueError (or OSError) naming the file that is missing or malformed."""
-    record = Path(record)
+    record = Path(record).absolute()
     folder = record.parent.parent
     doc = read_record(record)
-    if not isinstance(doc.get("results"), dict):
-        raise ValueError(f"{record.name}: not a packed run's record (no results)")
+    check_record(doc, record.name)
     doc = {**doc, "stem": record.stem}
     log = _plain_name(doc.get("log"), "log", record)
-    cfg_name = _plain_name(doc.get("config"), "config", record)
-    cfg = OmegaConf.to_container(OmegaConf.load(folder / "logs" / cfg_name), resolve=True)
-    if not isinstance(cfg, dict) or "seed" not in cfg:
-        raise ValueError(f"logs/{cfg_name}: not a run's resolved config (no seed)")
-    ident = RunIdentity(str(cfg.get("name", "?")), int(cfg["seed"]), str(cfg.get("variant") or ""), ())
+    cfg = _packed_config(folder / "logs" / _plain_name(doc.get("config"), "config", record))
+    ident = RunIdentity(str(cfg.get("name", "?")), cfg["seed"], str(cfg.get("variant") or ""), ())
     run = Run(folder, ident, cfg, doc["results"], record=doc)
     _result_modes(run, f"logs/{record.name}")
     if (folder / "logs" / log).is_file():
@@ -333,7 +419,12 @@ def flat_config(d: dict, prefix: str = "") -> dict:
 def config_differences(runs: list[Run]) -> str | None:
     """The config keys (flattened, the seed aside) in which `runs` differ, the first six named
     (`a.b, c and 3 more`); None when they differ only in the seed."""
-    flats = [flat_config(r.config) for r in runs]
+    return differences([r.config for r in runs])
+
+
+def differences(configs: list[dict]) -> str | None:
+    """The keys (flattened, the seed aside) in which `configs` differ, as `config_differences` names them."""
+    flats = [flat_config(c) for c in configs]
     keys = sorted({k for f in flats for k in f} - {"seed"})
     diff = [k for k in keys if len({f.get(k) for f in flats}) > 1]
     if not diff:

@@ -65,10 +65,11 @@ from pgolf.io import atomic_dir
 from pgolf.quant.artifact import ArtifactError, load_artifact
 from pgolf.tools.compare import DIAGNOSTIC_MODES, ModeStats, compare_to, mode_order, mode_stats
 from pgolf.tools.fineweb import VARIANTS
-from pgolf.tools.pack import SCRIPT, unpack
+from pgolf.tools.pack import SCRIPT, packed_config, unpack
 from pgolf.tools.runs import (
     CompareError,
     config_differences,
+    differences,
     eval_result_files,
     find_runs,
     is_packed_folder,
@@ -77,6 +78,7 @@ from pgolf.tools.runs import (
     load_packed_run,
     load_run,
     packed_runs,
+    records_naming,
 )
 from pgolf.tools.stats import MissingScipyError
 
@@ -85,6 +87,12 @@ CODE_LINE = re.compile(r"^code_bytes:(\d+) code_sha256:([0-9a-f]{64})$", re.M)  
 # The size lines every run's log ends with (pgolf/train/run.py log_final_size): model and code bytes.
 MODEL_LINE = re.compile(r"^Serialized model \S+: (\d+) bytes$", re.M)
 CODE_SIZE_LINE = re.compile(r"^Code size: (\d+) bytes$", re.M)
+SEED_LINE = re.compile(r"^seed:(\d+)$", re.M)  # pgolf/train/build.py log_header
+EXACT_LINE = re.compile(r"^final_\w+_exact (val_loss:\S+ val_bpb:\S+)", re.M)  # pgolf/export/roundtrip.py
+TRACK_SECONDS = 600  # the 10min_16mb track: training within 10 minutes (challenge README)
+# Arguments of a packed run that locate its data on the machine it ran on; the README's commands drop them
+# and set DATA_PATH/TOKENIZER_PATH to the packed folders instead.
+DATA_KEYS = ("data.root", "data.dir", "data.tokenizer_path", "data.train_pattern", "data.val_pattern")
 WORLD_LINE = re.compile(r"^world_size:(\d+) ", re.M)
 
 # A character of a path component: what ends a path in text is whitespace, `/` or one of these delimiters.
@@ -156,7 +164,8 @@ def label_of(d: Path) -> str:
     """A run directory as `<sweep or time>/<job>`, a packed run's record as `<folder>/logs/<RUN_ID>` (as
     `Run.label`; no machine paths in messages)."""
     if is_packed_record(d):
-        return f"{d.parent.parent.resolve().name}/logs/{d.stem}"
+        return f"{d.absolute().parent.parent.resolve().name}/logs/{d.stem}"
+    d = d.absolute()
     return "/".join(x for x in (d.parent.name, d.name) if x)
 
 
@@ -187,15 +196,16 @@ def run_dirs(paths) -> list[Path]:
     dirs: list[Path] = []
     where: dict[Path, str] = {}
     for p in map(Path, paths):
+        kind = "sweep"
         if p.is_file() and is_packed_record(p):
             found = [p]
         elif p.is_dir() and is_packed_folder(p):
-            found = packed_found(p)
+            found, kind = packed_found(p), "folder"
         else:
             found = [p] if p.is_dir() and is_run_dir(p) else find_runs([p])
         for d in found:
             key = d.resolve()
-            how = f"as {label_of(p)}" if d == p else f"in the sweep {label_of(p)}"
+            how = f"as {label_of(p)}" if d == p else f"in the {kind} {label_of(p)}"
             if key in where:
                 raise SubmissionError(f"{label_of(d)}: the same run given twice ({where[key]} and {how}); give it once")
             where[key] = how
@@ -208,7 +218,7 @@ def read_scripts(dirs: list[Path]) -> bytes:
     (runs of different code do not form one submission). Raises SubmissionError naming the runs."""
     scripts = {}
     for d in dirs:
-        f = (d.parent.parent if d.is_file() else d) / SCRIPT
+        f = (d.absolute().parent.parent if d.is_file() else d) / SCRIPT
         if not f.is_file():
             raise SubmissionError(f"{label_of(d)}: no {SCRIPT} (a run made before the packer cannot be submitted)")
         scripts[label_of(d)] = f.read_bytes()
@@ -227,7 +237,7 @@ def load_given(dirs: list[Path]) -> list:
             raise SubmissionError(f"{label_of(d)}: no results.json (an unfinished or failed run); leave it out")
         try:
             run = load_packed_run(d) if d.is_file() else load_run(d)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             raise SubmissionError(f"{label_of(d)}: unreadable run ({e})") from None
         if not run.modes:
             raise SubmissionError(f"{run.label}: its results hold no eval result (a failed run); leave it out")
@@ -274,6 +284,12 @@ def artifact_of(run, code_bytes: int) -> Artifact:
         if rec.get("name") != name or not isinstance(rec.get("bytes"), int) or not isinstance(rec.get("meta"), dict):
             raise SubmissionError(f"{run.label}: its record names no artifact {name} (artifact: name, bytes, meta)")
         if not path.is_file() or sha256_of(path) != rec.get("sha256"):  # a later run in the folder replaced it
+            if last_run_of(run):
+                raise SubmissionError(
+                    f"{run.label}: its artifact {name} is "
+                    f"{'not the one it recorded' if path.is_file() else 'missing'}, and no later run replaced it "
+                    "(the folder's results.json is this run's)"
+                )
             return Artifact(name, rec["bytes"], rec["bytes"] + code_bytes, rec["meta"], measured=False)
     if not path.is_file():
         raise SubmissionError(f"{run.label}: its artifact {name} is not in the run directory")
@@ -283,6 +299,15 @@ def artifact_of(run, code_bytes: int) -> Artifact:
         raise SubmissionError(f"{run.label}: its artifact {name} is unreadable ({e})") from None
     n = path.stat().st_size
     return Artifact(name, n, n + code_bytes, header.meta)
+
+
+def last_run_of(run) -> bool:
+    """Whether the packed folder's results.json holds this run's results (it was the folder's last run)."""
+    f = run.path / "results.json"
+    try:
+        return f.is_file() and f.stat().st_size <= 1 << 24 and json.loads(f.read_text()) == run.results
+    except ValueError:
+        return False
 
 
 def recorded_sizes(run, art: Artifact) -> list[tuple[str, object, int]]:
@@ -328,22 +353,24 @@ def check_size(run, art: Artifact) -> None:
     whose measured artifact + code is over the limit (`export.limit_bytes`, else 16,000,000 decimal bytes:
     the challenge README)."""
     res, e = run.results, run.export
+    src = "its record's results" if run.record is not None else "results.json"
     for where, ok in (("size_ok", res.get("size_ok")), ("export.size_ok", e.get("size_ok"))):
         if ok is False:
-            raise SubmissionError(f"{run.label}: its size check failed (results.json {where}: false)")
+            raise SubmissionError(f"{run.label}: its size check failed ({src} {where}: false)")
     comp = res.get("compliance") or {}
     failed = [k for k, v in comp.items() if v is False]
     if failed or comp.get("reasons"):
         why = "; ".join(comp.get("reasons") or []) or ", ".join(f"{k}: false" for k in failed)
-        raise SubmissionError(f"{run.label}: not compliant (results.json compliance: {why})")
+        raise SubmissionError(f"{run.label}: not compliant ({src} compliance: {why})")
     for where, recorded, measured in recorded_sizes(run, art):
+        where = where.replace("results.json", src) if run.record is not None else where
         if recorded != measured:
             if art.measured:
                 why = f"the files measure {measured} ({art.name} + {SCRIPT}); results.json is not this artifact's"
             else:
                 why = f"its record gives {measured} ({art.name}, since replaced by a later run); its records disagree"
             raise SubmissionError(f"{run.label}: {where} is {recorded}, but {why}")
-    limit = int(e.get("limit_bytes") or ARTIFACT_LIMIT_BYTES)
+    limit = min(int(e.get("limit_bytes") or ARTIFACT_LIMIT_BYTES), ARTIFACT_LIMIT_BYTES)  # never above the track's
     if art.total_bytes > limit:
         raise SubmissionError(
             f"{run.label}: {art.name} + {SCRIPT} is {art.total_bytes:,} bytes, over the {limit:,}-byte limit"
@@ -387,18 +414,57 @@ def verify_code(runs, script: bytes) -> Code:
             raise SubmissionError(
                 f"{r.label}: its {r.log_file.name} records code {logged or 'none'}, not {SCRIPT}'s {sha}"
             )
-        if r.record is not None and len(logged) > 1:
-            raise SubmissionError(
-                f"{r.label}: its log logs/{r.log_file.name} holds {len(logged)} runs (RUN_ID was reused); "
-                "a submission needs each run's own log"
-            )
+        if r.record is not None:
+            check_packed_log(r, log)
         check_size(r, art)
-        artifacts[r.label] = art
+        check_train_time(r)
+        artifacts[r.key] = art
         versions.append(meta.get("requirements") or {})
         worlds += [int(m[1]) for m in WORLD_LINE.finditer(log)]
     if any(v != versions[0] for v in versions):
         raise SubmissionError("the runs recorded different package versions; give runs of one environment")
     return Code(script, sha, versions[0], max(worlds, default=1), artifacts)
+
+
+def check_packed_log(r, log: str) -> None:
+    """A packed run's record against its log: no other record names the log (a reused RUN_ID: a resumed
+    run's log holds its first part too, without a record), the log's `seed:` line and the record's `SEED`
+    are the config's seed, and every eval mode's val_loss and val_bpb are in one of the log's `_exact` lines
+    (8 decimals). Raises SubmissionError naming the run."""
+    others = [n for n in records_naming(r.path, r.record["log"]) if n != f"{r.record['stem']}.json"]
+    if others:
+        raise SubmissionError(
+            f"{r.label}: its log logs/{r.log_file.name} is also the log of {', '.join(others)} (RUN_ID was reused); "
+            "a submission needs each run's own log"
+        )
+    seeds = {int(m) for m in SEED_LINE.findall(log)}
+    env_seed = (r.record.get("command") or {}).get("env", {}).get("SEED")
+    if seeds != {r.seed} or (env_seed is not None and env_seed.strip() != str(r.seed)):
+        raise SubmissionError(
+            f"{r.label}: its config's seed {r.seed} is not the seed its log ({sorted(seeds)}) and command "
+            f"(SEED={env_seed}) give"
+        )
+    exact = set(EXACT_LINE.findall(log))
+    for mode, res in r.results.get("roundtrip", {}).items():
+        if f"val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f}" not in exact:
+            raise SubmissionError(
+                f"{r.label}: its record's {mode} val_bpb {res['val_bpb']:.8f} is in no `_exact` line of its log"
+            )
+
+
+def check_train_time(r) -> None:
+    """The 10min_16mb track trains within 10 minutes: a run that trained longer than TRACK_SECONDS on the
+    challenge clock is refused unless its wall-clock cap (`train.max_wallclock_seconds`, 0 = none) was at most
+    TRACK_SECONDS (the clock stops training at the first step boundary past the cap, as the reference does).
+    Raises SubmissionError naming the run."""
+    ms = r.train_time_ms
+    cap = (r.config.get("train") or {}).get("max_wallclock_seconds")
+    capped = isinstance(cap, (int, float)) and 0 < cap <= TRACK_SECONDS
+    if ms is not None and ms > TRACK_SECONDS * 1000 and not capped:
+        raise SubmissionError(
+            f"{r.label}: it trained {ms / 1000:.1f} s without a wall-clock cap of at most {TRACK_SECONDS} s "
+            f"(train.max_wallclock_seconds={cap}); the {TRACK} track trains within 10 minutes"
+        )
 
 
 def requirement_lines(code: Code) -> list[str]:
@@ -448,7 +514,7 @@ def seed_results_of(runs, s: ModeStats, mode: str, code: Code) -> dict[str, dict
     for seed in s.seeds:
         r = by_seed[seed]
         steps, ms = r.steps, r.train_time_ms
-        art = code.artifacts[r.label]
+        art = code.artifacts[r.key]
         seed_results[str(seed)] = {
             "val_loss": round(r.modes[mode]["val_loss"], 8),
             "val_bpb": round(r.modes[mode]["val_bpb"], 8),
@@ -511,8 +577,8 @@ def build(
     stats = {m: s for m in mode_order(runs) if (s := mode_stats(runs, group, m)) is not None}
     mode = pick_mode(runs, stats, mode)
     s = stats[mode]
-    prov = next((p for p in (code.artifacts[r.label].meta.get("provenance") for r in runs) if p), {})
-    sizes = [code.artifacts[r.label].total_bytes for r in runs]  # measured; each within the limit (check_size)
+    prov = next((p for p in (code.artifacts[r.key].meta.get("provenance") for r in runs) if p), {})
+    sizes = [code.artifacts[r.key].total_bytes for r in runs]  # measured; each within the limit (check_size)
     seed_results = seed_results_of(runs, s, mode, code)
     steps_all = [v["steps"] for v in seed_results.values() if v["steps"]]
     avg_all = [v["step_avg_ms"] for v in seed_results.values() if v["step_avg_ms"]]
@@ -585,12 +651,13 @@ def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str, code: Code) 
     mean = ["mean ± std", "", "", "", f"{sub['val_loss']:.8f}"]
     mean += [f"{stats[m].bpb_mean:.8f} ± {stats[m].bpb_std:.8f}" for m in modes]
     lines += ["| " + " | ".join(mean) + " |", ""]
-    recorded = [str(r.seed) for r in runs if not code.artifacts[r.label].measured]
+    recorded = [str(r.seed) for r in runs if not code.artifacts[r.key].measured]
     if recorded:
+        rest = "; the others are measured from the files." if len(recorded) < len(runs) else "."
         lines += [
             f"Artifact bytes of seed(s) {', '.join(recorded)}: as their runs recorded them (`logs/<RUN_ID>.json` and "
-            "the log's size lines), a later run in the same folder having replaced their artifact files; the others "
-            "are measured from the files.",
+            "the log's size lines), their artifact files being no longer in the folder (a later run replaced them)"
+            + rest,
             "",
         ]
     lines += ["Eval modes (val_bpb of the round-tripped artifact unless marked):", ""]
@@ -640,10 +707,17 @@ def packed_commands(runs, code: Code) -> list[str]:
         if r.record is not None:
             command = r.record.get("command") or {}
             env = {"SEED": str(r.seed), "RUN_ID": r.record.get("run_id", "")} | dict(command.get("env") or {})
-            args = [str(a) for a in command.get("args") or []]
+            args = [a for a in command.get("args") or [] if a.lstrip("+").partition("=")[0] not in DATA_KEYS]
+            run[2] = f"--nproc_per_node={world_size_of(r) or code.world_size}"
         env |= data
         out.append(shlex.join([f"{k}={v}" for k, v in env.items()] + run + args))
     return out
+
+
+def world_size_of(r) -> int | None:
+    """The process count of a run, from its log's last `world_size:` line."""
+    found = WORLD_LINE.findall(r.log_file.read_text(errors="replace")) if r.log_file.is_file() else []
+    return int(found[-1]) if found else None
 
 
 def data_source(runs, code: Code) -> str:
@@ -729,6 +803,7 @@ def assemble(
     dirs = run_dirs(run_paths)
     script = read_scripts(dirs)  # first: runs of different code refuse, whatever else is wrong with them
     runs = load_given(dirs)
+    check_recipes(runs)
     code = verify_code(runs, script)
     check_seeds(runs)
     baseline_runs = []
@@ -739,10 +814,10 @@ def assemble(
         except SubmissionError as e:
             raise SubmissionError(f"--baseline: {e}") from None
     notes = config_notes(runs) + [
-        f"{r.label}: its artifact {code.artifacts[r.label].name} was replaced by a later run in its folder; its "
-        "sizes are the ones its record and its log give"
+        f"{r.label}: its artifact {code.artifacts[r.key].name} is no longer in its folder (a later run replaced "
+        "it); its sizes are the ones its record and its log give"
         for r in runs
-        if not code.artifacts[r.label].measured
+        if not code.artifacts[r.key].measured
     ]
     runs = sorted(runs, key=lambda r: r.seed)
     sub, text = build(
@@ -765,6 +840,28 @@ def assemble(
     if len(runs) < 3:
         print(f"note: {len(runs)} seed(s); records show the gain over >= 3 seeds (challenge README)")
     return out
+
+
+def check_recipes(runs) -> None:
+    """Runs of a packed train_gpt.py take overrides (`ITERATIONS`, `key=value`) that a train.py run would
+    have packed into another file: such runs form one submission only when they ran one recipe, their
+    configs equal once the packer resets what may differ between the runs of one recipe (the seed, data
+    folders, logger, progress bar, checkpointing, process layout: `pgolf.tools.pack.packed_config`). Raises
+    SubmissionError naming the keys."""
+    if not any(r.record is not None for r in runs):
+        return  # train.py runs of one train_gpt.py (checked) share the recipe it holds
+    recipes = []
+    for r in runs:
+        try:
+            recipes.append(packed_config(r.config)[0])
+        except Exception:  # noqa: BLE001 - a config the packer refuses (a machine path) is compared as it is
+            recipes.append(r.config)
+    shown = differences(recipes)
+    if shown:
+        raise SubmissionError(
+            f"the runs ran different recipes (their configs differ in {shown}: overrides of one {SCRIPT}); "
+            "give the runs of one recipe"
+        )
 
 
 def config_notes(runs) -> list[str]:
