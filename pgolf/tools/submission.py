@@ -663,8 +663,8 @@ def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str, code: Code) 
         rest = "; the others are measured from the files." if len(recorded) < len(runs) else "."
         lines += [
             f"Artifact bytes of seed(s) {', '.join(recorded)}: as their runs recorded them (`logs/<RUN_ID>.json` and "
-            "the log's size lines), their artifact files being no longer in the folder (a later run replaced them)"
-            + rest,
+            "the log's size lines), their artifact files being no longer in the folder (replaced by a later run, "
+            "or removed)" + rest,
             "",
         ]
     lines += ["Eval modes (val_bpb of the round-tripped artifact unless marked):", ""]
@@ -821,8 +821,8 @@ def assemble(
         except SubmissionError as e:
             raise SubmissionError(f"--baseline: {e}") from None
     notes = config_notes(runs) + [
-        f"{r.label}: its artifact {code.artifacts[r.key].name} is no longer in its folder (a later run replaced "
-        "it); its sizes are the ones its record and its log give"
+        f"{r.label}: its artifact {code.artifacts[r.key].name} is no longer in its folder (replaced by a later run, "
+        "or removed); its sizes are the ones its record and its log give"
         for r in runs
         if not code.artifacts[r.key].measured
     ]
