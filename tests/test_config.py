@@ -112,6 +112,22 @@ def test_group_selections_and_hydra_overrides_pass_the_command_line_check():
     assert "modle is not a key of the root config (did you mean model?)" in config_error(
         check_overrides, ["modle=tiny"], TrainRun, CONF
     )
+    check_overrides(["experiment=ablation/no_ema", "eval=[standard]", "model=${oc.env:M}"], TrainRun, CONF)
+
+
+@pytest.mark.parametrize(
+    "args, root, expected",
+    [
+        (["experiment=record1263"], TrainRun, "experiment=record1263: no such option of experiment (one of "),
+        (["-m", "model=tiny,tiy"], TrainRun, "model=tiy: no such option of model (one of baseline | "),
+        (["eval=[standard,slidng]"], EvalRun, "eval=slidng: no such option of eval ("),
+        (["model=null"], TrainRun, "model=null: a group selection names an option (one of baseline | "),
+    ],
+)
+def test_a_group_option_that_does_not_exist_is_one_line(args, root, expected):
+    msg = config_error(check_overrides, args, root, CONF)
+    assert msg.startswith(expected) and "\n" not in msg
+    assert "did you mean" in msg or "null" in msg
 
 
 # ---- values: one line naming the key and its allowed range ----------------------------------------------------

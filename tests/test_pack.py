@@ -661,7 +661,7 @@ def test_the_pack_command_writes_the_script_and_its_requirements(tmp_path, capsy
 @pytest.mark.parametrize(
     "override, words",
     [
-        ("experiment=nosuch", "Could not find 'experiment/nosuch' (one of baseline | "),
+        ("experiment=nosuch", "experiment=nosuch: no such option of experiment (one of ablation/no_clip | "),
         ("train.iteration=5", "train.iteration is not a key of group train (did you mean iterations?)"),
         ("seed=1,2", "seed=1,2 is a sweep; a pack is of one config"),
         ("seed=range(1,3)", "seed=range(1,3) is a sweep; a pack is of one config"),

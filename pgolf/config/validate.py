@@ -11,6 +11,7 @@ a typo). `exit_on_config_error` turns a ConfigError into `config error: <message
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import sys
 import types
 import typing
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -108,8 +110,32 @@ def check_overrides(args: list[str], root: type, conf_dir: str | Path) -> None:
             continue
         parts = o.key_or_group.split(".")
         if len(parts) == 1 and (Path(conf_dir) / parts[0]).is_dir():
+            check_group_option(o, Path(conf_dir) / parts[0])
             continue
         check_key_path(parts, root, "")
+
+
+def check_group_option(o, folder: Path) -> None:
+    """A group selection (`experiment=nosuch`, a list `eval=[a,b]`, a choice sweep `model=a,b`) names options
+    of its folder of `conf/`: else one line with the options and the closest, where Hydra prints many lines.
+    Other values (null, interpolations, range sweeps) are left to Hydra. Raises ConfigError."""
+    if o.is_delete():
+        return
+    if o.is_sweep_override():
+        values = list(o.sweep_string_iterator()) if isinstance(o.value(), ChoiceSweep) else []
+    else:
+        v = o.value()
+        values = [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
+    options = sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
+    listed = f"one of {' | '.join(options)}"
+    if not o.is_sweep_override() and o.value() is None:
+        raise ConfigError(f"{o.key_or_group}=null: a group selection names an option ({listed})")
+    for v in values:
+        if "$" in v or v in options:
+            continue
+        close = difflib.get_close_matches(v, options, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"{o.key_or_group}={v}: no such option of {o.key_or_group} ({listed}){hint}")
 
 
 def check_key_path(parts: list[str], schema: type, where: str) -> None:
