@@ -309,8 +309,11 @@ def last_run_of(run) -> bool:
     """Whether the packed folder's results.json holds this run's results (it was the folder's last run)."""
     f = run.path / "results.json"
     try:
-        return f.is_file() and f.stat().st_size <= 1 << 24 and json.loads(f.read_text()) == run.results
-    except ValueError:
+        if not f.is_file() or f.stat().st_size > 1 << 24:
+            return False
+        canonical = json.dumps(json.loads(f.read_text()), sort_keys=True)  # NaN == NaN as text
+        return canonical == json.dumps(run.results, sort_keys=True)
+    except (ValueError, RecursionError):
         return False
 
 
