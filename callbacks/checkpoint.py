@@ -140,4 +140,6 @@ def resume_command() -> str:
     prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train.py"
     if prog == "train.py":
         return "python train.py <same overrides>"
-    return f"<same environment, RUN_ID included> python {prog} <same overrides>"
+    n = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    launch = f"torchrun --standalone --nproc_per_node={n}" if n > 1 else "python"
+    return f"<same environment, RUN_ID included> {launch} {prog} <same overrides>"

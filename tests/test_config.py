@@ -113,6 +113,7 @@ def test_group_selections_and_hydra_overrides_pass_the_command_line_check():
         check_overrides, ["modle=tiny"], TrainRun, CONF
     )
     check_overrides(["experiment=ablation/no_ema", "eval=[standard]", "model=${oc.env:M}"], TrainRun, CONF)
+    check_overrides(["hydra.searchpath=[file:///elsewhere]", "experiment=mine"], TrainRun, CONF)  # Hydra looks
 
 
 @pytest.mark.parametrize(

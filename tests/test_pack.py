@@ -53,7 +53,8 @@ from pgolf.tools.packsource import (
     strip,
     unparse,
 )
-from pgolf.train.standalone import check_config, check_run_id, config_path, main, run_config, set_by
+from pgolf.train.run import kept_files
+from pgolf.train.standalone import check_config, check_run_id, config_path, main, parse_env, run_config, set_by
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -200,9 +201,20 @@ def test_environment_and_overrides_map_onto_the_config():
     assert set_by(msg, {"ITERATIONS": "-3"}, ["++train.iterations=-5"]) == ""
 
 
+def test_environment_integers_are_read_as_the_reference_reads_them():
+    env = {"SEED": "010", "ITERATIONS": " 20 ", "MAX_WALLCLOCK_SECONDS": "1e2", "DATA_PATH": "/d/0x10"}
+    assert dict(parse_env(env)) == {"seed": 10, "train.iterations": 20, "train.max_wallclock_seconds": 100.0} | {
+        "data.dir": "/d/0x10"
+    }  # YAML 1.1 would read 010 as the octal 8
+
+
 def test_the_resume_hint_names_the_script_that_ran(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(sys, "argv", ["train_gpt.py", "train.log_every=5"])
     assert resume_command() == "<same environment, RUN_ID included> python train_gpt.py <same overrides>"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resume_command().endswith("torchrun --standalone --nproc_per_node=8 train_gpt.py <same overrides>")
     monkeypatch.setattr(sys, "argv", ["/repo/train.py", "model=tiny"])
     assert resume_command() == "python train.py <same overrides>"
 
@@ -719,3 +731,13 @@ def test_the_pack_command_replaces_a_different_file_only_with_force(tmp_path, ca
 def test_requirement_pins_drop_the_local_version_label():
     versions = {"brotli": "1.2.1", "torch": "2.13.0+cpu", "x": "missing"}
     assert requirement_pins(versions) == ["brotli==1.2.1", "torch==2.13.0", "x"]
+
+
+def test_a_terminated_run_says_whose_results_json_it_leaves(tmp_path):
+    assert kept_files(tmp_path) == "No artifact was written. No results.json."
+    (tmp_path / "results.json").write_text("{}")
+    os.utime(tmp_path / "results.json", (1_000, 1_000))
+    (tmp_path / "final_model.int8_zlib.ptz").write_bytes(b"x")  # a later run's artifact, then SIGTERM
+    assert kept_files(tmp_path).endswith("final_model.int8_zlib.ptz. The results.json is an earlier run's.")
+    (tmp_path / "results.json").write_text("{}")
+    assert kept_files(tmp_path).endswith("results.json was written.")

@@ -335,9 +335,10 @@ def packed_seed_runs(
             run_id = run_ids[i] if run_ids else f"seed{seed}"
             meta = {"code": code, "requirements": {"torch": "2.13.0"}, "provenance": {"device": "cpu"}, "seed": seed}
             model = write_artifact(Path(ARTIFACT), {}, {**meta, "pad": "x" * seed}, "zlib")  # sizes differ
-            export = {"path": ARTIFACT, "model_bytes": model, "code_bytes": code["bytes"]}
+            export = {"path": ARTIFACT, "label": "int8_zlib", "model_bytes": model, "code_bytes": code["bytes"]}
             std = eval_result(bpb + seed / 1e3)
-            res = {"export": {**export, "total_bytes": model + code["bytes"]}, "size_ok": True}
+            pre = eval_result(bpb + seed / 1e3 - 0.01)
+            res = {"export": {**export, "total_bytes": model + code["bytes"], "pre_quant": pre}, "size_ok": True}
             res |= {"roundtrip": {"standard": std}, "total_bytes": model + code["bytes"]}
             res["compliance"] = {"calibration_ok": True, "size_ok": True, "full_validation": True, "reasons": []}
             res["training"] = {"steps": 4, "train_time_ms": 400.0 + seed}
@@ -350,6 +351,7 @@ def packed_seed_runs(
             lines = [f"seed:{seed}", f"code_bytes:{code['bytes']} code_sha256:{code['sha256']}"]
             lines += [f"world_size:{world} grad_accum_steps:1"]
             lines += [f"step:4/4 train_loss:4.0 train_time:{400 + seed}ms step_avg:100.00ms"]
+            lines += [f"DIAGNOSTIC pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f} eval_time:1ms"]
             lines += [f"Serialized model int8+zlib: {model} bytes", f"Code size: {code['bytes']} bytes"]
             lines += [f"final_int8_zlib_roundtrip_exact val_loss:{std['val_loss']:.8f} val_bpb:{std['val_bpb']:.8f}"]
             with open(logs / f"{run_id}.txt", "a") as f:  # appended to, as the reference does
@@ -370,12 +372,13 @@ def edit_record(folder: Path, stem: str, edit) -> None:
 def test_packed_runs_in_one_folder_form_a_submission(tmp_path, home, script, capsys):
     folder = tmp_path / "records_run"
     data_args = [f"data.dir={tmp_path / 'data'}", f"+data.tokenizer_path={tmp_path / 't.model'}"]
-    packed_seed_runs(folder, (1, 2, 3), script, tmp_path / "data", args=["train.log_every=5", *data_args])
+    args = ["train.log_every=5", *data_args, "resume=checkpoints/last.ckpt"]  # a resumed run's
+    packed_seed_runs(folder, (1, 2, 3), script, tmp_path / "data", args=args)
     record = json.loads((folder / "logs" / "seed3.json").read_text())
     assert record["artifact"]["sha256"] == sha256_file(folder / ARTIFACT) and record["config"] == "seed3.yaml"
     assert record["command"] == {
         "env": {"RUN_ID": "seed3", "SEED": "3", "DATA_PATH": str(tmp_path / "data"), "ITERATIONS": "4"},
-        "args": ["train.log_every=5", *data_args],
+        "args": args,
     }
     out = tmp_path / "records" / "x"
     assert submission.main([str(folder), "--out", str(out), "--name", "x", "--github-id", "y"]) == 0
@@ -456,11 +459,20 @@ def test_a_packed_run_without_its_own_record_or_log_is_refused(tmp_path, home, s
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda d: d["results"].update(roundtrip="x"), "results.export or results.roundtrip has the wrong type"),
-        (lambda d: d["results"]["roundtrip"]["standard"].update(val_bpb="1.1"), "results.roundtrip.standard has"),
-        (lambda d: d.update(artifact="x"), "artifact has the wrong type"),
-        (lambda d: d.update(command=["x"]), "command has the wrong type"),
-        (lambda d: d["command"].update(env="x"), "command has the wrong type"),
+        (lambda d: d["results"].update(roundtrip="x"), "(results.roundtrip is missing or has the wrong type)"),
+        (lambda d: d["results"]["roundtrip"]["standard"].update(val_bpb="1.1"), "(results.roundtrip.standard.val_bpb "),
+        (lambda d: d["results"]["roundtrip"]["standard"].update(tokens="9"), "(results.roundtrip.standard.tokens "),
+        (lambda d: d.update(artifact="x"), "(artifact is missing or has the wrong type)"),
+        (lambda d: d["artifact"]["meta"].update(code="x"), "(artifact.meta.code is missing"),
+        (lambda d: d.update(command=["x"]), "(command is missing or has the wrong type)"),
+        (lambda d: d["command"].update(env="x"), "(command.env is missing or has the wrong type)"),
+        (lambda d: d["command"]["env"].update(SEED=1), "(command.env is missing or has the wrong type)"),
+        (lambda d: d["results"].update(training=None), "(results.training.train_time_ms is missing"),
+        (lambda d: d["results"]["training"].update(steps="4"), "(results.training.steps is missing"),
+        (lambda d: d["results"].update(compliance={"reasons": "x"}), "(results.compliance.reasons is missing"),
+        (lambda d: d["results"]["export"].update(limit_bytes="x"), "(results.export.limit_bytes is missing"),
+        (lambda d: d["results"]["export"].update(path=3), "(results.export.path is missing"),
+        (lambda d: d.update(log=["x"]), "f/logs/seed1.txt: a run without its record"),  # no record names it
         (lambda d: d.update(config="seed1.txt"), "logs/seed1.txt: not a run's resolved config"),
         (lambda d: d.update(config="../x.yaml"), "its config '../x.yaml' is not a file name in logs/"),
         (lambda d: d.update(config="nosuch.yaml"), "logs/nosuch.yaml: missing"),
@@ -486,11 +498,32 @@ def test_a_packed_run_must_agree_with_its_log_its_artifact_and_the_track(tmp_pat
     packed_seed_runs(folder, (1, 2), script, tmp_path / "data")
     out = tmp_path / "o"
     good = (folder / "logs" / "seed1.json").read_text()
-    # a score or a seed that the log does not give
+    # a score, another mode's score, a pre_quant score, a training time or a seed that the log does not give
     edit_record(folder, "seed1", lambda d: d["results"]["roundtrip"]["standard"].update(val_bpb=0.9))
-    assert "f/logs/seed1: its record's standard val_bpb 0.90000000 is in no `_exact` line" in refused(
+    assert "f/logs/seed1: its record's standard val_bpb 0.90000000 is not in its log's " in refused(
         [folder, "--out", out], capsys
     )
+    (folder / "logs" / "seed1.json").write_text(good)
+    log = (folder / "logs" / "seed1.txt").read_text()
+    (folder / "logs" / "seed1.txt").write_text(log + "final_int8_zlib_sliding_window_exact val_loss:1.0 val_bpb:0.8\n")
+    edit_record(folder, "seed1", lambda d: d["results"]["roundtrip"]["standard"].update(val_loss=1.0, val_bpb=0.8))
+    assert "standard val_bpb 0.80000000 is not in its log's `final_int8_zlib_roundtrip_exact` line" in refused(
+        [folder, "--out", out], capsys
+    )
+    (folder / "logs" / "seed1.txt").write_text(log)
+    (folder / "logs" / "seed1.json").write_text(good)
+    edit_record(folder, "seed1", lambda d: d["results"]["export"]["pre_quant"].update(val_bpb=1.5))
+    assert "f/logs/seed1: its record's pre_quant val_bpb 1.5000 is not its log's" in refused(
+        [folder, "--out", out], capsys
+    )
+    (folder / "logs" / "seed1.json").write_text(good)
+    edit_record(folder, "seed1", lambda d: d["results"]["training"].update(train_time_ms=1.5))
+    assert "f/logs/seed1: its record's train_time_ms 1.5 is less than its log shows (401 ms)" in refused(
+        [folder, "--out", out], capsys
+    )
+    (folder / "logs" / "seed1.json").write_text(good)
+    edit_record(folder, "seed1", lambda d: d["command"]["env"].update(SEED="01"))  # int("01") == 1, as the reference
+    assert submission.main([str(folder), "--out", str(tmp_path / "o0"), "--name", "x", "--github-id", "y"]) == 0
     (folder / "logs" / "seed1.json").write_text(good)
     edit_record(folder, "seed1", lambda d: d["command"]["env"].update(SEED="7"))
     assert "f/logs/seed1: its config's seed 1 is not the seed its log ([1]) and command (SEED=7) give" in refused(
@@ -501,9 +534,17 @@ def test_a_packed_run_must_agree_with_its_log_its_artifact_and_the_track(tmp_pat
     art = (folder / ARTIFACT).read_bytes()
     (folder / ARTIFACT).write_bytes(b"XXXX" + art[4:])
     err = refused([folder, "--out", out], capsys)
-    assert f"f/logs/seed2: its artifact {ARTIFACT} is not the one it recorded, and no later run replaced it" in err
+    assert f"f/logs/seed2: its artifact {ARTIFACT} is unreadable, and no later run replaced it" in err
     (folder / ARTIFACT).unlink()
     assert f"f/logs/seed2: its artifact {ARTIFACT} is missing" in refused([folder, "--out", out], capsys)
+    meta = json.loads((folder / "logs" / "seed2.json").read_text())["artifact"]["meta"]
+    write_artifact(folder / ARTIFACT, {}, meta, "lzma")  # its metadata, other bytes: an altered file
+    err = refused([folder, "--out", out], capsys)
+    assert f"f/logs/seed2: its artifact {ARTIFACT} is not the one it recorded (same metadata, other bytes)" in err
+    # a later run that wrote its artifact and stopped before its results.json: seed 2's sizes are as recorded
+    write_artifact(folder / ARTIFACT, {}, {**meta, "seed": 3}, "zlib")
+    assert submission.main([str(folder), "--out", str(tmp_path / "o1"), "--name", "x", "--github-id", "y"]) == 0
+    assert "recorded them" in (tmp_path / "o1" / "README.md").read_text()
     (folder / ARTIFACT).write_bytes(art)
     # the limit is the track's, whatever the run set
     size = json.loads(good)["results"]["export"]["total_bytes"]
@@ -525,6 +566,8 @@ def test_a_packed_run_must_agree_with_its_log_its_artifact_and_the_track(tmp_pat
     )
     other_track = ["--out", str(tmp_path / "o5"), "--name", "x", "--github-id", "y", "--track", "non_record_16mb"]
     assert submission.main([str(folder), *other_track]) == 0  # the 10-minute rule is the 10min_16mb track's
+    with pytest.raises(SubmissionError, match="--track track_10min_16mb: not a track of the challenge"):
+        submission.assemble([folder], tmp_path / "o6", name="x", github_id="y", track="track_10min_16mb")
     set_cap(folder, 600)  # capped: the clock stopped it at a step past 600 s
     assert submission.main([str(folder), "--out", str(tmp_path / "o4"), "--name", "x", "--github-id", "y"]) == 0
 

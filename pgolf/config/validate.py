@@ -105,12 +105,14 @@ def check_overrides(args: list[str], root: type, conf_dir: str | Path) -> None:
         overrides = OverridesParser.create().parse_overrides(args)
     except OverrideParseException:  # a syntax error: Hydra's own message is the better one
         return
+    searchpath = any(o.key_or_group.startswith("hydra.searchpath") for o in overrides)
     for o in overrides:
         if o.is_hydra_override() or o.package is not None or "/" in o.key_or_group:
             continue
         parts = o.key_or_group.split(".")
         if len(parts) == 1 and (Path(conf_dir) / parts[0]).is_dir():
-            check_group_option(o, Path(conf_dir) / parts[0])
+            if not searchpath:  # options of other config folders: Hydra finds them
+                check_group_option(o, Path(conf_dir) / parts[0])
             continue
         check_key_path(parts, root, "")
 

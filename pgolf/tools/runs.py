@@ -115,7 +115,7 @@ def find_runs(paths: list[str | Path], max_depth: int = 4) -> list[Path]:
     found: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
-            raise CompareError(f"{p}: no such directory")
+            raise CompareError(f"{p}: no such file or directory")
         if not p.is_dir():
             raise CompareError(
                 f"{p.name}: not a run directory, a folder of runs, a folder of packed runs or a packed run's record "
@@ -226,7 +226,7 @@ def packed_runs(folder: Path) -> tuple[list[Path], list[Path]]:
     records = sorted(logs.glob("*.json"))
     named: dict[object, list[str]] = {}
     for r in records:
-        named.setdefault(read_record(r).get("log"), []).append(r.name)
+        named.setdefault(str(read_record(r).get("log")), []).append(r.name)
     for log, recs in named.items():
         if len(recs) > 1:
             raise ValueError(
@@ -267,51 +267,95 @@ def _plain_name(value, what: str, record: Path) -> str:
     return value
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+_NUM = (int, float)
+# The fields of a packed run's record that the tools read, and their types (null or absent passes, but for
+# REQUIRED_FIELDS); a mode of `results.roundtrip` and `results.export.pre_quant` is checked by MODE_FIELDS.
+RECORD_FIELDS = {
+    "run_id": (str,),
+    "log": (str,),
+    "config": (str,),
+    "command": (dict,),
+    "command.env": (dict,),
+    "command.args": (list,),
+    "artifact": (dict,),
+    "artifact.name": (str,),
+    "artifact.bytes": (int,),
+    "artifact.sha256": (str,),
+    "artifact.meta": (dict,),
+    "artifact.meta.code": (dict,),
+    "artifact.meta.code.bytes": (int,),
+    "artifact.meta.code.sha256": (str,),
+    "artifact.meta.seed": (int,),
+    "artifact.meta.requirements": (dict,),
+    "artifact.meta.provenance": (dict,),
+    "results": (dict,),
+    "results.export": (dict,),
+    "results.export.path": (str,),
+    "results.export.label": (str,),
+    "results.export.model_bytes": (int,),
+    "results.export.code_bytes": (int,),
+    "results.export.total_bytes": (int,),
+    "results.export.limit_bytes": (int,),
+    "results.export.size_ok": (bool,),
+    "results.export.pre_quant": (dict,),
+    "results.training": (dict,),
+    "results.training.steps": (int,),
+    "results.training.train_time_ms": _NUM,
+    "results.compliance": (dict,),
+    "results.compliance.reasons": (list,),
+    "results.size_ok": (bool,),
+    "results.total_bytes": (int,),
+    "results.roundtrip": (dict,),
+}
+REQUIRED_FIELDS = ("results", "log", "config", "results.roundtrip", "results.training.train_time_ms")
+MODE_FIELDS = {"val_loss": _NUM, "val_bpb": _NUM, "tokens": _NUM, "bytes": _NUM, "compliant": (bool,)}
+
+
+def _typed(value, types: tuple) -> bool:
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
+
+
+def _field(doc: dict, dotted: str):
+    node = doc
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
 
 
 def check_record(doc: dict, name: str) -> None:
-    """The fields of a packed run's record (`pgolf.train.standalone.write_run_record`) have their types: a
-    results object whose eval modes have numeric val_loss and val_bpb, an artifact object (or null) with a
-    name, a length, a sha256 and the metadata, a command with its environment and arguments. Raises
-    ValueError naming the record and the field."""
+    """The fields of a packed run's record (`pgolf.train.standalone.write_run_record`) that the tools read
+    have their types (RECORD_FIELDS; REQUIRED_FIELDS present): the environment and arguments strings, every
+    eval mode with numeric val_loss and val_bpb (MODE_FIELDS). Raises ValueError naming the record and the
+    field."""
 
-    def bad(field: str) -> ValueError:
-        return ValueError(f"{name}: not a packed run's record ({field} has the wrong type)")
+    def bad(key: str) -> ValueError:
+        return ValueError(f"{name}: not a packed run's record ({key} is missing or has the wrong type)")
 
-    res = doc.get("results")
-    if not isinstance(res, dict):
-        raise bad("results")
-    if not isinstance(res.get("export", {}), dict) or not isinstance(res.get("roundtrip", {}), dict):
-        raise bad("results.export or results.roundtrip")
-    modes = {
-        **res.get("roundtrip", {}),
-        "pre_quant": res.get("export", {}).get("pre_quant") or {"val_loss": 0, "val_bpb": 0},
-    }
-    for mode, r in modes.items():
-        if not isinstance(r, dict) or not _number(r.get("val_loss")) or not _number(r.get("val_bpb")):
-            raise bad(f"results.roundtrip.{mode}")
-    art = doc.get("artifact")
-    if art is not None and not (
-        isinstance(art, dict)
-        and isinstance(art.get("name"), str)
-        and isinstance(art.get("bytes"), int)
-        and isinstance(art.get("sha256"), str)
-        and isinstance(art.get("meta"), dict)
-    ):
-        raise bad("artifact")
-    cmd = doc.get("command", {"env": {}, "args": []})
-    if not (
-        isinstance(cmd, dict)
-        and isinstance(cmd.get("env", {}), dict)
-        and all(isinstance(v, str) for v in cmd.get("env", {}).values())
-        and isinstance(cmd.get("args", []), list)
-        and all(isinstance(v, str) for v in cmd.get("args", []))
-    ):
-        raise bad("command")
-    if not isinstance(doc.get("run_id", ""), str):
-        raise bad("run_id")
+    for dotted, types in RECORD_FIELDS.items():
+        value = _field(doc, dotted)
+        if (value is None and dotted in REQUIRED_FIELDS) or (value is not None and not _typed(value, types)):
+            raise bad(dotted)
+    strings = [
+        ("command.env", list((_field(doc, "command.env") or {}).values())),
+        ("command.args", _field(doc, "command.args") or []),
+        ("results.compliance.reasons", _field(doc, "results.compliance.reasons") or []),
+    ]
+    for dotted, values in strings:
+        if not all(isinstance(v, str) for v in values):
+            raise bad(dotted)
+    modes = {f"results.roundtrip.{m}": r for m, r in doc["results"]["roundtrip"].items()}
+    if _field(doc, "results.export.pre_quant") is not None:
+        modes["results.export.pre_quant"] = doc["results"]["export"]["pre_quant"]
+    for where, r in modes.items():
+        if not isinstance(r, dict):
+            raise bad(where)
+        for key, types in MODE_FIELDS.items():
+            if (r.get(key) is None and key in ("val_loss", "val_bpb")) or (
+                r.get(key) is not None and not _typed(r[key], types)
+            ):
+                raise bad(f"{where}.{key}")
 
 
 def _packed_config(path: Path) -> dict:

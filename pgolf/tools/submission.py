@@ -65,11 +65,12 @@ from omegaconf import OmegaConf
 
 from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.export.code import CODE_KEY, code_record, public_version, requirement_pins
+from pgolf.export.roundtrip import log_key
 from pgolf.io import atomic_dir
 from pgolf.quant.artifact import ArtifactError, load_artifact
 from pgolf.tools.compare import DIAGNOSTIC_MODES, ModeStats, compare_to, mode_order, mode_stats
 from pgolf.tools.fineweb import VARIANTS
-from pgolf.tools.pack import SCRIPT, packed_config, unpack
+from pgolf.tools.pack import RUN_KEYS, SCRIPT, packed_config, unpack
 from pgolf.tools.runs import (
     CompareError,
     config_differences,
@@ -87,16 +88,17 @@ from pgolf.tools.runs import (
 from pgolf.tools.stats import MissingScipyError
 
 TRACK = "10min_16mb"
+TRACKS = (TRACK, "non_record_16mb")  # the challenge's records/track_<name> folders
 CODE_LINE = re.compile(r"^code_bytes:(\d+) code_sha256:([0-9a-f]{64})$", re.M)  # pgolf/train/build.py log_header
 # The size lines every run's log ends with (pgolf/train/run.py log_final_size): model and code bytes.
 MODEL_LINE = re.compile(r"^Serialized model \S+: (\d+) bytes$", re.M)
 CODE_SIZE_LINE = re.compile(r"^Code size: (\d+) bytes$", re.M)
 SEED_LINE = re.compile(r"^seed:(\d+)$", re.M)  # pgolf/train/build.py log_header
-EXACT_LINE = re.compile(r"^final_\w+_exact (val_loss:\S+ val_bpb:\S+)", re.M)  # pgolf/export/roundtrip.py
 TRACK_SECONDS = 600  # the 10min_16mb track: training within 10 minutes (challenge README)
 # Arguments of a packed run that locate its data on the machine it ran on; the README's commands drop them
 # and set DATA_PATH/TOKENIZER_PATH to the packed folders instead.
 DATA_KEYS = ("data.root", "data.dir", "data.tokenizer_path", "data.train_pattern", "data.val_pattern")
+DATA_KEYS += ("data.val_bytes_pattern", "data.prepare")
 WORLD_LINE = re.compile(r"^world_size:(\d+) ", re.M)
 
 # A character of a path component: what ends a path in text is whitespace, `/` or one of these delimiters.
@@ -225,9 +227,9 @@ def read_scripts(dirs: list[Path]) -> bytes:
         f = (d.absolute().parent.parent if d.is_file() else d) / SCRIPT
         if not f.is_file():
             raise SubmissionError(f"{label_of(d)}: no {SCRIPT} (a run made before the packer cannot be submitted)")
-        scripts[label_of(d)] = f.read_bytes()
+        scripts[(label_of(d), str(f.resolve()))] = f.read_bytes()
     if len(set(scripts.values())) > 1:
-        shas = ", ".join(f"{k}: {code_record(v)['sha256'][:12]}" for k, v in scripts.items())
+        shas = ", ".join(f"{k[0]}: {code_record(v)['sha256'][:12]}" for k, v in scripts.items())
         raise SubmissionError(f"the runs were made by different code ({shas}); give runs of one {SCRIPT}")
     return next(iter(scripts.values()))
 
@@ -287,13 +289,10 @@ def artifact_of(run, code_bytes: int) -> Artifact:
         rec = run.record.get("artifact") or {}
         if rec.get("name") != name or not isinstance(rec.get("bytes"), int) or not isinstance(rec.get("meta"), dict):
             raise SubmissionError(f"{run.label}: its record names no artifact {name} (artifact: name, bytes, meta)")
-        if not path.is_file() or sha256_of(path) != rec.get("sha256"):  # a later run in the folder replaced it
-            if last_run_of(run):
-                raise SubmissionError(
-                    f"{run.label}: its artifact {name} is "
-                    f"{'not the one it recorded' if path.is_file() else 'missing'}, and no later run replaced it "
-                    "(the folder's results.json is this run's)"
-                )
+        if not path.is_file() or sha256_of(path) != rec.get("sha256"):
+            problem = replaced_problem(run, path, rec["meta"])
+            if problem:
+                raise SubmissionError(f"{run.label}: its artifact {name} is {problem}")
             return Artifact(name, rec["bytes"], rec["bytes"] + code_bytes, rec["meta"], measured=False)
     if not path.is_file():
         raise SubmissionError(f"{run.label}: its artifact {name} is not in the run directory")
@@ -303,6 +302,25 @@ def artifact_of(run, code_bytes: int) -> Artifact:
         raise SubmissionError(f"{run.label}: its artifact {name} is unreadable ({e})") from None
     n = path.stat().st_size
     return Artifact(name, n, n + code_bytes, header.meta)
+
+
+def replaced_problem(run, path: Path, meta: dict) -> str | None:
+    """Why a packed run's artifact file, which is not the one its record names (another sha256, or gone),
+    cannot count as replaced by a later run in the folder, or None when it can: a readable artifact with other
+    metadata (another run's: its seed, its training) was written by a later run, even one that ended before
+    its results.json; the same metadata with other bytes is an altered file; a missing or unreadable file is
+    a problem only for the folder's last run (its results are the folder's results.json)."""
+    if path.is_file():
+        try:
+            header, _ = load_artifact(path, tensors=False)
+        except ArtifactError:
+            header = None
+        if header is not None:
+            return "not the one it recorded (same metadata, other bytes)" if header.meta == meta else None
+    if last_run_of(run):
+        what = "unreadable" if path.is_file() else "missing"
+        return f"{what}, and no later run replaced it (the folder's results.json is this run's)"
+    return None
 
 
 def last_run_of(run) -> bool:
@@ -417,6 +435,8 @@ def verify_code(runs, script: bytes, track: str = TRACK) -> Code:
             raise SubmissionError(
                 f"{r.label}: its artifact records seed {meta['seed']}, but the run's seed is {r.seed}"
             )
+        if r.record is not None and not r.log_file.is_file():
+            raise SubmissionError(f"{r.label}: its log logs/{r.log_file.name} is missing")
         log = r.log_file.read_text(errors="replace") if r.log_file.is_file() else ""
         logged = [m[2] for m in CODE_LINE.finditer(log)]
         if not logged or set(logged) != {sha}:
@@ -449,17 +469,29 @@ def check_packed_log(r, log: str) -> None:
         )
     seeds = {int(m) for m in SEED_LINE.findall(log)}
     env_seed = (r.record.get("command") or {}).get("env", {}).get("SEED")
-    if seeds != {r.seed} or (env_seed is not None and env_seed.strip() != str(r.seed)):
+    env_ok = env_seed is None or (env_seed.strip().isdigit() and int(env_seed) == r.seed)
+    if seeds != {r.seed} or not env_ok:
         raise SubmissionError(
             f"{r.label}: its config's seed {r.seed} is not the seed its log ({sorted(seeds)}) and command "
             f"(SEED={env_seed}) give"
         )
-    exact = set(EXACT_LINE.findall(log))
+    label = r.export.get("label") or ""
     for mode, res in r.results.get("roundtrip", {}).items():
-        if f"val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f}" not in exact:
+        line = f"{log_key(label, mode)}_exact val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f}"
+        if not re.search(rf"^{re.escape(line)}$", log, re.M):
             raise SubmissionError(
-                f"{r.label}: its record's {mode} val_bpb {res['val_bpb']:.8f} is in no `_exact` line of its log"
+                f"{r.label}: its record's {mode} val_bpb {res['val_bpb']:.8f} is not in its log's "
+                f"`{log_key(label, mode)}_exact` line"
             )
+    pre = r.export.get("pre_quant")
+    if pre and f"DIAGNOSTIC pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f} " not in log:
+        raise SubmissionError(f"{r.label}: its record's pre_quant val_bpb {pre['val_bpb']:.4f} is not its log's")
+    logged = [t for _, _, t in r.train_curve] + [t for *_, t in r.val_curve] + ([r.stopped[1]] if r.stopped else [])
+    ms = r.results["training"]["train_time_ms"]
+    if logged and ms + 1 < max(logged):  # the log prints whole milliseconds
+        raise SubmissionError(
+            f"{r.label}: its record's train_time_ms {ms} is less than its log shows ({max(logged):.0f} ms)"
+        )
 
 
 def check_train_time(r) -> None:
@@ -717,11 +749,18 @@ def packed_commands(runs, code: Code) -> list[str]:
         if r.record is not None:
             command = r.record.get("command") or {}
             env = {"SEED": str(r.seed), "RUN_ID": r.record.get("run_id", "")} | dict(command.get("env") or {})
-            args = [a for a in command.get("args") or [] if a.lstrip("+").partition("=")[0] not in DATA_KEYS]
+            args = [a for a in command.get("args") or [] if not run_only(a.lstrip("+").partition("=")[0])]
             run[2] = f"--nproc_per_node={world_size_of(r) or code.world_size}"
         env |= data
         out.append(shlex.join([f"{k}={v}" for k, v in env.items()] + run + args))
     return out
+
+
+def run_only(key: str) -> bool:
+    """A key of a packed run's argument that the README's command drops: where the data was on the machine
+    (DATA_KEYS: the command sets DATA_PATH and TOKENIZER_PATH) or what the packer resets between the runs of
+    one recipe (`pgolf.tools.pack.RUN_KEYS`: `resume=...`, the progress bar, ...)."""
+    return key in DATA_KEYS or any(key == k or key.startswith(k + ".") for k in RUN_KEYS)
 
 
 def world_size_of(r) -> int | None:
@@ -808,6 +847,8 @@ def assemble(
     hardware: str | None = None,
 ) -> Path:
     out = Path(out)
+    if track not in TRACKS:
+        raise SubmissionError(f"--track {track}: not a track of the challenge (one of {' | '.join(TRACKS)})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SubmissionError(f"{out} already exists and is not empty; choose another --out")
     dirs = run_dirs(run_paths)
@@ -868,8 +909,9 @@ def check_recipes(runs) -> None:
             recipes.append(r.config)
     shown = differences(recipes)
     if shown:
+        data = "; the names of the shard folder and tokenizer are part of it" if "data." in shown else ""
         raise SubmissionError(
-            f"the runs ran different recipes (their configs differ in {shown}: overrides of one {SCRIPT}); "
+            f"the runs ran different recipes (their configs differ in {shown}: overrides of one {SCRIPT}{data}); "
             "give the runs of one recipe"
         )
 
@@ -931,7 +973,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", help="the scored eval mode (default: the best mode compliant in every run)")
     ap.add_argument("--baseline", nargs="+", metavar="DIR", help="runs of the SOTA/baseline to test against")
     ap.add_argument("--date", help="default: today")
-    ap.add_argument("--track", default=TRACK)
+    ap.add_argument("--track", default=TRACK, choices=TRACKS)
     ap.add_argument("--hardware", help="default: the device recorded in the artifacts")
     args = ap.parse_args(argv)
     try:

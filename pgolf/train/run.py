@@ -118,7 +118,12 @@ def kept_files(run_dir: Path) -> str:
     results.json was written."""
     names = sorted(p.name for p in Path(run_dir).glob("*.ptz"))
     written = f"Written whole and kept: {', '.join(names)}." if names else "No artifact was written."
-    results = "results.json was written." if (Path(run_dir) / "results.json").is_file() else "No results.json."
+    res = Path(run_dir) / "results.json"
+    newest = max((p.stat().st_mtime for p in Path(run_dir).glob("*.ptz")), default=0.0)
+    results = "No results.json."
+    if res.is_file():  # one older than the artifact is an earlier run's (in the packed file's folder)
+        written_now = res.stat().st_mtime >= newest
+        results = "results.json was written." if written_now else "The results.json is an earlier run's."
     return f"{written} {results}"
 
 

@@ -78,11 +78,15 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
 
 
 def parse_env(env: Mapping[str, str]) -> list[tuple[str, object]]:
-    """(config key, value) of the environment variables of `ENV_KEYS` that are set in `env`, values parsed as
-    YAML scalars (a path stays a string whatever characters it holds). Raises ConfigError naming the pair."""
+    """(config key, value) of the environment variables of `ENV_KEYS` that are set in `env`: a decimal integer
+    as the reference's `int()` reads it (`SEED=010` is 10, not YAML's octal 8), anything else parsed as a YAML
+    scalar (a path stays a string whatever characters it holds). Raises ConfigError naming the pair."""
     out = []
     for var, key in ENV_KEYS.items():
         if not env.get(var):
+            continue
+        if re.fullmatch(r"\s*[+-]?\d+\s*", env[var]):
+            out.append((key, int(env[var])))
             continue
         try:
             out.append((key, OmegaConf.to_container(OmegaConf.from_dotlist([f"v={env[var]}"]), resolve=False)["v"]))
