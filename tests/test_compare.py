@@ -226,12 +226,20 @@ def test_eval_results_beside_the_run_add_modes_by_name(tmp_path):
     d = make_run(sweep, "0_seed0", 0, {"standard": 1.3})
     (d / "eval_ttt").mkdir()
     results = {"lora_ttt": eval_result(1.25, "lora_ttt"), "standard": eval_result(1.31, "standard")}
-    ev = {"mode": "lora_ttt", "results": results}
+    ev = {"mode": "lora_ttt", "artifact": "final_model.int8_zlib.ptz", "results": results}
     (d / "eval_ttt" / "eval_result.json").write_text(json.dumps(ev))
-    with pytest.warns(UserWarning, match="replaces"):
+    (d / "eval_float").mkdir()  # an evaluation of the float weights: not the run's artifact, left out
+    floats = {"artifact": "final_model.float.ptz", "results": {"sliding": eval_result(1.0, "sliding")}}
+    (d / "eval_float" / "eval_result.json").write_text(json.dumps(floats))
+    with pytest.warns(UserWarning) as caught:
         (run,) = load_runs([sweep])[0]
+    said = [str(w.message) for w in caught]
+    assert any("replaces" in m for m in said)
+    left_out = "eval_float/eval_result.json scores final_model.float.ptz, not final_model.int8_zlib.ptz: left out"
+    assert any(left_out in m for m in said)
     assert run.modes["lora_ttt"]["val_bpb"] == 1.25 and run.sources["lora_ttt"] == "eval_ttt/eval_result.json"
     assert run.modes["standard"]["val_bpb"] == 1.31  # the later evaluation of the artifact wins, with a warning
+    assert "sliding" not in run.modes
 
 
 def test_unfinished_duplicate_and_mixed_runs_are_reported(tmp_path):

@@ -108,13 +108,15 @@ def fake_run(
     meta = {"code": code, "requirements": {"torch": "2.13.0+cu128"}, "provenance": {"device": "cpu", "torch": "2.13"}}
     meta["seed"] = seed
     size = write_artifact(d / ARTIFACT, {}, meta, "zlib") + code["bytes"]
-    export = {"path": f"{d}/{ARTIFACT}", "total_bytes": size, "model_bytes": size - code["bytes"]}
-    res = {"export": {**export, "code_bytes": code["bytes"]}, "roundtrip": {"standard": eval_result(bpb + seed / 1e3)}}
+    export = {"path": f"{d}/{ARTIFACT}", "label": "int8_zlib", "total_bytes": size, "model_bytes": size - code["bytes"]}
+    std = eval_result(bpb + seed / 1e3)
+    res = {"export": {**export, "code_bytes": code["bytes"]}, "roundtrip": {"standard": std}}
     compliance = {"calibration_ok": True, "size_ok": True, "full_validation": True, "reasons": []}
     (d / "results.json").write_text(json.dumps({**res, "size_ok": True, "total_bytes": size, "compliance": compliance}))
-    head = [f"code_bytes:{code['bytes']} code_sha256:{code['sha256']}", "world_size:1 local_rank:0"]
+    head = [f"seed:{seed}", f"code_bytes:{code['bytes']} code_sha256:{code['sha256']}", "world_size:1 local_rank:0"]
     steps = [f"step:{s}/4 train_loss:{5 - s / 10:.4f} train_time:{100 * s}ms step_avg:100.00ms" for s in (1, 2, 3, 4)]
-    (d / "train.log").write_text("\n".join([*head, *(x.format(run=d) for x in log_lines), *steps]) + "\n")
+    end = [f"final_int8_zlib_roundtrip_exact val_loss:{std['val_loss']:.8f} val_bpb:{std['val_bpb']:.8f}"]
+    (d / "train.log").write_text("\n".join([*head, *(x.format(run=d) for x in log_lines), *steps, *end]) + "\n")
     (d / SCRIPT).write_bytes(script)
     return d
 
@@ -149,7 +151,7 @@ def test_submission_folder_holds_no_machine_path(tmp_path, home, script):
         for p in (tmp_path, ROOT, home):
             assert str(p) not in text, (f.name, p)
     log = (out / "train_seed1.log").read_text().splitlines()
-    assert log[2:9] == [
+    assert log[3:10] == [
         "artifact: ./" + ARTIFACT,
         "scratch: <path>/tmp.bin",
         "run_dir:.",
@@ -194,6 +196,15 @@ def test_without_scipy_a_baseline_comparison_stops_with_one_line(tmp_path, home,
     assert submission.main(args) == 2
     assert capsys.readouterr().err == "error: the Welch t-test needs scipy: pip install pgolf[analysis]\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["x"]
+    monkeypatch.delitem(sys.modules, "scipy")
+    monkeypatch.delitem(sys.modules, "scipy.stats")
+    res = json.loads((base[0] / "results.json").read_text())  # a baseline score its log does not give
+    res["roundtrip"]["standard"]["val_bpb"] = 9.0
+    (base[0] / "results.json").write_text(json.dumps(res))
+    args[args.index(str(tmp_path / "records" / "y"))] = str(tmp_path / "records" / "z")
+    assert "error: --baseline: base/0_seed0: its standard val_bpb 9.00000000 is not in its log's" in refused(
+        args, capsys
+    )
 
 
 # ---- refusals: every run given is checked, none is dropped --------------------------------------------------
@@ -348,7 +359,9 @@ def packed_seed_runs(
             for k, v in (config or {}).items() if seed == seeds[-1] else ():
                 OmegaConf.update(cfg, k, v)
             OmegaConf.save(cfg, logs / f"{run_id}.yaml")
-            lines = [f"seed:{seed}", f"code_bytes:{code['bytes']} code_sha256:{code['sha256']}"]
+            cap = cfg.train.max_wallclock_seconds
+            lines = [f"train_batch_tokens:1024 train_seq_len:32 iterations:4 max_wallclock_seconds:{cap}"]
+            lines += [f"seed:{seed}", f"code_bytes:{code['bytes']} code_sha256:{code['sha256']}"]
             lines += [f"world_size:{world} grad_accum_steps:1"]
             lines += [f"step:4/4 train_loss:4.0 train_time:{400 + seed}ms step_avg:100.00ms"]
             lines += [f"DIAGNOSTIC pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f} eval_time:1ms"]
@@ -486,11 +499,15 @@ def test_a_malformed_record_is_one_line(tmp_path, home, script, capsys, edit, ma
     assert match in err and str(tmp_path) not in err
 
 
-def set_cap(folder: Path, seconds: float) -> None:
+def set_cap(folder: Path, seconds: float, log: bool = True) -> None:
+    """The runs' wall-clock cap in their configs and (`log`) their logs' header lines."""
     for f in (folder / "logs").glob("*.yaml"):
         cfg = OmegaConf.load(f)
         cfg.train.max_wallclock_seconds = seconds
         OmegaConf.save(cfg, f)
+        if log:
+            t = f.with_suffix(".txt")
+            t.write_text(re.sub(r"max_wallclock_seconds:\S+", f"max_wallclock_seconds:{seconds}", t.read_text()))
 
 
 def test_a_packed_run_must_agree_with_its_log_its_artifact_and_the_track(tmp_path, home, script, capsys):
@@ -500,7 +517,7 @@ def test_a_packed_run_must_agree_with_its_log_its_artifact_and_the_track(tmp_pat
     good = (folder / "logs" / "seed1.json").read_text()
     # a score, another mode's score, a pre_quant score, a training time or a seed that the log does not give
     edit_record(folder, "seed1", lambda d: d["results"]["roundtrip"]["standard"].update(val_bpb=0.9))
-    assert "f/logs/seed1: its record's standard val_bpb 0.90000000 is not in its log's " in refused(
+    assert "f/logs/seed1: its standard val_bpb 0.90000000 is not in its log's " in refused(
         [folder, "--out", out], capsys
     )
     (folder / "logs" / "seed1.json").write_text(good)
@@ -513,12 +530,10 @@ def test_a_packed_run_must_agree_with_its_log_its_artifact_and_the_track(tmp_pat
     (folder / "logs" / "seed1.txt").write_text(log)
     (folder / "logs" / "seed1.json").write_text(good)
     edit_record(folder, "seed1", lambda d: d["results"]["export"]["pre_quant"].update(val_bpb=1.5))
-    assert "f/logs/seed1: its record's pre_quant val_bpb 1.5000 is not its log's" in refused(
-        [folder, "--out", out], capsys
-    )
+    assert "f/logs/seed1: its pre_quant val_bpb 1.5000 is not its log's" in refused([folder, "--out", out], capsys)
     (folder / "logs" / "seed1.json").write_text(good)
     edit_record(folder, "seed1", lambda d: d["results"]["training"].update(train_time_ms=1.5))
-    assert "f/logs/seed1: its record's train_time_ms 1.5 is less than its log shows (401 ms)" in refused(
+    assert "f/logs/seed1: its train_time_ms 1.5 is not its log's last step line's (401 ms)" in refused(
         [folder, "--out", out], capsys
     )
     (folder / "logs" / "seed1.json").write_text(good)
@@ -526,9 +541,7 @@ def test_a_packed_run_must_agree_with_its_log_its_artifact_and_the_track(tmp_pat
     assert submission.main([str(folder), "--out", str(tmp_path / "o0"), "--name", "x", "--github-id", "y"]) == 0
     (folder / "logs" / "seed1.json").write_text(good)
     edit_record(folder, "seed1", lambda d: d["command"]["env"].update(SEED="7"))
-    assert "f/logs/seed1: its config's seed 1 is not the seed its log ([1]) and command (SEED=7) give" in refused(
-        [folder, "--out", out], capsys
-    )
+    assert "f/logs/seed1: its config's seed 1 is not its command's (SEED=7)" in refused([folder, "--out", out], capsys)
     (folder / "logs" / "seed1.json").write_text(good)
     # the last run's artifact (results.json is its) must be the file it recorded
     art = (folder / ARTIFACT).read_bytes()
@@ -560,6 +573,8 @@ def test_a_packed_run_must_agree_with_its_log_its_artifact_and_the_track(tmp_pat
         submission.ARTIFACT_LIMIT_BYTES = monkeypatch_limit
     # over 10 minutes of training without the track's wall-clock cap
     edit_record(folder, "seed1", lambda d: d["results"]["training"].update(train_time_ms=700_000.0))
+    log = folder / "logs" / "seed1.txt"
+    log.write_text(log.read_text().replace("train_time:401ms", "train_time:700000ms"))
     set_cap(folder, 0)
     assert "f/logs/seed1: it trained 700.0 s without a wall-clock cap of at most 600 s" in refused(
         [folder, "--out", tmp_path / "o3"], capsys
@@ -568,6 +583,8 @@ def test_a_packed_run_must_agree_with_its_log_its_artifact_and_the_track(tmp_pat
     assert submission.main([str(folder), *other_track]) == 0  # the 10-minute rule is the 10min_16mb track's
     with pytest.raises(SubmissionError, match="--track track_10min_16mb: not a track of the challenge"):
         submission.assemble([folder], tmp_path / "o6", name="x", github_id="y", track="track_10min_16mb")
+    set_cap(folder, 600, log=False)  # the config says capped, but the log shows the run's own cap: 0
+    assert "it trained 700.0 s without a wall-clock cap" in refused([folder, "--out", tmp_path / "o7"], capsys)
     set_cap(folder, 600)  # capped: the clock stopped it at a step past 600 s
     assert submission.main([str(folder), "--out", str(tmp_path / "o4"), "--name", "x", "--github-id", "y"]) == 0
 
@@ -592,3 +609,43 @@ def test_runs_of_different_recipes_or_the_same_label_are_told_apart(tmp_path, ho
     sub = json.loads((tmp_path / "o2" / "submission.json").read_text())
     sizes = {s: json.loads((d / "logs" / "main.json").read_text())["artifact"]["bytes"] for s, d in ((1, a), (2, b))}
     assert {s: sub["seed_results"][str(s)]["model_bytes"] for s in (1, 2)} == sizes and len(set(sizes.values())) == 2
+
+
+def test_a_train_py_run_must_agree_with_its_log_and_mode_choices_are_checked(tmp_path, home, script, capsys):
+    runs = [fake_run(tmp_path / "sw", s, script, [], tmp_path / "d") for s in (0, 1)]
+    out = tmp_path / "o"
+    good = json.loads((runs[1] / "results.json").read_text())
+    edit_results(runs[1], roundtrip={"standard": {**good["roundtrip"]["standard"], "val_bpb": 1.0}})
+    assert "sw/1_seed1: its standard val_bpb 1.00000000 is not in its log's `final_int8_zlib_roundtrip_exact`" in (
+        refused([*runs, "--out", out], capsys)
+    )
+    (runs[1] / "results.json").write_text(json.dumps(good))
+    edit_results(runs[1], training={"steps": 4, "train_time_ms": "x"})
+    assert "results.json: not a run's results (results.training.train_time_ms is missing or has the wrong type)" in (
+        refused([*runs, "--out", out], capsys)
+    )
+    edit_results(runs[1], training={"steps": 3, "train_time_ms": 400.0})
+    assert "sw/1_seed1: its steps 3 are not its log's last step (4)" in refused([*runs, "--out", out], capsys)
+    (runs[1] / "results.json").write_text(json.dumps(good))
+    # a validation line after the last step (its clock reads later) and a preempted attempt before a resume
+    log = (runs[1] / "train.log").read_text()
+    val = "step:4/4 val_loss:4.0 val_bpb:1.3 train_time:450ms step_avg:112.50ms\n"
+    first = "train_batch_tokens:8 max_wallclock_seconds:0\nseed:1\nstep:9/9 train_loss:4.0 train_time:4118ms\n"
+    (runs[1] / "train.log").write_text(first + "train_batch_tokens:8 max_wallclock_seconds:0\n" + log + val)
+    edit_results(runs[1], training={"steps": 4, "train_time_ms": 400.2})
+    assert submission.main([*map(str, runs), "--out", str(out), "--name", "x", "--github-id", "y"]) == 0
+    # --mode: never the float diagnostic, and only a mode every run has
+    ttt = {"artifact": ARTIFACT, "results": {"ttt": eval_result(1.1)}}
+    (runs[0] / "eval").mkdir()
+    (runs[0] / "eval" / "eval_result.json").write_text(json.dumps(ttt))
+    assert "--mode ttt: 1 of the 2 runs lack it" in refused([*runs, "--out", tmp_path / "o2", "--mode", "ttt"], capsys)
+    (runs[1] / "eval").mkdir()
+    (runs[1] / "eval" / "eval_result.json").write_text(json.dumps(ttt))
+    assert submission.main([*map(str, runs), "--out", str(tmp_path / "o4"), "--name", "x", "--github-id", "y"]) == 0
+    readme = (tmp_path / "o4" / "README.md").read_text()
+    assert "The `ttt` scores come from a later `python eval.py` of the artifact (eval/eval_result.json)" in readme
+    folder = tmp_path / "f"
+    packed_seed_runs(folder, (1, 2), script, tmp_path / "data")
+    assert "--mode pre_quant: a diagnostic of the float weights, never a score" in refused(
+        [folder, "--out", tmp_path / "o3", "--mode", "pre_quant"], capsys
+    )

@@ -191,9 +191,19 @@ def load_run(run_dir: str | Path) -> Run:
     results = json.loads(res_file.read_text()) if res_file.is_file() else {}
     run = Run(run_dir, identity_of_dir(run_dir), _config(run_dir), results)
     _result_modes(run, "results.json")
+    artifact = Path(str(results.get("export", {}).get("path") or "")).name
     for f in eval_result_files(run_dir):  # later evaluations of the artifact (eval.py) take precedence
-        for mode, r in json.loads(f.read_text()).get("results", {}).items():
-            rel = str(f.relative_to(run_dir))
+        rel = str(f.relative_to(run_dir))
+        try:
+            doc = json.loads(f.read_text())
+        except (ValueError, RecursionError):
+            raise ValueError(f"{rel}: not an eval result (not JSON)") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("results", {}), dict):
+            raise ValueError(f"{rel}: not an eval result (no results object)")
+        if artifact and doc.get("artifact") != artifact:  # the float weights, or another run's artifact
+            warnings.warn(f"{run.label}: {rel} scores {doc.get('artifact')}, not {artifact}: left out", stacklevel=2)
+            continue
+        for mode, r in doc.get("results", {}).items():
             if mode in run.modes and run.sources[mode] != rel:
                 msg = f"{run.label}: mode {mode!r} from {rel} replaces the one from {run.sources[mode]}"
                 warnings.warn(msg, stacklevel=2)
@@ -324,18 +334,29 @@ def _field(doc: dict, dotted: str):
     return node
 
 
+def check_results(results, name: str) -> None:
+    """The fields of a run's results (results.json, or a packed record's `results`) that the tools read have
+    their types (the `results.` entries of RECORD_FIELDS, MODE_FIELDS). Raises ValueError naming the file."""
+    fields = {k: v for k, v in RECORD_FIELDS.items() if k.startswith("results")}
+    _check_fields({"results": results}, f"{name}: not a run's results", fields, ("results", "results.roundtrip"))
+
+
 def check_record(doc: dict, name: str) -> None:
     """The fields of a packed run's record (`pgolf.train.standalone.write_run_record`) that the tools read
     have their types (RECORD_FIELDS; REQUIRED_FIELDS present): the environment and arguments strings, every
     eval mode with numeric val_loss and val_bpb (MODE_FIELDS). Raises ValueError naming the record and the
     field."""
 
-    def bad(key: str) -> ValueError:
-        return ValueError(f"{name}: not a packed run's record ({key} is missing or has the wrong type)")
+    _check_fields(doc, f"{name}: not a packed run's record", RECORD_FIELDS, REQUIRED_FIELDS)
 
-    for dotted, types in RECORD_FIELDS.items():
+
+def _check_fields(doc: dict, what: str, fields: dict, required) -> None:
+    def bad(key: str) -> ValueError:
+        return ValueError(f"{what} ({key} is missing or has the wrong type)")
+
+    for dotted, types in fields.items():
         value = _field(doc, dotted)
-        if (value is None and dotted in REQUIRED_FIELDS) or (value is not None and not _typed(value, types)):
+        if (value is None and dotted in required) or (value is not None and not _typed(value, types)):
             raise bad(dotted)
     strings = [
         ("command.env", list((_field(doc, "command.env") or {}).values())),

@@ -57,6 +57,7 @@ import re
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,7 @@ from pgolf.tools.fineweb import VARIANTS
 from pgolf.tools.pack import RUN_KEYS, SCRIPT, packed_config, unpack
 from pgolf.tools.runs import (
     CompareError,
+    check_results,
     config_differences,
     differences,
     eval_result_files,
@@ -83,6 +85,7 @@ from pgolf.tools.runs import (
     load_packed_run,
     load_run,
     packed_runs,
+    parse_train_log,
     records_naming,
 )
 from pgolf.tools.stats import MissingScipyError
@@ -94,6 +97,8 @@ CODE_LINE = re.compile(r"^code_bytes:(\d+) code_sha256:([0-9a-f]{64})$", re.M)  
 MODEL_LINE = re.compile(r"^Serialized model \S+: (\d+) bytes$", re.M)
 CODE_SIZE_LINE = re.compile(r"^Code size: (\d+) bytes$", re.M)
 SEED_LINE = re.compile(r"^seed:(\d+)$", re.M)  # pgolf/train/build.py log_header
+HEADER_LINE = re.compile(r"^train_batch_tokens:\S+ .*$", re.M)  # the same header, with the wall-clock cap
+CAP_LINE = re.compile(r"^train_batch_tokens:\S+ .*\bmax_wallclock_seconds:(\S+)", re.M)
 TRACK_SECONDS = 600  # the 10min_16mb track: training within 10 minutes (challenge README)
 # Arguments of a packed run that locate its data on the machine it ran on; the README's commands drop them
 # and set DATA_PATH/TOKENIZER_PATH to the packed folders instead.
@@ -242,6 +247,8 @@ def load_given(dirs: list[Path]) -> list:
         if d.is_dir() and not (d / "results.json").is_file():
             raise SubmissionError(f"{label_of(d)}: no results.json (an unfinished or failed run); leave it out")
         try:
+            if d.is_dir():
+                check_results(json.loads((d / "results.json").read_text()), "results.json")
             run = load_packed_run(d) if d.is_file() else load_run(d)
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             raise SubmissionError(f"{label_of(d)}: unreadable run ({e})") from None
@@ -445,6 +452,8 @@ def verify_code(runs, script: bytes, track: str = TRACK) -> Code:
             )
         if r.record is not None:
             check_packed_log(r, log)
+        else:
+            check_run_log(r, log)
         check_size(r, art)
         if track == TRACK:
             check_train_time(r)
@@ -456,42 +465,65 @@ def verify_code(runs, script: bytes, track: str = TRACK) -> Code:
     return Code(script, sha, versions[0], max(worlds, default=1), artifacts)
 
 
+def last_attempt(log: str) -> str:
+    """The log from the header of its last (re)start on (`train_batch_tokens:` or, without it, `seed:` line):
+    a resumed run's log holds the preempted attempt before it."""
+    starts = [m.start() for m in HEADER_LINE.finditer(log)] or [m.start() for m in SEED_LINE.finditer(log)]
+    return log[starts[-1] :] if starts else log
+
+
 def check_packed_log(r, log: str) -> None:
-    """A packed run's record against its log: no other record names the log (a reused RUN_ID: a resumed
-    run's log holds its first part too, without a record), the log's `seed:` line and the record's `SEED`
-    are the config's seed, and every eval mode's val_loss and val_bpb are in one of the log's `_exact` lines
-    (8 decimals). Raises SubmissionError naming the run."""
+    """No other record of a packed run's folder names its log (a reused RUN_ID; a resumed run's log holds its
+    first part too, without a record), and the record's `SEED` is the config's seed; then `check_run_log`.
+    Raises SubmissionError naming the run."""
     others = [n for n in records_naming(r.path, r.record["log"]) if n != f"{r.record['stem']}.json"]
     if others:
         raise SubmissionError(
             f"{r.label}: its log logs/{r.log_file.name} is also the log of {', '.join(others)} (RUN_ID was reused); "
             "a submission needs each run's own log"
         )
-    seeds = {int(m) for m in SEED_LINE.findall(log)}
     env_seed = (r.record.get("command") or {}).get("env", {}).get("SEED")
-    env_ok = env_seed is None or (env_seed.strip().isdigit() and int(env_seed) == r.seed)
-    if seeds != {r.seed} or not env_ok:
-        raise SubmissionError(
-            f"{r.label}: its config's seed {r.seed} is not the seed its log ({sorted(seeds)}) and command "
-            f"(SEED={env_seed}) give"
-        )
+    try:
+        env_ok = env_seed is None or int(env_seed) == r.seed
+    except ValueError:
+        env_ok = False
+    if not env_ok:
+        raise SubmissionError(f"{r.label}: its config's seed {r.seed} is not its command's (SEED={env_seed})")
+    check_run_log(r, log)
+
+
+def check_run_log(r, log: str) -> None:
+    """A run's results against its log (train.log, or a packed run's logs/<RUN_ID>.txt): every `seed:` line
+    is the config's seed; in its last attempt (`last_attempt`), every eval mode read from the results has its
+    val_loss and val_bpb in its own `_exact` line (`final_<label>_roundtrip_exact`, ...; 8 decimals), the
+    float model's in the `DIAGNOSTIC pre_quant` line (4 decimals), the training time is within a
+    millisecond of the last step line's (or the wall-clock stop's) and the steps are that line's. Raises
+    SubmissionError naming the run."""
+    seeds = {int(m) for m in SEED_LINE.findall(log)}
+    if seeds != {r.seed}:
+        raise SubmissionError(f"{r.label}: its config's seed {r.seed} is not the seed its log gives ({sorted(seeds)})")
+    log = last_attempt(log)
     label = r.export.get("label") or ""
     for mode, res in r.results.get("roundtrip", {}).items():
+        if r.sources.get(mode, "").endswith("eval_result.json"):
+            continue  # a later eval.py of the artifact (its own sizes are checked against the file)
         line = f"{log_key(label, mode)}_exact val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f}"
         if not re.search(rf"^{re.escape(line)}$", log, re.M):
             raise SubmissionError(
-                f"{r.label}: its record's {mode} val_bpb {res['val_bpb']:.8f} is not in its log's "
+                f"{r.label}: its {mode} val_bpb {res['val_bpb']:.8f} is not in its log's "
                 f"`{log_key(label, mode)}_exact` line"
             )
     pre = r.export.get("pre_quant")
     if pre and f"DIAGNOSTIC pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f} " not in log:
-        raise SubmissionError(f"{r.label}: its record's pre_quant val_bpb {pre['val_bpb']:.4f} is not its log's")
-    logged = [t for _, _, t in r.train_curve] + [t for *_, t in r.val_curve] + ([r.stopped[1]] if r.stopped else [])
-    ms = r.results["training"]["train_time_ms"]
-    if logged and ms + 1 < max(logged):  # the log prints whole milliseconds
-        raise SubmissionError(
-            f"{r.label}: its record's train_time_ms {ms} is less than its log shows ({max(logged):.0f} ms)"
-        )
+        raise SubmissionError(f"{r.label}: its pre_quant val_bpb {pre['val_bpb']:.4f} is not its log's")
+    train, _, stopped = parse_train_log(log)
+    last = max([(s, t) for s, _, t in train] + ([stopped] if stopped else []), default=None)
+    training = r.results.get("training") or {}
+    ms, steps = training.get("train_time_ms"), training.get("steps")
+    if last is not None and ms is not None and abs(ms - last[1]) > 1:  # the log prints whole milliseconds
+        raise SubmissionError(f"{r.label}: its train_time_ms {ms} is not its log's last step line's ({last[1]:.0f} ms)")
+    if last is not None and steps is not None and steps != last[0]:
+        raise SubmissionError(f"{r.label}: its steps {steps} are not its log's last step ({last[0]})")
 
 
 def check_train_time(r) -> None:
@@ -500,7 +532,14 @@ def check_train_time(r) -> None:
     TRACK_SECONDS (the clock stops training at the first step boundary past the cap, as the reference does).
     Raises SubmissionError naming the run."""
     ms = r.train_time_ms
-    cap = (r.config.get("train") or {}).get("max_wallclock_seconds")
+    train = r.config.get("train")
+    cap = train.get("max_wallclock_seconds") if isinstance(train, dict) else None
+    logged = CAP_LINE.findall(last_attempt(r.log_file.read_text(errors="replace"))) if r.log_file.is_file() else []
+    if logged:  # the cap the run printed when it started (its config file could be edited later)
+        try:
+            cap = float(logged[-1])
+        except ValueError:
+            cap = None
     capped = isinstance(cap, (int, float)) and 0 < cap <= TRACK_SECONDS
     if ms is not None and ms > TRACK_SECONDS * 1000 and not capped:
         raise SubmissionError(
@@ -526,6 +565,10 @@ def pick_mode(runs, stats: dict[str, ModeStats], mode: str | None) -> str:
     if mode is not None:
         if mode not in stats:
             raise SubmissionError(f"--mode {mode}: the runs have no such eval mode (they have {', '.join(stats)})")
+        if mode in DIAGNOSTIC_MODES:
+            raise SubmissionError(f"--mode {mode}: a diagnostic of the float weights, never a score")
+        if stats[mode].n != len(runs):
+            raise SubmissionError(f"--mode {mode}: {len(runs) - stats[mode].n} of the {len(runs)} runs lack it")
         return mode
     ok = [s for m, s in stats.items() if m not in DIAGNOSTIC_MODES and s.compliant and s.n == len(runs)]
     if not ok:
@@ -709,6 +752,13 @@ def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str, code: Code) 
         comp = "compliant" if st.compliant else "NOT compliant: " + "; ".join(st.reasons)
         star = " (scored)" if m == mode else ""
         lines.append(f"- `{m}`{star}: {st.bpb_mean:.8f} ± {st.bpb_std:.8f}, {comp}{'; ' + note if note else ''}")
+    later = sorted({r.sources[mode] for r in runs if r.sources.get(mode, "").endswith("eval_result.json")})
+    if later:
+        lines += [
+            "",
+            f"The `{mode}` scores come from a later `python eval.py` of the artifact ({', '.join(later)}), not from "
+            "the run's own round trip; its settings are that file's.",
+        ]
     if "comparison" in sub:
         lines += significance_lines(sub["comparison"])
     lines += reproduce_lines(sub, packed_commands(runs, code), run_command(runs), data_source(runs, code))
@@ -853,7 +903,9 @@ def assemble(
         raise SubmissionError(f"{out} already exists and is not empty; choose another --out")
     dirs = run_dirs(run_paths)
     script = read_scripts(dirs)  # first: runs of different code refuse, whatever else is wrong with them
-    runs = load_given(dirs)
+    with warnings.catch_warnings(record=True) as caught:  # what the reading noted (runs.load_run): notes
+        warnings.simplefilter("always")
+        runs = load_given(dirs)
     check_recipes(runs)
     code = verify_code(runs, script, track)
     check_seeds(runs)
@@ -862,14 +914,21 @@ def assemble(
         baseline_runs = load_given(run_dirs(baseline))
         try:
             check_seeds(baseline_runs)
+            for r in baseline_runs:  # the comparison's scores are checked against their logs too
+                log = r.log_file.read_text(errors="replace") if r.log_file.is_file() else ""
+                check_packed_log(r, log) if r.record is not None else check_run_log(r, log)
         except SubmissionError as e:
             raise SubmissionError(f"--baseline: {e}") from None
-    notes = config_notes(runs) + [
-        f"{r.label}: its artifact {code.artifacts[r.key].name} is no longer in its folder (replaced by a later run, "
-        "or removed); its sizes are the ones its record and its log give"
-        for r in runs
-        if not code.artifacts[r.key].measured
-    ]
+    notes = (
+        [str(w.message) for w in caught]
+        + config_notes(runs)
+        + [
+            f"{r.label}: its artifact {code.artifacts[r.key].name} is no longer in its folder (replaced by a later "
+            "run, or removed); its sizes are the ones its record and its log give"
+            for r in runs
+            if not code.artifacts[r.key].measured
+        ]
+    )
     runs = sorted(runs, key=lambda r: r.seed)
     sub, text = build(
         runs,
