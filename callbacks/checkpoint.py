@@ -116,7 +116,7 @@ class Checkpointing(L.Callback):
         path = self.save(trainer, "last.ckpt")
         pl_module.state.preempted = True
         log0(f"preempted: SIGTERM received; checkpoint of step {step} saved to checkpoints/{path.name}")
-        log0(f"resume with: {resume_command()} resume={os.path.relpath(path)}")
+        log0(resume_hint(path))
         trainer.should_stop = True
 
     def save(self, trainer, name: str) -> Path:
@@ -132,6 +132,13 @@ class Checkpointing(L.Callback):
                     if old.exists():
                         os.unlink(old)
         return path
+
+
+def resume_hint(path: Path) -> str:
+    """`resume with: <command> resume=<checkpoint>`: the checkpoint relative to where the run started, or
+    absolute when that path would climb out of it (a run directory elsewhere)."""
+    rel = os.path.relpath(path)
+    return f"resume with: {resume_command()} resume={rel if not rel.startswith('..') else Path(path).absolute()}"
 
 
 def resume_command() -> str:

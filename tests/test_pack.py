@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from callbacks.checkpoint import resume_command
+from callbacks.checkpoint import resume_command, resume_hint
 from pgolf import optional
 from pgolf.config.runtime import PART_RULES, check_parts, uses_doc_attention
 from pgolf.config.typed import ConfigError
@@ -208,13 +208,19 @@ def test_environment_integers_are_read_as_the_reference_reads_them():
     }  # YAML 1.1 would read 010 as the octal 8
 
 
-def test_the_resume_hint_names_the_script_that_ran(monkeypatch):
+def test_the_resume_hint_names_the_script_that_ran(monkeypatch, tmp_path):
+    (tmp_path / "repo").mkdir()
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(sys, "argv", ["train_gpt.py", "train.log_every=5"])
     assert resume_command() == "<same environment, RUN_ID included> python train_gpt.py <same overrides>"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert resume_command().endswith("torchrun --standalone --nproc_per_node=8 train_gpt.py <same overrides>")
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    monkeypatch.chdir(tmp_path / "repo")
+    assert resume_hint(tmp_path / "repo" / "out" / "last.ckpt").endswith("resume=out/last.ckpt")
+    elsewhere = tmp_path / "runs" / "last.ckpt"  # not ../runs/last.ckpt
+    assert resume_hint(elsewhere) == f"resume with: python train.py <same overrides> resume={elsewhere}"
     monkeypatch.setattr(sys, "argv", ["/repo/train.py", "model=tiny"])
     assert resume_command() == "python train.py <same overrides>"
 
