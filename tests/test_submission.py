@@ -510,7 +510,7 @@ def set_cap(folder: Path, seconds: float, log: bool = True) -> None:
             t.write_text(re.sub(r"max_wallclock_seconds:\S+", f"max_wallclock_seconds:{seconds}", t.read_text()))
 
 
-def test_a_packed_run_must_agree_with_its_log_its_artifact_and_the_track(tmp_path, home, script, capsys):
+def test_a_packed_run_must_agree_with_its_log_its_artifact_and_the_track(tmp_path, home, script, capsys, monkeypatch):
     folder = tmp_path / "f"
     packed_seed_runs(folder, (1, 2), script, tmp_path / "data")
     out = tmp_path / "o"
@@ -563,14 +563,11 @@ def test_a_packed_run_must_agree_with_its_log_its_artifact_and_the_track(tmp_pat
     size = json.loads(good)["results"]["export"]["total_bytes"]
     edit_record(folder, "seed1", lambda d: d["results"]["export"].update(limit_bytes=10**9))
     assert submission.main([str(folder), "--out", str(out), "--name", "x", "--github-id", "y"]) == 0  # within
-    monkeypatch_limit = submission.ARTIFACT_LIMIT_BYTES
-    try:
-        submission.ARTIFACT_LIMIT_BYTES = size - 1
+    with monkeypatch.context() as m:  # a track limit below the run's artifact
+        m.setattr(submission, "ARTIFACT_LIMIT_BYTES", size - 1)
         assert f"+ {SCRIPT} is {size:,} bytes, over the {size - 1:,}-byte limit" in refused(
             [folder, "--out", tmp_path / "o2"], capsys
         )
-    finally:
-        submission.ARTIFACT_LIMIT_BYTES = monkeypatch_limit
     # over 10 minutes of training without the track's wall-clock cap
     edit_record(folder, "seed1", lambda d: d["results"]["training"].update(train_time_ms=700_000.0))
     log = folder / "logs" / "seed1.txt"

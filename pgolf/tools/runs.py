@@ -27,8 +27,8 @@ from pgolf.train.identity import RunIdentity, identity_of_dir
 
 TRAIN_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:([\d.]+)ms")
 VAL_LINE = re.compile(r"^step:(\d+)/\d+ val_loss:(\S+) val_bpb:(\S+) train_time:([\d.]+)ms")
-RECORD_MAX_BYTES = 1 << 24
 STOP_LINE = re.compile(r"^stopping_early: wallclock_cap train_time:([\d.]+)ms step:(\d+)/")
+RECORD_MAX_BYTES = 1 << 24  # a packed run's record, read whole
 
 
 class CompareError(ValueError):
@@ -232,30 +232,30 @@ def packed_runs(folder: Path) -> tuple[list[Path], list[Path]]:
     """(records, orphan logs) of a packed folder: every `logs/*.json` record, and every `logs/*.txt` that no
     record names (a run that did not finish, or one from before records were kept). Raises ValueError naming
     a record that is not a JSON object, or a log that two records name (a reused RUN_ID)."""
-    logs = folder / "logs"
-    records = sorted(logs.glob("*.json"))
-    named: dict[object, list[str]] = {}
-    for r in records:
-        named.setdefault(str(read_record(r).get("log")), []).append(r.name)
+    named = records_by_log(folder)
     for log, recs in named.items():
         if len(recs) > 1:
             raise ValueError(
                 f"{log}: the log of {len(recs)} runs ({', '.join(recs)}: RUN_ID was reused); a submission needs "
                 "each run's own log: give the records of the other runs one by one"
             )
-    return records, [log for log in sorted(logs.glob("*.txt")) if log.name not in named]
+    records = sorted((folder / "logs").glob("*.json"))
+    return records, [log for log in sorted((folder / "logs").glob("*.txt")) if log.name not in named]
 
 
-def records_naming(folder: Path, log: str) -> list[str]:
-    """The names of the records in `folder/logs` that name `log` as their log (unreadable ones left out)."""
-    out = []
+def records_by_log(folder: Path, strict: bool = True) -> dict[str, list[str]]:
+    """{log name: the names of the records in `folder/logs` that name it}. A record that is not a JSON object
+    raises ValueError, or with `strict=False` is left out."""
+    named: dict[str, list[str]] = {}
     for r in sorted((folder / "logs").glob("*.json")):
         try:
-            if read_record(r).get("log") == log:
-                out.append(r.name)
+            log = read_record(r).get("log")
         except ValueError:
+            if strict:
+                raise
             continue
-    return out
+        named.setdefault(str(log), []).append(r.name)
+    return named
 
 
 def read_record(path: Path) -> dict:
@@ -346,7 +346,6 @@ def check_record(doc: dict, name: str) -> None:
     have their types (RECORD_FIELDS; REQUIRED_FIELDS present): the environment and arguments strings, every
     eval mode with numeric val_loss and val_bpb (MODE_FIELDS). Raises ValueError naming the record and the
     field."""
-
     _check_fields(doc, f"{name}: not a packed run's record", RECORD_FIELDS, REQUIRED_FIELDS)
 
 
@@ -386,7 +385,7 @@ def _packed_config(path: Path) -> dict:
         cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as e:  # YAML or OmegaConf: the file is not a config this run wrote
         raise ValueError(f"logs/{path.name}: not a run's resolved config ({str(e).splitlines()[0]})") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
+    if not isinstance(cfg, dict) or not _typed(cfg.get("seed"), (int,)):
         raise ValueError(f"logs/{path.name}: not a run's resolved config (no integer seed)")
     return cfg
 
@@ -400,12 +399,12 @@ def load_packed_run(record: str | Path) -> Run:
     doc = read_record(record)
     check_record(doc, record.name)
     doc = {**doc, "stem": record.stem}
-    log = _plain_name(doc.get("log"), "log", record)
+    _plain_name(doc.get("log"), "log", record)
     cfg = _packed_config(folder / "logs" / _plain_name(doc.get("config"), "config", record))
     ident = RunIdentity(str(cfg.get("name", "?")), cfg["seed"], str(cfg.get("variant") or ""), ())
     run = Run(folder, ident, cfg, doc["results"], record=doc)
     _result_modes(run, f"logs/{record.name}")
-    if (folder / "logs" / log).is_file():
+    if run.log_file.is_file():
         run.train_curve, run.val_curve, run.stopped = parse_train_log(run.log_file.read_text(errors="replace"))
     return run
 

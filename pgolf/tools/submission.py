@@ -58,7 +58,7 @@ import shlex
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -67,12 +67,13 @@ from omegaconf import OmegaConf
 from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.export.code import CODE_KEY, code_record, public_version, requirement_pins
 from pgolf.export.roundtrip import log_key
-from pgolf.io import atomic_dir
+from pgolf.io import atomic_dir, sha256_file
 from pgolf.quant.artifact import ArtifactError, load_artifact
 from pgolf.tools.compare import DIAGNOSTIC_MODES, ModeStats, compare_to, mode_order, mode_stats
 from pgolf.tools.fineweb import VARIANTS
 from pgolf.tools.pack import RUN_KEYS, SCRIPT, packed_config, unpack
 from pgolf.tools.runs import (
+    RECORD_MAX_BYTES,
     CompareError,
     check_results,
     config_differences,
@@ -86,7 +87,7 @@ from pgolf.tools.runs import (
     load_run,
     packed_runs,
     parse_train_log,
-    records_naming,
+    records_by_log,
 )
 from pgolf.tools.stats import MissingScipyError
 
@@ -296,7 +297,7 @@ def artifact_of(run, code_bytes: int) -> Artifact:
         rec = run.record.get("artifact") or {}
         if rec.get("name") != name or not isinstance(rec.get("bytes"), int) or not isinstance(rec.get("meta"), dict):
             raise SubmissionError(f"{run.label}: its record names no artifact {name} (artifact: name, bytes, meta)")
-        if not path.is_file() or sha256_of(path) != rec.get("sha256"):
+        if not path.is_file() or sha256_file(path) != rec.get("sha256"):
             problem = replaced_problem(run, path, rec["meta"])
             if problem:
                 raise SubmissionError(f"{run.label}: its artifact {name} is {problem}")
@@ -334,7 +335,7 @@ def last_run_of(run) -> bool:
     """Whether the packed folder's results.json holds this run's results (it was the folder's last run)."""
     f = run.path / "results.json"
     try:
-        if not f.is_file() or f.stat().st_size > 1 << 24:
+        if not f.is_file() or f.stat().st_size > RECORD_MAX_BYTES:
             return False
         canonical = json.dumps(json.loads(f.read_text()), sort_keys=True)  # NaN == NaN as text
         return canonical == json.dumps(run.results, sort_keys=True)
@@ -357,7 +358,7 @@ def recorded_sizes(run, art: Artifact) -> list[tuple[str, object, int]]:
     ]
     for key in ("sha256", "artifact_sha256"):
         if e.get(key) is not None and art.measured:
-            out.append((f"results.json export.{key}", e[key], sha256_of(run.path / art.name)))
+            out.append((f"results.json export.{key}", e[key], sha256_file(run.path / art.name)))
     if not art.measured:  # as its run recorded it: the record's results and the log's last size lines agree
         log = run.log_file.read_text(errors="replace") if run.log_file.is_file() else ""
         for where, line in (("Serialized model", MODEL_LINE), ("Code size", CODE_SIZE_LINE)):
@@ -372,10 +373,6 @@ def recorded_sizes(run, art: Artifact) -> list[tuple[str, object, int]]:
             out += [(f"{where} artifact_bytes", doc.get("artifact_bytes"), art.model_bytes)]
             out += [(f"{where} total_bytes", doc.get("total_bytes"), art.total_bytes)]
     return [(w, v, m) for w, v, m in out if v is not None]
-
-
-def sha256_of(path: Path) -> str:
-    return code_record(path.read_bytes())["sha256"]
 
 
 def check_size(run, art: Artifact) -> None:
@@ -418,6 +415,7 @@ class Code:
     versions: dict[str, str]  # {distribution: version} the runs imported (their artifacts' `requirements`)
     world_size: int  # processes per run (the runs' `world_size:` log line)
     artifacts: dict[tuple[str, str], Artifact]  # Run.key -> its artifact (measured, or as its packed run recorded)
+    world_sizes: dict[tuple[str, str], int] = field(default_factory=dict)  # Run.key -> its log's last world_size
 
 
 def verify_code(runs, script: bytes, track: str = TRACK) -> Code:
@@ -431,7 +429,7 @@ def verify_code(runs, script: bytes, track: str = TRACK) -> Code:
     except (SyntaxError, UnicodeDecodeError) as e:
         raise SubmissionError(f"{SCRIPT} does not compile: {e}") from None
     sha = code_record(script)["sha256"]
-    versions, worlds, artifacts = [], [], {}
+    versions, worlds, artifacts, world_sizes = [], [], {}, {}
     for r in runs:
         art = artifact_of(r, len(script))
         meta = art.meta
@@ -456,13 +454,16 @@ def verify_code(runs, script: bytes, track: str = TRACK) -> Code:
             check_run_log(r, log)
         check_size(r, art)
         if track == TRACK:
-            check_train_time(r)
+            check_train_time(r, log)
         artifacts[r.key] = art
         versions.append(meta.get("requirements") or {})
-        worlds += [int(m[1]) for m in WORLD_LINE.finditer(log)]
+        found = [int(m[1]) for m in WORLD_LINE.finditer(log)]
+        worlds += found
+        if found:
+            world_sizes[r.key] = found[-1]
     if any(v != versions[0] for v in versions):
         raise SubmissionError("the runs recorded different package versions; give runs of one environment")
-    return Code(script, sha, versions[0], max(worlds, default=1), artifacts)
+    return Code(script, sha, versions[0], max(worlds, default=1), artifacts, world_sizes)
 
 
 def last_attempt(log: str) -> str:
@@ -476,7 +477,8 @@ def check_packed_log(r, log: str) -> None:
     """No other record of a packed run's folder names its log (a reused RUN_ID; a resumed run's log holds its
     first part too, without a record), and the record's `SEED` is the config's seed; then `check_run_log`.
     Raises SubmissionError naming the run."""
-    others = [n for n in records_naming(r.path, r.record["log"]) if n != f"{r.record['stem']}.json"]
+    named = records_by_log(r.path, strict=False).get(r.record["log"], [])
+    others = [n for n in named if n != f"{r.record['stem']}.json"]
     if others:
         raise SubmissionError(
             f"{r.label}: its log logs/{r.log_file.name} is also the log of {', '.join(others)} (RUN_ID was reused); "
@@ -526,15 +528,16 @@ def check_run_log(r, log: str) -> None:
         raise SubmissionError(f"{r.label}: its steps {steps} are not its log's last step ({last[0]})")
 
 
-def check_train_time(r) -> None:
+def check_train_time(r, log: str) -> None:
     """The 10min_16mb track trains within 10 minutes: a run that trained longer than TRACK_SECONDS on the
     challenge clock is refused unless its wall-clock cap (`train.max_wallclock_seconds`, 0 = none) was at most
-    TRACK_SECONDS (the clock stops training at the first step boundary past the cap, as the reference does).
-    Raises SubmissionError naming the run."""
+    TRACK_SECONDS (the clock stops training at the first step boundary past the cap, as the reference does);
+    the cap is the one the header of the log's last attempt (`log`) printed, else the config's. Raises
+    SubmissionError naming the run."""
     ms = r.train_time_ms
     train = r.config.get("train")
     cap = train.get("max_wallclock_seconds") if isinstance(train, dict) else None
-    logged = CAP_LINE.findall(last_attempt(r.log_file.read_text(errors="replace"))) if r.log_file.is_file() else []
+    logged = CAP_LINE.findall(last_attempt(log))
     if logged:  # the cap the run printed when it started (its config file could be edited later)
         try:
             cap = float(logged[-1])
@@ -800,7 +803,7 @@ def packed_commands(runs, code: Code) -> list[str]:
             command = r.record.get("command") or {}
             env = {"SEED": str(r.seed), "RUN_ID": r.record.get("run_id", "")} | dict(command.get("env") or {})
             args = [a for a in command.get("args") or [] if not run_only(a.lstrip("+").partition("=")[0])]
-            run[2] = f"--nproc_per_node={world_size_of(r) or code.world_size}"
+            run[2] = f"--nproc_per_node={code.world_sizes.get(r.key) or code.world_size}"
         env |= data
         out.append(shlex.join([f"{k}={v}" for k, v in env.items()] + run + args))
     return out
@@ -811,12 +814,6 @@ def run_only(key: str) -> bool:
     (DATA_KEYS: the command sets DATA_PATH and TOKENIZER_PATH) or what the packer resets between the runs of
     one recipe (`pgolf.tools.pack.RUN_KEYS`: `resume=...`, the progress bar, ...)."""
     return key in DATA_KEYS or any(key == k or key.startswith(k + ".") for k in RUN_KEYS)
-
-
-def world_size_of(r) -> int | None:
-    """The process count of a run, from its log's last `world_size:` line."""
-    found = WORLD_LINE.findall(r.log_file.read_text(errors="replace")) if r.log_file.is_file() else []
-    return int(found[-1]) if found else None
 
 
 def data_source(runs, code: Code) -> str:

@@ -116,10 +116,12 @@ def fit(
 def kept_files(run_dir: Path) -> str:
     """What a terminated run leaves: the artifacts it wrote (whole: written atomically) and whether
     results.json was written."""
-    names = sorted(p.name for p in Path(run_dir).glob("*.ptz"))
-    written = f"Written whole and kept: {', '.join(names)}." if names else "No artifact was written."
+    artifacts = sorted(Path(run_dir).glob("*.ptz"))
+    written = (
+        f"Written whole and kept: {', '.join(p.name for p in artifacts)}." if artifacts else "No artifact was written."
+    )
     res = Path(run_dir) / "results.json"
-    newest = max((p.stat().st_mtime for p in Path(run_dir).glob("*.ptz")), default=0.0)
+    newest = max((p.stat().st_mtime for p in artifacts), default=0.0)
     results = "No results.json."
     if res.is_file():  # one older than the artifact is an earlier run's (in the packed file's folder)
         written_now = res.stat().st_mtime >= newest
