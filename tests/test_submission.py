@@ -21,7 +21,7 @@ from pgolf.io import sha256_file
 from pgolf.quant.artifact import write_artifact
 from pgolf.tools import submission
 from pgolf.tools.pack import SCRIPT, compose_train
-from pgolf.tools.runs import load_runs
+from pgolf.tools.runs import load_packed_run, load_run, load_runs
 from pgolf.tools.submission import SubmissionError, find_machine_paths, prefix_pattern, scrub_obj, scrub_paths
 from pgolf.train.standalone import write_run_record
 
@@ -646,3 +646,14 @@ def test_a_train_py_run_must_agree_with_its_log_and_mode_choices_are_checked(tmp
     assert "--mode pre_quant: a diagnostic of the float weights, never a score" in refused(
         [folder, "--out", tmp_path / "o3", "--mode", "pre_quant"], capsys
     )
+
+
+def test_each_readme_command_has_its_own_runs_process_count(tmp_path, home, script):
+    folder = tmp_path / "f"
+    packed_seed_runs(folder, (1,), script, tmp_path / "data", world=2)
+    packed = load_packed_run(folder / "logs" / "seed1.json")
+    plain = load_run(fake_run(tmp_path / "sw", 0, script, [], tmp_path / "d"))
+    code = submission.Code(script, "0" * 64, {}, 8, {}, {packed.key: 2})
+    cmds = submission.packed_commands([packed, plain], code)
+    assert "--nproc_per_node=2 train_gpt.py" in cmds[0]
+    assert "--nproc_per_node=8 train_gpt.py" in cmds[1]  # the runs' count, not the packed run's before it

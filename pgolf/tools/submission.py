@@ -795,16 +795,16 @@ def packed_commands(runs, code: Code) -> list[str]:
     record gives (its environment variables and arguments), with the data paths so replaced."""
     shards, tokenizer = packed_data(code)
     data = {"DATA_PATH": shards, "TOKENIZER_PATH": tokenizer}
-    run = ["torchrun", "--standalone", f"--nproc_per_node={code.world_size}", SCRIPT]
     out = []
     for r in runs:
-        env, args = {"SEED": str(r.seed), "RUN_ID": f"seed{r.seed}"}, []
+        env, args, nproc = {"SEED": str(r.seed), "RUN_ID": f"seed{r.seed}"}, [], code.world_size
         if r.record is not None:
             command = r.record.get("command") or {}
             env = {"SEED": str(r.seed), "RUN_ID": r.record.get("run_id", "")} | dict(command.get("env") or {})
             args = [a for a in command.get("args") or [] if not run_only(a.lstrip("+").partition("=")[0])]
-            run[2] = f"--nproc_per_node={code.world_sizes.get(r.key) or code.world_size}"
+            nproc = code.world_sizes.get(r.key) or code.world_size
         env |= data
+        run = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
         out.append(shlex.join([f"{k}={v}" for k, v in env.items()] + run + args))
     return out
 
