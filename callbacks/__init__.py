@@ -10,6 +10,9 @@ the LightningModule, so the list order is the hook order.
 
 Hook order contract (asserted by tests/test_callbacks.py):
 
+- With periodic validation (`train.val_every` > 0), the step-0 validation comes first, before
+  `on_train_start` (Lightning's sanity check over the whole validation set, skipped on resume): the clock has
+  not started and prints the reference's `step:0/N val_loss:...` line; the averaging leaves it alone.
 - `on_train_start`: the compile warm-up runs its steps (in both looping states for a model with progressive
   depth recurrence) and restores the weights, optimizer, RNG and data position first; then the clock starts;
   the LR schedule sets the looping state the training fraction calls for; late QAT re-applies a switch
@@ -29,6 +32,8 @@ Hook order contract (asserted by tests/test_callbacks.py):
   and back (`on_validation_epoch_end`, before the module's own hook reduces the sums into `state.last_val`),
   so both swaps are off the clock; by default (`validate=raw`, as the records) it leaves the raw weights in
   place; the clock resumes and prints the validation line from `state.last_val` (`on_validation_end`).
+  The last step is validated too, whatever ended training (the clock asks Lightning to stop there); a
+  preempted run is not.
 - `on_train_end`: the clock stops (and logs the last step if it was not logged yet); the averaging applies
   its weights; checkpointing acts on a SIGTERM that came after the last step boundary and installs the
   handler that stops the run at once on a later one; the export runs last, on the averaged weights,

@@ -118,6 +118,7 @@ class Checkpointing(L.Callback):
         log0(f"preempted: SIGTERM received; checkpoint of step {step} saved to checkpoints/{path.name}")
         log0(resume_hint(path))
         trainer.should_stop = True
+        trainer.limit_val_batches = 0  # Lightning validates after a stop request: the grace period is not for that
 
     def save(self, trainer, name: str) -> Path:
         path = self.dirpath / name

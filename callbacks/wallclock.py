@@ -6,7 +6,9 @@ the device at every optimizer-step boundary, and the stop decision is reduced ac
 the cap stops everyone on the same step). It also prints the reference's step lines (steps 1-`log_first`,
 every `log_every`-th, and always the last step, whatever ended training: the step budget, the clock, or
 preemption) with the same metrics to the loggers, and checks the training loss of every step: a non-finite
-loss stops the run with an error before anything is saved.
+loss stops the run with an error before anything is saved. With periodic validation (`train.val_every` > 0,
+the reference's VAL_LOSS_EVERY) it prints the reference's validation lines: step 0 (Lightning's sanity check
+over the whole validation set, before the clock starts), every `val_every`-th step and the last step.
 """
 
 from __future__ import annotations
@@ -84,17 +86,21 @@ class ChallengeClock(L.Callback):
             self._pause(pl_module)
 
     def on_validation_end(self, trainer, pl_module):
-        if not self._in_fit(trainer):
+        step0 = trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING  # before the clock starts
+        if not (step0 or self._in_fit(trainer)):
             return
         step = trainer.global_step
         v = pl_module.state.last_val
-        if v is not None:
+        if v is not None and v["step"] == step:
             t = self.elapsed_ms()
             log0(
                 f"step:{step}/{self.iterations} val_loss:{v['val_loss']:.4f} val_bpb:{v['val_bpb']:.4f} "
                 f"train_time:{t:.0f}ms step_avg:{t / max(step, 1):.2f}ms"
             )
-        self._resume(pl_module)
+            for lg in trainer.loggers:  # at this optimizer step, next to its training metrics
+                lg.log_metrics({"val_loss": v["val_loss"], "val_bpb": v["val_bpb"]}, step=step)
+        if not step0:
+            self._resume(pl_module)
 
     def on_train_end(self, trainer, pl_module):
         self._pause(pl_module)
@@ -134,6 +140,10 @@ class ChallengeClock(L.Callback):
         if reached and not trainer.should_stop:
             self.stopped_early = True
             log0(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{self.iterations}")
+            trainer.should_stop = True
+        elif last and trainer.limit_val_batches:
+            # periodic validation is on: like the reference, validate at the last step whatever ended training
+            # (Lightning validates after a batch whose hooks set `should_stop`, once even on a val_every step)
             trainer.should_stop = True
 
     def _log_step(self, trainer, step: int, loss: float | None, elapsed: float, lr_scale: float) -> None:

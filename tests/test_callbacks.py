@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -99,7 +100,9 @@ def record_hooks(cbs, log: list) -> None:
 
 def test_hook_order_contract(tmp_path, synth_dir):
     """4 steps, validation every 2, EMA, the line bar, a checkpoint every 2 steps: the hooks fire in the
-    order the module docstring of `callbacks` states, and the export sees the clock's last step time."""
+    order the module docstring of `callbacks` states (the step-0 validation before training starts; the last
+    step's validation once, though the step budget ends training there too), and the export sees the clock's
+    last step time."""
     cfg = compose_cfg(
         [
             f"data.root={synth_dir.parent}",
@@ -137,7 +140,7 @@ def test_hook_order_contract(tmp_path, synth_dir):
         ]
 
     end = [("on_train_end", r, 4) for r in ("clock", "averaging", "checkpoint", "export")]
-    assert log == start + step(1) + step(2) + val(2) + step(3) + step(4) + val(4) + end
+    assert log == val(0) + start + step(1) + step(2) + val(2) + step(3) + step(4) + val(4) + end
     assert module.state.last_val is not None and not module.state.preempted
     assert cbs.export.results["training"] == {"steps": 4, "train_time_ms": round(module.state.train_time_ms, 1)}
     assert 0 < module.state.train_time_ms <= cbs.clock.elapsed_ms()
@@ -222,8 +225,11 @@ def test_validation_scores_the_raw_or_the_averaged_weights(validated_runs):
     """validate=raw (the records' way) scores the training weights; validate=averaged the EMA, swapped in and
     back: training goes on exactly as with raw, and the log says which weights were scored."""
     raw, avg = validated_runs["raw"], validated_runs["averaged"]
-    assert len(raw.rec.steps) == len(avg.rec.steps) == 2 and len(raw.rec.validated) == len(avg.rec.validated) == 2
+    assert len(raw.rec.steps) == len(avg.rec.steps) == 2 and len(raw.rec.validated) == len(avg.rec.validated) == 3
     assert same(raw.rec.initial, avg.rec.initial)
+    for run in (raw, avg):  # step 0 (the sanity check, before training) scores the initial weights, never swapped
+        assert same(run.rec.validated.pop(0), run.rec.initial)
+        assert re.search(r"^step:0/2 val_loss:\S+ val_bpb:\S+ train_time:0ms step_avg:0.00ms$", run.out, re.M)
     assert all(same(a, b) for a, b in zip(raw.rec.steps, avg.rec.steps))  # the swap back restored every bit
     assert all(same(v, w) for v, w in zip(raw.rec.validated, raw.rec.steps))
     assert avg.rec.initial["tok_emb.weight"].dtype == torch.bfloat16

@@ -222,10 +222,19 @@ def step_lines(out: str) -> list[str]:
     ]
 
 
+def val_lines(out: str) -> list[str]:
+    return [
+        " ".join(w for w in line.split() if not w.startswith(("train_time", "step_avg")))
+        for line in out.splitlines()
+        if line.startswith("step:") and "val_loss" in line
+    ]
+
+
 def test_resume_is_bit_identical(tmp_path, synth_root):
     """8 steps straight vs 4 steps + resume from the step-4 checkpoint (EMA, late QAT switching at step 6,
-    bf16 Muon momentum and Adam moments, data position, a bf16 embedding table): identical losses and identical
-    final weights. A config whose model differs from the checkpoint's (an fp32 table) is refused."""
+    bf16 Muon momentum and Adam moments, data position, a bf16 embedding table, validation every 3 steps):
+    identical losses, validations and final weights; the resumed run does not validate step 0 again. A config
+    whose model differs from the checkpoint's (an fp32 table) is refused."""
     common = [
         *TINY,
         "model.embed_dtype=bf16",
@@ -237,6 +246,7 @@ def test_resume_is_bit_identical(tmp_path, synth_root):
         "callbacks.averaging.kind=ema",
         "model.qat=late",
         "callbacks.late_qat_threshold=0.5",
+        "train.val_every=3",
     ]
     a = run_cli(
         [
@@ -253,6 +263,8 @@ def test_resume_is_bit_identical(tmp_path, synth_root):
     assert b.returncode == 0, b.stderr[-3000:]
     sa, sb = step_lines(a.stdout), step_lines(b.stdout)
     assert len(sa) == 8 and sb == sa[4:]
+    va, vb = val_lines(a.stdout), val_lines(b.stdout)
+    assert [v.split("/")[0] for v in va] == ["step:0", "step:3", "step:6", "step:8"] and vb == va[2:]
     wa = dequantize_state(read_artifact(tmp_path / "a" / "final_model.fp32.ptz")[0])
     wb = dequantize_state(read_artifact(tmp_path / "b" / "final_model.fp32.ptz")[0])
     for k in wa:
@@ -277,6 +289,7 @@ def test_resume_is_bit_identical(tmp_path, synth_root):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, synth_root):
     args = [*TINY, f"data.root={synth_root}", "train.iterations=100000", f"hydra.run.dir={tmp_path}"]
+    args += ["train.val_every=1000"]  # a stop request makes Lightning validate: never after a preemption
     p = subprocess.Popen(
         [sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -290,6 +303,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, synth_root):
     out = "".join(out) + rest
     assert p.returncode == 0, err[-2000:]
     assert "preempted: SIGTERM received" in out and "exiting cleanly" in out
+    assert [v.split("/")[0] for v in val_lines(out)] == ["step:0"]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert not list(tmp_path.glob("*.ptz"))  # no artifact from an unfinished run
     ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
@@ -438,6 +452,38 @@ def test_the_last_step_is_logged_whatever_ends_training(tmp_path, synth_root, ca
     assert [int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:]] == logged
     if stop == "wallclock":
         assert out.index(lines[-1]) < out.index("stopping_early: wallclock_cap")
+
+
+@pytest.mark.parametrize(
+    ("stop", "overrides", "validated"),
+    [
+        ("iterations", ["train.iterations=3"], [0, 2, 3]),
+        ("on a val step", ["train.iterations=4"], [0, 2, 4]),
+        ("wallclock", ["train.iterations=3", "train.max_wallclock_seconds=1e-9"], [0, 1]),
+        ("other", ["train.iterations=4"], [0, 2]),
+    ],
+)
+def test_validation_follows_the_reference_cadence(tmp_path, synth_root, capsys, stop, overrides, validated):
+    """val_every=2 (the reference's VAL_LOSS_EVERY): the whole validation set is scored at step 0, at every
+    second step and once at the last step, whatever ended training, with the reference's line; step 0's
+    figures reach the loggers too."""
+    cfg = compose_cfg([*TINY, f"data.root={synth_root}", "train.val_every=2", "train.grad_accum=1", *overrides])
+    dm = build_datamodule(cfg)
+    module, tok = build_module(cfg, cfg.data.tokenizer_path)
+    cbs = build_callbacks(cfg, tmp_path, run_meta(cfg, tok))
+    csv = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    extra = [StopAt(2)] if stop == "other" else []
+    build_trainer(cfg, [cbs.clock, cbs.schedule, *extra], [csv]).fit(module, datamodule=dm)
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("step:") and "val_loss" in ln]
+    assert [int(ln.split("/")[0][5:]) for ln in lines] == validated
+    assert lines[0].endswith("train_time:0ms step_avg:0.00ms")
+    assert float(lines[-1].split("val_bpb:")[1].split()[0]) == pytest.approx(module.state.last_val["val_bpb"], abs=5e-5)
+    assert module.state.last_val["step"] == validated[-1] and module.state.last_val["val_tokens"] > 0
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    head = rows[0].split(",")
+    val_steps = [int(r.split(",")[head.index("step")]) for r in rows[1:] if r.split(",")[head.index("val_bpb")]]
+    assert val_steps == validated
 
 
 @pytest.mark.parametrize(

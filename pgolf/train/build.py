@@ -240,7 +240,9 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
         val_check_interval=val_every * accum if val_every > 0 else None,
         check_val_every_n_epoch=None,
         limit_val_batches=1.0 if val_every > 0 else 0,
-        num_sanity_val_steps=0,
+        # the reference validates at step 0 too when VAL_LOSS_EVERY > 0: the whole validation set before the
+        # first step (Lightning's sanity check, skipped on resume); the clock prints its step:0 line
+        num_sanity_val_steps=-1 if val_every > 0 else 0,
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=has_bar,

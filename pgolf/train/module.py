@@ -105,7 +105,9 @@ class GolfModule(L.LightningModule):
             "weights": self._val_weights,
             "seq_len": getattr(dm, "eval_seq_len", None),
         }
-        self.log_dict({"val_loss": val_loss, "val_bpb": val_bpb}, rank_zero_only=True, sync_dist=False)
+        # for callbacks that monitor a metric; the clock writes it to the loggers at its optimizer step
+        # (Lightning's own logging would file it under the step before: its step counter moves after validation)
+        self.log_dict({"val_loss": val_loss, "val_bpb": val_bpb}, rank_zero_only=True, sync_dist=False, logger=False)
 
     # ---- checkpoints carry the RNG states (Lightning's do not), as tensors and plain types so that
     # ---- Lightning's weights-only loading accepts them ---------------------------------------------
