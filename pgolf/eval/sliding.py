@@ -29,11 +29,11 @@ class SlidingSettings:
     def __post_init__(self):
         self.stride = int(self.stride)
         if not 0 < self.stride <= self.seq_len:
-            raise ValueError(f"sliding: stride {self.stride} must be in 1..{self.seq_len}")
+            raise ValueError(f"stride {self.stride} must be in 1..{self.seq_len}")
         if self.batch_windows <= 0:
-            raise ValueError(f"sliding: batch_windows {self.batch_windows} must be > 0")
+            raise ValueError(f"batch_windows {self.batch_windows} must be > 0")
         if self.windows not in WINDOW_PLANS:
-            raise ValueError(f"sliding: windows {self.windows!r} not in {WINDOW_PLANS}")
+            raise ValueError(f"windows {self.windows!r} not in {WINDOW_PLANS}")
 
 
 def run_sliding(model, tokens: torch.Tensor, st: SlidingSettings, ctx: EvalContext) -> Scored:
