@@ -231,12 +231,22 @@ def test_eval_results_beside_the_run_add_modes_by_name(tmp_path):
     (d / "eval_float").mkdir()  # an evaluation of the float weights: not the run's artifact, left out
     floats = {"artifact": "final_model.float.ptz", "results": {"sliding": eval_result(1.0, "sliding")}}
     (d / "eval_float" / "eval_result.json").write_text(json.dumps(floats))
+    (d / "eval_quick").mkdir()  # eval.py max_tokens=500: a prefix never replaces the full-set score
+    quick = {
+        "artifact": "final_model.int8_zlib.ptz",
+        "max_tokens": 500,
+        "results": {"sliding": eval_result(1.0, "sliding")},
+    }
+    (d / "eval_quick" / "eval_result.json").write_text(json.dumps(quick))
     with pytest.warns(UserWarning) as caught:
         (run,) = load_runs([sweep])[0]
     said = [str(w.message) for w in caught]
     assert any("replaces" in m for m in said)
     left_out = "eval_float/eval_result.json scores final_model.float.ptz, not final_model.int8_zlib.ptz: left out"
     assert any(left_out in m for m in said)
+    assert any(
+        "eval_quick/eval_result.json scores the first 500 validation targets (max_tokens): left out" in m for m in said
+    )
     assert run.modes["lora_ttt"]["val_bpb"] == 1.25 and run.sources["lora_ttt"] == "eval_ttt/eval_result.json"
     assert run.modes["standard"]["val_bpb"] == 1.31  # the later evaluation of the artifact wins, with a warning
     assert "sliding" not in run.modes

@@ -77,7 +77,8 @@ def test_eval_of_an_artifact_without_calibration_or_with_a_compliant_one(tmp_pat
         res = evaluate(tiny_artifact(tmp_path, synth_dir, record), synth_dir, tmp_path / name)
         assert res["compliance"]["calibration_ok"] is True and res["calibration"] == record
         assert res["compliance"]["reasons"] == [MAX_TOKENS_REASON]  # max_tokens only
-        assert res["results"]["standard"]["compliant"] is True
+        mode = res["results"]["standard"]  # scored on a prefix: its own rule holds, the verdict is not compliant
+        assert mode["compliant"] is False and mode["reason"].startswith(f"{MAX_TOKENS_REASON}; each target")
 
 
 def test_calibration_ok_reads_the_record_strictly():

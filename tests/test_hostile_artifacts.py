@@ -447,13 +447,17 @@ def test_the_check_runs_before_any_tensor_is_read(tmp_path, raw):
 
 # ---- item 7 and max_tokens: size and compliance in eval_result.json --------------------------------------------
 def test_compliance_names_every_reason():
-    first = {"mode": "slot_1263", "compliant": False, "reason": "adapts on the scored targets"}
-    ok, reasons = compliance(first, ARTIFACT_LIMIT_BYTES + 1, 700.0, 600, 1000)
+    """Every mode must score before it adapts, not only the first (the headline): `[standard, slot_1263]`
+    was `compliant: true` overall."""
+    standard = {"mode": "standard", "compliant": True, "reason": "causal"}
+    slot = {"mode": "slot_1263", "compliant": False, "reason": "adapts on the scored targets"}
+    ok, reasons = compliance([standard, slot], ARTIFACT_LIMIT_BYTES + 1, 700.0, 600, 1000)
     assert not ok and len(reasons) == 4
     assert reasons[0] == "score-before-adapt: slot_1263: adapts on the scored targets"
     assert "16,000,001 bytes (model + code) is over the 16,000,000-byte limit" in reasons[1]
     assert "700.0s, over the 600s budget" in reasons[2] and reasons[3] == MAX_TOKENS_REASON
-    assert compliance({**first, "compliant": True}, ARTIFACT_LIMIT_BYTES, 600.0, 600, None) == (True, [])
+    assert compliance([standard, slot], ARTIFACT_LIMIT_BYTES, 600.0, 600, None) == (False, [reasons[0]])
+    assert compliance([standard, {**slot, "compliant": True}], ARTIFACT_LIMIT_BYTES, 600.0, 600, None) == (True, [])
 
 
 def test_an_over_cap_artifact_is_scored_but_not_compliant(tmp_path, synth_dir):
@@ -467,7 +471,10 @@ def test_an_over_cap_artifact_is_scored_but_not_compliant(tmp_path, synth_dir):
     path = write(tmp_path, encode_artifact(model_raw(cfg, meta), "zlib"))
     data = {"tokenizer_path": str(tok_path), "val_pattern": str(synth_dir / "synth_val_*.bin")}
     res = evaluate_artifact(artifact=path, modes={"standard": {}}, data=data, max_tokens=70, out_dir=tmp_path / "o")
-    assert res["tokens"] == 64 and res["max_tokens"] == 70 and res["results"]["standard"]["compliant"] is True
+    assert res["tokens"] == 64 and res["max_tokens"] == 70
+    # the mode's own rule holds (score_before_adapt), but a prefix is no mode's challenge score
+    std = res["results"]["standard"]
+    assert std["compliant"] is False and std["reason"].startswith(f"{MAX_TOKENS_REASON}; ")
     assert res["artifact_bytes"] == path.stat().st_size and res["code_bytes"] == ARTIFACT_LIMIT_BYTES
     assert res["total_bytes"] == res["artifact_bytes"] + ARTIFACT_LIMIT_BYTES and res["limit_bytes"] == 16_000_000
     assert res["compliant"] is False and res["compliance"]["size_ok"] is False

@@ -88,21 +88,20 @@ def check_eval_args(*, batch_windows, seq_len, budget_seconds, max_tokens, modes
 
 
 def compliance(
-    first: dict,
+    modes: list[dict],
     total_bytes: int,
     seconds: float,
     budget_seconds: float,
     max_tokens: int | None,
     calibration: str | None = None,
 ) -> tuple[bool, list[str]]:
-    """(the run's verdict, the reasons it is not compliant): the headline mode scores before it adapts
-    (its own rule), code + model fit ARTIFACT_LIMIT_BYTES, the modes ran within the eval budget, the
-    whole validation split was scored (no `max_tokens`), and the artifact's GPTQ calibration was compliant
-    (`calibration`: None, or the reason it is not, `calibration_verdict` of its record: training data read only
-    inside the training time budget, PRs #535/#569/#593/#609). `seconds`: the modes' wall time."""
-    reasons = []
-    if not first["compliant"]:
-        reasons.append(f"score-before-adapt: {first['mode']}: {first['reason']}")
+    """(the run's verdict, the reasons it is not compliant): every mode of `modes` (results with `mode`,
+    `compliant` and `reason`, by their own rule) scores before it adapts, code + model fit
+    ARTIFACT_LIMIT_BYTES, the modes ran within the eval budget, the whole validation split was scored (no
+    `max_tokens`), and the artifact's GPTQ calibration was compliant (`calibration`: None, or the reason it is
+    not, `calibration_verdict` of its record: training data read only inside the training time budget, PRs
+    #535/#569/#593/#609). `seconds`: the modes' wall time."""
+    reasons = [f"score-before-adapt: {r['mode']}: {r['reason']}" for r in modes if not r["compliant"]]
     if total_bytes > ARTIFACT_LIMIT_BYTES:
         reasons.append(f"size: {total_bytes:,} bytes (model + code) is over the {ARTIFACT_LIMIT_BYTES:,}-byte limit")
     if seconds > budget_seconds:
@@ -150,8 +149,8 @@ def evaluate_artifact(
     header, metadata and tensor table are validated without allocating its tensors (ArtifactError,
     pgolf/export/weights.py), and a tokenizer that is not the artifact's is refused (TokenizerError).
     `max_tokens` (None: the whole split) scores only the first N validation targets, rounded down to whole
-    `seq_len` windows (at least one): a quick look, NOT the challenge's metric, so the result is marked
-    `compliant: false`. The result records the artifact's bytes, its code bytes (recorded in the artifact)
+    `seq_len` windows (at least one): a quick look, NOT the challenge's metric, so the result and every mode's
+    are marked `compliant: false`. The result records the artifact's bytes, its code bytes (recorded in the artifact)
     and their total, and a verdict (`compliant`, `compliance`: score-before-adapt, the 16,000,000-byte cap,
     the eval time budget, the full validation set, the artifact's GPTQ calibration: `calibration_ok`, its
     record copied as `calibration`); an over-cap artifact is still scored. A non-compliant calibration
@@ -201,7 +200,8 @@ def evaluate_artifact(
     )
     ctx.check_tokens(tokens)
     t_all = time.perf_counter()
-    results, arrays = run_all(model, tokens, ctx, modes, audit, budget_seconds)
+    partial = MAX_TOKENS_REASON if max_tokens is not None else None
+    results, arrays = run_all(model, tokens, ctx, modes, audit, budget_seconds, partial)
     total = time.perf_counter() - t_all
     first = next(iter(results.values()))
     code = code_of(meta)  # the packed train_gpt.py the artifact records (pgolf/export/code.py), else code_bytes
@@ -209,10 +209,12 @@ def evaluate_artifact(
     within = total <= budget_seconds
     calibration = meta.get("calibration")
     cal_why = calibration_verdict(calibration)
-    ok, reasons = compliance(first, size.total, total, budget_seconds, max_tokens, cal_why)
-    score_before_adapt = first["compliant"]
-    if cal_why is not None:  # every mode scored this artifact: none is compliant (as results.json's round trip)
-        mark_not_compliant(results.values(), cal_why)
+    ok, reasons = compliance(list(results.values()), size.total, total, budget_seconds, max_tokens, cal_why)
+    score_before_adapt = all(r["compliant"] for r in results.values())
+    # every mode scored this artifact, or this prefix: none is compliant (as results.json's round trip)
+    for why in (partial, cal_why):  # the calibration's reason ends up first
+        if why is not None:
+            mark_not_compliant(results.values(), why)
     out = {
         **{k: first[k] for k in ("mode", "val_loss", "val_bpb", "tokens", "bytes", "seconds")},
         "compliant": ok,
@@ -266,17 +268,22 @@ def doc_max_seg_len(meta: dict) -> int | None:
     return n
 
 
-def run_all(model, tokens, ctx: EvalContext, modes: dict, audit: bool, budget_seconds: float) -> tuple[dict, dict]:
-    """({name: result dict}, audit arrays {"<name>.index|nll|bytes": array}) of every mode, one log line each."""
+def run_all(
+    model, tokens, ctx: EvalContext, modes: dict, audit: bool, budget_seconds: float, partial: str | None = None
+) -> tuple[dict, dict]:
+    """({name: result dict}, audit arrays {"<name>.index|nll|bytes": array}) of every mode, one log line each.
+    The results hold each mode's own verdict; `partial` (why `tokens` is not the whole validation split) makes
+    every line say `compliant:false` with that reason."""
     results, arrays = {}, {}
     for name, settings in modes.items():
         log = TargetLog() if audit else None
         r = run_mode(name, settings, model, tokens, replace(ctx, log=log))
         results[name] = r.to_dict()
         share = 100 * r.seconds / budget_seconds if budget_seconds else 0.0
+        verdict = "compliant:false" + f" ({partial})" if partial else f"compliant:{str(r.compliant).lower()}"
         log0(
             f"{r.line(f'eval_{name}')} tokens:{r.tokens} windows_per_s:{r.windows_per_second:.1f} "
-            f"budget_share:{share:.1f}% compliant:{str(r.compliant).lower()}"
+            f"budget_share:{share:.1f}% {verdict}"
         )
         if r.scoring != "each target once":
             log0(f"eval_{name}_scoring {r.scoring}")

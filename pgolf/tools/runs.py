@@ -2,7 +2,8 @@
 
 A run directory holds `.hydra/` (config, overrides), `results.json` (export sizes, the round-trip eval
 modes, the float model's `pre_quant` diagnostic), `train.log` (the reference's `step:...` lines) and any
-`eval_result.json` of a later `python eval.py ... out_dir=RUN/eval` up to two levels below it. Runs are
+`eval_result.json` of a later `python eval.py ... out_dir=RUN/eval` up to two levels below it (one of
+another file, or of a `max_tokens` prefix, is left out with a warning). Runs are
 grouped by experiment and variant (`pgolf.train.identity.RunIdentity`, or `--by KEY...`); a group's runs
 should differ only in their seed.
 
@@ -202,6 +203,10 @@ def load_run(run_dir: str | Path) -> Run:
             raise ValueError(f"{rel}: not an eval result (no results object)")
         if artifact and doc.get("artifact") != artifact:  # the float weights, or another run's artifact
             warnings.warn(f"{run.label}: {rel} scores {doc.get('artifact')}, not {artifact}: left out", stacklevel=2)
+            continue
+        if doc.get("max_tokens") is not None:  # a quick look at a prefix never stands in for the full score
+            msg = f"{run.label}: {rel} scores the first {doc['max_tokens']} validation targets (max_tokens): left out"
+            warnings.warn(msg, stacklevel=2)
             continue
         for mode, r in doc.get("results", {}).items():
             if mode in run.modes and run.sources[mode] != rel:
