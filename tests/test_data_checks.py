@@ -75,6 +75,48 @@ def test_shards_without_a_manifest_are_accepted_with_a_log_line(tmp_path, synth_
         check_shards_tokenizer(tmp_path / "fineweb_val_*.bin", other_tokenizer)
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_ids_beyond_the_tokenizers_vocabulary_stop_training_before_any_step(tmp_path, synth_dir, split):
+    """Shards without a manifest (the published layout) and a model vocabulary larger than the tokenizer's
+    (512 against 256): an id the tokenizer cannot have made (300) is refused against the tokenizer's 256, not
+    the model's 512 (it trained to the end with a wrong BPB, and eval.py refused the artifact)."""
+    import numpy as np
+
+    from pgolf.data.shards import ShardError, open_shard, write_shard
+
+    for f in synth_dir.glob("synth_*.bin"):
+        shutil.copy(f, tmp_path / f.name)
+    name = "synth_train_000000.bin" if split == "train" else "synth_val_000000.bin"
+    tokens = np.array(open_shard(tmp_path / name), dtype=np.uint16)
+    tokens[5] = 300
+    (tmp_path / name).unlink()
+    write_shard(tmp_path / name, tokens)
+    dm = GolfDataModule(
+        str(tmp_path / "synth_train_*.bin"),
+        str(tmp_path / "synth_val_*.bin"),
+        str(synth_dir / SYNTH_TOKENIZER),
+        512,
+        1024,
+        32,
+    )
+    with pytest.raises(ShardError, match=r"token id 300 at position 5 is >= vocab size 256"):
+        dm.setup("fit")
+        next(iter(dm.train_dataloader()))  # the training shards are checked when first read, before step 1
+    assert dm.vocab_size == 256
+
+
+def test_a_tokenizer_larger_than_the_model_is_one_data_error_line(synth_dir):
+    """model.vocab_size below the tokenizer's: a TokenizerError naming the tokenizer (a traceback blaming the
+    model config before)."""
+    from pgolf.train.build import build_module
+
+    cfg = OmegaConf.create({"model": {"vocab_size": 100}})  # refused before the rest of the config is read
+    with pytest.raises(
+        TokenizerError, match=rf"{SYNTH_TOKENIZER}: its vocab size 256 is larger than model.vocab_size 100"
+    ):
+        build_module(cfg, str(synth_dir / SYNTH_TOKENIZER))
+
+
 @pytest.mark.parametrize("eval_seq, train_seq", [(32, 32), (64, 32), (32, 100)])
 def test_bigram_scores_exactly_the_standard_eval_targets(tmp_path, synth_dir, one_thread, eval_seq, train_seq):
     """The demo's bigram scored 197,120 targets (windows of 512) where its standard eval scores 197,376

@@ -20,7 +20,7 @@ from pgolf.data.stream import (
     load_val_data,
     val_sidecar_files,
 )
-from pgolf.data.tokenizer import check_shards_tokenizer
+from pgolf.data.tokenizer import TokenizerInfo, check_shards_tokenizer
 
 
 class GolfDataModule(L.LightningDataModule):
@@ -77,6 +77,9 @@ class GolfDataModule(L.LightningDataModule):
         if not self._shards_checked:
             for pattern in (self.train_pattern, self.val_pattern):
                 check_shards_tokenizer(pattern, self.tokenizer_path)
+            # token ids are checked against the tokenizer's vocabulary (a model's may be larger): shards of
+            # another tokenizer, without a manifest to say so, stop here instead of giving a wrong BPB
+            self.vocab_size = min(self.vocab_size, TokenizerInfo.from_path(self.tokenizer_path).vocab_size)
             self._shards_checked = True
         world, _ = self.world()
         self.layout = StreamLayout(self.batch_tokens, self.seq_len, world, self.grad_accum(world))
