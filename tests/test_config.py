@@ -158,6 +158,9 @@ BAD_VALUES = [
     (["logger=wandb", "logger.mode=online2"], "logger.mode must be one of auto | online | offline | disabled"),
     (["+callbacks.extra.lr.logging_interval=step"], "callbacks.extra.lr needs a _target_ (the callback class"),
     (["export.codec=rar"], "export: export codec 'rar' is not one of ['brotli', 'lzma', 'pergroup', "),
+    (["export.rules=[]"], "export: export.rules is empty: a quantization scheme needs at least one rule"),
+    (["optim.matrix_lr=inf"], "optim.matrix_lr must be a number >= 0, got inf (not a finite number)"),
+    (["model.rope_base=nan"], "model.rope_base must be a number, got nan (not a finite number)"),
     (["model.qat_bits=${oops}"], "Interpolation key 'oops' not found"),
 ]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -117,6 +118,8 @@ def convert(value, tp, where: str):
         hint = ""
         if isinstance(value, bool) and tp is str:  # `off`, `on`, `yes`, `no` unquoted
             hint = " (YAML reads a bare off/on/yes/no as false/true: quote it)"
+        elif isinstance(value, float) and not math.isfinite(value):
+            hint = " (not a finite number)"
         raise ConfigError(f"{where} must be {describe(tp)}, got {value!r}{hint}") from None
 
 
@@ -155,8 +158,8 @@ def _convert(value, tp, where: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise _Mismatch
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
+    if tp is float:  # inf and nan are no setting's value (an inf learning rate trained to a nan loss)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         raise _Mismatch
     if tp is str:

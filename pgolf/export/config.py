@@ -95,6 +95,8 @@ class ExportConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"export config: unknown keys {sorted(unknown)}")
+        if d.get("rules") is not None and not d["rules"]:  # null means the baseline's rules; [] means none
+            raise ValueError("export.rules is empty: a quantization scheme needs at least one rule")
         d["rules"] = [dict(r) for r in d.get("rules") or BASELINE_RULES]
         return cls(**d)
 
