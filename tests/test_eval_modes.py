@@ -225,6 +225,16 @@ def test_bad_mode_settings_fail_clearly(name, settings, match):
         run(name, settings)
 
 
+@pytest.mark.parametrize("plan", ["once", "reference"])
+def test_the_window_plan_setting_is_kept_beside_the_window_count(plan):
+    """results.json and eval_result.json stored `settings.windows: 139` (the count) for the plan
+    `windows: reference`, so the plan a score came from could not be told."""
+    r = run("sliding", {"stride": 8, "windows": plan})
+    d = r.to_dict()
+    assert d["settings"]["windows"] == plan and d["settings"]["stride"] == 8
+    assert isinstance(d["windows"], int) and d["windows"] == r.windows > 0
+
+
 def test_a_name_running_another_mode_logs_its_lines(capsys):
     """`final_eval.settings.sliding.mode=standard` runs the standard mode under the name sliding; its lines
     have no stride (the round trip died with KeyError: 'stride' after training)."""

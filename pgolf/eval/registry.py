@@ -108,7 +108,9 @@ def run_mode(name: str, settings: dict, model, tokens: torch.Tensor, ctx: EvalCo
             f"validation targets: a window of seq_len={getattr(st, 'seq_len', '?')} is longer than them"
         )
     val_loss, val_bpb = bpb(loss_sum, n, nbytes)
-    info = {k: list(v) if isinstance(v, tuple) else v for k, v in {**asdict(st), **scored.info}.items()}
+    # the settings as given win over a mode's facts of the same name (`windows`: the plan, not the count,
+    # which is the result's own `windows`)
+    info = {k: list(v) if isinstance(v, tuple) else v for k, v in {**scored.info, **asdict(st)}.items()}
     res = EvalResult(name, val_loss, val_bpb, int(n), nbytes, seconds, compliant, reason, info, scored.windows)
     res.windows_per_second = res.windows / seconds if seconds > 0 else 0.0
     res.targets = tokens.numel() - 1
