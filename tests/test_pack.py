@@ -146,6 +146,19 @@ def test_the_pack_is_the_recipe_not_the_run():
     assert payload["distributed_strategy"]["_target_"].endswith("DDPStrategy")
 
 
+def test_a_number_written_as_an_integer_or_a_float_is_one_recipe():
+    """`model.mlp_mult=2` and `=2.0`, a wall clock of `400` and `400.0` (fields declared float): the same
+    recipe, so one file and one code hash (a sweep's `mlp_mult=2` group had its own hash, which the
+    submission refused to combine with plain runs). Integer fields stay integers."""
+    base = pack(compose_train([]))
+    for over in (["model.mlp_mult=2", "train.max_wallclock_seconds=400.0"], ["model.mlp_mult=2.0"]):
+        assert pack(compose_train(over)).script == base.script, over
+    cfg = unpack(base.script)[0]["config"]
+    assert cfg["model"]["mlp_mult"] == 2.0 and cfg["train"]["max_wallclock_seconds"] == 400.0
+    assert type(cfg["train"]["max_wallclock_seconds"]) is float and type(cfg["train"]["iterations"]) is int
+    assert pack(compose_train(["model.mlp_mult=3"])).script != base.script
+
+
 def test_a_byte_sidecar_pattern_follows_the_data_folder():
     """A CaseOps run's byte sidecar pattern is reset like the shard patterns (`DATA_PATH` moves all three);
     before, an absolute one stopped train.py with the packer's absolute-path error."""

@@ -253,3 +253,31 @@ def load(schema, data: Mapping, where: str, *, construct: bool = True):
         raise ConfigError(
             join(where, msg) if lead in spec or lead in rest or not where else f"{where}: {msg}"
         ) from None
+
+
+def _declared_float(tp) -> bool:
+    """`tp` takes a float and not an int (`float`, `Annotated[float, ...]`, `float | None`)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _declared_float(args[0])
+    if origin in (Union, types.UnionType):
+        return any(_declared_float(a) for a in args) and int not in args
+    return tp is float
+
+
+def floats_as_declared(schema, data: Mapping) -> dict:
+    """A copy of the plain config `data` of the dataclass `schema` in which every integer given for a field
+    declared a float is that float (`model.mlp_mult=2` and `=2.0` are one recipe: `convert` reads both as
+    2.0, and a packed config, hashed as code, must not tell them apart). Nested dataclasses are followed;
+    keys the schema does not know, and other values, are copied as they are."""
+    spec = schema_fields(schema)
+    out = {}
+    for k, v in data.items():
+        tp = spec[k][0] if k in spec else Any
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+        if isinstance(v, int) and not isinstance(v, bool) and _declared_float(tp):
+            v = float(v)
+        elif isinstance(v, Mapping) and isinstance(inner, type) and dataclasses.is_dataclass(inner):
+            v = floats_as_declared(inner, v)
+        out[k] = v
+    return out

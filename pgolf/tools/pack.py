@@ -60,7 +60,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pgolf import optional
 from pgolf.config.runtime import PART_RULES, check_runtime, run_modes
 from pgolf.config.schema import TrainRun
-from pgolf.config.typed import ConfigError
+from pgolf.config.typed import ConfigError, floats_as_declared
 from pgolf.config.validate import check_overrides, exit_on_config_error, plain, validate_train
 from pgolf.eval.modes import get_mode, mode_names
 from pgolf.export.code import code_record, package_versions, project_root, requirement_pins
@@ -209,6 +209,7 @@ def packed_config(cfg: DictConfig | dict) -> tuple[dict, object]:
     docstring for what is reset."""
     d = copy.deepcopy(plain(cfg) if isinstance(cfg, DictConfig) else cfg)
     d.pop("hydra", None)
+    d = floats_as_declared(TrainRun, d)  # `model.mlp_mult=2` and `=2.0`: one recipe, one file
     base = _plain_train()
     for key in RUN_KEYS:
         node, ref, *path = d, base, *key.split(".")
