@@ -9,9 +9,10 @@ selected modes on the validation split, and writes `eval_result.json` (score, th
 code, and a verdict: score-before-adapt, the 16,000,000-byte cap, the time budget, the artifact's own GPTQ
 calibration record (`calibration_ok`; the record is copied and printed); and with `audit=true` the
 per-target NLL/bytes in `audit.npz`). A bad artifact, tokenizer, data or setting is one line
-`error: ...` on stderr, exit status 2. `max_tokens=N` scores only the first N validation targets: a quick
-look, not the challenge's metric (`compliant: false`). Under torchrun the windows are split across
-processes and the sums reduced.
+`error: ...` on stderr, exit status 2; so is an `eval_result.json` (`audit.npz`) already in `out_dir`: it is
+refused before the artifact is read, on every rank, unless `overwrite=true`. `max_tokens=N` scores only the
+first N validation targets: a quick look, not the challenge's metric (`compliant: false`). Under torchrun the
+windows are split across processes and the sums reduced.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def main(cfg: DictConfig) -> float:
             compile=cfg.compile,
             max_tokens=cfg.max_tokens,
             out_dir=out_dir,
+            overwrite=cfg.overwrite,
         )
-    except (ValueError, OSError) as e:  # a bad artifact, tokenizer, data or setting: one line, exit status 2
+    except (ValueError, OSError) as e:  # a bad artifact, tokenizer, data, setting, or an output there: one line, exit 2
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         raise SystemExit(2) from None
     return result["val_bpb"]

@@ -72,9 +72,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a new empty directory next to `path` to fill; on success it takes the place of `path` (a
-    directory already there is moved aside first and removed only once the new one is in place), on error
-    it is removed and `path` is untouched. Whether an existing `path` may be replaced is the caller's check."""
+    """Yield a new empty directory next to `path` to fill; on success it takes the place of `path`, on error
+    it is removed and `path` is untouched. Whether an existing `path` may be replaced is the caller's check.
+
+    A directory already at `path` is first moved into a fresh hidden directory of the same parent (a unique
+    name from `tempfile.mkdtemp`) and removed only once the new one is in place; nothing but `path` and what
+    this call created is ever moved or deleted (a sibling such as `<path>.old` is left alone). Should the
+    final rename fail, the old directory is put back.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -82,11 +87,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if path.exists():
-            backup = path.with_name(path.name + ".old")
-            shutil.rmtree(backup, ignore_errors=True)
+            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            backup = aside / path.name
             path.rename(backup)
-            tmp.rename(path)
-            shutil.rmtree(backup)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                backup.rename(path)
+                aside.rmdir()
+                raise
+            shutil.rmtree(aside)
         else:
             tmp.rename(path)
     except BaseException:

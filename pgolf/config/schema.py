@@ -269,6 +269,7 @@ class EvalRun:
     audit: bool
     compile: bool | Literal["auto"]
     out_dir: str | None
+    overwrite: bool  # replace an eval_result.json / audit.npz already in out_dir (refused otherwise)
     name: str
     data: DataConfig
     trainer: TrainerConfig

@@ -23,7 +23,7 @@ from pgolf.data.stream import load_val_data
 from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
 from pgolf.eval.core import EvalContext, TargetLog, gather_log
 from pgolf.eval.modes import parse_mode, run_mode
-from pgolf.export.code import code_of
+from pgolf.export.code import code_of, recorded_code_bytes
 from pgolf.export.weights import MAX_SEQ_LEN, load_artifact_model, read_model_artifact
 from pgolf.io import atomic_path, atomic_write_bytes
 from pgolf.quant.artifact import ArtifactError, SizeReport
@@ -61,6 +61,12 @@ def resolve_compile(compile, device: torch.device) -> bool:
 
 POSITIVE_SETTINGS = ("seq_len", "batch_windows", "stride", "chunk_tokens", "chunk_size", "batch_seqs", "batch_docs")
 MAX_TOKENS_REASON = "max_tokens: not the full validation set"
+NO_CODE_REASON = (
+    "size: the artifact records no code size (neither meta.code nor meta.code_bytes), so its total (model + "
+    f"the packed train_gpt.py) against the {ARTIFACT_LIMIT_BYTES:,}-byte limit is unknown"
+)
+RESULT_FILE = "eval_result.json"
+AUDIT_FILE = "audit.npz"
 
 
 def _positive_int(v, what: str, hi: int | None = None) -> int:
@@ -141,6 +147,7 @@ def evaluate_artifact(
     compile="auto",
     max_tokens=None,
     out_dir: Path,
+    overwrite: bool = False,
 ) -> dict:
     """Score the artifact with every mode of `modes` ({name: settings}, conf/eval/) on the validation split
     of `data`, write eval_result.json (and audit.npz) to `out_dir` on rank 0; returns the result dict.
@@ -154,12 +161,18 @@ def evaluate_artifact(
     and their total, and a verdict (`compliant`, `compliance`: score-before-adapt, the 16,000,000-byte cap,
     the eval time budget, the full validation set, the artifact's GPTQ calibration: `calibration_ok`, its
     record copied as `calibration`); an over-cap artifact is still scored. A non-compliant calibration
-    also marks every mode's result `compliant: false`, as the end-of-training round trip does."""
+    also marks every mode's result `compliant: false`, as the end-of-training round trip does. An artifact
+    that records no code size (`recorded_code_bytes`) is scored with `code_bytes` and `total_bytes` null and
+    is not compliant (NO_CODE_REASON).
+
+    The files `out_dir` would receive (`output_files`) are checked first: FileExistsError when one exists and
+    `overwrite` is false, NotADirectoryError when `out_dir` is a file (`check_outputs`)."""
     if not modes:
         raise ValueError("no eval mode selected (eval=[standard,sliding,...])")
     check_eval_args(
         batch_windows=batch_windows, seq_len=seq_len, budget_seconds=budget_seconds, max_tokens=max_tokens, modes=modes
     )
+    check_outputs(Path(out_dir), audit, overwrite)  # every rank, before any work: all stop together
     header, _ = read_model_artifact(artifact, tensors=False)  # everything checked, no tensor allocated
     meta = header.meta
     doc = doc_max_seg_len(meta)  # before any work: a forged value is refused here
@@ -204,12 +217,16 @@ def evaluate_artifact(
     results, arrays = run_all(model, tokens, ctx, modes, audit, budget_seconds, partial)
     total = time.perf_counter() - t_all
     first = next(iter(results.values()))
-    code = code_of(meta)  # the packed train_gpt.py the artifact records (pgolf/export/code.py), else code_bytes
-    size = SizeReport(header.file_bytes, code["bytes"] if code["sha256"] else int(meta.get("code_bytes", 0)))
+    n_code = recorded_code_bytes(meta)  # None: the artifact records no code size
+    size = SizeReport(header.file_bytes, n_code or 0)
     within = total <= budget_seconds
     calibration = meta.get("calibration")
     cal_why = calibration_verdict(calibration)
     ok, reasons = compliance(list(results.values()), size.total, total, budget_seconds, max_tokens, cal_why)
+    if n_code is None:  # zero counted code bytes would pass the cap unseen
+        ok = False
+        reasons.append(NO_CODE_REASON)
+    total_bytes = size.total if n_code is not None else None
     score_before_adapt = all(r["compliant"] for r in results.values())
     # every mode scored this artifact, or this prefix: none is compliant (as results.json's round trip)
     for why in (partial, cal_why):  # the calibration's reason ends up first
@@ -220,7 +237,7 @@ def evaluate_artifact(
         "compliant": ok,
         "compliance": {
             "score_before_adapt": score_before_adapt,
-            "size_ok": size.ok,
+            "size_ok": size.ok and n_code is not None,
             "within_budget": within,
             "full_validation": max_tokens is None,
             "calibration_ok": cal_why is None,
@@ -229,8 +246,9 @@ def evaluate_artifact(
         "calibration": calibration,  # the artifact's GPTQ calibration record (null: no GPTQ)
         "artifact": Path(artifact).name,
         "artifact_bytes": size.model_bytes,
-        "code_bytes": size.code_bytes,
-        "total_bytes": size.total,
+        "code_bytes": n_code,  # null: the artifact records no code size (NO_CODE_REASON)
+        "code_sha256": code_of(meta)["sha256"],
+        "total_bytes": total_bytes,
         "limit_bytes": size.limit,
         "max_tokens": max_tokens,
         "byte_count": "tokenizer tables" if val_bytes is None else "sidecar",
@@ -243,8 +261,9 @@ def evaluate_artifact(
     }
     log0(f"eval_time_total:{total:.1f}s budget:{budget_seconds}s within_budget:{str(within).lower()}")
     log0(
-        f"artifact_bytes:{size.model_bytes} code_bytes:{size.code_bytes} total_bytes:{size.total} "
-        f"limit_bytes:{size.limit} size_ok:{str(size.ok).lower()}"
+        f"artifact_bytes:{size.model_bytes} code_bytes:{'none' if n_code is None else n_code} "
+        f"total_bytes:{'unknown' if total_bytes is None else total_bytes} "
+        f"limit_bytes:{size.limit} size_ok:{str(size.ok and n_code is not None).lower()}"
     )
     log_calibration(calibration)
     log0(f"compliant:{str(ok).lower()}" + "".join(f" | {r}" for r in reasons))
@@ -298,10 +317,27 @@ def run_all(
     return results, arrays
 
 
+def output_files(out_dir: Path, audit: bool) -> list[Path]:
+    """The files `write_outputs` writes into `out_dir`: eval_result.json, and audit.npz with `audit`."""
+    return [out_dir / RESULT_FILE, *([out_dir / AUDIT_FILE] if audit else [])]
+
+
+def check_outputs(out_dir: Path, audit: bool, overwrite: bool) -> None:
+    """Refuse, before any work, to write where a user's file would be lost: NotADirectoryError when
+    `out_dir` exists and is not a directory, FileExistsError naming the first of `output_files` that exists
+    (unless `overwrite`), with the way out (as `python -m pgolf.tools.reexport` words it)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"out_dir {out_dir} is not a directory; choose another out_dir=")
+    for p in () if overwrite else output_files(out_dir, audit):
+        if p.exists():
+            raise FileExistsError(f"{p} exists; choose another out_dir=, or pass overwrite=true")
+
+
 def write_outputs(out_dir: Path, out: dict, arrays: dict | None) -> None:
-    """eval_result.json and, with audit arrays, audit.npz, each written atomically."""
+    """eval_result.json and, with audit arrays, audit.npz, each written atomically (`check_outputs` has
+    refused, before the evaluation, to replace a file the caller did not allow to be replaced)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "eval_result.json", (json.dumps(out, indent=2) + "\n").encode())
+    atomic_write_bytes(out_dir / RESULT_FILE, (json.dumps(out, indent=2) + "\n").encode())
     if arrays is not None:
-        with atomic_path(out_dir / "audit.npz") as tmp, open(tmp, "wb") as f:
+        with atomic_path(out_dir / AUDIT_FILE) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)

@@ -55,6 +55,19 @@ def code_of(meta: Mapping | None) -> dict:
     return {"bytes": int(rec["bytes"]), "sha256": rec.get("sha256")}
 
 
+def recorded_code_bytes(meta: Mapping) -> int | None:
+    """The code bytes an artifact's metadata records: `meta.code.bytes` (the packed train_gpt.py's length,
+    `code_of`), else the older `meta.code_bytes`; None when it records neither (metadata stripped or forged):
+    the challenge counts the code with the model (openai/parameter-golf README), so such an artifact's size
+    cannot be checked (eval.py and inspect say so). The values were validated when the artifact was read
+    (pgolf/export/weights.py `read_model_artifact`)."""
+    if CODE_KEY in meta:
+        return code_of(meta)["bytes"]
+    if "code_bytes" in meta:
+        return int(meta["code_bytes"])
+    return None
+
+
 def code_bytes(meta: Mapping | None = None) -> int:
     """The counted code bytes of a run's meta: the length of its packed `train_gpt.py` (0 without one)."""
     return code_of(meta)["bytes"]

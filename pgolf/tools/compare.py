@@ -7,7 +7,8 @@ out_dir=RUN/eval`; a symlink there to an eval output directory works too), and `
 Runs are grouped by experiment and variant (`pgolf.train.identity.RunIdentity`, or `--by KEY...`); eval modes are
 handled by name, whatever they are.
 
-Printed and written (`compare.md`, `compare.json`, plots from `pgolf.tools.plots`):
+Printed and written (`compare.md`, `compare.json`, plots `curves.png` and `final_bpb.png` from
+`pgolf.tools.plots`; an --out that holds any of them is refused before any run is read, unless --force):
 * per run: seed, steps, training time, artifact bytes, code bytes (its packed train_gpt.py), val_bpb of every mode;
 * per group and mode: n, mean ± sample std (ddof 1) of val_bpb and of val_loss;
 * against the baseline group, per mode: Δbpb and Δnats of the means (negative = better), and two one-sided
@@ -15,6 +16,10 @@ Printed and written (`compare.md`, `compare.json`, plots from `pgolf.tools.plots
   gain = mean_baseline − mean_group. The challenge's rule (its README: beat the SOTA by ≥ 0.005 nats at
   p < 0.01) is met when p(gain > 0.005) < 0.01, both groups have ≥ 2 runs, every run of both groups is
   compliant in that mode, and all of them were scored on the same tokens and bytes.
+
+A note names every group whose runs differ in more than their seed: in their configs (`pgolf.tools.runs`) or
+in their code, the sha256 of the packed train_gpt.py that made each run (`code_sha256`): such runs are not
+replicates, and `pgolf.tools.submission` refuses them.
 
 Nats are val_loss, the mean NLL per scored token; on one validation set val_loss = val_bpb · ln 2 ·
 bytes/tokens, so Δnats = Δbpb · ln 2 · bytes/tokens (the factor is printed) and both tests give the same p.
@@ -27,13 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pgolf.io import atomic_write_bytes
+from pgolf.io import atomic_write_bytes, sha256_file
 from pgolf.tools.plots import plot_curves, plot_finals
 from pgolf.tools.runs import CompareError, Run, load_runs
 from pgolf.tools.stats import MissingScipyError, Welch, mean_std, welch_greater
@@ -42,6 +48,8 @@ MARGIN_NATS = 0.005  # the challenge README's record margin
 ALPHA = 0.01
 DIAGNOSTIC_MODES = ("pre_quant",)  # the float model before quantization: informative, never a score
 MODE_ORDER = ("pre_quant", "standard", "sliding")
+CODE_LINE = re.compile(r"^code_bytes:\d+ code_sha256:([0-9a-f]{64})$", re.M)  # pgolf/train/build.py log_header
+SCRIPT = "train_gpt.py"
 
 
 # ---- groups and the comparison ---------------------------------------------------------------------------
@@ -173,7 +181,43 @@ def build_report(
             for m in modes:
                 if (baseline, m) in stats and (g, m) in stats:
                     comps.append(compare_to(stats[(baseline, m)], stats[(g, m)], margin, alpha))
-    return Report(runs, groups, modes, stats, comps, baseline, margin, alpha, list(notes or []))
+    return Report(runs, groups, modes, stats, comps, baseline, margin, alpha, [*(notes or []), *code_notes(runs)])
+
+
+# ---- code ----------------------------------------------------------------------------------------------------
+def code_sha256(run: Run) -> str | None:
+    """The sha256 of the packed train_gpt.py that made `run`: the last `code_sha256:` line of its log (what
+    it ran, pgolf/train/build.py `log_header`), else the hash of the train_gpt.py beside it (a train.py run
+    keeps its own; a packed run's folder holds the script), else None (a run made before the packer)."""
+    log = run.log_file
+    found = CODE_LINE.findall(log.read_text(errors="replace")) if log.is_file() else []
+    if found:
+        return found[-1]
+    script = run.path / SCRIPT
+    return sha256_file(script) if script.is_file() else None
+
+
+def code_notes(runs: list[Run]) -> list[str]:
+    """A note for every group whose runs were made by different code (`code_sha256`; runs of unknown code
+    aside): they differ in more than their seed, whatever their configs say, and a submission refuses them
+    (`pgolf.tools.submission`)."""
+    notes = []
+    for g in dict.fromkeys(r.identity.group for r in runs):
+        by_sha: dict[str, list[str]] = {}
+        for r in runs:
+            if r.identity.group == g and (sha := code_sha256(r)) is not None:
+                by_sha.setdefault(sha, []).append(r.label)
+        if len(by_sha) > 1:
+            shown = "; ".join(f"{sha[:12]}: {_some(labels)}" for sha, labels in by_sha.items())
+            notes.append(
+                f"group {g} mixes runs of different code ({SCRIPT} sha256 {shown}): not replicates of one "
+                f"{SCRIPT} (a submission refuses them; compare runs of one code, or name the variants with variant=...)"
+            )
+    return notes
+
+
+def _some(labels: list[str], k: int = 3) -> str:
+    return ", ".join(labels[:k]) + (f" and {len(labels) - k} more" if len(labels) > k else "")
 
 
 # ---- tables ------------------------------------------------------------------------------------------------
@@ -323,6 +367,7 @@ def report_json(rep: Report) -> dict:
                 "train_time_ms": r.train_time_ms,
                 "artifact_bytes": r.artifact_bytes,
                 "code_bytes": r.code_bytes,
+                "code_sha256": code_sha256(r),
                 "modes": {m: {k: v for k, v in x.items() if k != "settings"} for m, x in r.modes.items()},
             }
             for r in rep.runs
@@ -334,10 +379,26 @@ def report_json(rep: Report) -> dict:
 
 
 # ---- command -----------------------------------------------------------------------------------------------
+def output_files(out: Path, plots: bool = True) -> list[Path]:
+    """Every file `write_outputs` writes into `out`: compare.md, compare.json and, with `plots`, the PNGs."""
+    return [out / "compare.md", out / "compare.json", *((out / "curves.png", out / "final_bpb.png") if plots else ())]
+
+
+def check_outputs(out: Path, plots: bool = True, force: bool = False) -> None:
+    """Refuse (CompareError) an `out` that is not a directory, or one that holds any file `write_outputs`
+    would write (`output_files`) unless `force`: a user's file is never replaced unasked."""
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {out} is not a directory; choose another --out")
+    there = [p.name for p in output_files(out, plots) if p.exists()]
+    if there and not force:
+        raise CompareError(f"{out} already holds {', '.join(there)}; choose another --out, or pass --force to replace")
+
+
 def write_outputs(rep: Report, out: Path, plots: bool = True, force: bool = False) -> list[Path]:
+    """Write compare.json, compare.md and (with `plots`) the PNGs into `out`, each atomically; refused
+    first by `check_outputs`. Returns the files written."""
+    check_outputs(out, plots, force)
     targets = [out / "compare.md", out / "compare.json"]
-    if not force and any(t.exists() for t in targets):
-        raise CompareError(f"{out} already holds a comparison (compare.md); pass --force to replace it")
     written = []
     pngs: list[Path] = []
     if plots:
@@ -360,13 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="replace an earlier comparison in --out")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    out = Path(args.out) if args.out else Path("outputs") / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
     try:
+        check_outputs(out, plots=not args.no_plots, force=args.force)  # before any run is read
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             runs, notes = load_runs(args.runs, args.by)
         notes += [str(w.message) for w in caught]
         rep = build_report(runs, args.baseline, args.margin, args.alpha, notes)
-        out = Path(args.out) if args.out else Path("outputs") / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
         files = write_outputs(rep, out, plots=not args.no_plots, force=args.force)
     except (CompareError, MissingScipyError) as e:
         print(f"error: {e}", file=sys.stderr)

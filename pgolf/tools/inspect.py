@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from pgolf.export.code import code_of
+from pgolf.export.code import code_of, recorded_code_bytes
 from pgolf.export.weights import check_model_artifact
 from pgolf.quant.artifact import (
     ArtifactHeader,
@@ -144,8 +144,15 @@ def inspect(path: str | Path, codecs: bool = False) -> str:
     )
     lines.append("* compressed alone; the whole payload compresses jointly, so the column sums differ from the file")
     code = code_of(meta)  # the packed train_gpt.py that made the artifact (pgolf/export/code.py)
-    n_code = code["bytes"] if code["sha256"] else int(meta.get("code_bytes", 0))
-    lines.append(f"code: train_gpt.py {n_code} bytes sha256:{code['sha256'] or 'not recorded'}")
+    n_code = recorded_code_bytes(meta)
+    if n_code is None:
+        lines.append(
+            "code: not recorded (no meta.code or meta.code_bytes): the total below counts no code and cannot be "
+            "checked against the limit"
+        )
+    else:
+        lines.append(f"code: train_gpt.py {n_code} bytes sha256:{code['sha256'] or 'not recorded'}")
+    n_code = n_code or 0
     rep = SizeReport(model_bytes=header.file_bytes, code_bytes=n_code)
     lines += rep.lines()
     if codecs:
