@@ -213,3 +213,31 @@ def test_fineweb_offline_fails_clearly(tmp_path):
     with pytest.raises(fineweb.DownloadError, match="cannot reach .*offline"):
         fineweb.download("sp1024", 1, tmp_path, endpoint="http://127.0.0.1:9", log=lambda *_: None)
     assert not any(tmp_path.rglob("*.bin"))
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--vocab-size", "-4"], "error: --vocab-size must be an integer in 1..65536 (shards hold uint16 ids), got -4"),
+        (["--vocab-size", "70000"], "error: --vocab-size must be an integer in 1..65536"),
+        (["--shard-tokens", "0"], "error: --shard-tokens must be a positive integer, got 0"),
+        (["--tokenizer", "TOK"], "TOK: not a readable SentencePiece model"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_document_is_read(tmp_path, capsys, monkeypatch, args, said):
+    """--vocab-size -4 failed after every document was read, with SentencePiece's empty message; a tokenizer
+    that is not one was named by its temporary copy."""
+    import pgolf.tools.prepare as prep
+
+    bad = tmp_path / "fake.model"
+    bad.write_bytes(b"\x80not a model")
+    args = [str(bad) if a == "TOK" else a for a in args]
+    said = said.replace("TOK", str(bad))
+
+    def no_reading(*a, **k):
+        raise AssertionError("documents were read")
+
+    monkeypatch.setattr(prep, "read_documents", no_reading)
+    assert prepare_main(["--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"), *args]) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -105,6 +105,9 @@ CHALLENGE_SPM_SETTINGS = dict(
 TOKENIZER_THREADS = 2  # recorded in the .model: fixed so that the file does not depend on the machine
 
 
+MAX_VOCAB = 65536  # shard token ids are uint16
+
+
 def trained_tokenizer_file(name: str, vocab_size: int) -> str:
     """The file name of a tokenizer `prepare` trains: never the name of a published challenge tokenizer
     (`fineweb_1024_bpe.model`), even for `--name fineweb`, since the two differ (another hash, other pieces)."""
@@ -253,6 +256,13 @@ def prepare(
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    # the arguments, before any document is read
+    if tokenizer is None and not (isinstance(vocab_size, int) and 1 <= vocab_size <= MAX_VOCAB):
+        raise ValueError(
+            f"--vocab-size must be an integer in 1..{MAX_VOCAB} (shards hold uint16 ids), got {vocab_size}"
+        )
+    if not (isinstance(shard_tokens, int) and shard_tokens >= 1):
+        raise ValueError(f"--shard-tokens must be a positive integer, got {shard_tokens}")
     if caseops_transform:
         if tokenizer is None:
             raise ValueError("--caseops needs --tokenizer: a CaseOps SentencePiece model (pieces 4-7 the controls)")
@@ -260,6 +270,8 @@ def prepare(
             caseops.check_tokenizer(load_tokenizer(tokenizer))
         except caseops.CaseOpsError as e:
             raise caseops.CaseOpsError(f"--caseops: {tokenizer}: {e}") from None
+    elif tokenizer is not None:
+        load_tokenizer(tokenizer)  # TokenizerError naming the user's file, not the copy made below
     if documents is None:
         docs = list(read_documents(inputs, text_field, txt_lines))
         if len(docs) < 2:
