@@ -11,13 +11,22 @@ MAX_MODEL_PARAMS parameters and MAX_VIRTUAL_LAYERS layers a forward; `tokenizer`
 record) and the tensor table against the state the config implies (`expected_state`: the model built on the
 `meta` device, nothing allocated): the same names, each once, the same shapes and original dtypes. Every
 problem is one ArtifactError naming the field.
+
+A Lightning `.ckpt` passes the same checks (`load_checkpoint`): its zip container is checked from its own
+directory before torch reads it (entry count, directory and pickle sizes bounded, every record stored), the
+pickle is read weights-only with the tensors mapped from the file (`mmap`), not copied, and the model config
+of its hyper-parameters and the shapes of its `gpt.*` tensors are checked as an artifact's before the model
+is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 import re
+import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -71,6 +80,16 @@ GENERIC_INT_LIMITS = (-1, 1 << 20)  # an integer field not named above (a token 
 MAX_VIRTUAL_LAYERS = 256  # layers a forward runs, depth recurrence and loops included (records: 11..17)
 MAX_MLP_MULT = 64.0
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# A Lightning checkpoint's zip (torch.save): one record per tensor storage (weights, optimizer states,
+# averages) plus a few, its directory ~80 bytes a record, and the pickle of the object tree (the tensors' bytes
+# are records of their own). conf/model/tiny.yaml's checkpoint: 73 records, a 5,794-byte directory, an
+# 11,534-byte pickle; these limits are far above any model of at most MAX_MODEL_PARAMS parameters.
+MAX_CKPT_RECORDS = 1 << 16
+MAX_CKPT_DIRECTORY_BYTES = 1 << 24
+MAX_CKPT_PICKLE_BYTES = 1 << 26
+ZIP_EOCD = struct.Struct("<4s4xHHII")  # end of central directory: signature, entries here, entries, size, offset
+ZIP64_LOCATOR = struct.Struct("<4sIQI")  # signature, disk, offset of the zip64 end record, disks
+ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")  # ..., entries here, entries, directory size, directory offset
 
 
 def save_float_weights(path: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -90,27 +109,118 @@ def save_float_weights(path: str | Path, state: dict[str, torch.Tensor], meta: d
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, meta) from saved float weights or a Lightning `.ckpt` (loaded with weights_only=True;
-    its `gpt.<name>` keys, model config from the hyper-parameters; no tokenizer identity). Saved float
-    weights are validated as an artifact (file of at most MAX_FLOAT_FILE_BYTES; ArtifactError)."""
+    """(state dict, meta) from saved float weights or a Lightning `.ckpt` (`load_checkpoint`: its `gpt.<name>`
+    keys, the model config of its hyper-parameters; no tokenizer identity). Either is checked as a model
+    artifact (`check_model_artifact`: bounded config, at most MAX_MODEL_PARAMS parameters, the tensor table
+    against the config) before any tensor is allocated; saved float weights are a file of at most
+    MAX_FLOAT_FILE_BYTES. Raises FileNotFoundError, or ArtifactError `<path>: <what>`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
     if path.suffix == ".ckpt":
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}: not a loadable Lightning checkpoint with weights_only=True ({e})") from e
-        sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-        model_cfg = (ckpt.get("hyper_parameters") or {}).get("model") if isinstance(ckpt, dict) else None
-        if not sd or model_cfg is None:
-            raise ValueError(f"{path}: checkpoint lacks a state_dict or the model hyper-parameters")
-        state = {k.removeprefix("gpt."): v for k, v in sd.items() if k.startswith("gpt.")}
-        if not state:
-            raise ValueError(f"{path}: checkpoint state_dict has no gpt.* weights")
-        return state, {"model": dict(model_cfg), "source": "lightning_checkpoint"}
+        return load_checkpoint(path)
     header, entries = load_artifact(path, check=_check_float_weights, max_file_bytes=MAX_FLOAT_FILE_BYTES)
     return {k: e.data for k, e in entries.items()}, header.meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the `gpt.*` weights without the prefix, meta) of a Lightning `.ckpt` from pgolf's training. Checked in
+    this order, each problem one ArtifactError `<path>: <what>`: the zip container (`check_checkpoint_zip`),
+    the pickle read by `torch.load(weights_only=True, mmap=True)` (a refused global, e.g. `os.system`, is
+    named; the tensors stay views of the mapped file), the checkpoint's structure (`state_dict`,
+    `hyper_parameters.model`), the model config (`check_model_config`) and the tensors' names and shapes
+    against it (`check_model_state`: the model built on the meta device). meta: `model`, `source`, and the
+    document-bounded attention the run trained with (`train.doc_attention` / `max_seg_len`) when recorded."""
+    path = Path(path)
+    try:
+        check_checkpoint_zip(path)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:  # weights_only refused a global: say which, without torch's advice
+            lines = [ln for ln in str(e).splitlines()[1:] if ln.strip() and not ln.startswith("Check the doc")]
+            raise ArtifactError(
+                f"refused by weights-only loading: {(lines or ['unpickling failed'])[0][:300]}"
+            ) from None
+        except Exception as e:  # a corrupt record, a tensor view outside its storage, ...
+            raise ArtifactError(f"not a loadable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        state, hparams = _checkpoint_parts(ckpt)
+        cfg = check_model_config(hparams["model"], "hyper_parameters.model")
+        shapes = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
+        check_model_state(cfg, shapes, what="hyper_parameters.model", dtype_key="dtype", cast_floats=True)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    meta = {"model": dict(hparams["model"]), "source": "lightning_checkpoint"}
+    if hparams.get("doc_attention"):  # pgolf.eval.run.doc_max_seg_len checks the values
+        meta["train"] = {"doc_attention": hparams["doc_attention"], "max_seg_len": hparams.get("max_seg_len")}
+    return state, meta
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def check_checkpoint_zip(path: Path) -> None:
+    """A `.ckpt`'s zip container, read from its own end records before anything bigger: torch.save's zip
+    format (a legacy or foreign file is refused), at most MAX_CKPT_RECORDS records and a central directory
+    of at most MAX_CKPT_DIRECTORY_BYTES (both the zip and the zip64 end records), every record stored, not
+    compressed (torch.save stores; a compressed record could inflate to any size), and the pickle at most
+    MAX_CKPT_PICKLE_BYTES. Raises ArtifactError."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - ZIP_EOCD.size - 0xFFFF))  # the end record, then a comment of at most 64 KiB
+        tail = f.read()
+        i = tail.rfind(b"PK\x05\x06")
+        if i < 0 or len(tail) - i < ZIP_EOCD.size:
+            raise ArtifactError("not a zip-format PyTorch checkpoint (torch.save's format; a legacy or other file)")
+        _, _, records, dir_bytes, _ = ZIP_EOCD.unpack_from(tail, i)
+        ends = [(records, dir_bytes)]
+        if i >= ZIP64_LOCATOR.size and tail[i - ZIP64_LOCATOR.size : i - ZIP64_LOCATOR.size + 4] == b"PK\x06\x07":
+            offset = ZIP64_LOCATOR.unpack_from(tail, i - ZIP64_LOCATOR.size)[2]
+            f.seek(min(offset, size))
+            rec = f.read(ZIP64_EOCD.size)
+            if len(rec) < ZIP64_EOCD.size or rec[:4] != b"PK\x06\x06":
+                raise ArtifactError("corrupt checkpoint zip: its zip64 end record is missing")
+            ends.append(ZIP64_EOCD.unpack(rec)[7:9])
+    for records, dir_bytes in ends:
+        if records > MAX_CKPT_RECORDS or dir_bytes > MAX_CKPT_DIRECTORY_BYTES:
+            raise ArtifactError(
+                f"checkpoint zip declares {records} records in a {dir_bytes}-byte directory, over the limits of "
+                f"{MAX_CKPT_RECORDS} records and {MAX_CKPT_DIRECTORY_BYTES} bytes"
+            )
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ArtifactError(f"corrupt checkpoint zip ({_first_line(e)})") from None
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ArtifactError(f"checkpoint record {info.filename!r} is compressed; torch.save stores its records")
+        if info.filename.endswith("data.pkl") and info.file_size > MAX_CKPT_PICKLE_BYTES:
+            raise ArtifactError(
+                f"checkpoint pickle {info.filename!r} of {info.file_size} bytes exceeds the limit of "
+                f"{MAX_CKPT_PICKLE_BYTES}"
+            )
+
+
+def _checkpoint_parts(ckpt) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the `gpt.*` tensors without the prefix, the hyper-parameters) of a loaded checkpoint, its structure
+    checked: a Lightning checkpoint of pgolf's GPT. Raises ArtifactError naming what is missing."""
+    if not isinstance(ckpt, dict):
+        raise ArtifactError(f"not a Lightning checkpoint: it holds a {type(ckpt).__name__}, not a dict")
+    sd, hparams = ckpt.get("state_dict"), ckpt.get("hyper_parameters")
+    if not isinstance(sd, dict) or not isinstance(hparams, dict) or not isinstance(hparams.get("model"), dict):
+        keys = sorted(map(str, ckpt))[:8]
+        raise ArtifactError(
+            "not a Lightning checkpoint of pgolf's GPT: it needs a dict `state_dict` and a dict "
+            f"`hyper_parameters.model` (its keys: {keys})"
+        )
+    state = {k.removeprefix("gpt."): v for k, v in sd.items() if isinstance(k, str) and k.startswith("gpt.")}
+    if not state:
+        raise ArtifactError("checkpoint state_dict has no gpt.* weights")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ArtifactError(f"checkpoint state_dict: gpt.{bad[0]} is not a tensor")
+    return state, hparams
 
 
 def _check_float_weights(header: ArtifactHeader) -> None:
@@ -123,6 +233,8 @@ def _check_float_weights(header: ArtifactHeader) -> None:
 
 
 def model_from_weights(state: dict[str, torch.Tensor], meta: dict) -> GPT:
+    """A fresh GPT of `meta["model"]` holding `state` (from `load_weights`, which checked both). Raises
+    ValueError when they do not fit."""
     model = GPT(GPTConfig.from_dict(meta["model"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -189,16 +301,16 @@ def check_model_config(d, what: str = "meta.model") -> GPTConfig:
     return cfg
 
 
-def expected_state(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+def expected_state(cfg: GPTConfig, what: str = "meta.model") -> dict[str, tuple[tuple[int, ...], str]]:
     """{state-dict name: (shape, dtype name)} of `GPT(cfg)`, from the model built on the `meta` device: no
     tensor is allocated and no random number drawn, so a forged config costs nothing before it is refused
     (the first call imports torch._dynamo, ~1-2 s, which torch's meta kernels use). Raises ArtifactError
-    when the model cannot be built from `cfg`."""
+    `<what>: ...` when the model cannot be built from `cfg`."""
     try:
         with torch.device("meta"):
             model = GPT(cfg)
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as e:
-        raise ArtifactError(f"meta.model: the model cannot be built ({str(e).splitlines()[0][:200]})") from None
+        raise ArtifactError(f"{what}: the model cannot be built ({str(e).splitlines()[0][:200]})") from None
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
 
 
@@ -255,22 +367,42 @@ def check_model_artifact(header: ArtifactHeader, *, require_tokenizer: bool = Tr
         raise ArtifactError("metadata has no model config (meta.model)")
     cfg = check_model_config(meta["model"])
     _check_meta(meta, cfg, require_tokenizer)
-    want = expected_state(cfg)
+    check_model_state(cfg, {name: (t.shape, t.orig_dtype) for name, t in header.tensors.items()})
+    return cfg
+
+
+def check_model_state(
+    cfg: GPTConfig,
+    tensors: dict[str, tuple[tuple[int, ...], str]],
+    *,
+    what: str = "meta.model",
+    dtype_key: str = "orig_dtype",
+    cast_floats: bool = False,
+) -> None:
+    """Check {name: (shape, dtype name)} against the state `GPT(cfg)` has (`expected_state`, nothing
+    allocated): at most MAX_MODEL_PARAMS parameters, the same names (none missing, none extra), the same
+    shapes and dtypes (`cast_floats`: any floating dtype for a floating one, which loading converts). Raises
+    ArtifactError naming the tensor (`what`: the config's name in messages; `dtype_key`: the dtype's)."""
+    want = expected_state(cfg, what)
     n = sum(math.prod(shape) for shape, _ in want.values())
     if n > MAX_MODEL_PARAMS:
-        raise ArtifactError(f"meta.model implies {n:,} parameters, over the limit of {MAX_MODEL_PARAMS:,}")
-    for name, t in header.tensors.items():
+        raise ArtifactError(f"{what} implies {n:,} parameters, over the limit of {MAX_MODEL_PARAMS:,}")
+    for name, (shape, dtype) in tensors.items():
         if name not in want:
             raise ArtifactError(f"tensor {name!r} is not a parameter of the model config")
-        shape, dtype = want[name]
-        if t.shape != shape:
-            raise ArtifactError(f"tensor {name!r} has shape {list(t.shape)}; the model config implies {list(shape)}")
-        if t.orig_dtype != dtype:
-            raise ArtifactError(f"tensor {name!r}: orig_dtype must be the model's {dtype}, got {t.orig_dtype!r}")
-    missing = [k for k in want if k not in header.tensors]
+        want_shape, want_dtype = want[name]
+        if tuple(shape) != want_shape:
+            raise ArtifactError(f"tensor {name!r} has shape {list(shape)}; the model config implies {list(want_shape)}")
+        floats = cast_floats and _is_float(dtype) and _is_float(want_dtype)
+        if dtype != want_dtype and not floats:
+            raise ArtifactError(f"tensor {name!r}: {dtype_key} must be the model's {want_dtype}, got {dtype!r}")
+    missing = [k for k in want if k not in tensors]
     if missing:
         raise ArtifactError(f"tensors missing for the model config: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    return cfg
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype in ("float16", "bfloat16", "float32", "float64")
 
 
 def read_model_artifact(

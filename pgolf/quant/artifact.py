@@ -29,7 +29,10 @@ unique tensor names, known storage kinds and dtypes, field shapes that agree wit
 storage kind, byte ranges that tile the payload exactly. A caller's `check` (pgolf/export/weights.py: the
 model config and the tensor table it implies) runs next; only then is the tensor payload decompressed,
 straight into the tensors, a bounded chunk at a time, and its length checked again (a decompression bomb).
-Every problem is one `ArtifactError` naming the field. No code runs: JSON is parsed and bytes copied.
+The compressed stream must end exactly where the file does: bytes after its end (or a stream cut before its
+end marker) are refused, for every codec, naming the count (zstd: from the frame's block headers, before
+anything is decompressed). Every problem is one `ArtifactError` naming the field. No code runs: JSON is
+parsed and bytes copied.
 
 `python -m pgolf.tools.inspect PATH [--codecs]` prints what an artifact holds (pgolf/tools/inspect.py).
 """
@@ -45,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import brotli
 import numpy as np
 import torch
 import zstandard
@@ -76,6 +80,9 @@ MAX_NAME_CHARS = 256
 LZMA_MEMLIMIT = 1 << 28  # an xz stream may not ask for more decoder memory (preset 9 needs ~65 MiB)
 IN_CHUNK = 1 << 20  # compressed bytes handed to the decompressor per step
 OUT_CHUNK = 1 << 24  # decompressed bytes copied into a tensor per step (bounds the transient buffer)
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_BLOCK_SLACK = 1024  # blocks a zstd payload may have beyond one per KiB of output (pgolf's: one per 128 KiB)
+BROTLI_PROBE = 4096  # the piece size of the search for where a brotli stream ends (`_brotli_trailing`)
 DTYPE_ORDER = ("int8", "uint8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64", "bool")
 ITEMSIZE = {"int8": 1, "uint8": 1, "int16": 2, "int32": 4, "int64": 8, "float16": 2, "bfloat16": 2, "float32": 4}
 ITEMSIZE |= {"float64": 8, "bool": 1}
@@ -158,8 +165,9 @@ def _routing(table: dict[str, TensorRecord], hlen: int) -> list:
 
 
 def decompress(data: bytes, codec: str, expected_len: int) -> bytes:
-    """Decompress at most expected_len bytes; anything longer or shorter is an error (bomb-safe). A pergroup
-    payload is decoded through its header, which is checked (check_table) on the way."""
+    """Decompress at most expected_len bytes; anything longer or shorter, or bytes after the end of the
+    stream, is an error (bomb-safe). A pergroup payload is decoded through its header, which is checked
+    (check_table) on the way."""
     if codec in PERGROUP_BACKENDS:
         stream = _open_stream(data, codec, expected_len)
         hb, header = _read_header(stream, expected_len)
@@ -177,10 +185,11 @@ def decompress(data: bytes, codec: str, expected_len: int) -> bytes:
             d = zlib.decompressobj()
             out = d.decompress(data, expected_len + 1)
         elif codec == "zstd":
+            _check_zstd_frame(memoryview(data), expected_len)
             reader = zstandard.ZstdDecompressor().stream_reader(data)
             out = reader.read(expected_len + 1)
         elif codec == "lzma":
-            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=LZMA_MEMLIMIT)
             out = d.decompress(data, max_length=expected_len + 1)
         else:
             raise ArtifactError(f"unknown codec {codec!r}")
@@ -193,7 +202,85 @@ def decompress(data: bytes, codec: str, expected_len: int) -> bytes:
             f"payload decompresses to {'more' if len(out) > expected_len else 'fewer'} bytes than the declared "
             f"{expected_len} (corrupt artifact or decompression bomb)"
         )
+    if codec != "zstd":  # zstd's end was checked from its block headers
+        _check_end(codec, d, 0)
     return out
+
+
+def _trailing(codec: str, n: int) -> ArtifactError:
+    return ArtifactError(f"{n} bytes of data after the end of the {codec} stream (corrupt or forged artifact)")
+
+
+def _check_end(codec: str, d, unread: int) -> None:
+    """A zlib or lzma decompressor `d` that gave the whole payload must be at its stream's end, with nothing
+    after it (`d.unused_data` plus `unread` bytes never handed to it). Raises ArtifactError."""
+    if not d.eof:
+        raise ArtifactError(f"corrupt {codec} payload: the stream stops before its end marker (truncated)")
+    if len(d.unused_data) + unread:
+        raise _trailing(codec, len(d.unused_data) + unread)
+
+
+def _check_zstd_frame(src: memoryview, raw_len: int) -> None:
+    """A zstd payload must be one frame that ends at its last byte, read from its headers alone before
+    anything is decompressed (RFC 8878, 3.1.1: magic, frame header, blocks of a 3-byte header each, the last
+    one flagged, then a 4-byte checksum if the header says so). pgolf writes one frame of one block per
+    128 KiB; more than one block per KiB of `raw_len` plus ZSTD_BLOCK_SLACK is refused, which bounds the
+    walk. Raises ArtifactError naming the bytes after the frame, or what is corrupt."""
+    head = bytes(src[:18])  # a frame header is at most 18 bytes
+    if head[:4] != ZSTD_MAGIC:
+        raise ArtifactError("corrupt zstd payload: it does not start with a zstd frame")
+    try:
+        pos = zstandard.frame_header_size(head)
+        checksum = zstandard.get_frame_parameters(head).has_checksum
+    except zstandard.ZstdError as e:
+        raise ArtifactError(f"corrupt zstd payload: {e}") from None
+    for _ in range(raw_len // 1024 + ZSTD_BLOCK_SLACK):
+        if pos + 3 > len(src):
+            break
+        block = int.from_bytes(src[pos : pos + 3], "little")  # bit 0: last; bits 1-2: type; the rest: size
+        if block >> 1 & 3 == 3:
+            raise ArtifactError("corrupt zstd payload: a block of the reserved type")
+        pos += 3 + (1 if block >> 1 & 3 == 1 else block >> 3)  # an RLE block stores one byte
+        if block & 1:
+            end = pos + 4 * checksum
+            if end < len(src):
+                raise _trailing("zstd", len(src) - end)
+            if end == len(src):
+                return
+            break
+    else:
+        raise ArtifactError(f"corrupt zstd payload: more blocks than {raw_len // 1024 + ZSTD_BLOCK_SLACK}")
+    raise ArtifactError("corrupt zstd payload: the frame stops before its last block (truncated)")
+
+
+def _brotli_trailing(src: memoryview) -> int:
+    """The bytes after the end of the brotli stream that starts `src` (0 when it does not end before `src`
+    does: a corrupt or truncated stream). brotli's decoder refuses input after a stream's end only as
+    "decoder failed", saying neither that nor where; so, on that error only, the stream is decoded again
+    (output discarded): BROTLI_PROBE-byte pieces find the piece where decoding stops, then that piece is
+    fed one byte at a time."""
+    pos, done = _brotli_feed(src, 0, BROTLI_PROBE)
+    if not done:
+        pos, done = _brotli_feed(src, pos, 1)
+    return len(src) - pos if done else 0
+
+
+def _brotli_feed(src: memoryview, fine: int, step: int) -> tuple[int, bool]:
+    """(bytes fed when a fresh decoder finished or failed, whether it finished), fed IN_CHUNK bytes at a time
+    up to `fine`, then `step` bytes at a time, its output drained OUT_CHUNK at a time and discarded."""
+    d, pos = brotli.Decompressor(), 0
+    while pos < len(src):
+        piece = src[pos : min(pos + IN_CHUNK, fine)] if pos < fine else src[pos : pos + step]
+        try:
+            out = d.process(piece, output_buffer_limit=OUT_CHUNK)
+            while out and not d.can_accept_more_data():
+                out = d.process(b"", output_buffer_limit=OUT_CHUNK)
+        except brotli.error:
+            return pos, False
+        pos += len(piece)
+        if d.is_finished():
+            return pos, True
+    return pos, False
 
 
 # ---- packing -------------------------------------------------------------------------------------
@@ -312,6 +399,7 @@ class _Inflate:
         elif codec == "lzma":
             self.d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=LZMA_MEMLIMIT)
         elif codec == "zstd":
+            _check_zstd_frame(self.src, raw_len)
             self.d = zstandard.ZstdDecompressor().stream_reader(self.src, read_size=IN_CHUNK)
         elif codec == "brotli":
             self.d = BrotliReader(self.src, IN_CHUNK)
@@ -348,6 +436,8 @@ class _Inflate:
             return self.d.read(n)
         for _ in range(len(self.src) // IN_CHUNK + 3):  # each round feeds input or returns
             if self.codec == "zlib":
+                if self.d.eof:  # what follows is in unused_data (and, stale, in the tail)
+                    return b""
                 data = self.tail or self._feed()
                 out = self.d.decompress(data, n)
                 self.tail = self.d.unconsumed_tail
@@ -372,6 +462,8 @@ class _Inflate:
         except ValueError as e:  # PerGroupError
             raise ArtifactError(str(e)) from None
         except Exception as e:  # zlib.error, lzma.LZMAError (incl. memlimit), zstandard.ZstdError, brotli.error
+            if self.codec == "brotli" and (n := _brotli_trailing(self.src)):
+                raise _trailing("brotli", n) from None
             raise ArtifactError(f"corrupt {self.codec} payload: {e}") from e
 
     def readinto(self, out: memoryview) -> None:
@@ -392,12 +484,16 @@ class _Inflate:
         return bytes(buf)
 
     def finish(self) -> None:
-        """The stream must end exactly at the declared length (anything more: a decompression bomb)."""
+        """The stream must end exactly at the declared length (anything more: a decompression bomb), and the
+        compressed bytes with it (zlib, lzma: nothing after the stream's end; zstd: checked when opened;
+        brotli: its reader refuses more input)."""
         if self.produce(1):
             raise ArtifactError(
                 f"payload decompresses to more bytes than the declared {self.raw_len} (corrupt artifact or "
                 "decompression bomb)"
             )
+        if self.codec in ("zlib", "lzma"):
+            _check_end(self.codec, self.d, len(self.src) - self.pos)
 
 
 # ---- the header ---------------------------------------------------------------------------------

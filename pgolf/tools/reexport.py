@@ -30,7 +30,13 @@ from pgolf.config.runtime import needed_parts
 from pgolf.config.validate import plain
 from pgolf.data.shards import list_shards
 from pgolf.data.stream import StreamLayout, TokenStream, TrainStream, load_val_data
-from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, check_shards_tokenizer, load_tokenizer
+from pgolf.data.tokenizer import (
+    TokenizerError,
+    TokenizerInfo,
+    build_byte_luts,
+    check_shards_tokenizer,
+    load_tokenizer,
+)
 from pgolf.eval.core import EvalContext
 from pgolf.eval.run import doc_max_seg_len
 from pgolf.export.code import CODE_KEY, code_of, code_record, project_root
@@ -40,6 +46,7 @@ from pgolf.export.roundtrip import roundtrip_evaluate
 from pgolf.export.stages import export_model
 from pgolf.export.weights import load_weights, model_from_weights
 from pgolf.io import atomic_write_bytes
+from pgolf.model.config import GPTConfig
 from pgolf.runlog import log0, set_log_file
 from pgolf.tools.datasets import ensure_dataset
 from pgolf.tools.pack import SCRIPT, compose_conf, pack, unpack
@@ -74,18 +81,19 @@ def reexport(cfg: DictConfig) -> dict:
     for p in (art, res_path) if not cfg.overwrite else ():
         if p.exists():
             raise FileExistsError(f"{p} exists; choose another out_dir= or export.label=, or pass overwrite=true")
-    state, meta = load_weights(weights)
-    model = model_from_weights(state, meta)
+    state, meta = load_weights(weights)  # checked before any tensor is allocated
     data = OmegaConf.to_container(cfg.data, resolve=True)
+    check_data_tokenizer(weights, meta, data)  # before the data is prepared or the model built
+    seq_len = int(cfg.eval.seq_len or meta.get("train", {}).get("seq_len") or data.get("eval_seq_len") or 0)
+    if seq_len <= 0:
+        raise ValueError(f"{weights.name} records no training seq_len: set eval.seq_len=")
+    device = pick_device(cfg.device)
+    model = model_from_weights(state, meta)
     ensure_dataset(data.get("prepare"), data.get("root"))
     check_shards_tokenizer(data["train_pattern"], data["tokenizer_path"])  # calibration may read the train shards
     tok = TokenizerInfo.from_path(data["tokenizer_path"])
     if "tokenizer" in meta:
         tok.check_matches(meta["tokenizer"], what=f"weights {weights.name}")
-    seq_len = int(cfg.eval.seq_len or meta.get("train", {}).get("seq_len") or data.get("eval_seq_len") or 0)
-    if seq_len <= 0:
-        raise ValueError(f"{weights.name} records no training seq_len: set eval.seq_len=")
-    device = pick_device(cfg.device)
     model = model.to(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_log_file(out_dir / f"reexport_{export_cfg.label}.log")
@@ -117,6 +125,53 @@ def reexport(cfg: DictConfig) -> dict:
     )
     atomic_write_bytes(res_path, (json.dumps(result, indent=2) + "\n").encode())
     return result
+
+
+def check_data_tokenizer(weights: Path, meta: dict, data: dict) -> None:
+    """The data config's tokenizer against the weights', before any data is prepared: the tokenizer the
+    weights record (`meta.tokenizer`: name, vocab size, sha256; a `.ckpt` records none) must be the
+    configured file when it exists (`TokenizerInfo.check_matches`), or, when a preparation step
+    (`data.prepare`) is still to make it, have its file name and `data.vocab_size`; and the configured vocab
+    size may not exceed the model's (token ids index the embedding). Raises TokenizerError (a ValueError) in
+    one line naming both, and the conf/data configs of the weights' tokenizer when it is another file."""
+    rec = meta.get("tokenizer")
+    model_vocab = GPTConfig.from_dict(meta["model"]).vocab_size
+    path = Path(data["tokenizer_path"])
+    what = f"weights {weights.name}"
+    try:
+        if path.is_file():
+            tok = TokenizerInfo.from_path(path)
+            if rec is not None:
+                tok.check_matches(rec, what=what)
+            vocab = tok.vocab_size
+        else:
+            vocab = data.get("vocab_size")
+            if rec is not None and data.get("prepare") not in (None, "none"):
+                if vocab != rec["vocab_size"] or path.name != rec["name"]:
+                    raise TokenizerError(
+                        f"the data config's tokenizer {path.name} (vocab size {vocab}; data.prepare="
+                        f"{data['prepare']} would make it) is not the {what}'s {rec['name']} (vocab size "
+                        f"{rec['vocab_size']})"
+                    )
+        if vocab is not None and vocab > model_vocab:
+            raise TokenizerError(
+                f"the data config's tokenizer {path.name} has vocab size {vocab}, more than the {what}'s model "
+                f"({model_vocab})"
+            )
+    except TokenizerError as e:  # name the data configs of the weights' tokenizer, unless it is this one's
+        hint = data_configs_with(rec["name"]) if rec is not None and rec["name"] != path.name else []
+        also = "; the data config of that tokenizer: " + " or ".join(f"data={h}" for h in hint) if hint else ""
+        raise TokenizerError(f"{e}{also}") from None
+
+
+def data_configs_with(tokenizer: str) -> list[str]:
+    """The conf/data configs whose `tokenizer_path` names the file `tokenizer`."""
+    out = []
+    for p in sorted((project_root() / "conf" / "data").glob("*.yaml")):
+        path = OmegaConf.to_container(OmegaConf.load(p), resolve=False).get("tokenizer_path")
+        if isinstance(path, str) and path.rsplit("/", 1)[-1] == tokenizer:
+            out.append(p.stem)
+    return out
 
 
 def reexport_code(weights: Path, meta: dict, export: dict) -> dict:
