@@ -26,7 +26,7 @@ from pgolf.config.schema import TrainRun
 from pgolf.config.validate import check_overrides, exit_on_config_error, validate_train
 from pgolf.io import atomic_write_bytes
 from pgolf.runlog import global_rank
-from pgolf.tools.rundir import claim, hand_over, release, settle
+from pgolf.tools.rundir import check_resume, claim, hand_over, release, settle, snapshot
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -35,27 +35,32 @@ CONF = Path(__file__).resolve().parent / "conf"
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    how = None
+    how, before = None, None
     try:
         with exit_on_config_error():
             validate_train(cfg, CONF)
-            # rank 0 claims the run directory before anything is written into it; the job's other processes
-            # write nothing there (pgolf/tools/rundir.py)
-            how = claim(run_dir, cfg.resume, list(hc.overrides.task)) if global_rank() == 0 else "none"
+            check_resume(cfg.resume)
+            # rank 0 claims the run directory before anything is written into it, noting what it held (a
+            # config error puts that back); the job's other processes write nothing there (pgolf/tools/rundir.py)
+            if global_rank() == 0:
+                before = snapshot(run_dir, cfg.resume)
+                how = claim(run_dir, cfg.resume, list(hc.overrides.task))
+            else:
+                how = "none"
             # Deferred on purpose: ExportConfig and the Newton-Schulz table come with torch (~2 s), imported once
             # the torch-free checks above have passed.
             from pgolf.config.runtime import check_runtime
 
             check_runtime(cfg)
     except SystemExit:
-        release(run_dir, how)  # a run stopped at start-up leaves no trace (another run's directory stays as it was)
+        release(run_dir, how, before)  # a run stopped at start-up leaves no trace (nor changes another run's files)
         raise
     settle(run_dir, how, cfg, HydraConfig.instance().cfg, hc.output_subdir)
     try:
         return train(cfg)
     except SystemExit as e:
-        if e.code == 2:  # a config error found by the checks that need Lightning
-            release(run_dir, how)
+        if e.code == 2:  # a config error found by the checks that need Lightning, or a checkpoint of another model
+            release(run_dir, how, before)
         raise
 
 

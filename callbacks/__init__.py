@@ -35,9 +35,9 @@ Hook order contract (asserted by tests/test_callbacks.py):
   The last step is validated too, whatever ended training (the clock asks Lightning to stop there); a
   preempted run is not.
 - `on_train_end`: the clock stops (and logs the last step if it was not logged yet); the averaging applies
-  its weights; checkpointing acts on a SIGTERM that came after the last step boundary and installs the
-  handler that stops the run at once on a later one; the export runs last, on the averaged weights,
-  reading the stopped clock.
+  its weights (not when the run was preempted); checkpointing acts on a SIGTERM that came after the last
+  step boundary and installs the handler that stops the run at once on a later one; the export runs last,
+  on the averaged weights, reading the stopped clock.
 """
 
 from __future__ import annotations

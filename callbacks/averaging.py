@@ -5,8 +5,10 @@ records' `load_state_dict` rounds them), initialised from the (restored) initial
 after every optimizer step from step 1: θ_ema ← d·θ_ema + (1-d)·θ (d = 0.997 in the records). SWA: a
 uniform average of the weights taken every `every` steps once the LR scale is below `threshold`. Either
 one is *applied* at the end of training (PRs #549/#1019 collect tight SWA and never apply it), before
-the export callback, which Lightning calls later because it comes later in the callback list. SWA reads the
-step's LR scale from `pl_module.state` (set by the LR schedule earlier in the same step).
+the export callback, which Lightning calls later because it comes later in the callback list; not when the
+run was preempted (`pl_module.state.preempted`: no export, and the checkpoint it saved holds the average, which
+the resumed run continues and applies). SWA reads the step's LR scale from `pl_module.state` (set by the LR
+schedule earlier in the same step).
 
 Periodic validation during training (`train.val_every`) scores the raw weights by default, as the records
 do (their `step:N val_bpb` lines are the training weights'; the averaged weights are only scored after they
@@ -73,6 +75,8 @@ class GPTAveraging(WeightAveraging):
             )
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if pl_module.state.preempted:  # no export; the checkpoint just saved holds the average for the resume
+            return
         if self.ready():
             log0(f"{self.kind}:applying {self.kind.upper()} weights ({self.describe()})")
             self._copy(self._average_model.module, pl_module.gpt)

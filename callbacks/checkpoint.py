@@ -116,7 +116,7 @@ class Checkpointing(L.Callback):
         path = self.save(trainer, "last.ckpt")
         pl_module.state.preempted = True
         log0(f"preempted: SIGTERM received; checkpoint of step {step} saved to checkpoints/{path.name}")
-        log0(resume_hint(path))
+        log0(resume_hint(path, self.dirpath.parent))
         trainer.should_stop = True
         trainer.limit_val_batches = 0  # Lightning validates after a stop request: the grace period is not for that
 
@@ -135,19 +135,38 @@ class Checkpointing(L.Callback):
         return path
 
 
-def resume_hint(path: Path) -> str:
-    """`resume with: <command> resume=<checkpoint>`: the checkpoint relative to where the run started, or
-    absolute when that path would climb out of it (a run directory elsewhere)."""
+def resume_hint(path: Path, run_dir: Path | None = None) -> str:
+    """`resume with: <command> resume=<checkpoint>`: paths relative to where the run started, or absolute
+    when that path would climb out of it (a run directory elsewhere). Given the run's directory `run_dir`,
+    `train.py`'s command names it (`hydra.run.dir=`), so that the resume continues in place
+    (pgolf/tools/rundir.py) instead of in a new time-stamped directory; the packed train_gpt.py's run
+    directory is the current folder, so its command is run from there (a shell comment says so)."""
+    command = resume_command()
+    if run_dir is None:
+        return f"resume with: {command} resume={_shown(path)}"
+    if _program() == "train.py":
+        return f"resume with: {command} hydra.run.dir={_shown(run_dir)} resume={_shown(path)}"
+    return f"resume with: {command} resume={_shown(path)}  # from this folder"
+
+
+def _shown(path: Path) -> str:
     rel = os.path.relpath(path)
-    return f"resume with: {resume_command()} resume={rel if not rel.startswith('..') else Path(path).absolute()}"
+    return rel if not rel.startswith("..") else str(Path(path).absolute())
 
 
 def resume_command() -> str:
     """How the run was started, for the resume hint: `train.py`'s overrides, or the packed train_gpt.py's
-    environment variables (the same `RUN_ID`) and overrides."""
-    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train.py"
+    environment variables (the same `RUN_ID`, named when it is set: the resumed run appends to the log
+    `logs/<RUN_ID>.txt`) and overrides."""
+    prog = _program()
     if prog == "train.py":
         return "python train.py <same overrides>"
     n = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     launch = f"torchrun --standalone --nproc_per_node={n}" if n > 1 else "python"
-    return f"<same environment, RUN_ID included> {launch} {prog} <same overrides>"
+    run_id = os.environ.get("RUN_ID")
+    env = f"<same environment> RUN_ID={run_id}" if run_id else "<same environment, RUN_ID included>"
+    return f"{env} {launch} {prog} <same overrides>"
+
+
+def _program() -> str:
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train.py"

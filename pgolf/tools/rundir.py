@@ -16,9 +16,12 @@ again under torchrun (pgolf/tools/sweep.py) hands its claim to its rank 0 throug
 
 After the claim, `write_hydra_files` writes `.hydra/` (config.yaml, hydra.yaml, overrides.yaml: what Hydra
 writes itself when `hydra.output_subdir` is set; conf/train.yaml sets it to null so that Hydra does not
-write into the directory before the claim). `release` takes the claim and those files back, and the
-directory when nothing else is in it, when the run stops on a config error: a run refused at start-up
-leaves nothing behind.
+write into the directory before the claim). When the run stops on a config error (even one found when the
+checkpoint is loaded, before any step), `release` puts the directory back as the `snapshot` taken before
+the claim recorded it: what the run wrote goes, what it changed gets its bytes back (a resumed run's claim,
+`.hydra/`, log and metrics), and the directory goes when nothing else is in it. A run refused at start-up
+leaves nothing behind, and the corrected command runs in the same directory. `check_resume` refuses a
+`resume` checkpoint that does not exist before anything is claimed.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -145,11 +149,51 @@ def refused(run_dir: Path, taken: list[str]) -> ConfigError:
     )
 
 
-def release(run_dir: str | os.PathLike, how: str | None) -> None:
-    """Undo what a run that stops at start-up (a config error) did to `run_dir`: a `new` claim and the
-    `.hydra/` files written after it go; then the directory, if nothing else is in it (`discard_unused`).
-    `how` is `claim`'s answer, None when the run stopped before it; nothing else is ever removed."""
+@dataclass(frozen=True)
+class Snapshot:
+    """What a run directory held before a run claimed it (`snapshot`): each file's bytes (None for one that
+    start-up never writes: a checkpoint, a link, a large file) and the directories, by their paths relative
+    to it."""
+
+    files: dict[str, bytes | None] = field(default_factory=dict)
+    dirs: frozenset[str] = frozenset()
+
+
+SNAPSHOT_MAX_BYTES = 64 << 20  # a larger file (an artifact) is left as it is by `release`
+STARTUP_DIRS = (".hydra", "csv")  # where start-up writes, besides the directory itself (the claim, log, script)
+
+
+def snapshot(run_dir: str | os.PathLike, resume: str | None = None) -> Snapshot | None:
+    """What `run_dir` holds now (empty when it does not exist), taken before `claim(run_dir, resume, ...)` so
+    that `release` can put it back: the bytes of the files start-up may write (the directory's own files and
+    those of STARTUP_DIRS: a resumed run's claim, log, train_gpt.py, `.hydra/`, metrics; a few MB), the names
+    of the others (checkpoints are never read). None, reading nothing, when `claim` will refuse the directory."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return Snapshot()
+    if not (resume is not None and inside(resume, run_dir)) and other_runs_outputs(run_dir):
+        return None
+    files, dirs = {}, set()
+    for p in sorted(run_dir.rglob("*")):
+        rel = p.relative_to(run_dir)
+        if p.is_dir() and not p.is_symlink():
+            dirs.add(rel.as_posix())
+            continue
+        read = p.is_file() and not p.is_symlink() and (len(rel.parts) == 1 or rel.parts[0] in STARTUP_DIRS)
+        files[rel.as_posix()] = p.read_bytes() if read and p.stat().st_size <= SNAPSHOT_MAX_BYTES else None
+    return Snapshot(files, frozenset(dirs))
+
+
+def release(run_dir: str | os.PathLike, how: str | None, before: Snapshot | None = None) -> None:
+    """Undo what a run that stops at start-up (a config error) did to `run_dir`, so that the corrected command
+    can run there. `how` is `claim`'s answer (None when the run stopped before it: nothing is touched, the
+    directory may be another run's); `before` the `snapshot` taken before the claim: every file the run wrote
+    since goes and every file it changed gets its bytes back (a resumed claim: the claim, `.hydra/`,
+    train_gpt.py, the log and metrics of the run it was to continue). A `new` claim and the `.hydra/` files
+    written after it go in any case; then the directory, if nothing else is in it (`discard_unused`)."""
+    run_dir = Path(run_dir)
+    if how in ("new", "resumed") and before is not None and run_dir.is_dir():
+        put_back(run_dir, before)
     if how == "new":
         for name in HYDRA_FILES:
             (run_dir / ".hydra" / name).unlink(missing_ok=True)
@@ -158,6 +202,31 @@ def release(run_dir: str | os.PathLike, how: str | None) -> None:
             hydra_dir.rmdir()
         (run_dir / CLAIM).unlink(missing_ok=True)
     discard_unused(run_dir)
+
+
+def put_back(run_dir: Path, before: Snapshot) -> None:
+    """Make `run_dir` hold what `before` recorded: the files and directories made since go, the files
+    changed since get their bytes back (written atomically); the files it recorded without bytes stay."""
+    for p in sorted(run_dir.rglob("*"), key=lambda p: -len(p.parts)):  # a directory's entries before it
+        rel = p.relative_to(run_dir).as_posix()
+        if p.is_dir() and not p.is_symlink():
+            if rel not in before.dirs and not any(p.iterdir()):
+                p.rmdir()
+        elif rel not in before.files:
+            p.unlink()
+    for rel, data in before.files.items():
+        path = run_dir / rel
+        if data is not None and (not path.is_file() or path.read_bytes() != data):
+            atomic_write_bytes(path, data)
+
+
+def check_resume(resume: str | None) -> None:
+    """`resume` (a path, or None) names a checkpoint file that exists; checked before the run directory is
+    claimed. Raises ConfigError."""
+    if resume is not None and not Path(resume).is_file():
+        raise ConfigError(
+            f"resume={resume}: no such checkpoint file (resume names a .ckpt, e.g. <run>/checkpoints/last.ckpt)"
+        )
 
 
 def settle(run_dir: str | os.PathLike, how: str, cfg: DictConfig, hydra_cfg: DictConfig, subdir: str | None) -> None:

@@ -3,6 +3,7 @@ config checks that need Lightning itself (`check_lightning_config`), run before 
 
 from __future__ import annotations
 
+import csv
 import inspect
 import logging
 import os
@@ -13,15 +14,17 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
 from pgolf import optional
 from pgolf.config.typed import ConfigError
 from pgolf.data.datamodule import GolfDataModule
 from pgolf.data.stream import StreamLayout, default_grad_accum, load_val_data
-from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
+from pgolf.data.tokenizer import TokenizerError, TokenizerInfo, build_byte_luts, load_tokenizer
 from pgolf.export.provenance import provenance
 from pgolf.io import atomic_path, atomic_write_bytes
 from pgolf.model.gpt import count_params
@@ -143,8 +146,11 @@ def build_datamodule(cfg: DictConfig) -> GolfDataModule:
 def build_module(cfg: DictConfig, tokenizer_path: str) -> tuple[GolfModule, TokenizerInfo]:
     sp = load_tokenizer(tokenizer_path)
     info = TokenizerInfo.from_path(tokenizer_path)
-    if cfg.model.vocab_size < info.vocab_size:
-        raise ValueError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {info.vocab_size}")
+    if cfg.model.vocab_size < info.vocab_size:  # one `data error:` line (pgolf/train/run.py), before any step
+        raise TokenizerError(
+            f"{info.name}: its vocab size {info.vocab_size} is larger than model.vocab_size {cfg.model.vocab_size}: "
+            "the tokenizer of another dataset (check data.tokenizer_path), or set model.vocab_size"
+        )
     module = GolfModule(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
@@ -158,19 +164,74 @@ def build_module(cfg: DictConfig, tokenizer_path: str) -> tuple[GolfModule, Toke
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    """The job's loggers: the CSV metrics file always (`csv/metrics.csv`, what the run directory keeps),
-    plus W&B with `logger=wandb`, then the Lightning loggers of `logger.extra`; with `logger.kind=none`
-    only the extra ones. Raises ConfigError for an extra logger that cannot be instantiated."""
+    """The job's loggers: the CSV metrics file always (`csv/metrics.csv`, what the run directory keeps;
+    `ContinuedCSVLogger` for a run resumed in its own directory), plus W&B with `logger=wandb`, then the
+    Lightning loggers of `logger.extra`; with `logger.kind=none` only the extra ones. Raises ConfigError for
+    an extra logger that cannot be instantiated."""
     lg = cfg.logger
     extra = instantiate_extras(lg.extra, Logger, "logger.extra")
     if lg.kind == "none":
         return extra
-    csv = CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    resume = cfg.get("resume")
+    if resume is not None and Path(resume).resolve().is_relative_to(Path(run_dir).resolve()):
+        metrics = ContinuedCSVLogger(run_dir, resume)
+    else:
+        metrics = CSVLogger(save_dir=str(run_dir), name="csv", version="")
     if lg.kind == "csv":
-        return [csv, *extra]
+        return [metrics, *extra]
     if lg.kind == "wandb":
-        return [csv, optional.get("wandb")(cfg, run_dir), *extra]
+        return [metrics, optional.get("wandb")(cfg, run_dir), *extra]
     raise ValueError(f"unknown logger.kind {lg.kind!r} (csv | wandb | none)")
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """`csv/metrics.csv` of a run resumed in its own directory (train.py's `hydra.run.dir` is the checkpoint's
+    run directory; the packed train_gpt.py's folder holds the checkpoint). Lightning 2.6's writer deletes an
+    existing metrics.csv when it starts (lightning/fabric/loggers/csv_logs.py, `_check_log_dir_exists`), so
+    a resume would lose the rows of the attempts before it (the step-0 validation included), while the log
+    keeps their lines. This one keeps every row up to the step of the checkpoint `resume` names and drops
+    the later ones, which the resumed run logs again (the same values: the resume is exact), then appends as
+    Lightning does; the file is only ever rewritten atomically (pgolf/io.py), appended to otherwise."""
+
+    def __init__(self, run_dir: str | Path, resume: str | Path):
+        super().__init__(save_dir=str(run_dir), name="csv", version="")
+        self.resume = Path(resume)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedMetrics(self.log_dir, self.resume)
+        return self._experiment
+
+
+class _ContinuedMetrics(ExperimentWriter):
+    def __init__(self, log_dir: str, resume: Path):
+        self.resume = resume
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's removes metrics.csv; keep the rows up to the checkpoint
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        step = int(torch.load(self.resume, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if int(float(r["step"])) <= step]
+            self.metrics_keys = list(reader.fieldnames or [])
+        self._write(rows)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:  # Lightning's rewrites in place
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        self._write(rows)
+
+    def _write(self, rows: list[dict]) -> None:
+        with atomic_path(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def finish_logger(loggers: list, results: dict, exit_code: int = 0) -> None:

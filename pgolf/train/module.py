@@ -161,21 +161,38 @@ class GolfModule(L.LightningModule):
 
 
 def check_checkpoint_tensors(model: dict, checkpoint: dict) -> None:
-    """A resumed checkpoint's weights have the shapes and dtypes of the config's model, before Lightning
-    loads them (a load would round an fp32 table into a bf16 one, or fail on a shape with a traceback).
-    `model`, `checkpoint`: state dicts {name: tensor}. Raises ConfigError naming the first mismatches."""
+    """A resumed checkpoint's weights are the config's model's: the same names (none missing, none
+    unexpected), shapes and dtypes, checked before Lightning loads them (a load would round an fp32 table
+    into a bf16 one, or fail on a shape or a name with a traceback). `model`, `checkpoint`: state dicts
+    {name: tensor}. Raises ConfigError naming the first mismatches of each kind."""
+    missing = [k for k in model if k not in checkpoint]
+    unexpected = [k for k in checkpoint if k not in model]
     bad = [
         f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')} (the config's model: {tuple(model[k].shape)} "
         f"{str(model[k].dtype).removeprefix('torch.')})"
         for k, v in checkpoint.items()
         if k in model and (tuple(v.shape) != tuple(model[k].shape) or v.dtype != model[k].dtype)
     ]
-    if bad:
-        raise ConfigError(
-            f"resume: the checkpoint does not match this config's model: {'; '.join(bad[:4])}"
-            f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}; resume with the overrides of the run that "
-            "wrote it (model.embed_dtype: a table's dtype is never converted on resume)"
+    found = [
+        f"{what}: {_first(names)}"
+        for what, names in (
+            ("missing from the checkpoint", missing),
+            ("not in the config's model", unexpected),
+            ("other shapes or dtypes", bad),
         )
+        if names
+    ]
+    if found:
+        raise ConfigError(
+            f"resume: the checkpoint does not match this config's model ({'; '.join(found)}); resume with the "
+            "overrides of the run that wrote it"
+            + (" (model.embed_dtype: a table's dtype is never converted on resume)" if bad else "")
+        )
+
+
+def _first(names: list[str], n: int = 4) -> str:
+    """The first `n` of `names`, comma-separated, and how many more there are."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def check_checkpoint_momentum(optim: dict, checkpoint: dict) -> None:

@@ -45,8 +45,10 @@ class Extras:
 
 def prepare(cfg: DictConfig, run_dir: str | Path) -> Extras:
     """The checks that need Lightning (trainer keys, the batch layout) or the machine (a CUDA device for
-    `trainer.accelerator=gpu`) and the extra callbacks and loggers, before any data is prepared. Raises
-    ConfigError."""
+    `trainer.accelerator=gpu`, the `resume` checkpoint file: train.py checks it before its claim, the packed
+    train_gpt.py here) and the extra callbacks and loggers, before any data is prepared. Raises ConfigError."""
+    if cfg.get("resume") is not None and not Path(cfg.resume).is_file():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
     build.check_lightning_config(cfg)
     build.check_accelerator(cfg)
     return Extras(build.build_extra_callbacks(cfg), build.build_logger(cfg, Path(run_dir)))
@@ -71,8 +73,8 @@ def fit(
     raises `callbacks.checkpoint.Terminated` (a SystemExit, status 143) after one `terminated:` line. Bad
     data (a ShardError or TokenizerError: shards, byte sidecar or tokenizer that do not match, found when
     they are read, at set-up) ends the run with one `data error:` line and SystemExit(EXIT_DATA_ERROR); the
-    run directory keeps its log. A resumed checkpoint whose weights are not the config's model (shapes, dtypes)
-    ends it with one `config error:` line and SystemExit(EXIT_CONFIG_ERROR) before any step."""
+    run directory keeps its log. A resumed checkpoint whose weights are not the config's model (names, shapes,
+    dtypes) ends it with one `config error:` line and SystemExit(EXIT_CONFIG_ERROR) before any step."""
     run_dir = Path(run_dir)
     loggers = extras.loggers
     set_log_file(log_file)

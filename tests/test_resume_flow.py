@@ -1,0 +1,270 @@
+"""Resuming after a preemption, as a newcomer follows it: the log's `resume with:` hint continues the run in
+its own directory, whose `csv/metrics.csv` keeps the preempted attempt's rows; the averaging is not applied
+to a preempted run; a resume that cannot work (a checkpoint of another model, a checkpoint that does not
+exist) ends in one `config error:` line, exit status 2, and leaves the run directory as it was. Tiny
+in-process runs (pgolf/train/run.py's `fit`, as train.py calls it) and two train.py subprocesses that stop
+at start-up."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
+
+from callbacks.checkpoint import Checkpointing, resume_hint
+from pgolf.config.typed import ConfigError
+from pgolf.runlog import set_log_file
+from pgolf.tools.rundir import CLAIM, check_resume, claim, read_claim, release, snapshot, write_hydra_files
+from pgolf.train import run
+from pgolf.train.build import ContinuedCSVLogger, build_logger
+from pgolf.train.module import check_checkpoint_tensors
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+TINY = [
+    "model=tiny",
+    "data=synthetic",
+    "train.seq_len=32",
+    "train.batch_tokens=1024",
+    "train.max_wallclock_seconds=0",
+    "train.iterations=12",
+    "train.warmdown_iters=4",
+    "train.log_every=1",
+    "train.val_every=4",
+    "callbacks.averaging.kind=ema",
+    "callbacks.checkpoint.every_steps=4",
+    "callbacks.checkpoint.keep=0",
+    "final_eval.modes=[standard]",
+    "final_eval.batch_windows=8",
+    "callbacks.progress=none",
+    "logger=csv",
+]
+CODE = {"bytes": 0, "sha256": None}
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+class PreemptAt(L.Callback):
+    """A SIGTERM at step `step` (Checkpointing's handler, called directly): the preemption at the next step
+    boundary. Keeps the GPT's weights at the end of training, after the averaging's hook."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            (ck,) = [cb for cb in trainer.callbacks if isinstance(cb, Checkpointing)]
+            ck._handle(signal.SIGTERM, None)
+
+    def on_train_end(self, trainer, pl_module):
+        self.weights = {k: v.detach().clone() for k, v in pl_module.gpt.state_dict().items()}
+        self.state = pl_module.state.weights
+
+
+def fit(cfg, run_dir: Path, extra: list[L.Callback] = ()):
+    extras = run.prepare(cfg, run_dir)
+    try:
+        return run.fit(
+            cfg, run_dir, run.Extras([*extras.callbacks, *extra], extras.loggers), CODE, run_dir / "train.log"
+        )
+    finally:
+        set_log_file(None)
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def tree(d: Path) -> dict[str, str]:
+    return {
+        p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in d.rglob("*") if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory, synth_dir):
+    """A run preempted after step 7 (checkpoints of steps 4 and 7), in `<base>/run`, started from `<base>`
+    as train.py would be (the log's paths are relative to it): (base, its log, the `PreemptAt` that stopped
+    it, holding the GPT's weights at the end of training)."""
+    base = tmp_path_factory.mktemp("preempted")
+    stop = PreemptAt(6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        mp.setattr(sys, "argv", ["train.py"])
+        cfg = compose_cfg([*TINY, f"data.root={synth_dir.parent}"])
+        assert fit(cfg, Path("run"), [stop]) is None
+    return base, (base / "run" / "train.log").read_text(), stop
+
+
+def test_a_preempted_run_saves_the_raw_weights_and_does_not_apply_the_average(preempted):
+    base, log, stop = preempted
+    ck = torch.load(base / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ck["global_step"] == 7 and "averaging/ema" in ck
+    assert "ema:" not in log.split("preempted: SIGTERM received")[1]  # neither applied nor claimed to be
+    assert stop.state == "raw"
+    for k, v in stop.weights.items():
+        assert torch.equal(v, ck["state_dict"][f"gpt.{k}"]), k
+    assert any(not torch.equal(v, ck["averaging/ema"][f"module.{k}"].to(v.dtype)) for k, v in stop.weights.items())
+
+
+def test_the_hint_followed_verbatim_continues_in_the_run_directory(preempted, monkeypatch):
+    base, log, _ = preempted
+    (hint,) = [line for line in log.splitlines() if line.startswith("resume with:")]
+    assert hint == "resume with: python train.py <same overrides> hydra.run.dir=run resume=run/checkpoints/last.ckpt"
+    monkeypatch.chdir(base)
+    overrides = hint.split("> ")[1].split()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hcfg = compose("train", overrides=[*TINY, *overrides], return_hydra_config=True)
+    assert hcfg.hydra.run.dir == "run" and hcfg.resume == "run/checkpoints/last.ckpt"
+    assert claim(Path(hcfg.hydra.run.dir), hcfg.resume, overrides) == "resumed"  # train.py's claim: in place
+    # the packed train_gpt.py: its run directory is the folder it runs in, and it has no Hydra
+    monkeypatch.setattr(sys, "argv", ["train_gpt.py"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RUN_ID", raising=False)
+    monkeypatch.chdir(base / "run")
+    assert resume_hint(Path("checkpoints/last.ckpt"), Path(".")) == (
+        "resume with: <same environment, RUN_ID included> python train_gpt.py <same overrides> "
+        "resume=checkpoints/last.ckpt  # from this folder"
+    )
+    monkeypatch.setenv("RUN_ID", "seed1")  # the resumed run appends to logs/seed1.txt
+    assert resume_hint(Path("checkpoints/last.ckpt"), Path(".")).startswith(
+        "resume with: <same environment> RUN_ID=seed1 python train_gpt.py"
+    )
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    elsewhere = base.parent / "elsewhere"  # not ../elsewhere: absolute, as the checkpoint's path
+    assert resume_hint(elsewhere / "checkpoints" / "last.ckpt", elsewhere).endswith(
+        f"hydra.run.dir={elsewhere} resume={elsewhere / 'checkpoints' / 'last.ckpt'}"
+    )
+
+
+def test_a_resumed_run_keeps_the_preempted_attempts_metrics_once(preempted, synth_dir, monkeypatch, one_thread):
+    """Resumed from the step-4 checkpoint in its own directory: the rows up to step 4 (the step-0 and step-4
+    validations included) are the preempted attempt's, those of steps 5-7 it logged are replaced by the
+    resumed run's, every step is there once."""
+    base, _, _ = preempted
+    shutil.copytree(base / "run", base / "again")
+    before = read_rows(base / "again")
+    assert [r["step"] for r in before if r["val_bpb"]] == ["0", "4"] and before[-1]["step"] == "7"
+    monkeypatch.chdir(base)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    cfg = compose_cfg([*TINY, f"data.root={synth_dir.parent}", "resume=again/checkpoints/step000004.ckpt"])
+    assert isinstance(build_logger(cfg, Path("again"))[0], ContinuedCSVLogger)
+    assert fit(cfg, Path("again")) is not None
+    rows = read_rows(base / "again")
+    assert [r["step"] for r in rows if r["train_loss"]] == [str(s) for s in range(1, 13)]
+    assert [r["step"] for r in rows if r["val_bpb"]] == ["0", "4", "8", "12"]
+    kept = [r for r in before if int(r["step"]) <= 4]
+    assert rows[: len(kept)] == kept
+    redone = {r["step"]: r["train_loss"] for r in rows if r["train_loss"] and 4 < int(r["step"]) <= 7}
+    assert redone == {r["step"]: r["train_loss"] for r in before if int(r["step"]) > 4}  # an exact resume
+    # a run in a new directory, or one resumed from elsewhere, gets Lightning's own logger
+    assert type(build_logger(compose_cfg(TINY), Path("new"))[0]) is CSVLogger
+    assert type(build_logger(cfg, Path("new"))[0]) is CSVLogger
+
+
+def test_the_metrics_writer_keeps_the_rows_up_to_the_checkpoint_and_adds_columns(tmp_path):
+    ck = tmp_path / "last.ckpt"
+    torch.save({"global_step": 2}, ck)
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text("step,train_loss\n0,5.0\n1,4.0\n2,3.0\n3,2.5\n")
+    logger = ContinuedCSVLogger(tmp_path, ck)
+    logger.log_metrics({"train_loss": 2.0}, step=3)
+    logger.save()
+    logger.log_metrics({"val_bpb": 1.5}, step=4)  # a new column: the header is rewritten
+    logger.save()
+    text = (tmp_path / "csv" / "metrics.csv").read_text().replace("\r\n", "\n")
+    assert text == "step,train_loss,val_bpb\n0,5.0,\n1,4.0,\n2,3.0,\n3,2.0,\n4,,1.5\n"
+    assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == ["metrics.csv"]
+
+
+def test_a_checkpoint_of_another_model_is_named_key_by_key():
+    model = {"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(1)}
+    with pytest.raises(ConfigError) as e:
+        check_checkpoint_tensors(model, {"a": torch.zeros(2), "d": torch.zeros(1), "c": torch.zeros(2)})
+    msg = str(e.value)
+    assert "(missing from the checkpoint: b; not in the config's model: d; other shapes or dtypes: c (2,)" in msg
+    check_checkpoint_tensors(model, dict(model))
+
+
+def test_a_resume_of_another_model_stops_before_any_step_and_leaves_the_directory_as_it_was(
+    preempted, synth_dir, tmp_path
+):
+    base, _, _ = preempted
+    d = tmp_path / "run"
+    shutil.copytree(base / "run", d)
+    claim(d, str(d / "checkpoints" / "last.ckpt"), [])  # as train.py's claim of the preempted run
+    before = tree(d)
+    args = [*TINY, f"data.root={synth_dir.parent}", "model.num_layers=3", f"hydra.run.dir={d}"]
+    args += [f"resume={d / 'checkpoints' / 'last.ckpt'}"]
+    r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out, out[-3000:]
+    (line,) = [x for x in out.splitlines() if x.startswith("config error:")]
+    assert "missing from the checkpoint: gpt.blocks.2." in line and "step:" not in out
+    assert tree(d) == before  # its claim, .hydra/, log, metrics and train_gpt.py as they were
+
+
+def test_a_missing_checkpoint_is_refused_before_the_claim(tmp_path):
+    with pytest.raises(ConfigError, match=r"resume=nowhere\.ckpt: no such checkpoint file"):
+        check_resume("nowhere.ckpt")
+    d = tmp_path / "run"  # another run's directory: the claim would refuse it, with another message
+    d.mkdir()
+    (d / "results.json").write_text("{}")
+    args = ["model=tiny", f"hydra.run.dir={d}", f"resume={d / 'checkpoints' / 'last.ckpt'}"]
+    r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"config error: resume={d}/checkpoints/last.ckpt: no such")
+    assert [p.name for p in d.iterdir()] == ["results.json"]
+
+
+def test_release_puts_a_resumed_run_directory_back_and_empties_a_new_one(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["seed=3"])
+        hydra_cfg = OmegaConf.create({"hydra": compose("train", ["seed=3"], return_hydra_config=True).hydra})
+    d = tmp_path / "run"
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    (d / "csv").mkdir()
+    (d / "csv" / "metrics.csv").write_text("step,train_loss\n0,1\n")
+    (d / "train.log").write_text("step:1/2\n")
+    (d / CLAIM).write_text(json.dumps({"token": "first"}))
+    ck = str(d / "checkpoints" / "last.ckpt")
+    assert snapshot(d) is None  # another run's directory: `claim` refuses it, nothing is read
+    before_tree, before = tree(d), snapshot(d, ck)
+    assert before.files["checkpoints/last.ckpt"] is None  # never read
+    assert claim(d, ck, ["model.num_layers=3"]) == "resumed"
+    write_hydra_files(d, cfg, hydra_cfg, None)  # what the failed attempt wrote, changed and appended
+    (d / "train_gpt.py").write_text("packed")
+    (d / "csv" / "metrics.csv").write_text("step,train_loss\n")
+    with (d / "train.log").open("a") as f:
+        f.write("config error: ...\n")
+    release(d, "resumed", before)
+    assert tree(d) == before_tree and read_claim(d) == {"token": "first"} and not (d / ".hydra").exists()
+    new = tmp_path / "new"
+    new.mkdir()
+    before = snapshot(new)
+    assert claim(new, None, []) == "new"
+    write_hydra_files(new, cfg, hydra_cfg, None)
+    (new / "train.log").write_text("config error: ...\n")  # a log with lines: another run's, to `claim`
+    (new / "csv").mkdir()
+    (new / "csv" / "hparams.yaml").write_text("{}")
+    release(new, "new", before)
+    assert not new.exists()
+    assert claim(new, None, []) == "new"  # the corrected command runs there
