@@ -1,7 +1,7 @@
 """Compile-priming warm-up (the baseline train_gpt.py's WARMUP_STEPS): run N real training steps to trigger
 compilation, then restore the initial weights, optimizer state, RNG state and data stream (the warm-up
 reads a separate copy of the stream from micro-step 0, so the real stream is untouched). Runs before the
-challenge clock starts. A model with progressive depth recurrence (`model.num_loops`, switched on during
+challenge clock starts, in a resumed run too (from its restored state, which is restored again after). A model with progressive depth recurrence (`model.num_loops`, switched on during
 training) is warmed up in both states, N steps each, so both graphs are compiled off the clock (PR #1611)."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ class CompileWarmup(L.Callback):
         self.ran = 0
 
     def on_train_start(self, trainer, pl_module):
-        if self.steps <= 0 or (self.only_when_compiled and not pl_module.compile) or trainer.global_step > 0:
+        # a resumed run warms up too: its process compiles afresh, and its first steps would compile on the clock
+        if self.steps <= 0 or (self.only_when_compiled and not pl_module.compile):
             return
         opt = trainer.optimizers[0]
         model_state = copy.deepcopy(pl_module.gpt.state_dict())
