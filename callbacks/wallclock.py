@@ -72,8 +72,14 @@ class ChallengeClock(L.Callback):
             self._pause(pl_module)
 
     def on_train_start(self, trainer, pl_module):
-        self._last_step = trainer.global_step
+        self._last_step = step = trainer.global_step
         self._resume(pl_module)
+        # a run resumed from a checkpoint of the step where training ended takes no step (no step past the cap)
+        why = "the step budget" if 0 < self.iterations <= step else None
+        why = why or ("the clock" if 0 < self.cap_ms <= self.offset_ms else None)
+        if why is not None:
+            log0(f"resume: the checkpoint is of step {step}, where {why} ended training: no step is left; exporting")
+            trainer.should_stop = True
 
     @staticmethod
     def _in_fit(trainer) -> bool:

@@ -1,8 +1,9 @@
 """Compile-priming warm-up (the baseline train_gpt.py's WARMUP_STEPS): run N real training steps to trigger
-compilation, then restore the initial weights, optimizer state, RNG state and data stream (the warm-up
-reads a separate copy of the stream from micro-step 0, so the real stream is untouched). Runs before the
-challenge clock starts, in a resumed run too (from its restored state, which is restored again after). A model with progressive depth recurrence (`model.num_loops`, switched on during
-training) is warmed up in both states, N steps each, so both graphs are compiled off the clock (PR #1611)."""
+compilation, then restore the initial weights, optimizer state, RNG state and data stream (the warm-up reads a
+separate copy of the stream from micro-step 0, so the real stream is untouched). Runs before the challenge clock
+starts, in a resumed run too (from its restored state, which is restored again after). A model with progressive
+depth recurrence (`model.num_loops`, switched on during training) is warmed up in both states, N steps each, so both
+graphs are compiled off the clock (PR #1611)."""
 
 from __future__ import annotations
 

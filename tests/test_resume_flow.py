@@ -268,3 +268,37 @@ def test_release_puts_a_resumed_run_directory_back_and_empties_a_new_one(tmp_pat
     release(new, "new", before)
     assert not new.exists()
     assert claim(new, None, []) == "new"  # the corrected command runs there
+
+
+@pytest.mark.parametrize(
+    ("ended_by", "overrides", "step"),
+    [
+        ("the step budget", ["train.iterations=4", "callbacks.checkpoint.every_steps=4"], 4),
+        (
+            "the clock",
+            ["train.iterations=100", "train.max_wallclock_seconds=1e-9", "callbacks.checkpoint.every_steps=1"],
+            1,
+        ),
+    ],
+)
+def test_a_resume_from_the_step_where_training_ended_exports_without_a_step(
+    tmp_path, synth_dir, monkeypatch, one_thread, ended_by, overrides, step
+):
+    """A checkpoint of the last step (a preemption or a kill during the export): the resumed run takes no step
+    and exports. Lightning skipped the whole fit loop at the step budget (exit 0, no artifact, no results.json),
+    and past the clock's cap the resumed run trained one more step."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    common = [*TINY, f"data.root={synth_dir.parent}", "train.val_every=0", *overrides]
+    first = fit(compose_cfg(common), Path("first"))
+    assert first["training"]["steps"] == step
+    ck = Path("again") / "checkpoints" / f"step{step:06d}.ckpt"
+    ck.parent.mkdir(parents=True)
+    shutil.copy(Path("first") / "checkpoints" / ck.name, ck)
+    again = fit(compose_cfg([*common, f"resume={ck}"]), Path("again"))
+    assert again is not None and again["training"]["steps"] == step
+    assert (Path("again") / "results.json").is_file() and list(Path("again").glob("final_model.*.ptz"))
+    log = (Path("again") / "train.log").read_text()
+    assert f"resume: the checkpoint is of step {step}, where {ended_by} ended training: no step is left" in log
+    assert f"step:{step + 1}/" not in log
+    assert again["roundtrip"]["standard"]["val_bpb"] == first["roundtrip"]["standard"]["val_bpb"]

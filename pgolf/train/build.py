@@ -215,7 +215,7 @@ class _ContinuedMetrics(ExperimentWriter):
         path = Path(self.metrics_file_path)
         if not path.is_file():
             return
-        step = int(torch.load(self.resume, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        step = checkpoint_step(self.resume)
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
             rows = [r for r in reader if int(float(r["step"])) <= step]
@@ -280,6 +280,21 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", **LEAFSPEC_WARNING)
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a Lightning checkpoint was saved at (its tensors mapped, not read)."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def max_steps_of(cfg: DictConfig) -> int:
+    """Lightning's `max_steps`: `train.iterations` (-1: no step budget), one more when the run resumes from a
+    checkpoint of its last step: Lightning would skip the whole fit loop, its train-start and train-end hooks
+    (the export) with it; the clock stops that run before any step (callbacks/wallclock.py)."""
+    n = int(cfg.train.iterations)
+    if n <= 0:
+        return -1
+    return n + 1 if cfg.get("resume") and checkpoint_step(cfg.resume) >= n else n
+
+
 def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
     quiet_lightning()
     tr = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -293,7 +308,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
     return L.Trainer(
         **tr,
         strategy=strategy,
-        max_steps=int(t.iterations) if t.iterations > 0 else -1,
+        max_steps=max_steps_of(cfg),
         max_epochs=-1,
         accumulate_grad_batches=accum,
         gradient_clip_val=float(cfg.optim.grad_clip) or None,
