@@ -72,13 +72,15 @@ def test_the_recorded_code_is_counted(tmp_path, synth_dir, code, n, sha):
 
 def test_no_record_is_not_zero_bytes():
     assert recorded_code_bytes({}) is None
-    assert recorded_code_bytes({"code_bytes": 0}) == 0  # recorded as zero (a bare library export): counted as such
+    # zero bytes: no code was handed to the export (a bare library export, a re-export of a .ckpt): not a record
+    assert recorded_code_bytes({"code_bytes": 0}) is None
+    assert recorded_code_bytes({"code": {"bytes": 0, "sha256": None}, "code_bytes": 0}) is None
 
 
 def test_inspect_says_when_no_code_size_is_recorded(tmp_path, synth_dir):
     """inspect printed `code: train_gpt.py 0 bytes` for an artifact without a code record, and a record without
     its hash counted 0 bytes."""
     text = inspect(artifact(tmp_path, synth_dir, {}))
-    assert "code: not recorded (no meta.code or meta.code_bytes)" in text and "0 bytes sha256" not in text
+    assert "code: not recorded (no meta.code or meta.code_bytes, or 0 bytes)" in text and "0 bytes sha256" not in text
     text = inspect(artifact(tmp_path, synth_dir, {"code": {"bytes": 700}}))
     assert "code: train_gpt.py 700 bytes sha256:not recorded" in text

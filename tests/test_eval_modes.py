@@ -627,7 +627,8 @@ def test_flip_test_from_outside_with_eval_and_audit_files(synth_artifact, tmp_pa
     assert [res["results"][m]["compliant"] for m in modes] == [True, True, False]
     # the headline (first) mode is compliant, the verdict is not: one mode adapts on what it scores
     assert res["compliant"] is False and res["compliance"]["score_before_adapt"] is False
-    assert res["compliance"]["reasons"] == [f"score-before-adapt: slot_1263: {res['results']['slot_1263']['reason']}"]
+    adapt = [r for r in res["compliance"]["reasons"] if r.startswith("score-before-adapt")]
+    assert adapt == [f"score-before-adapt: slot_1263: {res['results']['slot_1263']['reason']}"]
     P = 301
     audit_cli.main(
         ["flip", "--val", data["val_pattern"], "--position", str(P), "--token", "7", "--out", str(tmp_path / "v")]

@@ -62,7 +62,7 @@ def resolve_compile(compile, device: torch.device) -> bool:
 POSITIVE_SETTINGS = ("seq_len", "batch_windows", "stride", "chunk_tokens", "chunk_size", "batch_seqs", "batch_docs")
 MAX_TOKENS_REASON = "max_tokens: not the full validation set"
 NO_CODE_REASON = (
-    "size: the artifact records no code size (neither meta.code nor meta.code_bytes), so its total (model + "
+    "size: the artifact records no code size (no meta.code or meta.code_bytes, or 0 bytes), so its total (model + "
     f"the packed train_gpt.py) against the {ARTIFACT_LIMIT_BYTES:,}-byte limit is unknown"
 )
 RESULT_FILE = "eval_result.json"

@@ -56,16 +56,18 @@ def code_of(meta: Mapping | None) -> dict:
 
 
 def recorded_code_bytes(meta: Mapping) -> int | None:
-    """The code bytes an artifact's metadata records: `meta.code.bytes` (the packed train_gpt.py's length,
-    `code_of`), else the older `meta.code_bytes`; None when it records neither (metadata stripped or forged):
-    the challenge counts the code with the model (openai/parameter-golf README), so such an artifact's size
-    cannot be checked (eval.py and inspect say so). The values were validated when the artifact was read
-    (pgolf/export/weights.py `read_model_artifact`)."""
+    """The code bytes an artifact's metadata records: `meta.code.bytes` (the packed train_gpt.py's length, `code_of`),
+    else the older `meta.code_bytes`; None when it records neither, or 0 bytes (metadata stripped or forged, or no
+    code handed to the export): the challenge counts the code with the model (openai/parameter-golf README), so such
+    an artifact's size cannot be checked (eval.py and inspect say so). The values were validated when the artifact
+    was read (pgolf/export/weights.py `read_model_artifact`)."""
     if CODE_KEY in meta:
-        return code_of(meta)["bytes"]
-    if "code_bytes" in meta:
-        return int(meta["code_bytes"])
-    return None
+        n = code_of(meta)["bytes"]
+    elif "code_bytes" in meta:
+        n = int(meta["code_bytes"])
+    else:
+        return None
+    return n or None  # 0 bytes: no code was handed over (a bare library export, a re-export of a .ckpt)
 
 
 def code_bytes(meta: Mapping | None = None) -> int:

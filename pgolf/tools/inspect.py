@@ -147,8 +147,8 @@ def inspect(path: str | Path, codecs: bool = False) -> str:
     n_code = recorded_code_bytes(meta)
     if n_code is None:
         lines.append(
-            "code: not recorded (no meta.code or meta.code_bytes): the total below counts no code and cannot be "
-            "checked against the limit"
+            "code: not recorded (no meta.code or meta.code_bytes, or 0 bytes): the total below counts no code and "
+            "cannot be checked against the limit"
         )
     else:
         lines.append(f"code: train_gpt.py {n_code} bytes sha256:{code['sha256'] or 'not recorded'}")
