@@ -157,16 +157,19 @@ def test_the_hint_followed_verbatim_continues_in_the_run_directory(preempted, mo
 def test_a_resumed_run_keeps_the_preempted_attempts_metrics_once(preempted, synth_dir, monkeypatch, one_thread):
     """Resumed from the step-4 checkpoint in its own directory: the rows up to step 4 (the step-0 and step-4
     validations included) are the preempted attempt's, those of steps 5-7 it logged are replaced by the
-    resumed run's, every step is there once."""
+    resumed run's, every step is there once. The resumed run is compiled (dynamo, eager backend: the eager
+    numerics) and runs its compile warm-up first (it skipped it, so its first steps compiled on the clock)."""
     base, _, _ = preempted
     shutil.copytree(base / "run", base / "again")
     before = read_rows(base / "again")
     assert [r["step"] for r in before if r["val_bpb"]] == ["0", "4"] and before[-1]["step"] == "7"
     monkeypatch.chdir(base)
     monkeypatch.setattr(sys, "argv", ["train.py"])
-    cfg = compose_cfg([*TINY, f"data.root={synth_dir.parent}", "resume=again/checkpoints/step000004.ckpt"])
+    compiled = ["train.compile=true", "train.compile_backend=eager", "train.warmup_steps=2"]
+    cfg = compose_cfg([*TINY, f"data.root={synth_dir.parent}", "resume=again/checkpoints/step000004.ckpt", *compiled])
     assert isinstance(build_logger(cfg, Path("again"))[0], ContinuedCSVLogger)
     assert fit(cfg, Path("again")) is not None
+    assert "warmup_step:2/2" in (base / "again" / "train.log").read_text()
     rows = read_rows(base / "again")
     assert [r["step"] for r in rows if r["train_loss"]] == [str(s) for s in range(1, 13)]
     assert [r["step"] for r in rows if r["val_bpb"]] == ["0", "4", "8", "12"]
