@@ -1,15 +1,16 @@
-"""The challenge clock (the baseline train_gpt.py's MAX_WALLCLOCK_SECONDS; STYLE 6): training time only,
-device-synchronised, one stop step for all.
+"""The challenge clock (the baseline train_gpt.py's MAX_WALLCLOCK_SECONDS; STYLE 6): training time only, device-
+synchronised, one stop step for all.
 
-Not Lightning's Timer: the clock starts after the compile warm-up, pauses during validation, synchronises
-the device at every optimizer-step boundary, and the stop decision is reduced across ranks (any rank over
-the cap stops everyone on the same step). It also prints the reference's step lines (steps 1-`log_first`,
-every `log_every`-th, and always the last step, whatever ended training: the step budget, the clock, or
-preemption) with the same metrics to the loggers, and checks the training loss of every step: a non-finite
-loss stops the run with an error before anything is saved. With periodic validation (`train.val_every` > 0,
-the reference's VAL_LOSS_EVERY) it prints the reference's validation lines: step 0 (Lightning's sanity check
-over the whole validation set, before the clock starts), every `val_every`-th step and the last step.
-"""
+Not Lightning's Timer: the clock starts after the compile warm-up, pauses during validation, synchronises the
+device at every optimizer-step boundary, and every rank reads the slowest rank's time (an all-reduce max at each
+step boundary): the LR schedule's time fraction and the stop step are the same on every rank, so the replicas
+stay identical (with a rank's own clock, their learning rates drifted apart in the warmdown). It also prints the
+reference's step lines (steps 1-`log_first`, every `log_every`-th, and always the last step, whatever ended
+training: the step budget, the clock, or preemption) with the same metrics to the loggers, and checks the
+training loss of every step: a non-finite loss stops the run with an error before anything is saved. With
+periodic validation (`train.val_every` > 0, the reference's VAL_LOSS_EVERY) it prints the reference's validation
+lines: step 0 (Lightning's sanity check over the whole validation set, before the clock starts), every
+`val_every`-th step and the last step."""
 
 from __future__ import annotations
 
@@ -126,6 +127,9 @@ class ChallengeClock(L.Callback):
         self._last_step = step
         device_sync(pl_module)
         elapsed = self.elapsed_ms()
+        if trainer.world_size > 1:  # every rank reads the slowest rank's time: one LR scale, one stop step for all
+            t = torch.tensor(elapsed, dtype=torch.float64, device=pl_module.device)
+            elapsed = float(trainer.strategy.reduce(t, reduce_op="max"))
         loss_t = pl_module.state.pop_loss()
         # the mean over all ranks' micro-batches (rank 0 alone saw only its share of the step's tokens)
         loss = float(trainer.strategy.reduce(loss_t, reduce_op="mean")) if loss_t is not None else None
@@ -135,8 +139,7 @@ class ChallengeClock(L.Callback):
                 "artifact (lower the learning rates, enable clipping, or check the data)"
             )
         pl_module.state.train_time_ms = elapsed
-        reached = self.cap_ms > 0 and elapsed >= self.cap_ms
-        reached = trainer.strategy.reduce_boolean_decision(reached, all=False)
+        reached = self.cap_ms > 0 and elapsed >= self.cap_ms  # the same on every rank
         last = reached or step >= self.iterations  # the step budget or the clock ends training here
         record = (step, loss, elapsed, pl_module.state.lr_scale)
         if step <= self.log_first or step % self.log_every == 0 or last:

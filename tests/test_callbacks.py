@@ -302,3 +302,32 @@ def test_the_challenge_clock_runs_over_a_block_after_training(monkeypatch):
     with pytest.raises(RuntimeError), clock.running(cpu):
         raise RuntimeError("calibration failed")  # 300 s -> 302 s
     assert clock.elapsed_ms() == 6500.0 and clock._t0 is None
+
+
+def test_every_rank_reads_the_slowest_ranks_time(monkeypatch):
+    """Two ranks (a stand-in strategy: rank 1 is 700 ms behind this one): the step's time, which the LR
+    schedule reads, and the stop decision are the all-reduced maximum, so every rank uses one LR scale and
+    stops on one step (with its own clock each rank's warmdown LR differed and the replicas drifted apart)."""
+    ticks = iter([10.0, 10.2])
+    monkeypatch.setattr("callbacks.wallclock.time.perf_counter", lambda: next(ticks))
+    seen = []
+
+    def reduce(t, reduce_op):
+        seen.append(reduce_op)
+        return t + 700.0 if reduce_op == "max" else t
+
+    state = SimpleNamespace(train_time_ms=0.0, lr_scale=1.0, pop_loss=lambda: torch.tensor(2.5))
+    module = SimpleNamespace(device=torch.device("cpu"), state=state)
+    trainer = SimpleNamespace(
+        global_step=1,
+        world_size=2,
+        should_stop=False,
+        limit_val_batches=0,
+        loggers=[],
+        strategy=SimpleNamespace(reduce=reduce),
+    )
+    clock = ChallengeClock(max_wallclock_seconds=0.5, iterations=100)
+    clock._resume(module)  # 10.0 s
+    clock.on_train_batch_end(trainer, module, None, None, 0)  # 10.2 s: 200 ms here, 900 ms on the slowest rank
+    assert "max" in seen and state.train_time_ms == pytest.approx(900.0)
+    assert trainer.should_stop and clock.stopped_early  # over the 500 ms cap on the slowest rank: all stop
