@@ -212,7 +212,9 @@ def test_lora_1090_config_is_the_pr_1090_form():
             r"eval mode s: unknown settings \['stepz'\] \(the settings of causal_slot",
         ),
         ("lora_ttt", {"batch_windows": 8}, r"unknown settings \['batch_windows'\]"),  # LoRA batches documents
-        ("sliding", {"stride": 17}, r"^sliding\.stride 17 must be in 1\.\.16$"),
+        ("sliding", {"stride": 17}, r"^sliding\.stride 17 must be in 1\.\.16$"),  # named once ('sliding: sliding:')
+        ("ttt", {"stride": 17}, r"^ttt\.stride 17 must be in 1\.\.16$"),
+        ("slot_1263", {"stride": 17}, r"^slot_1263\.stride 17 must be in 1\.\.16$"),
         ("ttt", {"chunk_tokens": 0}, "chunk_tokens 0"),
         ("lora_ttt", {"targets": ["q", "k"]}, r"targets \['k'\]"),
         ("lora_ttt", {"chunk_size": 64, "context": 32}, "chunk_size 64"),

@@ -106,7 +106,7 @@ class LoraSettings:
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
-            raise ValueError(f"lora_ttt: {'; '.join(bad)}")
+            raise ValueError("; ".join(bad))  # the caller names the mode
 
     @property
     def skips_targets(self) -> bool:

@@ -157,7 +157,7 @@ class PhasedSettings:
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
-            raise ValueError(f"phased_ttt: {'; '.join(bad)}")
+            raise ValueError("; ".join(bad))  # the caller names the mode
 
     def global_lr_at(self, c: int, chunks: int) -> float:
         """The global SGD lr of chunk c of `chunks` (PR #1626: cosine to 0 at the last, skipped, chunk)."""

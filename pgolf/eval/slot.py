@@ -93,7 +93,7 @@ class SlotSettings:
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
-            raise ValueError(f"slot: {'; '.join(bad)}")
+            raise ValueError("; ".join(bad))  # the caller names the mode
         self.logit_bias = bool(self.logit_bias)
 
     @property

@@ -74,7 +74,7 @@ class TTTSettings:
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
-            raise ValueError(f"ttt: {'; '.join(bad)}")
+            raise ValueError("; ".join(bad))  # the caller names the mode
 
     def lr_at(self, c: int, chunks: int) -> float:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * c / max(chunks - 1, 1)))
