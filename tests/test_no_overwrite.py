@@ -78,13 +78,27 @@ def test_evaluate_artifact_refuses_an_existing_result_before_reading_the_artifac
     (audit_only / "audit.npz").write_bytes(b"user's")
     with pytest.raises(FileExistsError, match=r"audit\.npz exists"):
         evaluate_artifact(**{**kw, "out_dir": audit_only}, audit=True)
-    with pytest.raises(
-        ArtifactError, match="artifact not found"
-    ):  # without audit=true, audit.npz is not written: nothing to refuse
+    # without audit=true too: a new eval_result.json would sit beside an earlier evaluation's audit.npz
+    with pytest.raises(FileExistsError, match=r"audit\.npz exists"):
         evaluate_artifact(**{**kw, "out_dir": audit_only})
+    with pytest.raises(ArtifactError, match="artifact not found"):
+        evaluate_artifact(**{**kw, "out_dir": audit_only}, overwrite=True)
     (tmp_path / "f").write_text("a file")
     with pytest.raises(NotADirectoryError, match="is not a directory"):
         evaluate_artifact(**{**kw, "out_dir": tmp_path / "f"})
+
+
+def test_a_replaced_evaluation_leaves_no_audit_of_the_earlier_one(tmp_path):
+    """overwrite=true without audit: the earlier evaluation's audit.npz went on sitting beside the new result."""
+    import numpy as np
+
+    from pgolf.eval.run import write_outputs
+
+    write_outputs(tmp_path, {"mode": "a"}, {"sliding.nll": np.zeros(3)})
+    assert (tmp_path / "audit.npz").is_file()
+    write_outputs(tmp_path, {"mode": "b"}, None)
+    assert json.loads((tmp_path / "eval_result.json").read_text()) == {"mode": "b"}
+    assert not (tmp_path / "audit.npz").exists()
 
 
 def test_eval_py_refuses_an_existing_result_with_one_error_line(tmp_path):
@@ -160,7 +174,8 @@ def test_compare_refuses_any_file_it_would_write_before_reading_runs(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith("error:") and name in err and "--force" in err and "missing" not in err
     assert (out / name).read_bytes() == b"the user's own" and len(list(out.iterdir())) == 1
-    if name.endswith(".png"):  # not written without plots: nothing to refuse
-        assert compare.main([str(sweep), "--out", str(out), "--no-plots"]) == 0
+    if name.endswith(".png"):  # refused without plots too: it would sit beside a comparison it is not from
+        assert compare.main([str(sweep), "--out", str(out), "--no-plots"]) == 2
         assert (out / name).read_bytes() == b"the user's own"
     assert compare.main([str(sweep), "--out", str(out), "--no-plots", "--force"]) == 0
+    assert not (out / "curves.png").exists() and not (out / "final_bpb.png").exists()  # replaced: no stale plot

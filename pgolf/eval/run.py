@@ -324,11 +324,12 @@ def output_files(out_dir: Path, audit: bool) -> list[Path]:
 
 def check_outputs(out_dir: Path, audit: bool, overwrite: bool) -> None:
     """Refuse, before any work, to write where a user's file would be lost: NotADirectoryError when
-    `out_dir` exists and is not a directory, FileExistsError naming the first of `output_files` that exists
-    (unless `overwrite`), with the way out (as `python -m pgolf.tools.reexport` words it)."""
+    `out_dir` exists and is not a directory, FileExistsError naming the first of `output_files` that exists,
+    an audit.npz even without `audit` (it would sit beside a result it is not from), unless `overwrite`, with
+    the way out (as `python -m pgolf.tools.reexport` words it)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"out_dir {out_dir} is not a directory; choose another out_dir=")
-    for p in () if overwrite else output_files(out_dir, audit):
+    for p in () if overwrite else output_files(out_dir, audit=True):  # an audit.npz would sit beside a new result
         if p.exists():
             raise FileExistsError(f"{p} exists; choose another out_dir=, or pass overwrite=true")
 
@@ -341,3 +342,5 @@ def write_outputs(out_dir: Path, out: dict, arrays: dict | None) -> None:
     if arrays is not None:
         with atomic_path(out_dir / AUDIT_FILE) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
+    else:  # an earlier evaluation's (replaced with overwrite=true) is not this one's
+        (out_dir / AUDIT_FILE).unlink(missing_ok=True)

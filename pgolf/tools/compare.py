@@ -389,14 +389,15 @@ def check_outputs(out: Path, plots: bool = True, force: bool = False) -> None:
     would write (`output_files`) unless `force`: a user's file is never replaced unasked."""
     if out.exists() and not out.is_dir():
         raise CompareError(f"--out {out} is not a directory; choose another --out")
-    there = [p.name for p in output_files(out, plots) if p.exists()]
+    there = [p.name for p in output_files(out) if p.exists()]  # PNGs too: they would sit beside a new comparison
     if there and not force:
         raise CompareError(f"{out} already holds {', '.join(there)}; choose another --out, or pass --force to replace")
 
 
 def write_outputs(rep: Report, out: Path, plots: bool = True, force: bool = False) -> list[Path]:
     """Write compare.json, compare.md and (with `plots`) the PNGs into `out`, each atomically; refused
-    first by `check_outputs`. Returns the files written."""
+    first by `check_outputs`. Without `plots`, the PNGs of the comparison replaced (`force`) are removed: they
+    are not this one's. Returns the files written."""
     check_outputs(out, plots, force)
     targets = [out / "compare.md", out / "compare.json"]
     written = []
@@ -404,6 +405,9 @@ def write_outputs(rep: Report, out: Path, plots: bool = True, force: bool = Fals
     if plots:
         pngs = [plot_curves(rep, out / "curves.png"), plot_finals(rep, out / "final_bpb.png")]
         written += pngs
+    else:
+        for p in output_files(out)[2:]:
+            p.unlink(missing_ok=True)
     atomic_write_bytes(targets[1], (json.dumps(report_json(rep), indent=2) + "\n").encode())
     atomic_write_bytes(targets[0], render_markdown(rep, [p.name for p in pngs]).encode())
     return [*written, *targets]
