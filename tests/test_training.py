@@ -427,6 +427,20 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
+def clock_fit(cfg, tmp_path: Path, stop: str, log_first: int | None = None):
+    """A fit with the challenge clock and the LR schedule only, metrics to `tmp_path/csv/metrics.csv`; `stop`
+    "other": another callback asks Lightning to stop at step 2. Returns the module."""
+    dm = build_datamodule(cfg)
+    module, tok = build_module(cfg, cfg.data.tokenizer_path)
+    cbs = build_callbacks(cfg, tmp_path, run_meta(cfg, tok))
+    if log_first is not None:
+        cbs.clock.log_first = log_first
+    csv = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    extra = [StopAt(2)] if stop == "other" else []
+    build_trainer(cfg, [cbs.clock, cbs.schedule, *extra], [csv]).fit(module, datamodule=dm)
+    return module
+
+
 @pytest.mark.parametrize(
     ("stop", "overrides", "logged"),
     [
@@ -438,13 +452,7 @@ class StopAt(L.Callback):
 def test_the_last_step_is_logged_whatever_ends_training(tmp_path, synth_root, capsys, stop, overrides, logged):
     """log_every=2 and no first-steps lines: the step lines and metrics.csv still end at the last step."""
     cfg = compose_cfg([*TINY, f"data.root={synth_root}", "train.log_every=2", "train.grad_accum=1", *overrides])
-    dm = build_datamodule(cfg)
-    module, tok = build_module(cfg, cfg.data.tokenizer_path)
-    cbs = build_callbacks(cfg, tmp_path, run_meta(cfg, tok))
-    cbs.clock.log_first = 0
-    csv = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
-    extra = [StopAt(2)] if stop == "other" else []
-    build_trainer(cfg, [cbs.clock, cbs.schedule, *extra], [csv]).fit(module, datamodule=dm)
+    clock_fit(cfg, tmp_path, stop, log_first=0)
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("step:") and "train_loss" in ln]
     assert [int(ln.split("/")[0][5:]) for ln in lines] == logged
@@ -469,12 +477,7 @@ def test_validation_follows_the_reference_cadence(tmp_path, synth_root, capsys, 
     second step and once at the last step, whatever ended training, with the reference's line; step 0's
     figures reach the loggers too."""
     cfg = compose_cfg([*TINY, f"data.root={synth_root}", "train.val_every=2", "train.grad_accum=1", *overrides])
-    dm = build_datamodule(cfg)
-    module, tok = build_module(cfg, cfg.data.tokenizer_path)
-    cbs = build_callbacks(cfg, tmp_path, run_meta(cfg, tok))
-    csv = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
-    extra = [StopAt(2)] if stop == "other" else []
-    build_trainer(cfg, [cbs.clock, cbs.schedule, *extra], [csv]).fit(module, datamodule=dm)
+    module = clock_fit(cfg, tmp_path, stop)
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("step:") and "val_loss" in ln]
     assert [int(ln.split("/")[0][5:]) for ln in lines] == validated
