@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from pgolf.config.typed import ConfigError
 from pgolf.optional import register
 from pgolf.runlog import log0
 
@@ -137,6 +138,13 @@ class GPTAveraging(WeightAveraging):
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         state = checkpoint.get(f"averaging/{self.kind}")
+        if state is None and int(checkpoint.get("global_step", 0)) > 0:
+            # the average would restart from the initial weights (0 updates) and be exported as the model
+            held = [k.split("/", 1)[1] for k in checkpoint if k.startswith("averaging/")]
+            raise ConfigError(
+                f"resume: the checkpoint holds no {self.kind.upper()} average (its run averaged "
+                f"{' and '.join(held) or 'nothing'}); resume with the callbacks.averaging.kind of the run that wrote it"
+            )
         if state is not None and self._average_model is not None:
             self._average_model.load_state_dict(state)
 

@@ -2,12 +2,12 @@
 (docs/techniques.md#lr-schedule-and-warmdown), and switches progressive depth recurrence on at its training
 fraction (PR #1611: `model.enable_looping_at` 0.35).
 
-The wallclock warmdown reads the challenge clock handed in at construction; the step's LR scale goes to
-`pl_module.state.lr_scale` for late QAT, SWA and the clock's metrics. The looping switch runs at the top
-of each training step (`on_train_batch_start`) with the fraction of `train_fraction` (elapsed / (cap -
-reserve), or step / iterations without a cap); it never switches off, and at the start of training (also
-after a resume) it sets the state the fraction calls for: a GPT starts looped, as export and evaluation
-want it."""
+The wallclock warmdown reads the challenge clock handed in at construction (its time at the latest step
+boundary: the time the step started, as the reference's `lr_mul(step, elapsed_ms)`, the same on every rank); the
+step's LR scale goes to `pl_module.state.lr_scale` for late QAT, SWA and the clock's metrics. The looping switch
+runs at the top of each training step (`on_train_batch_start`) with the fraction of `train_fraction` (elapsed /
+(cap - reserve), or step / iterations without a cap); it never switches off, and at the start of training (also
+after a resume) it sets the state the fraction calls for: a GPT starts looped, as export and evaluation want it."""
 
 from __future__ import annotations
 
@@ -43,10 +43,12 @@ class LRSchedule(L.Callback):
         self.clock = clock
 
     def scale(self, step: int) -> float:
-        """LR multiplier before optimizer step `step + 1` (`step` steps done), at the clock's current time."""
+        """LR multiplier before optimizer step `step + 1` (`step` steps done), at the time the step started:
+        the clock's time at the latest step boundary (the reference's `lr_mul(step, elapsed_ms)` at the top of
+        the step), the same on every rank."""
         return lr_scale(
             step,
-            self.clock.elapsed_ms(),
+            self.clock.step_ms,
             iterations=self.iterations,
             warmdown_iters=self.warmdown_iters,
             max_wallclock_ms=self.max_ms,
@@ -56,10 +58,10 @@ class LRSchedule(L.Callback):
         )
 
     def fraction(self, step: int) -> float:
-        """The training fraction before optimizer step `step + 1`, at the clock's current time."""
+        """The training fraction before optimizer step `step + 1`, at the time the step started (`scale`)."""
         return train_fraction(
             step,
-            self.clock.elapsed_ms(),
+            self.clock.step_ms,
             iterations=self.iterations,
             max_wallclock_ms=self.max_ms,
             reserve_ms=self.reserve_ms,

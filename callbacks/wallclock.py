@@ -41,6 +41,7 @@ class ChallengeClock(L.Callback):
         self._acc_ms = 0.0
         self._t0: float | None = None
         self._last_step = -1
+        self.step_ms = 0.0  # the time at the latest step boundary, the same on every rank (what the schedule reads)
         self._unlogged: tuple | None = None  # (step, loss, time, lr scale) of the latest step not logged yet
         self.stopped_early = False
 
@@ -74,6 +75,7 @@ class ChallengeClock(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._last_step = step = trainer.global_step
+        self.step_ms = pl_module.state.train_time_ms = self.offset_ms  # 0, or the resumed checkpoint's time
         self._resume(pl_module)
         # a run resumed from a checkpoint of the step where training ended takes no step (no step past the cap)
         why = "the step budget" if 0 < self.iterations <= step else None
@@ -138,7 +140,7 @@ class ChallengeClock(L.Callback):
                 f"non-finite training loss ({loss}) at step {step}: stopping without writing a checkpoint or "
                 "artifact (lower the learning rates, enable clipping, or check the data)"
             )
-        pl_module.state.train_time_ms = elapsed
+        self.step_ms = pl_module.state.train_time_ms = elapsed
         reached = self.cap_ms > 0 and elapsed >= self.cap_ms  # the same on every rank
         last = reached or step >= self.iterations  # the step budget or the clock ends training here
         record = (step, loss, elapsed, pl_module.state.lr_scale)
@@ -170,7 +172,8 @@ class ChallengeClock(L.Callback):
 
     # ---- exact resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"elapsed_ms": self.elapsed_ms()}
+        # never below the all-reduced time of the step saved (another rank may have been the slower one)
+        return {"elapsed_ms": max(self.elapsed_ms(), self.step_ms)}
 
     def load_state_dict(self, state: dict) -> None:
         self.offset_ms = float(state.get("elapsed_ms", 0.0))

@@ -22,10 +22,12 @@ from hydra import compose, initialize_config_dir
 from callbacks import build_callbacks
 from callbacks.averaging import EMA, SWA
 from callbacks.progress import LineProgressBar
+from callbacks.schedule import LRSchedule
 from callbacks.wallclock import ChallengeClock
 from pgolf.eval.core import EvalContext
 from pgolf.export.roundtrip import MAX_TOKENS_REASON
 from pgolf.export.stages import pre_quant_diagnostic
+from pgolf.optim.schedule import lr_scale
 from pgolf.tools.datasets import ensure_dataset
 from pgolf.train.build import build_datamodule, build_module, build_trainer, run_meta
 
@@ -331,3 +333,7 @@ def test_every_rank_reads_the_slowest_ranks_time(monkeypatch):
     clock.on_train_batch_end(trainer, module, None, None, 0)  # 10.2 s: 200 ms here, 900 ms on the slowest rank
     assert "max" in seen and state.train_time_ms == pytest.approx(900.0)
     assert trainer.should_stop and clock.stopped_early  # over the 500 ms cap on the slowest rank: all stop
+    # the next step's LR scale reads that time (the time the step starts), not this rank's live clock
+    sched = LRSchedule(clock, 100, 10, 0.5, 0.85, 0.95, 0)
+    kw = dict(iterations=100, warmdown_iters=10, max_wallclock_ms=500.0)
+    assert sched.scale(1) == lr_scale(1, 900.0, **kw) != lr_scale(1, 200.0, **kw)

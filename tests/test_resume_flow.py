@@ -300,8 +300,26 @@ def test_a_resume_from_the_step_where_training_ended_exports_without_a_step(
     shutil.copy(Path("first") / "checkpoints" / ck.name, ck)
     again = fit(compose_cfg([*common, f"resume={ck}"]), Path("again"))
     assert again is not None and again["training"]["steps"] == step
+    # the checkpoint's clock time, not 0 ms (a submission's 600 s check read 0)
+    assert again["training"]["train_time_ms"] >= first["training"]["train_time_ms"] > 0
     assert (Path("again") / "results.json").is_file() and list(Path("again").glob("final_model.*.ptz"))
     log = (Path("again") / "train.log").read_text()
     assert f"resume: the checkpoint is of step {step}, where {ended_by} ended training: no step is left" in log
     assert f"step:{step + 1}/" not in log
     assert again["roundtrip"]["standard"]["val_bpb"] == first["roundtrip"]["standard"]["val_bpb"]
+
+
+def test_a_resume_that_adds_an_average_the_checkpoint_lacks_is_refused(tmp_path, synth_dir, monkeypatch, one_thread):
+    """A checkpoint of a run without EMA resumed with callbacks.averaging.kind=ema: the average restarted from
+    the initial weights (0 updates) and was exported as the model, silently."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    common = [*TINY, f"data.root={synth_dir.parent}", "train.val_every=0", "train.iterations=4"]
+    fit(compose_cfg([*common, "callbacks.averaging.kind=none", "callbacks.checkpoint.every_steps=2"]), Path("a"))
+    ck = Path("a") / "checkpoints" / "step000002.ckpt"
+    with pytest.raises(SystemExit) as e:
+        fit(compose_cfg([*common, f"resume={ck}"]), Path("b"))
+    assert e.value.code == 2
+    log = (Path("b") / "train.log").read_text()
+    assert "config error: resume: the checkpoint holds no EMA average (its run averaged nothing)" in log
+    assert not list(Path("b").glob("*.ptz"))
