@@ -23,10 +23,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pgolf.config.schema import TrainRun
-from pgolf.config.validate import check_overrides, exit_on_config_error, validate_train
+from pgolf.config.validate import check_overrides, check_resume, exit_on_config_error, validate_train
 from pgolf.io import atomic_write_bytes
 from pgolf.runlog import global_rank
-from pgolf.tools.rundir import check_resume, claim, hand_over, release, settle, snapshot
+from pgolf.tools.rundir import claim, hand_over, release, settle, snapshot
 
 CONF = Path(__file__).resolve().parent / "conf"
 

@@ -25,8 +25,9 @@ from omegaconf import OmegaConf
 
 from callbacks.checkpoint import Checkpointing, resume_hint
 from pgolf.config.typed import ConfigError
+from pgolf.config.validate import check_resume
 from pgolf.runlog import set_log_file
-from pgolf.tools.rundir import CLAIM, check_resume, claim, read_claim, release, snapshot, write_hydra_files
+from pgolf.tools.rundir import CLAIM, claim, read_claim, release, snapshot, write_hydra_files
 from pgolf.train import run
 from pgolf.train.build import ContinuedCSVLogger, build_logger
 from pgolf.train.module import check_checkpoint_tensors

@@ -168,3 +168,12 @@ def _members(tp) -> list:
     if args and origin in (typing.Union, types.UnionType):
         return [m for a in args for m in _members(a)]
     return [tp]
+
+
+def check_resume(resume: str | None) -> None:
+    """`resume` (a path, or None) names a checkpoint file that exists: train.py checks it before claiming the
+    run directory, the packed train_gpt.py before any data is prepared. Raises ConfigError."""
+    if resume is not None and not Path(resume).is_file():
+        raise ConfigError(
+            f"resume={resume}: no such checkpoint file (resume names a .ckpt, e.g. <run>/checkpoints/last.ckpt)"
+        )

@@ -227,6 +227,7 @@ def evaluate_artifact(
         ok = False
         reasons.append(NO_CODE_REASON)
     total_bytes = size.total if n_code is not None else None
+    size_ok = size.ok and n_code is not None
     score_before_adapt = all(r["compliant"] for r in results.values())
     # every mode scored this artifact, or this prefix: none is compliant (as results.json's round trip)
     for why in (partial, cal_why):  # the calibration's reason ends up first
@@ -237,7 +238,7 @@ def evaluate_artifact(
         "compliant": ok,
         "compliance": {
             "score_before_adapt": score_before_adapt,
-            "size_ok": size.ok and n_code is not None,
+            "size_ok": size_ok,
             "within_budget": within,
             "full_validation": max_tokens is None,
             "calibration_ok": cal_why is None,
@@ -263,7 +264,7 @@ def evaluate_artifact(
     log0(
         f"artifact_bytes:{size.model_bytes} code_bytes:{'none' if n_code is None else n_code} "
         f"total_bytes:{'unknown' if total_bytes is None else total_bytes} "
-        f"limit_bytes:{size.limit} size_ok:{str(size.ok and n_code is not None).lower()}"
+        f"limit_bytes:{size.limit} size_ok:{str(size_ok).lower()}"
     )
     log_calibration(calibration)
     log0(f"compliant:{str(ok).lower()}" + "".join(f" | {r}" for r in reasons))

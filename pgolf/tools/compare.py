@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 import warnings
@@ -48,7 +47,6 @@ MARGIN_NATS = 0.005  # the challenge README's record margin
 ALPHA = 0.01
 DIAGNOSTIC_MODES = ("pre_quant",)  # the float model before quantization: informative, never a score
 MODE_ORDER = ("pre_quant", "standard", "sliding")
-CODE_LINE = re.compile(r"^code_bytes:\d+ code_sha256:([0-9a-f]{64})$", re.M)  # pgolf/train/build.py log_header
 SCRIPT = "train_gpt.py"
 
 
@@ -187,12 +185,11 @@ def build_report(
 # ---- code ----------------------------------------------------------------------------------------------------
 def code_sha256(run: Run) -> str | None:
     """The sha256 of the packed train_gpt.py that made `run`: the last `code_sha256:` line of its log (what
-    it ran, pgolf/train/build.py `log_header`), else the hash of the train_gpt.py beside it (a train.py run
-    keeps its own; a packed run's folder holds the script), else None (a run made before the packer)."""
-    log = run.log_file
-    found = CODE_LINE.findall(log.read_text(errors="replace")) if log.is_file() else []
-    if found:
-        return found[-1]
+    it ran, pgolf/train/build.py `log_header`; read with the log, `Run.logged_code`), else the hash of the
+    train_gpt.py beside it (a train.py run keeps its own; a packed run's folder holds the script), else None
+    (a run made before the packer)."""
+    if run.logged_code is not None:
+        return run.logged_code
     script = run.path / SCRIPT
     return sha256_file(script) if script.is_file() else None
 

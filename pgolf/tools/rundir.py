@@ -20,7 +20,8 @@ write into the directory before the claim). When the run stops on a config error
 checkpoint is loaded, before any step), `release` puts the directory back as the `snapshot` taken before
 the claim recorded it: what the run wrote goes, what it changed gets its bytes back (a resumed run's claim,
 `.hydra/`, log and metrics), and the directory goes when nothing else is in it. A run refused at start-up
-leaves nothing behind, and the corrected command runs in the same directory. `check_resume` refuses a
+leaves nothing behind, and the corrected command runs in the same directory. `check_resume`
+(pgolf/config/validate.py) refuses a
 `resume` checkpoint that does not exist before anything is claimed.
 """
 
@@ -218,15 +219,6 @@ def put_back(run_dir: Path, before: Snapshot) -> None:
         path = run_dir / rel
         if data is not None and (not path.is_file() or path.read_bytes() != data):
             atomic_write_bytes(path, data)
-
-
-def check_resume(resume: str | None) -> None:
-    """`resume` (a path, or None) names a checkpoint file that exists; checked before the run directory is
-    claimed. Raises ConfigError."""
-    if resume is not None and not Path(resume).is_file():
-        raise ConfigError(
-            f"resume={resume}: no such checkpoint file (resume names a .ckpt, e.g. <run>/checkpoints/last.ckpt)"
-        )
 
 
 def settle(run_dir: str | os.PathLike, how: str, cfg: DictConfig, hydra_cfg: DictConfig, subdir: str | None) -> None:

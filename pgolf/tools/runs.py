@@ -29,6 +29,7 @@ from pgolf.train.identity import RunIdentity, identity_of_dir
 TRAIN_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:([\d.]+)ms")
 VAL_LINE = re.compile(r"^step:(\d+)/\d+ val_loss:(\S+) val_bpb:(\S+) train_time:([\d.]+)ms")
 STOP_LINE = re.compile(r"^stopping_early: wallclock_cap train_time:([\d.]+)ms step:(\d+)/")
+CODE_LINE = re.compile(r"^code_bytes:(\d+) code_sha256:([0-9a-f]{64})$", re.M)  # pgolf/train/build.py log_header
 RECORD_MAX_BYTES = 1 << 24  # a packed run's record, read whole
 
 
@@ -48,6 +49,7 @@ class Run:
     val_curve: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, loss, bpb, ms)
     stopped: tuple[int, float] | None = None  # (step, ms) of a `stopping_early: wallclock_cap` line
     record: dict | None = None  # a packed run's record (logs/<RUN_ID>.json); None for a train.py run
+    logged_code: str | None = None  # the sha256 of the packed train_gpt.py its log's last `code_sha256:` names
 
     @property
     def seed(self) -> int:
@@ -165,6 +167,13 @@ def parse_train_log(text: str) -> tuple[list, list, tuple[int, float] | None]:
     return train, val, stop
 
 
+def read_log(run: Run, text: str) -> None:
+    """A run's log into `run`: its curves, its wall-clock stop and the code it ran (`logged_code`)."""
+    run.train_curve, run.val_curve, run.stopped = parse_train_log(text)
+    found = CODE_LINE.findall(text)
+    run.logged_code = found[-1][1] if found else None
+
+
 def parse_metrics_csv(text: str) -> list:
     rows = []
     for r in csv.DictReader(io.StringIO(text)):
@@ -215,7 +224,7 @@ def load_run(run_dir: str | Path) -> Run:
             run.modes[mode], run.sources[mode] = r, rel
     log = run_dir / "train.log"
     if log.is_file():
-        run.train_curve, run.val_curve, run.stopped = parse_train_log(log.read_text(errors="replace"))
+        read_log(run, log.read_text(errors="replace"))
     elif (run_dir / "csv" / "metrics.csv").is_file():
         run.train_curve = parse_metrics_csv((run_dir / "csv" / "metrics.csv").read_text())
     return run
@@ -410,7 +419,7 @@ def load_packed_run(record: str | Path) -> Run:
     run = Run(folder, ident, cfg, doc["results"], record=doc)
     _result_modes(run, f"logs/{record.name}")
     if run.log_file.is_file():
-        run.train_curve, run.val_curve, run.stopped = parse_train_log(run.log_file.read_text(errors="replace"))
+        read_log(run, run.log_file.read_text(errors="replace"))
     return run
 
 

@@ -73,6 +73,7 @@ from pgolf.tools.compare import DIAGNOSTIC_MODES, ModeStats, compare_to, mode_or
 from pgolf.tools.fineweb import VARIANTS
 from pgolf.tools.pack import RUN_KEYS, SCRIPT, packed_config, unpack
 from pgolf.tools.runs import (
+    CODE_LINE,
     RECORD_MAX_BYTES,
     CompareError,
     check_results,
@@ -93,7 +94,6 @@ from pgolf.tools.stats import MissingScipyError
 
 TRACK = "10min_16mb"
 TRACKS = (TRACK, "non_record_16mb")  # the challenge's records/track_<name> folders
-CODE_LINE = re.compile(r"^code_bytes:(\d+) code_sha256:([0-9a-f]{64})$", re.M)  # pgolf/train/build.py log_header
 # The size lines every run's log ends with (pgolf/train/run.py log_final_size): model and code bytes.
 MODEL_LINE = re.compile(r"^Serialized model \S+: (\d+) bytes$", re.M)
 CODE_SIZE_LINE = re.compile(r"^Code size: (\d+) bytes$", re.M)

@@ -21,6 +21,7 @@ from callbacks import build_callbacks
 from callbacks.checkpoint import Terminated
 from callbacks.header import RunHeader
 from pgolf.config.typed import ConfigError
+from pgolf.config.validate import check_resume
 from pgolf.data.shards import ShardError
 from pgolf.data.tokenizer import TokenizerError
 from pgolf.export.code import CODE_KEY
@@ -47,8 +48,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path) -> Extras:
     """The checks that need Lightning (trainer keys, the batch layout) or the machine (a CUDA device for
     `trainer.accelerator=gpu`, the `resume` checkpoint file: train.py checks it before its claim, the packed
     train_gpt.py here) and the extra callbacks and loggers, before any data is prepared. Raises ConfigError."""
-    if cfg.get("resume") is not None and not Path(cfg.resume).is_file():
-        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
+    check_resume(cfg.get("resume"))
     build.check_lightning_config(cfg)
     build.check_accelerator(cfg)
     return Extras(build.build_extra_callbacks(cfg), build.build_logger(cfg, Path(run_dir)))
