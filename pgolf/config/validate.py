@@ -175,5 +175,5 @@ def check_resume(resume: str | None) -> None:
     run directory, the packed train_gpt.py before any data is prepared. Raises ConfigError."""
     if resume is not None and not Path(resume).is_file():
         raise ConfigError(
-            f"resume={resume}: no such checkpoint file (resume names a .ckpt, e.g. <run>/checkpoints/last.ckpt)"
+            f"resume={resume}: no such checkpoint file (resume names a .ckpt: a run directory's checkpoints/last.ckpt)"
         )
