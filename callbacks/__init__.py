@@ -87,7 +87,7 @@ def build_callbacks(cfg: DictConfig, run_dir: str | Path, meta: dict) -> Challen
     about the run (`pgolf.train.build.run_meta`). Raises ValueError for an unknown progress bar or averaging
     kind, or a sliding-window stride outside 1..final_eval.seq_len."""
     t, o, c = cfg.train, cfg.optim, cfg.callbacks
-    clock = ChallengeClock(t.max_wallclock_seconds, t.iterations, t.log_every)
+    clock = ChallengeClock(t.max_wallclock_seconds, t.iterations, t.log_every, reserve_seconds=t.gptq_reserve_seconds)
     schedule = LRSchedule(
         clock,
         t.iterations,

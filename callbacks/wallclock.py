@@ -32,9 +32,17 @@ def device_sync(pl_module) -> None:
 
 class ChallengeClock(L.Callback):
     def __init__(
-        self, max_wallclock_seconds: float = 600.0, iterations: int = 20000, log_every: int = 200, log_first: int = 10
+        self,
+        max_wallclock_seconds: float = 600.0,
+        iterations: int = 20000,
+        log_every: int = 200,
+        log_first: int = 10,
+        reserve_seconds: float = 0.0,
     ):
         self.cap_ms = 1000.0 * float(max_wallclock_seconds or 0)
+        # training stops `reserve_seconds` before the cap, so that what reads training data after the last step
+        # (GPTQ calibration) fits the budget: PR #1611's `max_wallclock_ms -= gptq_reserve_seconds * 1e3`
+        self.stop_ms = max(self.cap_ms - 1000.0 * float(reserve_seconds or 0), 0.0)
         self.iterations = int(iterations)
         self.log_every, self.log_first = int(log_every), int(log_first)
         self.offset_ms = 0.0  # training time carried over from before a resume
@@ -79,7 +87,7 @@ class ChallengeClock(L.Callback):
         self._resume(pl_module)
         # a run resumed from a checkpoint of the step where training ended takes no step (no step past the cap)
         why = "the step budget" if 0 < self.iterations <= step else None
-        why = why or ("the clock" if 0 < self.cap_ms <= self.offset_ms else None)
+        why = why or ("the clock" if self.cap_ms > 0 and self.stop_ms <= self.offset_ms else None)
         if why is not None:
             log0(f"resume: the checkpoint is of step {step}, where {why} ended training: no step is left; exporting")
             trainer.should_stop = True
@@ -141,7 +149,7 @@ class ChallengeClock(L.Callback):
                 "artifact (lower the learning rates, enable clipping, or check the data)"
             )
         self.step_ms = pl_module.state.train_time_ms = elapsed
-        reached = self.cap_ms > 0 and elapsed >= self.cap_ms  # the same on every rank
+        reached = self.cap_ms > 0 and elapsed >= self.stop_ms  # the same on every rank
         last = reached or step >= self.iterations  # the step budget or the clock ends training here
         record = (step, loss, elapsed, pl_module.state.lr_scale)
         if step <= self.log_first or step % self.log_every == 0 or last:

@@ -337,3 +337,29 @@ def test_every_rank_reads_the_slowest_ranks_time(monkeypatch):
     sched = LRSchedule(clock, 100, 10, 0.5, 0.85, 0.95, 0)
     kw = dict(iterations=100, warmdown_iters=10, max_wallclock_ms=500.0)
     assert sched.scale(1) == lr_scale(1, 900.0, **kw) != lr_scale(1, 200.0, **kw)
+
+
+@pytest.mark.parametrize("reserve, stops", [(0.0, False), (0.5, True)])
+def test_the_gptq_reserve_stops_training_before_the_cap(monkeypatch, reserve, stops):
+    """PR #1611 (`max_wallclock_ms -= gptq_reserve_seconds * 1e3`): with a 1 s cap and a 0.5 s reserve, a step
+    ending at 0.6 s is the last (the calibration that follows reads training data inside the 1 s); without
+    the reserve it is not. The cap itself stays the budget the calibration is checked against, and the
+    warmdown by steps ends where training stops."""
+    ticks = iter([10.0, 10.6])
+    monkeypatch.setattr("callbacks.wallclock.time.perf_counter", lambda: next(ticks))
+    state = SimpleNamespace(train_time_ms=0.0, lr_scale=1.0, pop_loss=lambda: torch.tensor(2.5))
+    module = SimpleNamespace(device=torch.device("cpu"), state=state)
+    trainer = SimpleNamespace(
+        global_step=5,
+        world_size=1,
+        should_stop=False,
+        limit_val_batches=0,
+        loggers=[],
+        strategy=SimpleNamespace(reduce=lambda t, reduce_op: t),
+    )
+    clock = ChallengeClock(max_wallclock_seconds=1.0, iterations=100, reserve_seconds=reserve)
+    clock._resume(module)
+    clock.on_train_batch_end(trainer, module, None, None, 0)
+    assert trainer.should_stop is stops and clock.stopped_early is stops and clock.cap_ms == 1000.0
+    kw = dict(iterations=100, warmdown_iters=5, max_wallclock_ms=1000.0, reserve_ms=1000.0 * reserve)
+    assert lr_scale(5, 600.0, **kw) == (0.0 if stops else pytest.approx(400.0 / 600.0))

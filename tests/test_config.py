@@ -146,6 +146,10 @@ BAD_VALUES = [
     (["train.grad_accum=0"], "train.grad_accum must be an integer >= 1 or one of auto, got 0"),
     (["train.iterations=ten"], "train.iterations must be an integer >= 1, got 'ten'"),
     (["train.compile=1"], "train.compile must be true or false, got 1"),
+    (
+        ["train.max_wallclock_seconds=1", "train.gptq_reserve_seconds=1"],
+        "train.gptq_reserve_seconds=1.0 leaves no training time under max_wallclock_seconds=1.0",
+    ),
     (["model.num_heads=0"], "model.num_heads must be an integer >= 1, got 0"),
     (["model.num_heads=5"], "model.model_dim 192 must be divisible by num_heads 5"),
     (["model.mlp_act=gelu"], "model.mlp_act 'gelu' not in ('relu2', 'leaky_relu2', 'swiglu')"),

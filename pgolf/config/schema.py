@@ -37,7 +37,7 @@ class TrainConfig:
     max_wallclock_seconds: NonNegFloat
     warmdown_frac: Fraction  # > 0: warmdown by training fraction (PR #1611: 0.85) instead of warmdown_iters
     min_lr: Fraction  # the LR multiplier's floor of the fraction warmdown (PR #1611: 0.1)
-    gptq_reserve_seconds: NonNegFloat  # the fraction's budget is the cap minus this (PR #1611: 0.5)
+    gptq_reserve_seconds: NonNegFloat  # training stops this long before the cap, the fraction's budget (PR #1611: 0.5)
     doc_attention: bool  # document-bounded attention in training (PR #1530 / #1611)
     max_seg_len: PosInt  # its longest segment: documents are cut every this many tokens (PR #1611: 2048)
     val_every: NonNegInt
@@ -45,6 +45,13 @@ class TrainConfig:
     compile: bool
     compile_backend: Literal["inductor", "cudagraphs", "aot_eager", "eager"]  # torch.compile's (the last two debug)
     warmup_steps: NonNegInt
+
+    def __post_init__(self):
+        if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
+            raise ValueError(
+                f"gptq_reserve_seconds={self.gptq_reserve_seconds} leaves no training time under "
+                f"max_wallclock_seconds={self.max_wallclock_seconds} (training stops the reserve before the cap)"
+            )
 
 
 @dataclass(frozen=True)

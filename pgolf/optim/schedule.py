@@ -33,8 +33,9 @@ def lr_scale(
     frac < 1 - warmdown_frac, then max((1 - frac) / warmdown_frac, `min_lr`): linear to the floor, then flat
     (PR #1611: 0.85 and 0.1, reserve 500 ms for GPTQ).
     Otherwise by steps (`warmdown_iters`, the baseline and seed records): with a wall-clock cap, the warmdown
-    lasts `warmdown_iters` steps at the current average step time and ends exactly at the cap, `scale =
-    remaining / warmdown_ms` once the remaining time is shorter than it; without a cap, linear decay over the
+    lasts `warmdown_iters` steps at the current average step time and ends exactly where the clock stops training
+    (the cap minus `reserve_ms`), `scale = remaining / warmdown_ms` once the remaining time is shorter than it;
+    without a cap, linear decay over the
     last `warmdown_iters` of `iterations` steps.
     """
     if warmdown_frac > 0:
@@ -49,7 +50,7 @@ def lr_scale(
     if max_wallclock_ms > 0:
         step_ms = elapsed_ms / max(step, 1)
         warmdown_ms = warmdown_iters * step_ms
-        remaining = max(max_wallclock_ms - elapsed_ms, 0.0)
+        remaining = max(max_wallclock_ms - reserve_ms - elapsed_ms, 0.0)  # to where the clock stops training
         return 1.0 if remaining > warmdown_ms else remaining / max(warmdown_ms, 1e-9)
     start = iterations - warmdown_iters
     if step < start:
