@@ -12,7 +12,7 @@ per-target NLL/bytes in `audit.npz`). A bad artifact, tokenizer, data or setting
 `error: ...` on stderr, exit status 2; so is an `eval_result.json` (`audit.npz`) already in `out_dir`: it is
 refused before the artifact is read, on every rank, unless `overwrite=true`. `max_tokens=N` scores only the
 first N validation targets: a quick look, not the challenge's metric (`compliant: false`). Under torchrun the
-windows are split across processes and the sums reduced.
+windows are split across processes and the sums reduced; the run has one output directory, rank 0's.
 """
 
 from __future__ import annotations
@@ -26,19 +26,29 @@ from omegaconf import DictConfig, OmegaConf
 
 from pgolf.config.schema import EvalRun
 from pgolf.config.validate import check_overrides, exit_on_config_error, validate_eval
+from pgolf.runlog import global_rank
+from pgolf.tools.rundir import leave, write_hydra_files
 
 CONF = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
+    # conf/eval.yaml sets hydra.output_subdir to null: rank 0 writes `.hydra/` as Hydra would; torchrun's
+    # other processes, which resolve the time in hydra.run.dir each on its own, leave theirs (one directory
+    # per evaluation, not one per process).
+    hc = HydraConfig.get()
+    if global_rank() == 0:
+        write_hydra_files(hc.runtime.output_dir, cfg, HydraConfig.instance().cfg, None)
+    else:
+        leave(hc.runtime.output_dir)
     with exit_on_config_error():  # `config error: ...`, exit status 2, before torch is imported
         validate_eval(cfg, CONF)
     # Deferred on purpose: the evaluation runtime brings torch and Lightning (several seconds); a missing
     # artifact or a bad key is reported without them.
     from pgolf.eval.run import evaluate_artifact
 
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(hc.runtime.output_dir)
     try:
         result = evaluate_artifact(
             artifact=cfg.artifact,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -125,6 +126,7 @@ def test_eval_reproduces_the_roundtrip(trained, synth_dir, tmp_path):
         ]
     )
     ev = json.loads((tmp_path / "eval_result.json").read_text())
+    assert (tmp_path / "h" / ".hydra" / "config.yaml").is_file()  # rank 0 writes Hydra's files (output_subdir null)
     for mode in ("standard", "sliding"):
         assert abs(ev["results"][mode]["val_bpb"] - res[mode]["val_bpb"]) < 1e-6
         assert ev["results"][mode]["tokens"] == res[mode]["tokens"]
@@ -134,6 +136,22 @@ def test_eval_reproduces_the_roundtrip(trained, synth_dir, tmp_path):
 
     a = np.load(tmp_path / "audit.npz")
     assert a["sliding.nll"].size == ev["results"]["sliding"]["tokens"]
+
+
+def test_eval_py_leaves_one_directory_under_torchrun(tmp_path):
+    """torchrun's processes resolve the time in hydra.run.dir each on its own: a process other than rank 0
+    removes its (empty) directory, rank 0 keeps its `.hydra/` (each used to leave a directory of Hydra files)."""
+    for rank in ("0", "1"):
+        r = subprocess.run(
+            [sys.executable, "eval.py", f"artifact={tmp_path / 'missing.ptz'}", f"hydra.run.dir={tmp_path / rank}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "RANK": rank},
+        )
+        assert r.returncode == 2 and "artifact not found" in r.stderr
+    assert (tmp_path / "0" / ".hydra" / "config.yaml").is_file() and not (tmp_path / "1").exists()
 
 
 def test_eval_refuses_a_different_tokenizer(trained, tmp_path, sp1024_path):
