@@ -10,10 +10,13 @@ from test_training import CONF, FP32_EXPORT, TINY, compose_cfg
 
 from callbacks import build_callbacks
 from pgolf.config.validate import validate_train
+from pgolf.data.stream import load_val_data
+from pgolf.eval.run import run_val_seq_len
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT, count_params
 from pgolf.model.varlen import document_cu_seqlens
 from pgolf.optim.groups import build_optimizer
+from pgolf.quant.artifact import ArtifactError
 from pgolf.tools.datasets import ensure_dataset
 from pgolf.train.build import build_datamodule, build_module, build_trainer, run_meta
 
@@ -65,3 +68,29 @@ def test_the_tiny_stack_trains_with_document_attention_looping_and_the_fraction_
     assert (tmp_path / "run" / "final_model.fp32.ptz").is_file()
     x, _, cu = dm.train_stream(0).batch(0)  # the stream builds the segments on the host, with the batch
     assert torch.equal(cu, document_cu_seqlens(x, 1, 16)) and cu.dtype == torch.int32
+
+
+def test_document_bounded_training_cuts_the_validation_split_by_the_eval_length(synth_dir):
+    """PR #1611 cuts the validation split to a multiple of its EVAL_SEQ_LEN (2048), not of its 98,304-token
+    training row, which packs whole documents (a cut by the row dropped the last ~79 documents); the seed records
+    cut by max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN). The run records its cut, eval.py scores the same targets."""
+    base = [*TINY, f"data.root={synth_dir.parent}", "train.seq_len=96", "train.batch_tokens=768"]
+    base += ["data.eval_seq_len=16", "train.max_seg_len=16"]
+    n = None
+    for doc, cut in (("true", 16), ("false", 96)):
+        cfg = compose_cfg([*base, f"train.doc_attention={doc}"])
+        ensure_dataset(cfg.data.prepare, cfg.data.root)
+        dm = build_datamodule(cfg)
+        dm.setup("fit")
+        n = n or load_val_data(cfg.data.val_pattern, 1).tokens.numel() - 1  # every target of the split
+        assert dm.val_seq_len == cut and dm.val_tokens.numel() - 1 == (n // cut) * cut
+        _, tok = build_module(cfg, cfg.data.tokenizer_path)
+        meta = run_meta(cfg, tok)
+        assert meta["data"]["val_seq_len"] == cut and run_val_seq_len(meta) == cut
+    assert (n // 16) * 16 > (n // 96) * 96  # the synthetic split tells the two cuts apart
+    assert compose_cfg(["experiment=record_1611"]).data.eval_seq_len == 2048
+    # artifacts from before the record: their training seq_len, none with document-bounded training; a forged one
+    assert run_val_seq_len({"train": {"seq_len": 96}}) == 96
+    assert run_val_seq_len({"train": {"seq_len": 98304, "doc_attention": True}}) == 0
+    with pytest.raises(ArtifactError, match="meta.data.val_seq_len must be an integer in 1.."):
+        run_val_seq_len({"data": {"val_seq_len": -3}})

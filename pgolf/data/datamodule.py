@@ -18,6 +18,7 @@ from pgolf.data.stream import (
     ValWindows,
     default_grad_accum,
     load_val_data,
+    val_seq_len,
     val_sidecar_files,
 )
 from pgolf.data.tokenizer import TokenizerInfo, check_shards_tokenizer
@@ -57,6 +58,11 @@ class GolfDataModule(L.LightningDataModule):
         self._start_micro_step = 0
         self._shards_checked = False
 
+    @property
+    def val_seq_len(self) -> int:
+        """The validation split is cut to a multiple of this many tokens (`pgolf.data.stream.val_seq_len`)."""
+        return val_seq_len(self.seq_len, self.eval_seq_len, self.doc_seg_len is not None)
+
     # ---- preparation and set-up ---------------------------------------------------------------
     def world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -83,7 +89,7 @@ class GolfDataModule(L.LightningDataModule):
             self._shards_checked = True
         world, _ = self.world()
         self.layout = StreamLayout(self.batch_tokens, self.seq_len, world, self.grad_accum(world))
-        seq = max(self.seq_len, self.eval_seq_len)
+        seq = self.val_seq_len
         if self.val_tokens is None:
             val = load_val_data(self.val_pattern, seq, self.vocab_size, self.tokenizer_path, self.val_bytes_pattern)
             self.val_tokens, self.val_bytes = val.tokens, val.bytes

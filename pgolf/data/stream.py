@@ -133,6 +133,16 @@ def _refuse_caseops_without_sidecar(pattern: str, tokenizer: str | os.PathLike) 
         )
 
 
+def val_seq_len(train_seq_len: int, eval_seq_len: int | None = None, doc_attention: bool = False) -> int:
+    """The length S the validation split is cut to a multiple of (`load_val_data`): max(train, eval length), as
+    the seed records (`usable = floor((N-1)/S)*S` with S = max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)); with
+    document-bounded training (PR #1611) the training row packs whole documents and is no window, so the eval
+    length alone (its `load_validation_tokens(val_files, eval_seq_len)`: 98,304-token rows cut ~79 documents).
+    `eval_seq_len` None is the training length. Lengths in tokens."""
+    e = eval_seq_len or train_seq_len
+    return e if doc_attention else max(train_seq_len, e)
+
+
 def load_val_data(
     pattern: str,
     seq_len: int,

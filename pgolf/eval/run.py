@@ -176,6 +176,7 @@ def evaluate_artifact(
     header, _ = read_model_artifact(artifact, tensors=False)  # everything checked, no tensor allocated
     meta = header.meta
     doc = doc_max_seg_len(meta)  # before any work: a forged value is refused here
+    run_cut = run_val_seq_len(meta)
     tok = TokenizerInfo.from_path(data["tokenizer_path"])
     tok.check_matches(meta["tokenizer"], what=f"artifact {Path(artifact).name}")
     train_seq = int(meta.get("train", {}).get("seq_len") or 0)
@@ -189,7 +190,7 @@ def evaluate_artifact(
     model, meta = load_artifact_model(artifact, device)
     val = load_val_data(
         data["val_pattern"],
-        max(S, train_seq),
+        max(S, run_cut),
         tok.vocab_size,
         tokenizer=data["tokenizer_path"],
         bytes_pattern=data.get("val_bytes_pattern"),
@@ -271,6 +272,24 @@ def evaluate_artifact(
     if rank == 0:
         write_outputs(out_dir, out, arrays if audit else None)
     return out
+
+
+def run_val_seq_len(meta: dict) -> int:
+    """What the training run that made an artifact cut the validation split to a multiple of (tokens): its
+    recorded `data.val_seq_len`; for artifacts that predate the record, the training seq_len, or none (0) with
+    document-bounded training (`pgolf.data.stream.val_seq_len`). eval.py cuts by the longer of it and its own
+    window, so that it scores the targets the run's round trip scored. Raises ArtifactError for a recorded
+    value that is not an integer in 1..MAX_SEQ_LEN."""
+    data, train = meta.get("data") or {}, meta.get("train") or {}
+    n = data.get("val_seq_len") if isinstance(data, dict) else None
+    if n is None:
+        if not isinstance(train, dict) or train.get("doc_attention"):
+            return 0
+        n = train.get("seq_len") or 0
+        return n if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_SEQ_LEN else 0
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SEQ_LEN:
+        raise ArtifactError(f"meta.data.val_seq_len must be an integer in 1..{MAX_SEQ_LEN}, got {n!r}")
+    return n
 
 
 def doc_max_seg_len(meta: dict) -> int | None:

@@ -38,7 +38,7 @@ from pgolf.data.tokenizer import (
     load_tokenizer,
 )
 from pgolf.eval.core import EvalContext
-from pgolf.eval.run import doc_max_seg_len
+from pgolf.eval.run import doc_max_seg_len, run_val_seq_len
 from pgolf.export.code import CODE_KEY, code_of, code_record, project_root
 from pgolf.export.config import ExportConfig, ExportContext, ExportReport
 from pgolf.export.provenance import provenance
@@ -84,9 +84,11 @@ def reexport(cfg: DictConfig) -> dict:
     state, meta = load_weights(weights)  # checked before any tensor is allocated
     data = OmegaConf.to_container(cfg.data, resolve=True)
     check_data_tokenizer(weights, meta, data)  # before the data is prepared or the model built
-    seq_len = int(cfg.eval.seq_len or meta.get("train", {}).get("seq_len") or data.get("eval_seq_len") or 0)
+    run_seq = (meta.get("final_eval") or {}).get("seq_len") or meta.get("train", {}).get("seq_len")  # as eval.py
+    seq_len = int(cfg.eval.seq_len or run_seq or data.get("eval_seq_len") or 0)
     if seq_len <= 0:
         raise ValueError(f"{weights.name} records no training seq_len: set eval.seq_len=")
+    cut = max(seq_len, run_val_seq_len(meta))  # the targets the training run's round trip scored
     device = pick_device(cfg.device)
     model = model_from_weights(state, meta)
     ensure_dataset(data.get("prepare"), data.get("root"))
@@ -105,7 +107,7 @@ def reexport(cfg: DictConfig) -> dict:
         doc = doc_max_seg_len(meta)  # as trained: document-bounded windows, as eval.py and the training round trip
         if doc is not None:
             log0(f"reexport: document-bounded windows (attention stops at BOS and every {doc} tokens), as trained")
-        tokens, eval_ctx = validation(cfg, data, tok, model.cfg.vocab_size, seq_len, device, doc)
+        tokens, eval_ctx = validation(cfg, data, tok, model.cfg.vocab_size, seq_len, device, doc, cut)
     report = export_model(
         model,
         export_cfg,
@@ -257,12 +259,14 @@ def validation(
     seq_len: int,
     device: torch.device,
     doc: int | None = None,
+    cut: int | None = None,
 ) -> tuple[torch.Tensor, EvalContext]:
-    """The validation tokens (cut to `eval.max_tokens` targets, whole windows) and the eval context; `doc`:
-    the document-bounded attention the weights were trained with (`pgolf.eval.run.doc_max_seg_len`)."""
+    """The validation tokens (the split cut to a multiple of `cut`, default `seq_len`, then to `eval.max_tokens`
+    targets, whole windows) and the eval context; `doc`: the document-bounded attention the weights were
+    trained with (`pgolf.eval.run.doc_max_seg_len`)."""
     val = load_val_data(
         data["val_pattern"],
-        seq_len,
+        cut or seq_len,
         tok.vocab_size,
         tokenizer=data["tokenizer_path"],
         bytes_pattern=data.get("val_bytes_pattern"),

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from pgolf import optional
 from pgolf.config.typed import ConfigError
 from pgolf.data.datamodule import GolfDataModule
-from pgolf.data.stream import StreamLayout, default_grad_accum, load_val_data
+from pgolf.data.stream import StreamLayout, default_grad_accum, load_val_data, val_seq_len
 from pgolf.data.tokenizer import TokenizerError, TokenizerInfo, build_byte_luts, load_tokenizer
 from pgolf.export.provenance import provenance
 from pgolf.io import atomic_path, atomic_write_bytes
@@ -133,7 +133,7 @@ def build_datamodule(cfg: DictConfig) -> GolfDataModule:
     if d.val_max_tokens is not None:  # the DataModule keeps val_tokens that are already set
         dm.val_tokens, full = truncated_val_tokens(
             d.val_pattern,
-            max(dm.seq_len, dm.eval_seq_len),
+            dm.val_seq_len,
             d.vocab_size,
             d.val_max_tokens,
             bytes_pattern=d.get("val_bytes_pattern"),
@@ -336,7 +336,12 @@ def run_meta(cfg: DictConfig, tokenizer: TokenizerInfo) -> dict:
         "experiment": cfg.name,
         "seed": int(cfg.seed),
         "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256},
-        "data": {"train_pattern": Path(cfg.data.train_pattern).name, "val_pattern": Path(cfg.data.val_pattern).name},
+        "data": {
+            "train_pattern": Path(cfg.data.train_pattern).name,
+            "val_pattern": Path(cfg.data.val_pattern).name,
+            # what the validation split was cut to a multiple of: eval.py scores the same targets
+            "val_seq_len": val_seq_len(int(cfg.train.seq_len), cfg.data.eval_seq_len, bool(cfg.train.doc_attention)),
+        },
         "train": OmegaConf.to_container(cfg.train, resolve=True),
         "final_eval": {"seq_len": int(cfg.final_eval.seq_len)},  # eval.py's default windows: the round trip's
         "provenance": provenance(),
