@@ -54,7 +54,16 @@ from pgolf.tools.packsource import (
     unparse,
 )
 from pgolf.train.run import kept_files
-from pgolf.train.standalone import check_config, check_run_id, config_path, main, parse_env, run_config, set_by
+from pgolf.train.standalone import (
+    check_config,
+    check_run_id,
+    config_path,
+    main,
+    parse_env,
+    run_config,
+    set_by,
+    unread_note,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -187,6 +196,16 @@ def test_environment_and_overrides_map_onto_the_config():
     assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.train.log_every) == (8, 1, 5)
     assert cfg.trainer.strategy["_target_"].endswith("DDPStrategy")
     check_config(cfg)
+    ref = {"TRAIN_BATCH_TOKENS": "2048", "TRAIN_SEQ_LEN": "64", "WARMUP_STEPS": "0", "WARMDOWN_ITERS": "3"}
+    ref |= {"TRAIN_LOG_EVERY": "7", "VAL_BATCH_SIZE": "4096", "NUM_LAYERS": "3", "MATRIX_LR": "0.1"}
+    cfg = run_config(payload, [], ref)
+    t = cfg.train
+    assert (t.batch_tokens, t.seq_len, t.warmup_steps, t.warmdown_iters, t.log_every) == (2048, 64, 0, 3, 7)
+    assert cfg.data.val_batch_tokens == 4096 and cfg.model.num_layers == payload["config"]["model"]["num_layers"]
+    assert unread_note(ref) == (
+        "note: NUM_LAYERS, MATRIX_LR: not read by this script; set the config's keys as key=value arguments"
+    )
+    assert unread_note(env) is None
     alone = run_config(payload, [], {})
     assert alone.seed == 1337 and alone.trainer.strategy == "auto" and alone.data.dir.startswith("./data/datasets/")
     with pytest.raises(ConfigError, match="no config groups"):
@@ -560,6 +579,16 @@ def test_a_damaged_payload_stops_the_file_with_one_line(tmp_path, packs):
     (tmp_path / SCRIPT).write_text(bad, encoding="utf-8")
     r = subprocess.run([sys.executable, "-I", SCRIPT], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "the embedded code is damaged (payload checksum)" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_missing_package_stops_the_file_with_one_line(tmp_path, packs):
+    """A package of requirements.txt that is not installed (hydra here, blocked in sys.modules) stops the file
+    with one line naming it and requirements.txt, exit 1, no traceback."""
+    (tmp_path / SCRIPT).write_bytes(packs["baseline"].script)
+    code = "import runpy,sys;sys.modules['hydra']=None;runpy.run_path(sys.argv[1],run_name='__main__')"
+    r = subprocess.run([sys.executable, "-I", "-c", code, SCRIPT], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 1 and "hydra" in r.stderr and "pip install -r requirements.txt" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

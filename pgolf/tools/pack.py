@@ -105,7 +105,10 @@ class L(A.MetaPathFinder,A.Loader):
  def get_source(s,n):return S.get(n,S.get(n+".__init__"))
  def exec_module(s,m):exec(compile(s.get_source(m.__name__),m.__file__,"exec"),m.__dict__)
 sys.meta_path.insert(0,L())
-if __name__=="__main__":sys.exit(__import__(M["entry"],fromlist=["_"]).{entry_function}(M,__file__))
+if __name__=="__main__":
+ try:E=__import__(M["entry"],fromlist=["_"])
+ except ModuleNotFoundError as e:sys.exit(f"{__file__}: {e}: pip install -r requirements.txt")
+ sys.exit(E.{entry_function}(M,__file__))
 """
 
 

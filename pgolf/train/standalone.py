@@ -3,10 +3,12 @@ variables and `key=value` overrides -> one run in the current folder (pgolf/tool
 its bootstrap calls `main`).
 
 As the reference script (openai/parameter-golf `train_gpt.py`) does, it reads `SEED`, `RUN_ID`,
-`DATA_PATH` (the shard folder), `TOKENIZER_PATH`, `MAX_WALLCLOCK_SECONDS`, `ITERATIONS` and
-`VAL_LOSS_EVERY` (`ENV_KEYS`), writes its log to `logs/{RUN_ID}.txt`, its resolved config and its record
-(`write_run_record`) beside it, and its artifact and `results.json` into the current folder, and runs alone
-or under `torchrun --standalone --nproc_per_node=N` (the process count is taken from torchrun's
+`DATA_PATH` (the shard folder), `TOKENIZER_PATH`, `MAX_WALLCLOCK_SECONDS`, `ITERATIONS`, `VAL_LOSS_EVERY`,
+`TRAIN_BATCH_TOKENS`, `TRAIN_SEQ_LEN`, `WARMUP_STEPS`, `WARMDOWN_ITERS`, `TRAIN_LOG_EVERY` and `VAL_BATCH_SIZE`
+(`ENV_KEYS`); the reference's other variables (`UNREAD_ENV`: model shape, learning rates), whose keys differ
+between experiments, are named in a note when set. It writes its log to `logs/{RUN_ID}.txt`, its resolved
+config and its record (`write_run_record`) beside it, and its artifact and `results.json` into the current
+folder, and runs alone or under `torchrun --standalone --nproc_per_node=N` (the process count is taken from torchrun's
 environment). Command-line arguments are overrides in Hydra's form, `train.iterations=50
 final_eval.modes=[standard,sliding]`, parsed by Hydra's own override parser (the values `train.py` would
 get: `{a:1}`, lists, `null`, interpolations; a key may index a list), applied to the config and checked by
@@ -49,7 +51,21 @@ ENV_KEYS = {
     "ITERATIONS": "train.iterations",
     "MAX_WALLCLOCK_SECONDS": "train.max_wallclock_seconds",
     "VAL_LOSS_EVERY": "train.val_every",
+    "TRAIN_BATCH_TOKENS": "train.batch_tokens",
+    "TRAIN_SEQ_LEN": "train.seq_len",
+    "WARMUP_STEPS": "train.warmup_steps",
+    "WARMDOWN_ITERS": "train.warmdown_iters",
+    "TRAIN_LOG_EVERY": "train.log_every",
+    "VAL_BATCH_SIZE": "data.val_batch_tokens",
 }
+# The reference's other variables (model shape, learning rates, optimizer): their keys differ between
+# experiments, so a run that has one set says it is not read (the config's key=value is the way to set them).
+UNREAD_ENV = (
+    "VOCAB_SIZE NUM_LAYERS NUM_KV_HEADS MODEL_DIM NUM_HEADS MLP_MULT TIE_EMBEDDINGS ROPE_BASE LOGIT_SOFTCAP "
+    "QK_GAIN_INIT EMBED_LR HEAD_LR TIED_EMBED_LR TIED_EMBED_INIT_STD MATRIX_LR SCALAR_LR MUON_MOMENTUM "
+    "MUON_BACKEND_STEPS MUON_MOMENTUM_WARMUP_START MUON_MOMENTUM_WARMUP_STEPS BETA1 BETA2 ADAM_EPS GRAD_CLIP_NORM "
+    "EVAL_SEQ_LEN EVAL_STRIDE"
+).split()
 
 
 def _check_form(arg: str) -> None:
@@ -93,6 +109,15 @@ def parse_env(env: Mapping[str, str]) -> list[tuple[str, object]]:
         except OmegaConfBaseException as e:
             raise ConfigError(f"{key}={env[var]}: {str(e).splitlines()[0]}") from None
     return out
+
+
+def unread_note(env: Mapping[str, str]) -> str | None:
+    """A note naming the reference's variables of `UNREAD_ENV` set in `env` (not read: silently ignoring them
+    would run another experiment than the one asked for); None when there are none."""
+    unread = [v for v in UNREAD_ENV if env.get(v)]
+    if unread:
+        return f"note: {', '.join(unread)}: not read by this script; set the config's keys as key=value arguments"
+    return None
 
 
 def merge_overrides(cfg: DictConfig, over: list[tuple[str, object]]) -> DictConfig:
@@ -156,6 +181,9 @@ def main(packed: Mapping, script: str | Path, argv: list[str] | None = None, env
     `script` the packed file itself, whose length and sha256 are the run's code record."""
     env = os.environ if env is None else env
     argv = sys.argv[1:] if argv is None else argv
+    note = unread_note(env)
+    if note and global_rank() == 0:
+        print(note, flush=True)
     code = code_record(Path(script).read_bytes())
     run_id = env.get("RUN_ID") or str(uuid.uuid4())
     logs = Path("logs")
