@@ -129,7 +129,7 @@ def home(tmp_path, monkeypatch) -> Path:
     return h
 
 
-def test_submission_folder_holds_no_machine_path(tmp_path, home, script):
+def test_submission_folder_holds_no_machine_path(tmp_path, home, script, capsys):
     sweep = tmp_path / "multirun" / "tiny"
     lines = [
         "artifact: {run}/" + ARTIFACT,
@@ -162,6 +162,10 @@ def test_submission_folder_holds_no_machine_path(tmp_path, home, script):
     ]
     sub = json.loads((out / "submission.json").read_text())
     assert sub["blurb"] == "made in . from ~/notes.md" and sub["seeds"] == [0, 1]
+    assert sub["hardware"].startswith("1x") and all("eval_seconds" in r for r in sub["seed_results"].values())
+    notes = capsys.readouterr().out
+    assert "note: the challenge keeps a 10min_16mb folder in records/track_10min_16mb/<date>_<name>/" in notes
+    assert "note: the runs trained on 1 process(es); the 10min_16mb track trains on 8xH100" in notes
     assert sub["code_sha256"] == code_record(script)["sha256"] and (out / SCRIPT).read_bytes() == script
     readme = (out / "README.md").read_text()
     note = "'train.note='\"'\"'a  b'\"'\"''"  # shlex.quote of `train.note='a  b'`

@@ -1,7 +1,7 @@
 """Assemble a challenge submission folder from a group of seed runs (the challenge README's submission rules).
 
-`python -m pgolf.tools.submission RUN_OR_SWEEP_DIR... --out records/2026-05-01_MyRun --name "My run" --github-id me
-[--mode sliding] [--baseline BASELINE_RUN_DIRS...]` writes, into a new folder:
+`python -m pgolf.tools.submission RUN_OR_SWEEP_DIR... --out records/track_10min_16mb/2026-05-01_MyRun
+--name "My run" --github-id me [--mode sliding] [--baseline BASELINE_RUN_DIRS...]` writes, into a new folder:
 
 * `train_gpt.py`: the packed script of the runs (pgolf/tools/pack.py; `train.py` keeps it in each run
   directory), which trains, exports and evaluates the experiment from inside the folder with
@@ -11,9 +11,9 @@
   `--baseline`) Δ and the Welch test of `pgolf.tools.compare` against the baseline group;
 * `submission.json`: the fields the record folders use (author, github_id, name, blurb, date, track,
   val_loss/val_bpb mean and std, seeds, seed_results with per-seed val_loss/val_bpb/artifact_bytes/steps/
-  step_avg_ms, bytes_total, bytes_code (the length of train_gpt.py), hardware, pytorch_version) plus
-  `eval_mode` (the scored mode), `eval_modes` (every mode's mean, std, per-seed values and compliance)
-  and `code_sha256`;
+  step_avg_ms/eval_seconds, bytes_total, bytes_code (the length of train_gpt.py), hardware
+  (`<processes>x<device>`), pytorch_version) plus `eval_mode` (the scored mode), `eval_modes` (every mode's
+  mean, std, per-seed values and compliance) and `code_sha256`;
 * `train_seed<SEED>.log`: each run's train log;
 * `requirements.txt`: the packages train_gpt.py imports, pinned to the versions the runs recorded, without
   local version labels (`torch==2.13.0` for `2.13.0+cu128`: `public_version`).
@@ -611,6 +611,8 @@ def seed_results_of(runs, s: ModeStats, mode: str, code: Code) -> dict[str, dict
             "steps": steps,
             "train_time_ms": ms,
             "step_avg_ms": round(ms / steps, 2) if steps and ms is not None else None,
+            # the scored mode's evaluation time (PR #1611's eval_time_s: the 10-minute eval budget is reviewed)
+            "eval_seconds": round(r.modes[mode]["seconds"], 1) if r.modes[mode].get("seconds") is not None else None,
         }
     return seed_results
 
@@ -695,7 +697,7 @@ def build(
         "size_ok": True,  # refused otherwise (check_size), measured from the files
         "train_steps_mean": round(sum(steps_all) / len(steps_all), 2) if steps_all else None,
         "step_avg_ms_mean": round(sum(avg_all) / len(avg_all), 2) if avg_all else None,
-        "hardware": hardware or prov.get("device", "unknown"),
+        "hardware": hardware or f"{code.world_size}x{prov.get('device', 'unknown')}",  # the records': 8xH100 ...
         "pytorch_version": prov.get("torch", "unknown"),
         "git_sha": prov.get("git_sha", "unknown"),
         "git_dirty": prov.get("git_dirty"),
@@ -946,7 +948,20 @@ def assemble(
         print(f"note: {n}")
     if len(runs) < 3:
         print(f"note: {len(runs)} seed(s); records show the gain over >= 3 seeds (challenge README)")
+    for n in track_notes(out, track, code.world_size):
+        print(f"note: {n}")
     return out
+
+
+def track_notes(out: Path, track: str, world_size: int) -> list[str]:
+    """Notes on where a records folder goes and what its track asks: the challenge keeps them in
+    `records/track_<track>/<date>_<name>/`, and the 10-minute track trains on 8 GPUs (8xH100)."""
+    notes = []
+    if Path(out).resolve().parent.name != f"track_{track}":
+        notes.append(f"the challenge keeps a {track} folder in records/track_{track}/<date>_<name>/")
+    if track == TRACK and world_size != 8:
+        notes.append(f"the runs trained on {world_size} process(es); the {track} track trains on 8xH100")
+    return notes
 
 
 def check_recipes(runs) -> None:
