@@ -418,7 +418,11 @@ def test_packed_runs_in_one_folder_form_a_submission(tmp_path, home, script, cap
         "TOKENIZER_PATH=./data/tokenizers/sp.model torchrun --standalone --nproc_per_node=8 train_gpt.py "
         "train.log_every=5\n"
     ) in readme
-    assert "python train.py" not in readme and str(tmp_path) not in readme
+    reproduce = readme[readme.index("## Reproduce") :]
+    assert "python train.py" not in reproduce and str(tmp_path) not in readme  # the packed runs' own commands only
+    # the method: the experiment's description (conf/experiment/demo.yaml's comment) and the recipe's settings
+    assert "## Method\n\nExperiment `demo` (pgolf's `conf/experiment/demo.yaml`" in readme
+    assert ": The demo (also what" in readme and "```yaml\nmodel:" in readme
     # the records one by one pick runs out of the folder, also as relative paths
     cwd = Path.cwd()
     try:

@@ -7,7 +7,8 @@
   directory), which trains, exports and evaluates the experiment from inside the folder with
   `torchrun --standalone --nproc_per_node=N train_gpt.py`;
 * `README.md`: what was run, the per-seed results table (every eval mode), mean ± std, the compliance of
-  every eval mode, the size accounting, the command and environment that reproduce each run, and (with
+  every eval mode, the method (the experiment's description and the recipe's resolved settings), the size
+  accounting, the command and environment that reproduce each run, and (with
   `--baseline`) Δ and the Welch test of `pgolf.tools.compare` against the baseline group;
 * `submission.json`: the fields the record folders use (author, github_id, name, blurb, date, track,
   val_loss/val_bpb mean and std, seeds, seed_results with per-seed val_loss/val_bpb/artifact_bytes/steps/
@@ -764,10 +765,52 @@ def readme(sub: dict, stats: dict[str, ModeStats], runs, mode: str, code: Code) 
             f"The `{mode}` scores come from a later `python eval.py` of the artifact ({', '.join(later)}), not from "
             "the run's own round trip; its settings are that file's.",
         ]
+    lines += method_lines(runs)
     if "comparison" in sub:
         lines += significance_lines(sub["comparison"])
     lines += reproduce_lines(sub, packed_commands(runs, code), run_command(runs), data_source(runs, code))
     return "\n".join(lines) + "\n"
+
+
+# The config groups that make the recipe (model, training, export, evaluation); the seed and the data paths are
+# in the README's commands.
+METHOD_GROUPS = ("model", "optim", "train", "callbacks", "export", "final_eval")
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "conf" / "experiment"
+
+
+def experiment_description(name: str) -> str | None:
+    """The leading comment of `conf/experiment/<name>.yaml` in this checkout (what the recipe reproduces and
+    its sources), as one paragraph; None when there is no such file or comment."""
+    path = EXPERIMENTS / f"{name}.yaml"
+    if not name or not path.is_file() or not path.resolve().is_relative_to(EXPERIMENTS.resolve()):
+        return None
+    words = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if not text.startswith("@package"):
+            words.append(text)
+    return " ".join(w for w in words if w) or None
+
+
+def method_lines(runs) -> list[str]:
+    """README's method section (the challenge asks a submission's README to explain it in reasonable detail):
+    the experiment's description (`experiment_description`) and the recipe's resolved settings, the runs'
+    config groups `METHOD_GROUPS`, as YAML in a collapsed block."""
+    cfg = runs[0].config
+    lines = ["", "## Method", ""]
+    name = runs[0].identity.experiment
+    desc = experiment_description(name)
+    if desc:
+        lines += [
+            f"Experiment `{name}` (pgolf's `conf/experiment/{name}.yaml`; overrides in the settings below): {desc}",
+            "",
+        ]
+    recipe = {k: cfg[k] for k in METHOD_GROUPS if k in cfg}
+    text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=110).rstrip()
+    lines += ["<details><summary>The recipe's settings (the runs' resolved config)</summary>", ""]
+    return lines + ["```yaml", text, "```", "", "</details>"]
 
 
 def significance_lines(c: dict) -> list[str]:
@@ -950,6 +993,8 @@ def assemble(
         print(f"note: {len(runs)} seed(s); records show the gain over >= 3 seeds (challenge README)")
     for n in track_notes(out, track, code.world_size):
         print(f"note: {n}")
+    if not blurb:
+        print("note: no --blurb: the summary is generated; the challenge asks the README to explain the submission")
     return out
 
 
