@@ -114,14 +114,15 @@ def check_calibration_source(c: CalibrationConfig, files: list[Path], dm, world_
     micro-batch's tokens (`dm.layout.local`). `train_shuffled`: builds the export's `ShuffledSequenceLoader`
     (pgolf/data/shuffled.py, PR #1611; shard files memory-mapped, nothing read) for rank 0 of the calibration
     world (`c.world_size`, else the run's `world_size`) over the sorted training shards `files`; its
-    ValueError (the rank owns no file, or its files hold no `c.length + 1`-token window) becomes a ValueError
-    naming the setting. Asking for more windows than rank 0's files hold in one pass is allowed (the loader
-    draws a fresh phase and order when every window is used, so windows repeat, shifted): one WARNING line.
+    ValueError (the rank owns no file, or its files hold no `c.length + 1`-token window) becomes a ConfigError
+    naming the setting (one `config error:` line, pgolf/train/run.py); so does a `train` length over a
+    micro-batch. Asking for more windows than rank 0's files hold in one pass is allowed (the loader draws a
+    fresh phase and order when every window is used, so windows repeat, shifted): one WARNING line.
     Other sources read no training data: nothing to check."""
     if c.source == "train":
         local = dm.layout.local
         if c.length > local:
-            raise ValueError(
+            raise ConfigError(
                 f"export.calibration.source=train cuts each calibration sequence from one training micro-batch "
                 f"of {local} tokens per rank: export.calibration.length={c.length} is longer (lower it, or use "
                 "train_shuffled)"
@@ -133,7 +134,7 @@ def check_calibration_source(c: CalibrationConfig, files: list[Path], dm, world_
         try:
             loader = loader_cls(files, c.length, 0, world, seed, dm.vocab_size)
         except ValueError as e:
-            raise ValueError(
+            raise ConfigError(
                 f"export.calibration.source=train_shuffled (length={c.length}, world_size={world}) cannot draw "
                 f"calibration windows: {e}; lower export.calibration.length or export.calibration.world_size"
             ) from None

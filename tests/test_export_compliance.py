@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from callbacks.export import artifact_compliance, check_calibration_source
+from pgolf.config.typed import ConfigError
 from pgolf.data.shards import list_shards
 from pgolf.data.tokenizer import TokenizerInfo
 from pgolf.eval.run import MAX_TOKENS_REASON, evaluate_artifact
@@ -125,12 +126,15 @@ def datamodule(local: int = 1024):
 def test_a_train_shuffled_calibration_that_cannot_draw_a_window_is_refused(synth_dir):
     files = list_shards(str(synth_dir / "synth_train_*.bin"))
     c = CalibrationConfig(source="train_shuffled", count=2, length=50_000)
-    with pytest.raises(ValueError, match=r"train_shuffled \(length=50000, world_size=1\).* hold no 50001-token"):
+    with pytest.raises(ConfigError, match=r"train_shuffled \(length=50000, world_size=1\).* hold no 50001-token"):
         check_calibration_source(c, files, datamodule(), 1)
     c = CalibrationConfig(source="train_shuffled", count=2, length=32, world_size=len(files) + 1)
     check_calibration_source(c, files, datamodule(), 1)  # rank 0 owns files[0::world]: still one file
-    with pytest.raises(ValueError, match="owns none"):
+    with pytest.raises(ConfigError, match="owns none"):
         check_calibration_source(c, [], datamodule(), 1)
+    # a `train` calibration longer than a micro-batch: a config error (one line at set-up, not a traceback)
+    with pytest.raises(ConfigError, match="micro-batch of 128 tokens per rank: export.calibration.length=2048"):
+        check_calibration_source(CalibrationConfig(source="train", count=2, length=2048), files, datamodule(128), 1)
 
 
 def test_more_windows_than_one_pass_holds_is_a_warning(synth_dir, capsys):
