@@ -105,7 +105,7 @@ def build_callbacks(cfg: DictConfig, run_dir: str | Path, meta: dict) -> Challen
     eval_cfg = OmegaConf.to_container(cfg.final_eval, resolve=True)
     progress_every = None if c.progress == "none" else float(c.progress_every_seconds)  # also after training
     return ChallengeCallbacks(
-        warmup=CompileWarmup(steps=t.warmup_steps),
+        warmup=CompileWarmup(steps=t.warmup_steps, clock=clock),
         clock=clock,
         schedule=schedule,
         qat=LateQAT(c.late_qat_threshold),

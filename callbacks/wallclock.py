@@ -81,13 +81,21 @@ class ChallengeClock(L.Callback):
         finally:
             self._pause(pl_module)
 
+    def ended_by(self, step: int) -> str | None:
+        """What ended training at `step` for a run resumed there (its checkpoint's step and time): the step
+        budget or the clock; None when steps are left."""
+        if 0 < self.iterations <= step:
+            return "the step budget"
+        if self.cap_ms > 0 and self.stop_ms <= self.offset_ms:
+            return "the clock"
+        return None
+
     def on_train_start(self, trainer, pl_module):
         self._last_step = step = trainer.global_step
         self.step_ms = pl_module.state.train_time_ms = self.offset_ms  # 0, or the resumed checkpoint's time
         self._resume(pl_module)
         # a run resumed from a checkpoint of the step where training ended takes no step (no step past the cap)
-        why = "the step budget" if 0 < self.iterations <= step else None
-        why = why or ("the clock" if self.cap_ms > 0 and self.stop_ms <= self.offset_ms else None)
+        why = self.ended_by(step)
         if why is not None:
             log0(f"resume: the checkpoint is of step {step}, where {why} ended training: no step is left; exporting")
             trainer.should_stop = True

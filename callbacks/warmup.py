@@ -1,7 +1,8 @@
 """Compile-priming warm-up (the baseline train_gpt.py's WARMUP_STEPS): run N real training steps to trigger
 compilation, then restore the initial weights, optimizer state, RNG state and data stream (the warm-up reads a
 separate copy of the stream from micro-step 0, so the real stream is untouched). Runs before the challenge clock
-starts, in a resumed run too (from its restored state, which is restored again after). A model with progressive
+starts, in a resumed run too (from its restored state, which is restored again after), but not in one resumed at
+the step where training ended (it takes no step). A model with progressive
 depth recurrence (`model.num_loops`, switched on during training) is warmed up in both states, N steps each, so both
 graphs are compiled off the clock (PR #1611)."""
 
@@ -16,13 +17,17 @@ from pgolf.runlog import log0
 
 
 class CompileWarmup(L.Callback):
-    def __init__(self, steps: int = 20, only_when_compiled: bool = True):
+    def __init__(self, steps: int = 20, only_when_compiled: bool = True, clock=None):
         self.steps, self.only_when_compiled = int(steps), only_when_compiled
+        self.clock = clock  # the challenge clock (callbacks/wallclock.py): a run resumed where training ended
         self.ran = 0
 
     def on_train_start(self, trainer, pl_module):
-        # a resumed run warms up too: its process compiles afresh, and its first steps would compile on the clock
+        # a resumed run warms up too: its process compiles afresh, and its first steps would compile on the clock;
+        # not one resumed at the step where training ended, which takes no step (the clock says so next)
         if self.steps <= 0 or (self.only_when_compiled and not pl_module.compile):
+            return
+        if self.clock is not None and self.clock.ended_by(trainer.global_step):
             return
         opt = trainer.optimizers[0]
         model_state = copy.deepcopy(pl_module.gpt.state_dict())

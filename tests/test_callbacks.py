@@ -24,6 +24,7 @@ from callbacks.averaging import EMA, SWA
 from callbacks.progress import LineProgressBar
 from callbacks.schedule import LRSchedule
 from callbacks.wallclock import ChallengeClock
+from callbacks.warmup import CompileWarmup
 from pgolf.eval.core import EvalContext
 from pgolf.export.roundtrip import MAX_TOKENS_REASON
 from pgolf.export.stages import pre_quant_diagnostic
@@ -363,3 +364,17 @@ def test_the_gptq_reserve_stops_training_before_the_cap(monkeypatch, reserve, st
     assert trainer.should_stop is stops and clock.stopped_early is stops and clock.cap_ms == 1000.0
     kw = dict(iterations=100, warmdown_iters=5, max_wallclock_ms=1000.0, reserve_ms=1000.0 * reserve)
     assert lr_scale(5, 600.0, **kw) == (0.0 if stops else pytest.approx(400.0 / 600.0))
+
+
+def test_a_run_resumed_where_training_ended_skips_the_compile_warm_up():
+    """A resume from the checkpoint of the step budget's last step, or of a time past the clock's stop: no step
+    is left, so no warm-up steps are compiled either (the clock then says why and the run exports)."""
+    module = SimpleNamespace(compile=True)
+    trainer = SimpleNamespace(global_step=4)  # no optimizers, no data: a warm-up would fail on the first
+    CompileWarmup(steps=2, clock=ChallengeClock(0, iterations=4)).on_train_start(trainer, module)
+    ended = ChallengeClock(1.0, iterations=100, reserve_seconds=0.5)
+    ended.offset_ms = 600.0
+    assert ended.ended_by(4) == "the clock" and ChallengeClock(1.0, iterations=100).ended_by(4) is None
+    CompileWarmup(steps=2, clock=ended).on_train_start(trainer, module)
+    with pytest.raises(AttributeError, match="optimizers"):  # steps are left: it warms up
+        CompileWarmup(steps=2, clock=ChallengeClock(0, iterations=5)).on_train_start(trainer, module)
