@@ -61,6 +61,7 @@ from pgolf.train.standalone import (
     main,
     parse_env,
     run_config,
+    run_id_of,
     set_by,
     unread_note,
 )
@@ -255,6 +256,11 @@ def test_the_resume_hint_names_the_script_that_ran(monkeypatch, tmp_path):
     assert resume_hint(elsewhere) == f"resume with: python train.py <same overrides> resume={elsewhere}"
     monkeypatch.setattr(sys, "argv", ["/repo/train.py", "model=tiny"])
     assert resume_command() == "python train.py <same overrides>"
+    # a packed run without RUN_ID gets a uuid, which the hint then names (the resumed run appends to its log)
+    monkeypatch.setenv("RUN_ID", "")  # unset, and restored after the test (run_id_of sets it)
+    monkeypatch.setattr(sys, "argv", ["train_gpt.py"])
+    run_id = run_id_of(os.environ)
+    assert len(run_id) == 36 and f"RUN_ID={run_id} " in resume_command() and run_id_of({"RUN_ID": "s1"}) == "s1"
 
 
 def test_a_reused_run_id_keeps_the_earlier_runs_config(tmp_path):

@@ -111,6 +111,16 @@ def parse_env(env: Mapping[str, str]) -> list[tuple[str, object]]:
     return out
 
 
+def run_id_of(env: Mapping[str, str]) -> str:
+    """The run's RUN_ID: the environment's, else a new uuid4 (the reference's default), then also put into this
+    process's environment (when `env` is it) so that a resume hint names it (callbacks/checkpoint.py): the
+    resumed run appends to the same `logs/<RUN_ID>.txt`."""
+    run_id = env.get("RUN_ID") or str(uuid.uuid4())
+    if env is os.environ:
+        os.environ["RUN_ID"] = run_id
+    return run_id
+
+
 def unread_note(env: Mapping[str, str]) -> str | None:
     """A note naming the reference's variables of `UNREAD_ENV` set in `env` (not read: silently ignoring them
     would run another experiment than the one asked for); None when there are none."""
@@ -185,7 +195,7 @@ def main(packed: Mapping, script: str | Path, argv: list[str] | None = None, env
     if note and global_rank() == 0:
         print(note, flush=True)
     code = code_record(Path(script).read_bytes())
-    run_id = env.get("RUN_ID") or str(uuid.uuid4())
+    run_id = run_id_of(env)
     logs = Path("logs")
     with exit_on_config_error():
         check_run_id(run_id)
