@@ -32,7 +32,7 @@ PARAMS = {
 }
 RECORDS = sorted(PARAMS)
 EXPORT_LABEL = {
-    "baseline": "int8_zlib_record",
+    "baseline": "int8_zlib",  # export=int8_zlib_record, labelled as the reference's log lines
     "v5_1556": "int6_v5_zstd",
     "record_549": "int6_lite_lzma6_record",
     "record_1019": "int6_gptq_lzma_record",
