@@ -3,6 +3,8 @@ stack trained on CPU with document-bounded attention, progressive looping and th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -89,8 +91,33 @@ def test_document_bounded_training_cuts_the_validation_split_by_the_eval_length(
         assert meta["data"]["val_seq_len"] == cut and run_val_seq_len(meta) == cut
     assert (n // 16) * 16 > (n // 96) * 96  # the synthetic split tells the two cuts apart
     assert compose_cfg(["experiment=record_1611"]).data.eval_seq_len == 2048
-    # artifacts from before the record: their training seq_len, none with document-bounded training; a forged one
-    assert run_val_seq_len({"train": {"seq_len": 96}}) == 96
-    assert run_val_seq_len({"train": {"seq_len": 98304, "doc_attention": True}}) == 0
-    with pytest.raises(ArtifactError, match="meta.data.val_seq_len must be an integer in 1.."):
-        run_val_seq_len({"data": {"val_seq_len": -3}})
+    # artifacts from before the record: None (eval.py cuts as their runs did); a packed row; a forged value
+    assert run_val_seq_len({"train": {"seq_len": 96, "doc_attention": True}}) is None
+    assert run_val_seq_len({"data": {"val_seq_len": 98304}}) == 98304
+    for bad in (-3, 0, True, "16", 16.0, (1 << 20) + 1):
+        with pytest.raises(ArtifactError, match="meta.data.val_seq_len must be an integer in 1.."):
+            run_val_seq_len({"data": {"val_seq_len": bad}})
+
+
+def test_eval_py_scores_what_a_document_bounded_runs_round_trip_scored(tmp_path, synth_dir, monkeypatch, one_thread):
+    """A document-bounded run whose final eval windows (64) are longer than its cut (data.eval_seq_len 16): the
+    round trip scores the split cut by 16 (the sliding mode every target of it), and eval.py on the artifact,
+    with no window given, scores the same targets to the same numbers (it cut by its window, 64, before)."""
+    from test_resume_flow import fit
+
+    from pgolf.eval.run import evaluate_artifact
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    over = ["train.seq_len=64", "train.doc_attention=true", "train.max_seg_len=16", "data.eval_seq_len=16"]
+    over += ["train.iterations=2", "final_eval.stride=8", "final_eval.modes=[standard,sliding]"]
+    cfg = compose_cfg([*TINY, f"data.root={synth_dir.parent}", *over])
+    res = fit(cfg, Path("run"))["roundtrip"]
+    art = next(Path("run").glob("final_model.*.ptz"))
+    modes = {"standard": {}, "sliding": {"stride": 8}}
+    data = {k: cfg.data[k] for k in ("val_pattern", "tokenizer_path")}
+    ev = evaluate_artifact(artifact=art, modes=modes, data=data, batch_windows=8, out_dir=Path("ev"))["results"]
+    for mode in modes:
+        assert ev[mode]["tokens"] == res[mode]["tokens"], mode
+        assert abs(ev[mode]["val_bpb"] - res[mode]["val_bpb"]) < 1e-6, mode  # as tests/test_cli.py
+    assert res["sliding"]["tokens"] > res["standard"]["tokens"]  # the tail past the last whole 64-token window

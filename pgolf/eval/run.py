@@ -24,7 +24,7 @@ from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
 from pgolf.eval.core import EvalContext, TargetLog, gather_log
 from pgolf.eval.modes import parse_mode, run_mode
 from pgolf.export.code import code_of, recorded_code_bytes
-from pgolf.export.weights import MAX_SEQ_LEN, load_artifact_model, read_model_artifact
+from pgolf.export.weights import MAX_SEQ_LEN, MAX_TRAIN_SEQ_LEN, load_artifact_model, read_model_artifact
 from pgolf.io import atomic_path, atomic_write_bytes
 from pgolf.quant.artifact import ArtifactError, SizeReport
 from pgolf.quant.settings import calibration_verdict, mark_not_compliant
@@ -190,7 +190,7 @@ def evaluate_artifact(
     model, meta = load_artifact_model(artifact, device)
     val = load_val_data(
         data["val_pattern"],
-        max(S, run_cut),
+        run_cut or max(S, train_seq),  # the run's own cut (older artifacts: as their runs cut)
         tok.vocab_size,
         tokenizer=data["tokenizer_path"],
         bytes_pattern=data.get("val_bytes_pattern"),
@@ -274,21 +274,18 @@ def evaluate_artifact(
     return out
 
 
-def run_val_seq_len(meta: dict) -> int:
-    """What the training run that made an artifact cut the validation split to a multiple of (tokens): its
-    recorded `data.val_seq_len`; for artifacts that predate the record, the training seq_len, or none (0) with
-    document-bounded training (`pgolf.data.stream.val_seq_len`). eval.py cuts by the longer of it and its own
-    window, so that it scores the targets the run's round trip scored. Raises ArtifactError for a recorded
-    value that is not an integer in 1..MAX_SEQ_LEN."""
-    data, train = meta.get("data") or {}, meta.get("train") or {}
+def run_val_seq_len(meta: dict) -> int | None:
+    """What the training run that made an artifact cut the validation split to a multiple of (tokens, its
+    recorded `data.val_seq_len`, `pgolf.data.stream.val_seq_len`); None for artifacts that predate the record
+    (their runs cut by max(train.seq_len, eval window)). eval.py cuts by it, so that it scores the targets the
+    run's round trip scored. Raises ArtifactError for a recorded value that is not an integer in
+    1..MAX_TRAIN_SEQ_LEN (a training length may be a packed row of documents: PR #1611's 98,304)."""
+    data = meta.get("data") or {}
     n = data.get("val_seq_len") if isinstance(data, dict) else None
     if n is None:
-        if not isinstance(train, dict) or train.get("doc_attention"):
-            return 0
-        n = train.get("seq_len") or 0
-        return n if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_SEQ_LEN else 0
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SEQ_LEN:
-        raise ArtifactError(f"meta.data.val_seq_len must be an integer in 1..{MAX_SEQ_LEN}, got {n!r}")
+        return None
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_TRAIN_SEQ_LEN:
+        raise ArtifactError(f"meta.data.val_seq_len must be an integer in 1..{MAX_TRAIN_SEQ_LEN}, got {n!r}")
     return n
 
 

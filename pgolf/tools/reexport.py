@@ -88,7 +88,8 @@ def reexport(cfg: DictConfig) -> dict:
     seq_len = int(cfg.eval.seq_len or run_seq or data.get("eval_seq_len") or 0)
     if seq_len <= 0:
         raise ValueError(f"{weights.name} records no training seq_len: set eval.seq_len=")
-    cut = max(seq_len, run_val_seq_len(meta))  # the targets the training run's round trip scored
+    train_seq = meta.get("train", {}).get("seq_len") or 0
+    cut = run_val_seq_len(meta) or max(seq_len, int(train_seq))  # the targets the training run's round trip scored
     device = pick_device(cfg.device)
     model = model_from_weights(state, meta)
     ensure_dataset(data.get("prepare"), data.get("root"))
