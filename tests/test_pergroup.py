@@ -186,6 +186,16 @@ def test_a_missing_lrzip_is_an_error_when_writing_and_when_reading(tmp_path, raw
         with pytest.raises(ArtifactError, match=r"needs the external program `lrzip`.*apt-get install lrzip"):
             call()
     art.encode_artifact(raw, "pergroup_brotli")  # needs no external program
+    # a run whose export needs it (experiment=record_1611) stops at its start, one config error line, before
+    # any data is prepared (a traceback after the data download before)
+    from test_training import compose_cfg
+
+    from pgolf.config.typed import ConfigError
+    from pgolf.train.build import check_export_codec
+
+    with pytest.raises(ConfigError, match=r"^export: codec pergroup needs the external program `lrzip`"):
+        check_export_codec(compose_cfg(["experiment=record_1611"]))
+    check_export_codec(compose_cfg(["experiment=record_1611", "export=sdclip_gptq_record_1611"]))  # lzma
     if data is not None:
         path = tmp_path / "a.ptz"
         path.write_bytes(data)

@@ -28,6 +28,7 @@ from pgolf.data.tokenizer import TokenizerError, TokenizerInfo, build_byte_luts,
 from pgolf.export.provenance import provenance
 from pgolf.io import atomic_path, atomic_write_bytes
 from pgolf.model.gpt import count_params
+from pgolf.quant.artifact import ArtifactError, check_codec
 from pgolf.runlog import global_rank
 from pgolf.train import wandb_logger  # noqa: F401  (registers the optional part `wandb`; imports wandb only when a run is made)
 from pgolf.train.module import GolfModule
@@ -80,6 +81,18 @@ def check_accelerator(cfg: DictConfig) -> None:
             f"trainer.accelerator={acc}, but this machine has no CUDA device: run on the CPU with trainer=cpu "
             "(train.py) or trainer.accelerator=cpu (a packed train_gpt.py)"
         )
+
+
+def check_export_codec(cfg: DictConfig) -> None:
+    """The export's codec and level, and the external program it needs (`lrzip` for the per-group codec, PR
+    #1611), checked before any data is prepared, so that a missing program is one `config error:` line and
+    not a traceback after the data download. Raises ConfigError."""
+    if not cfg.export.get("enabled", True):
+        return
+    try:
+        check_codec(str(cfg.export.codec), cfg.export.get("level"))
+    except ArtifactError as e:
+        raise ConfigError(f"export: {e}") from None
 
 
 def instantiate_extras(specs: DictConfig, base: type, where: str) -> list:

@@ -46,11 +46,13 @@ class Extras:
 
 def prepare(cfg: DictConfig, run_dir: str | Path) -> Extras:
     """The checks that need Lightning (trainer keys, the batch layout) or the machine (a CUDA device for
-    `trainer.accelerator=gpu`, the `resume` checkpoint file: train.py checks it before its claim, the packed
-    train_gpt.py here) and the extra callbacks and loggers, before any data is prepared. Raises ConfigError."""
+    `trainer.accelerator=gpu`, the export codec's external program, the `resume` checkpoint file: train.py
+    checks it before its claim, the packed train_gpt.py here) and the extra callbacks and loggers, before any
+    data is prepared. Raises ConfigError."""
     check_resume(cfg.get("resume"))
     build.check_lightning_config(cfg)
     build.check_accelerator(cfg)
+    build.check_export_codec(cfg)
     return Extras(build.build_extra_callbacks(cfg), build.build_logger(cfg, Path(run_dir)))
 
 
