@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -665,3 +666,32 @@ def test_each_readme_command_has_its_own_runs_process_count(tmp_path, home, scri
     cmds = submission.packed_commands([packed, plain], code)
     assert "--nproc_per_node=2 train_gpt.py" in cmds[0]
     assert "--nproc_per_node=8 train_gpt.py" in cmds[1]  # the runs' count, not the packed run's before it
+
+
+def test_the_method_section_describes_the_experiment_without_machine_paths():
+    """The README's method: the experiment file's comment (none for a name no file can have) and the recipe's
+    settings as YAML, with absolute paths scrubbed before YAML quotes or escapes them."""
+    assert submission.experiment_description("n" * 300) is None and submission.experiment_description("a\0b") is None
+    assert submission.experiment_description("record_1263").startswith("PR #1263")
+    cfg = {"model": {"num_layers": 2}, "callbacks": {"extra": {"cb": {"dirpath": "/home/alice/ckpt dir/x"}}}}
+    run = SimpleNamespace(config=cfg, identity=SimpleNamespace(experiment="record_1263"))
+    text = "\n".join(submission.method_lines([run]))
+    assert "Experiment `record_1263`" in text and "num_layers: 2" in text
+    assert "/home/alice" not in text and find_machine_paths(text) == []
+
+
+def test_seed_runs_may_differ_in_what_they_log_but_not_in_their_recipe():
+    """TRAIN_LOG_EVERY and VAL_BATCH_SIZE change what a packed run logs along the way, not what it trains or
+    scores: runs that differ only there form one submission; a recipe key still refuses."""
+
+    def run(log_every, val_batch, seq_len=64):
+        cfg = {"train": {"log_every": log_every, "seq_len": seq_len}, "data": {"val_batch_tokens": val_batch}}
+        return SimpleNamespace(record={}, config=cfg)
+
+    submission.check_recipes([run(1, 4096), run(7, 8192)])
+    with pytest.raises(SubmissionError, match=r"their configs differ in train.seq_len:"):
+        submission.check_recipes([run(1, 4096), run(1, 4096, 32)])
+    cfg = {"train": {"log_every": 1, "seq_len": 64}}
+    assert (
+        submission.without(cfg, ["train.log_every", "x.y"]) == {"train": {"seq_len": 64}} and cfg["train"]["log_every"]
+    )

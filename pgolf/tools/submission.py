@@ -53,6 +53,7 @@ next to `--out` and renamed into place; an existing non-empty `--out` is never t
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import shlex
@@ -782,10 +783,14 @@ def experiment_description(name: str) -> str | None:
     """The leading comment of `conf/experiment/<name>.yaml` in this checkout (what the recipe reproduces and
     its sources), as one paragraph; None when there is no such file or comment."""
     path = EXPERIMENTS / f"{name}.yaml"
-    if not name or not path.is_file() or not path.resolve().is_relative_to(EXPERIMENTS.resolve()):
+    try:
+        if not name or not path.is_file() or not path.resolve().is_relative_to(EXPERIMENTS.resolve()):
+            return None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError):  # a name no file can have (too long, a NUL)
         return None
     words = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         if not line.startswith("#"):
             break
         text = line.lstrip("#").strip()
@@ -807,8 +812,8 @@ def method_lines(runs) -> list[str]:
             f"Experiment `{name}` (pgolf's `conf/experiment/{name}.yaml`; overrides in the settings below): {desc}",
             "",
         ]
-    recipe = {k: cfg[k] for k in METHOD_GROUPS if k in cfg}
-    text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=110).rstrip()
+    recipe = scrub_obj({k: cfg[k] for k in METHOD_GROUPS if k in cfg})  # machine paths out before YAML escapes
+    text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=110, allow_unicode=True).rstrip()
     lines += ["<details><summary>The recipe's settings (the runs' resolved config)</summary>", ""]
     return lines + ["```yaml", text, "```", "", "</details>"]
 
@@ -897,8 +902,9 @@ def reproduce_lines(sub: dict, packed: list[str], cmd: str, data: str) -> list[s
         "",
         f"`{SCRIPT}` ({sub['bytes_code']:,} bytes, sha256 `{sub['code_sha256']}`) holds the runtime and the resolved "
         "config (compressed, in one ASCII string literal); each run writes `logs/<RUN_ID>.txt`, the artifact and "
-        "`results.json` here. `ITERATIONS`, `MAX_WALLCLOCK_SECONDS`, `VAL_LOSS_EVERY` and `key=value` arguments "
-        "override the config.",
+        "`results.json` here. The reference's `ITERATIONS`, `MAX_WALLCLOCK_SECONDS`, `VAL_LOSS_EVERY`, "
+        "`TRAIN_BATCH_TOKENS`, `TRAIN_SEQ_LEN`, `WARMUP_STEPS`, `WARMDOWN_ITERS`, `TRAIN_LOG_EVERY`, `VAL_BATCH_SIZE` "
+        "and `key=value` arguments override the config.",
         *(pgolf_lines(cmd) if cmd is not None else []),
         "",
         "## Environment",
@@ -1009,6 +1015,27 @@ def track_notes(out: Path, track: str, world_size: int) -> list[str]:
     return notes
 
 
+# What is logged along the way, not what is trained or scored (TRAIN_LOG_EVERY, VAL_BATCH_SIZE): seed runs may differ
+LOG_KEYS = ("train.log_every", "data.val_batch_tokens")
+
+
+def without(cfg: dict, keys) -> dict:
+    """`cfg` (nested dicts) without the dotted `keys` (a copy where one is present)."""
+    out = cfg
+    for key in keys:
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            out = copy.deepcopy(out) if out is cfg else out
+            node = out
+            for part in path:
+                node = node[part]
+            del node[last]
+    return out
+
+
 def check_recipes(runs) -> None:
     """Runs of a packed train_gpt.py take overrides (`ITERATIONS`, `key=value`) that a train.py run would
     have packed into another file: such runs form one submission only when they ran one recipe, their
@@ -1023,7 +1050,7 @@ def check_recipes(runs) -> None:
             recipes.append(packed_config(r.config)[0])
         except Exception:  # noqa: BLE001 - a config the packer refuses (a machine path) is compared as it is
             recipes.append(r.config)
-    shown = differences(recipes)
+    shown = differences([without(c, LOG_KEYS) for c in recipes])
     if shown:
         data = "; the names of the shard folder and tokenizer are part of it" if "data." in shown else ""
         raise SubmissionError(
