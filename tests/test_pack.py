@@ -203,6 +203,9 @@ def test_environment_and_overrides_map_onto_the_config():
     t = cfg.train
     assert (t.batch_tokens, t.seq_len, t.warmup_steps, t.warmdown_iters, t.log_every) == (2048, 64, 0, 3, 7)
     assert cfg.data.val_batch_tokens == 4096 and cfg.model.num_layers == payload["config"]["model"]["num_layers"]
+    assert cfg.final_eval.seq_len == 64  # the reference's eval window is its TRAIN_SEQ_LEN
+    p1611, _ = unpack(pack(compose_train(["experiment=record_1611"])).script)  # evaluates at 2048, trains 98,304
+    assert run_config(p1611, [], {"TRAIN_SEQ_LEN": "49152"}).final_eval.seq_len == 2048
     assert unread_note(ref) == (
         "note: NUM_LAYERS, MATRIX_LR: not read by this script; set the config's keys as key=value arguments"
     )
@@ -592,10 +595,11 @@ def test_a_missing_package_stops_the_file_with_one_line(tmp_path, packs):
     """A package of requirements.txt that is not installed (hydra here, blocked in sys.modules) stops the file
     with one line naming it and requirements.txt, exit 1, no traceback."""
     (tmp_path / SCRIPT).write_bytes(packs["baseline"].script)
-    code = "import runpy,sys;sys.modules['hydra']=None;runpy.run_path(sys.argv[1],run_name='__main__')"
-    r = subprocess.run([sys.executable, "-I", "-c", code, SCRIPT], cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode == 1 and "hydra" in r.stderr and "pip install -r requirements.txt" in r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for package in ("hydra", "brotli"):  # one the runtime imports, the one the bootstrap itself imports
+        code = f"import runpy,sys;sys.modules['{package}']=None;runpy.run_path(sys.argv[1],run_name='__main__')"
+        r = subprocess.run([sys.executable, "-I", "-c", code, SCRIPT], cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 1 and package in r.stderr and "pip install -r requirements.txt" in r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 # ---- optional parts of the model and the quantization rules ------------------------------------------------

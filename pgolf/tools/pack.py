@@ -87,7 +87,9 @@ BOOTSTRAP_PACKAGES = ("brotli",)  # what the bootstrap itself imports beyond the
 SAFE_CONTROLS = (1, 2, 3, 4, 6, *range(16, 24), 25, 31, 9)
 ALPHABET = "".join(chr(i) for i in (*SAFE_CONTROLS, *range(32, 127)) if chr(i) not in '"\\')
 CHUNK_CHARS, CHUNK_BYTES = 19, 16
-BOOTSTRAP = """import brotli,importlib.abc as A,importlib.util as U,json,sys,zlib
+BOOTSTRAP = """import importlib.abc as A,importlib.util as U,json,sys,zlib
+try:import brotli
+except ModuleNotFoundError as e:sys.exit(f"{__file__}: {e}: pip install -r requirements.txt")
 B="{alphabet}"
 P="{payload}";D=bytearray()
 try:

@@ -380,7 +380,8 @@ def log_header(
         f"tie_embeddings:{m.tie_embeddings} embed_lr:{o.embed_lr} head_lr:{o.head_lr} matrix_lr:{o.matrix_lr} "
         f"scalar_lr:{o.scalar_lr}",
         f"train_batch_tokens:{t.batch_tokens} train_seq_len:{t.seq_len} iterations:{t.iterations} "
-        f"warmup_steps:{t.warmup_steps} max_wallclock_seconds:{t.max_wallclock_seconds}",
+        f"warmup_steps:{t.warmup_steps} max_wallclock_seconds:{t.max_wallclock_seconds}"
+        + (f" gptq_reserve_seconds:{t.gptq_reserve_seconds}" if t.gptq_reserve_seconds else ""),  # stops earlier
         f"seed:{cfg.seed}",
         f"torch:{torch.__version__} threads:{torch.get_num_threads()}",
     ]

@@ -152,11 +152,15 @@ def merge_overrides(cfg: DictConfig, over: list[tuple[str, object]]) -> DictConf
 
 
 def run_config(packed: Mapping, argv: list[str], env: Mapping[str, str]) -> DictConfig:
-    """The run's config: the packed config, then the environment variables of `ENV_KEYS`, then the
+    """The run's config: the packed config, then the environment variables of `ENV_KEYS` (`TRAIN_SEQ_LEN` sets
+    the final eval's windows too where the recipe evaluates at its training length, as the reference), then the
     overrides `argv`, then the process layout of torchrun (`WORLD_SIZE`, `LOCAL_WORLD_SIZE`): the
     devices of this node, the node count, and with more than one process the packed distributed strategy."""
     cfg = OmegaConf.create(dict(packed["config"]))
-    cfg = merge_overrides(cfg, parse_env(env))
+    over = parse_env(env)
+    if cfg.final_eval.seq_len == cfg.train.seq_len:  # the reference's TRAIN_SEQ_LEN is its eval window too
+        over += [("final_eval.seq_len", v) for k, v in over if k == "train.seq_len"]
+    cfg = merge_overrides(cfg, over)
     cfg = merge_overrides(cfg, parse_overrides(argv))
     if "WORLD_SIZE" in env:
         world = int(env["WORLD_SIZE"])
