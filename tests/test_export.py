@@ -37,7 +37,8 @@ def export_cfg(name: str, *over: str) -> ExportConfig:
 @pytest.mark.parametrize("name", EXPORTS)
 def test_every_export_config_builds(name):
     c = export_cfg(name)
-    assert c.label == name and c.limit_bytes == 16_000_000
+    # the label names the scheme, but the baseline's own export prints the reference's lines (final_int8_zlib_...)
+    assert c.label == ("int8_zlib" if name == "int8_zlib_record" else name) and c.limit_bytes == 16_000_000
     assert {"int6_gptq_zstd", "int6_gptq_lzma", "int6_lite_lzma", "int6_rtn_zstd", "int8_zlib"} <= set(EXPORTS)
 
 

@@ -531,7 +531,7 @@ def decoder_lines(blob: bytes) -> str:
     """The bootstrap's decoding lines (alphabet, payload, CRC-checked decode) for `blob`, as `pack` fills them."""
     lines = bootstrap(blob).splitlines()
     first = next(i for i, x in enumerate(lines) if x.startswith("B="))
-    last = next(i for i, x in enumerate(lines) if x.startswith("except"))
+    last = next(i for i, x in enumerate(lines) if i > first and x.startswith("except"))
     return "\n".join(lines[first : last + 1])
 
 
