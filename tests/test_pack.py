@@ -35,6 +35,7 @@ from pgolf.tools.pack import (
     encode_payload,
     extra_refs,
     pack,
+    pack_key,
     packed_config,
     packed_modules,
     part_modules,
@@ -327,6 +328,28 @@ def test_a_packed_config_refuses_an_override_that_needs_a_part_it_lacks(packs, m
         check_parts(run_config(payload, ["callbacks.averaging.kind=ema"], {}))
     with pytest.raises(LookupError, match="'averaging' is not in this program"):
         optional.get("averaging")
+
+
+def test_a_pack_is_cached_by_its_inputs_and_a_bad_entry_is_made_again(tmp_path, monkeypatch):
+    """The cached file is the file made afresh; another config or a changed runtime file is another entry; an
+    entry failing its checksum is made again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = compose_train(["experiment=baseline"])
+    fresh = pack(cfg, use_cache=False)
+    assert not (tmp_path / "cache" / "pgolf" / "pack").exists()  # nothing written without the cache
+    first, again = pack(cfg), pack(cfg)
+    assert first.script == again.script == fresh.script and again.modules == fresh.modules
+    assert again.payload == fresh.payload
+    (entry,) = (tmp_path / "cache" / "pgolf" / "pack").iterdir()
+    entry.write_bytes(entry.read_bytes().replace(b"torch", b"torcH", 1))
+    assert pack(cfg).script == fresh.script and entry.read_bytes().startswith(fresh.script)
+    other = pack(compose_train(["experiment=baseline", "train.iterations=7"]))
+    assert other.script != fresh.script and len(list(entry.parent.iterdir())) == 2
+    keys = runtime_modules(ROOT)
+    changed = tmp_path / "io.py"
+    changed.write_text(keys["pgolf.io"].read_text() + "\n# another line\n")
+    config, strategy = packed_config(cfg)
+    assert pack_key(config, strategy, keys) != pack_key(config, strategy, {**keys, "pgolf.io": changed})
 
 
 def test_compact_is_cached_and_a_bad_cache_entry_is_recomputed(tmp_path, monkeypatch):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -65,7 +66,19 @@ from pgolf.config.validate import check_overrides, exit_on_config_error, plain, 
 from pgolf.eval.modes import get_mode, mode_names
 from pgolf.export.code import code_record, package_versions, project_root, requirement_pins
 from pgolf.io import atomic_write_bytes
-from pgolf.tools.packsource import WORD, Module, PackError, collect, minify, runtime_modules, scan_imports
+from pgolf.tools import packsource
+from pgolf.tools.packsource import (
+    CACHE_CHECK,
+    MINIFIER_VERSION,
+    WORD,
+    Module,
+    PackError,
+    cache_dir,
+    collect,
+    minify,
+    runtime_modules,
+    scan_imports,
+)
 
 ENTRY = "pgolf.train.standalone"
 ENTRY_FUNCTION = "main"  # what the bootstrap calls: ENTRY.main(payload, script path)
@@ -326,12 +339,56 @@ def extra_refs(config: dict) -> set[str]:
     return config_words(config) | {ENTRY_FUNCTION}
 
 
-def pack(cfg: DictConfig | dict, root: Path | None = None) -> Packed:
+def pack_key(config: dict, strategy, keys: dict[str, Path]) -> str:
+    """The sha256 of everything a pack is made of: the packed config and strategy, every runtime file's
+    contents (`keys`), the packer's own source, and the versions of Python, the minifier and brotli."""
+    h = hashlib.sha256()
+    for part in (json.dumps([config, strategy], sort_keys=True, default=repr), sys.version, MINIFIER_VERSION):
+        h.update(part.encode() + b"\0")
+    h.update(f"{brotli.version}\0{BROTLI}\0".encode())
+    for f in (Path(__file__), Path(packsource.__file__)):
+        h.update(f.read_bytes() + b"\0")
+    for k in sorted(keys):
+        h.update(k.encode() + b"\0" + keys[k].read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _cached_script(key: str) -> bytes | None:
+    """The packed file of `key` from the cache (`cache_dir().parent / "pack"`), or None: absent, unreadable or
+    failing its checksum line."""
+    try:
+        data = (cache_dir().parent / "pack" / f"{key}.py").read_bytes()
+    except OSError:
+        return None
+    script, _, check = data.rpartition(CACHE_CHECK.encode())
+    return script if check == hashlib.sha256(script).hexdigest().encode() + b"\n" else None
+
+
+def _cache_script(key: str, script: bytes) -> None:
+    try:
+        path = cache_dir().parent / "pack" / f"{key}.py"
+        atomic_write_bytes(path, script + CACHE_CHECK.encode() + hashlib.sha256(script).hexdigest().encode() + b"\n")
+    except OSError:
+        pass  # an unwritable cache: the next pack is made again
+
+
+def pack(cfg: DictConfig | dict, root: Path | None = None, use_cache: bool = True) -> Packed:
     """Pack the validated config `cfg` (a composed conf/train.yaml) with the runtime under `root` (default:
-    this checkout). Raises PackError (pgolf/tools/packsource.py) when the runtime cannot be packed."""
+    this checkout). Raises PackError (pgolf/tools/packsource.py) when the runtime cannot be packed.
+
+    A pack is a pure function of its inputs (`pack_key`); the file is kept in the cache beside the
+    minifier's and read back when the inputs recur (every train.py run packs its experiment: ~0.8 s made,
+    a few ms read); `use_cache=False` makes it afresh and leaves the cache alone (bench/pack_bench.py
+    times that)."""
     t0 = time.perf_counter()
     config, strategy = packed_config(cfg)
-    modules = packed_modules(config, runtime_modules(root or project_root()))
+    keys = runtime_modules(root or project_root())
+    key = pack_key(config, strategy, keys)
+    script = _cached_script(key) if use_cache else None
+    if script is not None:
+        payload, sources = unpack(script)
+        return Packed(script, tuple(sources), payload, time.perf_counter() - t0)
+    modules = packed_modules(config, keys)
     sources = minify(modules, extra_refs(config))
     payload = {
         "entry": ENTRY,
@@ -344,6 +401,8 @@ def pack(cfg: DictConfig | dict, root: Path | None = None) -> Packed:
     )
     blob = brotli.compress(text.encode(), **BROTLI)
     script = bootstrap(blob).encode()
+    if use_cache:
+        _cache_script(key, script)
     return Packed(script, tuple(sources), payload, time.perf_counter() - t0)
 
 
