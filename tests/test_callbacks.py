@@ -307,6 +307,17 @@ def test_the_challenge_clock_runs_over_a_block_after_training(monkeypatch):
     assert clock.elapsed_ms() == 6500.0 and clock._t0 is None
 
 
+def fake_step(step: int, world: int, reduce):
+    """(trainer, module) stand-ins for one ChallengeClock step boundary: a step ending, its loss 2.5."""
+    state = SimpleNamespace(train_time_ms=0.0, lr_scale=1.0, pop_loss=lambda: torch.tensor(2.5))
+    module = SimpleNamespace(device=torch.device("cpu"), state=state)
+    strategy = SimpleNamespace(reduce=reduce)
+    trainer = SimpleNamespace(
+        global_step=step, world_size=world, should_stop=False, limit_val_batches=0, loggers=[], strategy=strategy
+    )
+    return trainer, module
+
+
 def test_every_rank_reads_the_slowest_ranks_time(monkeypatch):
     """Two ranks (a stand-in strategy: rank 1 is 700 ms behind this one): the step's time, which the LR
     schedule reads, and the stop decision are the all-reduced maximum, so every rank uses one LR scale and
@@ -319,16 +330,8 @@ def test_every_rank_reads_the_slowest_ranks_time(monkeypatch):
         seen.append(reduce_op)
         return t + 700.0 if reduce_op == "max" else t
 
-    state = SimpleNamespace(train_time_ms=0.0, lr_scale=1.0, pop_loss=lambda: torch.tensor(2.5))
-    module = SimpleNamespace(device=torch.device("cpu"), state=state)
-    trainer = SimpleNamespace(
-        global_step=1,
-        world_size=2,
-        should_stop=False,
-        limit_val_batches=0,
-        loggers=[],
-        strategy=SimpleNamespace(reduce=reduce),
-    )
+    trainer, module = fake_step(1, 2, reduce)
+    state = module.state
     clock = ChallengeClock(max_wallclock_seconds=0.5, iterations=100)
     clock._resume(module)  # 10.0 s
     clock.on_train_batch_end(trainer, module, None, None, 0)  # 10.2 s: 200 ms here, 900 ms on the slowest rank
@@ -348,16 +351,7 @@ def test_the_gptq_reserve_stops_training_before_the_cap(monkeypatch, reserve, st
     warmdown by steps ends where training stops."""
     ticks = iter([10.0, 10.6])
     monkeypatch.setattr("callbacks.wallclock.time.perf_counter", lambda: next(ticks))
-    state = SimpleNamespace(train_time_ms=0.0, lr_scale=1.0, pop_loss=lambda: torch.tensor(2.5))
-    module = SimpleNamespace(device=torch.device("cpu"), state=state)
-    trainer = SimpleNamespace(
-        global_step=5,
-        world_size=1,
-        should_stop=False,
-        limit_val_batches=0,
-        loggers=[],
-        strategy=SimpleNamespace(reduce=lambda t, reduce_op: t),
-    )
+    trainer, module = fake_step(5, 1, lambda t, reduce_op: t)
     clock = ChallengeClock(max_wallclock_seconds=1.0, iterations=100, reserve_seconds=reserve)
     clock._resume(module)
     clock.on_train_batch_end(trainer, module, None, None, 0)
