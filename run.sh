@@ -57,7 +57,6 @@ case "$cmd" in
   test)
     setup
     "$VENV/bin/python" -m compileall -q pgolf callbacks train.py eval.py >/dev/null
-    workers=$("$VENV/bin/python" -c "import os; n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(); print(max(1, min(4, n or 1)))")
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec "$VENV/bin/python" -m pytest -q -n "$workers" "$@" ;;
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec "$VENV/bin/python" -m pytest -q -n auto --maxprocesses 4 "$@" ;;
   *) echo "usage: bash run.sh {demo|test|setup} [args...]" >&2; exit 2 ;;
 esac
