@@ -476,6 +476,12 @@ def test_a_packed_run_without_its_own_record_or_log_is_refused(tmp_path, home, s
     # a file that is no run at all: one line
     for f in (folder / "logs" / "seed2.txt", folder / "results.json"):
         assert "not a run directory" in refused([f, "--out", tmp_path / "o7"], capsys)
+    # a packed folder that lost its script: the message says so, given as the folder or as a record
+    (folder / "logs" / "seed1.json").write_bytes((folder / "logs" / "seed2.json").read_bytes())
+    (folder / SCRIPT).unlink()
+    for given in (folder, folder / "logs" / "seed2.json"):
+        err = refused([given, "--out", tmp_path / "o8"], capsys)
+        assert f"f: a folder of packed runs without its {SCRIPT}" in err, err
 
 
 @pytest.mark.parametrize(

@@ -216,6 +216,13 @@ def run_dirs(paths) -> list[Path]:
         elif p.is_dir() and is_packed_folder(p):
             found, kind = packed_found(p), "folder"
         else:
+            folder = p.absolute().parent.parent if p.suffix == ".json" and p.parent.name == "logs" else p
+            if (folder / "logs").is_dir() and any((folder / "logs").glob("*.json")) and not is_run_dir(folder):
+                if not (folder / SCRIPT).is_file():
+                    raise SubmissionError(
+                        f"{label_of(folder)}: a folder of packed runs without its {SCRIPT} (the script that ran is "
+                        "the submission's code): put it back beside logs/"
+                    )
             found = [p] if p.is_dir() and is_run_dir(p) else find_runs([p])
         for d in found:
             key = d.resolve()
