@@ -100,9 +100,32 @@ def test_ids_beyond_the_tokenizers_vocabulary_stop_training_before_any_step(tmp_
         32,
     )
     with pytest.raises(ShardError, match=r"token id 300 at position 5 is >= vocab size 256"):
-        dm.setup("fit")
-        next(iter(dm.train_dataloader()))  # the training shards are checked when first read, before step 1
+        dm.setup("fit")  # every shard's ids at set-up, before the stream reads any
     assert dm.vocab_size == 256
+
+
+def test_a_bad_id_in_a_later_training_shard_is_found_at_set_up(tmp_path, synth_dir):
+    """A second training shard that only step ~N would reach: its bad id stops the run at set-up (it stopped
+    a run minutes into training, with nothing saved)."""
+    import numpy as np
+
+    from pgolf.data.shards import ShardError, open_shard, write_shard
+
+    for f in synth_dir.glob("synth_*.bin"):
+        shutil.copy(f, tmp_path / f.name)
+    tokens = np.array(open_shard(tmp_path / "synth_train_000000.bin"), dtype=np.uint16)
+    tokens[10] = 300
+    write_shard(tmp_path / "synth_train_000001.bin", tokens)
+    dm = GolfDataModule(
+        str(tmp_path / "synth_train_*.bin"),
+        str(tmp_path / "synth_val_*.bin"),
+        str(synth_dir / SYNTH_TOKENIZER),
+        256,
+        1024,
+        32,
+    )
+    with pytest.raises(ShardError, match=r"synth_train_000001.bin: token id 300 at position 10 is >= vocab size 256"):
+        dm.setup("fit")
 
 
 def test_a_tokenizer_larger_than_the_model_is_one_data_error_line(synth_dir):

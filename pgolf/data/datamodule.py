@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader
 
-from pgolf.data.shards import list_shards
+from pgolf.data.shards import list_shards, open_shard
 from pgolf.data.stream import (
     StreamLayout,
     TokenStream,
@@ -78,7 +78,8 @@ class GolfDataModule(L.LightningDataModule):
         """The batch layout and the validation tokens (with their byte sidecar, if the dataset has one:
         `val_bytes_pattern` or the manifest's, `load_val_data`), once the tokenizer is checked against the
         shards' manifests (TokenizerError before any training step: a same-size tokenizer would give a wrong
-        BPB). Validation tokens set from outside (a truncated split) get the sidecar's same prefix; ValueError
+        BPB) and every training shard's ids against its vocabulary (ShardError: not minutes into training).
+        Validation tokens set from outside (a truncated split) get the sidecar's same prefix; ValueError
         when they are not a prefix of the split."""
         if not self._shards_checked:
             for pattern in (self.train_pattern, self.val_pattern):
@@ -86,6 +87,8 @@ class GolfDataModule(L.LightningDataModule):
             # token ids are checked against the tokenizer's vocabulary (a model's may be larger): shards of
             # another tokenizer, without a manifest to say so, stop here instead of giving a wrong BPB
             self.vocab_size = min(self.vocab_size, TokenizerInfo.from_path(self.tokenizer_path).vocab_size)
+            for f in list_shards(self.train_pattern):  # every training id now, not when the stream reaches it
+                open_shard(f, self.vocab_size)
             self._shards_checked = True
         world, _ = self.world()
         self.layout = StreamLayout(self.batch_tokens, self.seq_len, world, self.grad_accum(world))
