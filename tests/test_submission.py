@@ -701,3 +701,15 @@ def test_seed_runs_may_differ_in_what_they_log_but_not_in_their_recipe():
     assert (
         submission.without(cfg, ["train.log_every", "x.y"]) == {"train": {"seq_len": 64}} and cfg["train"]["log_every"]
     )
+
+
+def test_an_existing_out_is_refused_and_left_as_it_was(tmp_path, home, script):
+    runs = [fake_run(tmp_path / "sweep", s, script, [], tmp_path / "d") for s in (0, 1)]
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "mine.txt").write_text("mine")
+    (tmp_path / "afile").write_text("mine")
+    for out, what in ((tmp_path / "folder", "is not empty"), (tmp_path / "afile", "is a file, not a folder")):
+        with pytest.raises(SubmissionError, match=f"already exists and {what}; choose another --out"):
+            submission.assemble(runs, out, name="x", github_id="y")
+    assert (tmp_path / "folder" / "mine.txt").read_text() == (tmp_path / "afile").read_text() == "mine"
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["mine.txt"]

@@ -955,7 +955,8 @@ def assemble(
     if track not in TRACKS:
         raise SubmissionError(f"--track {track}: not a track of the challenge (one of {' | '.join(TRACKS)})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SubmissionError(f"{out} already exists and is not empty; choose another --out")
+        what = "is not empty" if out.is_dir() else "is a file, not a folder"
+        raise SubmissionError(f"{out} already exists and {what}; choose another --out")
     dirs = run_dirs(run_paths)
     script = read_scripts(dirs)  # first: runs of different code refuse, whatever else is wrong with them
     with warnings.catch_warnings(record=True) as caught:  # what the reading noted (runs.load_run): notes
