@@ -11,7 +11,8 @@ clock has checked the step's loss, so a non-finite step is never saved) and keep
 SIGTERM (preemption) it saves at the next step boundary — the decision is reduced across ranks, so all
 stop on the same step — marks the run preempted (the export is skipped) and stops training cleanly. One
 that arrives after the last step boundary's check saves `last.ckpt` at the end of training and stops the
-run as below.
+run as below. One during the compile warm-up (callbacks/warmup.py, which installs the handler first) stops
+the run at the next warm-up step boundary with `Terminated`: nothing has trained, the same command starts again.
 
 From the end of training on (export, round trip, final evaluations: minutes of work that no checkpoint can
 resume), SIGTERM stops the run at once, with or without `on_sigterm`: the handler raises `Terminated` (a
@@ -40,8 +41,8 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: the status a shell reports for a 
 
 class Terminated(SystemExit):
     """SIGTERM after training: raised by the handler `Checkpointing` installs at the end of training, so the
-    export or evaluation in progress stops at once. `phase` names it (pgolf.runlog.set_phase); the exit
-    status is EXIT_TERMINATED."""
+    export or evaluation in progress stops at once; or during the compile warm-up (callbacks/warmup.py).
+    `phase` names it (pgolf.runlog.set_phase); the exit status is EXIT_TERMINATED."""
 
     def __init__(self, phase: str):
         super().__init__(EXIT_TERMINATED)
@@ -68,12 +69,22 @@ class Checkpointing(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._last_step = trainer.global_step
-        # installed after Lightning's own handler (which would raise mid-accumulation): ours only sets a flag
+        self.arm()
+
+    def arm(self) -> None:
+        """Install the SIGTERM flag handler (with on_sigterm) over Lightning's own (which would raise
+        mid-accumulation, and ends a run with status 0): the compile warm-up calls it first, as it runs
+        before this callback's `on_train_start` (Lightning installs its handler just before that hook)."""
         if self.on_sigterm:
             install_sigterm(self._handle)
 
     def _handle(self, signum, frame) -> None:
         self._sigterm = True
+
+    def sigterm(self, trainer) -> bool:
+        """Whether SIGTERM reached any rank (ours, or Lightning's handler before ours): a collective, called
+        by every rank at the same step boundary."""
+        return trainer.strategy.reduce_boolean_decision(self._sigterm or trainer.received_sigterm, all=False)
 
     def on_train_end(self, trainer, pl_module):
         set_phase("the end of training")
@@ -105,8 +116,7 @@ class Checkpointing(L.Callback):
         if step == self._last_step:  # inside gradient accumulation
             return
         self._last_step = step
-        preempt = trainer.strategy.reduce_boolean_decision(self._sigterm, all=False) if self.on_sigterm else False
-        if preempt:
+        if self.on_sigterm and self.sigterm(trainer):
             self.preempt(trainer, pl_module, step)
         elif self.every > 0 and step % self.every == 0:
             self.save(trainer, f"step{step:06d}.ckpt")

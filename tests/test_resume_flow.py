@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,10 +24,11 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
-from callbacks.checkpoint import Checkpointing, resume_hint
+import callbacks.warmup
+from callbacks.checkpoint import Checkpointing, Terminated, resume_hint
 from pgolf.config.typed import ConfigError
 from pgolf.config.validate import check_resume
-from pgolf.runlog import set_log_file
+from pgolf.runlog import log0, set_log_file
 from pgolf.tools.rundir import CLAIM, claim, read_claim, release, snapshot, write_hydra_files
 from pgolf.train import run
 from pgolf.train.build import ContinuedCSVLogger, build_logger
@@ -324,3 +326,34 @@ def test_a_resume_that_adds_an_average_the_checkpoint_lacks_is_refused(tmp_path,
     log = (Path("b") / "train.log").read_text()
     assert "config error: resume: the checkpoint holds no EMA average (its run averaged nothing)" in log
     assert not list(Path("b").glob("*.ptz"))
+
+
+def test_a_sigterm_during_the_compile_warm_up_stops_the_run_with_status_143(
+    tmp_path, synth_dir, monkeypatch, one_thread
+):
+    """A real SIGTERM during the compile warm-up, which runs before Checkpointing's on_train_start: only
+    Lightning's handler was in place, so the warm-up ran on, one step was trained and the run ended with status
+    0, no checkpoint and no word. The warm-up now stops at its next step boundary, and the run with status 143
+    and one line: nothing was trained, the same command starts it again."""
+
+    def log_then_sigterm(msg, *args, **kwargs):
+        log0(msg, *args, **kwargs)
+        if msg.startswith("warmup_step:1/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(callbacks.warmup, "log0", log_then_sigterm)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    before = signal.getsignal(signal.SIGTERM)
+    compiled = ["train.compile=true", "train.compile_backend=eager", "train.warmup_steps=3", "train.val_every=0"]
+    with pytest.raises(Terminated) as e:
+        fit(compose_cfg([*TINY, f"data.root={synth_dir.parent}", *compiled]), Path("run"))
+    assert e.value.code == 143 and signal.getsignal(signal.SIGTERM) is before  # Lightning put it back
+    lines = (Path("run") / "train.log").read_text().splitlines()
+    assert "warmup_step:1/3" in lines and "warmup_step:2/3" not in lines
+    assert not [x for x in lines if x.startswith("step:")]
+    assert lines[-1] == (
+        "terminated: SIGTERM during the compile warm-up (no step was trained: run the same command again); "
+        "stopping with exit status 143. No artifact was written. No results.json."
+    )
+    assert not (Path("run") / "checkpoints").exists() and not list(Path("run").glob("*.ptz"))
