@@ -105,7 +105,8 @@ def build_callbacks(cfg: DictConfig, run_dir: str | Path, meta: dict) -> Challen
     export_cfg = ExportConfig.from_dict(OmegaConf.to_container(cfg.export, resolve=True))
     eval_cfg = OmegaConf.to_container(cfg.final_eval, resolve=True)
     progress_every = None if c.progress == "none" else float(c.progress_every_seconds)  # also after training
-    checkpoint = Checkpointing(Path(run_dir) / "checkpoints", ck.every_steps, ck.keep, ck.on_sigterm)
+    config = OmegaConf.to_container(cfg, resolve=True)  # recorded in every checkpoint: what a resume must train
+    checkpoint = Checkpointing(Path(run_dir) / "checkpoints", ck.every_steps, ck.keep, ck.on_sigterm, config)
     return ChallengeCallbacks(
         warmup=CompileWarmup(steps=t.warmup_steps, clock=clock, checkpoint=checkpoint),
         clock=clock,

@@ -2,7 +2,8 @@
 
 A checkpoint is Lightning's (weights, the one optimizer's state — every rank holds all Muon momentum, so
 rank 0's copy is complete —, loop counters, callback states: clock offset, averaging, late-QAT switch; the
-DataModule's stream position) plus the RNG states (GolfModule adds them).
+DataModule's stream position) plus the RNG states (GolfModule adds them) and the run's resolved config
+(`config`): a resume whose config trains otherwise is refused (`check_resume_config`).
 `pgolf.train.build.AtomicCheckpointIO` writes it to a temporary file, fsyncs and renames,
 so a crash mid-write never leaves a truncated checkpoint.
 
@@ -32,11 +33,20 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
 
+from pgolf.config.typed import ConfigError
 from pgolf.io import atomic_path
 from pgolf.runlog import current_phase, log0, set_phase
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: the status a shell reports for a process ended by SIGTERM
+# Config keys (prefixes) a resume may change: what a run logs, validates, exports and evaluates, the data's paths,
+# how its steps are compiled. The others define its training: its record's command would not reproduce it.
+RESUME_MAY_CHANGE = ("name", "resume", "variant", "logger", "final_eval", "export", "callbacks.progress")
+RESUME_MAY_CHANGE += ("callbacks.checkpoint", "callbacks.extra", "callbacks.averaging.validate", "train.log_every")
+RESUME_MAY_CHANGE += ("train.val_every", "train.compile", "train.warmup_steps", "data.root", "data.dir")
+RESUME_MAY_CHANGE += ("data.train_pattern", "data.val", "data.tokenizer_path", "data.prepare", "data.eval_seq_len")
 
 
 class Terminated(SystemExit):
@@ -59,8 +69,9 @@ def install_sigterm(handler) -> bool:
 
 
 class Checkpointing(L.Callback):
-    def __init__(self, dirpath: str | Path, every_steps: int = 0, keep: int = 2, on_sigterm: bool = True):
+    def __init__(self, dirpath: str | Path, every_steps: int = 0, keep: int = 2, on_sigterm: bool = True, config=None):
         self.dirpath = Path(dirpath)
+        self.config = config  # the run's resolved config (a plain dict), recorded in every checkpoint
         self.every, self.keep, self.on_sigterm = int(every_steps), int(keep), on_sigterm
         self._last_step = -1
         self._sigterm = False
@@ -111,6 +122,10 @@ class Checkpointing(L.Callback):
             kill(signum)
         raise Terminated(current_phase())
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self.config is not None:
+            checkpoint["config"] = self.config
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if step == self._last_step:  # inside gradient accumulation
@@ -143,6 +158,35 @@ class Checkpointing(L.Callback):
                     if old.exists():
                         os.unlink(old)
         return path
+
+
+def check_resume_config(cfg: DictConfig) -> None:
+    """A resume (`cfg.resume`) trains on as the checkpoint's run did: its config, which the checkpoint records,
+    and `cfg` agree but in RESUME_MAY_CHANGE (a checkpoint without the record is not compared). Raises
+    ConfigError naming the keys that differ (old -> new), or a file that is not a checkpoint."""
+    if cfg.get("resume") is None:
+        return
+    try:
+        old = torch.load(cfg.resume, map_location="cpu", weights_only=True, mmap=True).get("config")
+    except Exception as e:
+        raise ConfigError(f"resume={cfg.resume}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    if old is None:
+        return
+    old, new = _flat(old), _flat(OmegaConf.to_container(cfg, resolve=True))
+    keys = sorted(k for k in old.keys() | new.keys() if not k.startswith(RESUME_MAY_CHANGE))
+    diff = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k)]
+    if diff:
+        raise ConfigError(
+            f"resume={cfg.resume}: the checkpoint's run trained another config ({'; '.join(diff)}); resume with "
+            "its values, or start a new run"
+        )
+
+
+def _flat(d: dict, pre: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{pre}{k}.") if isinstance(v, dict) and v else {f"{pre}{k}": v})
+    return out
 
 
 def resume_hint(path: Path, run_dir: Path | None = None) -> str:

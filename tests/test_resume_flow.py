@@ -223,8 +223,31 @@ def test_a_resume_of_another_model_stops_before_any_step_and_leaves_the_director
     out = r.stdout + r.stderr
     assert r.returncode == 2 and "Traceback" not in out, out[-3000:]
     (line,) = [x for x in out.splitlines() if x.startswith("config error:")]
-    assert "missing from the checkpoint: gpt.blocks.2." in line and "step:" not in out
+    assert "trained another config (model.num_layers: 2 -> 3)" in line and "step:" not in out
     assert tree(d) == before  # its claim, .hydra/, log, metrics and train_gpt.py as they were
+
+
+def test_a_resume_that_would_train_another_config_is_refused_before_any_work(preempted, synth_dir, tmp_path):
+    """The checkpoint records its run's config: a resume that changes what defines the training (the step
+    budget, a learning rate, the seed) was accepted, and its run's config then gave a command that does not
+    reproduce it; a resume that changes only what is logged, validated or evaluated is accepted."""
+    base, _, _ = preempted
+    ck = base / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(ck, map_location="cpu", weights_only=True)["config"]["train"]["iterations"] == 12
+    common = [*TINY, f"data.root={synth_dir.parent}", f"resume={ck}"]
+    changed = ["train.iterations=20", "optim.matrix_lr=0.05", "seed=2", "train.log_every=3"]
+    with pytest.raises(ConfigError) as e:
+        run.prepare(compose_cfg([*common, *changed]), tmp_path)
+    assert str(e.value) == (
+        f"resume={ck}: the checkpoint's run trained another config (optim.matrix_lr: 0.04 -> 0.05; "
+        "seed: 1337 -> 2; train.iterations: 12 -> 20); resume with its values, or start a new run"
+    )
+    logging = ["train.log_every=3", "train.val_every=0", "data.val_batch_tokens=4096", "callbacks.progress=line"]
+    logging += ["final_eval.modes=[standard,sliding]", "train.compile=true", "train.warmup_steps=2"]
+    run.prepare(compose_cfg([*common, *logging]), tmp_path)
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"^resume=.*junk\.ckpt: not a readable checkpoint \("):
+        run.prepare(compose_cfg([*TINY, f"resume={tmp_path / 'junk.ckpt'}"]), tmp_path)
 
 
 def test_a_missing_checkpoint_is_refused_before_the_claim(tmp_path):
@@ -320,6 +343,11 @@ def test_a_resume_that_adds_an_average_the_checkpoint_lacks_is_refused(tmp_path,
     common = [*TINY, f"data.root={synth_dir.parent}", "train.val_every=0", "train.iterations=4"]
     fit(compose_cfg([*common, "callbacks.averaging.kind=none", "callbacks.checkpoint.every_steps=2"]), Path("a"))
     ck = Path("a") / "checkpoints" / "step000002.ckpt"
+    with pytest.raises(ConfigError, match=r"another config \(callbacks\.averaging\.kind: none -> ema\)"):
+        fit(compose_cfg([*common, f"resume={ck}"]), Path("b"))
+    state = torch.load(ck, map_location="cpu", weights_only=True)
+    del state["config"]  # a checkpoint of an earlier pgolf, which did not record its config
+    torch.save(state, ck)
     with pytest.raises(SystemExit) as e:
         fit(compose_cfg([*common, f"resume={ck}"]), Path("b"))
     assert e.value.code == 2
