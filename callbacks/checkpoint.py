@@ -41,12 +41,26 @@ from pgolf.io import atomic_path
 from pgolf.runlog import current_phase, log0, set_phase
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: the status a shell reports for a process ended by SIGTERM
-# Config keys (prefixes) a resume may change: what a run logs, validates, exports and evaluates, the data's paths,
-# how its steps are compiled. The others define its training: its record's command would not reproduce it.
-RESUME_MAY_CHANGE = ("name", "resume", "variant", "logger", "final_eval", "export", "callbacks.progress")
-RESUME_MAY_CHANGE += ("callbacks.checkpoint", "callbacks.extra", "callbacks.averaging.validate", "train.log_every")
-RESUME_MAY_CHANGE += ("train.val_every", "train.compile", "train.warmup_steps", "data.root", "data.dir")
-RESUME_MAY_CHANGE += ("data.train_pattern", "data.val", "data.tokenizer_path", "data.prepare", "data.eval_seq_len")
+# Config keys (prefixes) a resume may change: what a run logs, validates, exports and evaluates, where its data
+# is (another machine's DATA_PATH; the shards' manifest names their tokenizer), how its steps are compiled. The
+# others define its training: a run resumed with other values is reproduced by no one command.
+RESUME_MAY_CHANGE = (
+    "name",
+    "resume",
+    "variant",
+    "logger",
+    "final_eval",
+    "export",
+    "data",
+    "callbacks.progress",
+    "callbacks.checkpoint",
+    "callbacks.extra",
+    "callbacks.averaging.validate",
+    "train.log_every",
+    "train.val_every",
+    "train.compile",
+    "train.warmup_steps",
+)
 
 
 class Terminated(SystemExit):
