@@ -72,8 +72,9 @@ def fit(
     reference's log lines; `config_file` (rank 0) the resolved config. `extras` comes from `prepare`.
     `code` is the run's code record (`{"bytes", "sha256"}` of its packed train_gpt.py) and `requirements`
     the versions of the packages that code imports; both go into the artifact's metadata. Returns
-    `results.json`'s contents, or None when the run was preempted (no export). A SIGTERM after training
-    raises `callbacks.checkpoint.Terminated` (a SystemExit, status 143) after one `terminated:` line. Bad
+    `results.json`'s contents, or None when the run was preempted (no export). A SIGTERM after training or
+    during the compile warm-up raises `callbacks.checkpoint.Terminated` (a SystemExit, status 143) after one
+    `terminated:` line. Bad
     data (a ShardError or TokenizerError: shards, byte sidecar or tokenizer that do not match, found when
     they are read, at set-up) ends the run with one `data error:` line and SystemExit(EXIT_DATA_ERROR); the
     run directory keeps its log. A resumed checkpoint whose weights are not the config's model (names, shapes,
