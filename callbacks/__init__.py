@@ -13,7 +13,8 @@ Hook order contract (asserted by tests/test_callbacks.py):
 - With periodic validation (`train.val_every` > 0), the step-0 validation comes first, before
   `on_train_start` (Lightning's sanity check over the whole validation set, skipped on resume): the clock has
   not started and prints the reference's `step:0/N val_loss:...` line; the averaging leaves it alone.
-- `on_train_start`: the compile warm-up runs its steps (in both looping states for a model with progressive
+- `on_train_start`: the compile warm-up installs checkpointing's SIGTERM handler (a SIGTERM stops it at a
+  warm-up step boundary: `Terminated`) and runs its steps (in both looping states for a model with progressive
   depth recurrence) and restores the weights, optimizer, RNG and data position first; then the clock starts;
   the LR schedule sets the looping state the training fraction calls for; late QAT re-applies a switch
   restored from a checkpoint; the line progress bar starts its timer; EMA copies the restored initial
@@ -104,13 +105,15 @@ def build_callbacks(cfg: DictConfig, run_dir: str | Path, meta: dict) -> Challen
     export_cfg = ExportConfig.from_dict(OmegaConf.to_container(cfg.export, resolve=True))
     eval_cfg = OmegaConf.to_container(cfg.final_eval, resolve=True)
     progress_every = None if c.progress == "none" else float(c.progress_every_seconds)  # also after training
+    config = OmegaConf.to_container(cfg, resolve=True)  # recorded in every checkpoint: what a resume must train
+    checkpoint = Checkpointing(Path(run_dir) / "checkpoints", ck.every_steps, ck.keep, ck.on_sigterm, config)
     return ChallengeCallbacks(
-        warmup=CompileWarmup(steps=t.warmup_steps, clock=clock),
+        warmup=CompileWarmup(steps=t.warmup_steps, clock=clock, checkpoint=checkpoint),
         clock=clock,
         schedule=schedule,
         qat=LateQAT(c.late_qat_threshold),
         progress=make_progress_bar(c.progress, clock, c.progress_every_seconds, t.iterations, t.max_wallclock_seconds),
         averaging=None if c.averaging.kind == "none" else optional.get("averaging")(c.averaging),
-        checkpoint=Checkpointing(Path(run_dir) / "checkpoints", ck.every_steps, ck.keep, ck.on_sigterm),
+        checkpoint=checkpoint,
         export=QuantizeExport(clock, export_cfg, run_dir, meta, eval_cfg, progress_every),
     )

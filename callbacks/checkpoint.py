@@ -2,7 +2,8 @@
 
 A checkpoint is Lightning's (weights, the one optimizer's state — every rank holds all Muon momentum, so
 rank 0's copy is complete —, loop counters, callback states: clock offset, averaging, late-QAT switch; the
-DataModule's stream position) plus the RNG states (GolfModule adds them).
+DataModule's stream position) plus the RNG states (GolfModule adds them) and the run's resolved config
+(`config`): a resume whose config trains otherwise is refused (`check_resume_config`).
 `pgolf.train.build.AtomicCheckpointIO` writes it to a temporary file, fsyncs and renames,
 so a crash mid-write never leaves a truncated checkpoint.
 
@@ -11,7 +12,8 @@ clock has checked the step's loss, so a non-finite step is never saved) and keep
 SIGTERM (preemption) it saves at the next step boundary — the decision is reduced across ranks, so all
 stop on the same step — marks the run preempted (the export is skipped) and stops training cleanly. One
 that arrives after the last step boundary's check saves `last.ckpt` at the end of training and stops the
-run as below.
+run as below. One during the compile warm-up (callbacks/warmup.py, which installs the handler first) stops
+the run at the next warm-up step boundary with `Terminated`: nothing has trained, the same command starts again.
 
 From the end of training on (export, round trip, final evaluations: minutes of work that no checkpoint can
 resume), SIGTERM stops the run at once, with or without `on_sigterm`: the handler raises `Terminated` (a
@@ -31,17 +33,40 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
 
+from pgolf.config.typed import ConfigError
 from pgolf.io import atomic_path
 from pgolf.runlog import current_phase, log0, set_phase
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: the status a shell reports for a process ended by SIGTERM
+# Config keys (prefixes) a resume may change: what a run logs, validates, exports and evaluates, where its data
+# is (another machine's DATA_PATH; the shards' manifest names their tokenizer), how its steps are compiled. The
+# others define its training: a run resumed with other values is reproduced by no one command.
+RESUME_MAY_CHANGE = (
+    "name",
+    "resume",
+    "variant",
+    "logger",
+    "final_eval",
+    "export",
+    "data",
+    "callbacks.progress",
+    "callbacks.checkpoint",
+    "callbacks.extra",
+    "callbacks.averaging.validate",
+    "train.log_every",
+    "train.val_every",
+    "train.compile",
+    "train.warmup_steps",
+)
 
 
 class Terminated(SystemExit):
     """SIGTERM after training: raised by the handler `Checkpointing` installs at the end of training, so the
-    export or evaluation in progress stops at once. `phase` names it (pgolf.runlog.set_phase); the exit
-    status is EXIT_TERMINATED."""
+    export or evaluation in progress stops at once; or during the compile warm-up (callbacks/warmup.py).
+    `phase` names it (pgolf.runlog.set_phase); the exit status is EXIT_TERMINATED."""
 
     def __init__(self, phase: str):
         super().__init__(EXIT_TERMINATED)
@@ -58,8 +83,9 @@ def install_sigterm(handler) -> bool:
 
 
 class Checkpointing(L.Callback):
-    def __init__(self, dirpath: str | Path, every_steps: int = 0, keep: int = 2, on_sigterm: bool = True):
+    def __init__(self, dirpath: str | Path, every_steps: int = 0, keep: int = 2, on_sigterm: bool = True, config=None):
         self.dirpath = Path(dirpath)
+        self.config = config  # the run's resolved config (a plain dict), recorded in every checkpoint
         self.every, self.keep, self.on_sigterm = int(every_steps), int(keep), on_sigterm
         self._last_step = -1
         self._sigterm = False
@@ -68,12 +94,22 @@ class Checkpointing(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._last_step = trainer.global_step
-        # installed after Lightning's own handler (which would raise mid-accumulation): ours only sets a flag
+        self.arm()
+
+    def arm(self) -> None:
+        """Install the SIGTERM flag handler (with on_sigterm) over Lightning's own (which would raise
+        mid-accumulation, and ends a run with status 0): the compile warm-up calls it first, as it runs
+        before this callback's `on_train_start` (Lightning installs its handler just before that hook)."""
         if self.on_sigterm:
             install_sigterm(self._handle)
 
     def _handle(self, signum, frame) -> None:
         self._sigterm = True
+
+    def sigterm(self, trainer) -> bool:
+        """Whether SIGTERM reached any rank (ours, or Lightning's handler before ours): a collective, called
+        by every rank at the same step boundary."""
+        return trainer.strategy.reduce_boolean_decision(self._sigterm or trainer.received_sigterm, all=False)
 
     def on_train_end(self, trainer, pl_module):
         set_phase("the end of training")
@@ -100,13 +136,16 @@ class Checkpointing(L.Callback):
             kill(signum)
         raise Terminated(current_phase())
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self.config is not None:
+            checkpoint["config"] = self.config
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if step == self._last_step:  # inside gradient accumulation
             return
         self._last_step = step
-        preempt = trainer.strategy.reduce_boolean_decision(self._sigterm, all=False) if self.on_sigterm else False
-        if preempt:
+        if self.on_sigterm and self.sigterm(trainer):
             self.preempt(trainer, pl_module, step)
         elif self.every > 0 and step % self.every == 0:
             self.save(trainer, f"step{step:06d}.ckpt")
@@ -133,6 +172,35 @@ class Checkpointing(L.Callback):
                     if old.exists():
                         os.unlink(old)
         return path
+
+
+def check_resume_config(cfg: DictConfig) -> None:
+    """A resume (`cfg.resume`) trains on as the checkpoint's run did: its config, which the checkpoint records,
+    and `cfg` agree but in RESUME_MAY_CHANGE (a checkpoint without the record is not compared). Raises
+    ConfigError naming the keys that differ (old -> new), or a file that is not a checkpoint."""
+    if cfg.get("resume") is None:
+        return
+    try:
+        old = torch.load(cfg.resume, map_location="cpu", weights_only=True, mmap=True).get("config")
+    except Exception as e:
+        raise ConfigError(f"resume={cfg.resume}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    if old is None:
+        return
+    old, new = _flat(old), _flat(OmegaConf.to_container(cfg, resolve=True))
+    keys = sorted(k for k in old.keys() | new.keys() if not k.startswith(RESUME_MAY_CHANGE))
+    diff = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k)]
+    if diff:
+        raise ConfigError(
+            f"resume={cfg.resume}: the checkpoint's run trained another config ({'; '.join(diff)}); resume with "
+            "its values, or start a new run"
+        )
+
+
+def _flat(d: dict, pre: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{pre}{k}.") if isinstance(v, dict) and v else {f"{pre}{k}": v})
+    return out
 
 
 def resume_hint(path: Path, run_dir: Path | None = None) -> str:

@@ -4,7 +4,8 @@ separate copy of the stream from micro-step 0, so the real stream is untouched).
 starts, in a resumed run too (from its restored state, which is restored again after), but not in one resumed at
 the step where training ended (it takes no step). A model with progressive
 depth recurrence (`model.num_loops`, switched on during training) is warmed up in both states, N steps each, so both
-graphs are compiled off the clock (PR #1611)."""
+graphs are compiled off the clock (PR #1611). A SIGTERM stops it at the next warm-up step boundary (the decision
+reduced across ranks): `Terminated`, status 143, since no step has trained (callbacks/checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import copy
 import lightning as L
 import torch
 
+from callbacks.checkpoint import Terminated
 from pgolf.runlog import log0
 
 
 class CompileWarmup(L.Callback):
-    def __init__(self, steps: int = 20, only_when_compiled: bool = True, clock=None):
+    def __init__(self, steps: int = 20, only_when_compiled: bool = True, clock=None, checkpoint=None):
         self.steps, self.only_when_compiled = int(steps), only_when_compiled
         self.clock = clock  # the challenge clock (callbacks/wallclock.py): a run resumed where training ended
+        self.checkpoint = checkpoint  # callbacks/checkpoint.py's Checkpointing: its SIGTERM handler and flag
         self.ran = 0
 
     def on_train_start(self, trainer, pl_module):
@@ -29,6 +32,8 @@ class CompileWarmup(L.Callback):
             return
         if self.clock is not None and self.clock.ended_by(trainer.global_step):
             return
+        if self.checkpoint is not None:
+            self.checkpoint.arm()
         opt = trainer.optimizers[0]
         model_state = copy.deepcopy(pl_module.gpt.state_dict())
         opt_state = copy.deepcopy(opt.state_dict())
@@ -55,6 +60,8 @@ class CompileWarmup(L.Callback):
                 n += 1
                 tag = f" looping:{looping}" if len(states) > 1 else ""
                 log0(f"warmup_step:{k + 1}/{self.steps}{tag}")
+                if self.checkpoint is not None and self.checkpoint.sigterm(trainer):
+                    raise Terminated("the compile warm-up (no step was trained: run the same command again)")
         gpt.looping_active = was_looping
         pl_module.gpt.load_state_dict(model_state)
         opt.load_state_dict(opt_state)

@@ -165,11 +165,19 @@ BAD_VALUES = [
     (["export.rules=[]"], "export: export.rules is empty: a quantization scheme needs at least one rule"),
     (["optim.matrix_lr=inf"], "optim.matrix_lr must be a number >= 0, got inf (not a finite number)"),
     (["model.rope_base=nan"], "model.rope_base must be a number, got nan (not a finite number)"),
+    # these passed and crashed at the first step: an MLP of width <= 0, a float beyond fp32's range
+    (["model.mlp_mult=0"], "model.mlp_mult 0.0 must make the MLP width mlp_mult * model_dim >= 1"),
+    (["model.mlp_mult=-2"], "model.mlp_mult -2.0 must make the MLP width mlp_mult * model_dim >= 1"),
+    (["model.mlp_mult=0.001"], "model.mlp_mult 0.001 must make the MLP width mlp_mult * model_dim >= 1"),
+    (["model.qk_gain_init=1e300"], "model.qk_gain_init must be a number, got 1e+300 (beyond fp32's range, 3.4e38)"),
+    (["model.leaky_slope=-1e39"], "model.leaky_slope must be a number, got -1e+39 (beyond fp32's range, 3.4e38)"),
+    (["optim.matrix_lr=1e300"], "optim.matrix_lr must be a number >= 0, got 1e+300 (beyond fp32's range, 3.4e38)"),
+    (["model.rope_base=" + "9" * 400], "model.rope_base must be a number, got 9999"),
     (["model.qat_bits=${oops}"], "Interpolation key 'oops' not found"),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "expected"), BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
+@pytest.mark.parametrize(("overrides", "expected"), BAD_VALUES, ids=[" ".join(o)[:50] for o, _ in BAD_VALUES])
 def test_bad_value_is_one_line_naming_the_key_and_its_range(overrides, expected):
     assert expected in config_error(validate, overrides)
 

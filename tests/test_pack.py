@@ -295,6 +295,48 @@ def test_a_run_id_that_is_not_a_plain_file_name_is_refused_before_anything_is_wr
         check_run_id(ok)
 
 
+def read_only(folder: Path, on: bool) -> bool:
+    """Make `folder` read-only (`on`) or writable again: chmod, or for root (whom chmod does not stop) the
+    immutable attribute; False where that is not possible."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555 if on else 0o755)
+        return True
+    return subprocess.run(["chattr", "+i" if on else "-i", str(folder)], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["train.py run", "logs is a file", "read-only"])
+def test_a_folder_the_packed_run_must_not_or_cannot_write_in_is_refused_before_anything(
+    kind, tmp_path, monkeypatch, capsys
+):
+    """Inside a train.py run directory the packed run replaced that run's results.json and artifact without a
+    word; in a read-only folder it stopped with a PermissionError traceback. One config error line naming the
+    folder, exit 2, nothing written."""
+    (tmp_path / SCRIPT).write_bytes(b"# packed\n")
+    if kind == "train.py run":
+        (tmp_path / ".hydra").mkdir()
+        (tmp_path / ".hydra" / "config.yaml").write_text("seed: 1\n")
+        (tmp_path / "train.log").write_text("step:1/4\n")
+        (tmp_path / "results.json").write_text("{}")
+        want = f"config error: {tmp_path} is a train.py run directory: this run would replace its results.json"
+    elif kind == "logs is a file":
+        (tmp_path / "logs").write_text("")
+        want = f"config error: {tmp_path / 'logs'}: the run cannot write its files there (Not a directory)"
+    elif not read_only(tmp_path, True):
+        pytest.skip("no read-only folder here (root, without chattr)")
+    else:
+        want = f"config error: {tmp_path}: the run cannot write its files there ("  # (Permission denied) or chattr's
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main({"config": {}}, tmp_path / SCRIPT, [], {"RUN_ID": "r1"})
+    finally:
+        read_only(tmp_path, False)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(want) and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 GPTQ_PART = {"pgolf.quant.gptq", "pgolf.quant.calibrate", "pgolf.export.gptq_stage"}
 OTHER_PARTS = {"pgolf.export.prune_stage", "pgolf.quant.prune", "pgolf.train.wandb_logger", "callbacks.averaging"}
 OTHER_PARTS |= {"pgolf.quant.pergroup", "pgolf.quant.lqer"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,10 +24,11 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
-from callbacks.checkpoint import Checkpointing, resume_hint
+import callbacks.warmup
+from callbacks.checkpoint import Checkpointing, Terminated, resume_hint
 from pgolf.config.typed import ConfigError
 from pgolf.config.validate import check_resume
-from pgolf.runlog import set_log_file
+from pgolf.runlog import log0, set_log_file
 from pgolf.tools.rundir import CLAIM, claim, read_claim, release, snapshot, write_hydra_files
 from pgolf.train import run
 from pgolf.train.build import ContinuedCSVLogger, build_logger
@@ -221,8 +223,31 @@ def test_a_resume_of_another_model_stops_before_any_step_and_leaves_the_director
     out = r.stdout + r.stderr
     assert r.returncode == 2 and "Traceback" not in out, out[-3000:]
     (line,) = [x for x in out.splitlines() if x.startswith("config error:")]
-    assert "missing from the checkpoint: gpt.blocks.2." in line and "step:" not in out
+    assert "trained another config (model.num_layers: 2 -> 3)" in line and "step:" not in out
     assert tree(d) == before  # its claim, .hydra/, log, metrics and train_gpt.py as they were
+
+
+def test_a_resume_that_would_train_another_config_is_refused_before_any_work(preempted, synth_dir, tmp_path):
+    """The checkpoint records its run's config: a resume that changes what defines the training (the step
+    budget, a learning rate, the seed) was accepted, and its run's config then gave a command that does not
+    reproduce it; a resume that changes only what is logged, validated or evaluated is accepted."""
+    base, _, _ = preempted
+    ck = base / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(ck, map_location="cpu", weights_only=True)["config"]["train"]["iterations"] == 12
+    common = [*TINY, f"data.root={synth_dir.parent}", f"resume={ck}"]
+    changed = ["train.iterations=20", "optim.matrix_lr=0.05", "seed=2", "train.log_every=3"]
+    with pytest.raises(ConfigError) as e:
+        run.prepare(compose_cfg([*common, *changed]), tmp_path)
+    assert str(e.value) == (
+        f"resume={ck}: the checkpoint's run trained another config (optim.matrix_lr: 0.04 -> 0.05; "
+        "seed: 1337 -> 2; train.iterations: 12 -> 20); resume with its values, or start a new run"
+    )
+    logging = ["train.log_every=3", "train.val_every=0", "data.val_batch_tokens=4096", "callbacks.progress=line"]
+    logging += ["final_eval.modes=[standard,sliding]", "train.compile=true", "train.warmup_steps=2"]
+    run.prepare(compose_cfg([*common, *logging]), tmp_path)
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"^resume=.*junk\.ckpt: not a readable checkpoint \("):
+        run.prepare(compose_cfg([*TINY, f"resume={tmp_path / 'junk.ckpt'}"]), tmp_path)
 
 
 def test_a_missing_checkpoint_is_refused_before_the_claim(tmp_path):
@@ -318,9 +343,45 @@ def test_a_resume_that_adds_an_average_the_checkpoint_lacks_is_refused(tmp_path,
     common = [*TINY, f"data.root={synth_dir.parent}", "train.val_every=0", "train.iterations=4"]
     fit(compose_cfg([*common, "callbacks.averaging.kind=none", "callbacks.checkpoint.every_steps=2"]), Path("a"))
     ck = Path("a") / "checkpoints" / "step000002.ckpt"
+    with pytest.raises(ConfigError, match=r"another config \(callbacks\.averaging\.kind: none -> ema\)"):
+        fit(compose_cfg([*common, f"resume={ck}"]), Path("b"))
+    state = torch.load(ck, map_location="cpu", weights_only=True)
+    del state["config"]  # a checkpoint of an earlier pgolf, which did not record its config
+    torch.save(state, ck)
     with pytest.raises(SystemExit) as e:
         fit(compose_cfg([*common, f"resume={ck}"]), Path("b"))
     assert e.value.code == 2
     log = (Path("b") / "train.log").read_text()
     assert "config error: resume: the checkpoint holds no EMA average (its run averaged nothing)" in log
     assert not list(Path("b").glob("*.ptz"))
+
+
+def test_a_sigterm_during_the_compile_warm_up_stops_the_run_with_status_143(
+    tmp_path, synth_dir, monkeypatch, one_thread
+):
+    """A real SIGTERM during the compile warm-up, which runs before Checkpointing's on_train_start: only
+    Lightning's handler was in place, so the warm-up ran on, one step was trained and the run ended with status
+    0, no checkpoint and no word. The warm-up now stops at its next step boundary, and the run with status 143
+    and one line: nothing was trained, the same command starts it again."""
+
+    def log_then_sigterm(msg, *args, **kwargs):
+        log0(msg, *args, **kwargs)
+        if msg.startswith("warmup_step:1/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(callbacks.warmup, "log0", log_then_sigterm)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    before = signal.getsignal(signal.SIGTERM)
+    compiled = ["train.compile=true", "train.compile_backend=eager", "train.warmup_steps=3", "train.val_every=0"]
+    with pytest.raises(Terminated) as e:
+        fit(compose_cfg([*TINY, f"data.root={synth_dir.parent}", *compiled]), Path("run"))
+    assert e.value.code == 143 and signal.getsignal(signal.SIGTERM) is before  # Lightning put it back
+    lines = (Path("run") / "train.log").read_text().splitlines()
+    assert "warmup_step:1/3" in lines and "warmup_step:2/3" not in lines
+    assert not [x for x in lines if x.startswith("step:")]
+    assert lines[-1] == (
+        "terminated: SIGTERM during the compile warm-up (no step was trained: run the same command again); "
+        "stopping with exit status 143. No artifact was written. No results.json."
+    )
+    assert not (Path("run") / "checkpoints").exists() and not list(Path("run").glob("*.ptz"))

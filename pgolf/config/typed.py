@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 MISSING_VALUE = "???"  # OmegaConf's mandatory-value marker, as `to_container(throw_on_missing=False)` keeps it
+FP32_MAX = 3.4028234663852886e38  # the largest float32: float settings become fp32 tensors (and LRs, scales)
 
 
 class ConfigError(ValueError):
@@ -120,6 +121,8 @@ def convert(value, tp, where: str):
             hint = " (YAML reads a bare off/on/yes/no as false/true: quote it)"
         elif isinstance(value, float) and not math.isfinite(value):
             hint = " (not a finite number)"
+        elif isinstance(value, int | float) and _declared_float(tp) and abs(value) > FP32_MAX:
+            hint = " (beyond fp32's range, 3.4e38)"
         raise ConfigError(f"{where} must be {describe(tp)}, got {value!r}{hint}") from None
 
 
@@ -158,8 +161,8 @@ def _convert(value, tp, where: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise _Mismatch
-    if tp is float:  # inf and nan are no setting's value (an inf learning rate trained to a nan loss)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+    if tp is float:  # inf, nan and values beyond fp32 are no setting's value (an inf LR trained to a nan loss)
+        if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) <= FP32_MAX:
             return float(value)
         raise _Mismatch
     if tp is str:

@@ -144,6 +144,7 @@ class GPTConfig:
             ),
             (self.rope_dims != 2 or self.rope_ntk_base_len == 0, "NTK scaling needs rope_dims > 2"),
             (self.mlp_act in MLP_ACTS, f"mlp_act {self.mlp_act!r} not in {MLP_ACTS}"),
+            (self.mlp_mult * d >= 1, f"mlp_mult {self.mlp_mult} must make the MLP width mlp_mult * model_dim >= 1"),
             (not self.swiglu_split or self.mlp_act == "swiglu", "swiglu_split needs mlp_act swiglu"),
             (
                 not self.aux_proj_depth_scale or self.ortho_init,

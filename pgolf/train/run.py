@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks import build_callbacks
-from callbacks.checkpoint import Terminated
+from callbacks.checkpoint import Terminated, check_resume_config
 from callbacks.header import RunHeader
 from pgolf.config.typed import ConfigError
 from pgolf.config.validate import check_resume
@@ -47,9 +47,10 @@ class Extras:
 def prepare(cfg: DictConfig, run_dir: str | Path) -> Extras:
     """The checks that need Lightning (trainer keys, the batch layout) or the machine (a CUDA device for
     `trainer.accelerator=gpu`, the export codec's external program, the `resume` checkpoint file: train.py
-    checks it before its claim, the packed train_gpt.py here) and the extra callbacks and loggers, before any
-    data is prepared. Raises ConfigError."""
+    checks it before its claim, the packed train_gpt.py here; its run's config, which the resume must train on)
+    and the extra callbacks and loggers, before any data is prepared. Raises ConfigError."""
     check_resume(cfg.get("resume"))
+    check_resume_config(cfg)
     build.check_lightning_config(cfg)
     build.check_accelerator(cfg)
     build.check_export_codec(cfg)
@@ -71,8 +72,9 @@ def fit(
     reference's log lines; `config_file` (rank 0) the resolved config. `extras` comes from `prepare`.
     `code` is the run's code record (`{"bytes", "sha256"}` of its packed train_gpt.py) and `requirements`
     the versions of the packages that code imports; both go into the artifact's metadata. Returns
-    `results.json`'s contents, or None when the run was preempted (no export). A SIGTERM after training
-    raises `callbacks.checkpoint.Terminated` (a SystemExit, status 143) after one `terminated:` line. Bad
+    `results.json`'s contents, or None when the run was preempted (no export). A SIGTERM after training or
+    during the compile warm-up raises `callbacks.checkpoint.Terminated` (a SystemExit, status 143) after one
+    `terminated:` line. Bad
     data (a ShardError or TokenizerError: shards, byte sidecar or tokenizer that do not match, found when
     they are read, at set-up) ends the run with one `data error:` line and SystemExit(EXIT_DATA_ERROR); the
     run directory keeps its log. A resumed checkpoint whose weights are not the config's model (names, shapes,

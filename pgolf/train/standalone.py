@@ -8,12 +8,13 @@ As the reference script (openai/parameter-golf `train_gpt.py`) does, it reads `S
 (`ENV_KEYS`); the reference's other variables (`UNREAD_ENV`: model shape, learning rates), whose keys differ
 between experiments, are named in a note when set. It writes its log to `logs/{RUN_ID}.txt`, its resolved
 config and its record (`write_run_record`) beside it, and its artifact and `results.json` into the current
-folder, and runs alone or under `torchrun --standalone --nproc_per_node=N` (the process count is taken from torchrun's
-environment). Command-line arguments are overrides in Hydra's form, `train.iterations=50
-final_eval.modes=[standard,sliding]`, parsed by Hydra's own override parser (the values `train.py` would
-get: `{a:1}`, lists, `null`, interpolations; a key may index a list), applied to the config and checked by
-the same typed schema as `train.py` (pgolf/config/); there are no config groups to pick (`model=tiny`): the
-file holds one resolved config. The run is `pgolf.train.run.fit`, as under `train.py`.
+folder (a writable one, not a train.py run directory: `check_folder`), and runs alone or under
+`torchrun --standalone --nproc_per_node=N` (the process count is taken from torchrun's environment).
+Command-line arguments are overrides in Hydra's form, `train.iterations=50 final_eval.modes=[standard,sliding]`,
+parsed by Hydra's own override parser (the values `train.py` would get: `{a:1}`, lists, `null`,
+interpolations; a key may index a list), applied to the config and checked by the same typed schema as
+`train.py` (pgolf/config/); there are no config groups to pick (`model=tiny`): the file holds one resolved
+config. The run is `pgolf.train.run.fit`, as under `train.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -202,6 +204,7 @@ def main(packed: Mapping, script: str | Path, argv: list[str] | None = None, env
     run_id = run_id_of(env)
     logs = Path("logs")
     with exit_on_config_error():
+        check_folder(Path.cwd(), Path(script).name)
         check_run_id(run_id)
         cfg = run_config(packed, argv, env)
         try:
@@ -249,6 +252,23 @@ def set_by(message: str, env: Mapping[str, str], argv: list[str]) -> str:
         if var in env and key not in args and message.startswith(f"{key} "):
             return f" (set by {var}={env[var]})"
     return ""
+
+
+def check_folder(folder: Path, script: str) -> None:
+    """The run writes its artifact, results.json and logs/ into `folder`: not a train.py run directory
+    (`.hydra/config.yaml` and a train.log or results.json, as pgolf/tools/runs.py's is_run_dir), whose results
+    it would replace, and writable (and logs/ if it exists). Writes nothing. Raises ConfigError naming it."""
+    if (folder / ".hydra/config.yaml").is_file() and any((folder / f).is_file() for f in ("train.log", "results.json")):
+        raise ConfigError(
+            f"{folder} is a train.py run directory: this run would replace its results.json and artifact; run "
+            f"{script} in another folder"
+        )
+    for d in (folder, folder / "logs"):
+        try:
+            if d == folder or d.exists():
+                tempfile.TemporaryFile(dir=d).close()
+        except OSError as e:
+            raise ConfigError(f"{d}: the run cannot write its files there ({e.strerror})") from None
 
 
 def check_run_id(run_id: str) -> None:
