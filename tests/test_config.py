@@ -499,6 +499,7 @@ def test_a_gpu_config_on_a_machine_without_cuda_is_a_config_error(tmp_path):
 
     msg = config_error(prepare, compose_cfg(["experiment=baseline"]), tmp_path)
     assert msg.startswith("trainer.accelerator=gpu, but this machine has no CUDA device: run on the CPU with")
+    assert msg.endswith("trainer.accelerator=cpu trainer.precision=32-true train.compile=false (a packed train_gpt.py)")
     prepare(compose_cfg(["experiment=baseline", "trainer=cpu"]), tmp_path)
 
 

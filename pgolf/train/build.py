@@ -79,7 +79,8 @@ def check_accelerator(cfg: DictConfig) -> None:
     if acc in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"trainer.accelerator={acc}, but this machine has no CUDA device: run on the CPU with trainer=cpu "
-            "(train.py) or trainer.accelerator=cpu (a packed train_gpt.py)"
+            "(train.py) or trainer.accelerator=cpu trainer.precision=32-true train.compile=false (a packed "
+            "train_gpt.py)"
         )
 
 
