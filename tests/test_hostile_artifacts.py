@@ -492,6 +492,18 @@ def test_max_tokens_is_in_both_schemas():
         load(FinalEvalConfig, {**base, "settings": {}, "max_tokens": 0}, "final_eval")
 
 
+@pytest.mark.parametrize(
+    "dirty,shown", [(True, " (dirty)"), (False, ""), ([1], " (git_dirty: [1])"), ({"a": 1}, ' (git_dirty: {"a": 1})')]
+)
+def test_inspect_prints_a_provenance_of_any_shape(tmp_path, raw, dirty, shown):
+    """git_dirty of a list or dict was a TypeError traceback (an unhashable dict key); eval accepts the file."""
+    prov = {"git_sha": "abc", "git_dirty": dirty}
+    out = inspect_cli.inspect(
+        write(tmp_path, encode_artifact(edited(raw, lambda h: h["meta"].update(provenance=prov)), "zlib"))
+    )
+    assert f"provenance: git abc{shown} torch ?" in out
+
+
 def test_inspect_prints_metadata_of_an_odd_shape_as_json(tmp_path, raw):
     odd = {"quant": {"rules": 5}, "provenance": "x", "calibration": [1], "reexport": {"provenance": 2}}
     out = inspect_cli.inspect(write(tmp_path, encode_artifact(edited(raw, lambda h: h["meta"].update(odd)), "zlib")))
