@@ -26,6 +26,7 @@ from pgolf.eval.modes import parse_mode, run_mode
 from pgolf.export.code import code_of, recorded_code_bytes
 from pgolf.export.weights import MAX_SEQ_LEN, MAX_TRAIN_SEQ_LEN, load_artifact_model, read_model_artifact
 from pgolf.io import atomic_path, atomic_write_bytes
+from pgolf.model.config import GPTConfig
 from pgolf.quant.artifact import ArtifactError, SizeReport
 from pgolf.quant.settings import calibration_verdict, mark_not_compliant
 from pgolf.runlog import log0
@@ -172,6 +173,7 @@ def evaluate_artifact(
     check_eval_args(
         batch_windows=batch_windows, seq_len=seq_len, budget_seconds=budget_seconds, max_tokens=max_tokens, modes=modes
     )
+    device = pick_device(accelerator)
     check_outputs(Path(out_dir), audit, overwrite)  # every rank, before any work: all stop together
     header, _ = read_model_artifact(artifact, tensors=False)  # everything checked, no tensor allocated
     meta = header.meta
@@ -182,9 +184,9 @@ def evaluate_artifact(
     train_seq = int(meta.get("train", {}).get("seq_len") or 0)
     run_seq = int(meta.get("final_eval", {}).get("seq_len") or 0)  # the round trip's windows (PR #1611: 2048)
     S = _positive_int(seq_len or run_seq or train_seq or data.get("eval_seq_len") or 1024, "seq_len", MAX_SEQ_LEN)
+    cfg = GPTConfig.from_dict(meta["model"])
     for name, settings in modes.items():
-        parse_mode(name, settings, seq_len=S, batch_windows=batch_windows)
-    device = pick_device(accelerator)
+        check_mode_model(name, parse_mode(name, settings, seq_len=S, batch_windows=batch_windows)[1], cfg)
     use_compile = resolve_compile(compile, device)
     rank, world = init_distributed(device)
     model, meta = load_artifact_model(artifact, device)
@@ -272,6 +274,16 @@ def evaluate_artifact(
     if rank == 0:
         write_outputs(out_dir, out, arrays if audit else None)
     return out
+
+
+def check_mode_model(name: str, st, cfg: GPTConfig) -> None:
+    """A mode's settings `st` that name a part of the model `cfg`: `bos_id` (where documents start) a token id
+    of its vocabulary, `freeze_blocks` at most its layers. Raises ValueError naming the key."""
+    bos = getattr(st, "bos_id", None)
+    if bos is not None and not 0 <= bos < cfg.vocab_size:
+        raise ValueError(f"eval.{name}.bos_id {bos} is not a token id of the model's vocabulary ({cfg.vocab_size})")
+    if getattr(st, "freeze_blocks", 0) > cfg.num_layers:
+        raise ValueError(f"eval.{name}.freeze_blocks {st.freeze_blocks} exceeds the model's {cfg.num_layers} layers")
 
 
 def run_val_seq_len(meta: dict) -> int | None:
