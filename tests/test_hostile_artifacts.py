@@ -9,9 +9,12 @@ import copy
 import json
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import pgolf.export.weights as weights
 import pgolf.quant.artifact as art
@@ -22,6 +25,7 @@ from pgolf.data.tokenizer import TokenizerInfo
 from pgolf.eval.run import MAX_TOKENS_REASON, check_eval_args, compliance, evaluate_artifact
 from pgolf.export.weights import (
     MAX_MODEL_PARAMS,
+    MAX_WINDOW_LOGITS,
     check_model_config,
     expected_state,
     load_artifact_model,
@@ -188,11 +192,37 @@ def test_a_forged_config_is_refused_before_the_model_is_built(tmp_path, raw, mon
         ("ve_layers", [5], r"meta\.model: ve_layers \(5,\) out of range"),
         ("bogus", 1, r"meta\.model: unknown fields \['bogus'\]"),
         ("recur_times", 10**6, r"meta\.model\.recur_times must be an integer in \[1, 16\]"),
+        # numbers the model holds in float32 (torch.full raised "cannot be converted to type float without overflow")
+        (
+            "qk_gain_init",
+            1e300,
+            r"meta\.model\.qk_gain_init must be 0 or a float32 magnitude in \[1\.18e-38, 3\.4e\+38\]",
+        ),
+        ("smear_init", -1e308, r"meta\.model\.smear_init must be 0 or a float32 magnitude"),
+        ("leaky_slope", 1e300, r"meta\.model\.leaky_slope must be 0 or a float32 magnitude"),
+        ("logit_softcap", 3.5e38, r"meta\.model\.logit_softcap must be 0 or a float32 magnitude"),  # scored NaN
+        ("mlp_mult", 1e-300, r"meta\.model\.mlp_mult must be 0 or a float32 magnitude"),
+        ("rope_base", 1e-300, r"meta\.model\.rope_base must be 0 or a float32 magnitude"),  # scored NaN
+        ("rope_base", 0.5, r"meta\.model\.rope_base must be >= 1, got 0\.5"),
     ],
 )
 def test_config_fields_are_typed_and_bounded(key, value, message):
     with pytest.raises(ArtifactError, match=message):
         check_model_config({**CFG.to_dict(), key: value})
+
+
+def test_every_experiments_artifact_passes_the_bounds():
+    """The model config, window and vocabulary every recipe's run records (pgolf/train/build.py `run_meta`) are
+    within the artifact checks: PR #1611's 8192-token vocabulary, 2048-token windows and 98,304-token rows."""
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    for exp in sorted((conf / "experiment").rglob("*.yaml")):
+        name = str(exp.relative_to(conf / "experiment").with_suffix(""))
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[f"experiment={name}"])
+        model = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)).to_dict()
+        meta = {"train": {"seq_len": cfg.train.seq_len}, "final_eval": {"seq_len": cfg.final_eval.seq_len}}
+        weights._check_meta(meta, check_model_config(model), require_tokenizer=False)
+        assert model["vocab_size"] * cfg.final_eval.seq_len <= MAX_WINDOW_LOGITS // 8, name  # 8x headroom
 
 
 def test_a_config_of_too_many_virtual_layers_is_refused():
@@ -271,6 +301,30 @@ def test_a_forged_final_eval_seq_len_is_refused(tmp_path, raw, value):
     )
     with pytest.raises(ArtifactError, match=r"meta\.final_eval\.seq_len must be an integer in \[1, 16384\]"):
         read_model_artifact(path, tensors=False)
+
+
+@pytest.mark.parametrize(
+    "meta,message",
+    [
+        ({"final_eval": {"seq_len": 16384}}, r"vocab_size 131072 x meta\.final_eval\.seq_len 16384 = 2,147,483,648"),
+        ({"train": {"seq_len": 2048}}, r"vocab_size 131072 x meta\.train\.seq_len 2048 = 268,435,456"),  # its default
+    ],
+)
+def test_an_eval_window_of_too_many_logits_is_refused_before_the_model_is_built(
+    tmp_path, raw, monkeypatch, meta, message
+):
+    """vocab_size and the eval window were bounded apart (2^17, 16,384): a 142 KB artifact made eval.py allocate
+    256 GiB of logits for a batch of 32 windows."""
+    devices = meta_builds_only(monkeypatch)
+    model = {**CFG.to_dict(), "vocab_size": 1 << 17}
+    path = write(tmp_path, encode_artifact(edited(raw, lambda h: h["meta"].update(model=model, **meta)), "zlib"))
+    with pytest.raises(ArtifactError, match=f"{message} logits a window, over the limit of 134,217,728"):
+        load_artifact_model(path)
+    assert devices == []  # refused before the model was built, even on the meta device
+    assert inspect_cli.main([str(path)]) == 2
+    ok = edited(raw, lambda h: h["meta"].update(model=model, train={"seq_len": 1024}))  # 2^27: the limit itself
+    with pytest.raises(ArtifactError, match=r"tensor 'tok_emb\.weight' has shape"):  # the next check
+        read_model_artifact(write(tmp_path, encode_artifact(ok, "zlib")), tensors=False)
 
 
 def test_pr1611s_packed_training_rows_are_accepted(tmp_path, raw):
