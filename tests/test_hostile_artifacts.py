@@ -537,6 +537,46 @@ def test_an_over_cap_artifact_is_scored_but_not_compliant(tmp_path, synth_dir):
     assert json.loads((tmp_path / "o" / "eval_result.json").read_text())["compliant"] is False
 
 
+def synth_artifact(tmp_path, synth_dir, edit=None, rules=RULES) -> tuple[Path, dict]:
+    """(a 1-layer model's artifact for the synthetic tokenizer, quantized with `rules`, its state edited by
+    `edit` first; the data config eval reads)."""
+    tok_path = next(synth_dir.glob("*.model"))
+    tok = TokenizerInfo.from_path(tok_path)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, num_layers=1, model_dim=32, num_heads=4, num_kv_heads=2)
+    meta = {"model": cfg.to_dict(), "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "sha256": tok.sha256}}
+    meta |= {"train": {"seq_len": 32}, "code": {"bytes": 1000, "sha256": "cd" * 32}}
+    torch.manual_seed(0)
+    state = GPT(cfg).state_dict()
+    if edit is not None:
+        edit(state)
+    path = write(tmp_path, encode_artifact(pack(quantize_state(state, rules_from_config(rules)), meta), "zlib"))
+    return path, {"tokenizer_path": str(tok_path), "val_pattern": str(synth_dir / "synth_val_*.bin")}
+
+
+def test_a_non_finite_score_is_not_compliant_and_eval_result_json_stays_json(tmp_path, synth_dir):
+    """A NaN in the stored weights scored `val_bpb: NaN` with `compliant: true`, and eval_result.json held a
+    bare `NaN`, which strict JSON parsers (jq, parse_constant) refuse."""
+    path, data = synth_artifact(tmp_path, synth_dir, lambda sd: sd["tok_emb.weight"].fill_(float("nan")), RULES[1:])
+    modes = {"standard": {}, "sliding": {"stride": 16}}
+    res = evaluate_artifact(artifact=path, modes=modes, data=data, out_dir=tmp_path / "o", batch_windows=8)
+    why = [f"score: {m}: val_loss nan val_bpb nan is not finite" for m in modes]
+    assert res["compliant"] is False and res["compliance"]["reasons"] == why
+    assert res["compliance"]["score_before_adapt"] is True  # the modes' own rule holds
+    for m, w in zip(modes, why, strict=True):
+        assert res["results"][m]["compliant"] is False and res["results"][m]["reason"].startswith(f"{w}; ")
+
+    def strict(c):
+        raise ValueError(f"not JSON: {c}")
+
+    out = json.loads((tmp_path / "o" / "eval_result.json").read_text(), parse_constant=strict)
+    assert out["val_bpb"] is None and out["results"]["sliding"]["val_loss"] is None and out["compliant"] is False
+    # a finite score is written as it was
+    path, data = synth_artifact(tmp_path, synth_dir)
+    res = evaluate_artifact(artifact=path, modes={"standard": {}}, data=data, out_dir=tmp_path / "f", batch_windows=8)
+    out = json.loads((tmp_path / "f" / "eval_result.json").read_text(), parse_constant=strict)
+    assert res["compliant"] is True and out["val_bpb"] == res["val_bpb"] > 0
+
+
 def test_max_tokens_is_in_both_schemas():
     assert "max_tokens" in EvalRun.__dataclass_fields__
     base = {"modes": ["standard"], "seq_len": 32, "batch_windows": 8, "stride": 16, "reference_tail": False}

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.data.stream import load_val_data
 from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
-from pgolf.eval.core import EvalContext, TargetLog, gather_log
+from pgolf.eval.core import EvalContext, TargetLog, gather_log, json_safe, mark_non_finite
 from pgolf.eval.modes import parse_mode, run_mode
 from pgolf.export.code import code_of, recorded_code_bytes
 from pgolf.export.weights import MAX_SEQ_LEN, MAX_TRAIN_SEQ_LEN, load_artifact_model, read_model_artifact
@@ -226,12 +226,14 @@ def evaluate_artifact(
     calibration = meta.get("calibration")
     cal_why = calibration_verdict(calibration)
     ok, reasons = compliance(list(results.values()), size.total, total, budget_seconds, max_tokens, cal_why)
+    score_before_adapt = all(r["compliant"] for r in results.values())
+    nan_why = mark_non_finite(results.values())  # after the score-before-adapt verdict: not that rule's reasons
+    ok, reasons = ok and not nan_why, reasons + nan_why
     if n_code is None:  # zero counted code bytes would pass the cap unseen
         ok = False
         reasons.append(NO_CODE_REASON)
     total_bytes = size.total if n_code is not None else None
     size_ok = size.ok and n_code is not None
-    score_before_adapt = all(r["compliant"] for r in results.values())
     # every mode scored this artifact, or this prefix: none is compliant (as results.json's round trip)
     for why in (partial, cal_why):  # the calibration's reason ends up first
         if why is not None:
@@ -367,7 +369,8 @@ def write_outputs(out_dir: Path, out: dict, arrays: dict | None) -> None:
     """eval_result.json and, with audit arrays, audit.npz, each written atomically (`check_outputs` has
     refused, before the evaluation, to replace a file the caller did not allow to be replaced)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / RESULT_FILE, (json.dumps(out, indent=2) + "\n").encode())
+    text = json.dumps(json_safe(out), indent=2, allow_nan=False)  # a NaN score: null (strict JSON)
+    atomic_write_bytes(out_dir / RESULT_FILE, (text + "\n").encode())
     if arrays is not None:
         with atomic_path(out_dir / AUDIT_FILE) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
