@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +26,7 @@ from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.config.schema import EvalRun, FinalEvalConfig
 from pgolf.config.typed import ConfigError, load
 from pgolf.data.tokenizer import TokenizerInfo
-from pgolf.eval.run import MAX_TOKENS_REASON, check_eval_args, compliance, evaluate_artifact
+from pgolf.eval.run import MAX_TOKENS_REASON, check_eval_args, compliance, evaluate_artifact, out_of_memory, pick_device
 from pgolf.export.weights import (
     MAX_MODEL_PARAMS,
     MAX_WINDOW_LOGITS,
@@ -575,6 +579,57 @@ def test_a_non_finite_score_is_not_compliant_and_eval_result_json_stays_json(tmp
     res = evaluate_artifact(artifact=path, modes={"standard": {}}, data=data, out_dir=tmp_path / "f", batch_windows=8)
     out = json.loads((tmp_path / "f" / "eval_result.json").read_text(), parse_constant=strict)
     assert res["compliant"] is True and out["val_bpb"] == res["val_bpb"] > 0
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A read-only or impossible out_dir was found after the whole evaluation, in a message naming a temp file."""
+    (tmp_path / "file").write_text("hi")
+    args = {"artifact": tmp_path / "missing.ptz", "modes": {"standard": {}}, "data": {}}
+    with pytest.raises(OSError, match=r"^out_dir \S+/file/sub is not writable \(Not a directory\); choose another"):
+        evaluate_artifact(out_dir=tmp_path / "file" / "sub", **args)
+    with pytest.raises(ArtifactError, match="missing.ptz"):  # a writable one is made, the probe removed
+        evaluate_artifact(out_dir=tmp_path / "new" / "dir", **args)
+    assert list((tmp_path / "new" / "dir").iterdir()) == []
+    monkeypatch.setenv("RANK", "1")  # under torchrun, only rank 0 writes (another rank's Hydra directory is gone)
+    with pytest.raises(ArtifactError, match="missing.ptz"):
+        evaluate_artifact(out_dir=tmp_path / "rank1", **args)
+    assert not (tmp_path / "rank1").exists()
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o555)
+        with pytest.raises(OSError, match=r"^out_dir \S+/ro is not writable \(Permission denied\)"):
+            evaluate_artifact(out_dir=tmp_path / "ro", **args)
+
+
+def test_eval_names_an_allocation_failure_and_only_that(monkeypatch):
+    assert out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried ..."))
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory")) and out_of_memory(MemoryError())
+    assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # a bug keeps its traceback
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="trainer.accelerator=gpu, but this machine has no CUDA device"):
+        pick_device("gpu")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        # 2^50 windows of 32 tokens a batch: far more than any address space, whatever the overcommit
+        ("batch_windows=1125899906842624", r"error: out of memory \(.*can't allocate memory.*\): lower batch_windows="),
+        pytest.param(
+            "trainer=gpu",
+            r"config error: trainer\.accelerator=gpu, but this machine has no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_eval_py_says_out_of_memory_or_no_gpu_in_one_line(tmp_path, synth_dir, override, message):
+    """Both were a Hydra traceback (RuntimeError)."""
+    path, _ = synth_artifact(tmp_path, synth_dir)
+    root = Path(__file__).resolve().parent.parent
+    args = [f"artifact={path}", "data=synthetic", f"data.root={synth_dir.parent}", f"data.dir={synth_dir}"]
+    args += [f"out_dir={tmp_path / 'o'}", f"hydra.run.dir={tmp_path / 'h'}", override]
+    r = subprocess.run([sys.executable, "eval.py", *args], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.fullmatch(message + ".*", r.stderr.strip()), r.stderr[-2000:]
 
 
 def test_max_tokens_is_in_both_schemas():
