@@ -10,7 +10,8 @@ code, and a verdict: score-before-adapt, the 16,000,000-byte cap, the time budge
 calibration record (`calibration_ok`; the record is copied and printed); and with `audit=true` the
 per-target NLL/bytes in `audit.npz`). A bad artifact, tokenizer, data or setting is one line
 `error: ...` on stderr, exit status 2; so is an `eval_result.json` (`audit.npz`) already in `out_dir`: it is
-refused before the artifact is read, on every rank, unless `overwrite=true`. `max_tokens=N` scores only the
+refused before the artifact is read, on every rank, unless `overwrite=true`, and so is an `out_dir` that cannot be
+written; an allocation failure (out of memory) is one `error:` line too. `max_tokens=N` scores only the
 first N validation targets: a quick look, not the challenge's metric (`compliant: false`). Under torchrun the
 windows are split across processes and the sums reduced; the run has one output directory, rank 0's.
 """
@@ -46,26 +47,33 @@ def main(cfg: DictConfig) -> float:
         validate_eval(cfg, CONF)
     # Deferred on purpose: the evaluation runtime brings torch and Lightning (several seconds); a missing
     # artifact or a bad key is reported without them.
-    from pgolf.eval.run import evaluate_artifact
+    from pgolf.eval.run import evaluate_artifact, out_of_memory
 
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(hc.runtime.output_dir)
     try:
-        result = evaluate_artifact(
-            artifact=cfg.artifact,
-            modes=OmegaConf.to_container(cfg.eval, resolve=True),
-            data=OmegaConf.to_container(cfg.data, resolve=True),
-            accelerator=cfg.trainer.accelerator,
-            batch_windows=cfg.batch_windows,
-            seq_len=cfg.seq_len,
-            budget_seconds=cfg.budget_seconds,
-            audit=cfg.audit,
-            compile=cfg.compile,
-            max_tokens=cfg.max_tokens,
-            out_dir=out_dir,
-            overwrite=cfg.overwrite,
-        )
+        with exit_on_config_error():  # trainer=gpu on a machine without CUDA
+            result = evaluate_artifact(
+                artifact=cfg.artifact,
+                modes=OmegaConf.to_container(cfg.eval, resolve=True),
+                data=OmegaConf.to_container(cfg.data, resolve=True),
+                accelerator=cfg.trainer.accelerator,
+                batch_windows=cfg.batch_windows,
+                seq_len=cfg.seq_len,
+                budget_seconds=cfg.budget_seconds,
+                audit=cfg.audit,
+                compile=cfg.compile,
+                max_tokens=cfg.max_tokens,
+                out_dir=out_dir,
+                overwrite=cfg.overwrite,
+            )
     except (ValueError, OSError) as e:  # a bad artifact, tokenizer, data, setting, or an output there: one line, exit 2
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+        raise SystemExit(2) from None
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):  # a bug: its traceback
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        print(f"error: out of memory ({first}): lower batch_windows= or seq_len=", file=sys.stderr)
         raise SystemExit(2) from None
     return result["val_bpb"]
 

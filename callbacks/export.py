@@ -11,7 +11,8 @@ the size target if asked, pack and compress them with the model config, tokenize
 and calibration record, write the artifact atomically (rank 0), re-read it from disk on every rank,
 de-quantize into a fresh model, re-evaluate, and print the reference's size and round-trip lines. The
 results also go to `results.json` in the run directory, its paths relative to the run directory, with the
-artifact's compliance (`artifact_compliance`: calibration, size, full validation; as eval.py judges it).
+artifact's compliance (`artifact_compliance`: calibration, size, full validation, finite scores; as eval.py
+judges it); a NaN or infinite figure is written as null.
 
 No pass over the validation set is made twice for the same number, and the log says when one is reused:
 - the pre-quantization figure is the last validation's (`reusable_validation`) when that validation ran at
@@ -42,7 +43,7 @@ from callbacks.wallclock import ChallengeClock
 from pgolf import optional
 from pgolf.config.typed import ConfigError
 from pgolf.data.shards import list_shards
-from pgolf.eval.core import CAUSAL_REASON, EvalContext, EvalResult
+from pgolf.eval.core import CAUSAL_REASON, EvalContext, EvalResult, json_safe, mark_non_finite
 from pgolf.eval.registry import parse_mode, scoring_line
 from pgolf.export.config import ExportConfig, ExportContext
 from pgolf.export.roundtrip import (
@@ -169,9 +170,9 @@ def artifact_compliance(results: dict, partial: str | None) -> dict:
     its GPTQ calibration was compliant (`calibration_ok`: the export's calibration record; training data read
     only inside the training time budget, PRs #535/#569/#593/#609), code + model fit the limit (`size_ok`),
     the whole validation split was scored (`full_validation`; `partial`: why not, if not), and the reasons it
-    is not. A non-compliant
-    calibration also marks every round-trip mode of `results` `compliant: false` (edited in place), as
-    eval.py marks its modes; each mode keeps its own score-before-adapt rule. Logs one `compliance:` line."""
+    is not. A non-compliant calibration also marks every round-trip mode of `results` `compliant: false`
+    (edited in place), as eval.py marks its modes, and so does a NaN or infinite score (`mark_non_finite`, a
+    reason each); each mode keeps its own score-before-adapt rule. Logs one `compliance:` line."""
     why = calibration_verdict(results["export"].get("calibration"))  # no record: no GPTQ, or rank > 0
     reasons = []
     if why is not None:
@@ -183,6 +184,7 @@ def artifact_compliance(results: dict, partial: str | None) -> dict:
         reasons.append(f"size: {e['total_bytes']:,} bytes (model + code) is over the {e['limit_bytes']:,}-byte limit")
     if partial is not None:
         reasons.append(partial)
+    reasons += mark_non_finite(results.get("roundtrip", {}).values())
     verdict = {
         "calibration_ok": why is None,
         "size_ok": size_ok,
@@ -322,5 +324,6 @@ class QuantizeExport(L.Callback):
         self.results["compliance"] = artifact_compliance(self.results, partial)
         set_phase("writing results.json")
         if trainer.global_rank == 0:
-            atomic_write_bytes(self.run_dir / "results.json", (json.dumps(self.results, indent=2) + "\n").encode())
+            text = json.dumps(json_safe(self.results), indent=2, allow_nan=False)  # a NaN score: null
+            atomic_write_bytes(self.run_dir / "results.json", (text + "\n").encode())
         set_phase("the end of the run")

@@ -216,6 +216,7 @@ def test_lora_1090_config_is_the_pr_1090_form():
         ("ttt", {"stride": 17}, r"^ttt\.stride 17 must be in 1\.\.16$"),
         ("slot_1263", {"stride": 17}, r"^slot_1263\.stride 17 must be in 1\.\.16$"),
         ("ttt", {"chunk_tokens": 0}, "chunk_tokens 0"),
+        ("ttt", {"stride": 4, "momentum": 5}, r"^ttt\.momentum 5\.0 must be in \[0, 1\)$"),  # SGD diverges
         ("lora_ttt", {"targets": ["q", "k"]}, r"targets \['k'\]"),
         ("lora_ttt", {"chunk_size": 64, "context": 32}, "chunk_size 64"),
         ("sliding", {"seq_len": 16385}, r"eval mode sliding: seq_len must be at most 16384 \(eval.py's cap\)"),
@@ -614,6 +615,29 @@ def test_final_eval_runs_the_records_windows_and_prints_pgolfs_figure_beside(syn
     model, _ = load_artifact_model(report.path)
     once = run_mode("sliding", {"stride": 8}, model, tokens, EvalContext(lt, CPU, 32, 8))
     assert rt["sliding"]["once"]["val_bpb"] == once.val_bpb and rt["sliding"]["val_bpb"] != once.val_bpb
+
+
+@pytest.mark.parametrize(
+    "name,settings,match",
+    [
+        ("ttt", {"stride": 8, "freeze_blocks": 2}, r"^eval\.ttt\.freeze_blocks 2 exceeds the model's 1 layers$"),
+        (
+            "lora_ttt",
+            {"bos_id": 256, "chunk_size": 8},
+            r"^eval\.lora_ttt\.bos_id 256 is not a token id of the model's vocabulary \(256\)$",
+        ),
+        ("phased_ttt", {"bos_id": -1}, r"^eval\.phased_ttt\.bos_id -1 is not a token id"),
+    ],
+)
+def test_settings_that_name_a_part_of_the_model_are_checked_before_any_work(
+    synth_artifact, tmp_path, monkeypatch, name, settings, match
+):
+    """`freeze_blocks: 99` on a 2-layer model froze nothing more than all of it, and a `bos_id` outside the
+    vocabulary started no document (the LoRA modes then score nothing): both ran and were scored."""
+    report, data = synth_artifact
+    monkeypatch.setattr("pgolf.eval.run.load_artifact_model", None)  # refused before the model is loaded
+    with pytest.raises(ValueError, match=match):
+        evaluate_artifact(artifact=report.path, modes={name: settings}, data=data, out_dir=tmp_path)
 
 
 def test_flip_test_from_outside_with_eval_and_audit_files(synth_artifact, tmp_path, capsys):

@@ -4,6 +4,9 @@ results.json), and the training-data calibration checked before training (callba
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -92,7 +95,10 @@ def test_calibration_ok_reads_the_record_strictly():
 # ---- train.py: results.json says the same -------------------------------------------------------------------
 def results(calibration, size_ok=True):
     export = {"calibration": calibration, "size_ok": size_ok, "total_bytes": 17_000_000, "limit_bytes": 16_000_000}
-    modes = {m: {"compliant": True, "reason": "causal"} for m in ("standard", "sliding")}
+    modes = {
+        m: {"mode": m, "val_loss": 2.0, "val_bpb": 1.2, "compliant": True, "reason": "causal"}
+        for m in ("standard", "sliding")
+    }
     return {"export": export, "roundtrip": modes}
 
 
@@ -115,6 +121,37 @@ def test_results_json_states_the_artifacts_compliance(capsys):
     assert v["reasons"][1] == "data.val_max_tokens: not the full validation set"
     assert all(m["compliant"] for m in r["roundtrip"].values())
     assert artifact_compliance(results(None), None)["reasons"] == []  # no record: no GPTQ
+
+
+def test_results_json_marks_a_non_finite_round_trip_score(capsys):
+    """Weights that overflow the artifact's fp16 storage (optim.matrix_lr=1e30) scored `val_loss:nan` in the round
+    trip with every verdict flag true; results.json then held a bare NaN."""
+    r = results(None)
+    r["roundtrip"]["sliding"] |= {"val_loss": float("nan"), "val_bpb": float("inf")}
+    v = artifact_compliance(r, None)
+    assert v["reasons"] == ["score: sliding: val_loss nan val_bpb inf is not finite"]
+    assert r["roundtrip"]["sliding"]["compliant"] is False and r["roundtrip"]["sliding"]["reason"].endswith("; causal")
+    assert r["roundtrip"]["standard"] == results(None)["roundtrip"]["standard"]  # a finite score: untouched
+    assert "| score: sliding: val_loss nan val_bpb inf is not finite" in capsys.readouterr().out
+
+
+def test_train_writes_a_non_finite_round_trip_score_as_null(tmp_path, synth_dir):
+    """The reviewer's run: train.py with optim.matrix_lr=1e30 (finite float weights, an artifact that is not)."""
+    root = Path(__file__).resolve().parent.parent
+    args = ["data=synthetic", f"data.root={synth_dir.parent}", f"data.dir={synth_dir}", "model=tiny"]
+    args += ["train.seq_len=32", "train.batch_tokens=1024", "train.iterations=4", "train.max_wallclock_seconds=0"]
+    args += ["train.warmdown_iters=2", "final_eval.modes=[standard]", "final_eval.batch_windows=8"]
+    args += ["callbacks.progress=none", "optim.matrix_lr=1e30", f"hydra.run.dir={tmp_path / 'run'}"]
+    r = subprocess.run([sys.executable, "train.py", *args], cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def strict(c):
+        raise ValueError(f"not JSON: {c}")
+
+    res = json.loads((tmp_path / "run" / "results.json").read_text(), parse_constant=strict)
+    std = res["roundtrip"]["standard"]
+    assert std["val_loss"] is None and std["compliant"] is False and std["reason"].startswith("score: standard: ")
+    assert res["compliance"]["reasons"] == ["score: standard: val_loss nan val_bpb nan is not finite"]
 
 
 # ---- the training-data calibration, checked before training -------------------------------------------------

@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import pgolf.export.weights as weights
 import pgolf.quant.artifact as art
@@ -19,9 +26,10 @@ from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.config.schema import EvalRun, FinalEvalConfig
 from pgolf.config.typed import ConfigError, load
 from pgolf.data.tokenizer import TokenizerInfo
-from pgolf.eval.run import MAX_TOKENS_REASON, check_eval_args, compliance, evaluate_artifact
+from pgolf.eval.run import MAX_TOKENS_REASON, check_eval_args, compliance, evaluate_artifact, out_of_memory, pick_device
 from pgolf.export.weights import (
     MAX_MODEL_PARAMS,
+    MAX_WINDOW_LOGITS,
     check_model_config,
     expected_state,
     load_artifact_model,
@@ -188,11 +196,37 @@ def test_a_forged_config_is_refused_before_the_model_is_built(tmp_path, raw, mon
         ("ve_layers", [5], r"meta\.model: ve_layers \(5,\) out of range"),
         ("bogus", 1, r"meta\.model: unknown fields \['bogus'\]"),
         ("recur_times", 10**6, r"meta\.model\.recur_times must be an integer in \[1, 16\]"),
+        # numbers the model holds in float32 (torch.full raised "cannot be converted to type float without overflow")
+        (
+            "qk_gain_init",
+            1e300,
+            r"meta\.model\.qk_gain_init must be 0 or a float32 magnitude in \[1\.18e-38, 3\.4e\+38\]",
+        ),
+        ("smear_init", -1e308, r"meta\.model\.smear_init must be 0 or a float32 magnitude"),
+        ("leaky_slope", 1e300, r"meta\.model\.leaky_slope must be 0 or a float32 magnitude"),
+        ("logit_softcap", 3.5e38, r"meta\.model\.logit_softcap must be 0 or a float32 magnitude"),  # scored NaN
+        ("mlp_mult", 1e-300, r"meta\.model\.mlp_mult must be 0 or a float32 magnitude"),
+        ("rope_base", 1e-300, r"meta\.model\.rope_base must be 0 or a float32 magnitude"),  # scored NaN
+        ("rope_base", 0.5, r"meta\.model\.rope_base must be >= 1, got 0\.5"),
     ],
 )
 def test_config_fields_are_typed_and_bounded(key, value, message):
     with pytest.raises(ArtifactError, match=message):
         check_model_config({**CFG.to_dict(), key: value})
+
+
+def test_every_experiments_artifact_passes_the_bounds():
+    """The model config, window and vocabulary every recipe's run records (pgolf/train/build.py `run_meta`) are
+    within the artifact checks: PR #1611's 8192-token vocabulary, 2048-token windows and 98,304-token rows."""
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    for exp in sorted((conf / "experiment").rglob("*.yaml")):
+        name = str(exp.relative_to(conf / "experiment").with_suffix(""))
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[f"experiment={name}"])
+        model = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)).to_dict()
+        meta = {"train": {"seq_len": cfg.train.seq_len}, "final_eval": {"seq_len": cfg.final_eval.seq_len}}
+        weights._check_meta(meta, check_model_config(model), require_tokenizer=False)
+        assert model["vocab_size"] * cfg.final_eval.seq_len <= MAX_WINDOW_LOGITS // 8, name  # 8x headroom
 
 
 def test_a_config_of_too_many_virtual_layers_is_refused():
@@ -271,6 +305,30 @@ def test_a_forged_final_eval_seq_len_is_refused(tmp_path, raw, value):
     )
     with pytest.raises(ArtifactError, match=r"meta\.final_eval\.seq_len must be an integer in \[1, 16384\]"):
         read_model_artifact(path, tensors=False)
+
+
+@pytest.mark.parametrize(
+    "meta,message",
+    [
+        ({"final_eval": {"seq_len": 16384}}, r"vocab_size 131072 x meta\.final_eval\.seq_len 16384 = 2,147,483,648"),
+        ({"train": {"seq_len": 2048}}, r"vocab_size 131072 x meta\.train\.seq_len 2048 = 268,435,456"),  # its default
+    ],
+)
+def test_an_eval_window_of_too_many_logits_is_refused_before_the_model_is_built(
+    tmp_path, raw, monkeypatch, meta, message
+):
+    """vocab_size and the eval window were bounded apart (2^17, 16,384): a 142 KB artifact made eval.py allocate
+    256 GiB of logits for a batch of 32 windows."""
+    devices = meta_builds_only(monkeypatch)
+    model = {**CFG.to_dict(), "vocab_size": 1 << 17}
+    path = write(tmp_path, encode_artifact(edited(raw, lambda h: h["meta"].update(model=model, **meta)), "zlib"))
+    with pytest.raises(ArtifactError, match=f"{message} logits a window, over the limit of 134,217,728"):
+        load_artifact_model(path)
+    assert devices == []  # refused before the model was built, even on the meta device
+    assert inspect_cli.main([str(path)]) == 2
+    ok = edited(raw, lambda h: h["meta"].update(model=model, train={"seq_len": 1024}))  # 2^27: the limit itself
+    with pytest.raises(ArtifactError, match=r"tensor 'tok_emb\.weight' has shape"):  # the next check
+        read_model_artifact(write(tmp_path, encode_artifact(ok, "zlib")), tensors=False)
 
 
 def test_pr1611s_packed_training_rows_are_accepted(tmp_path, raw):
@@ -483,6 +541,97 @@ def test_an_over_cap_artifact_is_scored_but_not_compliant(tmp_path, synth_dir):
     assert json.loads((tmp_path / "o" / "eval_result.json").read_text())["compliant"] is False
 
 
+def synth_artifact(tmp_path, synth_dir, edit=None, rules=RULES) -> tuple[Path, dict]:
+    """(a 1-layer model's artifact for the synthetic tokenizer, quantized with `rules`, its state edited by
+    `edit` first; the data config eval reads)."""
+    tok_path = next(synth_dir.glob("*.model"))
+    tok = TokenizerInfo.from_path(tok_path)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, num_layers=1, model_dim=32, num_heads=4, num_kv_heads=2)
+    meta = {"model": cfg.to_dict(), "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "sha256": tok.sha256}}
+    meta |= {"train": {"seq_len": 32}, "code": {"bytes": 1000, "sha256": "cd" * 32}}
+    torch.manual_seed(0)
+    state = GPT(cfg).state_dict()
+    if edit is not None:
+        edit(state)
+    path = write(tmp_path, encode_artifact(pack(quantize_state(state, rules_from_config(rules)), meta), "zlib"))
+    return path, {"tokenizer_path": str(tok_path), "val_pattern": str(synth_dir / "synth_val_*.bin")}
+
+
+def test_a_non_finite_score_is_not_compliant_and_eval_result_json_stays_json(tmp_path, synth_dir):
+    """A NaN in the stored weights scored `val_bpb: NaN` with `compliant: true`, and eval_result.json held a
+    bare `NaN`, which strict JSON parsers (jq, parse_constant) refuse."""
+    path, data = synth_artifact(tmp_path, synth_dir, lambda sd: sd["tok_emb.weight"].fill_(float("nan")), RULES[1:])
+    modes = {"standard": {}, "sliding": {"stride": 16}}
+    res = evaluate_artifact(artifact=path, modes=modes, data=data, out_dir=tmp_path / "o", batch_windows=8)
+    why = [f"score: {m}: val_loss nan val_bpb nan is not finite" for m in modes]
+    assert res["compliant"] is False and res["compliance"]["reasons"] == why
+    assert res["compliance"]["score_before_adapt"] is True  # the modes' own rule holds
+    for m, w in zip(modes, why, strict=True):
+        assert res["results"][m]["compliant"] is False and res["results"][m]["reason"].startswith(f"{w}; ")
+
+    def strict(c):
+        raise ValueError(f"not JSON: {c}")
+
+    out = json.loads((tmp_path / "o" / "eval_result.json").read_text(), parse_constant=strict)
+    assert out["val_bpb"] is None and out["results"]["sliding"]["val_loss"] is None and out["compliant"] is False
+    # a finite score is written as it was
+    path, data = synth_artifact(tmp_path, synth_dir)
+    res = evaluate_artifact(artifact=path, modes={"standard": {}}, data=data, out_dir=tmp_path / "f", batch_windows=8)
+    out = json.loads((tmp_path / "f" / "eval_result.json").read_text(), parse_constant=strict)
+    assert res["compliant"] is True and out["val_bpb"] == res["val_bpb"] > 0
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A read-only or impossible out_dir was found after the whole evaluation, in a message naming a temp file."""
+    (tmp_path / "file").write_text("hi")
+    args = {"artifact": tmp_path / "missing.ptz", "modes": {"standard": {}}, "data": {}}
+    with pytest.raises(OSError, match=r"^out_dir \S+/file/sub is not writable \(Not a directory\); choose another"):
+        evaluate_artifact(out_dir=tmp_path / "file" / "sub", **args)
+    with pytest.raises(ArtifactError, match="missing.ptz"):  # a writable one is made, the probe removed
+        evaluate_artifact(out_dir=tmp_path / "new" / "dir", **args)
+    assert list((tmp_path / "new" / "dir").iterdir()) == []
+    monkeypatch.setenv("RANK", "1")  # under torchrun, only rank 0 writes (another rank's Hydra directory is gone)
+    with pytest.raises(ArtifactError, match="missing.ptz"):
+        evaluate_artifact(out_dir=tmp_path / "rank1", **args)
+    assert not (tmp_path / "rank1").exists()
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o555)
+        with pytest.raises(OSError, match=r"^out_dir \S+/ro is not writable \(Permission denied\)"):
+            evaluate_artifact(out_dir=tmp_path / "ro", **args)
+
+
+def test_eval_names_an_allocation_failure_and_only_that(monkeypatch):
+    assert out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried ..."))
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory")) and out_of_memory(MemoryError())
+    assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # a bug keeps its traceback
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="trainer.accelerator=gpu, but this machine has no CUDA device"):
+        pick_device("gpu")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        # 2^50 windows of 32 tokens a batch: far more than any address space, whatever the overcommit
+        ("batch_windows=1125899906842624", r"error: out of memory \(.*can't allocate memory.*\): lower batch_windows="),
+        pytest.param(
+            "trainer=gpu",
+            r"config error: trainer\.accelerator=gpu, but this machine has no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_eval_py_says_out_of_memory_or_no_gpu_in_one_line(tmp_path, synth_dir, override, message):
+    """Both were a Hydra traceback (RuntimeError)."""
+    path, _ = synth_artifact(tmp_path, synth_dir)
+    root = Path(__file__).resolve().parent.parent
+    args = [f"artifact={path}", "data=synthetic", f"data.root={synth_dir.parent}", f"data.dir={synth_dir}"]
+    args += [f"out_dir={tmp_path / 'o'}", f"hydra.run.dir={tmp_path / 'h'}", override]
+    r = subprocess.run([sys.executable, "eval.py", *args], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.fullmatch(message + ".*", r.stderr.strip()), r.stderr[-2000:]
+
+
 def test_max_tokens_is_in_both_schemas():
     assert "max_tokens" in EvalRun.__dataclass_fields__
     base = {"modes": ["standard"], "seq_len": 32, "batch_windows": 8, "stride": 16, "reference_tail": False}
@@ -490,6 +639,18 @@ def test_max_tokens_is_in_both_schemas():
     assert load(FinalEvalConfig, {**base, "settings": {}, "max_tokens": 64}, "final_eval").max_tokens == 64
     with pytest.raises(ConfigError, match=r"final_eval\.max_tokens must be an integer >= 1 or null, got 0"):
         load(FinalEvalConfig, {**base, "settings": {}, "max_tokens": 0}, "final_eval")
+
+
+@pytest.mark.parametrize(
+    "dirty,shown", [(True, " (dirty)"), (False, ""), ([1], " (git_dirty: [1])"), ({"a": 1}, ' (git_dirty: {"a": 1})')]
+)
+def test_inspect_prints_a_provenance_of_any_shape(tmp_path, raw, dirty, shown):
+    """git_dirty of a list or dict was a TypeError traceback (an unhashable dict key); eval accepts the file."""
+    prov = {"git_sha": "abc", "git_dirty": dirty}
+    out = inspect_cli.inspect(
+        write(tmp_path, encode_artifact(edited(raw, lambda h: h["meta"].update(provenance=prov)), "zlib"))
+    )
+    assert f"provenance: git abc{shown} torch ?" in out
 
 
 def test_inspect_prints_metadata_of_an_odd_shape_as_json(tmp_path, raw):

@@ -18,7 +18,8 @@ pgolf/eval/registry.py.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -59,6 +60,31 @@ class EvalResult:
     def line(self, key: str | None = None) -> str:
         ms = 1000 * self.seconds
         return f"{key or self.mode} val_loss:{self.val_loss:.8f} val_bpb:{self.val_bpb:.8f} eval_time:{ms:.0f}ms"
+
+
+def mark_non_finite(results: Iterable[dict]) -> list[str]:
+    """Every mode result of `results` (`EvalResult.to_dict()`s) whose val_loss or val_bpb is NaN or infinite
+    (NaN/inf weights, an overflow) marked `compliant: false`, the reason in front of its own; returns the
+    reasons, one a mode."""
+    reasons = []
+    for r in results:
+        if not (math.isfinite(r["val_loss"]) and math.isfinite(r["val_bpb"])):
+            why = f"score: {r['mode']}: val_loss {r['val_loss']} val_bpb {r['val_bpb']} is not finite"
+            r["compliant"], r["reason"] = False, f"{why}; {r['reason']}"
+            reasons.append(why)
+    return reasons
+
+
+def json_safe(obj):
+    """`obj` (dicts, lists, scalars) with every NaN or infinite float as None: JSON has no NaN, and strict
+    parsers refuse Python's bare `NaN` (write it with `json.dumps(..., allow_nan=False)`)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 @dataclass

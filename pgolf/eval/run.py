@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,16 +20,18 @@ import torch
 import torch.distributed as dist
 
 from pgolf import ARTIFACT_LIMIT_BYTES
+from pgolf.config.typed import ConfigError
 from pgolf.data.stream import load_val_data
 from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
-from pgolf.eval.core import EvalContext, TargetLog, gather_log
+from pgolf.eval.core import EvalContext, TargetLog, gather_log, json_safe, mark_non_finite
 from pgolf.eval.modes import parse_mode, run_mode
 from pgolf.export.code import code_of, recorded_code_bytes
 from pgolf.export.weights import MAX_SEQ_LEN, MAX_TRAIN_SEQ_LEN, load_artifact_model, read_model_artifact
 from pgolf.io import atomic_path, atomic_write_bytes
+from pgolf.model.config import GPTConfig
 from pgolf.quant.artifact import ArtifactError, SizeReport
 from pgolf.quant.settings import calibration_verdict, mark_not_compliant
-from pgolf.runlog import log0
+from pgolf.runlog import global_rank, log0
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -42,11 +45,22 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def pick_device(accelerator: str) -> torch.device:
+    """The device of `trainer.accelerator` (auto: CUDA when there is one). Raises ConfigError for gpu/cuda on
+    a machine without CUDA."""
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("trainer.accelerator asks for a GPU but CUDA is not available")
+            raise ConfigError(
+                f"trainer.accelerator={accelerator}, but this machine has no CUDA device: run on the CPU with "
+                "trainer=cpu"
+            )
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocation failure: CUDA's torch.OutOfMemoryError, the CPU allocator's RuntimeError,
+    Python's MemoryError (eval.py makes it one `error:` line; any other RuntimeError is a bug, left as is)."""
+    return isinstance(e, torch.OutOfMemoryError | MemoryError) or "DefaultCPUAllocator: can't allocate" in str(e)
 
 
 def resolve_compile(compile, device: torch.device) -> bool:
@@ -165,14 +179,21 @@ def evaluate_artifact(
     that records no code size (`recorded_code_bytes`) is scored with `code_bytes` and `total_bytes` null and
     is not compliant (NO_CODE_REASON).
 
-    The files `out_dir` would receive (`output_files`) are checked first: FileExistsError when one exists and
-    `overwrite` is false, NotADirectoryError when `out_dir` is a file (`check_outputs`)."""
+    A mode whose val_loss or val_bpb is NaN or infinite is not compliant, nor the result (`mark_non_finite`);
+    eval_result.json holds such a figure as null. Settings that name a part of the model are checked against
+    its config (`check_mode_model`).
+
+    First of all: ConfigError for a GPU `accelerator` on a machine without CUDA (`pick_device`), then the files
+    `out_dir` would receive (`output_files`): FileExistsError when one exists and `overwrite` is false,
+    NotADirectoryError when `out_dir` is a file, OSError when it cannot be created or written (`check_outputs`)."""
     if not modes:
         raise ValueError("no eval mode selected (eval=[standard,sliding,...])")
     check_eval_args(
         batch_windows=batch_windows, seq_len=seq_len, budget_seconds=budget_seconds, max_tokens=max_tokens, modes=modes
     )
-    check_outputs(Path(out_dir), audit, overwrite)  # every rank, before any work: all stop together
+    device = pick_device(accelerator)
+    # every rank, before any work: all stop together; rank 0, which writes, probes (torchrun stops the others)
+    check_outputs(Path(out_dir), audit, overwrite, probe=global_rank() == 0)
     header, _ = read_model_artifact(artifact, tensors=False)  # everything checked, no tensor allocated
     meta = header.meta
     doc = doc_max_seg_len(meta)  # before any work: a forged value is refused here
@@ -182,9 +203,9 @@ def evaluate_artifact(
     train_seq = int(meta.get("train", {}).get("seq_len") or 0)
     run_seq = int(meta.get("final_eval", {}).get("seq_len") or 0)  # the round trip's windows (PR #1611: 2048)
     S = _positive_int(seq_len or run_seq or train_seq or data.get("eval_seq_len") or 1024, "seq_len", MAX_SEQ_LEN)
+    cfg = GPTConfig.from_dict(meta["model"])
     for name, settings in modes.items():
-        parse_mode(name, settings, seq_len=S, batch_windows=batch_windows)
-    device = pick_device(accelerator)
+        check_mode_model(name, parse_mode(name, settings, seq_len=S, batch_windows=batch_windows)[1], cfg)
     use_compile = resolve_compile(compile, device)
     rank, world = init_distributed(device)
     model, meta = load_artifact_model(artifact, device)
@@ -224,12 +245,14 @@ def evaluate_artifact(
     calibration = meta.get("calibration")
     cal_why = calibration_verdict(calibration)
     ok, reasons = compliance(list(results.values()), size.total, total, budget_seconds, max_tokens, cal_why)
+    score_before_adapt = all(r["compliant"] for r in results.values())
+    nan_why = mark_non_finite(results.values())  # after the score-before-adapt verdict: not that rule's reasons
+    ok, reasons = ok and not nan_why, reasons + nan_why
     if n_code is None:  # zero counted code bytes would pass the cap unseen
         ok = False
         reasons.append(NO_CODE_REASON)
     total_bytes = size.total if n_code is not None else None
     size_ok = size.ok and n_code is not None
-    score_before_adapt = all(r["compliant"] for r in results.values())
     # every mode scored this artifact, or this prefix: none is compliant (as results.json's round trip)
     for why in (partial, cal_why):  # the calibration's reason ends up first
         if why is not None:
@@ -272,6 +295,16 @@ def evaluate_artifact(
     if rank == 0:
         write_outputs(out_dir, out, arrays if audit else None)
     return out
+
+
+def check_mode_model(name: str, st, cfg: GPTConfig) -> None:
+    """A mode's settings `st` that name a part of the model `cfg`: `bos_id` (where documents start) a token id
+    of its vocabulary, `freeze_blocks` at most its layers. Raises ValueError naming the key."""
+    bos = getattr(st, "bos_id", None)
+    if bos is not None and not 0 <= bos < cfg.vocab_size:
+        raise ValueError(f"eval.{name}.bos_id {bos} is not a token id of the model's vocabulary ({cfg.vocab_size})")
+    if getattr(st, "freeze_blocks", 0) > cfg.num_layers:
+        raise ValueError(f"eval.{name}.freeze_blocks {st.freeze_blocks} exceeds the model's {cfg.num_layers} layers")
 
 
 def run_val_seq_len(meta: dict) -> int | None:
@@ -339,23 +372,34 @@ def output_files(out_dir: Path, audit: bool) -> list[Path]:
     return [out_dir / RESULT_FILE, *([out_dir / AUDIT_FILE] if audit else [])]
 
 
-def check_outputs(out_dir: Path, audit: bool, overwrite: bool) -> None:
-    """Refuse, before any work, to write where a user's file would be lost: NotADirectoryError when
-    `out_dir` exists and is not a directory, FileExistsError naming the first of `output_files` that exists,
-    an audit.npz even without `audit` (it would sit beside a result it is not from), unless `overwrite`, with
-    the way out (as `python -m pgolf.tools.reexport` words it)."""
+def check_outputs(out_dir: Path, audit: bool, overwrite: bool, probe: bool = True) -> None:
+    """Refuse, before any work, to write where a user's file would be lost or cannot be written:
+    NotADirectoryError when `out_dir` exists and is not a directory, FileExistsError naming the first of
+    `output_files` that exists, an audit.npz even without `audit` (it would sit beside a result it is not
+    from), unless `overwrite`, with the way out (as `python -m pgolf.tools.reexport` words it); with `probe`
+    (the rank that writes), OSError `out_dir ... is not writable` when it cannot be created or a probe file
+    cannot be written there (it is created here)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"out_dir {out_dir} is not a directory; choose another out_dir=")
     for p in () if overwrite else output_files(out_dir, audit=True):  # an audit.npz would sit beside a new result
         if p.exists():
             raise FileExistsError(f"{p} exists; choose another out_dir=, or pass overwrite=true")
+    if not probe:
+        return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe"):  # removed on close
+            pass
+    except OSError as e:
+        raise OSError(f"out_dir {out_dir} is not writable ({e.strerror or e}); choose another out_dir=") from None
 
 
 def write_outputs(out_dir: Path, out: dict, arrays: dict | None) -> None:
     """eval_result.json and, with audit arrays, audit.npz, each written atomically (`check_outputs` has
     refused, before the evaluation, to replace a file the caller did not allow to be replaced)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / RESULT_FILE, (json.dumps(out, indent=2) + "\n").encode())
+    text = json.dumps(json_safe(out), indent=2, allow_nan=False)  # a NaN score: null (strict JSON)
+    atomic_write_bytes(out_dir / RESULT_FILE, (text + "\n").encode())
     if arrays is not None:
         with atomic_path(out_dir / AUDIT_FILE) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)

@@ -71,6 +71,7 @@ class TTTSettings:
             (self.batch_seqs > 0 and self.batch_windows > 0, "batch_seqs and batch_windows must be > 0"),
             (self.freeze_blocks >= 0, f"freeze_blocks {self.freeze_blocks} must be >= 0"),
             (self.lr >= 0 and self.grad_clip >= 0, "lr and grad_clip must be >= 0"),
+            (0 <= self.momentum < 1, f"momentum {self.momentum} must be in [0, 1)"),
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:

@@ -6,11 +6,12 @@ validated header and tensors -> a fresh GPT with de-quantized weights (what `eva
 round trip use; no checkpoint, no pickle).
 
 Before a tensor is allocated or the model built, `check_model_artifact` checks the metadata against sane
-limits (`model`: every field's type, CONFIG_INT_LIMITS, GPTConfig's own consistency checks, at most
-MAX_MODEL_PARAMS parameters and MAX_VIRTUAL_LAYERS layers a forward; `tokenizer`; `train.seq_len`; the code
-record) and the tensor table against the state the config implies (`expected_state`: the model built on the
-`meta` device, nothing allocated): the same names, each once, the same shapes and original dtypes. Every
-problem is one ArtifactError naming the field.
+limits (`model`: every field's type, CONFIG_INT_LIMITS, numbers a float32 holds, GPTConfig's own consistency
+checks, at most MAX_MODEL_PARAMS parameters and MAX_VIRTUAL_LAYERS layers a forward; `tokenizer`;
+`train.seq_len`; at most MAX_WINDOW_LOGITS logits an eval window; the code record) and the tensor table against
+the state the config implies (`expected_state`: the model built on the `meta` device, nothing allocated): the
+same names, each once, the same shapes and original dtypes. Every problem is one ArtifactError naming the
+field.
 
 A Lightning `.ckpt` passes the same checks (`load_checkpoint`): its zip container is checked from its own
 directory before torch reads it (entry count, directory and pickle sizes bounded, every record stored), the
@@ -78,6 +79,11 @@ CONFIG_INT_LIMITS = {
 }
 GENERIC_INT_LIMITS = (-1, 1 << 20)  # an integer field not named above (a token id, a count)
 MAX_VIRTUAL_LAYERS = 256  # layers a forward runs, depth recurrence and loops included (records: 11..17)
+# Logits of one eval window, vocab_size x its length (4 bytes each, batch_windows windows a batch): an sp8192
+# model at the longest window (MAX_SEQ_LEN), 8x PR #1611's 8192 x 2048. The fields alone allow 2^31 (256 GiB a
+# batch of 32).
+MAX_WINDOW_LOGITS = 8192 * MAX_SEQ_LEN
+FP32_MAX, FP32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38  # the float32 range the model computes in
 MAX_MLP_MULT = 64.0
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # A Lightning checkpoint's zip (torch.save): one record per tensor storage (weights, optimizer states,
@@ -250,15 +256,18 @@ def _int(v, what: str, lo: int, hi: int) -> int:
 
 
 def _number(v, what: str) -> float:
+    """A number the model can hold in float32: 0, or of magnitude in [FP32_TINY, FP32_MAX]."""
     if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
         raise ArtifactError(f"{what} must be a finite number, got {v!r}")
+    if v and not FP32_TINY <= abs(v) <= FP32_MAX:
+        raise ArtifactError(f"{what} must be 0 or a float32 magnitude in [{FP32_TINY:.3g}, {FP32_MAX:.3g}], got {v!r}")
     return v
 
 
 def check_model_config(d, what: str = "meta.model") -> GPTConfig:
-    """The `GPTConfig` of an artifact's model config, every field's type and bound checked first (a field
-    left out takes GPTConfig's default, as `GPTConfig.from_dict` does). Raises ArtifactError naming the
-    field."""
+    """The `GPTConfig` of an artifact's model config, every field's type and bound checked first (numbers: 0 or
+    float32 magnitudes, `rope_base` >= 1; a field left out takes GPTConfig's default, as `GPTConfig.from_dict`
+    does). Raises ArtifactError naming the field."""
     if not isinstance(d, dict):
         raise ArtifactError(f"{what} must be a JSON object, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(GPTConfig)}
@@ -290,6 +299,8 @@ def check_model_config(d, what: str = "meta.model") -> GPTConfig:
             _number(v, key)
     if "mlp_mult" in d and not 0 < d["mlp_mult"] <= MAX_MLP_MULT:
         raise ArtifactError(f"{what}.mlp_mult must be in (0, {MAX_MLP_MULT:g}], got {d['mlp_mult']!r}")
+    if "rope_base" in d and not d["rope_base"] >= 1:  # below 1, base^(-2i/d) x position overflows float32
+        raise ArtifactError(f"{what}.rope_base must be >= 1, got {d['rope_base']!r}")
     try:
         cfg = GPTConfig(**d)
     except (ValueError, TypeError, ZeroDivisionError) as e:
@@ -344,6 +355,13 @@ def _check_meta(meta: dict, cfg: GPTConfig, require_tokenizer: bool) -> None:
         raise ArtifactError(f"meta.final_eval must be a JSON object, got {type(final).__name__}")
     if final.get("seq_len") is not None:
         _int(final["seq_len"], "meta.final_eval.seq_len", 1, MAX_SEQ_LEN)
+    # eval.py's default window: the round trip's, else the training length (a packed row is no window)
+    key, n = ("final_eval", final.get("seq_len")) if final.get("seq_len") else ("train", train.get("seq_len"))
+    if n and n <= MAX_SEQ_LEN and cfg.vocab_size * n > MAX_WINDOW_LOGITS:
+        raise ArtifactError(
+            f"meta.model.vocab_size {cfg.vocab_size} x meta.{key}.seq_len {n} = {cfg.vocab_size * n:,} logits a "
+            f"window, over the limit of {MAX_WINDOW_LOGITS:,} (eval memory)"
+        )
     if "code" in meta:
         code = meta["code"]
         if not isinstance(code, dict) or "bytes" not in code:
@@ -359,7 +377,8 @@ def check_model_artifact(header: ArtifactHeader, *, require_tokenizer: bool = Tr
     """Check an artifact's metadata and tensor table against its model config, before anything is
     allocated (the `check` of `load_artifact`); returns the config. Raises ArtifactError naming the field:
     a missing or forged config, a model over MAX_MODEL_PARAMS, a tokenizer identity that is missing (with
-    `require_tokenizer`) or malformed, a non-positive or oversized `train.seq_len` or `final_eval.seq_len`, a
+    `require_tokenizer`) or malformed, a non-positive or oversized `train.seq_len` or `final_eval.seq_len`, an
+    eval window (`final_eval.seq_len`, else `train.seq_len`) of more than MAX_WINDOW_LOGITS logits (x vocab), a
     negative code size, a tensor the model lacks, a missing tensor, a shape or original dtype that is not the
     model's."""
     meta = header.meta

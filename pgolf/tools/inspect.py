@@ -75,7 +75,8 @@ def _provenance_lines(meta: dict) -> list[str]:
     elif not isinstance(prov, dict):
         lines = [_raw("provenance", prov)]
     else:
-        dirty = {True: " (dirty)", False: "", None: ""}.get(prov.get("git_dirty"), "")
+        d = prov.get("git_dirty")
+        dirty = " (dirty)" if d is True else "" if d in (False, None) else f" (git_dirty: {json.dumps(d)})"
         lines = [
             f"provenance: git {prov.get('git_sha', '?')}{dirty} torch {prov.get('torch', '?')} "
             f"lightning {prov.get('lightning', '?')} python {prov.get('python', '?')} device {prov.get('device', '?')} "
