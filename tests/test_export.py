@@ -240,7 +240,7 @@ def test_train_data_calibration_after_the_deadline_is_flagged(tmp_path, tiny, sy
     assert "compliant:false" in out and "WARNING: calibration not compliant: training data read after" in out
 
 
-def test_reexport_compares_quantizers_on_the_same_weights(tmp_path, tiny, synth_dir, capsys):
+def test_reexport_compares_quantizers_on_the_same_weights(tmp_path, tiny, synth_dir, capsys, monkeypatch):
     model, meta = tiny
     w = save_float_weights(
         tmp_path / "final_model.float.ptz", model.state_dict(), {**meta, "model": model.cfg.to_dict()}
@@ -266,6 +266,11 @@ def test_reexport_compares_quantizers_on_the_same_weights(tmp_path, tiny, synth_
     assert main([str(w), "--export", "int6_rtn_zstd", *common]) == 2
     assert "exists" in capsys.readouterr().err
     assert main([str(w), "--export", "int6_rtn_zstd", *common, "overwrite=true", "eval.enabled=false"]) == 0
+    # a score that is not finite is written as null: the file stays strict JSON
+    monkeypatch.setattr("pgolf.tools.reexport.roundtrip_and_gap", lambda *a: {"quant_gap_bpb": float("nan")})
+    assert main([str(w), "--export", "int6_rtn_zstd", *common, "overwrite=true"]) == 0
+    text = (tmp_path / "out" / "reexport_int6_rtn_zstd.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}"))["quant_gap_bpb"] is None
     # a quantized artifact is not float weights
     art = tmp_path / "out" / "final_model.int6_rtn_zstd.ptz"
     assert main([str(art), "--export", "int6_rtn_zstd", *common, f"out_dir={tmp_path / 'o2'}"]) == 2

@@ -37,7 +37,7 @@ from pgolf.data.tokenizer import (
     check_shards_tokenizer,
     load_tokenizer,
 )
-from pgolf.eval.core import EvalContext
+from pgolf.eval.core import EvalContext, json_safe
 from pgolf.eval.run import doc_max_seg_len, run_val_seq_len
 from pgolf.export.code import CODE_KEY, code_of, code_record, project_root
 from pgolf.export.config import ExportConfig, ExportContext, ExportReport
@@ -126,7 +126,7 @@ def reexport(cfg: DictConfig) -> dict:
         f"total:{report.total_bytes} margin:{report.limit_bytes - report.total_bytes} "
         f"{'OK' if report.size_ok else 'OVER THE LIMIT'}"
     )
-    atomic_write_bytes(res_path, (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_bytes(res_path, (json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n").encode())
     return result
 
 
