@@ -78,7 +78,45 @@ def main(cfg: DictConfig) -> float:
     return result["val_bpb"]
 
 
+def check_mode_overrides(args: list[str], conf_dir: Path = CONF) -> None:
+    """`eval.<mode>.<key>=v` names a selected mode (`eval=...`, else conf/eval.yaml's `standard`) and one of its
+    settings (conf/eval/<mode>.yaml), where Hydra prints a multi-line 'Could not override' error. `+` additions,
+    deletions and sweeps are left to Hydra and the mode's own checks. Raises ConfigError."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from pgolf.config.typed import ConfigError
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except OverrideParseException:  # Hydra's own message
+        return
+    selected = ["standard"]
+    for o in overrides:
+        if o.key_or_group == "eval" and o.package is None:
+            if o.is_sweep_override():
+                return
+            v = o.value()
+            selected = [v] if isinstance(v, str) else [str(x) for x in v] if isinstance(v, list) else selected
+    for o in overrides:
+        parts = o.key_or_group.split(".")
+        if parts[0] != "eval" or len(parts) < 3 or o.is_add() or o.is_delete() or o.package is not None:
+            continue
+        mode, key = parts[1], parts[2]
+        if mode not in selected:
+            raise ConfigError(
+                f"{o.key_or_group}: mode {mode} is not selected (eval=[{','.join(selected)}]): "
+                f"eval=[{','.join([*selected, mode])}] runs it"
+            )
+        f = conf_dir / "eval" / f"{mode}.yaml"
+        settings = OmegaConf.load(f).get(mode) if f.is_file() else None
+        if isinstance(settings, DictConfig) and key not in settings:
+            add = f"; a per-mode {key} is added: +{o.key_or_group}=..." if key in ("seq_len", "batch_windows") else ""
+            raise ConfigError(f"{o.key_or_group}: {mode} has no setting {key} (one of {', '.join(settings)}){add}")
+
+
 if __name__ == "__main__":
     with exit_on_config_error():  # a misspelled key on the command line, named before Hydra composes
         check_overrides(sys.argv[1:], EvalRun, CONF)
+        check_mode_overrides(sys.argv[1:])
     main()

@@ -302,3 +302,28 @@ def test_reexport_counts_the_code_a_script_making_its_artifact_holds(trained, sy
     out = capsys.readouterr().out
     assert f"WARNING: code bytes {trained_code} are the training run's train_gpt.py (no train_gpt.py beside" in out
     assert "optional parts this export needs, ['gptq', 'gptq_calibration'" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval.sliding.stride=16"], "eval.sliding.stride: mode sliding is not selected (eval=[standard]): "),
+        (["eval=sliding", "eval.sliding.foo=1"], "eval.sliding.foo: sliding has no setting foo (one of stride, "),
+        (["eval=[standard,ttt]", "eval.ttt.seq_len=8"], "a per-mode seq_len is added: +eval.ttt.seq_len=..."),
+    ],
+)
+def test_eval_mode_overrides_are_one_config_error_line(args, message):
+    """A setting of a mode that is not selected, or that the mode lacks: one line before Hydra composes (Hydra's
+    multi-line 'Could not override' error, exit 1, before)."""
+    r = run(["eval.py", "artifact=x.ptz", *args], check=False)
+    assert r.returncode == 2 and r.stderr.startswith("config error: ") and message in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_eval_mode_overrides_of_selected_modes_pass():
+    import importlib
+
+    check = importlib.import_module("eval").check_mode_overrides
+    check(["eval=[standard,sliding]", "eval.sliding.stride=16", "+eval.ttt.seq_len=8"])
+    check(["eval=sliding,ttt", "eval.ttt.lr=1"])  # a sweep: left to Hydra
+    check(["+eval.mine={mode: ttt}", "eval.standard={}"])
