@@ -174,6 +174,13 @@ BAD_VALUES = [
     (["optim.matrix_lr=1e300"], "optim.matrix_lr must be a number >= 0, got 1e+300 (beyond fp32's range, 3.4e38)"),
     (["model.rope_base=" + "9" * 400], "model.rope_base must be a number, got 9999"),
     (["model.qat_bits=${oops}"], "Interpolation key 'oops' not found"),
+    # what eval.py's artifact check refuses is refused before training (an artifact no eval.py would read)
+    (["model.rope_base=0.5"], "model.rope_base 0.5 must be >= 1"),
+    (
+        ["model.vocab_size=16896", "final_eval.seq_len=8192"],
+        "model.vocab_size x final_eval.seq_len = 138,412,032 logits a window, over 134,217,728 (eval memory)",
+    ),
+    (["model.vocab_size=16896", "train.seq_len=8192"], "model.vocab_size x final_eval.seq_len = 138,412,032 logits"),
 ]
 
 

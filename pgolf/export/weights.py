@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf import MAX_SEQ_LEN
+from pgolf import MAX_SEQ_LEN, MAX_WINDOW_LOGITS
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import (
@@ -82,7 +82,6 @@ MAX_VIRTUAL_LAYERS = 256  # layers a forward runs, depth recurrence and loops in
 # Logits of one eval window, vocab_size x its length (4 bytes each, batch_windows windows a batch): an sp8192
 # model at the longest window (MAX_SEQ_LEN), 8x PR #1611's 8192 x 2048. The fields alone allow 2^31 (256 GiB a
 # batch of 32).
-MAX_WINDOW_LOGITS = 8192 * MAX_SEQ_LEN
 FP32_MAX, FP32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38  # the float32 range the model computes in
 MAX_MLP_MULT = 64.0
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")

@@ -175,7 +175,7 @@ class GPTConfig:
                 "num_loops and recur_times are two forms of depth recurrence; use one",
             ),
             (0.0 <= self.enable_looping_at <= 1.0, f"enable_looping_at {self.enable_looping_at} must be in [0, 1]"),
-            (self.rope_base > 0, f"rope_base {self.rope_base} must be > 0"),
+            (self.rope_base >= 1, f"rope_base {self.rope_base} must be >= 1"),
             (self.logit_softcap >= 0, f"logit_softcap {self.logit_softcap} must be >= 0 (0 disables)"),
             (not self.skip_gates or self.unet_skips, "skip_gates needs unet_skips"),
             (
