@@ -41,9 +41,10 @@ from pgolf.io import atomic_path
 from pgolf.runlog import current_phase, log0, set_phase
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: the status a shell reports for a process ended by SIGTERM
-# Config keys (prefixes) a resume may change: what a run logs, validates, exports and evaluates, where its data
-# is (another machine's DATA_PATH; the shards' manifest names their tokenizer), how its steps are compiled. The
-# others define its training: a run resumed with other values is reproduced by no one command.
+# Config keys (prefixes) a resume may change: what a run logs (its own lines and Lightning's), validates, exports
+# and evaluates, where its data is (another machine's DATA_PATH; the shards' manifest names their tokenizer), how
+# its steps are compiled. The others define its training: a run resumed with other values is reproduced by no one
+# command.
 RESUME_MAY_CHANGE = (
     "name",
     "resume",
@@ -60,6 +61,10 @@ RESUME_MAY_CHANGE = (
     "train.val_every",
     "train.compile",
     "train.warmup_steps",
+    "trainer.log_every_n_steps",
+    "trainer.profiler",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
 )
 
 

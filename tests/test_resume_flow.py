@@ -244,6 +244,7 @@ def test_a_resume_that_would_train_another_config_is_refused_before_any_work(pre
     )
     logging = ["train.log_every=3", "train.val_every=0", "data.val_batch_tokens=4096", "callbacks.progress=line"]
     logging += ["final_eval.modes=[standard,sliding]", "train.compile=true", "train.warmup_steps=2"]
+    logging += ["+trainer.log_every_n_steps=10", "+trainer.profiler=simple"]  # what Lightning logs and profiles
     run.prepare(compose_cfg([*common, *logging]), tmp_path)
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match=r"^resume=.*junk\.ckpt: not a readable checkpoint \("):
