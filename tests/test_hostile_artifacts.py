@@ -587,9 +587,13 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path, 
     args = {"artifact": tmp_path / "missing.ptz", "modes": {"standard": {}}, "data": {}}
     with pytest.raises(OSError, match=r"^out_dir \S+/file/sub is not writable \(Not a directory\); choose another"):
         evaluate_artifact(out_dir=tmp_path / "file" / "sub", **args)
-    with pytest.raises(ArtifactError, match="missing.ptz"):  # a writable one is made, the probe removed
+    with pytest.raises(ArtifactError, match="missing.ptz"):  # a writable one is probed and left as it was
         evaluate_artifact(out_dir=tmp_path / "new" / "dir", **args)
-    assert list((tmp_path / "new" / "dir").iterdir()) == []
+    assert not (tmp_path / "new").exists()  # an evaluation that stops before writing leaves no empty folders
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ArtifactError, match="missing.ptz"):
+        evaluate_artifact(out_dir=tmp_path / "mine", **args)
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []  # the user's folder stays
     monkeypatch.setenv("RANK", "1")  # under torchrun, only rank 0 writes (another rank's Hydra directory is gone)
     with pytest.raises(ArtifactError, match="missing.ptz"):
         evaluate_artifact(out_dir=tmp_path / "rank1", **args)

@@ -8,6 +8,7 @@ mode's metric (a target the record's windows score twice appears twice, in scori
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -378,7 +379,7 @@ def check_outputs(out_dir: Path, audit: bool, overwrite: bool, probe: bool = Tru
     `output_files` that exists, an audit.npz even without `audit` (it would sit beside a result it is not
     from), unless `overwrite`, with the way out (as `python -m pgolf.tools.reexport` words it); with `probe`
     (the rank that writes), OSError `out_dir ... is not writable` when it cannot be created or a probe file
-    cannot be written there (it is created here)."""
+    cannot be written there (created for the probe, then removed again)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"out_dir {out_dir} is not a directory; choose another out_dir=")
     for p in () if overwrite else output_files(out_dir, audit=True):  # an audit.npz would sit beside a new result
@@ -386,12 +387,17 @@ def check_outputs(out_dir: Path, audit: bool, overwrite: bool, probe: bool = Tru
             raise FileExistsError(f"{p} exists; choose another out_dir=, or pass overwrite=true")
     if not probe:
         return
+    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe"):  # removed on close
             pass
     except OSError as e:
         raise OSError(f"out_dir {out_dir} is not writable ({e.strerror or e}); choose another out_dir=") from None
+    finally:  # nothing is left behind by a run that stops before writing: write_outputs makes them again
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def write_outputs(out_dir: Path, out: dict, arrays: dict | None) -> None:
