@@ -23,9 +23,12 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from pgolf.config.schema import EvalRun
+from pgolf.config.typed import ConfigError
 from pgolf.config.validate import check_overrides, exit_on_config_error, validate_eval
 from pgolf.runlog import global_rank
 from pgolf.tools.rundir import leave, write_hydra_files
@@ -82,11 +85,6 @@ def check_mode_overrides(args: list[str], conf_dir: Path = CONF) -> None:
     """`eval.<mode>.<key>=v` names a selected mode (`eval=...`, else conf/eval.yaml's `standard`) and one of its
     settings (conf/eval/<mode>.yaml), where Hydra prints a multi-line 'Could not override' error. `+` additions,
     deletions and sweeps are left to Hydra and the mode's own checks. Raises ConfigError."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    from pgolf.config.typed import ConfigError
-
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
     except OverrideParseException:  # Hydra's own message
