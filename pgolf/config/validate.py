@@ -25,7 +25,7 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pgolf import MAX_SEQ_LEN, MAX_WINDOW_LOGITS
+from pgolf import MAX_WINDOW_LOGITS, window_over_logits
 from pgolf.config.schema import RESERVED_TRAINER_KEYS, EvalRun, TrainerConfig, TrainRun
 from pgolf.config.typed import MISSING_VALUE, ConfigError, PosInt, convert, join, load, schema_fields, unknown_key
 
@@ -73,11 +73,10 @@ def validate_train(cfg: DictConfig, conf_dir: str | Path) -> TrainRun:
             convert(d["model"][key], PosInt, f"model.{key}")
     run = load(TrainRun, d, "")
     # the artifact's eval window, as eval.py's artifact check bounds it (pgolf/export/weights.py)
-    key, n = ("final_eval", run.final_eval.seq_len) if run.final_eval.seq_len else ("train", run.train.seq_len)
-    if n <= MAX_SEQ_LEN and run.model.vocab_size * n > MAX_WINDOW_LOGITS:
+    if over := window_over_logits(run.model.vocab_size, run.final_eval.seq_len, run.train.seq_len):
+        key, _, n = over
         raise ConfigError(
-            f"model.vocab_size x {key}.seq_len = {run.model.vocab_size * n:,} logits a window, over "
-            f"{MAX_WINDOW_LOGITS:,} (eval memory)"
+            f"model.vocab_size x {key}.seq_len = {n:,} logits a window, over {MAX_WINDOW_LOGITS:,} (eval memory)"
         )
     known = eval_modes(conf_dir)
     for i, mode in enumerate(run.final_eval.modes):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf import MAX_SEQ_LEN, MAX_WINDOW_LOGITS
+from pgolf import MAX_SEQ_LEN, MAX_WINDOW_LOGITS, window_over_logits
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import (
@@ -79,10 +79,7 @@ CONFIG_INT_LIMITS = {
 }
 GENERIC_INT_LIMITS = (-1, 1 << 20)  # an integer field not named above (a token id, a count)
 MAX_VIRTUAL_LAYERS = 256  # layers a forward runs, depth recurrence and loops included (records: 11..17)
-# Logits of one eval window, vocab_size x its length (4 bytes each, batch_windows windows a batch): an sp8192
-# model at the longest window (MAX_SEQ_LEN), 8x PR #1611's 8192 x 2048. The fields alone allow 2^31 (256 GiB a
-# batch of 32).
-FP32_MAX, FP32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38  # the float32 range the model computes in
+FP32 = torch.finfo(torch.float32)  # the range the model computes in: max 3.4e38, smallest normal (tiny) 1.2e-38
 MAX_MLP_MULT = 64.0
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # A Lightning checkpoint's zip (torch.save): one record per tensor storage (weights, optimizer states,
@@ -255,11 +252,11 @@ def _int(v, what: str, lo: int, hi: int) -> int:
 
 
 def _number(v, what: str) -> float:
-    """A number the model can hold in float32: 0, or of magnitude in [FP32_TINY, FP32_MAX]."""
+    """A number the model can hold in float32: 0, or of magnitude in [FP32.tiny, FP32.max]."""
     if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
         raise ArtifactError(f"{what} must be a finite number, got {v!r}")
-    if v and not FP32_TINY <= abs(v) <= FP32_MAX:
-        raise ArtifactError(f"{what} must be 0 or a float32 magnitude in [{FP32_TINY:.3g}, {FP32_MAX:.3g}], got {v!r}")
+    if v and not FP32.tiny <= abs(v) <= FP32.max:
+        raise ArtifactError(f"{what} must be 0 or a float32 magnitude in [{FP32.tiny:.3g}, {FP32.max:.3g}], got {v!r}")
     return v
 
 
@@ -354,11 +351,11 @@ def _check_meta(meta: dict, cfg: GPTConfig, require_tokenizer: bool) -> None:
         raise ArtifactError(f"meta.final_eval must be a JSON object, got {type(final).__name__}")
     if final.get("seq_len") is not None:
         _int(final["seq_len"], "meta.final_eval.seq_len", 1, MAX_SEQ_LEN)
-    # eval.py's default window: the round trip's, else the training length (a packed row is no window)
-    key, n = ("final_eval", final.get("seq_len")) if final.get("seq_len") else ("train", train.get("seq_len"))
-    if n and n <= MAX_SEQ_LEN and cfg.vocab_size * n > MAX_WINDOW_LOGITS:
+    # eval.py's default window: the round trip's, else the training length
+    if over := window_over_logits(cfg.vocab_size, final.get("seq_len"), train.get("seq_len")):
+        key, n, logits = over
         raise ArtifactError(
-            f"meta.model.vocab_size {cfg.vocab_size} x meta.{key}.seq_len {n} = {cfg.vocab_size * n:,} logits a "
+            f"meta.model.vocab_size {cfg.vocab_size} x meta.{key}.seq_len {n} = {logits:,} logits a "
             f"window, over the limit of {MAX_WINDOW_LOGITS:,} (eval memory)"
         )
     if "code" in meta:
