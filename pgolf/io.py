@@ -123,3 +123,9 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def is_run_dir(p: Path) -> bool:
+    """A train.py job's directory: `.hydra/config.yaml` and a train.log or results.json (eval.py's output
+    directories have `.hydra/` too, but neither file)."""
+    return (p / ".hydra" / "config.yaml").is_file() and ((p / "train.log").is_file() or (p / "results.json").is_file())

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from pgolf.io import is_run_dir
 from pgolf.train.identity import RunIdentity, identity_of_dir
 
 TRAIN_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:([\d.]+)ms")
@@ -106,11 +107,6 @@ class Run:
         if self.stopped is not None:
             points.append(self.stopped)
         return max(points) if points else (None, None)
-
-
-def is_run_dir(p: Path) -> bool:
-    """A training job's directory (eval.py's output directories have `.hydra/` too, but no train.log)."""
-    return (p / ".hydra" / "config.yaml").is_file() and ((p / "train.log").is_file() or (p / "results.json").is_file())
 
 
 def find_runs(paths: list[str | Path], max_depth: int = 4) -> list[Path]:

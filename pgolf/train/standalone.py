@@ -39,7 +39,7 @@ from pgolf.config.typed import ConfigError, PosInt, convert, load
 from pgolf.config.validate import MODEL_SHAPE_KEYS, exit_on_config_error, plain
 from pgolf.eval.modes import mode_names
 from pgolf.export.code import code_record, package_versions
-from pgolf.io import atomic_write_bytes, sha256_file
+from pgolf.io import atomic_write_bytes, is_run_dir, sha256_file
 from pgolf.quant.artifact import load_artifact
 from pgolf.runlog import global_rank
 from pgolf.train.run import exit_status, fit, prepare
@@ -256,9 +256,9 @@ def set_by(message: str, env: Mapping[str, str], argv: list[str]) -> str:
 
 def check_folder(folder: Path, script: str) -> None:
     """The run writes its artifact, results.json and logs/ into `folder`: not a train.py run directory
-    (`.hydra/config.yaml` and a train.log or results.json, as pgolf/tools/runs.py's is_run_dir), whose results
-    it would replace, and writable (and logs/ if it exists). Writes nothing. Raises ConfigError naming it."""
-    if (folder / ".hydra/config.yaml").is_file() and any((folder / f).is_file() for f in ("train.log", "results.json")):
+    (`pgolf.io.is_run_dir`), whose results it would replace, and writable (and logs/ if it exists). Writes
+    nothing. Raises ConfigError naming it."""
+    if is_run_dir(folder):
         raise ConfigError(
             f"{folder} is a train.py run directory: this run would replace its results.json and artifact; run "
             f"{script} in another folder"
