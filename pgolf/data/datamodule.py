@@ -107,7 +107,8 @@ class GolfDataModule(L.LightningDataModule):
     # ---- loaders --------------------------------------------------------------------------------
     def train_stream(self, start_micro_step: int | None = None) -> TrainStream:
         world, rank = self.world()
-        stream = TokenStream(list_shards(self.train_pattern), self.vocab_size)
+        # set-up checked every id: the stream need not scan a shard again when it reaches it (on the clock)
+        stream = TokenStream(list_shards(self.train_pattern), None if self._shards_checked else self.vocab_size)
         start = self._start_micro_step if start_micro_step is None else start_micro_step
         return TrainStream(stream, self.layout, rank, start, self.doc_seg_len)
 
