@@ -39,7 +39,8 @@ def reference_gptq(w, H, bits, clips, damp=0.01, act_order=True, floor=True, ful
     quantized column eliminated from the inverse), in float64, one clip level at a time; codes in ±qmax, or
     [-qmax-1, qmax] with `full_range`. With `sigmas`, SDClip instead of the clip levels, written from PR
     #1394's formula: s = fp16(max(sigmas·std(w_r)/qmax, 1e-10)), the unbiased std in fp32 of the original
-    row (before the dead column is zeroed); a row whose fp16 scale is 0 stores codes 0."""
+    row (before the dead column is zeroed), with a zero scale used as it is: a nonzero weight over it clamps
+    to ±qmax, 0/0 gives NaN that runs along the row, stored as 0 (the int8 cast of NaN on x86)."""
     if sigmas is not None:
         s_sd = (sigmas * w.float().std(dim=1) / (2 ** (bits - 1) - 1)).clamp_min(1e-10).half().double()
     w, H = w.double().clone(), H.double().clone()
@@ -59,7 +60,7 @@ def reference_gptq(w, H, bits, clips, damp=0.01, act_order=True, floor=True, ful
             clip = a.amax(dim=1) if c >= 1.0 else torch.quantile(a, c, dim=1)
             s = (clip / qmax).clamp_min(1.0 / qmax if floor else 1e-12).half().double()
         else:
-            s = torch.where(s_sd == 0, 1.0, s_sd)
+            s = s_sd
         W, Hinv = W0.clone(), torch.linalg.inv(Hp)
         Q = torch.zeros_like(W)
         for i in range(W.size(1)):
@@ -69,8 +70,7 @@ def reference_gptq(w, H, bits, clips, damp=0.01, act_order=True, floor=True, ful
             W[:, i + 1 :] -= (err / Hinv[i, i])[:, None] * Hinv[i, i + 1 :][None, :]
             Hinv = Hinv - Hinv[:, i : i + 1] @ Hinv[i : i + 1, :] / Hinv[i, i]
         if sigmas is not None:
-            Q[s_sd == 0] = 0
-            s = s_sd
+            Q = torch.nan_to_num(Q, nan=0.0)
         mse = (W0 - Q * s[:, None]).square().mean().item()
         if best is None or mse < best[0]:
             best = (mse, Q, s, c)
@@ -217,12 +217,16 @@ def test_collect_hessians_matches_explicit_inputs():
 def test_sdclip_gptq_equals_the_column_by_column_reference(act_order, bits):
     """SDClip GPTQ (PR #1394, as PR #1611 runs it at int6 and int7): exact codes and scales against the
     reference, with a dead input column (whose weights still count in the row std, as in the record), an
-    all-zero row (fp16 scale 0: codes 0) and a k small enough that the clamp clips."""
+    all-zero row (fp16 scale 0: codes 0), a constant row and a row of std 1e-9 (fp16 scale 0: the record's
+    arithmetic clamps w/0 to ±qmax until the zeroed dead column's 0/0 makes the rest of the row 0) and a k
+    small enough that the clamp clips."""
     torch.manual_seed(10 + bits)
     rows, cols = 12, 40
     w = torch.randn(rows, cols) * 0.5
     w[:, 7] = 1.5  # the dead input's weights: dropped by GPTQ, but part of each row's std
     w[5] = 0.0
+    w[3] = 0.01
+    w[9] = torch.randn(cols) * 1e-9
     x = correlated_inputs(200, cols, seed=3)
     x[:, 7] = 0.0
     H = x.T @ x
@@ -233,10 +237,32 @@ def test_sdclip_gptq_equals_the_column_by_column_reference(act_order, bits):
     assert s.dtype == torch.float16 and torch.equal(s, s_ref) and torch.equal(q, q_ref)
     qmax = 2 ** (bits - 1) - 1
     assert q.abs().max() == qmax and (q[:, 7] == 0).all() and s[5] == 0 and (q[5] == 0).all()
+    for r in (3, 9):  # scale 0: ±qmax before the dead column's NaN, 0 from there on
+        assert s[r] == 0 and (q[r] != 0).any() and set(q[r].abs().unique().tolist()) <= {0, qmax}
     w_dead = w.clone()
     w_dead[:, 7] = 0.0
     s_dead = (k * w_dead.std(dim=1) / qmax).half()
     assert not torch.equal(s_dead[:5], s[:5])  # the std is of the original rows, dead column included
+
+
+def test_sdclip_zero_scale_rows_and_extra_damping():
+    """Round-to-nearest SDClip with a zero fp16 scale: a constant row stores +qmax everywhere, a row of
+    ±1e-9 its signs times qmax, an all-zero row 0, as the record's clamp(round(w/0)) does. A Hessian that is
+    not positive definite is damped further and the info says by how much (0.01 × mean diag H here)."""
+    w = torch.randn(4, 16)
+    w[1] = 0.01
+    w[2] = torch.tensor([1e-9, -1e-9] * 8)
+    w[3] = 0.0
+    q, s = quantize_rows_sdclip(w, 6, 12.85)
+    assert s[0] > 0 and (s[1:] == 0).all()
+    assert (q[1] == 31).all() and torch.equal(q[2], torch.tensor([31, -31] * 8, dtype=torch.int8))
+    assert (q[3] == 0).all()
+    H = torch.eye(16)
+    H[0, 1] = H[1, 0] = 1.5  # indefinite
+    _, _, info = gptq_quantize(torch.randn(4, 16), H, 6, (), sigmas=12.85)
+    assert info["extra_damp"] > 0
+    _, _, info = gptq_quantize(torch.randn(4, 16), torch.eye(16), 6, (), sigmas=12.85)
+    assert "extra_damp" not in info
 
 
 def test_sdclip_gptq_lowers_output_error_and_needs_two_columns():

@@ -239,11 +239,15 @@ def quantize_stage(
     gptq: GPTQSettings,
     clock: Stopwatch,
 ) -> dict[str, QuantEntry]:
-    """Every tensor by its rule (timed as `quantize`; the part spent in full GPTQ also as `gptq`)."""
+    """Every tensor by its rule (timed as `quantize`; the part spent in full GPTQ also as `gptq`). A
+    `gptq:extra_damp` line names each tensor whose Hessian needed more than the configured damping."""
     per_method: dict[str, float] = {}
     with clock.stage("quantize"):
         entries = quantize_state(state, rules, hessians, gptq, per_method)
     clock.record("gptq", per_method.get("gptq", 0.0))
+    for name, e in entries.items():
+        if e.info.get("extra_damp"):
+            log0(f"gptq:extra_damp tensor:{name} extra:{e.info['extra_damp']:g} (Hessian not positive definite)")
     return entries
 
 

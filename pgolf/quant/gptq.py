@@ -129,9 +129,13 @@ def gptq_quantize(
     with `full_range` in [-qmax-1, qmax] (`code_bounds`).
 
     With `sigmas` (SDClip, PR #1394): `clips`, `floor` and `per_row` are not used; the row scale is
-    `sdclip_scale_rows` of w as given (unpermuted, dead columns included, in fp32, as the reference), and a
-    row whose fp16 scale underflows to 0 stores codes 0 (it de-quantizes to 0 whatever they are). Raises
-    ValueError for mismatched shapes, or with sigmas for fewer than 2 columns."""
+    `sdclip_scale_rows` of w as given (unpermuted, dead columns included, in fp32, as the reference). A row
+    whose fp16 scale underflows to 0 keeps the reference's arithmetic: a nonzero weight over the zero scale
+    clamps to ±qmax and 0/0 is stored as 0 (the int8 cast of NaN on x86; the NaN error then runs along the
+    row, whose later codes are 0 too); every such code de-quantizes to 0. Where H is numerically not positive
+    definite the Cholesky is retried with more damping and `info["extra_damp"]` says how much (× mean diag H;
+    the records stop there). Raises ValueError for mismatched shapes, or with sigmas for fewer than 2
+    columns."""
     if w.ndim != 2 or H.shape != (w.size(1), w.size(1)):
         raise ValueError(f"gptq needs W [rows, cols] and H [cols, cols]; got {tuple(w.shape)} and {tuple(H.shape)}")
     qmin, qmax = code_bounds(bits, full_range)
@@ -139,15 +143,14 @@ def gptq_quantize(
     s_sd = sdclip_scale_rows(w, bits, sigmas) if sigmas is not None else None
     # runs where the Hessian lives: the CPU, or the GPU during a training-end export with gptq.device=model
     Wp, Hp, perm, n_dead = prepare_hessian(w.to(H.device, dtype), H.to(dtype), damp, act_order)
-    U = _robust_upper_cholesky_of_inverse(Hp)
+    U, extra = _robust_upper_cholesky_of_inverse(Hp)
     inv = torch.argsort(perm)
     if s_sd is not None:
         s = s_sd.to(H.device)
-        zero = s == 0
-        loop_s = torch.where(zero, 1.0, s.to(dtype))  # a zero scale's row is stored as codes 0 below
-        q = gptq_columns(Wp, U, loop_s, qmax, block_size, qmin)
-        q[zero] = 0
+        q = torch.nan_to_num(gptq_columns(Wp, U, s.to(dtype), qmax, block_size, qmin), nan=0.0)
         info = {"method": "gptq", "clip": "sdclip", "sigmas": float(sigmas), "dead_columns": n_dead}
+        if extra:
+            info["extra_damp"] = extra
         return q[:, inv].to(torch.int8).cpu().contiguous(), s.cpu(), info
     # Row clips on the (dead-zeroed) weights; a row's quantile/max does not depend on the column order.
     S = candidate_scales(Wp, bits, clips, floor).to(dtype)  # [C, rows]
@@ -164,17 +167,20 @@ def gptq_quantize(
         q, s, chosen = Q[b], S[b], float(clips[b])
     q = q[:, inv].to(torch.int8).contiguous()
     info = {"method": "gptq", "clip": chosen if not per_row else "per_row", "dead_columns": n_dead}
+    if extra:
+        info["extra_damp"] = extra
     return q.cpu(), s.half().cpu(), info
 
 
-def _robust_upper_cholesky_of_inverse(H: torch.Tensor, tries: int = 5) -> torch.Tensor:
-    """Cholesky of H⁻¹; if H is numerically not positive definite, add more damping (x10 each try)."""
+def _robust_upper_cholesky_of_inverse(H: torch.Tensor, tries: int = 5) -> tuple[torch.Tensor, float]:
+    """(upper Cholesky of H⁻¹, extra damping used as a multiple of mean diag H: 0 where H is positive
+    definite); where it is numerically not, damp more (0.01, then x10 each try)."""
     extra = 0.0
     mean_diag = torch.mean(torch.diag(H))
     eye = torch.eye(H.size(0), dtype=H.dtype, device=H.device)
     for _ in range(tries):
         try:
-            return upper_cholesky_of_inverse(H + extra * mean_diag * eye)
+            return upper_cholesky_of_inverse(H + extra * mean_diag * eye), extra
         except torch.linalg.LinAlgError:
             extra = 0.01 if extra == 0 else extra * 10
     raise ValueError("GPTQ: the Hessian is not positive definite even after extra damping")

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from pgolf import optional
-from pgolf.quant.numerics import code_bounds, round_codes, sdclip_scale_rows
+from pgolf.quant.numerics import code_bounds, round_codes_or_zero, sdclip_scale_rows
 from pgolf.quant.settings import GPTQSettings
 
 
@@ -43,14 +43,12 @@ def quantize_rows_sdclip(
     """Round-to-nearest per row of w [rows, cols >= 2] with SDClip scales (PR #1394): (q int8 [rows, cols],
     scale fp16 [rows]); `s_r = fp16(max(sigmas·std(w_r)/qmax, 1e-10))` (`sdclip_scale_rows`),
     `q = clamp(round(w/s_r), ±qmax)` ([-qmax-1, qmax] with `full_range`): weights beyond the clamp are
-    clipped by it, with no clip search. A row whose fp16 scale underflows to 0 stores codes 0 (it
-    de-quantizes to 0 whatever its codes), as `gptq_quantize` with sigmas does. Raises ValueError for a
-    tensor that is not 2-D or has fewer than 2 columns."""
+    clipped by it, with no clip search. Where a row's fp16 scale underflows to 0 its nonzero weights clamp
+    to ±qmax and its zeros store 0, as the reference's arithmetic does (`round_codes_or_zero`; all de-quantize
+    to 0). Raises ValueError for a tensor that is not 2-D or has fewer than 2 columns."""
     s = sdclip_scale_rows(w, bits, sigmas)
     qmin, qmax = code_bounds(bits, full_range)
-    q = round_codes(w.float(), torch.where(s == 0, 1.0, s.float())[:, None], qmax, qmin)
-    q[s == 0] = 0
-    return q.to(torch.int8), s
+    return round_codes_or_zero(w.float(), s.float()[:, None], qmax, qmin).to(torch.int8), s
 
 
 def quantize(
