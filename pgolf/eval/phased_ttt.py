@@ -61,8 +61,8 @@ window that starts where a full chunk's would (`last_chunk_window: chunk_start`,
 the record ends it at the document's end (`chunk_end`, the default of `phased_ttt_1611`), which the next BOS
 places, giving up to `chunk_size`−1 more tokens of context to every document whose last chunk is partial and
 whose window is cut by `context` (e.g. a document of 2,047 targets: window [0, 2047) against [16, 2031));
-fresh A is drawn from generators seeded with `seed·1000003 + q·batch_docs + row` (the record: the GPU's global
-generator); the static chains above. On one GPU the record has one A lineage and checks the phase boundaries
+fresh A is drawn from generators seeded with `seed·1000003 + q·batch_docs + row` (the record: the process's
+global generator); the static chains above. On one GPU the record has one A lineage and checks the phase boundaries
 after every batch: `chains: 1` reproduces that schedule (with `chains: 8` the boundaries are checked after
 every round of 8 batches, so the phases fire at different document counts; on 8 GPUs the record's own
 counts depend on timing).
