@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import shutil
 import struct
+import subprocess
+import time
 
 import brotli
 import numpy as np
@@ -218,6 +220,44 @@ def test_lrzip_streams_declare_their_size_and_are_bounded():
         pergroup.lrzip_decompress(z[:-20], len(data), "c_q")
     with pytest.raises(pergroup.PerGroupError, match="not an lrzip 0.6 stream"):
         pergroup.lrzip_declared_len(b"LRZX" + z[4:], "c_q")
+
+
+@needs_lrzip
+def test_lrzip_decoding_runs_within_memory_and_file_limits(monkeypatch):
+    """`lrzip -d` runs with an address-space limit (lrzip decodes a whole chunk in memory before it writes
+    any: a forged stream declaring 4 KB may hold gigabytes): with the limit set too low for lrzip, the stream
+    fails with one line naming it, and at the default it decodes."""
+    data = bytes(range(256)) * 64
+    z = pergroup.lrzip_compress(data, 9)
+    monkeypatch.setattr(pergroup, "LRZIP_DECODE_AS", 24 << 20)
+    with pytest.raises(pergroup.PerGroupError, match="stream c_q: lrzip -d needed more memory or temporary file"):
+        pergroup.lrzip_decompress(z, len(data), "c_q")
+    monkeypatch.undo()
+    assert pergroup.lrzip_decompress(z, len(data), "c_q") == data
+
+
+def test_the_first_failing_stream_stops_the_others(monkeypatch):
+    """Decoding the groups in threads: the first job that fails has the others' processes stopped
+    (`on_error`) and its own error raised, not the stopped ones'."""
+    monkeypatch.setattr(pergroup.os, "cpu_count", lambda: 3)
+    running: set = set()
+
+    def slow():
+        proc = subprocess.Popen([shutil.which("sleep"), "30"])
+        running.add(proc)
+        if proc.wait() != 0:
+            raise RuntimeError("stopped")
+        return b"done"
+
+    def bad():
+        time.sleep(0.3)
+        raise pergroup.PerGroupError("stream mlp.fc is broken")
+
+    t0 = time.perf_counter()
+    with pytest.raises(pergroup.PerGroupError, match="mlp.fc is broken"):
+        pergroup._pool([slow, bad, slow], on_error=lambda: [p.kill() for p in list(running)])
+    assert time.perf_counter() - t0 < 10
+    assert pergroup._pool([lambda: 1, lambda: 2, lambda: 3]) == [1, 2, 3]
 
 
 def test_a_hanging_lrzip_is_stopped_by_its_timeout(tmp_path, monkeypatch):

@@ -36,14 +36,16 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +68,14 @@ MAX_PERM_ROWS = 1 << 16  # a permutation is stored as uint16
 PERMS_LGWIN = 22  # the permutations stream: brotli's default window, as PR #1611 writes it (the rest: 2^24)
 BACKENDS = ("lrzip", "brotli")
 LRZIP_TIMEOUT_S = 900.0  # one group through `lrzip -z` (the record: ~100 s for all 7 on its machine)
+# `lrzip -d` of an untrusted stream: lrzip decodes a whole chunk before it writes any of it, so a forged stream
+# declaring a few bytes may hold gigabytes. The child runs with at most 100 MB of working buffers (`-m 1`), an
+# address-space limit and a file-size limit on its temporary file (it fails there: 11.5 MB groups, the record's
+# largest, decode in ~25 s on 2 cores within them even with -p 64; a forged 1 GiB group stops after ~60 s, not
+# 1.4 GB and 100 s), and a timeout that grows with the declared size.
+LRZIP_DECODE_AS = 2 << 30  # bytes of address space, plus 8x the declared size
+LRZIP_DECODE_FILE = 16 << 20  # bytes of temporary file, plus 2x the declared size
+LRZIP_DECODE_TIMEOUT_S = 120.0  # seconds, plus one per 50 KB declared
 LRZIP_HEADER = 24  # lrzip 0.6 magic: b"LRZI", major 0, minor 6, u64 size at 6, md5 flag at 21, encrypted at 22
 MISSING_LRZIP = (
     "codec pergroup needs the external program `lrzip` (its ZPAQ back-end compresses the weight groups), "
@@ -245,26 +255,49 @@ def lrzip_declared_len(data: bytes | memoryview, what: str) -> int:
     return struct.unpack_from("<Q", head, 6)[0]
 
 
-def lrzip_decompress(data: bytes | memoryview, expected_len: int, what: str, timeout: float | None = None) -> bytes:
+def _limit_child(pid: int, expected_len: int) -> None:
+    # set as soon as the child exists: lrzip reads the stream's headers before it allocates its buffers
+    for res, lim in (
+        (resource.RLIMIT_AS, LRZIP_DECODE_AS + 8 * expected_len),
+        (resource.RLIMIT_FSIZE, LRZIP_DECODE_FILE + 2 * expected_len),
+    ):
+        try:
+            resource.prlimit(pid, res, (lim, lim))
+        except ProcessLookupError:  # it has already exited: its exit status says how
+            return
+
+
+def lrzip_decompress(
+    data: bytes | memoryview,
+    expected_len: int,
+    what: str,
+    timeout: float | None = None,
+    running: set | None = None,
+) -> bytes:
     """`lrzip -d` of `data`, which must declare and produce exactly `expected_len` bytes: its output is read
-    from a pipe and the process killed once it passes the cap. Raises PerGroupError naming `what`."""
+    from a pipe and the process killed once it passes the cap; the process is bounded in memory, temporary
+    file and time (LRZIP_DECODE_*; `timeout` seconds overrides the time). `running`, if given, holds the
+    process while it runs (so that a failing sibling can stop it). Raises PerGroupError naming `what`."""
     declared = lrzip_declared_len(data, what)
     if declared != expected_len:
         raise PerGroupError(
             f"pergroup stream {what}: lrzip declares {declared} bytes, the header's tensors need {expected_len}"
         )
     exe = lrzip_path()
-    limit = timeout or LRZIP_TIMEOUT_S
+    limit = timeout or LRZIP_DECODE_TIMEOUT_S + expected_len / 50_000
     with tempfile.TemporaryDirectory(prefix="pgolf-lrzip-") as tmp:
         src = Path(tmp) / "group.lrz"
         src.write_bytes(data)
         with open(Path(tmp) / "stderr", "w+b") as err:
             proc = subprocess.Popen(
-                [exe, "-d", "-N", _nice(), "-Q", "-o", "-", str(src)],
+                [exe, "-d", "-m", "1", "-N", _nice(), "-Q", "-o", "-", str(src)],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 env=_lrzip_env(tmp),
             )
+            _limit_child(proc.pid, expected_len)
+            if running is not None:
+                running.add(proc)
             expired = threading.Event()
             timer = threading.Timer(limit, lambda: (expired.set(), proc.kill()))
             timer.start()
@@ -284,12 +317,22 @@ def lrzip_decompress(data: bytes | memoryview, expected_len: int, what: str, tim
                 rc = proc.wait()
                 timer.cancel()
                 proc.stdout.close()
+                if running is not None:
+                    running.discard(proc)
             if expired.is_set():
                 raise PerGroupError(f"pergroup stream {what}: lrzip -d ran past its {limit:g} s timeout")
             if len(out) <= expected_len and rc != 0:
                 err.seek(0)
-                msg = err.read().decode(errors="replace").strip()[-300:]
-                raise PerGroupError(f"pergroup stream {what}: lrzip -d failed (exit {rc}): {msg}")
+                msg = err.read().decode(errors="replace").strip()
+                if rc == -signal.SIGXFSZ or "out of memory" in msg.lower() or "cannot allocate" in msg.lower():
+                    raise PerGroupError(
+                        f"pergroup stream {what}: lrzip -d needed more memory or temporary file than a stream "
+                        f"declaring {expected_len} bytes can (a forged or corrupt stream)"
+                    )
+                if rc < 0:
+                    raise PerGroupError(f"pergroup stream {what}: lrzip -d was stopped by signal {-rc}")
+                lines = [ln for ln in msg.splitlines() if ln.strip() and "Inappropriate ioctl" not in ln]
+                raise PerGroupError(f"pergroup stream {what}: lrzip -d failed (exit {rc}): {' '.join(lines)[-300:]}")
     _check_len(len(out), expected_len, what)
     return bytes(out)
 
@@ -327,12 +370,24 @@ def split_container(data: bytes | memoryview) -> list[memoryview]:
     return out
 
 
-def _pool(jobs: list[Callable[[], object]]) -> list:
-    """The results of `jobs` run in threads (numpy and the lrzip subprocesses release the GIL)."""
+def _pool(jobs: list[Callable[[], object]], on_error: Callable[[], None] | None = None) -> list:
+    """The results of `jobs` run in threads (numpy and the lrzip subprocesses release the GIL). At the first
+    job that raises, the jobs not started are dropped and `on_error` is called (to stop those running); then
+    the error of the first failed job (in job order) is raised."""
     if len(jobs) <= 1:
         return [j() for j in jobs]
     with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as ex:
-        return list(ex.map(lambda j: j(), jobs))
+        futs = [ex.submit(j) for j in jobs]
+        wait(futs, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futs if f.done() and not f.cancelled() and f.exception() is not None]
+        if failed:
+            for f in futs:
+                f.cancel()
+            if on_error is not None:
+                on_error()
+            wait(futs)
+            raise failed[0].exception()
+        return [f.result() for f in futs]
 
 
 def encode(raw: bytes | memoryview, routed: Sequence[Routed], backend: str, level: int) -> bytes:
@@ -406,18 +461,20 @@ class Decoder:
                         )
             lrzip_path()
 
-    def _group(self, g: int) -> bytes:
+    def _group(self, g: int, running: set) -> bytes:
         if not self.sizes[g]:
             return b""
         if self.backend == "lrzip":
-            return lrzip_decompress(self.streams[g], self.sizes[g], GROUPS[g])
+            return lrzip_decompress(self.streams[g], self.sizes[g], GROUPS[g], running=running)
         return brotli_decompress(self.streams[g], self.sizes[g], GROUPS[g])
 
     def decode(self) -> list[np.ndarray]:
-        """Each routed matrix, int8 [rows, cols] in its original row order, in the routing's order."""
-        jobs = [lambda g=g: self._group(g) for g in range(len(GROUPS))]
+        """Each routed matrix, int8 [rows, cols] in its original row order, in the routing's order. The first
+        stream that fails stops the lrzip processes of the others."""
+        running: set = set()
+        jobs = [lambda g=g: self._group(g, running) for g in range(len(GROUPS))]
         jobs.append(lambda: brotli_decompress(self.streams[PERMS], self.perm_bytes, "permutations"))
-        *groups, perms = _pool(jobs)
+        *groups, perms = _pool(jobs, on_error=lambda: [p.kill() for p in list(running)])
         perm = np.frombuffer(perms, dtype="<u2")
         out, at, pat = [], [0] * len(GROUPS), 0
         for r in self.routed:
