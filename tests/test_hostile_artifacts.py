@@ -428,6 +428,21 @@ def test_a_missing_tensor_is_refused(tmp_path):
         read_model_artifact(write(tmp_path, encode_artifact(pack(entries, meta), "zlib")))
 
 
+def test_codes_beyond_their_declared_bits_are_refused(raw):
+    """An int tensor whose codes do not fit its declared bits (int6 codes declared int3: [-4, 3]) is one
+    error naming it; int8 takes any int8 code."""
+    entries, _ = unpack(raw)
+    name = next(n for n, e in entries.items() if e.kind == "int" and int(e.q.abs().max()) > 4)
+
+    def bits(b):
+        return lambda h: tensor(h, name).update(bits=b)
+
+    with pytest.raises(ArtifactError, match=re.escape(f"tensor {name!r}: int3 codes must lie in [-4, 3]")):
+        unpack(edited(raw, bits(3)))
+    entries, _ = unpack(edited(raw, bits(8)))
+    assert entries[name].bits == 8
+
+
 def test_tensor_bytes_must_tile_the_payload(raw):
     header, blob = split(raw)
     with pytest.raises(ArtifactError, match="holds 3 bytes after the last tensor"):

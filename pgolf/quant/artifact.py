@@ -756,6 +756,10 @@ def _read_tensors(
                     factors.check(*rec.shape, what=f"tensor {name!r}.lqer")
                 except ValueError as err:
                     raise ArtifactError(str(err)) from None
+            if rec.kind == "int" and fields["q"].numel():
+                lo, hi = -(1 << (rec.bits - 1)), (1 << (rec.bits - 1)) - 1
+                if int(fields["q"].min()) < lo or int(fields["q"].max()) > hi:
+                    raise ArtifactError(f"tensor {name!r}: int{rec.bits} codes must lie in [{lo}, {hi}]")
             entry = QuantEntry(
                 rec.kind, rec.shape, rec.orig_dtype, bits=rec.bits, info=rec.info, lqer=factors, **fields
             )
