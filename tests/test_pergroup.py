@@ -229,7 +229,7 @@ def test_lrzip_decoding_runs_within_memory_and_file_limits(monkeypatch):
     fails with one line naming it, and at the default it decodes."""
     data = bytes(range(256)) * 64
     z = pergroup.lrzip_compress(data, 9)
-    monkeypatch.setattr(pergroup, "LRZIP_DECODE_AS", 24 << 20)
+    monkeypatch.setattr(pergroup, "LRZIP_DECODE_AS", 16 << 20)  # too little for lrzip to run
     with pytest.raises(pergroup.PerGroupError, match="stream c_q: lrzip -d needed more memory or temporary file"):
         pergroup.lrzip_decompress(z, len(data), "c_q")
     monkeypatch.undo()
@@ -258,6 +258,13 @@ def test_the_first_failing_stream_stops_the_others(monkeypatch):
         pergroup._pool([slow, bad, slow], on_error=lambda: [p.kill() for p in list(running)])
     assert time.perf_counter() - t0 < 10
     assert pergroup._pool([lambda: 1, lambda: 2, lambda: 3]) == [1, 2, 3]
+    procs = pergroup.Running()
+    first = subprocess.Popen([shutil.which("sleep"), "30"])
+    procs.add(first)
+    procs.stop()
+    late = subprocess.Popen([shutil.which("sleep"), "30"])
+    procs.add(late)  # one that starts after the stop is stopped as it registers
+    assert first.wait(timeout=5) < 0 and late.wait(timeout=5) < 0
 
 
 def test_a_hanging_lrzip_is_stopped_by_its_timeout(tmp_path, monkeypatch):

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import shutil
 import signal
 import struct
@@ -255,16 +254,38 @@ def lrzip_declared_len(data: bytes | memoryview, what: str) -> int:
     return struct.unpack_from("<Q", head, 6)[0]
 
 
-def _limit_child(pid: int, expected_len: int) -> None:
-    # set as soon as the child exists: lrzip reads the stream's headers before it allocates its buffers
-    for res, lim in (
-        (resource.RLIMIT_AS, LRZIP_DECODE_AS + 8 * expected_len),
-        (resource.RLIMIT_FSIZE, LRZIP_DECODE_FILE + 2 * expected_len),
-    ):
-        try:
-            resource.prlimit(pid, res, (lim, lim))
-        except ProcessLookupError:  # it has already exited: its exit status says how
-            return
+class Running:
+    """The lrzip processes of one decode, so that the first failing stream stops the others: `stop()` kills
+    every process added so far and any added after it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._procs: set = set()
+        self.stopped = False
+
+    def add(self, proc) -> None:
+        with self._lock:
+            self._procs.add(proc)
+            if self.stopped:
+                proc.kill()
+
+    def discard(self, proc) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            for proc in self._procs:
+                proc.kill()
+
+
+def _limited(cmd: list[str], expected_len: int) -> list[str]:
+    # the limits are set by the shell before it becomes lrzip (exec): no moment runs unlimited; -f counts
+    # 512-byte blocks (POSIX), -v KiB
+    mem = (LRZIP_DECODE_AS + 8 * expected_len) >> 10
+    blocks = (LRZIP_DECODE_FILE + 2 * expected_len) >> 9
+    return ["/bin/sh", "-c", f'ulimit -v {mem} && ulimit -f {blocks} && exec "$0" "$@"', *cmd]
 
 
 def lrzip_decompress(
@@ -272,7 +293,7 @@ def lrzip_decompress(
     expected_len: int,
     what: str,
     timeout: float | None = None,
-    running: set | None = None,
+    running: Running | None = None,
 ) -> bytes:
     """`lrzip -d` of `data`, which must declare and produce exactly `expected_len` bytes: its output is read
     from a pipe and the process killed once it passes the cap; the process is bounded in memory, temporary
@@ -290,12 +311,11 @@ def lrzip_decompress(
         src.write_bytes(data)
         with open(Path(tmp) / "stderr", "w+b") as err:
             proc = subprocess.Popen(
-                [exe, "-d", "-m", "1", "-N", _nice(), "-Q", "-o", "-", str(src)],
+                _limited([exe, "-d", "-m", "1", "-N", _nice(), "-Q", "-o", "-", str(src)], expected_len),
                 stdout=subprocess.PIPE,
                 stderr=err,
                 env=_lrzip_env(tmp),
             )
-            _limit_child(proc.pid, expected_len)
             if running is not None:
                 running.add(proc)
             expired = threading.Event()
@@ -324,7 +344,9 @@ def lrzip_decompress(
             if len(out) <= expected_len and rc != 0:
                 err.seek(0)
                 msg = err.read().decode(errors="replace").strip()
-                if rc == -signal.SIGXFSZ or "out of memory" in msg.lower() or "cannot allocate" in msg.lower():
+                low = msg.lower()
+                memory = ("out of memory", "cannot allocate", "failed to map")
+                if rc == -signal.SIGXFSZ or any(m in low for m in memory):
                     raise PerGroupError(
                         f"pergroup stream {what}: lrzip -d needed more memory or temporary file than a stream "
                         f"declaring {expected_len} bytes can (a forged or corrupt stream)"
@@ -461,7 +483,7 @@ class Decoder:
                         )
             lrzip_path()
 
-    def _group(self, g: int, running: set) -> bytes:
+    def _group(self, g: int, running: Running) -> bytes:
         if not self.sizes[g]:
             return b""
         if self.backend == "lrzip":
@@ -471,10 +493,10 @@ class Decoder:
     def decode(self) -> list[np.ndarray]:
         """Each routed matrix, int8 [rows, cols] in its original row order, in the routing's order. The first
         stream that fails stops the lrzip processes of the others."""
-        running: set = set()
+        running = Running()
         jobs = [lambda g=g: self._group(g, running) for g in range(len(GROUPS))]
         jobs.append(lambda: brotli_decompress(self.streams[PERMS], self.perm_bytes, "permutations"))
-        *groups, perms = _pool(jobs, on_error=lambda: [p.kill() for p in list(running)])
+        *groups, perms = _pool(jobs, on_error=running.stop)
         perm = np.frombuffer(perms, dtype="<u2")
         out, at, pat = [], [0] * len(GROUPS), 0
         for r in self.routed:
