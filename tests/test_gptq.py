@@ -104,6 +104,20 @@ def test_gptq_equals_the_column_by_column_reference(act_order, bits):
     assert (q[:, 7] == 0).all()  # the dead column's weights are dropped
 
 
+def test_an_all_zero_row_does_not_decide_the_clip_level():
+    """Without a scale floor an all-zero row has scale 0 and 0/0 codes, stored as 0: it adds no error to
+    any clip level, so the level chosen is the one chosen for the other rows (NaN errors chose the first)."""
+    torch.manual_seed(3)
+    w = torch.randn(8, 32) * 0.5
+    w[0, 0] = 6.0  # an outlier: a clip below 1.0 would cut it
+    H = correlated_inputs(128, 32, seed=2).T @ correlated_inputs(128, 32, seed=2)
+    _, _, ref = gptq_quantize(w, H, 6, GPTQ_LITE_CLIPS, block_size=16, floor=False)
+    wz = torch.cat([w, torch.zeros(1, 32)])
+    q, s, info = gptq_quantize(wz, H, 6, GPTQ_LITE_CLIPS, block_size=16, floor=False)
+    assert info["clip"] == ref["clip"] != GPTQ_LITE_CLIPS[0]
+    assert s[-1] == 0 and (q[-1] == 0).all()
+
+
 def test_gptq_full_code_range_equals_the_reference():
     """`code_range: full` (int4 in [-8, 7]): with a low clip level the error feedback pushes some codes
     past -7, where the symmetric range would clamp."""

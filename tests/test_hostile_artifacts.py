@@ -437,7 +437,7 @@ def test_codes_beyond_their_declared_bits_are_refused(raw):
     def bits(b):
         return lambda h: tensor(h, name).update(bits=b)
 
-    with pytest.raises(ArtifactError, match=re.escape(f"tensor {name!r}: int3 codes must lie in [-4, 3]")):
+    with pytest.raises(ArtifactError, match=re.escape(f"tensor {name!r}: int3 codes must lie in [-4, 3], found [")):
         unpack(edited(raw, bits(3)))
     entries, _ = unpack(edited(raw, bits(8)))
     assert entries[name].bits == 8

@@ -758,8 +758,11 @@ def _read_tensors(
                     raise ArtifactError(str(err)) from None
             if rec.kind == "int" and fields["q"].numel():
                 lo, hi = -(1 << (rec.bits - 1)), (1 << (rec.bits - 1)) - 1
-                if int(fields["q"].min()) < lo or int(fields["q"].max()) > hi:
-                    raise ArtifactError(f"tensor {name!r}: int{rec.bits} codes must lie in [{lo}, {hi}]")
+                qlo, qhi = int(fields["q"].min()), int(fields["q"].max())
+                if qlo < lo or qhi > hi:
+                    raise ArtifactError(
+                        f"tensor {name!r}: int{rec.bits} codes must lie in [{lo}, {hi}], found [{qlo}, {qhi}]"
+                    )
             entry = QuantEntry(
                 rec.kind, rec.shape, rec.orig_dtype, bits=rec.bits, info=rec.info, lqer=factors, **fields
             )

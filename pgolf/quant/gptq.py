@@ -156,6 +156,7 @@ def gptq_quantize(
     S = candidate_scales(Wp, bits, clips, floor).to(dtype)  # [C, rows]
     C = S.size(0)
     Q = gptq_columns(Wp.repeat(C, 1), U, S.reshape(-1), qmax, block_size, qmin).view(C, rows, -1)
+    Q = torch.nan_to_num(Q, nan=0.0)  # 0/0 of an unfloored zero scale (scale_floor: false): stored as 0
     err = (Wp[None] - Q * S[:, :, None]).square().mean(dim=2)  # [C, rows]: MSE against the original W
     if per_row:
         best = err.argmin(dim=0)  # [rows]
