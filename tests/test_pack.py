@@ -236,6 +236,10 @@ def test_environment_and_overrides_map_onto_the_config():
     assert set_by(msg, {"ITERATIONS": "-3"}, ["train.iterations=-3"]) == ""
     assert set_by("train.iterations_x must be", {"ITERATIONS": "5"}, []) == ""
     assert set_by(msg, {"ITERATIONS": "-3"}, ["++train.iterations=-5"]) == ""
+    # TRAIN_SEQ_LEN sets the final eval's windows too, which are checked first
+    fmsg = "final_eval.seq_len must be an integer in [1, 16384], got 0"
+    assert set_by(fmsg, {"TRAIN_SEQ_LEN": "0"}, []) == " (set by TRAIN_SEQ_LEN=0)"
+    assert set_by(fmsg, {"TRAIN_SEQ_LEN": "0"}, ["final_eval.seq_len=0"]) == ""
 
 
 def test_environment_integers_are_read_as_the_reference_reads_them():

@@ -246,9 +246,10 @@ def write_run_record(path: Path, run_id: str, results: dict, env: Mapping[str, s
 
 def set_by(message: str, env: Mapping[str, str], argv: list[str]) -> str:
     """` (set by VAR=value)` when `message` is about the config key of an environment variable of `ENV_KEYS`
-    that the command line did not override, else ''."""
+    that the command line did not override (`TRAIN_SEQ_LEN` also sets the final eval's windows: `run_config`),
+    else ''."""
     args = {a.lstrip("+").partition("=")[0] for a in argv}
-    for var, key in ENV_KEYS.items():
+    for var, key in [*ENV_KEYS.items(), ("TRAIN_SEQ_LEN", "final_eval.seq_len")]:
         if var in env and key not in args and message.startswith(f"{key} "):
             return f" (set by {var}={env[var]})"
     return ""
