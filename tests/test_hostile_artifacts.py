@@ -679,6 +679,16 @@ def test_inspect_prints_metadata_of_an_odd_shape_as_json(tmp_path, raw):
     assert 're-exported: {"provenance": 2}' in out
 
 
+def test_inspect_names_the_tensors_gptq_damped_further(tmp_path, raw):
+    entries, _ = unpack(raw)
+    name = next(n for n, e in entries.items() if e.kind == "int")
+    out = inspect_cli.inspect(write(tmp_path, encode_artifact(raw, "zlib")))
+    assert "extra damping" not in out
+    bumped = edited(raw, lambda h: tensor(h, name).setdefault("info", {}).update(extra_damp=0.1))
+    out = inspect_cli.inspect(write(tmp_path, encode_artifact(bumped, "zlib"), "b.ptz"))
+    assert f"gptq extra damping (Hessian not positive definite; x mean diag H): {name} 0.1" in out
+
+
 # ---- LQER factors in the artifact (PR #1797 / #1611) -------------------------------------------------------
 def lqer_raw() -> bytes:
     """The model artifact with asymmetric LQER factors on one int matrix (rank 2, groups of 16)."""

@@ -114,6 +114,7 @@ def inspect(path: str | Path, codecs: bool = False) -> str:
     Raises ArtifactError naming the problem."""
     path = Path(path)
     found: dict[str, tuple] = {}  # each tensor's row, by name
+    damped: dict[str, float] = {}  # GPTQ's extra damping of a Hessian that was not positive definite
     validated: list[ArtifactHeader] = []
 
     def check(h: ArtifactHeader) -> None:
@@ -126,6 +127,8 @@ def inspect(path: str | Path, codecs: bool = False) -> str:
         store = f"int{e.bits}" if e.kind == "int" else e.kind
         bits = e.bits if e.kind == "int" else {"fp16": 16, "fp32": 32}.get(e.kind, 8 * e.data.element_size())
         found[name] = (name, "x".join(map(str, e.shape)) or "scalar", store, bits, len(one), comp)
+        if isinstance(e.info.get("extra_damp"), (int, float)):
+            damped[name] = e.info["extra_damp"]
 
     header, _ = load_artifact(path, check=check, sink=row)
     meta, codec, level = header.meta, header.codec, header.level
@@ -144,6 +147,11 @@ def inspect(path: str | Path, codecs: bool = False) -> str:
         f"{'total':44s} {'':>12s} {'':>6s} {'':>4s} {sum(r[4] for r in rows):>10d} {total_comp:>12d} {100.0:5.1f}%"
     )
     lines.append("* compressed alone; the whole payload compresses jointly, so the column sums differ from the file")
+    if damped:
+        lines.append(
+            "gptq extra damping (Hessian not positive definite; x mean diag H): "
+            + ", ".join(f"{n} {d:g}" for n, d in damped.items())
+        )
     code = code_of(meta)  # the packed train_gpt.py that made the artifact (pgolf/export/code.py)
     n_code = recorded_code_bytes(meta)
     if n_code is None:
