@@ -25,7 +25,7 @@ import pgolf.quant.artifact as art
 from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.config.schema import EvalRun, FinalEvalConfig
 from pgolf.config.typed import ConfigError, load
-from pgolf.data.tokenizer import TokenizerInfo
+from pgolf.data.tokenizer import TokenizerError, TokenizerInfo
 from pgolf.eval.run import MAX_TOKENS_REASON, check_eval_args, compliance, evaluate_artifact, out_of_memory, pick_device
 from pgolf.export.weights import (
     MAX_MODEL_PARAMS,
@@ -570,6 +570,18 @@ def synth_artifact(tmp_path, synth_dir, edit=None, rules=RULES) -> tuple[Path, d
         edit(state)
     path = write(tmp_path, encode_artifact(pack(quantize_state(state, rules_from_config(rules)), meta), "zlib"))
     return path, {"tokenizer_path": str(tok_path), "val_pattern": str(synth_dir / "synth_val_*.bin")}
+
+
+def test_a_missing_tokenizer_names_the_artifacts_own(tmp_path, synth_dir):
+    """eval.py on another data config than the artifact's (the default demo data): the missing file is
+    named with the tokenizer the artifact was built with, before any work."""
+    path, data = synth_artifact(tmp_path, synth_dir)
+    tok = TokenizerInfo.from_path(data["tokenizer_path"])
+    data["tokenizer_path"] = str(tmp_path / "demo_1024_bpe.model")
+    want = f"was built with tokenizer {tok.name} (vocab {tok.vocab_size})"
+    with pytest.raises(TokenizerError, match=re.escape(want)):
+        evaluate_artifact(artifact=path, modes={"standard": {}}, data=data, out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_non_finite_score_is_not_compliant_and_eval_result_json_stays_json(tmp_path, synth_dir):

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.config.typed import ConfigError
 from pgolf.data.stream import load_val_data
-from pgolf.data.tokenizer import TokenizerInfo, build_byte_luts, load_tokenizer
+from pgolf.data.tokenizer import TokenizerError, TokenizerInfo, build_byte_luts, load_tokenizer
 from pgolf.eval.core import EvalContext, TargetLog, gather_log, json_safe, mark_non_finite
 from pgolf.eval.modes import parse_mode, run_mode
 from pgolf.export.code import code_of, recorded_code_bytes
@@ -199,7 +199,14 @@ def evaluate_artifact(
     meta = header.meta
     doc = doc_max_seg_len(meta)  # before any work: a forged value is refused here
     run_cut = run_val_seq_len(meta)
-    tok = TokenizerInfo.from_path(data["tokenizer_path"])
+    try:
+        tok = TokenizerInfo.from_path(data["tokenizer_path"])
+    except TokenizerError as e:
+        want = meta["tokenizer"]
+        raise TokenizerError(
+            f"{e}; artifact {Path(artifact).name} was built with tokenizer {want.get('name')} (vocab "
+            f"{want.get('vocab_size')}): choose its data (data=... data.root=...)"
+        ) from None
     tok.check_matches(meta["tokenizer"], what=f"artifact {Path(artifact).name}")
     train_seq = int(meta.get("train", {}).get("seq_len") or 0)
     run_seq = int(meta.get("final_eval", {}).get("seq_len") or 0)  # the round trip's windows (PR #1611: 2048)
