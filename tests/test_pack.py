@@ -282,6 +282,16 @@ def test_a_reused_run_id_keeps_the_earlier_runs_config(tmp_path):
     assert config_path(logs, "seed1") == logs / "seed1.yaml"
 
 
+def test_help_prints_the_usage_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    (tmp_path / SCRIPT).write_bytes(b"# packed\n")
+    monkeypatch.chdir(tmp_path)
+    assert main({"config": {}}, tmp_path / SCRIPT, ["--help"], {}) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: [torchrun --standalone --nproc_per_node=N] {SCRIPT} [key=value ...]")
+    assert "SEED" in out and "DATA_PATH" in out and "train.iterations=50" in out
+    assert [p.name for p in tmp_path.iterdir()] == [SCRIPT]
+
+
 @pytest.mark.parametrize("run_id", ["../outside", "/abs/x", "a/b", "..", ".hidden", "-x", "x" * 129, "a\nb", "é"])
 def test_a_run_id_that_is_not_a_plain_file_name_is_refused_before_anything_is_written(
     run_id, tmp_path, monkeypatch, capsys

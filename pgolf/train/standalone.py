@@ -197,6 +197,14 @@ def main(packed: Mapping, script: str | Path, argv: list[str] | None = None, env
     `script` the packed file itself, whose length and sha256 are the run's code record."""
     env = os.environ if env is None else env
     argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(
+            f"usage: [torchrun --standalone --nproc_per_node=N] {Path(script).name} [key=value ...]\n"
+            "Trains, exports and evaluates the packed experiment in this folder (logs/, the artifact, "
+            f"results.json). Environment: RUN_ID {' '.join(ENV_KEYS)}. Arguments: overrides of its config "
+            "in Hydra's form (train.iterations=50)."
+        )
+        return 0
     note = unread_note(env)
     if note and global_rank() == 0:
         print(note, flush=True)
