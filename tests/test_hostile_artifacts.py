@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import brotli
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -798,6 +799,10 @@ FORGED_STREAMS = {
         r"stream mlp\.fc decompresses to more bytes than the 2048 its tensors need",
     ),
     "group corrupt": (_set(GROUP["c_v"], b"\xff" * 40), r"stream c_v: corrupt brotli data"),
+    "remainder too short": (
+        lambda st: st.__setitem__(pergroup.REMAINDER, brotli.compress(brotli.decompress(st[pergroup.REMAINDER])[:-5])),
+        r"pergroup stream remainder: payload decompresses to fewer bytes than the declared",
+    ),
     "not a permutation": (
         _set(pergroup.PERMS, pergroup.brotli_compress(bytes(2 * (64 + 32 + 64)))),
         r"permutations: the order of 'tok_emb\.weight' is not a permutation",

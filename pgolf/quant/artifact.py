@@ -472,8 +472,9 @@ class _Inflate:
         while filled < len(out):
             chunk = self.produce(min(OUT_CHUNK, len(out) - filled))
             if not chunk:
+                where = "pergroup stream remainder: " if self.codec in PERGROUP_BACKENDS else ""
                 raise ArtifactError(
-                    f"payload decompresses to fewer bytes than the declared {self.raw_len} (corrupt artifact)"
+                    f"{where}payload decompresses to fewer bytes than the declared {self.raw_len} (corrupt artifact)"
                 )
             out[filled : filled + len(chunk)] = chunk
             filled += len(chunk)
