@@ -135,6 +135,21 @@ def test_a_group_without_tensors_is_an_empty_stream_and_the_remainder_keeps_the_
     assert art.decode_artifact(data)[0] == raw
 
 
+def test_a_group_that_does_not_shrink_is_named(capsys):
+    """Codes that look random (lrzip's LZ4 pre-test then stores the group as it is, as in the record) get a
+    line naming the group; codes that compress do not."""
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(-128, 128, size=(64, 64), dtype=np.int8).tobytes()
+    flat = bytes(64 * 64)
+    routed = [pergroup.Routed("blocks.0.attn.c_k.weight.q", GROUPS.index("c_k"), 0, 64, 64, 0, False)]
+    routed.append(pergroup.Routed("blocks.0.attn.c_v.weight.q", GROUPS.index("c_v"), 0, 64, 64, 4096, False))
+    pergroup.encode(noisy + flat, routed, "brotli", 11)
+    out = capsys.readouterr().out
+    assert "pergroup: group(s) c_k did not shrink under brotli (stored as they are)" in out
+    pergroup.encode(flat + flat, routed, "brotli", 11)
+    assert "did not shrink" not in capsys.readouterr().out
+
+
 def test_a_payload_without_a_valid_header_is_refused_by_pergroup():
     with pytest.raises(ArtifactError, match=r"pergroup codec compresses a pgolf payload .*header length"):
         art.compress(struct.pack("<I", 99) + b"{}", "pergroup_brotli")

@@ -53,6 +53,7 @@ import numpy as np
 
 from pgolf.optional import register
 from pgolf.quant.brotli_io import IN_CHUNK, BrotliReader, brotli_compress
+from pgolf.runlog import log0
 
 GROUPS = ("tok_emb", "c_k", "c_q", "c_v", "attn.proj", "mlp.fc", "mlp.proj")
 HOT = frozenset({"tok_emb", "c_q", "mlp.fc"})  # rows reordered by the L1 nearest-neighbour chain
@@ -451,7 +452,14 @@ def encode(raw: bytes | memoryview, routed: Sequence[Routed], backend: str, leve
     jobs = [group_job(g) for g in groups]
     # the permutations as PR #1611 compresses them: brotli quality 11 with its default window (2^22)
     jobs += [lambda: brotli_compress(rest), lambda: brotli_compress(perms, lgwin=PERMS_LGWIN) if perms else b""]
-    return pack_container(_pool(jobs))
+    streams = _pool(jobs)
+    stored = [GROUPS[i] for i, g in enumerate(groups) if g and len(streams[i]) >= len(g)]
+    if stored:  # lrzip's LZ4 pre-test finds wide-valued codes incompressible and stores them (so does the record's)
+        log0(
+            f"pergroup: group(s) {', '.join(stored)} did not shrink under {backend} (stored as they are): "
+            "their codes look incompressible; another codec may be smaller (export.codec=pergroup_brotli)"
+        )
+    return pack_container(streams)
 
 
 class Decoder:
