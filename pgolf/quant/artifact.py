@@ -57,7 +57,7 @@ from pgolf import ARTIFACT_LIMIT_BYTES, optional
 from pgolf.io import atomic_write_bytes
 from pgolf.quant import pergroup as _pergroup_part  # noqa: F401  (registers the optional part: pgolf/optional.py)
 from pgolf.quant.brotli_io import BrotliReader, brotli_compress
-from pgolf.quant.numerics import LQER_MODES, LQERFactors
+from pgolf.quant.numerics import LQER_MODES, LQERFactors, code_bounds
 from pgolf.quant.rules import QuantEntry
 
 MAGIC = b"PGOLFART"
@@ -758,7 +758,7 @@ def _read_tensors(
                 except ValueError as err:
                     raise ArtifactError(str(err)) from None
             if rec.kind == "int" and fields["q"].numel():
-                lo, hi = -(1 << (rec.bits - 1)), (1 << (rec.bits - 1)) - 1
+                lo, hi = code_bounds(rec.bits, full_range=True)
                 qlo, qhi = int(fields["q"].min()), int(fields["q"].max())
                 if qlo < lo or qhi > hi:
                     raise ArtifactError(

@@ -82,9 +82,11 @@ def gptq_columns(
 ) -> torch.Tensor:
     """The GPTQ column loop on W [rows, cols] (already permuted) with U from `upper_cholesky_of_inverse`
     and a scale per row [rows]; codes in [qmin, qmax] (qmin defaults to -qmax). Returns integer codes
-    [rows, cols] (as W's dtype)."""
+    [rows, cols] (as W's dtype). A zero scale is used as it is (the records' arithmetic): a nonzero weight
+    over it clamps to ±qmax, 0/0 gives NaN, which runs along the row through the error feedback; such NaN
+    codes are returned as 0 (the int8 cast of NaN on x86)."""
     with cpu_threads(1, W.device):
-        return _gptq_columns(W, U, scale, qmax, block_size, qmin)
+        return torch.nan_to_num(_gptq_columns(W, U, scale, qmax, block_size, qmin), nan=0.0)
 
 
 def _gptq_columns(
@@ -147,7 +149,7 @@ def gptq_quantize(
     inv = torch.argsort(perm)
     if s_sd is not None:
         s = s_sd.to(H.device)
-        q = torch.nan_to_num(gptq_columns(Wp, U, s.to(dtype), qmax, block_size, qmin), nan=0.0)
+        q = gptq_columns(Wp, U, s.to(dtype), qmax, block_size, qmin)
         info = {"method": "gptq", "clip": "sdclip", "sigmas": float(sigmas), "dead_columns": n_dead}
         if extra:
             info["extra_damp"] = extra
@@ -156,7 +158,6 @@ def gptq_quantize(
     S = candidate_scales(Wp, bits, clips, floor).to(dtype)  # [C, rows]
     C = S.size(0)
     Q = gptq_columns(Wp.repeat(C, 1), U, S.reshape(-1), qmax, block_size, qmin).view(C, rows, -1)
-    Q = torch.nan_to_num(Q, nan=0.0)  # 0/0 of an unfloored zero scale (scale_floor: false): stored as 0
     err = (Wp[None] - Q * S[:, :, None]).square().mean(dim=2)  # [C, rows]: MSE against the original W
     if per_row:
         best = err.argmin(dim=0)  # [rows]

@@ -71,8 +71,8 @@ LRZIP_TIMEOUT_S = 900.0  # one group through `lrzip -z` (the record: ~100 s for 
 # `lrzip -d` of an untrusted stream: lrzip decodes a whole chunk before it writes any of it, so a forged stream
 # declaring a few bytes may hold gigabytes. The child runs with at most 100 MB of working buffers (`-m 1`), an
 # address-space limit and a file-size limit on its temporary file (it fails there: 11.5 MB groups, the record's
-# largest, decode in ~25 s on 2 cores within them even with -p 64; a forged 1 GiB group stops after ~60 s, not
-# 1.4 GB and 100 s), and a timeout that grows with the declared size.
+# largest, decode in 24-30 s on 2 cores within them even with -p 64; a forged 1 GiB group stops after 43-60 s at
+# 0.39 GB, not 1.37 GB and 101 s), and a timeout that grows with the declared size.
 LRZIP_DECODE_AS = 2 << 30  # bytes of address space, plus 8x the declared size
 LRZIP_DECODE_FILE = 16 << 20  # bytes of temporary file, plus 2x the declared size
 LRZIP_DECODE_TIMEOUT_S = 120.0  # seconds, plus one per 50 KB declared
