@@ -156,8 +156,75 @@ def test_hessians_divided_by_batches_or_sequences():
         collect_hessians(m, seqs, norm="tokens")
 
 
+def tiny_1611(**over) -> GPT:
+    """conf/model/tiny_1611.yaml (every feature of the record) at vocab 64, width 64, bf16 tables as the record,
+    with random values in every parameter (gates and zero-initialised projections live)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=tiny_1611"])
+    d = {**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": 64, "model_dim": 64, **over}
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.from_dict(d))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p.float()).to(p.dtype) * 0.2)
+    return m.eval()
+
+
+def bf16_reference_hessians(m: GPT, seqs: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    """PR #1611's calibration written here: the model cast to bf16 (every parameter), run with autocast off,
+    hooks adding XᵀX (X as float) of each linear's input per forward and the final-norm output's for the tied
+    head, divided by the number of forwards. Also checks that every X the hooks see is bf16."""
+    import copy
+
+    ref = copy.deepcopy(m).to(torch.bfloat16)
+    H: dict[str, torch.Tensor] = {}
+
+    def add(name, x):
+        assert x.dtype == torch.bfloat16, (name, x.dtype)
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        H.setdefault(name, torch.zeros(x.size(1), x.size(1))).addmm_(x.T, x)
+
+    hooks = [mod.register_forward_hook(lambda _m, a, _o, n=n: add(n, a[0])) for mod, n in linear_names(ref).items()]
+    n = 0
+    with torch.no_grad():
+        for i in range(0, seqs.size(0), batch):
+            add("tok_emb.weight", ref.forward_hidden(seqs[i : i + batch]))
+            n += 1
+    for h in hooks:
+        h.remove()
+    return {k: v / n for k, v in H.items()}
+
+
+def test_bf16_forward_collects_the_records_hessians():
+    """`forward="bf16"` (PR #1611's calibration: its bf16 model, autocast off): every H equals the one of the
+    reference above bit for bit, X bf16 everywhere (the BigramHash and VE paths too); the model handed in keeps
+    its values, dtypes and hooks; the fp32 forward's Hessians differ by rounding only."""
+    seqs = torch.randint(0, 64, (6, 24), generator=torch.Generator().manual_seed(3))
+    seqs[:, 0] = 1  # a BOS at each row's start, and one inside
+    seqs[2, 9] = 1
+    for m in (tiny_1611(), tiny_1611(bigram="xor", bigram_buckets=32, bigram_dim=16, ve_dim=16, ve_layers=[3])):
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        H, info = collect_hessians(m, seqs, batch=4, output_head=True, norm="batches", forward="bf16")
+        want = bf16_reference_hessians(m, seqs, 4)
+        assert info["forward"] == "bf16" and H.keys() == want.keys() and len(H) == info["layers"]
+        assert all(torch.equal(H[k], want[k]) for k in H)
+        after = m.state_dict()
+        assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+        assert all(not mod._forward_hooks for mod in m.modules())
+        H32, i32 = collect_hessians(m, seqs, batch=4, output_head=True, norm="batches")
+        assert i32["forward"] == "autocast"
+        for k in H:
+            rel = ((H[k] - H32[k]).norm() / H32[k].norm()).item()
+            assert 0 < rel < 0.05, (k, rel)
+    with pytest.raises(ValueError, match="forward 'fp8'"):
+        collect_hessians(m, seqs, forward="fp8")
+
+
 def test_settings_and_compliance_of_the_new_options():
     assert (GPTQSettings().hessian_norm, GPTQSettings().device) == ("sequences", "cpu")
+    assert GPTQSettings().hessian_forward == "autocast"
+    with pytest.raises(ValueError, match="hessian_forward 'fp16'"):
+        GPTQSettings(hessian_forward="fp16")
     with pytest.raises(ValueError, match="hessian_norm"):
         GPTQSettings(hessian_norm="tokens")
     with pytest.raises(ValueError, match="gptq.device"):
@@ -181,12 +248,14 @@ def test_the_1611_export_configs_use_the_records_calibration():
             cfg = compose(config_name="train", overrides=[f"export={name}"])
         e = ExportConfig.from_dict(OmegaConf.to_container(cfg.export, resolve=True))
         assert (e.gptq.hessian_norm, e.gptq.device, e.gptq.batch, e.gptq.hessian_damp) == ("batches", "cpu", 48, 0.0)
+        assert e.gptq.hessian_forward == "bf16"
         assert (e.calibration.source, e.calibration.count, e.calibration.length) == ("train_shuffled", 768, 2048)
         assert e.calibration.count // e.gptq.batch == 16  # GPTQ_CALIBRATION_BATCHES
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["export=int6_gptq_zstd_record"])
     e = ExportConfig.from_dict(OmegaConf.to_container(cfg.export, resolve=True))
     assert (e.gptq.hessian_norm, e.calibration.source) == ("sequences", "train")  # the earlier records unchanged
+    assert e.gptq.hessian_forward == "autocast"  # PR #1019 calibrates under torch.autocast
 
 
 def test_calibration_stage_reads_the_shuffled_windows_of_rank_0(shards):
@@ -253,7 +322,7 @@ def tiny_run(run_dir, synth_dir, over: list[str]):
     return build_trainer(cfg, cbs.all, False), module, dm
 
 
-def test_a_training_run_exports_with_the_records_calibration(tmp_path, synth_dir):
+def test_a_training_run_exports_with_the_records_calibration(tmp_path, synth_dir, capsys):
     """The export callback hands the run's training shards, rank and world size to the 1611 export: the artifact's
     calibration record names the shuffled windows of rank 0 and the Hessians divided by the batches."""
     import json
@@ -267,7 +336,8 @@ def test_a_training_run_exports_with_the_records_calibration(tmp_path, synth_dir
     cal = json.loads((tmp_path / "run" / "results.json").read_text())["export"]["calibration"]
     assert (cal["source"], cal["count"], cal["length"], cal["seed"]) == ("train_shuffled", 4, 16, 0)
     assert (cal["rank"], cal["world_size"], cal["files"]) == (0, 1, 1)
-    assert (cal["hessian_norm"], cal["hessian_divisor"]) == ("batches", 2)
+    assert (cal["hessian_norm"], cal["hessian_divisor"], cal["hessian_forward"]) == ("batches", 2, "bf16")
+    assert "(batches) forward:bf16 gptq_device:cpu" in capsys.readouterr().out  # the export log's line
 
 
 def test_a_train_shuffled_calibration_that_cannot_work_stops_before_training(tmp_path, synth_dir):

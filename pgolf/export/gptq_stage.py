@@ -54,11 +54,12 @@ def calibration_hessians(gpt: GPT, cfg: ExportConfig, ctx: ExportContext) -> tup
             output_head=needs_output_hessian(gpt, rules_from_config(cfg.rules)),
             norm=cfg.gptq.hessian_norm,
             out_device="cpu" if cfg.gptq.device == "cpu" else None,
+            forward=cfg.gptq.hessian_forward,
         )
     log0(
         f"gptq:hessians layers:{hinfo['layers']} tokens:{hinfo['tokens']} batches:{hinfo['batches']} "
-        f"divided_by:{hinfo['divided_by']} ({hinfo['norm']}) gptq_device:{cfg.gptq.device} "
-        f"time:{hinfo['seconds']:.1f}s"
+        f"divided_by:{hinfo['divided_by']} ({hinfo['norm']}) forward:{hinfo['forward']} "
+        f"gptq_device:{cfg.gptq.device} time:{hinfo['seconds']:.1f}s"
     )
     used = info["seconds"] + hinfo["seconds"]
     start, end, kind = clock_span(start, used, ctx)
@@ -71,6 +72,7 @@ def calibration_hessians(gpt: GPT, cfg: ExportConfig, ctx: ExportContext) -> tup
         "hessian_seconds": hinfo["seconds"],
         "hessian_layers": hinfo["layers"],
         "hessian_norm": hinfo["norm"],
+        "hessian_forward": hinfo["forward"],
         "hessian_divisor": hinfo["divided_by"],
         **stamps,
         **comp,

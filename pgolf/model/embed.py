@@ -69,8 +69,8 @@ class BigramHash(nn.Module):
             h[:, 0] = self.B - 1  # reserved bucket for the first position of every sequence/window
         return h.long()
 
-    def forward(self, idx, before=None):
-        e = lookup(self.embed, self.indices(idx, before))
+    def forward(self, idx, before=None, dtype=torch.float32):  # dtype: the rows' outside autocast (`lookup`)
+        e = lookup(self.embed, self.indices(idx, before), dtype)
         if self.proj is not None:
             e = self.proj(e)
         return e * self.scale.to(e.dtype) if self.scale is not None else e
@@ -90,5 +90,5 @@ class ValueEmbedding(nn.Module):
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, idx):  # [B,T] -> [B,T,kv_dim]
-        e = self.proj(lookup(self.embed, idx))
+        e = self.proj(lookup(self.embed, idx, self.proj.weight.dtype))
         return e * self.scale.to(e.dtype)

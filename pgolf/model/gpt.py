@@ -159,9 +159,10 @@ class GPT(nn.Module):
         """The blocks' input x0 [B,T,d]: token embedding (+ BigramHash), RMS-normed, with SmearGate before the
         norm (v5, gated) or after it (record)."""
         before_tok = cache.last_token if cache is not None and cache.pos > 0 else None
-        x = lookup(self.tok_emb, idx)
+        dtype = self.blocks[0].attn_scale.dtype  # the tables' rows outside autocast: the blocks' dtype (`lookup`)
+        x = lookup(self.tok_emb, idx, dtype)
         if self.bigram is not None:
-            x = x + self.bigram(idx, before_tok)
+            x = x + self.bigram(idx, before_tok, dtype)
         if self.smear is not None and self.smear.form in ("v5", "gated"):
             return rms_norm(self._smear(x, idx, cache))
         x = rms_norm(x)

@@ -17,12 +17,14 @@ from pgolf.model.doc_attention import DocumentMask
 from pgolf.quant.numerics import fake_quant_rows
 
 
-def lookup(table: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+def lookup(table: nn.Embedding, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """table(idx) [*idx.shape, dim]: a bf16 table's rows stay bf16 under autocast (the records' lookups) and
-    are read in fp32 outside it, so a CPU fp32 run computes in fp32 (`GPTConfig.embed_dtype`)."""
+    are read at `dtype` outside it: the dtype of the model's other parameters, fp32 in a CPU fp32 run
+    (`GPTConfig.embed_dtype`), bf16 in a bf16 copy of the model (PR #1611's calibration forward,
+    `collect_hessians(forward="bf16")`)."""
     e = table(idx)
     if e.dtype == torch.bfloat16 and not torch.is_autocast_enabled(e.device.type):
-        e = e.float()
+        e = e.to(dtype)
     return e
 
 

@@ -25,6 +25,7 @@ the final-normed hidden state `forward_hidden` returns: for a tied model that is
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -34,6 +35,7 @@ from torch import nn
 from pgolf.optional import register
 from pgolf.quant.numerics import GPTQ_LITE_CLIPS, code_bounds, fp16_scale_rows, round_codes, sdclip_scale_rows
 from pgolf.quant.rules import QuantRule, pick_rule
+from pgolf.quant.settings import HESSIAN_FORWARDS
 
 
 def candidate_scales(w: torch.Tensor, bits: int, clips: Sequence[float], floor: bool = True) -> torch.Tensor:
@@ -268,6 +270,7 @@ def collect_hessians(
     output_head: bool = False,
     norm: str = "sequences",
     out_device: torch.device | str | None = None,
+    forward: str = "autocast",
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """`Σ XᵀX` (fp32) of the input of every quantized linear over `sequences` [N, T] (token ids), fed `batch`
     rows per forward; moved to `out_device` (None: stays on `device`), then divided by `norm`: `sequences`
@@ -275,11 +278,18 @@ def collect_hessians(
     GPTQ_CALIBRATION_BATCHES after `.cpu()`); plus `damp·mean(diag)·I` (the PR #1019 record adds 0.01 here).
     With `output_head`, also the output projection's (`output_head_name`: `tok_emb.weight` when tied), whose
     input X is the final-normed hidden state [B·T, d] that `forward_hidden` returns (PR #1611's hook on
-    `final_norm`). Returns ({weight name: H [in, in] on `out_device` or the forward's device}, info); raises
-    ValueError with no sequences or an unknown `norm`."""
+    `final_norm`). `forward`: `autocast` runs the model as it is, under `autocast_dtype` when given (PR #1019's
+    calibration under bf16 autocast); `bf16` runs a bf16 copy of it without autocast (`model` is left as it
+    is), so every activation, and so every X, is bf16 as in PR #1611, whose calibration forward runs its bf16
+    model with autocast off. Returns ({weight name: H [in, in] on `out_device` or the forward's device},
+    info); raises ValueError with no sequences or an unknown `norm` or `forward`."""
     if norm not in ("sequences", "batches"):
         raise ValueError(f"collect_hessians: norm {norm!r} is not sequences or batches")
+    if forward not in HESSIAN_FORWARDS:
+        raise ValueError(f"collect_hessians: forward {forward!r} not in {HESSIAN_FORWARDS}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if forward == "bf16":
+        model, autocast_dtype = copy.deepcopy(model).to(torch.bfloat16), None
     targets = linear_names(model)
     H = {
         name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=device)
@@ -316,6 +326,7 @@ def collect_hessians(
         "batches": n_batch,
         "tokens": n_tok,
         "norm": norm,
+        "forward": forward,
         "divided_by": n,
         "seconds": round(time.perf_counter() - t0, 3),
     }

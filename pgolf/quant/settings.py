@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 HESSIAN_NORMS = ("sequences", "batches")
+HESSIAN_FORWARDS = ("autocast", "bf16")
 GPTQ_DEVICES = ("cpu", "model")
 
 
@@ -17,10 +18,14 @@ class GPTQSettings:
     """The export config's `gptq` section (docs/techniques.md#full-gptq): the column loop's block size and
     damping, act-order, the damping added to each Hessian when it is collected (the reference damps there
     too, so twice in all), how many calibration sequences go through the model per forward (`batch`), what
-    `Σ XᵀX` is divided by (`hessian_norm`) and where GPTQ runs (`device`).
+    `Σ XᵀX` is divided by (`hessian_norm`), in what precision the calibration forward runs (`hessian_forward`)
+    and where GPTQ runs (`device`).
 
     hessian_norm: `sequences` (PR #1019: the number of calibration sequences) or `batches` (PR #1611: the
     number of forward batches of `batch` sequences, GPTQ_CALIBRATION_BATCHES=16 of 48).
+    hessian_forward: `autocast` (the run's precision: bf16 autocast on a GPU, fp32 on a CPU; PR #1019
+    calibrates under `torch.autocast`) or `bf16` (a bf16 copy of the model without autocast, so every linear's
+    input X is bf16: PR #1611's `collect_hessians` runs its bf16 model with autocast off).
     device: `cpu` moves the Hessians to the CPU once collected (before they are divided) and runs GPTQ there
     (Cholesky, column loop, error propagation, in fp32); `model` leaves them, and GPTQ, on the model's device
     (the GPU at a training-end export: faster, but not the records' arithmetic). cpu is the default because
@@ -34,6 +39,7 @@ class GPTQSettings:
     hessian_damp: float = 0.01
     batch: int = 8
     hessian_norm: str = "sequences"
+    hessian_forward: str = "autocast"
     device: str = "cpu"
 
     def __post_init__(self):
@@ -43,6 +49,8 @@ class GPTQSettings:
             raise ValueError("gptq.damp and gptq.hessian_damp must be >= 0")
         if self.hessian_norm not in HESSIAN_NORMS:
             raise ValueError(f"gptq.hessian_norm {self.hessian_norm!r} not in {HESSIAN_NORMS}")
+        if self.hessian_forward not in HESSIAN_FORWARDS:
+            raise ValueError(f"gptq.hessian_forward {self.hessian_forward!r} not in {HESSIAN_FORWARDS}")
         if self.device not in GPTQ_DEVICES:
             raise ValueError(f"gptq.device {self.device!r} not in {GPTQ_DEVICES}")
 
