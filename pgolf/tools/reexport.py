@@ -2,16 +2,19 @@
 
 The export callback saves the final float weights (after any weight averaging) beside the artifact
 (`final_model.float.ptz`: the artifact container, every tensor raw, with the model config, tokenizer
-identity and training record). This command loads them (or a Lightning `.ckpt`, weights_only), quantizes
+identity and training record). This command loads them (or a Lightning `.ckpt`, or a record's own
+`final_model.pt` with `model=NAME`, both weights_only), quantizes
 them with the chosen `conf/export/<NAME>.yaml` plus overrides, writes the artifact, and prints the size
 lines, the size under other codecs, the pre-quantization and round-trip val_bpb and the gap, so several
 quantizers can be compared on the same weights:
 
     python -m pgolf.tools.reexport outputs/x/y/final_model.float.ptz --export int6_lite_lzma
     python -m pgolf.tools.reexport W --export int6_gptq_lzma export.calibration.count=16 eval.max_tokens=65536
+    python -m pgolf.tools.reexport final_model.pt model=record_1611 data=fineweb_sp8192_caseops \
+        --export sdclip_gptq_record_1611_pergroup export.calibration.world_size=8 eval.seq_len=2048
 
-Arguments after WEIGHTS are Hydra overrides of `conf/reexport.yaml` (export=..., data=..., export.*,
-eval.*, out_dir=...). Nothing existing is overwritten unless `overwrite=true`.
+Arguments after WEIGHTS are Hydra overrides of `conf/reexport.yaml` (export=..., data=..., model=...,
+export.*, eval.*, out_dir=...). Nothing existing is overwritten unless `overwrite=true`.
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ def reexport(cfg: DictConfig) -> dict:
     for p in (art, res_path) if not cfg.overwrite else ():
         if p.exists():
             raise FileExistsError(f"{p} exists; choose another out_dir= or export.label=, or pass overwrite=true")
-    state, meta = load_weights(weights)  # checked before any tensor is allocated
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None
+    state, meta = load_weights(weights, model_cfg)  # checked before any tensor is allocated
     data = OmegaConf.to_container(cfg.data, resolve=True)
     check_data_tokenizer(weights, meta, data)  # before the data is prepared or the model built
     run_seq = (meta.get("final_eval") or {}).get("seq_len") or meta.get("train", {}).get("seq_len")  # as eval.py
@@ -317,7 +321,10 @@ def roundtrip_and_gap(report: ExportReport, tokens: torch.Tensor, eval_ctx: Eval
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pgolf.tools.reexport", description=__doc__.split("\n\n")[0])
-    ap.add_argument("weights", help="final_model.float.ptz saved by training, or a Lightning .ckpt")
+    ap.add_argument(
+        "weights",
+        help="final_model.float.ptz saved by training, a Lightning .ckpt, or a record's final_model.pt with model=NAME",
+    )
     ap.add_argument("--export", help="an export config of conf/export (same as export=NAME)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of conf/reexport.yaml")
     a = ap.parse_intermixed_args(argv)
