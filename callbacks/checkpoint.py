@@ -12,7 +12,10 @@ clock has checked the step's loss, so a non-finite step is never saved) and keep
 SIGTERM (preemption) it saves at the next step boundary — the decision is reduced across ranks, so all
 stop on the same step — marks the run preempted (the export is skipped) and stops training cleanly. One
 that arrives after the last step boundary's check saves `last.ckpt` at the end of training and stops the
-run as below. One during the compile warm-up (callbacks/warmup.py, which installs the handler first) stops
+run as below. With `on_sigterm: false` nothing is saved: the run stops at that step boundary with
+`Terminated`. Its handler replaces Lightning's in either case: Lightning 2.6's broadcasts from inside the
+signal handler (Lightning PR #20825), a collective out of order with the step's own, so a DDP run under
+torchrun hung until torchrun killed it (measured: 30 s, two CPU ranks). One during the compile warm-up (callbacks/warmup.py, which installs the handler first) stops
 the run at the next warm-up step boundary with `Terminated`: nothing has trained, the same command starts again.
 
 From the end of training on (export, round trip, final evaluations: minutes of work that no checkpoint can
@@ -102,11 +105,11 @@ class Checkpointing(L.Callback):
         self.arm()
 
     def arm(self) -> None:
-        """Install the SIGTERM flag handler (with on_sigterm) over Lightning's own (which would raise
-        mid-accumulation, and ends a run with status 0): the compile warm-up calls it first, as it runs
-        before this callback's `on_train_start` (Lightning installs its handler just before that hook)."""
-        if self.on_sigterm:
-            install_sigterm(self._handle)
+        """Install the SIGTERM flag handler over Lightning's own (which broadcasts from inside the handler,
+        raises mid-accumulation and ends a run with status 0), with or without on_sigterm: the compile warm-up
+        calls it first, as it runs before this callback's `on_train_start` (Lightning installs its handler just
+        before that hook)."""
+        install_sigterm(self._handle)
 
     def _handle(self, signum, frame) -> None:
         self._sigterm = True
@@ -119,10 +122,10 @@ class Checkpointing(L.Callback):
     def on_train_end(self, trainer, pl_module):
         set_phase("the end of training")
         self._launcher = trainer.strategy.launcher
-        # A SIGTERM after the last step boundary's check (ours with on_sigterm, else Lightning's flag).
-        late = trainer.received_sigterm
-        if self.on_sigterm and not pl_module.state.preempted:
-            late = trainer.strategy.reduce_boolean_decision(self._sigterm, all=False)
+        # A SIGTERM after the last step boundary's check (ours, or Lightning's flag before ours was installed).
+        late = False
+        if not pl_module.state.preempted:
+            late = self.sigterm(trainer)
         install_sigterm(self._terminate)
         if late and not pl_module.state.preempted:
             if self.on_sigterm:
@@ -150,7 +153,9 @@ class Checkpointing(L.Callback):
         if step == self._last_step:  # inside gradient accumulation
             return
         self._last_step = step
-        if self.on_sigterm and self.sigterm(trainer):
+        if self.sigterm(trainer):
+            if not self.on_sigterm:
+                raise Terminated(f"training, after step {step} (callbacks.checkpoint.on_sigterm=false: no checkpoint)")
             self.preempt(trainer, pl_module, step)
         elif self.every > 0 and step % self.every == 0:
             self.save(trainer, f"step{step:06d}.ckpt")

@@ -357,6 +357,41 @@ def test_a_resume_that_adds_an_average_the_checkpoint_lacks_is_refused(tmp_path,
     assert not list(Path("b").glob("*.ptz"))
 
 
+def test_without_on_sigterm_a_sigterm_stops_training_at_the_step_boundary_with_status_143(
+    tmp_path, synth_dir, monkeypatch, one_thread
+):
+    """callbacks.checkpoint.on_sigterm=false: a real SIGTERM during training stops the run at the next step
+    boundary (the decision reduced across ranks, as with a preemption), saves nothing and ends with status 143
+    and one line. Lightning's own handler stayed in place before: it broadcasts from inside the signal handler,
+    which hung a two-rank DDP run under torchrun until torchrun killed it; ours replaces it."""
+    import callbacks.wallclock
+
+    handlers = []
+
+    def log_then_sigterm(msg, *args, **kwargs):
+        log0(msg, *args, **kwargs)
+        if msg.startswith("step:2/"):
+            handlers.append(signal.getsignal(signal.SIGTERM))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(callbacks.wallclock, "log0", log_then_sigterm)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    before = signal.getsignal(signal.SIGTERM)
+    over = ["callbacks.checkpoint.on_sigterm=false", "train.iterations=50", "train.val_every=0"]
+    with pytest.raises(Terminated) as e:
+        fit(compose_cfg([*TINY, f"data.root={synth_dir.parent}", *over]), Path("run"))
+    assert e.value.code == 143 and signal.getsignal(signal.SIGTERM) is before
+    assert isinstance(getattr(handlers[0], "__self__", None), Checkpointing)  # not Lightning's
+    lines = (Path("run") / "train.log").read_text().splitlines()
+    assert [x.split(" ")[0] for x in lines if x.startswith("step:")] == ["step:1/50", "step:2/50"]
+    assert lines[-1] == (
+        "terminated: SIGTERM during training, after step 2 (callbacks.checkpoint.on_sigterm=false: no checkpoint); "
+        "stopping with exit status 143. No artifact was written. No results.json."
+    )
+    assert not (Path("run") / "checkpoints").exists() and not list(Path("run").glob("*.ptz"))
+
+
 def test_a_sigterm_during_the_compile_warm_up_stops_the_run_with_status_143(
     tmp_path, synth_dir, monkeypatch, one_thread
 ):
