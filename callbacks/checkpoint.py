@@ -15,8 +15,9 @@ that arrives after the last step boundary's check saves `last.ckpt` at the end o
 run as below. With `on_sigterm: false` nothing is saved: the run stops at that step boundary with
 `Terminated`. Its handler replaces Lightning's in either case: Lightning 2.6's broadcasts from inside the
 signal handler (Lightning PR #20825), a collective out of order with the step's own, so a DDP run under
-torchrun hung until torchrun killed it (measured: 30 s, two CPU ranks). One during the compile warm-up (callbacks/warmup.py, which installs the handler first) stops
-the run at the next warm-up step boundary with `Terminated`: nothing has trained, the same command starts again.
+torchrun hung until torchrun killed it (measured: 30 s, two CPU ranks). One during the compile warm-up
+(callbacks/warmup.py, which installs the handler first) stops the run at the next warm-up step boundary with
+`Terminated`: nothing has trained, the same command starts again.
 
 From the end of training on (export, round trip, final evaluations: minutes of work that no checkpoint can
 resume), SIGTERM stops the run at once, with or without `on_sigterm`: the handler raises `Terminated` (a
