@@ -193,6 +193,41 @@ def test_inspect_shows_identity_provenance_calibration_and_codecs(tmp_path, mode
     assert f"margin {16_000_000 - size - 1000}" in out
 
 
+def test_inspect_against_counts_what_differs_between_two_artifacts(tmp_path, model_entries, capsys):
+    """B is A with 5 codes of the int8 matrix moved by 1 and 2 (one of them twice), one of its scales and one
+    fp16 value changed: the comparison counts exactly those, and the de-quantized difference of the rest is 0."""
+    import copy
+
+    from pgolf.tools.inspect import diff
+
+    entries, model = model_entries
+    meta = {"model": model, "tokenizer": TOKENIZER, "code_bytes": 1000}
+    write_artifact(tmp_path / "a.ptz", entries, meta, "zstd")
+    b = copy.deepcopy(entries)
+    fc = b["blocks.0.mlp.fc.weight"]
+    q = fc.q.view(-1)
+    for i, step in ((0, 1), (7, -1), (100, 2), (4000, 1), (4001, -2)):
+        q[i] = q[i] + step if abs(int(q[i]) + step) <= 127 else q[i] - step
+    fc.scale[3] = fc.scale[3] * 2
+    b["blocks.0.attn_scale"].data[5] += 1.0
+    write_artifact(tmp_path / "b.ptz", b, meta, "zstd")
+    out = diff(tmp_path / "a.ptz", tmp_path / "b.ptz")
+    n = fc.q.numel()
+    row = next(x for x in out.splitlines() if x.startswith("blocks.0.mlp.fc.weight"))
+    assert f"5 ({100 * 5 / n:.2f}%)" in row and "int8/int8" in row and row.split()[4] == "2" and row.split()[5] == "1"
+    assert f"codes: 5 of {sum(e.q.numel() for e in entries.values() if e.kind == 'int')} differ" in out
+    assert "float tensors that differ: 1;" in out and "LQER: none" in out
+    same = next(x for x in out.splitlines() if x.startswith("blocks.0.attn.c_q.weight"))
+    assert same.split()[-1] == "0.00e+00"
+    assert main([str(tmp_path / "a.ptz"), "--against", str(tmp_path / "a.ptz")]) == 0
+    assert "codes: 0 of" in capsys.readouterr().out
+    cfg = GPTConfig(vocab_size=128, num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2)  # another model
+    other = quantize_state(GPT(cfg).state_dict(), rules_from_config(BASELINE_RULES))
+    write_artifact(tmp_path / "c.ptz", other, {**meta, "model": cfg.to_dict()}, "zstd")
+    assert main([str(tmp_path / "a.ptz"), "--against", str(tmp_path / "c.ptz")]) == 2
+    assert "do not hold the same tensors (first difference: " in capsys.readouterr().err
+
+
 def test_inspect_cli_errors_cleanly(tmp_path):
     assert main([str(tmp_path / "missing.ptz")]) == 2
     (tmp_path / "junk.ptz").write_bytes(b"not an artifact at all, not even close to one")

@@ -124,6 +124,10 @@ def test_reexport_of_a_records_file_equals_the_same_weights_from_pgolf(tmp_path,
         if x.lqer is not None:
             assert all(same(getattr(x.lqer, f), getattr(y.lqer, f)) for f in ("qa", "sa", "qb", "sb")), k
     assert ea["tok_emb.weight"].bits == 7 and ea["blocks.0.mlp.fc.weight"].bits == 6
+    from pgolf.tools.inspect import diff
+
+    summary = diff(tmp_path / "rec" / name, tmp_path / "pgo" / name).splitlines()[-1]
+    assert summary.startswith("codes: 0 of ") and summary.count(": same") == 3  # the 3 LQER tensors, equal
     ra = json.loads((tmp_path / "rec" / "reexport_sdclip_gptq_record_1611.json").read_text())
     rb = json.loads((tmp_path / "pgo" / "reexport_sdclip_gptq_record_1611.json").read_text())
     assert ra["roundtrip"]["standard"]["val_bpb"] == rb["roundtrip"]["standard"]["val_bpb"]

@@ -1,11 +1,14 @@
-"""`python -m pgolf.tools.inspect PATH [--codecs]`: what an artifact holds.
+"""`python -m pgolf.tools.inspect PATH [--codecs] [--against OTHER]`: what an artifact holds.
 
 Prints the model config, tokenizer identity, provenance, calibration source and pruning record, a
 per-tensor table (shape, storage, bits, bytes before and after compression, share), the margin to
 16,000,000 bytes (code: the packed train_gpt.py recorded in the artifact, its length and sha256), and with
-`--codecs` the size of the same payload under every codec, so a user can pick one. The artifact is validated
-as eval.py validates it (pgolf/export/weights.py) before a tensor is read; a bad file is one line
-`error: ...` on stderr and exit status 2.
+`--codecs` the size of the same payload under every codec, so a user can pick one. `--against OTHER`
+compares the stored tensors of two artifacts of the same model instead (`diff`): per tensor the integer codes
+and scales that differ, the LQER factors and the de-quantized weights' relative difference, so two quantizers,
+calibrations or machines can be compared on the same weights. Artifacts are validated as eval.py validates
+them (pgolf/export/weights.py) before a tensor is read; a bad file is one line `error: ...` on stderr and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from pgolf.export.code import code_of, recorded_code_bytes
-from pgolf.export.weights import check_model_artifact
+from pgolf.export.weights import check_model_artifact, read_model_artifact
 from pgolf.quant.artifact import (
     ArtifactHeader,
     SizeReport,
@@ -27,7 +32,7 @@ from pgolf.quant.artifact import (
     pack,
     read_file,
 )
-from pgolf.quant.rules import QuantEntry
+from pgolf.quant.rules import QuantEntry, dequantize_entry
 
 
 # ---- inspect -------------------------------------------------------------------------------------
@@ -172,13 +177,82 @@ def inspect(path: str | Path, codecs: bool = False) -> str:
     return "\n".join(lines)
 
 
+# ---- two artifacts --------------------------------------------------------------------------------
+def _differ(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[int, float]:
+    """(elements that differ, max |a − b|) of two stored tensors of one shape (compared in float64)."""
+    if a is None or b is None:
+        return (0, 0.0) if a is None and b is None else (-1, float("nan"))
+    d = (a.double() - b.double()).abs()
+    return int((d > 0).sum()), float(d.max()) if d.numel() else 0.0
+
+
+def _lqer_state(a: QuantEntry, b: QuantEntry) -> str:
+    if a.lqer is None and b.lqer is None:
+        return "-"
+    if (a.lqer is None) != (b.lqer is None):
+        return "only A" if b.lqer is None else "only B"
+    fa, fb = a.lqer, b.lqer
+    if (fa.mode, fa.group) != (fb.mode, fb.group) or fa.qa.shape != fb.qa.shape or fa.qb.shape != fb.qb.shape:
+        return "other form"
+    n = sum(_differ(getattr(fa, f), getattr(fb, f))[0] for f in ("qa", "sa", "qb", "sb"))
+    return "same" if n == 0 else f"{n} differ"
+
+
+def diff(path_a: str | Path, path_b: str | Path) -> str:
+    """Tensor by tensor comparison of two artifacts of one model (both validated as eval.py validates them):
+    for an int tensor the codes that differ (count, share, max |Δq|), the scales that differ and the max
+    relative scale difference, the LQER factors (`same`, `N differ` counting factor and scale elements, `only
+    A`/`only B`); for every tensor the relative Frobenius difference of the de-quantized weights
+    ‖W_A − W_B‖/‖W_A‖; then a summary line. Raises ArtifactError for a bad file, ValueError when the artifacts
+    do not hold the same tensors with the same shapes."""
+    ea, eb = read_model_artifact(path_a)[1], read_model_artifact(path_b)[1]
+    if ea.keys() != eb.keys() or any(ea[k].shape != eb[k].shape for k in ea):
+        odd = sorted(ea.keys() ^ eb.keys()) or [k for k in ea if ea[k].shape != eb[k].shape]
+        raise ValueError(f"the artifacts do not hold the same tensors (first difference: {odd[0]})")
+    lines = [f"A: {Path(path_a).name}", f"B: {Path(path_b).name}"]
+    cols = ("store A/B", 11), ("codes differ", 16), ("max|dq|", 7), ("scales", 7), ("lqer", 10), ("rel dW", 9)
+    lines.append(f"{'tensor':44s} " + " ".join(f"{c:>{w}s}" for c, w in cols))
+    n_codes = n_diff = n_int = n_int_diff = n_float_diff = 0
+    lqer_rows: list[str] = []
+    for name in ea:
+        a, b = ea[name], eb[name]
+        store = f"{a.kind if a.kind != 'int' else f'int{a.bits}'}/{b.kind if b.kind != 'int' else f'int{b.bits}'}"
+        wa, wb = dequantize_entry(a).double(), dequantize_entry(b).double()
+        rel = float((wa - wb).norm() / wa.norm()) if wa.norm() > 0 else float((wa - wb).norm())
+        codes = scales = lq = "-"
+        dq = ""
+        if a.kind == "int" and b.kind == "int" and a.bits == b.bits:
+            nd, mx = _differ(a.q, b.q)
+            n_int += 1
+            n_codes += a.q.numel()
+            n_diff += nd
+            n_int_diff += nd > 0
+            codes, dq = f"{nd} ({100 * nd / max(a.q.numel(), 1):.2f}%)", f"{mx:g}"
+            scales = str(_differ(a.scale, b.scale)[0])
+            lq = _lqer_state(a, b)
+            if lq != "-":
+                lqer_rows.append(f"{name}: {lq}")
+        elif a.kind != "int" and b.kind != "int":
+            nd = _differ(a.data, b.data)[0]
+            n_float_diff += nd != 0
+            codes = f"{nd} values"
+        lines.append(f"{name:44s} {store:>11s} {codes:>16s} {dq:>7s} {scales:>7s} {lq:>10s} {rel:9.2e}")
+    share = 100 * n_diff / max(n_codes, 1)
+    lines.append(
+        f"codes: {n_diff} of {n_codes} differ ({share:.3f}%) in {n_int_diff} of {n_int} int tensors; "
+        f"float tensors that differ: {n_float_diff}; LQER: {'; '.join(lqer_rows) or 'none'}"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pgolf.tools.inspect", description=__doc__.splitlines()[0])
     ap.add_argument("path")
     ap.add_argument("--codecs", action="store_true", help="also the payload's size under zlib-9, zstd-22, lzma-9")
+    ap.add_argument("--against", metavar="OTHER", help="compare the stored tensors with another artifact's")
     a = ap.parse_args(argv)
     try:
-        print(inspect(a.path, codecs=a.codecs))
+        print(diff(a.path, a.against) if a.against else inspect(a.path, codecs=a.codecs))
     except (ValueError, OSError) as e:  # ArtifactError is a ValueError: one line, no traceback
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
