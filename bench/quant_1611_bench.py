@@ -55,6 +55,7 @@ from common import ROOT, figures_line, save_json
 
 from pgolf import ARTIFACT_LIMIT_BYTES
 from pgolf.data.tokenizer import TokenizerInfo
+from pgolf.eval.run import doc_max_seg_len
 from pgolf.export.config import ExportReport
 from pgolf.export.roundtrip import roundtrip_evaluate
 from pgolf.export.weights import load_weights
@@ -204,8 +205,9 @@ def verify_codec(args, weights: Path, data_dir: Path, result: dict, raw: bytes, 
     _, meta = load_weights(weights)
     data = dict(cfg.data)
     tok = TokenizerInfo.from_path(data["tokenizer_path"])
-    seq_len = int(meta["train"]["seq_len"])
-    tokens, ctx = rx.validation(cfg, data, tok, tok.vocab_size, seq_len, torch.device("cpu"))
+    seq_len, cut = rx.eval_lengths(cfg, meta, data, weights.name)  # the re-export's windows, documents too
+    doc = doc_max_seg_len(meta)
+    tokens, ctx = rx.validation(cfg, data, tok, tok.vocab_size, seq_len, torch.device("cpu"), doc, cut)
     rep = ExportReport(**{**result["export"], "path": str(path)})
     rt = roundtrip_evaluate(rep, tokens, ctx, {"standard": {}})
     bpb = rt["roundtrip"]["standard"]["val_bpb"]
@@ -352,7 +354,7 @@ def main() -> None:
     checks = {"codecs_decoded": len(decoded), "all_decoded_exact": all(decoded)}
     if args.verify_codec and args.verify_codec in args.codecs:
         v = verify_codec(args, weights, data_dir, result, raw, args.verify_codec)
-        checks |= {f"{v['codec']}_roundtrip_bpb": v["val_bpb"], "lzma_roundtrip_bpb": v["lzma_val_bpb"]}
+        checks |= {f"{v['codec']}_artifact_roundtrip_bpb": v["val_bpb"], "lzma_roundtrip_bpb": v["lzma_val_bpb"]}
         checks["same_roundtrip"] = v["equal"]
     print(figures_line(checks))
     total_s = round(time.perf_counter() - t_all, 1)

@@ -88,12 +88,7 @@ def reexport(cfg: DictConfig) -> dict:
     state, meta = load_weights(weights, model_cfg)  # checked before any tensor is allocated
     data = OmegaConf.to_container(cfg.data, resolve=True)
     check_data_tokenizer(weights, meta, data)  # before the data is prepared or the model built
-    run_seq = (meta.get("final_eval") or {}).get("seq_len") or meta.get("train", {}).get("seq_len")  # as eval.py
-    seq_len = int(cfg.eval.seq_len or run_seq or data.get("eval_seq_len") or 0)
-    if seq_len <= 0:
-        raise ValueError(f"{weights.name} records no training seq_len: set eval.seq_len=")
-    train_seq = meta.get("train", {}).get("seq_len") or 0
-    cut = run_val_seq_len(meta) or max(seq_len, int(train_seq))  # the targets the training run's round trip scored
+    seq_len, cut = eval_lengths(cfg, meta, data, weights.name)
     device = pick_device(cfg.device)
     model = model_from_weights(state, meta)
     ensure_dataset(data.get("prepare"), data.get("root"))
@@ -254,6 +249,19 @@ def export_context(
         device=device,
         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
     )
+
+
+def eval_lengths(cfg: DictConfig, meta: dict, data: dict, name: str) -> tuple[int, int]:
+    """(window length, cut) of the re-export's evaluation: `eval.seq_len`, else the run's final evaluation's or
+    training length (as eval.py), else the data's `eval_seq_len`; the validation split is cut to a multiple of
+    the length the training run's round trip cut it to, so the same targets are scored. Raises ValueError
+    when no length is known (`name`: the weights' file name)."""
+    run_seq = (meta.get("final_eval") or {}).get("seq_len") or meta.get("train", {}).get("seq_len")  # as eval.py
+    seq_len = int(cfg.eval.seq_len or run_seq or data.get("eval_seq_len") or 0)
+    if seq_len <= 0:
+        raise ValueError(f"{name} records no training seq_len: set eval.seq_len=")
+    train_seq = meta.get("train", {}).get("seq_len") or 0
+    return seq_len, run_val_seq_len(meta) or max(seq_len, int(train_seq))
 
 
 def validation(
