@@ -15,12 +15,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import pgolf.tools.reexport as rx
-from pgolf.export.weights import load_weights, save_float_weights
+from pgolf.export.weights import save_float_weights
 from pgolf.model.banks import to_record_1611
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import ArtifactError, read_artifact
 from pgolf.tools.pack import conf_dir
+from pgolf.tools.record_weights import load_input_weights as load_weights
 
 V = 256  # conf/data/synthetic.yaml's vocabulary
 

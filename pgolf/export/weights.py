@@ -110,75 +110,19 @@ def save_float_weights(path: str | Path, state: dict[str, torch.Tensor], meta: d
     return Path(path)
 
 
-def load_weights(path: str | Path, model: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, meta) from saved float weights, a Lightning `.ckpt` (`load_checkpoint`: its `gpt.<name>`
-    keys, the model config of its hyper-parameters; no tokenizer identity) or, with `model` (a model config),
-    a record's own `torch.save(model.state_dict())` file (`load_state_dict_file`). Each is checked as a model
-    artifact (bounded config, at most MAX_MODEL_PARAMS parameters, the tensor table against the config) before
-    any tensor is allocated; saved float weights are a file of at most MAX_FLOAT_FILE_BYTES. Raises
-    FileNotFoundError, or ArtifactError `<path>: <what>` (also for `model` given with weights that carry their
-    own config, or a bare state dict without it)."""
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, meta) from saved float weights or a Lightning `.ckpt` (`load_checkpoint`: its `gpt.<name>`
+    keys, the model config of its hyper-parameters; no tokenizer identity). Either is checked as a model
+    artifact (`check_model_artifact`: bounded config, at most MAX_MODEL_PARAMS parameters, the tensor table
+    against the config) before any tensor is allocated; saved float weights are a file of at most
+    MAX_FLOAT_FILE_BYTES. Raises FileNotFoundError, or ArtifactError `<path>: <what>`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's zip: a checkpoint or a bare state dict
-    if zipped and path.suffix != ".ckpt":
-        if model is None:
-            raise ArtifactError(
-                f"{path}: a torch.save file holds no model config: name the model it was trained with, "
-                "model=<conf/model name> (a record's final_model.pt: e.g. model=record_1611)"
-            )
-        return load_state_dict_file(path, model)
-    if model is not None:
-        raise ArtifactError(f"{path}: these weights carry their own model config; model= is for a bare state dict")
     if path.suffix == ".ckpt":
         return load_checkpoint(path)
     header, entries = load_artifact(path, check=_check_float_weights, max_file_bytes=MAX_FLOAT_FILE_BYTES)
     return {k: e.data for k, e in entries.items()}, header.meta
-
-
-def load_state_dict_file(path: str | Path, model: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """(pgolf's state dict, meta) of a record's own weights: the file its `torch.save(base_model.state_dict(),
-    "final_model.pt")` writes (every record from the baseline to PR #1611), for a model of config `model`.
-    Checked as a `.ckpt` is (the zip container first, then a weights-only read with the tensors mapped from
-    the file), then the structure (a dict of named tensors), and the names and shapes against `model` (floats
-    of any dtype are converted when loaded). PR #1611's banked layout (`qo_bank`, `kv_bank`, `mlp_up_bank`,
-    `mlp_down_bank`, its SmearGate names) is mapped to pgolf's names (pgolf/model/banks.py). meta: `model`
-    and `source: state_dict` (no tokenizer identity, seed or training record). Raises ArtifactError
-    `<path>: <what>`."""
-    from pgolf.model.banks import bank_layout, from_record_1611
-
-    path = Path(path)
-    try:
-        cfg = check_model_config(model, "model")
-        check_checkpoint_zip(path)
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as e:
-            lines = [ln for ln in str(e).splitlines()[1:] if ln.strip() and not ln.startswith("Check the doc")]
-            raise ArtifactError(
-                f"refused by weights-only loading: {(lines or ['unpickling failed'])[0][:300]}"
-            ) from None
-        except Exception as e:
-            raise ArtifactError(f"not a loadable state dict ({type(e).__name__}: {_first_line(e)})") from None
-        if not isinstance(sd, dict) or not sd:
-            raise ArtifactError(f"not a state dict: it holds {type(sd).__name__ if sd is not None else 'None'}")
-        bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-        if bad:
-            raise ArtifactError(f"not a state dict: entry {str(bad[0])[:80]!r} is not a named tensor")
-        if "qo_bank" in sd:  # PR #1611 (PR #1530's parameter banks)
-            try:
-                sd = from_record_1611(sd, cfg.num_layers)
-            except ValueError as e:
-                raise ArtifactError(f"PR #1611 layout: {e}") from None
-        elif any(k in sd for k in bank_layout(1)):
-            raise ArtifactError(f"PR #1611 layout: no qo_bank beside {[k for k in bank_layout(1) if k in sd]}")
-        shapes = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sd.items()}
-        check_model_state(cfg, shapes, what="model", dtype_key="dtype", cast_floats=True)
-    except ArtifactError as e:
-        raise ArtifactError(f"{path}: {e}") from None
-    return sd, {"model": dict(model), "source": "state_dict"}
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -47,13 +47,14 @@ from pgolf.export.config import ExportConfig, ExportContext, ExportReport
 from pgolf.export.provenance import provenance
 from pgolf.export.roundtrip import roundtrip_evaluate
 from pgolf.export.stages import export_model
-from pgolf.export.weights import load_weights, model_from_weights
+from pgolf.export.weights import model_from_weights
 from pgolf.io import atomic_write_bytes
 from pgolf.model.config import GPTConfig
 from pgolf.runlog import log0, set_log_file
 from pgolf.tools.datasets import ensure_dataset
 from pgolf.tools.pack import SCRIPT, compose_conf, pack, unpack
 from pgolf.tools.packsource import PackError
+from pgolf.tools.record_weights import load_input_weights
 
 
 def compose_config(weights: str, overrides: list[str]) -> DictConfig:
@@ -85,7 +86,7 @@ def reexport(cfg: DictConfig) -> dict:
         if p.exists():
             raise FileExistsError(f"{p} exists; choose another out_dir= or export.label=, or pass overwrite=true")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None
-    state, meta = load_weights(weights, model_cfg)  # checked before any tensor is allocated
+    state, meta = load_input_weights(weights, model_cfg)  # checked before any tensor is allocated
     data = OmegaConf.to_container(cfg.data, resolve=True)
     check_data_tokenizer(weights, meta, data)  # before the data is prepared or the model built
     seq_len, cut = eval_lengths(cfg, meta, data, weights.name)

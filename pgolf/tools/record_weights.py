@@ -1,0 +1,84 @@
+"""A record's own weights as re-export input: the file a record's `torch.save(base_model.state_dict(),
+"final_model.pt")` writes (every record from the baseline to PR #1611), read for `python -m
+pgolf.tools.reexport final_model.pt model=NAME`, so pgolf's quantizer can be compared with the record's on
+the record's weights. PR #1611's banked layout is mapped to pgolf's names (pgolf/model/banks.py).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from pgolf.export.weights import (
+    check_checkpoint_zip,
+    check_model_config,
+    check_model_state,
+    load_weights,
+)
+from pgolf.model.banks import bank_layout, from_record_1611
+from pgolf.quant.artifact import ArtifactError
+
+
+def load_input_weights(path: str | Path, model: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, meta) of re-export input: saved float weights or a Lightning `.ckpt` (`load_weights`,
+    which carry their own model config), or, with `model` (a model config), a record's bare state dict
+    (`load_state_dict_file`). Raises FileNotFoundError, or ArtifactError `<path>: <what>`: also for `model`
+    given with weights that carry their own config, or a bare torch.save file without it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's zip: a checkpoint or a bare state dict
+    if zipped and path.suffix != ".ckpt":
+        if model is None:
+            raise ArtifactError(
+                f"{path}: a torch.save file holds no model config: name the model it was trained with, "
+                "model=<conf/model name> (a record's final_model.pt: e.g. model=record_1611)"
+            )
+        return load_state_dict_file(path, model)
+    if model is not None:
+        raise ArtifactError(f"{path}: these weights carry their own model config; model= is for a bare state dict")
+    return load_weights(path)
+
+
+def load_state_dict_file(path: str | Path, model: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """(pgolf's state dict, meta) of a record's `final_model.pt` for a model of config `model`. Checked as a
+    `.ckpt` is (pgolf/export/weights.py: the zip container first, then a weights-only read with the tensors
+    mapped from the file), then the structure (a dict of named tensors), and the names and shapes against
+    `model` (floats of any dtype: loading converts them). PR #1611's banks (`qo_bank`, `kv_bank`,
+    `mlp_up_bank`, `mlp_down_bank`) and SmearGate names become pgolf's per-layer names. meta: `model` and
+    `source: state_dict` (no tokenizer identity, seed or training record). Raises ArtifactError
+    `<path>: <what>`."""
+    path = Path(path)
+    try:
+        cfg = check_model_config(model, "model")
+        check_checkpoint_zip(path)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:  # weights_only refused a global: say which, without torch's advice
+            lines = [ln for ln in str(e).splitlines()[1:] if ln.strip() and not ln.startswith("Check the doc")]
+            raise ArtifactError(
+                f"refused by weights-only loading: {(lines or ['unpickling failed'])[0][:300]}"
+            ) from None
+        except Exception as e:  # a corrupt record, a tensor view outside its storage, ...
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ArtifactError(f"not a loadable state dict ({type(e).__name__}: {first})") from None
+        if not isinstance(sd, dict) or not sd:
+            raise ArtifactError(f"not a state dict: it holds {type(sd).__name__ if sd is not None else 'None'}")
+        bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ArtifactError(f"not a state dict: entry {str(bad[0])[:80]!r} is not a named tensor")
+        if "qo_bank" in sd:  # PR #1611 (PR #1530's parameter banks)
+            try:
+                sd = from_record_1611(sd, cfg.num_layers)
+            except ValueError as e:
+                raise ArtifactError(f"PR #1611 layout: {e}") from None
+        elif any(k in sd for k in bank_layout(1)):
+            raise ArtifactError(f"PR #1611 layout: no qo_bank beside {[k for k in bank_layout(1) if k in sd]}")
+        shapes = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sd.items()}
+        check_model_state(cfg, shapes, what="model", dtype_key="dtype", cast_floats=True)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    return sd, {"model": dict(model), "source": "state_dict"}
