@@ -88,11 +88,12 @@ def test_tampered_or_truncated_artifacts_are_rejected(tmp_path, entries):
 
 def _forge(raw: bytes, declared_len: int, codec="zlib") -> bytes:
     """A well-formed file (valid checksum) whose declared length lies about the payload."""
-    from pgolf.quant.artifact import CODECS, MAGIC, VERSION, _digest
+    from pgolf.quant.artifact import CODECS, MAGIC, VERSION_SINGLE, _digest
 
     payload = compress(raw, codec)
     cid = CODECS[codec]
-    return PREFIX.pack(MAGIC, VERSION, cid, 9, declared_len, _digest(VERSION, cid, 9, declared_len, payload)) + payload
+    digest = _digest(VERSION_SINGLE, cid, 9, declared_len, payload)
+    return PREFIX.pack(MAGIC, VERSION_SINGLE, cid, 9, declared_len, digest) + payload
 
 
 def test_decompression_bomb_and_oversized_header(entries):
@@ -133,6 +134,35 @@ def test_code_files_cover_the_package():
     names = {p.name for p in code_files()}
     assert {"train.py", "eval.py", "gpt.py", "artifact.py", "wallclock.py"} <= names
     assert not {"compare.py", "submission.py", "prepare.py", "fineweb.py"} & names  # tooling is not counted
+
+
+@pytest.mark.parametrize("codec", ["zlib", "zstd", "lzma", "brotli"])
+def test_the_tensor_bytes_compress_the_same_whatever_the_metadata(model_entries, codec):
+    """Version 2 compresses the header and the tensor bytes as two streams: two artifacts of the same tensors
+    whose metadata differ (a date) hold the same compressed tensor stream, byte for byte, so their sizes differ
+    only by the header's. In one stream, one bit of the date moved lzma-9's size of a 36 MB record_1611 payload
+    by 206 KB."""
+    import struct as st
+
+    from pgolf.quant.artifact import PREFIX as P
+    from pgolf.quant.artifact import VERSION
+
+    entries, model = model_entries
+    files = [
+        encode_artifact(pack(entries, {"model": model, "tokenizer": TOKENIZER, "date": d}), codec, 1)
+        for d in ("2026-12-02T15:21:40", "2026-12-02T15:31:40", "2026-12-02T15:31:40 and some more")
+    ]
+    streams = []
+    for f in files:
+        assert P.unpack_from(f)[1] == VERSION == 2
+        (n,) = st.unpack_from("<I", f, P.size)
+        streams.append(f[P.size + 4 + n :])
+    assert streams[0] == streams[1] == streams[2] and len(streams[0]) > 1000
+    assert abs(len(files[0]) - len(files[1])) <= 2
+    want = dequantize_state(entries)
+    for f in files:
+        got = dequantize_state(unpack(decode_artifact(f)[0])[0])
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_inspect_prints_tensors_and_margin(tmp_path, model_entries):

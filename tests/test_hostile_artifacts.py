@@ -45,6 +45,7 @@ from pgolf.quant.artifact import (
     MAX_FILE_BYTES,
     PREFIX,
     VERSION,
+    VERSION_SINGLE,
     ArtifactError,
     _digest,
     compress,
@@ -91,8 +92,8 @@ def forge_file(payload_raw: bytes, declared_len: int, codec: str = "zlib") -> by
     """A checksummed file whose prefix declares `declared_len` payload bytes (true or not)."""
     payload = compress(payload_raw, codec, 1)
     cid = CODECS[codec]
-    digest = _digest(VERSION, cid, 1, declared_len, payload)
-    return PREFIX.pack(MAGIC, VERSION, cid, 1, declared_len, digest) + payload
+    digest = _digest(VERSION_SINGLE, cid, 1, declared_len, payload)
+    return PREFIX.pack(MAGIC, VERSION_SINGLE, cid, 1, declared_len, digest) + payload
 
 
 def write(tmp_path, data: bytes, name: str = "a.ptz"):
@@ -481,7 +482,8 @@ def test_declared_lengths_bound_the_stream_for_every_codec(tmp_path, raw, codec)
         read_artifact(write(tmp_path, forge_file(raw + b"\0" * 4096, len(raw), codec)))
     payload = compress(raw, codec, 1)[:-40]  # truncated, re-checksummed
     cid = CODECS[codec]
-    data = PREFIX.pack(MAGIC, VERSION, cid, 1, len(raw), _digest(VERSION, cid, 1, len(raw), payload)) + payload
+    digest = _digest(VERSION_SINGLE, cid, 1, len(raw), payload)
+    data = PREFIX.pack(MAGIC, VERSION_SINGLE, cid, 1, len(raw), digest) + payload
     with pytest.raises(ArtifactError, match="fewer bytes than the declared|corrupt"):
         read_artifact(write(tmp_path, data))
     with pytest.raises(ArtifactError, match="fewer bytes than the declared"):  # a stream that ends early
@@ -491,7 +493,8 @@ def test_declared_lengths_bound_the_stream_for_every_codec(tmp_path, raw, codec)
 def test_a_codec_level_out_of_range_is_refused(tmp_path, raw):
     payload = compress(raw, "lzma", 1)
     cid = CODECS["lzma"]
-    data = PREFIX.pack(MAGIC, VERSION, cid, 200, len(raw), _digest(VERSION, cid, 200, len(raw), payload)) + payload
+    digest = _digest(VERSION_SINGLE, cid, 200, len(raw), payload)
+    data = PREFIX.pack(MAGIC, VERSION_SINGLE, cid, 200, len(raw), digest) + payload
     with pytest.raises(ArtifactError, match=r"codec level 200 is out of range for lzma \(0\.\.9\)"):
         read_artifact(write(tmp_path, data))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import lzma
 import shutil
+import struct
 import zlib
 
 import pytest
@@ -23,6 +24,7 @@ from pgolf.quant.artifact import (
     MAGIC,
     PREFIX,
     VERSION,
+    VERSION_SINGLE,
     ArtifactError,
     _digest,
     compress,
@@ -49,10 +51,11 @@ def raw() -> bytes:
     return pack(quantize_state(GPT(CFG).state_dict(), rules_from_config(RULES)), META)
 
 
-def framed(codec: str, raw_len: int, payload: bytes, level: int = 1) -> bytes:
-    """An artifact file around `payload` whose prefix and checksum are consistent with it."""
+def framed(codec: str, raw_len: int, payload: bytes, level: int = 1, version: int = VERSION_SINGLE) -> bytes:
+    """An artifact file around `payload` whose prefix and checksum are consistent with it (version 1: one
+    stream; 2: `payload` is u32 n + two streams)."""
     cid = CODECS[codec]
-    return PREFIX.pack(MAGIC, VERSION, cid, level, raw_len, _digest(VERSION, cid, level, raw_len, payload)) + payload
+    return PREFIX.pack(MAGIC, version, cid, level, raw_len, _digest(version, cid, level, raw_len, payload)) + payload
 
 
 def write(tmp_path, data: bytes):
@@ -82,6 +85,40 @@ def refused(tmp_path, data: bytes, message: str, capsys=None) -> None:
 def test_bytes_after_the_stream_are_refused_naming_the_count(tmp_path, raw, codec, n):
     data = framed(codec, len(raw), compress(raw, codec, 1) + b"JUNK" * (n // 4) + b"J" * (n % 4))
     refused(tmp_path, data, rf"^(.*a\.ptz: )?{n} bytes of data after the end of the {codec} stream")
+
+
+def two_streams(raw: bytes, codec: str, first_junk: bytes = b"", second_junk: bytes = b"") -> bytes:
+    """A version-2 payload of `raw` (u32 n + the header's stream + the tensor bytes' stream), with junk after
+    either stream."""
+    split = 4 + struct.unpack_from("<I", raw)[0]
+    head = compress(raw[:split], codec, 1) + first_junk
+    return struct.pack("<I", len(head)) + head + compress(raw[split:], codec, 1) + second_junk
+
+
+@pytest.mark.parametrize("codec", PLAIN)
+def test_version_2_two_streams_are_read_and_junk_after_either_is_refused(tmp_path, raw, codec):
+    """The writer's layout (version 2) loads; junk after the first stream (inside its declared bytes) or after
+    the second is refused naming the count; a first stream cut short, or declared past the payload, too."""
+    good = framed(codec, len(raw), two_streams(raw, codec), version=VERSION)
+    assert good == encode_artifact(raw, codec, 1)  # what the writer writes
+    assert set(read_artifact(write(tmp_path, good))[0]) == set(GPT(CFG).state_dict())
+    assert decode_artifact(good)[0] == raw
+    for junk in (b"J", b"JUNK" * 3):
+        n = len(junk)
+        refused(tmp_path, framed(codec, len(raw), two_streams(raw, codec, first_junk=junk), version=VERSION),
+                rf"{n} bytes of data after the end of the {codec} stream")  # fmt: skip
+        refused(tmp_path, framed(codec, len(raw), two_streams(raw, codec, second_junk=junk), version=VERSION),
+                rf"{n} bytes of data after the end of the {codec} stream")  # fmt: skip
+    payload = two_streams(raw, codec)
+    (n,) = struct.unpack_from("<I", payload)
+    short = struct.pack("<I", n - 3) + payload[4 : 4 + n - 3] + payload[4 + n :]  # the first stream cut short
+    with pytest.raises(ArtifactError, match=codec):
+        read_artifact(write(tmp_path, framed(codec, len(raw), short, version=VERSION)))
+    past = struct.pack("<I", len(payload)) + payload[4:]
+    with pytest.raises(ArtifactError, match="first stream's declared .* bytes run past the payload"):
+        read_artifact(write(tmp_path, framed(codec, len(raw), past, version=VERSION)))
+    with pytest.raises(ArtifactError, match="too short for its two streams"):
+        read_artifact(write(tmp_path, framed(codec, len(raw), b"\x01", version=VERSION)))
 
 
 def test_the_reviewers_case_zlib_junk_is_refused_by_inspect(tmp_path, raw, capsys):

@@ -2,16 +2,20 @@
 
 File layout (all integers little-endian):
     magic   8 bytes  b"PGOLFART"
-    version u16      1
+    version u16      2 (1: files written before 2026-12-02, still read)
     codec   u8       1 zlib | 2 zstd | 3 lzma | 4 brotli | 5 pergroup | 6 pergroup_brotli
     level   u8       compressor level / preset / brotli quality (pergroup: the groups' lrzip -L level)
     raw_len u64      length of the decompressed payload
     sha256  32 bytes over (version, codec, level, raw_len, compressed payload)
-    payload          compressed(raw)
-raw = u32 header length + UTF-8 JSON header + tensor bytes. The header lists every tensor (name, kind,
-dtype, shape, offset, nbytes, quantization info) and carries the metadata (model config, tokenizer
-identity, provenance). Tensor bytes are grouped by dtype (int8 codes together, then fp16, then fp32...)
-because like values next to each other compress better.
+    payload          version 2, zlib/zstd/lzma/brotli: u32 n + compressed(u32 + header) (n bytes) +
+                     compressed(tensor bytes), two streams; version 1, and the pergroup codecs: compressed(raw)
+raw = u32 header length + UTF-8 JSON header + tensor bytes. The two streams of version 2 make the tensor
+bytes' compressed size independent of the metadata: in one stream, a one-bit change of the header's date
+moved lzma-9's size of a record_1611 payload (36 MB) by 206,368 bytes (1.2%), zstd-22's by 27,355 and
+brotli-11's by 418, so the same weights gave a different size on every run (bench/results/README.md).
+The header lists every tensor (name, kind, dtype, shape, offset, nbytes, quantization info) and carries the
+metadata (model config, tokenizer identity, provenance). Tensor bytes are grouped by dtype (int8 codes
+together, then fp16, then fp32...) because like values next to each other compress better.
 
 brotli is quality 0..11 with a 2^24-byte window (PR #1611's settings). `pergroup` and `pergroup_brotli` are
 PR #1611's per-group container (pgolf/quant/pergroup.py): the block matrices' and the embedding's int8 codes
@@ -61,7 +65,11 @@ from pgolf.quant.numerics import LQER_MODES, LQERFactors, code_bounds
 from pgolf.quant.rules import QuantEntry
 
 MAGIC = b"PGOLFART"
-VERSION = 1
+VERSION_SINGLE = 1  # the payload is one compressed stream (written before 2026-12-02)
+VERSION = 2  # what pgolf writes: a plain codec's header and tensor bytes compressed as two streams
+VERSIONS = (VERSION_SINGLE, VERSION)
+SPLIT_CODECS = ("zlib", "zstd", "lzma", "brotli")  # the codecs whose version-2 payload is two streams
+SEGMENT = struct.Struct("<I")  # version 2: the first stream's compressed length
 PREFIX = struct.Struct("<8sHBBQ32s")
 CODECS = {"zlib": 1, "zstd": 2, "lzma": 3, "brotli": 4, "pergroup": 5, "pergroup_brotli": 6}
 CODEC_NAMES = {v: k for k, v in CODECS.items()}
@@ -335,22 +343,38 @@ def _digest(version: int, codec_id: int, level: int, raw_len: int, payload: byte
     return h.digest()
 
 
+def compress_payload(raw: bytes, codec: str, level: int | None = None) -> bytes:
+    """The compressed payload a version-2 file holds: for zlib, zstd, lzma and brotli, u32 n + the stream of
+    `raw`'s length word and header (n bytes) + the stream of its tensor bytes, so the tensors' compressed size
+    does not depend on the metadata (a raw that is not `pack`'s puts everything in the second stream); for the
+    pergroup codecs `compress(raw)` (its tensor groups are streams of their own already). Raises ArtifactError
+    (`compress`)."""
+    if codec not in SPLIT_CODECS:
+        return compress(raw, codec, level)
+    split = 4 + struct.unpack_from("<I", raw)[0] if len(raw) >= 4 else 0
+    if split > len(raw):
+        split = 0
+    head = compress(raw[:split], codec, level)
+    return SEGMENT.pack(len(head)) + head + compress(raw[split:], codec, level)
+
+
 def encode_artifact(raw: bytes, codec: str, level: int | None = None) -> bytes:
+    """An artifact file (version 2) of the raw payload `raw` compressed by `codec` at `level`."""
     level = DEFAULT_LEVELS.get(codec, 0) if level is None else int(level)
-    payload = compress(raw, codec, level)
+    payload = compress_payload(raw, codec, level)
     cid = CODECS[codec]
     return PREFIX.pack(MAGIC, VERSION, cid, level, len(raw), _digest(VERSION, cid, level, len(raw), payload)) + payload
 
 
-def _prefix(data: bytes | memoryview, max_raw_bytes: int) -> tuple[str, int, int, memoryview]:
-    """(codec, level, raw_len, compressed payload) of a file's bytes, after the magic, version, codec id,
-    checksum and declared length are checked."""
+def _prefix(data: bytes | memoryview, max_raw_bytes: int) -> tuple[str, int, int, memoryview, int]:
+    """(codec, level, raw_len, compressed payload, version) of a file's bytes, after the magic, version, codec
+    id, checksum and declared length are checked."""
     if len(data) < PREFIX.size:
         raise ArtifactError(f"file of {len(data)} bytes is too short to be an artifact (truncated?)")
     magic, version, cid, level, raw_len, digest = PREFIX.unpack_from(data, 0)
     if magic != MAGIC:
         raise ArtifactError("not a pgolf artifact (bad magic bytes)")
-    if version != VERSION:
+    if version not in VERSIONS:
         raise ArtifactError(f"unsupported artifact version {version}")
     if cid not in CODEC_NAMES:
         raise ArtifactError(f"unknown codec id {cid}")
@@ -365,19 +389,27 @@ def _prefix(data: bytes | memoryview, max_raw_bytes: int) -> tuple[str, int, int
         raise ArtifactError(
             f"declared payload of {raw_len} bytes exceeds the {max_raw_bytes}-byte limit (decompression bomb?)"
         )
-    return CODEC_NAMES[cid], level, raw_len, payload
+    return CODEC_NAMES[cid], level, raw_len, payload, version
 
 
 def decode_artifact(data: bytes, max_raw_bytes: int = MAX_RAW_BYTES) -> tuple[bytes, str]:
     """(the whole decompressed payload, codec name) of an artifact file's bytes (nothing in it validated
     beyond the prefix and its length, except a pergroup payload's header, which its decoding needs;
     `load_artifact` is the validating reader). Raises ArtifactError."""
-    codec, _, raw_len, payload = _prefix(data, max_raw_bytes)
+    codec, _, raw_len, payload, version = _prefix(data, max_raw_bytes)
+    if version != VERSION_SINGLE and codec in SPLIT_CODECS:
+        stream = _open_stream(payload, codec, raw_len, version)
+        out = stream.read(raw_len)
+        stream.finish()
+        return out, codec
     return decompress(payload, codec, raw_len), codec
 
 
-def _open_stream(src: bytes | memoryview, codec: str, raw_len: int) -> _Inflate:
-    """The decompressed payload of a file's compressed bytes as a bounded stream."""
+def _open_stream(src: bytes | memoryview, codec: str, raw_len: int, version: int = VERSION_SINGLE) -> _Inflate:
+    """The decompressed payload of a file's compressed bytes as a bounded stream (version 2 of a plain codec:
+    its two streams one after the other, `_Segments`)."""
+    if version != VERSION_SINGLE and codec in SPLIT_CODECS:
+        return _Segments(src, codec, raw_len)
     return _Inflate(src, codec, raw_len)
 
 
@@ -495,6 +527,55 @@ class _Inflate:
             )
         if self.codec in ("zlib", "lzma"):
             _check_end(self.codec, self.d, len(self.src) - self.pos)
+
+
+class _Segments(_Inflate):
+    """A version-2 payload of a plain codec (u32 n + the header's stream of n bytes + the tensor bytes'
+    stream) read as one stream: the first stream to its end (which must be a proper end, nothing after it
+    in its n bytes), then the second; `finish` checks the second's end as `_Inflate.finish` does. Each
+    stream is bounded as `_Inflate` bounds one, and the sum by the declared length."""
+
+    def __init__(self, src: bytes | memoryview, codec: str, raw_len: int):
+        src = memoryview(src)
+        if len(src) < SEGMENT.size:
+            raise ArtifactError(f"{codec} payload of {len(src)} bytes is too short for its two streams (truncated)")
+        (n,) = SEGMENT.unpack_from(src)
+        if SEGMENT.size + n > len(src):
+            raise ArtifactError(
+                f"{codec} payload: its first stream's declared {n} bytes run past the payload's {len(src)}"
+            )
+        self.src, self.codec, self.raw_len, self.pos, self.tail = src, codec, raw_len, len(src), b""
+        self.parts = [_Inflate(src[SEGMENT.size : SEGMENT.size + n], codec, raw_len)]
+        self.rest = src[SEGMENT.size + n :]
+
+    def set_table(self, table: dict[str, TensorRecord], hlen: int) -> None:
+        pass
+
+    def _produce(self, n: int) -> bytes:
+        while True:
+            out = self.parts[-1].produce(n)
+            if out or self.rest is None:
+                return out
+            _end_of_stream(self.parts[-1])  # the first stream ends properly before the second begins
+            self.parts.append(_Inflate(self.rest, self.codec, self.raw_len))
+            self.rest = None
+
+    def finish(self) -> None:
+        if self.produce(1):
+            raise ArtifactError(
+                f"payload decompresses to more bytes than the declared {self.raw_len} (corrupt artifact or "
+                "decompression bomb)"
+            )
+        _end_of_stream(self.parts[-1])
+
+
+def _end_of_stream(s: _Inflate) -> None:
+    """A plain codec's stream that gave all it holds ends at its end marker, with nothing after it (zstd:
+    both checked from its frame when opened; brotli: its reader refuses more input). Raises ArtifactError."""
+    if s.codec in ("zlib", "lzma"):
+        _check_end(s.codec, s.d, len(s.src) - s.pos)
+    elif s.codec == "brotli" and not s.d.d.is_finished():
+        raise ArtifactError("corrupt brotli payload: the stream stops before its end marker (truncated)")
 
 
 # ---- the header ---------------------------------------------------------------------------------
@@ -833,8 +914,8 @@ def load_artifact(
     field>`."""
     data = read_file(path, max_file_bytes)
     try:
-        codec, level, raw_len, payload = _prefix(data, MAX_RAW_BYTES)
-        stream = _open_stream(payload, codec, raw_len)
+        codec, level, raw_len, payload, version = _prefix(data, MAX_RAW_BYTES)
+        stream = _open_stream(payload, codec, raw_len, version)
         meta, table, hlen = _parse_header(stream, raw_len)
         header = ArtifactHeader(meta, table, codec, level, len(data), raw_len, hlen)
         if check is not None:
