@@ -135,17 +135,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     document-bounded attention the run trained with (`train.doc_attention` / `max_seg_len`) when recorded."""
     path = Path(path)
     try:
-        check_checkpoint_zip(path)
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as e:  # weights_only refused a global: say which, without torch's advice
-            lines = [ln for ln in str(e).splitlines()[1:] if ln.strip() and not ln.startswith("Check the doc")]
-            raise ArtifactError(
-                f"refused by weights-only loading: {(lines or ['unpickling failed'])[0][:300]}"
-            ) from None
-        except Exception as e:  # a corrupt record, a tensor view outside its storage, ...
-            raise ArtifactError(f"not a loadable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
-        state, hparams = _checkpoint_parts(ckpt)
+        state, hparams = _checkpoint_parts(load_torch_file(path))
         cfg = check_model_config(hparams["model"], "hyper_parameters.model")
         shapes = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
         check_model_state(cfg, shapes, what="hyper_parameters.model", dtype_key="dtype", cast_floats=True)
@@ -155,6 +145,21 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if hparams.get("doc_attention"):  # pgolf.eval.run.doc_max_seg_len checks the values
         meta["train"] = {"doc_attention": hparams["doc_attention"], "max_seg_len": hparams.get("max_seg_len")}
     return state, meta
+
+
+def load_torch_file(path: Path, what: str = "checkpoint"):
+    """The object a torch.save zip file holds, its container checked first (`check_checkpoint_zip`), then read
+    by `torch.load(weights_only=True, mmap=True)`: tensors stay views of the mapped file; a global the
+    weights-only unpickler refuses (e.g. `os.system`) is named. Raises ArtifactError (`what`: the file's kind,
+    in the message of one that does not load)."""
+    check_checkpoint_zip(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a global: say which, without torch's advice
+        lines = [ln for ln in str(e).splitlines()[1:] if ln.strip() and not ln.startswith("Check the doc")]
+        raise ArtifactError(f"refused by weights-only loading: {(lines or ['unpickling failed'])[0][:300]}") from None
+    except Exception as e:  # a corrupt record, a tensor view outside its storage, ...
+        raise ArtifactError(f"not a loadable {what} ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -6,17 +6,11 @@ the record's weights. PR #1611's banked layout is mapped to pgolf's names (pgolf
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 
-from pgolf.export.weights import (
-    check_checkpoint_zip,
-    check_model_config,
-    check_model_state,
-    load_weights,
-)
+from pgolf.export.weights import check_model_config, check_model_state, load_torch_file, load_weights
 from pgolf.model.banks import bank_layout, from_record_1611
 from pgolf.quant.artifact import ArtifactError
 
@@ -54,17 +48,7 @@ def load_state_dict_file(path: str | Path, model: dict) -> tuple[dict[str, torch
     path = Path(path)
     try:
         cfg = check_model_config(model, "model")
-        check_checkpoint_zip(path)
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as e:  # weights_only refused a global: say which, without torch's advice
-            lines = [ln for ln in str(e).splitlines()[1:] if ln.strip() and not ln.startswith("Check the doc")]
-            raise ArtifactError(
-                f"refused by weights-only loading: {(lines or ['unpickling failed'])[0][:300]}"
-            ) from None
-        except Exception as e:  # a corrupt record, a tensor view outside its storage, ...
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise ArtifactError(f"not a loadable state dict ({type(e).__name__}: {first})") from None
+        sd = load_torch_file(path, "state dict")
         if not isinstance(sd, dict) or not sd:
             raise ArtifactError(f"not a state dict: it holds {type(sd).__name__ if sd is not None else 'None'}")
         bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
