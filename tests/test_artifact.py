@@ -249,6 +249,8 @@ def test_inspect_against_counts_what_differs_between_two_artifacts(tmp_path, mod
     assert "float tensors that differ: 1;" in out and "LQER: none" in out
     same = next(x for x in out.splitlines() if x.startswith("blocks.0.attn.c_q.weight"))
     assert same.split()[-1] == "0.00e+00"
+    zero = next(x for x in out.splitlines() if x.startswith("blocks.0.attn.proj.weight"))  # zero-init: all 0 in A
+    assert zero.split()[-2:] == ["abs", "0.00e+00"]
     assert main([str(tmp_path / "a.ptz"), "--against", str(tmp_path / "a.ptz")]) == 0
     assert "codes: 0 of" in capsys.readouterr().out
     cfg = GPTConfig(vocab_size=128, num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2)  # another model

@@ -87,6 +87,15 @@ def test_bad_state_dict_files_are_one_error_each(tmp_path):
         with pytest.raises(ArtifactError, match=message):
             load_weights(tmp_path / f"{name}.pt", model)
 
+    torch.save(rec, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # torch.save before 1.6
+    with pytest.raises(ArtifactError, match="not a zip-format torch.save file"):
+        load_weights(tmp_path / "legacy.pt", model)
+    nan = {**rec, "qo_bank": rec["qo_bank"].clone()}
+    nan["qo_bank"][1, 2, :3] = float("nan")
+    torch.save(nan, tmp_path / "nan.pt")
+    with pytest.raises(ArtifactError, match=r"tensor 'blocks.1.attn.c_q.weight' holds 3 non-finite values"):
+        load_weights(tmp_path / "nan.pt", model)
+
     class Evil:
         def __reduce__(self):
             return os.system, ("true",)

@@ -119,6 +119,17 @@ def test_version_2_two_streams_are_read_and_junk_after_either_is_refused(tmp_pat
         read_artifact(write(tmp_path, framed(codec, len(raw), past, version=VERSION)))
     with pytest.raises(ArtifactError, match="too short for its two streams"):
         read_artifact(write(tmp_path, framed(codec, len(raw), b"\x01", version=VERSION)))
+    # the streams split elsewhere than after the header (together they still give the payload): refused
+    split = 4 + struct.unpack_from("<I", raw)[0]
+    for cut, what in ((split + 100, "more"), (split - 10, "fewer"), (len(raw), "more"), (0, "fewer")):
+        head = compress(raw[:cut], codec, 1)
+        moved = struct.pack("<I", len(head)) + head + compress(raw[cut:], codec, 1)
+        path = write(tmp_path, framed(codec, len(raw), moved, version=VERSION))
+        with pytest.raises(
+            ArtifactError, match=f"first stream must hold exactly the header's {split} bytes, it holds {what}"
+        ):
+            read_artifact(path)
+        assert decode_artifact(path.read_bytes())[0] == raw  # the unvalidating decoder joins them
 
 
 def test_the_reviewers_case_zlib_junk_is_refused_by_inspect(tmp_path, raw, capsys):

@@ -549,7 +549,13 @@ class _Segments(_Inflate):
         self.rest = src[SEGMENT.size + n :]
 
     def set_table(self, table: dict[str, TensorRecord], hlen: int) -> None:
-        pass
+        """Told once the header is read: the first stream must have held exactly it (u32 + `hlen` bytes), as the
+        writer splits it; any other split is refused (a forged file), whatever the two streams give together."""
+        if self.rest is None or self.parts[0].produce(1):
+            raise ArtifactError(
+                f"{self.codec} payload: its first stream must hold exactly the header's {4 + hlen} bytes, it holds "
+                f"{'fewer' if self.rest is None else 'more'} (corrupt or forged artifact)"
+            )
 
     def _produce(self, n: int) -> bytes:
         while True:

@@ -200,17 +200,17 @@ def _lqer_state(a: QuantEntry, b: QuantEntry) -> str:
 
 def diff(path_a: str | Path, path_b: str | Path) -> str:
     """Tensor by tensor comparison of two artifacts of one model (both validated as eval.py validates them):
-    for an int tensor the codes that differ (count, share, max |Δq|), the scales that differ and the max
-    relative scale difference, the LQER factors (`same`, `N differ` counting factor and scale elements, `only
-    A`/`only B`); for every tensor the relative Frobenius difference of the de-quantized weights
-    ‖W_A − W_B‖/‖W_A‖; then a summary line. Raises ArtifactError for a bad file, ValueError when the artifacts
+    for an int tensor the codes that differ (count, share, max |Δq|), how many scales differ, the LQER factors
+    (`same`, `N differ` counting factor and scale elements, `only A`/`only B`, `other form`); for every tensor
+    the relative Frobenius difference of the de-quantized weights ‖W_A − W_B‖/‖W_A‖ (`abs ‖W_A − W_B‖` where
+    W_A is all zero); then a summary line. Raises ArtifactError for a bad file, ValueError when the artifacts
     do not hold the same tensors with the same shapes."""
     ea, eb = read_model_artifact(path_a)[1], read_model_artifact(path_b)[1]
     if ea.keys() != eb.keys() or any(ea[k].shape != eb[k].shape for k in ea):
         odd = sorted(ea.keys() ^ eb.keys()) or [k for k in ea if ea[k].shape != eb[k].shape]
         raise ValueError(f"the artifacts do not hold the same tensors (first difference: {odd[0]})")
     lines = [f"A: {Path(path_a).name}", f"B: {Path(path_b).name}"]
-    cols = ("store A/B", 11), ("codes differ", 16), ("max|dq|", 7), ("scales", 7), ("lqer", 10), ("rel dW", 9)
+    cols = ("store A/B", 11), ("codes differ", 16), ("max|dq|", 7), ("scales", 7), ("lqer", 10), ("rel dW", 12)
     lines.append(f"{'tensor':44s} " + " ".join(f"{c:>{w}s}" for c, w in cols))
     n_codes = n_diff = n_int = n_int_diff = n_float_diff = 0
     lqer_rows: list[str] = []
@@ -218,7 +218,8 @@ def diff(path_a: str | Path, path_b: str | Path) -> str:
         a, b = ea[name], eb[name]
         store = f"{a.kind if a.kind != 'int' else f'int{a.bits}'}/{b.kind if b.kind != 'int' else f'int{b.bits}'}"
         wa, wb = dequantize_entry(a).double(), dequantize_entry(b).double()
-        rel = float((wa - wb).norm() / wa.norm()) if wa.norm() > 0 else float((wa - wb).norm())
+        d, na = float((wa - wb).norm()), float(wa.norm())
+        rel = f"{d / na:.2e}" if na > 0 else f"abs {d:.2e}"  # A all zero: the absolute difference, marked
         codes = scales = lq = "-"
         dq = ""
         if a.kind == "int" and b.kind == "int" and a.bits == b.bits:
@@ -236,7 +237,7 @@ def diff(path_a: str | Path, path_b: str | Path) -> str:
             nd = _differ(a.data, b.data)[0]
             n_float_diff += nd != 0
             codes = f"{nd} values"
-        lines.append(f"{name:44s} {store:>11s} {codes:>16s} {dq:>7s} {scales:>7s} {lq:>10s} {rel:9.2e}")
+        lines.append(f"{name:44s} {store:>11s} {codes:>16s} {dq:>7s} {scales:>7s} {lq:>10s} {rel:>12s}")
     share = 100 * n_diff / max(n_codes, 1)
     lines.append(
         f"codes: {n_diff} of {n_codes} differ ({share:.3f}%) in {n_int_diff} of {n_int} int tensors; "

@@ -12,7 +12,7 @@ import torch
 
 from pgolf.export.weights import check_model_config, check_model_state, load_torch_file, load_weights
 from pgolf.model.banks import bank_layout, from_record_1611
-from pgolf.quant.artifact import ArtifactError
+from pgolf.quant.artifact import MAGIC, ArtifactError
 
 
 def load_input_weights(path: str | Path, model: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -24,17 +24,36 @@ def load_input_weights(path: str | Path, model: dict | None = None) -> tuple[dic
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
     with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's zip: a checkpoint or a bare state dict
+        head = f.read(8)
+    zipped = head[:4] == b"PK\x03\x04"  # torch.save's zip: a checkpoint or a bare state dict
     if zipped and path.suffix != ".ckpt":
         if model is None:
             raise ArtifactError(
                 f"{path}: a torch.save file holds no model config: name the model it was trained with, "
                 "model=<conf/model name> (a record's final_model.pt: e.g. model=record_1611)"
             )
-        return load_state_dict_file(path, model)
-    if model is not None:
-        raise ArtifactError(f"{path}: these weights carry their own model config; model= is for a bare state dict")
-    return load_weights(path)
+        state, meta = load_state_dict_file(path, model)
+    elif model is not None:
+        if head == MAGIC or path.suffix == ".ckpt":
+            raise ArtifactError(f"{path}: these weights carry their own model config; model= is for a bare state dict")
+        raise ArtifactError(
+            f"{path}: not a zip-format torch.save file (the format torch.save writes since PyTorch 1.6; load it and "
+            "save it again with torch.save)"
+        )
+    else:
+        state, meta = load_weights(path)
+    check_finite(path, state)
+    return state, meta
+
+
+def check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Every floating tensor of the weights finite: a NaN or inf weight would be quantized into an artifact
+    that scores nothing. Raises ArtifactError `<path>: tensor <name> holds N non-finite values`."""
+    for name, t in state.items():
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                raise ArtifactError(f"{path}: tensor {name!r} holds {n} non-finite values (NaN or inf) of {t.numel()}")
 
 
 def load_state_dict_file(path: str | Path, model: dict) -> tuple[dict[str, torch.Tensor], dict]:
