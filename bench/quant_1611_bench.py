@@ -418,8 +418,8 @@ def describe(args, data: dict, trained: dict, pre: dict, total_s: float, load_be
             "by a few header bytes.",
             "code bytes: the packed train_gpt.py of experiment=record_1611 with that export and codec.",
             "Times are wall seconds on a 2-core machine shared with other jobs (see the load averages): the same "
-            "work can take several times longer in one stage than in another (GPTQ: 122 s vs 19 s for the same "
-            "matrices here), so read them as orders of magnitude.",
+            "work can take several times longer in one scheme than in another (GPTQ of the same matrices, or the "
+            "Hessians of the same forward), so read them as orders of magnitude.",
             "pergroup's decompress time is measured on the last scheme only (lrzip's ZPAQ is as slow to decode "
             "as to encode); `–` where not measured.",
             "model bytes include the artifact's metadata header (provenance: git SHA, dirty flag), which varies by "
