@@ -15,7 +15,7 @@ that arrives after the last step boundary's check saves `last.ckpt` at the end o
 run as below. With `on_sigterm: false` nothing is saved: the run stops at that step boundary with
 `Terminated`. Its handler replaces Lightning's in either case: Lightning 2.6's broadcasts from inside the
 signal handler (Lightning PR #20825), a collective out of order with the step's own, so a DDP run under
-torchrun hung until torchrun killed it (measured: 30 s, two CPU ranks). One during the compile warm-up
+torchrun hung until torchrun killed it (seen with two CPU ranks). One during the compile warm-up
 (callbacks/warmup.py, which installs the handler first) stops the run at the next warm-up step boundary with
 `Terminated`: nothing has trained, the same command starts again.
 
@@ -124,11 +124,9 @@ class Checkpointing(L.Callback):
         set_phase("the end of training")
         self._launcher = trainer.strategy.launcher
         # A SIGTERM after the last step boundary's check (ours, or Lightning's flag before ours was installed).
-        late = False
-        if not pl_module.state.preempted:
-            late = self.sigterm(trainer)
+        late = not pl_module.state.preempted and self.sigterm(trainer)
         install_sigterm(self._terminate)
-        if late and not pl_module.state.preempted:
+        if late:
             if self.on_sigterm:
                 path = self.save(trainer, "last.ckpt")
                 log0(

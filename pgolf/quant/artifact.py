@@ -172,10 +172,10 @@ def _routing(table: dict[str, TensorRecord], hlen: int) -> list:
     return _pg().route((name, q.dtype, q.shape, 4 + hlen + q.offset) for name, q in ints)
 
 
-def decompress(data: bytes, codec: str, expected_len: int) -> bytes:
+def decompress(data: bytes, codec: str, expected_len: int, version: int = VERSION_SINGLE) -> bytes:
     """Decompress at most expected_len bytes; anything longer or shorter, or bytes after the end of the
     stream, is an error (bomb-safe). A pergroup payload is decoded through its header, which is checked
-    (check_table) on the way."""
+    (check_table) on the way; a version-2 payload of a plain codec (`version`) as its two streams."""
     if codec in PERGROUP_BACKENDS:
         stream = _open_stream(data, codec, expected_len)
         hb, header = _read_header(stream, expected_len)
@@ -183,8 +183,8 @@ def decompress(data: bytes, codec: str, expected_len: int) -> bytes:
         rest = stream.read(expected_len - 4 - len(hb))
         stream.finish()
         return struct.pack("<I", len(hb)) + hb + rest
-    if codec == "brotli":
-        stream = _open_stream(data, codec, expected_len)
+    if codec == "brotli" or (version != VERSION_SINGLE and codec in SPLIT_CODECS):
+        stream = _open_stream(data, codec, expected_len, version)
         out = stream.read(expected_len)
         stream.finish()
         return out
@@ -397,12 +397,7 @@ def decode_artifact(data: bytes, max_raw_bytes: int = MAX_RAW_BYTES) -> tuple[by
     beyond the prefix and its length, except a pergroup payload's header, which its decoding needs;
     `load_artifact` is the validating reader). Raises ArtifactError."""
     codec, _, raw_len, payload, version = _prefix(data, max_raw_bytes)
-    if version != VERSION_SINGLE and codec in SPLIT_CODECS:
-        stream = _open_stream(payload, codec, raw_len, version)
-        out = stream.read(raw_len)
-        stream.finish()
-        return out, codec
-    return decompress(payload, codec, raw_len), codec
+    return decompress(payload, codec, raw_len, version), codec
 
 
 def _open_stream(src: bytes | memoryview, codec: str, raw_len: int, version: int = VERSION_SINGLE) -> _Inflate:
@@ -525,14 +520,21 @@ class _Inflate:
                 f"payload decompresses to more bytes than the declared {self.raw_len} (corrupt artifact or "
                 "decompression bomb)"
             )
+        self.end_of_stream()
+
+    def end_of_stream(self) -> None:
+        """A plain codec's stream that gave all it holds ends at its end marker, with nothing after it (zstd:
+        both checked from its frame when opened; brotli: its reader refuses more input). Raises ArtifactError."""
         if self.codec in ("zlib", "lzma"):
             _check_end(self.codec, self.d, len(self.src) - self.pos)
+        elif self.codec == "brotli" and not self.d.d.is_finished():
+            raise ArtifactError("corrupt brotli payload: the stream stops before its end marker (truncated)")
 
 
 class _Segments(_Inflate):
     """A version-2 payload of a plain codec (u32 n + the header's stream of n bytes + the tensor bytes'
     stream) read as one stream: the first stream to its end (which must be a proper end, nothing after it
-    in its n bytes), then the second; `finish` checks the second's end as `_Inflate.finish` does. Each
+    in its n bytes), then the second; `finish` checks the second's end. Each
     stream is bounded as `_Inflate` bounds one, and the sum by the declared length."""
 
     def __init__(self, src: bytes | memoryview, codec: str, raw_len: int):
@@ -544,7 +546,7 @@ class _Segments(_Inflate):
             raise ArtifactError(
                 f"{codec} payload: its first stream's declared {n} bytes run past the payload's {len(src)}"
             )
-        self.src, self.codec, self.raw_len, self.pos, self.tail = src, codec, raw_len, len(src), b""
+        self.src, self.codec, self.raw_len = src, codec, raw_len
         self.parts = [_Inflate(src[SEGMENT.size : SEGMENT.size + n], codec, raw_len)]
         self.rest = src[SEGMENT.size + n :]
 
@@ -562,26 +564,12 @@ class _Segments(_Inflate):
             out = self.parts[-1].produce(n)
             if out or self.rest is None:
                 return out
-            _end_of_stream(self.parts[-1])  # the first stream ends properly before the second begins
+            self.parts[-1].end_of_stream()  # the first stream ends properly before the second begins
             self.parts.append(_Inflate(self.rest, self.codec, self.raw_len))
             self.rest = None
 
-    def finish(self) -> None:
-        if self.produce(1):
-            raise ArtifactError(
-                f"payload decompresses to more bytes than the declared {self.raw_len} (corrupt artifact or "
-                "decompression bomb)"
-            )
-        _end_of_stream(self.parts[-1])
-
-
-def _end_of_stream(s: _Inflate) -> None:
-    """A plain codec's stream that gave all it holds ends at its end marker, with nothing after it (zstd:
-    both checked from its frame when opened; brotli: its reader refuses more input). Raises ArtifactError."""
-    if s.codec in ("zlib", "lzma"):
-        _check_end(s.codec, s.d, len(s.src) - s.pos)
-    elif s.codec == "brotli" and not s.d.d.is_finished():
-        raise ArtifactError("corrupt brotli payload: the stream stops before its end marker (truncated)")
+    def end_of_stream(self) -> None:
+        self.parts[-1].end_of_stream()
 
 
 # ---- the header ---------------------------------------------------------------------------------

@@ -178,10 +178,8 @@ def inspect(path: str | Path, codecs: bool = False) -> str:
 
 
 # ---- two artifacts --------------------------------------------------------------------------------
-def _differ(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[int, float]:
+def _differ(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
     """(elements that differ, max |a − b|) of two stored tensors of one shape (compared in float64)."""
-    if a is None or b is None:
-        return (0, 0.0) if a is None and b is None else (-1, float("nan"))
     d = (a.double() - b.double()).abs()
     return int((d > 0).sum()), float(d.max()) if d.numel() else 0.0
 
@@ -200,7 +198,8 @@ def _lqer_state(a: QuantEntry, b: QuantEntry) -> str:
 
 def diff(path_a: str | Path, path_b: str | Path) -> str:
     """Tensor by tensor comparison of two artifacts of one model (both validated as eval.py validates them):
-    for an int tensor the codes that differ (count, share, max |Δq|), how many scales differ, the LQER factors
+    for an int tensor the codes that differ (count, share, max |Δq|), how many scales differ (`other`: per row
+    against per tensor), the LQER factors
     (`same`, `N differ` counting factor and scale elements, `only A`/`only B`, `other form`); for every tensor
     the relative Frobenius difference of the de-quantized weights ‖W_A − W_B‖/‖W_A‖ (`abs ‖W_A − W_B‖` where
     W_A is all zero); then a summary line. Raises ArtifactError for a bad file, ValueError when the artifacts
@@ -229,7 +228,7 @@ def diff(path_a: str | Path, path_b: str | Path) -> str:
             n_diff += nd
             n_int_diff += nd > 0
             codes, dq = f"{nd} ({100 * nd / max(a.q.numel(), 1):.2f}%)", f"{mx:g}"
-            scales = str(_differ(a.scale, b.scale)[0])
+            scales = str(_differ(a.scale, b.scale)[0]) if a.scale.shape == b.scale.shape else "other"
             lq = _lqer_state(a, b)
             if lq != "-":
                 lqer_rows.append(f"{name}: {lq}")
