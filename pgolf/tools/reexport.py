@@ -12,6 +12,12 @@ quantizers can be compared on the same weights:
     python -m pgolf.tools.reexport W --export int6_gptq_lzma export.calibration.count=16 eval.max_tokens=65536
     python -m pgolf.tools.reexport final_model.pt model=record_1611 data=fineweb_sp8192_caseops \
         --export sdclip_gptq_record_1611_pergroup export.calibration.world_size=8 eval.seq_len=2048
+    python -m pgolf.tools.reexport final_model.int6.ptz model=record_1611 data=fineweb_sp8192_caseops \
+        --export sdclip_gptq_record_1611_pergroup export.label=record eval.seq_len=2048
+
+The last form imports a record's quantized model (PR #1611's `final_model.int6.ptz`, pgolf/tools/
+record_quantized.py) instead of quantizing: its codes, scales and LQER factors as stored, written with the
+export config's codec into a pgolf artifact that eval.py and `inspect --against` read.
 
 Arguments after WEIGHTS are Hydra overrides of `conf/reexport.yaml` (export=..., data=..., model=...,
 export.*, eval.*, out_dir=...). Nothing existing is overwritten unless `overwrite=true`.
@@ -46,14 +52,17 @@ from pgolf.export.code import CODE_KEY, code_of, code_record, project_root
 from pgolf.export.config import ExportConfig, ExportContext, ExportReport
 from pgolf.export.provenance import provenance
 from pgolf.export.roundtrip import roundtrip_evaluate
-from pgolf.export.stages import export_model
+from pgolf.export.stages import Stopwatch, export_model
 from pgolf.export.weights import model_from_weights
-from pgolf.io import atomic_write_bytes
+from pgolf.io import atomic_write_bytes, sha256_file
 from pgolf.model.config import GPTConfig
+from pgolf.quant.artifact import ArtifactError, SizeReport, encode_artifact
+from pgolf.quant.artifact import pack as pack_entries
 from pgolf.runlog import log0, set_log_file
 from pgolf.tools.datasets import ensure_dataset
 from pgolf.tools.pack import SCRIPT, compose_conf, pack, unpack
 from pgolf.tools.packsource import PackError
+from pgolf.tools.record_quantized import is_record_quantized, read_record_quantized, record_entries
 from pgolf.tools.record_weights import load_input_weights
 
 
@@ -86,6 +95,8 @@ def reexport(cfg: DictConfig) -> dict:
         if p.exists():
             raise FileExistsError(f"{p} exists; choose another out_dir= or export.label=, or pass overwrite=true")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None
+    if weights.is_file() and is_record_quantized(weights):
+        return import_record_quantized(cfg, weights, model_cfg, export_cfg, out_dir, res_path)
     state, meta = load_input_weights(weights, model_cfg)  # checked before any tensor is allocated
     data = OmegaConf.to_container(cfg.data, resolve=True)
     check_data_tokenizer(weights, meta, data)  # before the data is prepared or the model built
@@ -126,6 +137,73 @@ def reexport(cfg: DictConfig) -> dict:
         f"total:{report.total_bytes} margin:{report.limit_bytes - report.total_bytes} "
         f"{'OK' if report.size_ok else 'OVER THE LIMIT'}"
     )
+    atomic_write_bytes(res_path, (json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n").encode())
+    return result
+
+
+def import_record_quantized(
+    cfg: DictConfig, weights: Path, model: dict | None, export_cfg: ExportConfig, out_dir: Path, res_path: Path
+) -> dict:
+    """A record's own quantized file (PR #1611's `final_model.int6.ptz`, pgolf/tools/record_quantized.py) written
+    as a pgolf artifact with `export_cfg`'s codec, level and label: its codes, scales, LQER factors and
+    passthrough tensors as the record stored them (no quantization; the export's rules, calibration and LQER
+    settings are not used), then scored as a re-export is (`eval`; no pre-quantization score: there are no
+    float weights). The artifact counts no code bytes (the record's script is not pgolf's). The file and the
+    data config are checked before any data is prepared. Raises ArtifactError, TokenizerError, ValueError."""
+    if model is None:
+        raise ArtifactError(
+            f"{weights}: a record's quantized file holds no model config: name the model it was trained with, "
+            "model=<conf/model name> (PR #1611's final_model.int6.ptz: model=record_1611)"
+        )
+    w, m, fmt = read_record_quantized(weights)
+    try:
+        entries = record_entries(w, m, model)
+    except ArtifactError as e:
+        raise ArtifactError(f"{weights}: {e}") from None
+    meta = {"model": model, "source": "record_quantized"}
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    check_data_tokenizer(weights, meta, data)
+    seq_len, cut = eval_lengths(cfg, meta, data, weights.name)
+    device = pick_device(cfg.device)
+    ensure_dataset(data.get("prepare"), data.get("root"))
+    tok = TokenizerInfo.from_path(data["tokenizer_path"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_log_file(out_dir / f"reexport_{export_cfg.label}.log")
+    art = out_dir / export_cfg.path_name
+    source = {"file": weights.name, "format": fmt, "bytes": weights.stat().st_size, "sha256": sha256_file(weights)}
+    log0(
+        f"reexport: the record's quantized {weights.name} ({fmt}, {len(entries)} tensors: codes, scales and LQER "
+        f"factors as stored) -> {art} with codec {export_cfg.codec}-{export_cfg.level}; code bytes not counted"
+    )
+    quant = {"label": export_cfg.label, "codec": export_cfg.codec, "level": export_cfg.level, "imported": source}
+    art_meta = {**output_meta(meta, tok, weights), "model": model, "quant": quant, "code_bytes": 0}
+    clock = Stopwatch()
+    with clock.stage("pack"):
+        raw = pack_entries(entries, art_meta)
+    with clock.stage("compress"):
+        blob = encode_artifact(raw, export_cfg.codec, export_cfg.level)
+    with clock.stage("write"):
+        atomic_write_bytes(art, blob)
+    size = SizeReport(model_bytes=len(blob), code_bytes=0, limit=export_cfg.limit_bytes)
+    for line in size.lines(export_cfg.size_tag):
+        log0(line)
+    log0(clock.line(art.name))
+    report = ExportReport(
+        path=str(art),
+        label=export_cfg.label,
+        model_bytes=len(blob),
+        code_bytes=0,
+        total_bytes=size.total,
+        limit_bytes=export_cfg.limit_bytes,
+        size_ok=size.ok,
+        quantize_seconds=0.0,
+        write_seconds=clock.timings.get("compress", 0.0) + clock.timings.get("write", 0.0),
+        timings=clock.timings,
+    )
+    result = {"weights": str(weights), "imported": source, "export": report.to_dict()}
+    if cfg.eval.enabled:
+        tokens, eval_ctx = validation(cfg, data, tok, GPTConfig.from_dict(model).vocab_size, seq_len, device, None, cut)
+        result.update(roundtrip_and_gap(report, tokens, eval_ctx))
     atomic_write_bytes(res_path, (json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n").encode())
     return result
 
@@ -332,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pgolf.tools.reexport", description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "weights",
-        help="final_model.float.ptz saved by training, a Lightning .ckpt, or a record's final_model.pt with model=NAME",
+        help="final_model.float.ptz saved by training, a Lightning .ckpt, or a record's final_model.pt or "
+        "final_model.int6.ptz with model=NAME",
     )
     ap.add_argument("--export", help="an export config of conf/export (same as export=NAME)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of conf/reexport.yaml")

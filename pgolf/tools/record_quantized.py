@@ -1,0 +1,342 @@
+"""A record's own quantized model as pgolf artifact entries: the `final_model.int6.ptz` PR #1611
+(records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611) writes, so its very
+codes, scales and LQER factors can be compared with pgolf's (`python -m pgolf.tools.inspect --against`) and
+evaluated by pgolf (eval.py, e.g. phased TTT) after `python -m pgolf.tools.reexport final_model.int6.ptz
+model=record_1611 ...` has written them into a pgolf artifact.
+
+The record's `gptq_mixed_quantize` returns a flat dict `w` of tensors and a dict `m` {weight name: category}:
+`passthrough (float16)` (the tensor itself under its name, fp16, or as it is when not floating),
+`gptq (int6)` / `gptq (int7)` with `+lqer_asym` or `+lqer` (`<name>.q` int8 codes, `<name>.scale` fp16 row
+scales; the asymmetric LQER factors `<name>.lqA_a`, `.lqAs_a`, `.lqB_a`, `.lqBs_a`, the symmetric ones
+`.lqA`, `.lqAs`, `.lqB`, `.lqBs`), and `gate_int8_row` (the attention gates, int8 per row, `.q` / `.scale`).
+Its names are the unbanked per-layer ones (`blocks.<i>.attn.c_q.weight`, ...), pgolf's names but for the
+SmearGate (pgolf/model/banks.py RENAMES). The file is either
+
+- `COMPRESSOR=brotli` / `lzma`: `torch.save({"w": w, "m": m})`, optionally byte-shuffled (the bytes prefixed
+  `BSHF` + stride, then byte j of every stride-sized word together), then brotli or xz;
+- `COMPRESSOR=pergroup` (PR #1611's own): the `PGRP` container (pgolf/quant/pergroup.py: magic, 9 stream
+  lengths, the 7 role groups of int8 codes through `lrzip -z`, the remainder, the uint16 row orders). The
+  remainder is `torch.save({"r": every other tensor, "m": m, "s": {group key: [shape per layer]}})` through
+  brotli; a group's matrices are its layers 0, 1, ... in order, each transposed after its rows were put in the
+  stored order (the hot groups tok_emb, c_q, mlp.fc).
+
+Reading is bounded and pickle-free: every decompression is capped (MAX_RAW_BYTES), a torch.save is read
+weights-only from its checked zip container, the lrzip groups through pgolf's bounded `lrzip -d`, and every
+tensor's name, shape, dtype, code range and category is checked against the model config before an entry is
+made. Problems raise ArtifactError naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import lzma
+import math
+import re
+import tempfile
+from pathlib import Path
+
+import brotli
+import numpy as np
+import torch
+
+from pgolf.export.weights import check_model_config, expected_state, load_torch_file
+from pgolf.model.banks import RENAMES
+from pgolf.quant.artifact import MAX_FILE_BYTES, MAX_RAW_BYTES, ArtifactError
+from pgolf.quant.brotli_io import BrotliReader
+from pgolf.quant.numerics import LQERFactors
+from pgolf.quant.pergroup import (
+    GROUPS,
+    HOT,
+    MAGIC,
+    PerGroupError,
+    brotli_decompress,
+    decode_matrix,
+    lrzip_decompress,
+    split_container,
+)
+from pgolf.quant.rules import QuantEntry
+
+SHUFFLE_MAGIC = b"BSHF"
+XZ_MAGIC = b"\xfd7zXZ\x00"
+# The record's group keys, in pgolf/quant/pergroup.py GROUPS order: a block role as `<role>.weight.q`, the
+# embedding as `_tok_emb.weight.q`.
+RECORD_GROUP_KEYS = {
+    "tok_emb": "_tok_emb.weight.q",
+    "c_k": "attn.c_k.weight.q",
+    "c_q": "attn.c_q.weight.q",
+    "c_v": "attn.c_v.weight.q",
+    "attn.proj": "attn.proj.weight.q",
+    "mlp.fc": "mlp.fc.weight.q",
+    "mlp.proj": "mlp.proj.weight.q",
+}
+LQER_KEYS = {"asym": (".lqA_a", ".lqAs_a", ".lqB_a", ".lqBs_a"), "sym": (".lqA", ".lqAs", ".lqB", ".lqBs")}
+LQER_SYM_BITS = 4  # the record's LQER_FACTOR_BITS, the range of its symmetric fallback's codes
+CATEGORY = re.compile(r"(?:gptq \(int([2-8])\)(\+lqer_asym|\+lqer)?|gate_int8_row|passthrough \(float16\))")
+FORMATS = ("pergroup", "brotli", "lzma")
+
+
+def is_record_quantized(path: str | Path) -> bool:
+    """Whether `path` looks like a record's quantized file rather than a torch.save zip or a pgolf artifact:
+    a `PGRP` container, an xz stream, or (by its `.ptz` suffix and not `PGOLFART`/zip) a brotli stream."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == MAGIC or head[:6] == XZ_MAGIC:
+        return True
+    return Path(path).suffix == ".ptz" and head[:4] != b"PK\x03\x04" and head != b"PGOLFART"
+
+
+def read_record_quantized(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """(w, m, format) of a record's quantized file: the tensors by the record's names, the category of each
+    weight, and which of FORMATS it was. Raises ArtifactError `<path>: <what>`."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ArtifactError(f"{size} bytes, over the limit of {MAX_FILE_BYTES} for a quantized model")
+        data = path.read_bytes()
+        if data[:4] == MAGIC:
+            w, m = _read_pergroup(data)
+            return w, m, "pergroup"
+        fmt = "lzma" if data[:6] == XZ_MAGIC else "brotli"
+        obj = _load_torch_bytes(_unshuffle(_inflate(data, fmt)), "quantized state")
+        if not isinstance(obj, dict) or set(obj) != {"w", "m"}:
+            raise ArtifactError(f"expected the record's {{'w': tensors, 'm': categories}}, got {_describe(obj)}")
+        return _tensors(obj["w"], "w"), _categories(obj["m"]), fmt
+    except PerGroupError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+
+
+def _inflate(data: bytes, fmt: str, cap: int = MAX_RAW_BYTES) -> bytes:
+    """brotli or xz of `data`, at most `cap` bytes produced. Raises ArtifactError."""
+    out = bytearray()
+    try:
+        if fmt == "lzma":
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=1 << 28)
+            out += d.decompress(data, max_length=cap + 1)
+            if len(out) <= cap and not d.eof:
+                raise ArtifactError("truncated xz stream")
+            if d.unused_data:
+                raise ArtifactError(f"{len(d.unused_data)} bytes after the xz stream")
+        else:
+            r = BrotliReader(data)
+            while len(out) <= cap:
+                chunk = r.read(min(1 << 24, cap + 1 - len(out)))
+                if not chunk:
+                    break
+                out += chunk
+            if len(out) <= cap and not r.d.is_finished():
+                raise ArtifactError("truncated brotli stream")
+    except (lzma.LZMAError, brotli.error) as e:
+        raise ArtifactError(f"not a {fmt} stream of a quantized model ({e})") from None
+    if len(out) > cap:
+        raise ArtifactError(f"decompresses to more than {cap} bytes")
+    return bytes(out)
+
+
+def _unshuffle(raw: bytes) -> bytes:
+    """Undo the record's byte shuffle (`BSHF`, stride s, then byte j of every s-byte word for j < s; a final
+    partial word's bytes go to the first positions) when `raw` carries it."""
+    if raw[:4] != SHUFFLE_MAGIC:
+        return raw
+    if len(raw) < 5:
+        raise ArtifactError("byte-shuffled payload without its stride")
+    stride, body = raw[4], np.frombuffer(raw, dtype=np.uint8, offset=5)
+    if stride < 2:
+        return body.tobytes()
+    n, out, pos = body.size, np.empty(body.size, dtype=np.uint8), 0
+    for j in range(stride):
+        k = n // stride + (1 if j < n % stride else 0)
+        out[j::stride] = body[pos : pos + k]
+        pos += k
+    return out.tobytes()
+
+
+def _load_torch_bytes(raw: bytes, what: str):
+    """The object of a torch.save zip held in memory, read weights-only from its checked container
+    (pgolf/export/weights.py `load_torch_file`); the tensors are copied out of the mapped temporary file."""
+    with tempfile.TemporaryDirectory(prefix="pgolf-record-") as tmp:
+        p = Path(tmp) / "state.pt"
+        p.write_bytes(raw)
+        obj = load_torch_file(p, what)
+        return _detach(obj)
+
+
+def _detach(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_detach(v) for v in obj)
+    return obj
+
+
+def _describe(obj) -> str:
+    return f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else type(obj).__name__
+
+
+def _tensors(w, what: str) -> dict[str, torch.Tensor]:
+    if not isinstance(w, dict) or any(not isinstance(k, str) or not isinstance(v, torch.Tensor) for k, v in w.items()):
+        raise ArtifactError(f"{what} must map names to tensors, got {_describe(w)}")
+    return w
+
+
+def _categories(m) -> dict[str, str]:
+    if not isinstance(m, dict) or any(not isinstance(k, str) or not isinstance(v, str) for k, v in m.items()):
+        raise ArtifactError(f"the categories (m) must map names to strings, got {_describe(m)}")
+    return m
+
+
+def _read_pergroup(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(w, m) of a PR #1611 `PGRP` file: the remainder first (its shape manifest says what each group holds),
+    then each group through `lrzip -d` at exactly its manifest's size, then the rows put back in order."""
+    streams = split_container(data)
+    rem = _load_torch_bytes(_inflate(bytes(streams[len(GROUPS)]), "brotli"), "pergroup remainder")
+    if not isinstance(rem, dict) or set(rem) != {"r", "m", "s"}:
+        raise ArtifactError(f"pergroup remainder: expected {{'r', 'm', 's'}}, got {_describe(rem)}")
+    w, m, manifest = _tensors(rem["r"], "pergroup remainder r"), _categories(rem["m"]), rem["s"]
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"pergroup remainder: the shape manifest (s) must be a dict, got {_describe(manifest)}")
+    keys = [RECORD_GROUP_KEYS[g] for g in GROUPS]
+    unknown = sorted(set(map(str, manifest)) - set(keys))
+    if unknown:
+        raise ArtifactError(f"pergroup shape manifest: unknown groups {unknown}")
+    shapes = {g: _shapes(manifest.get(RECORD_GROUP_KEYS[g], []), g) for g in GROUPS}
+    perm_rows = [s[0] for g in GROUPS if g in HOT for s in shapes[g] if len(s) == 2]
+    perms_raw = b""
+    if perm_rows:
+        perms_raw = brotli_decompress(streams[len(GROUPS) + 1], 2 * sum(perm_rows), "permutations")
+    elif len(streams[len(GROUPS) + 1]):
+        raise ArtifactError("pergroup permutations stream is not empty, but no hot group holds a matrix")
+    perms = np.frombuffer(perms_raw, dtype="<u2").astype(np.int64)
+    at = 0
+    for g, key in zip(GROUPS, keys, strict=True):
+        need = sum(math.prod(s) for s in shapes[g])
+        if not need:
+            if len(streams[GROUPS.index(g)]):
+                raise ArtifactError(f"pergroup stream {g}: bytes for a group the manifest leaves empty")
+            continue
+        raw = lrzip_decompress(streams[GROUPS.index(g)], need, g)
+        off = 0
+        for layer, s in enumerate(shapes[g]):
+            n = math.prod(s)
+            if len(s) == 2:
+                order = None
+                if g in HOT:
+                    order = perms[at : at + s[0]]
+                    at += s[0]
+                    if not np.array_equal(np.sort(order), np.arange(s[0])):
+                        raise ArtifactError(f"pergroup permutations: layer {layer} of {g} is not a permutation")
+                arr = decode_matrix(memoryview(raw)[off : off + n], s[0], s[1], order)
+            else:
+                arr = np.frombuffer(raw, dtype=np.int8, count=n, offset=off).reshape(s).copy()
+            off += n
+            name = key[1:] if key.startswith("_") else f"blocks.{layer}.{key}"
+            if name in w:
+                raise ArtifactError(f"pergroup: {name} both in a group and in the remainder")
+            w[name] = torch.from_numpy(arr)
+    return w, m
+
+
+def _shapes(v, group: str) -> list[tuple[int, ...]]:
+    if not isinstance(v, list | tuple):
+        raise ArtifactError(f"pergroup shape manifest of {group}: expected a list of shapes, got {_describe(v)}")
+    out = []
+    for s in v:
+        if not isinstance(s, list | tuple | torch.Size) or not 1 <= len(s) <= 2:
+            raise ArtifactError(f"pergroup shape manifest of {group}: {s!r} is not a 1-D or 2-D shape")
+        if any(not isinstance(d, int) or isinstance(d, bool) or not 0 < d < 1 << 31 for d in s):
+            raise ArtifactError(f"pergroup shape manifest of {group}: {s!r} has a dimension out of range")
+        out.append(tuple(int(d) for d in s))
+    if sum(math.prod(s) for s in out) > MAX_RAW_BYTES:
+        raise ArtifactError(f"pergroup shape manifest of {group}: more than {MAX_RAW_BYTES} bytes")
+    return out
+
+
+def record_entries(w: dict[str, torch.Tensor], m: dict[str, str], model: dict) -> dict[str, QuantEntry]:
+    """pgolf's artifact entries of the record's quantized tensors `w` and categories `m` for a model of config
+    `model`, in the model's state order. Every weight the model has must be categorised once, with the fields
+    its category needs (no field left over), in the model's shape; codes must lie in their bit width's range
+    (int6 ±31, int7 ±63, the int8 gates ±127, LQER A [-2, 1] and B [-8, 7] or ±7). Raises ArtifactError."""
+    want = expected_state(check_model_config(model, "model"), "model")
+    back = {v: k for k, v in RENAMES.items()}
+    used: set[str] = set()
+    out = {}
+    for name, (shape, dtype) in want.items():
+        rec = back.get(name, name)
+        if rec not in m:
+            raise ArtifactError(f"the record's file has no entry for {rec} (the model's {name})")
+        out[name] = _entry(rec, m[rec], w, shape, dtype, used)
+    extra = sorted(set(m) - {back.get(n, n) for n in want})
+    if extra:
+        raise ArtifactError(f"entries the model config has no parameter for: {extra[:5]}")
+    left = sorted(set(w) - used)
+    if left:
+        raise ArtifactError(f"tensors no category uses: {left[:5]}")
+    return out
+
+
+def _field(w: dict, key: str, used: set[str], dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    if key not in w:
+        raise ArtifactError(f"{key} is missing")
+    t = w[key]
+    if t.dtype != dtype or (shape is not None and tuple(t.shape) != shape):
+        want = f"{dtype} {list(shape)}" if shape is not None else str(dtype)
+        raise ArtifactError(f"{key} must be {want}, got {t.dtype} {list(t.shape)}")
+    used.add(key)
+    return t.contiguous()
+
+
+def _in_range(t: torch.Tensor, lo: int, hi: int, key: str) -> None:
+    if t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
+        raise ArtifactError(f"{key} holds codes outside [{lo}, {hi}] ({int(t.min())}..{int(t.max())})")
+
+
+def _entry(rec: str, cat: str, w: dict, shape: tuple[int, ...], dtype: str, used: set[str]) -> QuantEntry:
+    found = CATEGORY.fullmatch(cat)
+    if found is None:
+        raise ArtifactError(f"{rec}: category {cat!r} is not one PR #1611 writes (no Hadamard rotation, ...)")
+    if cat.startswith("passthrough"):
+        t = w.get(rec)
+        want = torch.float16 if t is not None and t.is_floating_point() else getattr(torch, dtype)
+        t = _field(w, rec, used, want, shape)
+        kind = "fp16" if t.is_floating_point() else "raw"
+        return QuantEntry(kind=kind, shape=shape, orig_dtype=dtype, data=t, info={"method": "record"})
+    if len(shape) != 2:
+        raise ArtifactError(f"{rec}: category {cat!r} for a tensor of shape {list(shape)} (a matrix was expected)")
+    bits = 8 if cat == "gate_int8_row" else int(found.group(1))
+    q = _field(w, rec + ".q", used, torch.int8, shape)
+    s = _field(w, rec + ".scale", used, torch.float16)
+    if tuple(s.shape) not in ((shape[0],), (), (1,)):
+        raise ArtifactError(f"{rec}.scale must be per row [{shape[0]}] or one value, got {list(s.shape)}")
+    lim = (1 << (bits - 1)) - 1
+    _in_range(q, -lim, lim, rec + ".q")
+    method = "int8_row" if bits == 8 else "gptq"
+    info: dict = {"method": method, "clip": "sdclip" if bits < 8 else "max", "rule": "record", "source": cat}
+    lqer = None
+    mode = {"+lqer_asym": "asym", "+lqer": "sym"}.get(found.group(2) or "")
+    if mode:
+        lqer = _lqer(rec, mode, w, shape, used)
+        extra = {"group": lqer.group} if mode == "asym" else {"bits": lqer.bits}
+        info["lqer"] = {"mode": mode, "rank": lqer.rank, **extra}
+    return QuantEntry(
+        kind="int", shape=shape, orig_dtype=dtype, q=q, scale=s.reshape(-1), bits=bits, info=info, lqer=lqer
+    )
+
+
+def _lqer(rec: str, mode: str, w: dict, shape: tuple[int, ...], used: set[str]) -> LQERFactors:
+    ka, ksa, kb, ksb = (rec + k for k in LQER_KEYS[mode])
+    qa, qb = _field(w, ka, used, torch.int8), _field(w, kb, used, torch.int8)
+    sa, sb = _field(w, ksa, used, torch.float16), _field(w, ksb, used, torch.float16)
+    if mode == "asym":
+        group = qb.numel() // sb.numel() if sb.numel() else 0
+        sa = sa.reshape(()) if sa.numel() == 1 else sa  # one scale (0-d in the record)
+        f = LQERFactors(mode="asym", qa=qa, sa=sa, qb=qb, sb=sb, group=group)
+    else:
+        f = LQERFactors(mode="sym", qa=qa, sa=sa, qb=qb, sb=sb, bits=LQER_SYM_BITS)
+    try:
+        f.check(*shape, what=f"{rec} LQER")
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
+    return f

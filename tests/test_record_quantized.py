@@ -1,0 +1,269 @@
+"""A record's own quantized file into a pgolf artifact: `python -m pgolf.tools.reexport final_model.int6.ptz
+model=record_1611 ...` reads PR #1611's `final_model.int6.ptz` (its `torch.save({"w", "m"})` through brotli or
+xz, byte-shuffled or not, or its `PGRP` per-group container) and writes the codes, scales and LQER factors as
+stored, so that `inspect --against` compares them with pgolf's and eval.py scores them.
+
+The record's files are written here from a pgolf artifact by `record_dicts` / `write_*` below, from the
+format's description (pgolf/tools/record_quantized.py's docstring: names, categories, groups, manifest)."""
+
+from __future__ import annotations
+
+import io
+import json
+import lzma
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import brotli
+import numpy as np
+import pytest
+import torch
+from test_record_weights import tiny_1611_dict
+
+import pgolf.tools.reexport as rx
+from pgolf.export.weights import save_float_weights
+from pgolf.model.banks import RENAMES
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT
+from pgolf.quant.artifact import ArtifactError, read_artifact
+from pgolf.quant.pergroup import lrzip_compress
+from pgolf.quant.rules import dequantize_entry
+from pgolf.tools.inspect import diff
+from pgolf.tools.record_quantized import _inflate, read_record_quantized, record_entries
+
+BACK = {v: k for k, v in RENAMES.items()}  # pgolf name -> the record's
+GROUP_KEYS = ["_tok_emb.weight.q", "attn.c_k.weight.q", "attn.c_q.weight.q", "attn.c_v.weight.q"]
+GROUP_KEYS += ["attn.proj.weight.q", "mlp.fc.weight.q", "mlp.proj.weight.q"]
+HOT_KEYS = {"_tok_emb.weight.q", "attn.c_q.weight.q", "mlp.fc.weight.q"}
+ART = "final_model.sdclip_gptq_record_1611.ptz"
+
+
+@pytest.fixture(scope="module")
+def pgolf_artifact(tmp_path_factory, synth_dir):
+    """A tiny_1611 artifact of pgolf's PR #1611 export (SDClip GPTQ int6/int7, int8 gates, LQER asym on 3
+    matrices, fp16 passthrough), its directory and the re-export's common arguments."""
+    tmp = tmp_path_factory.mktemp("recq")
+    model = tiny_1611_dict()
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.from_dict(model))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p.float()).to(p.dtype) * 0.05)
+    save_float_weights(tmp / "pg" / "final_model.float.ptz", m.state_dict(), {"model": model, "seed": 0})
+    common = ["data=synthetic", f"data.root={synth_dir.parent}", "export.codec=zstd", "export.level=3"]
+    common += ["export.report_codecs=[]", "eval.seq_len=32", "eval.max_tokens=256", "seed=0"]
+    args = ["--export", "sdclip_gptq_record_1611", "export.calibration.count=4", "export.calibration.length=16"]
+    args += ["export.gptq.batch=2", "export.rules.2.max_numel=2048", f"out_dir={tmp / 'pg'}"]
+    assert rx.main([str(tmp / "pg" / "final_model.float.ptz"), *common, *args]) == 0
+    entries = read_artifact(tmp / "pg" / ART)[0]
+    assert {e.bits for e in entries.values() if e.kind == "int"} == {6, 7, 8}  # int6, int7 tok_emb, int8 gates
+    assert sum(e.lqer is not None for e in entries.values()) == 3
+    return tmp, model, entries, common
+
+
+def record_dicts(entries) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(w, m) as the record's `gptq_mixed_quantize` returns them, of pgolf's entries."""
+    w, m = {}, {}
+    for name, e in entries.items():
+        rec = BACK.get(name, name)
+        if e.kind != "int":
+            assert e.kind == "fp16" or not e.data.is_floating_point(), (name, e.kind)
+            w[rec], m[rec] = e.data, "passthrough (float16)"
+            continue
+        w[rec + ".q"], w[rec + ".scale"] = e.q, e.scale
+        m[rec] = "gate_int8_row" if e.bits == 8 else f"gptq (int{e.bits})"
+        if e.lqer is not None:
+            f = e.lqer
+            w[rec + ".lqA_a"], w[rec + ".lqAs_a"], w[rec + ".lqB_a"], w[rec + ".lqBs_a"] = f.qa, f.sa, f.qb, f.sb
+            m[rec] += "+lqer_asym"
+    return w, m
+
+
+def torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def shuffle(data: bytes, stride: int = 2) -> bytes:
+    """The record's byte shuffle: `BSHF`, the stride, then byte j of every stride-sized word, j = 0..stride-1."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    return b"BSHF" + bytes([stride]) + b"".join(a[j::stride].tobytes() for j in range(stride))
+
+
+def write_plain(path: Path, w, m, codec: str = "brotli", shuffled: bool = True) -> Path:
+    raw = torch_bytes({"w": w, "m": m})
+    raw = shuffle(raw) if shuffled else raw
+    path.write_bytes(brotli.compress(raw, quality=5) if codec == "brotli" else lzma.compress(raw, preset=1))
+    return path
+
+
+def write_pergroup(path: Path, w, m, seed: int = 0) -> Path:
+    """The PGRP container: the int8 codes of the 7 role groups (layer order, rows of the hot groups in a
+    stored random order, each matrix transposed) through `lrzip -z`, the remainder and the uint16 orders
+    through brotli."""
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list] = {k: [] for k in GROUP_KEYS}
+    rest = {}
+    for name, t in sorted(w.items()):
+        parts = name.split(".")
+        key = ".".join(parts[2:]) if parts[0] == "blocks" else "_" + name
+        if t.dtype == torch.int8 and key in groups:
+            groups[key].append((int(parts[1]) if parts[0] == "blocks" else 0, t))
+        else:
+            rest[name] = t
+    streams, perms, manifest = [], b"", {}
+    for key in GROUP_KEYS:
+        blob = b""
+        for _, t in sorted(groups[key], key=lambda x: x[0]):
+            a = t.numpy()
+            if key in HOT_KEYS:
+                order = rng.permutation(a.shape[0]).astype(np.uint16)
+                perms += order.tobytes()
+                a = a[order]
+            blob += np.ascontiguousarray(a.T).tobytes()
+        if groups[key]:
+            manifest[key] = [tuple(t.shape) for _, t in sorted(groups[key], key=lambda x: x[0])]
+        streams.append(lrzip_compress(blob, 1) if blob else b"")
+    streams.append(brotli.compress(torch_bytes({"r": rest, "m": m, "s": manifest}), quality=5))
+    streams.append(brotli.compress(perms, quality=5))
+    head = b"PGRP" + struct.pack("<I", len(streams)) + b"".join(struct.pack("<I", len(s)) for s in streams)
+    path.write_bytes(head + b"".join(streams))
+    return path
+
+
+def same_entries(a, b) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        x, y = a[k], b[k]
+        assert (x.kind, x.shape, x.orig_dtype, x.bits) == (y.kind, y.shape, y.orig_dtype, y.bits), k
+        for f in ("data", "q", "scale"):
+            u, v = getattr(x, f), getattr(y, f)
+            assert (u is None) == (v is None) and (u is None or (u.dtype == v.dtype and torch.equal(u, v))), (k, f)
+        assert (x.lqer is None) == (y.lqer is None), k
+        if x.lqer is not None:
+            assert (x.lqer.mode, x.lqer.group) == (y.lqer.mode, y.lqer.group), k
+            for f in ("qa", "sa", "qb", "sb"):
+                assert torch.equal(getattr(x.lqer, f), getattr(y.lqer, f)), (k, f)
+        assert torch.equal(dequantize_entry(x), dequantize_entry(y)), k
+
+
+@pytest.mark.parametrize("codec,shuffled", [("brotli", True), ("brotli", False), ("lzma", True)])
+def test_plain_record_files_give_the_stored_entries(pgolf_artifact, tmp_path, codec, shuffled):
+    _, model, entries, _ = pgolf_artifact
+    w, m = record_dicts(entries)
+    path = write_plain(tmp_path / "final_model.int6.ptz", w, m, codec, shuffled)
+    w2, m2, fmt = read_record_quantized(path)
+    assert fmt == codec and m2 == m
+    same_entries(record_entries(w2, m2, model), entries)
+
+
+@pytest.mark.skipif(shutil.which("lrzip") is None, reason="needs lrzip (bash run.sh setup installs it)")
+def test_pergroup_record_file_imports_with_the_same_codes_and_round_trip(pgolf_artifact, tmp_path, capsys):
+    """PR #1611's own container into a pgolf artifact: every code, scale and LQER factor as stored, `inspect
+    --against` finds no difference, and the round trip scores what pgolf's own artifact scores."""
+    tmp, model, entries, common = pgolf_artifact
+    w, m = record_dicts(entries)
+    path = write_pergroup(tmp_path / "final_model.int6.ptz", w, m)
+    w2, m2, fmt = read_record_quantized(path)
+    assert fmt == "pergroup"
+    same_entries(record_entries(w2, m2, model), entries)
+    out_dir = tmp_path / "imp"
+    args = [str(path), "model=tiny_1611", "--export", "sdclip_gptq_record_1611", f"out_dir={out_dir}", *common]
+    assert rx.main(args) == 0
+    log = capsys.readouterr().out
+    assert "the record's quantized final_model.int6.ptz (pergroup, " in log and "code bytes not counted" in log
+    imported = out_dir / ART
+    same_entries(read_artifact(imported)[0], entries)
+    assert diff(imported, tmp / "pg" / ART).splitlines()[-1].startswith("codes: 0 of ")
+    res = json.loads((out_dir / "reexport_sdclip_gptq_record_1611.json").read_text())
+    ref = json.loads((tmp / "pg" / "reexport_sdclip_gptq_record_1611.json").read_text())
+    assert res["roundtrip"]["standard"]["val_bpb"] == ref["roundtrip"]["standard"]["val_bpb"]
+    assert res["imported"]["format"] == "pergroup" and res["export"]["code_bytes"] == 0
+    meta = read_artifact(imported)[1]
+    assert meta["quant"]["imported"]["sha256"] == res["imported"]["sha256"] and "calibration" not in meta
+    assert rx.main(args) == 2  # the artifact exists: not overwritten
+    assert "exists" in capsys.readouterr().err
+
+
+def test_bad_record_files_are_one_error_each(pgolf_artifact, tmp_path):
+    _, model, entries, _ = pgolf_artifact
+    w, m = record_dicts(entries)
+    gate = next(k for k, v in m.items() if v == "gate_int8_row")
+    fc = next(k for k, v in m.items() if v.endswith("+lqer_asym") and "mlp" in k)
+    codes = dict(w)
+    codes["blocks.0.mlp.proj.weight.q"] = codes["blocks.0.mlp.proj.weight.q"].clone().fill_(40)
+    cases = {
+        "hadamard": (w, {**m, fc: "gptq (int6) +hadamard"}, "is not one PR #1611 writes"),
+        "missing": ({k: v for k, v in w.items() if k != gate + ".scale"}, m, rf"{gate}.scale is missing"),
+        "left": ({**w, "extra.q": torch.zeros(2, dtype=torch.int8)}, m, r"tensors no category uses: \['extra.q'\]"),
+        "unknown": (w, {**m, "blocks.9.attn.c_q.weight": "gptq (int6)"}, "no parameter for"),
+        "range": (codes, m, r"blocks.0.mlp.proj.weight.q holds codes outside \[-31, 31\]"),
+        "no_entry": (w, {k: v for k, v in m.items() if k != "smear_lambda"}, "no entry for smear_lambda"),
+        "lqer": ({**w, fc + ".lqA_a": w[fc + ".lqA_a"].clone().fill_(3)}, m, "qa: codes must lie in"),
+    }
+    for ww, mm, msg in cases.values():
+        with pytest.raises(ArtifactError, match=msg):
+            record_entries(ww, mm, model)
+    with pytest.raises(
+        ArtifactError, match=r"skip_weights must be torch.float16 \[3, 64\], got torch.float16 \[3, 128\]"
+    ):
+        record_entries(w, m, {**model, "model_dim": 64, "num_heads": 4})  # another model than the file's
+    path = write_plain(tmp_path / "x.ptz", w, m)
+    with pytest.raises(ArtifactError, match="holds no model config: name the model"):
+        rx.import_record_quantized(None, path, None, None, tmp_path, tmp_path / "r.json")
+    (tmp_path / "junk.ptz").write_bytes(b"\x00junk" * 100)
+    with pytest.raises(ArtifactError, match=r"junk.ptz: not a brotli stream of a quantized model"):
+        read_record_quantized(tmp_path / "junk.ptz")
+    (tmp_path / "cut.ptz").write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(ArtifactError, match=r"cut.ptz: truncated brotli stream"):
+        read_record_quantized(tmp_path / "cut.ptz")
+    with pytest.raises(ArtifactError, match="decompresses to more than 1000 bytes"):
+        _inflate(brotli.compress(b"\x00" * 5000), "brotli", cap=1000)
+    with pytest.raises(ArtifactError, match="decompresses to more than 1000 bytes"):
+        _inflate(lzma.compress(b"\x00" * 5000), "lzma", cap=1000)
+    (tmp_path / "other.ptz").write_bytes(brotli.compress(torch_bytes({"w": w})))
+    with pytest.raises(ArtifactError, match=r"expected the record's \{'w': tensors, 'm': categories\}"):
+        read_record_quantized(tmp_path / "other.ptz")
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    (tmp_path / "evil.ptz").write_bytes(brotli.compress(torch_bytes({"w": w, "m": Evil()})))
+    with pytest.raises(ArtifactError, match="refused by weights-only loading"):
+        read_record_quantized(tmp_path / "evil.ptz")
+
+
+@pytest.mark.skipif(shutil.which("lrzip") is None, reason="needs lrzip (bash run.sh setup installs it)")
+def test_bad_pergroup_files_are_one_error_each(pgolf_artifact, tmp_path):
+    _, _, entries, _ = pgolf_artifact
+    w, m = record_dicts(entries)
+    good = write_pergroup(tmp_path / "good.ptz", w, m).read_bytes()
+    n = struct.unpack_from("<9I", good, 8)
+    body = 8 + 4 * 9
+
+    def with_stream(i: int, data: bytes) -> bytes:
+        lens = list(n)
+        lens[i] = len(data)
+        starts = [body + sum(n[:j]) for j in range(9)]
+        streams = [good[s : s + k] for s, k in zip(starts, n, strict=True)]
+        streams[i] = data
+        return good[:8] + struct.pack("<9I", *lens) + b"".join(streams)
+
+    perms = np.frombuffer(brotli.decompress(good[body + sum(n[:8]) :]), dtype="<u2").copy()
+    perms[1] = perms[0]
+    rem = torch.load(io.BytesIO(brotli.decompress(good[body + sum(n[:7]) : body + sum(n[:8])])), weights_only=True)
+    bad_shape = {**rem, "s": {**rem["s"], "mlp.proj.weight.q": [(64, 64)] * len(rem["s"]["mlp.proj.weight.q"])}}
+    cases = {
+        "perm": (with_stream(8, brotli.compress(perms.tobytes())), "layer 0 of tok_emb is not a permutation"),
+        "size": (with_stream(7, brotli.compress(torch_bytes(bad_shape))), "lrzip declares .* bytes, the header's"),
+        "group": (with_stream(7, brotli.compress(torch_bytes({**rem, "s": {"x": []}}))), r"unknown groups \['x'\]"),
+        "cut": (good[:-5], "stream lengths add up to"),
+    }
+    for what, (data, msg) in cases.items():
+        (tmp_path / f"{what}.ptz").write_bytes(data)
+        with pytest.raises(ArtifactError, match=msg):
+            read_record_quantized(tmp_path / f"{what}.ptz")
