@@ -14,6 +14,8 @@ import lzma
 import os
 import shutil
 import struct
+import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import brotli
@@ -22,6 +24,7 @@ import pytest
 import torch
 from test_record_weights import tiny_1611_dict
 
+import pgolf.tools.record_quantized as rq
 import pgolf.tools.reexport as rx
 from pgolf.export.weights import save_float_weights
 from pgolf.model.banks import RENAMES
@@ -63,7 +66,7 @@ def pgolf_artifact(tmp_path_factory, synth_dir):
     return tmp, model, entries, common
 
 
-def record_dicts(entries) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def reference_dicts(entries) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(w, m) as the record's `gptq_mixed_quantize` returns them, of pgolf's entries."""
     w, m = {}, {}
     for name, e in entries.items():
@@ -153,7 +156,7 @@ def same_entries(a, b) -> None:
 @pytest.mark.parametrize("codec,shuffled", [("brotli", True), ("brotli", False), ("lzma", True)])
 def test_plain_record_files_give_the_stored_entries(pgolf_artifact, tmp_path, codec, shuffled):
     _, model, entries, _ = pgolf_artifact
-    w, m = record_dicts(entries)
+    w, m = reference_dicts(entries)
     path = write_plain(tmp_path / "final_model.int6.ptz", w, m, codec, shuffled)
     w2, m2, fmt = read_record_quantized(path)
     assert fmt == codec and m2 == m
@@ -165,7 +168,7 @@ def test_pergroup_record_file_imports_with_the_same_codes_and_round_trip(pgolf_a
     """PR #1611's own container into a pgolf artifact: every code, scale and LQER factor as stored, `inspect
     --against` finds no difference, and the round trip scores what pgolf's own artifact scores."""
     tmp, model, entries, common = pgolf_artifact
-    w, m = record_dicts(entries)
+    w, m = reference_dicts(entries)
     path = write_pergroup(tmp_path / "final_model.int6.ptz", w, m)
     w2, m2, fmt = read_record_quantized(path)
     assert fmt == "pergroup"
@@ -190,7 +193,7 @@ def test_pergroup_record_file_imports_with_the_same_codes_and_round_trip(pgolf_a
 
 def test_bad_record_files_are_one_error_each(pgolf_artifact, tmp_path):
     _, model, entries, _ = pgolf_artifact
-    w, m = record_dicts(entries)
+    w, m = reference_dicts(entries)
     gate = next(k for k, v in m.items() if v == "gate_int8_row")
     fc = next(k for k, v in m.items() if v.endswith("+lqer_asym") and "mlp" in k)
     codes = dict(w)
@@ -240,7 +243,7 @@ def test_bad_record_files_are_one_error_each(pgolf_artifact, tmp_path):
 @pytest.mark.skipif(shutil.which("lrzip") is None, reason="needs lrzip (bash run.sh setup installs it)")
 def test_bad_pergroup_files_are_one_error_each(pgolf_artifact, tmp_path):
     _, _, entries, _ = pgolf_artifact
-    w, m = record_dicts(entries)
+    w, m = reference_dicts(entries)
     good = write_pergroup(tmp_path / "good.ptz", w, m).read_bytes()
     n = struct.unpack_from("<9I", good, 8)
     body = 8 + 4 * 9
@@ -267,3 +270,55 @@ def test_bad_pergroup_files_are_one_error_each(pgolf_artifact, tmp_path):
         (tmp_path / f"{what}.ptz").write_bytes(data)
         with pytest.raises(ArtifactError, match=msg):
             read_record_quantized(tmp_path / f"{what}.ptz")
+
+
+@pytest.mark.parametrize("fmt", ["brotli", "lzma", "pergroup"])
+def test_a_pgolf_artifact_written_in_the_records_format(pgolf_artifact, tmp_path, capsys, fmt):
+    """`python -m pgolf.tools.record_quantized ARTIFACT --out final_model.int6.ptz` writes what the record's
+    `serialize` writes (checked here by the format's description, not by the reader), and it reads back."""
+    if fmt == "pergroup" and shutil.which("lrzip") is None:
+        pytest.skip("needs lrzip (bash run.sh setup installs it)")
+    tmp, model, entries, _ = pgolf_artifact
+    out = tmp_path / "final_model.int6.ptz"
+    assert rq.main([str(tmp / "pg" / ART), "--out", str(out), "--format", fmt]) == 0
+    assert f"format:{fmt} bytes:{out.stat().st_size} tensors:{len(entries)} lqer:3" in capsys.readouterr().out
+    w, m = reference_dicts(entries)  # the reference of this file
+    data = out.read_bytes()
+    if fmt != "pergroup":
+        state = torch.load(io.BytesIO(brotli.decompress(data) if fmt == "brotli" else lzma.decompress(data)))
+        assert state["m"] == m and state["w"].keys() == w.keys()
+        assert all(torch.equal(state["w"][k], w[k]) and state["w"][k].dtype == w[k].dtype for k in w)
+    else:
+        n = struct.unpack_from("<I", data, 4)[0]
+        lens = struct.unpack_from(f"<{n}I", data, 8)
+        starts = [8 + 4 * n + sum(lens[:i]) for i in range(n)]
+        streams = [data[s : s + k] for s, k in zip(starts, lens, strict=True)]
+        assert data[:4] == b"PGRP" and n == 9
+        rem = torch.load(io.BytesIO(brotli.decompress(streams[7])))
+        assert set(rem) == {"r", "m", "s"} and rem["m"] == m
+        assert rem["s"]["_tok_emb.weight.q"] == [tuple(w["tok_emb.weight.q"].shape)]
+        assert rem["s"]["mlp.fc.weight.q"] == [tuple(w[f"blocks.{i}.mlp.fc.weight.q"].shape) for i in range(5)]
+        assert "blocks.0.attn.attn_gate_w.q" in rem["r"] and "tok_emb.weight.q" not in rem["r"]
+        rows = w["tok_emb.weight.q"].shape[0]
+        order = np.frombuffer(brotli.decompress(streams[8]), dtype="<u2")[:rows].astype(np.int64)
+        assert sorted(order) == list(range(rows)) and order[0] == 0  # the chain starts at row 0
+        (tmp_path / "g.lrz").write_bytes(streams[0])
+        subprocess.run(["lrzip", "-d", "-Q", "-o", str(tmp_path / "g.bin"), str(tmp_path / "g.lrz")], check=True)
+        q = w["tok_emb.weight.q"].numpy()
+        assert (tmp_path / "g.bin").read_bytes() == np.ascontiguousarray(q[order].T).tobytes()
+    w2, m2, got = read_record_quantized(out)
+    assert got == fmt
+    same_entries(record_entries(w2, m2, model), entries)
+    assert rq.main([str(tmp / "pg" / ART), "--out", str(out)]) == 2  # exists: not replaced
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == data
+
+
+def test_entries_the_records_format_cannot_hold_are_refused(pgolf_artifact):
+    _, _, entries, _ = pgolf_artifact
+    e = entries["skip_weights"]
+    with pytest.raises(ArtifactError, match="skip_weights is stored fp32: PR #1611's format holds floats only as fp16"):
+        rq.record_dicts({**entries, "skip_weights": replace(e, kind="fp32", data=e.data.float())})
+    e = entries["blocks.0.mlp.fc.weight"]
+    odd = replace(e, scale=torch.full((3,), 0.1, dtype=torch.float16))
+    with pytest.raises(ArtifactError, match="a scale of 3 values is neither per row nor one value"):
+        rq.record_dicts({**entries, "blocks.0.mlp.fc.weight": odd})

@@ -2,7 +2,9 @@
 (records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611) writes, so its very
 codes, scales and LQER factors can be compared with pgolf's (`python -m pgolf.tools.inspect --against`) and
 evaluated by pgolf (eval.py, e.g. phased TTT) after `python -m pgolf.tools.reexport final_model.int6.ptz
-model=record_1611 ...` has written them into a pgolf artifact.
+model=record_1611 ...` has written them into a pgolf artifact; and the other way, a pgolf artifact written as
+the record's file (`python -m pgolf.tools.record_quantized ARTIFACT --out final_model.int6.ptz`), so the record's
+own `deserialize` and evaluation (its phased TTT) run on pgolf's codes.
 
 The record's `gptq_mixed_quantize` returns a flat dict `w` of tensors and a dict `m` {weight name: category}:
 `passthrough (float16)` (the tensor itself under its name, fp16, or as it is when not floating),
@@ -28,29 +30,39 @@ made. Problems raise ArtifactError naming the file and what is wrong.
 
 from __future__ import annotations
 
+import argparse
+import io
 import lzma
 import math
 import re
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import brotli
 import numpy as np
 import torch
 
-from pgolf.export.weights import check_model_config, expected_state, load_torch_file
+from pgolf.export.weights import check_model_config, expected_state, load_torch_file, read_model_artifact
+from pgolf.io import atomic_write_bytes
 from pgolf.model.banks import RENAMES
 from pgolf.quant.artifact import MAX_FILE_BYTES, MAX_RAW_BYTES, ArtifactError
-from pgolf.quant.brotli_io import BrotliReader
+from pgolf.quant.brotli_io import BrotliReader, brotli_compress
 from pgolf.quant.numerics import LQERFactors
 from pgolf.quant.pergroup import (
     GROUPS,
     HOT,
     MAGIC,
+    PERMS_LGWIN,
     PerGroupError,
     brotli_decompress,
     decode_matrix,
+    encode_matrix,
+    lrzip_compress,
     lrzip_decompress,
+    nn_chain,
+    pack_container,
     split_container,
 )
 from pgolf.quant.rules import QuantEntry
@@ -340,3 +352,127 @@ def _lqer(rec: str, mode: str, w: dict, shape: tuple[int, ...], used: set[str]) 
     except ValueError as e:
         raise ArtifactError(str(e)) from None
     return f
+
+
+# ---- writing: a pgolf artifact in the record's format ---------------------------------------------------
+def record_dicts(entries: dict[str, QuantEntry]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(w, m) as the record's `gptq_mixed_quantize` returns them, of pgolf's artifact entries: the record's
+    names, `passthrough (float16)` for fp16 (and non-float raw) tensors, `gate_int8_row` for the int8 attention
+    gates, `gptq (intN)` with `+lqer_asym` / `+lqer` for every other int matrix (the record de-quantizes them
+    all as q·s + A·B). Raises ArtifactError for an entry the record's format cannot hold as it is (fp32 or raw
+    float storage, a scale that is neither per row nor one value)."""
+    back = {v: k for k, v in RENAMES.items()}
+    w: dict[str, torch.Tensor] = {}
+    m: dict[str, str] = {}
+    for name, e in entries.items():
+        rec = back.get(name, name)
+        if e.kind == "fp16" or (e.kind == "raw" and not e.data.is_floating_point()):
+            w[rec], m[rec] = e.data, "passthrough (float16)"
+            continue
+        if e.kind != "int":
+            raise ArtifactError(f"{name} is stored {e.kind}: PR #1611's format holds floats only as fp16")
+        rows = e.shape[0] if e.shape else 1
+        if e.scale.numel() == 1:
+            scale = e.scale.to(torch.float16).reshape(())
+        elif e.scale.numel() == rows and len(e.shape) >= 1:
+            scale = e.scale.to(torch.float16)
+        else:
+            raise ArtifactError(f"{name}: a scale of {e.scale.numel()} values is neither per row nor one value")
+        if scale.dtype != e.scale.dtype and not torch.equal(scale.float(), e.scale.float()):
+            raise ArtifactError(f"{name}: its float32 scales are not float16 values (the record stores fp16)")
+        w[rec + ".q"], w[rec + ".scale"] = e.q, scale
+        gate = e.bits == 8 and rec.endswith(".attn_gate_w") and scale.ndim == 1
+        m[rec] = "gate_int8_row" if gate else f"gptq (int{e.bits})"
+        if e.lqer is not None:
+            mode = e.lqer.mode
+            for key, t in zip(LQER_KEYS[mode], (e.lqer.qa, e.lqer.sa, e.lqer.qb, e.lqer.sb), strict=True):
+                w[rec + key] = t
+            m[rec] += "+lqer_asym" if mode == "asym" else "+lqer"
+    return w, m
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def encode_record_quantized(entries: dict[str, QuantEntry], fmt: str = "pergroup", level: int = 9) -> bytes:
+    """The bytes of `final_model.int6.ptz` as PR #1611 writes it with `COMPRESSOR=fmt` (FORMATS): brotli-11
+    or xz (preset `level`) of `torch.save({"w", "m"})`, or the `PGRP` container (the 7 role groups' codes
+    through `lrzip -z -L level`, the hot groups' rows in the greedy L1 chain order, pgolf/quant/pergroup.py
+    `nn_chain`; the remainder `{"r", "m", "s"}` brotli-11 with a 2^24 window; the uint16 orders brotli-11).
+    Raises ArtifactError (`record_dicts`), PerGroupError when lrzip is missing or fails."""
+    if fmt not in FORMATS:
+        raise ArtifactError(f"format {fmt!r} is not one of {FORMATS}")
+    w, m = record_dicts(entries)
+    if fmt == "brotli":
+        return brotli_compress(_torch_bytes({"w": w, "m": m}))
+    if fmt == "lzma":
+        return lzma.compress(_torch_bytes({"w": w, "m": m}), format=lzma.FORMAT_XZ, preset=level)
+    groups: dict[str, list[tuple[int, np.ndarray]]] = {g: [] for g in GROUPS}
+    rest: dict[str, torch.Tensor] = {}
+    by_key = {k: g for g, k in RECORD_GROUP_KEYS.items()}
+    for name, t in sorted(w.items()):  # the record routes every int8 tensor by its name's role
+        parts = name.split(".")
+        block = parts[0] == "blocks" and parts[1].isdigit()
+        g = by_key.get(".".join(parts[2:]) if block else "_" + name)
+        if t.dtype == torch.int8 and g is not None:
+            groups[g].append((int(parts[1]) if block else 0, t.numpy()))
+        else:
+            rest[name] = t
+    streams, perms, manifest = [], bytearray(), {}
+    for g in GROUPS:
+        layers = sorted(groups[g], key=lambda x: x[0])
+        if [i for i, _ in layers] != list(range(len(layers))):
+            raise ArtifactError(f"group {g}: layers {[i for i, _ in layers]} are not 0..n-1 (the record's manifest)")
+        blob = bytearray()
+        for _, a in layers:
+            order = None
+            if a.ndim == 2 and g in HOT:
+                if a.shape[0] > 1 << 16:
+                    raise ArtifactError(f"group {g}: {a.shape[0]} rows cannot be ordered by uint16 indices")
+                order = nn_chain(a)
+                perms += order.astype("<u2").tobytes()
+            blob += encode_matrix(a, order) if a.ndim == 2 else a.tobytes()
+        if layers:
+            manifest[RECORD_GROUP_KEYS[g]] = [tuple(a.shape) for _, a in layers]
+        streams.append(lrzip_compress(bytes(blob), level) if blob else b"")
+    streams.append(brotli_compress(_torch_bytes({"r": rest, "m": m, "s": manifest})))
+    streams.append(brotli_compress(bytes(perms), lgwin=PERMS_LGWIN) if perms else b"")
+    return pack_container(streams)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m pgolf.tools.record_quantized",
+        description="Write a pgolf artifact's quantized model as PR #1611's final_model.int6.ptz, so the record's "
+        "own deserialize and evaluation (its TTT) run on pgolf's codes. The other way: python -m "
+        "pgolf.tools.reexport final_model.int6.ptz model=NAME ...",
+    )
+    ap.add_argument("artifact", help="a pgolf artifact (final_model.<label>.ptz)")
+    ap.add_argument("--out", required=True, help="the file to write (e.g. final_model.int6.ptz)")
+    ap.add_argument("--format", default="pergroup", choices=FORMATS, help="the record's COMPRESSOR (default pergroup)")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    try:
+        if out.exists() and not a.force:
+            raise FileExistsError(f"{out} exists; pass --force to replace it")
+        t0 = time.perf_counter()
+        entries = read_model_artifact(a.artifact)[1]
+        data = encode_record_quantized(entries, a.format)
+        atomic_write_bytes(out, data)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_lqer = sum(e.lqer is not None for e in entries.values())
+    print(
+        f"record_quantized: {Path(a.artifact).name} -> {out} format:{a.format} bytes:{len(data)} "
+        f"tensors:{len(entries)} lqer:{n_lqer} time:{time.perf_counter() - t0:.1f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
