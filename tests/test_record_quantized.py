@@ -161,6 +161,9 @@ def test_plain_record_files_give_the_stored_entries(pgolf_artifact, tmp_path, co
     w2, m2, fmt = read_record_quantized(path)
     assert fmt == codec and m2 == m
     same_entries(record_entries(w2, m2, model), entries)
+    summary = diff(pgolf_artifact[0] / "pg" / ART, path).splitlines()  # inspect --against the record's file
+    assert summary[1] == "B: final_model.int6.ptz" and summary[-1].startswith("codes: 0 of ")
+    assert "float tensors that differ: 0;" in summary[-1] and summary[-1].count(": same") == 3
 
 
 @pytest.mark.skipif(shutil.which("lrzip") is None, reason="needs lrzip (bash run.sh setup installs it)")

@@ -33,6 +33,7 @@ from pgolf.quant.artifact import (
     read_file,
 )
 from pgolf.quant.rules import QuantEntry, dequantize_entry
+from pgolf.tools.record_quantized import is_record_quantized, load_record_entries
 
 
 # ---- inspect -------------------------------------------------------------------------------------
@@ -199,12 +200,17 @@ def _lqer_state(a: QuantEntry, b: QuantEntry) -> str:
 def diff(path_a: str | Path, path_b: str | Path) -> str:
     """Tensor by tensor comparison of two artifacts of one model (both validated as eval.py validates them):
     for an int tensor the codes that differ (count, share, max |Δq|), how many scales differ (`other`: per row
-    against per tensor), the LQER factors
-    (`same`, `N differ` counting factor and scale elements, `only A`/`only B`, `other form`); for every tensor
-    the relative Frobenius difference of the de-quantized weights ‖W_A − W_B‖/‖W_A‖ (`abs ‖W_A − W_B‖` where
-    W_A is all zero); then a summary line. Raises ArtifactError for a bad file, ValueError when the artifacts
-    do not hold the same tensors with the same shapes."""
-    ea, eb = read_model_artifact(path_a)[1], read_model_artifact(path_b)[1]
+    against per tensor), the LQER factors (`same`, `N differ` counting factor and scale elements, `only A`/
+    `only B`, `other form`); for every tensor the relative Frobenius difference of the de-quantized weights
+    ‖W_A − W_B‖/‖W_A‖ (`abs ‖W_A − W_B‖` where W_A is all zero); then a summary line. B may be a record's own
+    quantized file (PR #1611's `final_model.int6.ptz`, pgolf/tools/record_quantized.py), read with A's model
+    config. Raises ArtifactError for a bad file, ValueError when the artifacts do not hold the same tensors
+    with the same shapes."""
+    head, ea = read_model_artifact(path_a)
+    if is_record_quantized(path_b):  # a record's own final_model.int6.ptz, read as A's model
+        eb = load_record_entries(path_b, head.meta["model"])[0]
+    else:
+        eb = read_model_artifact(path_b)[1]
     if ea.keys() != eb.keys() or any(ea[k].shape != eb[k].shape for k in ea):
         odd = sorted(ea.keys() ^ eb.keys()) or [k for k in ea if ea[k].shape != eb[k].shape]
         raise ValueError(f"the artifacts do not hold the same tensors (first difference: {odd[0]})")
@@ -249,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pgolf.tools.inspect", description=__doc__.splitlines()[0])
     ap.add_argument("path")
     ap.add_argument("--codecs", action="store_true", help="also the payload's size under zlib-9, zstd-22, lzma-9")
-    ap.add_argument("--against", metavar="OTHER", help="compare the stored tensors with another artifact's")
+    ap.add_argument(
+        "--against",
+        metavar="OTHER",
+        help="compare the stored tensors with another artifact's (or a record's final_model.int6.ptz)",
+    )
     a = ap.parse_args(argv)
     try:
         print(diff(a.path, a.against) if a.against else inspect(a.path, codecs=a.codecs))

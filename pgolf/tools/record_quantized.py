@@ -119,6 +119,16 @@ def read_record_quantized(path: str | Path) -> tuple[dict[str, torch.Tensor], di
         raise ArtifactError(f"{path}: {e}") from None
 
 
+def load_record_entries(path: str | Path, model: dict) -> tuple[dict[str, QuantEntry], str]:
+    """(pgolf's entries, format) of a record's quantized file for a model of config `model`:
+    `read_record_quantized`, then `record_entries`. Raises ArtifactError `<path>: <what>`."""
+    w, m, fmt = read_record_quantized(path)
+    try:
+        return record_entries(w, m, model), fmt
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+
+
 def _inflate(data: bytes, fmt: str, cap: int = MAX_RAW_BYTES) -> bytes:
     """brotli or xz of `data`, at most `cap` bytes produced. Raises ArtifactError."""
     out = bytearray()

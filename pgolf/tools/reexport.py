@@ -62,7 +62,7 @@ from pgolf.runlog import log0, set_log_file
 from pgolf.tools.datasets import ensure_dataset
 from pgolf.tools.pack import SCRIPT, compose_conf, pack, unpack
 from pgolf.tools.packsource import PackError
-from pgolf.tools.record_quantized import is_record_quantized, read_record_quantized, record_entries
+from pgolf.tools.record_quantized import is_record_quantized, load_record_entries
 from pgolf.tools.record_weights import load_input_weights
 
 
@@ -155,11 +155,7 @@ def import_record_quantized(
             f"{weights}: a record's quantized file holds no model config: name the model it was trained with, "
             "model=<conf/model name> (PR #1611's final_model.int6.ptz: model=record_1611)"
         )
-    w, m, fmt = read_record_quantized(weights)
-    try:
-        entries = record_entries(w, m, model)
-    except ArtifactError as e:
-        raise ArtifactError(f"{weights}: {e}") from None
+    entries, fmt = load_record_entries(weights, model)
     meta = {"model": model, "source": "record_quantized"}
     data = OmegaConf.to_container(cfg.data, resolve=True)
     check_data_tokenizer(weights, meta, data)
