@@ -14,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import pgolf.tools.record_weights as rw
 import pgolf.tools.reexport as rx
 from pgolf.export.weights import save_float_weights
 from pgolf.model.banks import to_record_1611
@@ -142,3 +143,24 @@ def test_reexport_of_a_records_file_equals_the_same_weights_from_pgolf(tmp_path,
     rb = json.loads((tmp_path / "pgo" / "reexport_sdclip_gptq_record_1611.json").read_text())
     assert ra["roundtrip"]["standard"]["val_bpb"] == rb["roundtrip"]["standard"]["val_bpb"]
     assert ra["export"]["calibration"]["hessian_forward"] == "bf16"
+
+
+@pytest.mark.parametrize("layout", ["flat", "pr1611"])
+def test_pgolf_weights_written_as_a_records_file_and_back(tmp_path, capsys, layout):
+    """`python -m pgolf.tools.record_weights W --out final_model.pt` writes the file the record's own export
+    loads (PR #1611's banks with --layout pr1611), which reexport's reader maps back to the same weights."""
+    model = tiny_1611_dict()
+    _, state = record_file(tmp_path / "x.pt", model)
+    save_float_weights(tmp_path / "w.ptz", state, {"model": model})
+    out = tmp_path / "final_model.pt"
+    assert rw.main([str(tmp_path / "w.ptz"), "--out", str(out), "--layout", layout]) == 0
+    assert f"layout:{layout} tensors:" in capsys.readouterr().out
+    sd = torch.load(out, weights_only=True)
+    assert ("qo_bank" in sd and "smear_gate.weight" in sd) == (layout == "pr1611")
+    assert ("blocks.0.attn.c_q.weight" in sd) == (layout == "flat")
+    got, _ = load_weights(out, model)
+    assert got.keys() == state.keys() and all(torch.equal(got[k], v) for k, v in state.items())
+    assert rw.main([str(tmp_path / "w.ptz"), "--out", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert rw.main([str(tmp_path / "missing.ptz"), "--out", str(tmp_path / "y.pt")]) == 2
+    assert not (tmp_path / "y.pt").exists()

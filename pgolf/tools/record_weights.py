@@ -1,17 +1,23 @@
 """A record's own weights as re-export input: the file a record's `torch.save(base_model.state_dict(),
 "final_model.pt")` writes (every record from the baseline to PR #1611), read for `python -m
 pgolf.tools.reexport final_model.pt model=NAME`, so pgolf's quantizer can be compared with the record's on
-the record's weights. PR #1611's banked layout is mapped to pgolf's names (pgolf/model/banks.py).
+the record's weights. PR #1611's banked layout is mapped to pgolf's names (pgolf/model/banks.py). The other
+way, `python -m pgolf.tools.record_weights final_model.float.ptz --out final_model.pt [--layout pr1611]`
+writes pgolf's weights as the record's file, for the record's own export.
 """
 
 from __future__ import annotations
 
+import argparse
+import io
+import sys
 from pathlib import Path
 
 import torch
 
 from pgolf.export.weights import check_model_config, check_model_state, load_torch_file, load_weights
-from pgolf.model.banks import bank_layout, from_record_1611
+from pgolf.io import atomic_write_bytes
+from pgolf.model.banks import bank_layout, from_record_1611, to_record_1611
 from pgolf.quant.artifact import MAGIC, ArtifactError
 
 
@@ -85,3 +91,51 @@ def load_state_dict_file(path: str | Path, model: dict) -> tuple[dict[str, torch
     except ArtifactError as e:
         raise ArtifactError(f"{path}: {e}") from None
     return sd, {"model": dict(model), "source": "state_dict"}
+
+
+# ---- the other way: pgolf's weights as a record's final_model.pt ----------------------------------------
+LAYOUTS = ("flat", "pr1611")
+
+
+def record_state_dict(state: dict[str, torch.Tensor], layout: str, num_layers: int) -> dict[str, torch.Tensor]:
+    """pgolf's float state dict as a record's `base_model.state_dict()`: `flat` keeps pgolf's names (the
+    records' own up to PR #1263), `pr1611` stacks the block matrices into PR #1611's four banks and renames its
+    SmearGate (pgolf/model/banks.py `to_record_1611`). Tensors keep their dtypes (the record's
+    `load_state_dict` casts them to its parameters'). Raises ValueError for an unknown layout or a state the
+    banks cannot be made of."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+    return dict(state) if layout == "flat" else to_record_1611(state, num_layers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m pgolf.tools.record_weights",
+        description="Write pgolf's float weights (final_model.float.ptz or a Lightning .ckpt) as a record's "
+        "torch.save(base_model.state_dict()), so the record's own export (its GPTQ, LQER, codec) runs on them. "
+        "The other way: python -m pgolf.tools.reexport final_model.pt model=NAME ...",
+    )
+    ap.add_argument("weights", help="final_model.float.ptz or a Lightning .ckpt")
+    ap.add_argument("--out", required=True, help="the file to write (e.g. final_model.pt)")
+    ap.add_argument("--layout", default="flat", choices=LAYOUTS, help="pr1611: PR #1611's parameter banks")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    try:
+        if out.exists() and not a.force:
+            raise FileExistsError(f"{out} exists; pass --force to replace it")
+        state, meta = load_input_weights(a.weights)
+        sd = record_state_dict(state, a.layout, int(meta["model"]["num_layers"]))
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        atomic_write_bytes(out, buf.getvalue())
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(t.numel() for t in sd.values())
+    print(f"record_weights: {Path(a.weights).name} -> {out} layout:{a.layout} tensors:{len(sd)} parameters:{n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
