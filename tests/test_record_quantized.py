@@ -160,6 +160,12 @@ def test_plain_record_files_give_the_stored_entries(pgolf_artifact, tmp_path, co
     path = write_plain(tmp_path / "final_model.int6.ptz", w, m, codec, shuffled)
     w2, m2, fmt = read_record_quantized(path)
     assert fmt == codec and m2 == m
+    if codec == "lzma":  # import without an evaluation: no window length needed, nothing scored
+        over = [*pgolf_artifact[3][:2], "eval.enabled=false"]  # the synthetic data, no eval.seq_len
+        args = [str(path), "model=tiny_1611", "--export", "int8_zlib", f"out_dir={tmp_path / 'i'}", *over]
+        assert rx.main(args) == 0 and "roundtrip" not in json.loads(
+            (tmp_path / "i" / "reexport_int8_zlib.json").read_text()
+        )
     same_entries(record_entries(w2, m2, model), entries)
     summary = diff(pgolf_artifact[0] / "pg" / ART, path).splitlines()  # inspect --against the record's file
     assert summary[1] == "B: final_model.int6.ptz" and summary[-1].startswith("codes: 0 of ")

@@ -34,10 +34,12 @@ import argparse
 import io
 import lzma
 import math
+import os
 import re
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import brotli
@@ -61,6 +63,7 @@ from pgolf.quant.pergroup import (
     encode_matrix,
     lrzip_compress,
     lrzip_decompress,
+    lrzip_path,
     nn_chain,
     pack_container,
     split_container,
@@ -431,25 +434,27 @@ def encode_record_quantized(entries: dict[str, QuantEntry], fmt: str = "pergroup
             groups[g].append((int(parts[1]) if block else 0, t.numpy()))
         else:
             rest[name] = t
-    streams, perms, manifest = [], bytearray(), {}
+    lrzip_path()  # a missing lrzip stops here, before the row orders are computed
+    mats, manifest = [], {}
     for g in GROUPS:
         layers = sorted(groups[g], key=lambda x: x[0])
         if [i for i, _ in layers] != list(range(len(layers))):
             raise ArtifactError(f"group {g}: layers {[i for i, _ in layers]} are not 0..n-1 (the record's manifest)")
-        blob = bytearray()
         for _, a in layers:
-            order = None
-            if a.ndim == 2 and g in HOT:
-                if a.shape[0] > 1 << 16:
-                    raise ArtifactError(f"group {g}: {a.shape[0]} rows cannot be ordered by uint16 indices")
-                order = nn_chain(a)
-                perms += order.astype("<u2").tobytes()
-            blob += encode_matrix(a, order) if a.ndim == 2 else a.tobytes()
+            if a.ndim == 2 and g in HOT and a.shape[0] > 1 << 16:
+                raise ArtifactError(f"group {g}: {a.shape[0]} rows cannot be ordered by uint16 indices")
+            mats.append((g, a))
         if layers:
             manifest[RECORD_GROUP_KEYS[g]] = [tuple(a.shape) for _, a in layers]
-        streams.append(lrzip_compress(bytes(blob), level) if blob else b"")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy and lrzip release the GIL
+        orders = list(pool.map(lambda ga: nn_chain(ga[1]) if ga[1].ndim == 2 and ga[0] in HOT else None, mats))
+        blobs = {g: bytearray() for g in GROUPS}
+        for (g, a), order in zip(mats, orders, strict=True):
+            blobs[g] += encode_matrix(a, order) if a.ndim == 2 else a.tobytes()
+        streams = list(pool.map(lambda b: lrzip_compress(bytes(b), level) if b else b"", blobs.values()))
+    perms = b"".join(o.astype("<u2").tobytes() for o in orders if o is not None)
     streams.append(brotli_compress(_torch_bytes({"r": rest, "m": m, "s": manifest})))
-    streams.append(brotli_compress(bytes(perms), lgwin=PERMS_LGWIN) if perms else b"")
+    streams.append(brotli_compress(perms, lgwin=PERMS_LGWIN) if perms else b"")
     return pack_container(streams)
 
 

@@ -100,7 +100,7 @@ def reexport(cfg: DictConfig) -> dict:
     state, meta = load_input_weights(weights, model_cfg)  # checked before any tensor is allocated
     data = OmegaConf.to_container(cfg.data, resolve=True)
     check_data_tokenizer(weights, meta, data)  # before the data is prepared or the model built
-    seq_len, cut = eval_lengths(cfg, meta, data, weights.name)
+    seq_len, cut = eval_lengths(cfg, meta, data, weights.name) if cfg.eval.enabled else (0, 0)
     device = pick_device(cfg.device)
     model = model_from_weights(state, meta)
     ensure_dataset(data.get("prepare"), data.get("root"))
@@ -159,7 +159,7 @@ def import_record_quantized(
     meta = {"model": model, "source": "record_quantized"}
     data = OmegaConf.to_container(cfg.data, resolve=True)
     check_data_tokenizer(weights, meta, data)
-    seq_len, cut = eval_lengths(cfg, meta, data, weights.name)
+    seq_len, cut = eval_lengths(cfg, meta, data, weights.name) if cfg.eval.enabled else (0, 0)
     device = pick_device(cfg.device)
     ensure_dataset(data.get("prepare"), data.get("root"))
     tok = TokenizerInfo.from_path(data["tokenizer_path"])
