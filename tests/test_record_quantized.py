@@ -41,6 +41,9 @@ GROUP_KEYS = ["_tok_emb.weight.q", "attn.c_k.weight.q", "attn.c_q.weight.q", "at
 GROUP_KEYS += ["attn.proj.weight.q", "mlp.fc.weight.q", "mlp.proj.weight.q"]
 HOT_KEYS = {"_tok_emb.weight.q", "attn.c_q.weight.q", "mlp.fc.weight.q"}
 ART = "final_model.sdclip_gptq_record_1611.ptz"
+# pgolf's PR #1611 export at the tiny model's size: a short calibration, every matrix through GPTQ
+PG_ARGS = ["export.calibration.count=4", "export.calibration.length=16", "export.gptq.batch=2"]
+PG_ARGS += ["export.rules.2.max_numel=2048"]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +60,7 @@ def pgolf_artifact(tmp_path_factory, synth_dir):
     save_float_weights(tmp / "pg" / "final_model.float.ptz", m.state_dict(), {"model": model, "seed": 0})
     common = ["data=synthetic", f"data.root={synth_dir.parent}", "export.codec=zstd", "export.level=3"]
     common += ["export.report_codecs=[]", "eval.seq_len=32", "eval.max_tokens=256", "seed=0"]
-    args = ["--export", "sdclip_gptq_record_1611", "export.calibration.count=4", "export.calibration.length=16"]
-    args += ["export.gptq.batch=2", "export.rules.2.max_numel=2048", f"out_dir={tmp / 'pg'}"]
+    args = ["--export", "sdclip_gptq_record_1611", *PG_ARGS, f"out_dir={tmp / 'pg'}"]
     assert rx.main([str(tmp / "pg" / "final_model.float.ptz"), *common, *args]) == 0
     entries = read_artifact(tmp / "pg" / ART)[0]
     assert {e.bits for e in entries.values() if e.kind == "int"} == {6, 7, 8}  # int6, int7 tok_emb, int8 gates
@@ -331,3 +333,35 @@ def test_entries_the_records_format_cannot_hold_are_refused(pgolf_artifact):
     odd = replace(e, scale=torch.full((3,), 0.1, dtype=torch.float16))
     with pytest.raises(ArtifactError, match="a scale of 3 values is neither per row nor one value"):
         rq.record_dicts({**entries, "blocks.0.mlp.fc.weight": odd})
+
+
+def test_a_records_document_bounded_attention_is_scored_and_recorded(pgolf_artifact, tmp_path, capsys):
+    """`eval.doc_max_seg_len=N` (a record's file records no training): the round trip scores document-bounded
+    windows (PR #1611 trains and scores so, pieces of 2048), the same as pgolf's artifact of the same codes
+    scored so, and the artifact records it for eval.py; weights that record their training refuse it."""
+    tmp, _, entries, common = pgolf_artifact
+    path = write_plain(tmp_path / "final_model.int6.ptz", *reference_dicts(entries))
+    args = ["--export", "sdclip_gptq_record_1611", *common, "eval.doc_max_seg_len=8", "eval.pre_quant=false"]
+    assert rx.main([str(path), "model=tiny_1611", f"out_dir={tmp_path / 'imp'}", *args]) == 0
+    assert "document-bounded windows (attention stops at BOS and every 8 tokens)" in capsys.readouterr().out
+    meta = read_artifact(tmp_path / "imp" / ART)[1]
+    assert meta["train"] == {"doc_attention": True, "max_seg_len": 8}
+    pg = tmp / "pg" / "final_model.float.ptz"  # pgolf's weights of the same codes, saved without a train record
+    assert rx.main([str(pg), f"out_dir={tmp_path / 'pg'}", *args, *PG_ARGS]) == 0
+    res = json.loads((tmp_path / "imp" / "reexport_sdclip_gptq_record_1611.json").read_text())
+    ref = json.loads((tmp_path / "pg" / "reexport_sdclip_gptq_record_1611.json").read_text())
+    plain = json.loads((tmp / "pg" / "reexport_sdclip_gptq_record_1611.json").read_text())
+    bpb = res["roundtrip"]["standard"]["val_bpb"]
+    assert bpb == ref["roundtrip"]["standard"]["val_bpb"] != plain["roundtrip"]["standard"]["val_bpb"]
+    capsys.readouterr()
+    save_float_weights(
+        tmp_path / "t.ptz",
+        {k: dequantize_entry(e) for k, e in entries.items()},
+        {"model": tiny_1611_dict(), "train": {"doc_attention": False}},
+    )
+    assert rx.main([str(tmp_path / "t.ptz"), f"out_dir={tmp_path / 't'}", *args]) == 2
+    assert "t.ptz records its training (train.doc_attention: False): eval.doc_max_seg_len is for a record" in (
+        capsys.readouterr().err
+    )
+    assert rx.main([str(path), "model=tiny_1611", f"out_dir={tmp_path / 'z'}", *args, "eval.doc_max_seg_len=0"]) == 2
+    assert "eval.doc_max_seg_len must be an integer in 1.." in capsys.readouterr().err

@@ -11,9 +11,11 @@ quantizers can be compared on the same weights:
     python -m pgolf.tools.reexport outputs/x/y/final_model.float.ptz --export int6_lite_lzma
     python -m pgolf.tools.reexport W --export int6_gptq_lzma export.calibration.count=16 eval.max_tokens=65536
     python -m pgolf.tools.reexport final_model.pt model=record_1611 data=fineweb_sp8192_caseops \
-        --export sdclip_gptq_record_1611_pergroup export.calibration.world_size=8 eval.seq_len=2048
+        --export sdclip_gptq_record_1611_pergroup export.calibration.world_size=8 \
+        eval.seq_len=2048 eval.doc_max_seg_len=2048
     python -m pgolf.tools.reexport final_model.int6.ptz model=record_1611 data=fineweb_sp8192_caseops \
-        --export sdclip_gptq_record_1611_pergroup export.label=record eval.seq_len=2048
+        --export sdclip_gptq_record_1611_pergroup export.label=record \
+        eval.seq_len=2048 eval.doc_max_seg_len=2048
 
 The last form imports a record's quantized model (PR #1611's `final_model.int6.ptz`, pgolf/tools/
 record_quantized.py) instead of quantizing: its codes, scales and LQER factors as stored, written with the
@@ -53,7 +55,7 @@ from pgolf.export.config import ExportConfig, ExportContext, ExportReport
 from pgolf.export.provenance import provenance
 from pgolf.export.roundtrip import roundtrip_evaluate
 from pgolf.export.stages import Stopwatch, export_model
-from pgolf.export.weights import model_from_weights
+from pgolf.export.weights import MAX_SEQ_LEN, model_from_weights
 from pgolf.io import atomic_write_bytes, sha256_file
 from pgolf.model.config import GPTConfig
 from pgolf.quant.artifact import ArtifactError, SizeReport, encode_artifact
@@ -98,6 +100,7 @@ def reexport(cfg: DictConfig) -> dict:
     if weights.is_file() and is_record_quantized(weights):
         return import_record_quantized(cfg, weights, model_cfg, export_cfg, out_dir, res_path)
     state, meta = load_input_weights(weights, model_cfg)  # checked before any tensor is allocated
+    meta = with_doc_attention(meta, cfg.eval.get("doc_max_seg_len"), weights.name)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     check_data_tokenizer(weights, meta, data)  # before the data is prepared or the model built
     seq_len, cut = eval_lengths(cfg, meta, data, weights.name) if cfg.eval.enabled else (0, 0)
@@ -156,7 +159,9 @@ def import_record_quantized(
             "model=<conf/model name> (PR #1611's final_model.int6.ptz: model=record_1611)"
         )
     entries, fmt = load_record_entries(weights, model)
-    meta = {"model": model, "source": "record_quantized"}
+    meta = with_doc_attention(
+        {"model": model, "source": "record_quantized"}, cfg.eval.get("doc_max_seg_len"), weights.name
+    )
     data = OmegaConf.to_container(cfg.data, resolve=True)
     check_data_tokenizer(weights, meta, data)
     seq_len, cut = eval_lengths(cfg, meta, data, weights.name) if cfg.eval.enabled else (0, 0)
@@ -198,10 +203,31 @@ def import_record_quantized(
     )
     result = {"weights": str(weights), "imported": source, "export": report.to_dict()}
     if cfg.eval.enabled:
-        tokens, eval_ctx = validation(cfg, data, tok, GPTConfig.from_dict(model).vocab_size, seq_len, device, None, cut)
+        doc = doc_max_seg_len(meta)
+        if doc is not None:
+            log0(f"reexport: document-bounded windows (attention stops at BOS and every {doc} tokens)")
+        tokens, eval_ctx = validation(cfg, data, tok, GPTConfig.from_dict(model).vocab_size, seq_len, device, doc, cut)
         result.update(roundtrip_and_gap(report, tokens, eval_ctx))
     atomic_write_bytes(res_path, (json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n").encode())
     return result
+
+
+def with_doc_attention(meta: dict, n: int | None, name: str) -> dict:
+    """`meta` with `train.doc_attention` and `train.max_seg_len` = n (`eval.doc_max_seg_len`): the document-bounded
+    attention (PR #1530; PR #1611's 2048-token pieces) a record's model was trained and is scored with, which its
+    bare file does not record; the artifact records it, so eval.py scores the same windows. None: `meta` as it
+    is. Raises ValueError for n outside 1..MAX_SEQ_LEN, or weights that record their training (pgolf's own:
+    their `train` record says how they were trained)."""
+    if n is None:
+        return meta
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SEQ_LEN:
+        raise ValueError(f"eval.doc_max_seg_len must be an integer in 1..{MAX_SEQ_LEN}, got {n!r}")
+    if "train" in meta:
+        raise ValueError(
+            f"{name} records its training (train.doc_attention: {meta['train'].get('doc_attention', False)}): "
+            "eval.doc_max_seg_len is for a record's file, which records none"
+        )
+    return {**meta, "train": {"doc_attention": True, "max_seg_len": n}}
 
 
 def check_data_tokenizer(weights: Path, meta: dict, data: dict) -> None:
