@@ -47,7 +47,6 @@ import numpy as np
 import torch
 
 from pgolf.export.weights import check_model_config, expected_state, load_torch_file, read_model_artifact
-from pgolf.io import atomic_write_bytes
 from pgolf.model.banks import RENAMES
 from pgolf.quant.artifact import MAX_FILE_BYTES, MAX_RAW_BYTES, ArtifactError
 from pgolf.quant.brotli_io import BrotliReader, brotli_compress
@@ -69,6 +68,7 @@ from pgolf.quant.pergroup import (
     split_container,
 )
 from pgolf.quant.rules import QuantEntry
+from pgolf.tools.record_weights import write_new
 
 SHUFFLE_MAGIC = b"BSHF"
 XZ_MAGIC = b"\xfd7zXZ\x00"
@@ -470,20 +470,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", default="pergroup", choices=FORMATS, help="the record's COMPRESSOR (default pergroup)")
     ap.add_argument("--force", action="store_true", help="replace an existing --out")
     a = ap.parse_args(argv)
-    out = Path(a.out)
-    try:
-        if out.exists() and not a.force:
-            raise FileExistsError(f"{out} exists; pass --force to replace it")
-        t0 = time.perf_counter()
-        entries = read_model_artifact(a.artifact)[1]
-        data = encode_record_quantized(entries, a.format)
-        atomic_write_bytes(out, data)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    t0 = time.perf_counter()
+    entries: dict[str, QuantEntry] = {}
+
+    def produce() -> bytes:
+        entries.update(read_model_artifact(a.artifact)[1])
+        return encode_record_quantized(entries, a.format)
+
+    data = write_new(Path(a.out), a.force, produce)
+    if data is None:
         return 2
     n_lqer = sum(e.lqer is not None for e in entries.values())
     print(
-        f"record_quantized: {Path(a.artifact).name} -> {out} format:{a.format} bytes:{len(data)} "
+        f"record_quantized: {Path(a.artifact).name} -> {a.out} format:{a.format} bytes:{len(data)} "
         f"tensors:{len(entries)} lqer:{n_lqer} time:{time.perf_counter() - t0:.1f}s"
     )
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -120,21 +121,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", default="flat", choices=LAYOUTS, help="pr1611: PR #1611's parameter banks")
     ap.add_argument("--force", action="store_true", help="replace an existing --out")
     a = ap.parse_args(argv)
-    out = Path(a.out)
-    try:
-        if out.exists() and not a.force:
-            raise FileExistsError(f"{out} exists; pass --force to replace it")
+    sd: dict[str, torch.Tensor] = {}
+
+    def produce() -> bytes:
         state, meta = load_input_weights(a.weights)
-        sd = record_state_dict(state, a.layout, int(meta["model"]["num_layers"]))
+        sd.update(record_state_dict(state, a.layout, int(meta["model"]["num_layers"])))
         buf = io.BytesIO()
         torch.save(sd, buf)
-        atomic_write_bytes(out, buf.getvalue())
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        return buf.getvalue()
+
+    if write_new(Path(a.out), a.force, produce) is None:
         return 2
     n = sum(t.numel() for t in sd.values())
-    print(f"record_weights: {Path(a.weights).name} -> {out} layout:{a.layout} tensors:{len(sd)} parameters:{n}")
+    print(f"record_weights: {Path(a.weights).name} -> {a.out} layout:{a.layout} tensors:{len(sd)} parameters:{n}")
     return 0
+
+
+def write_new(out: Path, force: bool, produce: Callable[[], bytes]) -> bytes | None:
+    """A tool's output: `produce()`'s bytes written atomically to `out`, which may exist only with `force`
+    (checked before any work). On OSError or ValueError (ArtifactError included) prints one `error:` line to
+    stderr, writes nothing and returns None; else returns the bytes written."""
+    try:
+        if out.exists() and not force:
+            raise FileExistsError(f"{out} exists; pass --force to replace it")
+        data = produce()
+        atomic_write_bytes(out, data)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    return data
 
 
 if __name__ == "__main__":
