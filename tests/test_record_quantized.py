@@ -33,7 +33,7 @@ from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import ArtifactError, read_artifact
 from pgolf.quant.pergroup import lrzip_compress
 from pgolf.quant.rules import dequantize_entry
-from pgolf.tools.inspect import diff
+from pgolf.tools.inspect import _differ, diff
 from pgolf.tools.record_quantized import _inflate, read_record_quantized, record_entries
 
 BACK = {v: k for k, v in RENAMES.items()}  # pgolf name -> the record's
@@ -365,3 +365,62 @@ def test_a_records_document_bounded_attention_is_scored_and_recorded(pgolf_artif
     )
     assert rx.main([str(path), "model=tiny_1611", f"out_dir={tmp_path / 'z'}", *args, "eval.doc_max_seg_len=0"]) == 2
     assert "eval.doc_max_seg_len must be an integer in 1.." in capsys.readouterr().err
+
+
+def test_hostile_record_files_are_refused_within_the_models_bounds(pgolf_artifact, tmp_path, monkeypatch):
+    """With the model config every decompression is capped at what the model holds (4 bytes a parameter +
+    16 MiB), a per-group manifest must list the model's shapes before any group is decoded, an expanded view
+    is refused before it is copied, and non-finite values are refused."""
+    _, model, entries, _ = pgolf_artifact
+    w, m = reference_dicts(entries)
+    zeros = b"\0" * (64 << 20)  # over tiny_1611's cap (about 20 MB), far under the 1 GiB one
+    (tmp_path / "bomb.ptz").write_bytes(brotli.compress(zeros, quality=1))
+    (tmp_path / "bomb_xz.ptz").write_bytes(lzma.compress(zeros, preset=0))
+    for name in ("bomb.ptz", "bomb_xz.ptz"):
+        with pytest.raises(ArtifactError, match=r"decompresses to more than 2\d{7} bytes"):
+            rq.load_record_entries(tmp_path / name, model)
+    expanded = {"w": {**w, "junk.q": torch.zeros(1, dtype=torch.int8).expand(1 << 20)}, "m": m}
+    (tmp_path / "view.ptz").write_bytes(brotli.compress(torch_bytes(expanded)))
+    with pytest.raises(ArtifactError, match=r"a tensor of shape \[1048576\] is larger than its stored bytes"):
+        rq.load_record_entries(tmp_path / "view.ptz", model)
+    for key in ("tok_emb.weight.scale", "skip_weights"):
+        bad = {**w, key: w[key].clone().fill_(float("nan"))}
+        with pytest.raises(ArtifactError, match=rf"{key} holds non-finite values"):
+            record_entries(bad, m, model)
+    rest = {k: v for k, v in w.items() if not (k.endswith(".q") and v.dtype == torch.int8 and "gate" not in k)}
+    manifest = {"attn.c_k.weight.q": [(32768, 32768)]}  # 1 GiB of codes the model has no room for
+    streams = [b"x"] * 7 + [brotli.compress(torch_bytes({"r": rest, "m": m, "s": manifest})), b""]
+    head = b"PGRP" + struct.pack("<10I", 9, *map(len, streams))
+    (tmp_path / "pg.ptz").write_bytes(head + b"".join(streams))
+    with pytest.raises(ArtifactError, match=r"shape manifest of c_k: \[\(32768, 32768\)\] \(1 layers\) is not the"):
+        rq.load_record_entries(tmp_path / "pg.ptz", model)
+    manifest = {"attn.c_k.weight.q": [tuple(w[f"blocks.{i}.attn.c_k.weight.q"].shape) for i in range(5)]}
+    streams[7] = brotli.compress(torch_bytes({"r": rest, "m": m, "s": manifest}))
+    head = b"PGRP" + struct.pack("<10I", 9, *map(len, streams))
+    (tmp_path / "pg.ptz").write_bytes(head + b"".join(streams))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no lrzip
+    with pytest.raises(ArtifactError, match="reading the record's pergroup file needs the external program lrzip"):
+        rq.load_record_entries(tmp_path / "pg.ptz", model)
+    with pytest.raises(ArtifactError, match="needs the external program lrzip.*or write --format brotli or lzma"):
+        rq.encode_record_quantized(entries, "pergroup")
+
+
+def test_writer_refusals_messages_and_nan_differences(pgolf_artifact, tmp_path, capsys):
+    tmp, model, entries, _ = pgolf_artifact
+    name, e = next((k, v) for k, v in entries.items() if v.lqer is not None)
+    sym = replace(e.lqer, mode="sym", bits=6, group=0)  # export.lqer.asym=false export.lqer.factor_bits=6
+    with pytest.raises(ArtifactError, match="symmetric LQER factors of 6 bits; PR #1611's format holds only INT4"):
+        rq.record_dicts({**entries, name: replace(e, lqer=sym)})
+    nan = torch.tensor([float("nan"), 1.0, float("nan")])
+    assert _differ(nan, torch.tensor([1.0, 1.0, float("nan")]))[0] == 1  # NaN against a number differs
+    save_float_weights(tmp_path / "f.ptz", {k: dequantize_entry(v) for k, v in entries.items()}, {"model": model})
+    assert rq.main([str(tmp_path / "f.ptz"), "--out", str(tmp_path / "o.ptz")]) == 2
+    assert "saved float weights, not a quantized artifact: quantize them first" in capsys.readouterr().err
+    (tmp_path / "d.ptz").mkdir()
+    assert rx.main([str(tmp_path / "d.ptz"), "model=tiny_1611", *pgolf_artifact[3]]) == 2
+    assert "d.ptz: a directory, not a weights file" in capsys.readouterr().err
+    odd = tmp_path / "a,b it's.ptz"  # a file name Hydra's override grammar would split or choke on unquoted
+    write_plain(odd, *reference_dicts(entries))
+    args = [str(odd), "model=tiny_1611", "--export", "sdclip_gptq_record_1611", f"out_dir={tmp_path / 'o'}"]
+    assert rx.main([*args, *pgolf_artifact[3], "eval.enabled=false"]) == 0
+    assert (tmp_path / "o" / ART).is_file()

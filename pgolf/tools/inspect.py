@@ -181,8 +181,10 @@ def inspect(path: str | Path, codecs: bool = False) -> str:
 # ---- two artifacts --------------------------------------------------------------------------------
 def _differ(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
     """(elements that differ, max |a − b|) of two stored tensors of one shape (compared in float64)."""
-    d = (a.double() - b.double()).abs()
-    return int((d > 0).sum()), float(d.max()) if d.numel() else 0.0
+    x, y = a.double(), b.double()
+    d = (x - y).abs()
+    ne = (x != y) & ~(x.isnan() & y.isnan())  # NaN against a number differs; (d > 0) is False for NaN
+    return int(ne.sum()), float(d.max()) if d.numel() else 0.0
 
 
 def _lqer_state(a: QuantEntry, b: QuantEntry) -> str:

@@ -22,10 +22,14 @@ SmearGate (pgolf/model/banks.py RENAMES). The file is either
   brotli; a group's matrices are its layers 0, 1, ... in order, each transposed after its rows were put in the
   stored order (the hot groups tok_emb, c_q, mlp.fc).
 
-Reading is bounded and pickle-free: every decompression is capped (MAX_RAW_BYTES), a torch.save is read
-weights-only from its checked zip container, the lrzip groups through pgolf's bounded `lrzip -d`, and every
-tensor's name, shape, dtype, code range and category is checked against the model config before an entry is
-made. Problems raise ArtifactError naming the file and what is wrong.
+Reading is bounded and pickle-free: with the model config (`model=`, always given by reexport and inspect)
+every decompression is capped at what that model's tensors can take (4 bytes a parameter + 16 MiB; 1 GiB
+without it) and a per-group shape manifest must list the model's own shapes before any group or row order is
+decompressed (so an `lrzip -d` runs on at most the model's codes: pgolf's bounded decoder, 120 s + 1 s per 50
+KB declared); a torch.save is read weights-only from its checked zip container, a tensor larger than its stored
+bytes (an expanded view) is refused before it is copied, and every tensor's name, shape, dtype, finiteness,
+code range and category is checked against the model config before an entry is made. Problems raise
+ArtifactError naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -46,9 +50,16 @@ import brotli
 import numpy as np
 import torch
 
-from pgolf.export.weights import check_model_config, expected_state, load_torch_file, read_model_artifact
+from pgolf.export.weights import (
+    FLOAT_KIND,
+    MAX_FLOAT_FILE_BYTES,
+    check_model_config,
+    expected_state,
+    load_torch_file,
+    read_model_artifact,
+)
 from pgolf.model.banks import RENAMES
-from pgolf.quant.artifact import MAX_FILE_BYTES, MAX_RAW_BYTES, ArtifactError
+from pgolf.quant.artifact import MAX_FILE_BYTES, MAX_RAW_BYTES, ArtifactError, load_artifact
 from pgolf.quant.brotli_io import BrotliReader, brotli_compress
 from pgolf.quant.numerics import LQERFactors
 from pgolf.quant.pergroup import (
@@ -60,6 +71,7 @@ from pgolf.quant.pergroup import (
     brotli_decompress,
     decode_matrix,
     encode_matrix,
+    group_of,
     lrzip_compress,
     lrzip_decompress,
     lrzip_path,
@@ -99,20 +111,29 @@ def is_record_quantized(path: str | Path) -> bool:
     return Path(path).suffix == ".ptz" and head[:4] != b"PK\x03\x04" and head != b"PGOLFART"
 
 
-def read_record_quantized(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+def read_record_quantized(
+    path: str | Path, model: dict | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """(w, m, format) of a record's quantized file: the tensors by the record's names, the category of each
-    weight, and which of FORMATS it was. Raises ArtifactError `<path>: <what>`."""
+    weight, and which of FORMATS it was. With `model` (a config), every decompression is capped by what that
+    model's tensors can take and a pergroup manifest must be the model's shapes, before anything is
+    decompressed past the remainder. Raises ArtifactError `<path>: <what>`."""
     path = Path(path)
+    cap, groups = MAX_RAW_BYTES, None
     try:
+        if model is not None:
+            want = expected_state(check_model_config(model, "model"), "model")
+            cap = min(MAX_RAW_BYTES, 4 * sum(math.prod(s) for s, _ in want.values()) + (16 << 20))
+            groups = _model_groups(want)
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
             raise ArtifactError(f"{size} bytes, over the limit of {MAX_FILE_BYTES} for a quantized model")
         data = path.read_bytes()
         if data[:4] == MAGIC:
-            w, m = _read_pergroup(data)
+            w, m = _read_pergroup(data, cap, groups)
             return w, m, "pergroup"
         fmt = "lzma" if data[:6] == XZ_MAGIC else "brotli"
-        obj = _load_torch_bytes(_unshuffle(_inflate(data, fmt)), "quantized state")
+        obj = _load_torch_bytes(_unshuffle(_inflate(data, fmt, cap)), "quantized state")
         if not isinstance(obj, dict) or set(obj) != {"w", "m"}:
             raise ArtifactError(f"expected the record's {{'w': tensors, 'm': categories}}, got {_describe(obj)}")
         return _tensors(obj["w"], "w"), _categories(obj["m"]), fmt
@@ -125,7 +146,7 @@ def read_record_quantized(path: str | Path) -> tuple[dict[str, torch.Tensor], di
 def load_record_entries(path: str | Path, model: dict) -> tuple[dict[str, QuantEntry], str]:
     """(pgolf's entries, format) of a record's quantized file for a model of config `model`:
     `read_record_quantized`, then `record_entries`. Raises ArtifactError `<path>: <what>`."""
-    w, m, fmt = read_record_quantized(path)
+    w, m, fmt = read_record_quantized(path, model)
     try:
         return record_entries(w, m, model), fmt
     except ArtifactError as e:
@@ -156,7 +177,7 @@ def _inflate(data: bytes, fmt: str, cap: int = MAX_RAW_BYTES) -> bytes:
         raise ArtifactError(f"not a {fmt} stream of a quantized model ({e})") from None
     if len(out) > cap:
         raise ArtifactError(f"decompresses to more than {cap} bytes")
-    return bytes(out)
+    return out  # no copy
 
 
 def _unshuffle(raw: bytes) -> bytes:
@@ -174,7 +195,7 @@ def _unshuffle(raw: bytes) -> bytes:
         k = n // stride + (1 if j < n % stride else 0)
         out[j::stride] = body[pos : pos + k]
         pos += k
-    return out.tobytes()
+    return out  # no copy: the caller writes it to a file
 
 
 def _load_torch_bytes(raw: bytes, what: str):
@@ -189,6 +210,8 @@ def _load_torch_bytes(raw: bytes, what: str):
 
 def _detach(obj):
     if isinstance(obj, torch.Tensor):
+        if obj.numel() * obj.element_size() > obj.untyped_storage().nbytes():  # a stride-0 (expanded) view
+            raise ArtifactError(f"a tensor of shape {list(obj.shape)} is larger than its stored bytes (a forged view)")
         return obj.clone()
     if isinstance(obj, dict):
         return {k: _detach(v) for k, v in obj.items()}
@@ -202,22 +225,42 @@ def _describe(obj) -> str:
 
 
 def _tensors(w, what: str) -> dict[str, torch.Tensor]:
-    if not isinstance(w, dict) or any(not isinstance(k, str) or not isinstance(v, torch.Tensor) for k, v in w.items()):
+    if not isinstance(w, dict):
         raise ArtifactError(f"{what} must map names to tensors, got {_describe(w)}")
+    bad = next(((k, v) for k, v in w.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ArtifactError(f"{what} must map names to tensors: entry {str(bad[0])[:80]!r} is {type(bad[1]).__name__}")
     return w
 
 
 def _categories(m) -> dict[str, str]:
-    if not isinstance(m, dict) or any(not isinstance(k, str) or not isinstance(v, str) for k, v in m.items()):
+    if not isinstance(m, dict):
         raise ArtifactError(f"the categories (m) must map names to strings, got {_describe(m)}")
+    bad = next(((k, v) for k, v in m.items() if not isinstance(k, str) or not isinstance(v, str)), None)
+    if bad is not None:
+        raise ArtifactError(
+            f"the categories (m) must map names to strings: entry {str(bad[0])[:80]!r} is {bad[1]!r:.80}"
+        )
     return m
 
 
-def _read_pergroup(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _model_groups(want: dict) -> dict[str, list[tuple[int, ...]]]:
+    """The shapes a pergroup manifest lists for a model whose state is `want` ({name: (shape, dtype)}): per
+    group, its matrices in layer order (pgolf/quant/pergroup.py `group_of`)."""
+    routed = sorted((where, name) for name in want if (where := group_of(name)) is not None)
+    out: dict[str, list[tuple[int, ...]]] = {g: [] for g in GROUPS}
+    for (g, _), name in routed:
+        out[GROUPS[g]].append(tuple(want[name][0]))
+    return out
+
+
+def _read_pergroup(
+    data: bytes, cap: int = MAX_RAW_BYTES, model_groups: dict | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(w, m) of a PR #1611 `PGRP` file: the remainder first (its shape manifest says what each group holds),
     then each group through `lrzip -d` at exactly its manifest's size, then the rows put back in order."""
     streams = split_container(data)
-    rem = _load_torch_bytes(_inflate(bytes(streams[len(GROUPS)]), "brotli"), "pergroup remainder")
+    rem = _load_torch_bytes(_inflate(bytes(streams[len(GROUPS)]), "brotli", cap), "pergroup remainder")
     if not isinstance(rem, dict) or set(rem) != {"r", "m", "s"}:
         raise ArtifactError(f"pergroup remainder: expected {{'r', 'm', 's'}}, got {_describe(rem)}")
     w, m, manifest = _tensors(rem["r"], "pergroup remainder r"), _categories(rem["m"]), rem["s"]
@@ -228,6 +271,14 @@ def _read_pergroup(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]
     if unknown:
         raise ArtifactError(f"pergroup shape manifest: unknown groups {unknown}")
     shapes = {g: _shapes(manifest.get(RECORD_GROUP_KEYS[g], []), g) for g in GROUPS}
+    for g in GROUPS if model_groups is not None else ():
+        if shapes[g] and shapes[g] != model_groups[g]:
+            raise ArtifactError(
+                f"pergroup shape manifest of {g}: {shapes[g][:3]}{'...' if len(shapes[g]) > 3 else ''} "
+                f"({len(shapes[g])} layers) is not the model's {model_groups[g][:3]} ({len(model_groups[g])} layers)"
+            )
+    if any(streams[i] for i in range(len(GROUPS))):
+        _need_lrzip("reading the record's pergroup file", "or have the record write COMPRESSOR=brotli")
     perm_rows = [s[0] for g in GROUPS if g in HOT for s in shapes[g] if len(s) == 2]
     perms_raw = b""
     if perm_rows:
@@ -262,6 +313,17 @@ def _read_pergroup(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]
                 raise ArtifactError(f"pergroup: {name} both in a group and in the remainder")
             w[name] = torch.from_numpy(arr)
     return w, m
+
+
+def _need_lrzip(what: str, otherwise: str) -> None:
+    """ArtifactError naming `what` and `otherwise` when the `lrzip` program is not on PATH."""
+    try:
+        lrzip_path()
+    except PerGroupError:
+        raise ArtifactError(
+            f"{what} needs the external program lrzip, which is not on PATH: install it (Debian/Ubuntu: apt-get "
+            f"install lrzip; `bash run.sh setup` does where it can), {otherwise}"
+        ) from None
 
 
 def _shapes(v, group: str) -> list[tuple[int, ...]]:
@@ -309,6 +371,8 @@ def _field(w: dict, key: str, used: set[str], dtype: torch.dtype, shape: tuple[i
     if t.dtype != dtype or (shape is not None and tuple(t.shape) != shape):
         want = f"{dtype} {list(shape)}" if shape is not None else str(dtype)
         raise ArtifactError(f"{key} must be {want}, got {t.dtype} {list(t.shape)}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ArtifactError(f"{key} holds non-finite values (NaN or inf)")
     used.add(key)
     return t.contiguous()
 
@@ -398,6 +462,11 @@ def record_dicts(entries: dict[str, QuantEntry]) -> tuple[dict[str, torch.Tensor
         m[rec] = "gate_int8_row" if gate else f"gptq (int{e.bits})"
         if e.lqer is not None:
             mode = e.lqer.mode
+            if mode == "sym" and e.lqer.bits != LQER_SYM_BITS:
+                raise ArtifactError(
+                    f"{name}: symmetric LQER factors of {e.lqer.bits} bits; PR #1611's format holds only "
+                    f"INT{LQER_SYM_BITS} (it stores no bit width)"
+                )
             for key, t in zip(LQER_KEYS[mode], (e.lqer.qa, e.lqer.sa, e.lqer.qb, e.lqer.sb), strict=True):
                 w[rec + key] = t
             m[rec] += "+lqer_asym" if mode == "asym" else "+lqer"
@@ -434,7 +503,7 @@ def encode_record_quantized(entries: dict[str, QuantEntry], fmt: str = "pergroup
             groups[g].append((int(parts[1]) if block else 0, t.numpy()))
         else:
             rest[name] = t
-    lrzip_path()  # a missing lrzip stops here, before the row orders are computed
+    _need_lrzip("writing the record's pergroup file", "or write --format brotli or lzma")  # before the row orders
     mats, manifest = [], {}
     for g in GROUPS:
         layers = sorted(groups[g], key=lambda x: x[0])
@@ -474,6 +543,13 @@ def main(argv: list[str] | None = None) -> int:
     entries: dict[str, QuantEntry] = {}
 
     def produce() -> bytes:
+        head = load_artifact(a.artifact, tensors=False, max_file_bytes=MAX_FLOAT_FILE_BYTES)[0]  # header only
+        if head.meta.get("kind") == FLOAT_KIND:
+            raise ArtifactError(
+                f"{a.artifact}: saved float weights, not a quantized artifact: quantize them first (python -m "
+                "pgolf.tools.reexport WEIGHTS --export ...), or write them for the record's own export with python "
+                "-m pgolf.tools.record_weights"
+            )
         entries.update(read_model_artifact(a.artifact)[1])
         return encode_record_quantized(entries, a.format)
 

@@ -28,6 +28,8 @@ def load_input_weights(path: str | Path, model: dict | None = None) -> tuple[dic
     (`load_state_dict_file`). Raises FileNotFoundError, or ArtifactError `<path>: <what>`: also for `model`
     given with weights that carry their own config, or a bare torch.save file without it."""
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path}: a directory, not a weights file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
     with open(path, "rb") as f:
@@ -45,7 +47,7 @@ def load_input_weights(path: str | Path, model: dict | None = None) -> tuple[dic
             raise ArtifactError(f"{path}: these weights carry their own model config; model= is for a bare state dict")
         raise ArtifactError(
             f"{path}: not a zip-format torch.save file (the format torch.save writes since PyTorch 1.6; load it and "
-            "save it again with torch.save)"
+            "save it again with torch.save), nor a record's quantized model (PGRP, xz, or brotli named *.ptz)"
         )
     else:
         state, meta = load_weights(path)

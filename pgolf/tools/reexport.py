@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -71,7 +72,15 @@ from pgolf.tools.record_weights import load_input_weights
 def compose_config(weights: str, overrides: list[str]) -> DictConfig:
     """conf/reexport.yaml with `weights=` and the command line's overrides."""
     with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
-        return compose(config_name="reexport", overrides=[f"weights={weights}", *overrides])
+        quoted = "'" + hydra_quoted(weights) + "'"  # any file name: commas, spaces, =, quotes
+        return compose(config_name="reexport", overrides=[f"weights={quoted}", *overrides])
+
+
+def hydra_quoted(value: str) -> str:
+    """`value` as the inside of a single-quoted Hydra override value: backslashes before a quote or at the end
+    doubled, quotes and `${` (an interpolation) escaped."""
+    out = re.sub(r"(\\+)(?=')|(\\+)$", lambda m: m.group(0) * 2, value)
+    return out.replace("'", "\\'").replace("${", "\\${")
 
 
 def pick_device(name: str) -> torch.device:
@@ -158,13 +167,13 @@ def import_record_quantized(
             f"{weights}: a record's quantized file holds no model config: name the model it was trained with, "
             "model=<conf/model name> (PR #1611's final_model.int6.ptz: model=record_1611)"
         )
-    entries, fmt = load_record_entries(weights, model)
     meta = with_doc_attention(
         {"model": model, "source": "record_quantized"}, cfg.eval.get("doc_max_seg_len"), weights.name
     )
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    check_data_tokenizer(weights, meta, data)
+    check_data_tokenizer(weights, meta, data)  # the configs first: decoding a pergroup file takes minutes
     seq_len, cut = eval_lengths(cfg, meta, data, weights.name) if cfg.eval.enabled else (0, 0)
+    entries, fmt = load_record_entries(weights, model)
     device = pick_device(cfg.device)
     ensure_dataset(data.get("prepare"), data.get("root"))
     tok = TokenizerInfo.from_path(data["tokenizer_path"])
@@ -360,7 +369,9 @@ def eval_lengths(cfg: DictConfig, meta: dict, data: dict, name: str) -> tuple[in
     run_seq = (meta.get("final_eval") or {}).get("seq_len") or meta.get("train", {}).get("seq_len")  # as eval.py
     seq_len = int(cfg.eval.seq_len or run_seq or data.get("eval_seq_len") or 0)
     if seq_len <= 0:
-        raise ValueError(f"{name} records no training seq_len: set eval.seq_len=")
+        raise ValueError(
+            f"{name} records no training seq_len (nor does the data config an eval_seq_len): set eval.seq_len="
+        )
     train_seq = meta.get("train", {}).get("seq_len") or 0
     return seq_len, run_val_seq_len(meta) or max(seq_len, int(train_seq))
 
