@@ -373,7 +373,7 @@ def test_hostile_record_files_are_refused_within_the_models_bounds(pgolf_artifac
     is refused before it is copied, and non-finite values are refused."""
     _, model, entries, _ = pgolf_artifact
     w, m = reference_dicts(entries)
-    zeros = b"\0" * (64 << 20)  # over tiny_1611's cap (about 20 MB), far under the 1 GiB one
+    zeros = b"\0" * (32 << 20)  # over tiny_1611's cap (about 20 MB), far under the 1 GiB one
     (tmp_path / "bomb.ptz").write_bytes(brotli.compress(zeros, quality=1))
     (tmp_path / "bomb_xz.ptz").write_bytes(lzma.compress(zeros, preset=0))
     for name in ("bomb.ptz", "bomb_xz.ptz"):

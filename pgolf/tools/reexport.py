@@ -370,7 +370,7 @@ def eval_lengths(cfg: DictConfig, meta: dict, data: dict, name: str) -> tuple[in
     seq_len = int(cfg.eval.seq_len or run_seq or data.get("eval_seq_len") or 0)
     if seq_len <= 0:
         raise ValueError(
-            f"{name} records no training seq_len (nor does the data config an eval_seq_len): set eval.seq_len="
+            f"{name} records no training seq_len: set eval.seq_len= (the data config has no eval_seq_len either)"
         )
     train_seq = meta.get("train", {}).get("seq_len") or 0
     return seq_len, run_val_seq_len(meta) or max(seq_len, int(train_seq))
