@@ -59,7 +59,8 @@ from pgolf.export.weights import (
     read_model_artifact,
 )
 from pgolf.model.banks import RENAMES
-from pgolf.quant.artifact import MAX_FILE_BYTES, MAX_RAW_BYTES, ArtifactError, load_artifact
+from pgolf.quant.artifact import LZMA_MEMLIMIT, MAX_FILE_BYTES, MAX_RAW_BYTES, ArtifactError, load_artifact
+from pgolf.quant.artifact import MAGIC as ARTIFACT_MAGIC
 from pgolf.quant.brotli_io import BrotliReader, brotli_compress
 from pgolf.quant.numerics import LQERFactors
 from pgolf.quant.pergroup import (
@@ -108,7 +109,7 @@ def is_record_quantized(path: str | Path) -> bool:
         head = f.read(8)
     if head[:4] == MAGIC or head[:6] == XZ_MAGIC:
         return True
-    return Path(path).suffix == ".ptz" and head[:4] != b"PK\x03\x04" and head != b"PGOLFART"
+    return Path(path).suffix == ".ptz" and head[:4] != b"PK\x03\x04" and head != ARTIFACT_MAGIC
 
 
 def read_record_quantized(
@@ -153,12 +154,12 @@ def load_record_entries(path: str | Path, model: dict) -> tuple[dict[str, QuantE
         raise ArtifactError(f"{path}: {e}") from None
 
 
-def _inflate(data: bytes, fmt: str, cap: int = MAX_RAW_BYTES) -> bytes:
+def _inflate(data: bytes, fmt: str, cap: int = MAX_RAW_BYTES) -> bytearray:
     """brotli or xz of `data`, at most `cap` bytes produced. Raises ArtifactError."""
     out = bytearray()
     try:
         if fmt == "lzma":
-            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=1 << 28)
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=LZMA_MEMLIMIT)
             out += d.decompress(data, max_length=cap + 1)
             if len(out) <= cap and not d.eof:
                 raise ArtifactError("truncated xz stream")
@@ -177,10 +178,10 @@ def _inflate(data: bytes, fmt: str, cap: int = MAX_RAW_BYTES) -> bytes:
         raise ArtifactError(f"not a {fmt} stream of a quantized model ({e})") from None
     if len(out) > cap:
         raise ArtifactError(f"decompresses to more than {cap} bytes")
-    return out  # no copy
+    return out
 
 
-def _unshuffle(raw: bytes) -> bytes:
+def _unshuffle(raw: bytearray) -> bytearray | np.ndarray:
     """Undo the record's byte shuffle (`BSHF`, stride s, then byte j of every s-byte word for j < s; a final
     partial word's bytes go to the first positions) when `raw` carries it."""
     if raw[:4] != SHUFFLE_MAGIC:
@@ -189,18 +190,19 @@ def _unshuffle(raw: bytes) -> bytes:
         raise ArtifactError("byte-shuffled payload without its stride")
     stride, body = raw[4], np.frombuffer(raw, dtype=np.uint8, offset=5)
     if stride < 2:
-        return body.tobytes()
+        return body
     n, out, pos = body.size, np.empty(body.size, dtype=np.uint8), 0
     for j in range(stride):
         k = n // stride + (1 if j < n % stride else 0)
         out[j::stride] = body[pos : pos + k]
         pos += k
-    return out  # no copy: the caller writes it to a file
+    return out
 
 
-def _load_torch_bytes(raw: bytes, what: str):
-    """The object of a torch.save zip held in memory, read weights-only from its checked container
-    (pgolf/export/weights.py `load_torch_file`); the tensors are copied out of the mapped temporary file."""
+def _load_torch_bytes(raw: bytes | bytearray | np.ndarray, what: str):
+    """The object of a torch.save zip held in memory (any buffer, written as it is, not copied), read
+    weights-only from its checked container (pgolf/export/weights.py `load_torch_file`); the tensors are copied
+    out of the mapped temporary file."""
     with tempfile.TemporaryDirectory(prefix="pgolf-record-") as tmp:
         p = Path(tmp) / "state.pt"
         p.write_bytes(raw)
