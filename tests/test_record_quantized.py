@@ -238,6 +238,12 @@ def test_bad_record_files_are_one_error_each(pgolf_artifact, tmp_path):
         _inflate(brotli.compress(b"\x00" * 5000), "brotli", cap=1000)
     with pytest.raises(ArtifactError, match="decompresses to more than 1000 bytes"):
         _inflate(lzma.compress(b"\x00" * 5000), "lzma", cap=1000)
+    (tmp_path / "intkey.ptz").write_bytes(brotli.compress(torch_bytes({"w": {**w, 5: w[gate + ".q"]}, "m": m})))
+    with pytest.raises(ArtifactError, match="w must map names to tensors: a key '5' is int"):
+        read_record_quantized(tmp_path / "intkey.ptz")
+    (tmp_path / "mval.ptz").write_bytes(brotli.compress(torch_bytes({"w": w, "m": {**m, gate: 3}})))
+    with pytest.raises(ArtifactError, match=rf"must map names to strings: '{gate}' is 3"):
+        read_record_quantized(tmp_path / "mval.ptz")
     (tmp_path / "other.ptz").write_bytes(brotli.compress(torch_bytes({"w": w})))
     with pytest.raises(ArtifactError, match=r"expected the record's \{'w': tensors, 'm': categories\}"):
         read_record_quantized(tmp_path / "other.ptz")

@@ -229,20 +229,26 @@ def _describe(obj) -> str:
 def _tensors(w, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(w, dict):
         raise ArtifactError(f"{what} must map names to tensors, got {_describe(w)}")
-    bad = next(((k, v) for k, v in w.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    bad = next((k for k in w if not isinstance(k, str)), None)
     if bad is not None:
-        raise ArtifactError(f"{what} must map names to tensors: entry {str(bad[0])[:80]!r} is {type(bad[1]).__name__}")
+        raise ArtifactError(f"{what} must map names to tensors: a key {str(bad)[:80]!r} is {type(bad).__name__}")
+    bad = next((k for k, v in w.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ArtifactError(f"{what} must map names to tensors: {bad[:80]!r} is {type(w[bad]).__name__}")
     return w
 
 
 def _categories(m) -> dict[str, str]:
     if not isinstance(m, dict):
         raise ArtifactError(f"the categories (m) must map names to strings, got {_describe(m)}")
-    bad = next(((k, v) for k, v in m.items() if not isinstance(k, str) or not isinstance(v, str)), None)
+    bad = next((k for k in m if not isinstance(k, str)), None)
     if bad is not None:
         raise ArtifactError(
-            f"the categories (m) must map names to strings: entry {str(bad[0])[:80]!r} is {bad[1]!r:.80}"
+            f"the categories (m) must map names to strings: a key {str(bad)[:80]!r} is {type(bad).__name__}"
         )
+    bad = next((k for k, v in m.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ArtifactError(f"the categories (m) must map names to strings: {bad[:80]!r} is {m[bad]!r:.80}")
     return m
 
 
