@@ -77,8 +77,10 @@ def reference_dicts(entries) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             assert e.kind == "fp16" or not e.data.is_floating_point(), (name, e.kind)
             w[rec], m[rec] = e.data, "passthrough (float16)"
             continue
-        w[rec + ".q"], w[rec + ".scale"] = e.q, e.scale
-        m[rec] = "gate_int8_row" if e.bits == 8 else f"gptq (int{e.bits})"
+        if e.bits == 8:  # the attention gates (PR #1611's GATED_ATTN_QUANT_GATE): codes .gq, row scales .gs
+            w[rec + ".gq"], w[rec + ".gs"], m[rec] = e.q, e.scale, "gate_int8_row"
+            continue
+        w[rec + ".q"], w[rec + ".scale"], m[rec] = e.q, e.scale, f"gptq (int{e.bits})"
         if e.lqer is not None:
             f = e.lqer
             w[rec + ".lqA_a"], w[rec + ".lqAs_a"], w[rec + ".lqB_a"], w[rec + ".lqBs_a"] = f.qa, f.sa, f.qb, f.sb
@@ -211,7 +213,7 @@ def test_bad_record_files_are_one_error_each(pgolf_artifact, tmp_path):
     codes["blocks.0.mlp.proj.weight.q"] = codes["blocks.0.mlp.proj.weight.q"].clone().fill_(40)
     cases = {
         "hadamard": (w, {**m, fc: "gptq (int6) +hadamard"}, "is not one PR #1611 writes"),
-        "missing": ({k: v for k, v in w.items() if k != gate + ".scale"}, m, rf"{gate}.scale is missing"),
+        "missing": ({k: v for k, v in w.items() if k != gate + ".gs"}, m, rf"{gate}.gs is missing"),
         "left": ({**w, "extra.q": torch.zeros(2, dtype=torch.int8)}, m, r"tensors no category uses: \['extra.q'\]"),
         "unknown": (w, {**m, "blocks.9.attn.c_q.weight": "gptq (int6)"}, "no parameter for"),
         "range": (codes, m, r"blocks.0.mlp.proj.weight.q holds codes outside \[-31, 31\]"),
@@ -238,7 +240,7 @@ def test_bad_record_files_are_one_error_each(pgolf_artifact, tmp_path):
         _inflate(brotli.compress(b"\x00" * 5000), "brotli", cap=1000)
     with pytest.raises(ArtifactError, match="decompresses to more than 1000 bytes"):
         _inflate(lzma.compress(b"\x00" * 5000), "lzma", cap=1000)
-    (tmp_path / "intkey.ptz").write_bytes(brotli.compress(torch_bytes({"w": {**w, 5: w[gate + ".q"]}, "m": m})))
+    (tmp_path / "intkey.ptz").write_bytes(brotli.compress(torch_bytes({"w": {**w, 5: w[gate + ".gq"]}, "m": m})))
     with pytest.raises(ArtifactError, match="w must map names to tensors: a key '5' is int"):
         read_record_quantized(tmp_path / "intkey.ptz")
     (tmp_path / "mval.ptz").write_bytes(brotli.compress(torch_bytes({"w": w, "m": {**m, gate: 3}})))
@@ -315,7 +317,7 @@ def test_a_pgolf_artifact_written_in_the_records_format(pgolf_artifact, tmp_path
         assert set(rem) == {"r", "m", "s"} and rem["m"] == m
         assert rem["s"]["_tok_emb.weight.q"] == [tuple(w["tok_emb.weight.q"].shape)]
         assert rem["s"]["mlp.fc.weight.q"] == [tuple(w[f"blocks.{i}.mlp.fc.weight.q"].shape) for i in range(5)]
-        assert "blocks.0.attn.attn_gate_w.q" in rem["r"] and "tok_emb.weight.q" not in rem["r"]
+        assert "blocks.0.attn.attn_gate_w.gq" in rem["r"] and "tok_emb.weight.q" not in rem["r"]
         rows = w["tok_emb.weight.q"].shape[0]
         order = np.frombuffer(brotli.decompress(streams[8]), dtype="<u2")[:rows].astype(np.int64)
         assert sorted(order) == list(range(rows)) and order[0] == 0  # the chain starts at row 0

@@ -10,7 +10,8 @@ The record's `gptq_mixed_quantize` returns a flat dict `w` of tensors and a dict
 `passthrough (float16)` (the tensor itself under its name, fp16, or as it is when not floating),
 `gptq (int6)` / `gptq (int7)` with `+lqer_asym` or `+lqer` (`<name>.q` int8 codes, `<name>.scale` fp16 row
 scales; the asymmetric LQER factors `<name>.lqA_a`, `.lqAs_a`, `.lqB_a`, `.lqBs_a`, the symmetric ones
-`.lqA`, `.lqAs`, `.lqB`, `.lqBs`), and `gate_int8_row` (the attention gates, int8 per row, `.q` / `.scale`).
+`.lqA`, `.lqAs`, `.lqB`, `.lqBs`), and `gate_int8_row` (the attention gates `*.attn_gate_w`, int8 per row:
+`.gq` codes, `.gs` fp16 row scales).
 Its names are the unbanked per-layer ones (`blocks.<i>.attn.c_q.weight`, ...), pgolf's names but for the
 SmearGate (pgolf/model/banks.py RENAMES). The file is either
 
@@ -96,6 +97,8 @@ RECORD_GROUP_KEYS = {
     "mlp.fc": "mlp.fc.weight.q",
     "mlp.proj": "mlp.proj.weight.q",
 }
+CODE_KEYS = (".q", ".scale")  # a GPTQ'd matrix's int8 codes and fp16 scales
+GATE_KEYS = (".gq", ".gs")  # an attention gate's (category gate_int8_row)
 LQER_KEYS = {"asym": (".lqA_a", ".lqAs_a", ".lqB_a", ".lqBs_a"), "sym": (".lqA", ".lqAs", ".lqB", ".lqBs")}
 LQER_SYM_BITS = 4  # the record's LQER_FACTOR_BITS, the range of its symmetric fallback's codes
 CATEGORY = re.compile(r"(?:gptq \(int([2-8])\)(\+lqer_asym|\+lqer)?|gate_int8_row|passthrough \(float16\))")
@@ -402,13 +405,15 @@ def _entry(rec: str, cat: str, w: dict, shape: tuple[int, ...], dtype: str, used
         return QuantEntry(kind=kind, shape=shape, orig_dtype=dtype, data=t, info={"method": "record"})
     if len(shape) != 2:
         raise ArtifactError(f"{rec}: category {cat!r} for a tensor of shape {list(shape)} (a matrix was expected)")
-    bits = 8 if cat == "gate_int8_row" else int(found.group(1))
-    q = _field(w, rec + ".q", used, torch.int8, shape)
-    s = _field(w, rec + ".scale", used, torch.float16)
+    gate = cat == "gate_int8_row"
+    bits = 8 if gate else int(found.group(1))
+    kq, ks = (rec + k for k in (GATE_KEYS if gate else CODE_KEYS))
+    q = _field(w, kq, used, torch.int8, shape)
+    s = _field(w, ks, used, torch.float16)
     if tuple(s.shape) not in ((shape[0],), (), (1,)):
-        raise ArtifactError(f"{rec}.scale must be per row [{shape[0]}] or one value, got {list(s.shape)}")
+        raise ArtifactError(f"{ks} must be per row [{shape[0]}] or one value, got {list(s.shape)}")
     lim = (1 << (bits - 1)) - 1
-    _in_range(q, -lim, lim, rec + ".q")
+    _in_range(q, -lim, lim, kq)
     method = "int8_row" if bits == 8 else "gptq"
     info: dict = {"method": method, "clip": "sdclip" if bits < 8 else "max", "rule": "record", "source": cat}
     lqer = None
@@ -465,8 +470,9 @@ def record_dicts(entries: dict[str, QuantEntry]) -> tuple[dict[str, torch.Tensor
             raise ArtifactError(f"{name}: a scale of {e.scale.numel()} values is neither per row nor one value")
         if scale.dtype != e.scale.dtype and not torch.equal(scale.float(), e.scale.float()):
             raise ArtifactError(f"{name}: its float32 scales are not float16 values (the record stores fp16)")
-        w[rec + ".q"], w[rec + ".scale"] = e.q, scale
         gate = e.bits == 8 and rec.endswith(".attn_gate_w") and scale.ndim == 1
+        kq, ks = GATE_KEYS if gate else CODE_KEYS
+        w[rec + kq], w[rec + ks] = e.q, scale
         m[rec] = "gate_int8_row" if gate else f"gptq (int{e.bits})"
         if e.lqer is not None:
             mode = e.lqer.mode
