@@ -498,7 +498,7 @@ def encode_record_quantized(entries: dict[str, QuantEntry], fmt: str = "pergroup
     or xz (preset `level`) of `torch.save({"w", "m"})`, or the `PGRP` container (the 7 role groups' codes
     through `lrzip -z -L level`, the hot groups' rows in the greedy L1 chain order, pgolf/quant/pergroup.py
     `nn_chain`; the remainder `{"r", "m", "s"}` brotli-11 with a 2^24 window; the uint16 orders brotli-11).
-    Raises ArtifactError (`record_dicts`), PerGroupError when lrzip is missing or fails."""
+    Raises ArtifactError (`record_dicts`; an unknown format; lrzip missing), PerGroupError when lrzip fails."""
     if fmt not in FORMATS:
         raise ArtifactError(f"format {fmt!r} is not one of {FORMATS}")
     w, m = record_dicts(entries)
