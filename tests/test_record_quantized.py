@@ -227,9 +227,12 @@ def test_bad_record_files_are_one_error_each(pgolf_artifact, tmp_path):
         ArtifactError, match=r"skip_weights must be torch.float16 \[3, 64\], got torch.float16 \[3, 128\]"
     ):
         record_entries(w, m, {**model, "model_dim": 64, "num_heads": 4})  # another model than the file's
-    path = write_plain(tmp_path / "x.ptz", w, m)
-    with pytest.raises(ArtifactError, match="holds no model config: name the model"):
+    path = write_plain(tmp_path / "x.ptz", w, m)  # brotli: no magic bytes, so it may be anything
+    with pytest.raises(ArtifactError, match=r"\(bad magic bytes\); if it is a record's brotli-compressed quantized"):
         rx.import_record_quantized(None, path, None, None, tmp_path, tmp_path / "r.json")
+    xz = write_plain(tmp_path / "x_xz.ptz", w, m, "lzma")
+    with pytest.raises(ArtifactError, match="x_xz.ptz: a record's quantized file holds no model config: name the"):
+        rx.import_record_quantized(None, xz, None, None, tmp_path, tmp_path / "r.json")
     (tmp_path / "junk.ptz").write_bytes(b"\x00junk" * 100)
     with pytest.raises(ArtifactError, match=r"junk.ptz: not a brotli stream of a quantized model"):
         read_record_quantized(tmp_path / "junk.ptz")

@@ -107,12 +107,21 @@ FORMATS = ("pergroup", "brotli", "lzma")
 
 def is_record_quantized(path: str | Path) -> bool:
     """Whether `path` looks like a record's quantized file rather than a torch.save zip or a pgolf artifact:
-    a `PGRP` container, an xz stream, or (by its `.ptz` suffix and not `PGOLFART`/zip) a brotli stream."""
+    a `PGRP` container, an xz stream (`has_record_magic`), or (by its `.ptz` suffix and not `PGOLFART`/zip) a
+    brotli stream, which has no magic bytes."""
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:4] == MAGIC or head[:6] == XZ_MAGIC:
         return True
     return Path(path).suffix == ".ptz" and head[:4] != b"PK\x03\x04" and head != ARTIFACT_MAGIC
+
+
+def has_record_magic(path: str | Path) -> bool:
+    """Whether `path` starts as a record's pergroup container (`PGRP`) or xz file does (a brotli one cannot be
+    told from other bytes)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return head[:4] == MAGIC or head[:6] == XZ_MAGIC
 
 
 def read_record_quantized(

@@ -65,7 +65,7 @@ from pgolf.runlog import log0, set_log_file
 from pgolf.tools.datasets import ensure_dataset
 from pgolf.tools.pack import SCRIPT, compose_conf, pack, unpack
 from pgolf.tools.packsource import PackError
-from pgolf.tools.record_quantized import is_record_quantized, load_record_entries
+from pgolf.tools.record_quantized import has_record_magic, is_record_quantized, load_record_entries
 from pgolf.tools.record_weights import load_input_weights
 
 
@@ -163,9 +163,17 @@ def import_record_quantized(
     float weights). The artifact counts no code bytes (the record's script is not pgolf's). The file and the
     data config are checked before any data is prepared. Raises ArtifactError, TokenizerError, ValueError."""
     if model is None:
+        what = (
+            "a record's quantized file holds no model config"
+            if has_record_magic(weights)
+            else (
+                "not a pgolf artifact, saved weights or torch.save file (bad magic bytes); if it is a record's "
+                "brotli-compressed quantized model, it holds no model config"
+            )
+        )
         raise ArtifactError(
-            f"{weights}: a record's quantized file holds no model config: name the model it was trained with, "
-            "model=<conf/model name> (PR #1611's final_model.int6.ptz: model=record_1611)"
+            f"{weights}: {what}: name the model it was trained with, model=<conf/model name> (PR #1611's "
+            "final_model.int6.ptz: model=record_1611)"
         )
     meta = with_doc_attention(
         {"model": model, "source": "record_quantized"}, cfg.eval.get("doc_max_seg_len"), weights.name
