@@ -234,7 +234,7 @@ def test_bad_record_files_are_one_error_each(pgolf_artifact, tmp_path):
     with pytest.raises(ArtifactError, match="x_xz.ptz: a record's quantized file holds no model config: name the"):
         rx.import_record_quantized(None, xz, None, None, tmp_path, tmp_path / "r.json")
     (tmp_path / "junk.ptz").write_bytes(b"\x00junk" * 100)
-    with pytest.raises(ArtifactError, match=r"junk.ptz: not a brotli stream of a quantized model"):
+    with pytest.raises(ArtifactError, match=r"junk.ptz: neither a pgolf artifact \(bad magic bytes\) nor a record"):
         read_record_quantized(tmp_path / "junk.ptz")
     (tmp_path / "cut.ptz").write_bytes(path.read_bytes()[:-20])
     with pytest.raises(ArtifactError, match=r"cut.ptz: truncated brotli stream"):

@@ -187,7 +187,11 @@ def _inflate(data: bytes, fmt: str, cap: int = MAX_RAW_BYTES) -> bytearray:
             if len(out) <= cap and not r.d.is_finished():
                 raise ArtifactError("truncated brotli stream")
     except (lzma.LZMAError, brotli.error) as e:
-        raise ArtifactError(f"not a {fmt} stream of a quantized model ({e})") from None
+        if fmt == "brotli":  # a brotli stream has no magic bytes: the file may be anything
+            raise ArtifactError(
+                f"neither a pgolf artifact (bad magic bytes) nor a record's brotli-compressed quantized model ({e})"
+            ) from None
+        raise ArtifactError(f"not an xz stream of a quantized model ({e})") from None
     if len(out) > cap:
         raise ArtifactError(f"decompresses to more than {cap} bytes")
     return out
