@@ -435,3 +435,17 @@ def test_writer_refusals_messages_and_nan_differences(pgolf_artifact, tmp_path, 
     args = [str(odd), "model=tiny_1611", "--export", "sdclip_gptq_record_1611", f"out_dir={tmp_path / 'o'}"]
     assert rx.main([*args, *pgolf_artifact[3], "eval.enabled=false"]) == 0
     assert (tmp_path / "o" / ART).is_file()
+
+
+def test_inspect_counts_tensors_stored_differently(pgolf_artifact, tmp_path):
+    """A matrix int6 + LQER in A but fp16 in B: the summary counts it as stored differently and names the
+    LQER factors only A has (it said `0 of N differ ... LQER: none` before)."""
+    tmp, _, entries, _ = pgolf_artifact
+    name = next(k for k, v in entries.items() if v.lqer is not None)
+    w, m = reference_dicts(entries)
+    for k in [k for k in w if k.startswith(name + ".")]:
+        del w[k]
+    w[name], m[name] = dequantize_entry(entries[name]).half(), "passthrough (float16)"
+    path = write_plain(tmp_path / "final_model.int6.ptz", w, m)
+    summary = diff(tmp / "pg" / ART, path).splitlines()[-1]
+    assert "stored differently: 1;" in summary and f"{name}: only A" in summary

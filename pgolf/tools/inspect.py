@@ -219,7 +219,7 @@ def diff(path_a: str | Path, path_b: str | Path) -> str:
     lines = [f"A: {Path(path_a).name}", f"B: {Path(path_b).name}"]
     cols = ("store A/B", 11), ("codes differ", 16), ("max|dq|", 7), ("scales", 7), ("lqer", 10), ("rel dW", 12)
     lines.append(f"{'tensor':44s} " + " ".join(f"{c:>{w}s}" for c, w in cols))
-    n_codes = n_diff = n_int = n_int_diff = n_float_diff = 0
+    n_codes = n_diff = n_int = n_int_diff = n_float_diff = n_store = 0
     lqer_rows: list[str] = []
     for name in ea:
         a, b = ea[name], eb[name]
@@ -244,11 +244,17 @@ def diff(path_a: str | Path, path_b: str | Path) -> str:
             nd = _differ(a.data, b.data)[0]
             n_float_diff += nd != 0
             codes = f"{nd} values"
+        else:  # stored differently (e.g. fp16 against int codes): counted, and LQER only one side has is shown
+            n_store += 1
+            lq = _lqer_state(a, b)
+            if lq != "-":
+                lqer_rows.append(f"{name}: {lq}")
         lines.append(f"{name:44s} {store:>11s} {codes:>16s} {dq:>7s} {scales:>7s} {lq:>10s} {rel:>12s}")
     share = 100 * n_diff / max(n_codes, 1)
     lines.append(
         f"codes: {n_diff} of {n_codes} differ ({share:.3f}%) in {n_int_diff} of {n_int} int tensors; "
-        f"float tensors that differ: {n_float_diff}; LQER: {'; '.join(lqer_rows) or 'none'}"
+        f"float tensors that differ: {n_float_diff}; stored differently: {n_store}; "
+        f"LQER: {'; '.join(lqer_rows) or 'none'}"
     )
     return "\n".join(lines)
 
