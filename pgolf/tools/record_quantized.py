@@ -105,22 +105,27 @@ CATEGORY = re.compile(r"(?:gptq \(int([2-8])\)(\+lqer_asym|\+lqer)?|gate_int8_ro
 FORMATS = ("pergroup", "brotli", "lzma")
 
 
+def _head(path: str | Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(8)
+
+
 def is_record_quantized(path: str | Path) -> bool:
     """Whether `path` looks like a record's quantized file rather than a torch.save zip or a pgolf artifact:
     a `PGRP` container, an xz stream (`has_record_magic`), or (by its `.ptz` suffix and not `PGOLFART`/zip) a
     brotli stream, which has no magic bytes."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:4] == MAGIC or head[:6] == XZ_MAGIC:
-        return True
-    return Path(path).suffix == ".ptz" and head[:4] != b"PK\x03\x04" and head != ARTIFACT_MAGIC
+    head = _head(path)
+    plain = Path(path).suffix == ".ptz" and head[:4] != b"PK\x03\x04" and head != ARTIFACT_MAGIC
+    return _record_magic(head) or plain
 
 
 def has_record_magic(path: str | Path) -> bool:
     """Whether `path` starts as a record's pergroup container (`PGRP`) or xz file does (a brotli one cannot be
     told from other bytes)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
+    return _record_magic(_head(path))
+
+
+def _record_magic(head: bytes) -> bool:
     return head[:4] == MAGIC or head[:6] == XZ_MAGIC
 
 
@@ -474,10 +479,9 @@ def record_dicts(entries: dict[str, QuantEntry]) -> tuple[dict[str, torch.Tensor
             continue
         if e.kind != "int":
             raise ArtifactError(f"{name} is stored {e.kind}: PR #1611's format holds floats only as fp16")
-        rows = e.shape[0] if e.shape else 1
         if e.scale.numel() == 1:
             scale = e.scale.to(torch.float16).reshape(())
-        elif e.scale.numel() == rows and len(e.shape) >= 1:
+        elif e.scale.numel() == e.shape[0]:  # per row (a 0-d tensor has one value: the branch above)
             scale = e.scale.to(torch.float16)
         else:
             raise ArtifactError(f"{name}: a scale of {e.scale.numel()} values is neither per row nor one value")
